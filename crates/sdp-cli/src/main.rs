@@ -1,0 +1,2 @@
+//! sdp-cli
+fn main() {}

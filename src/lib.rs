@@ -1,0 +1,1 @@
+//! Test-suite helpers shared by `tests/` and `benches/`.
