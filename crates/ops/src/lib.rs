@@ -1,1 +1,20 @@
-//! ops
+//! The Offload Protocol Switch.
+//!
+//! `preload` turns every intercepted C call into a call here; the switch decides whether the
+//! fd is one of its own (a stream socket it tracks) and what the policy says for it. The
+//! dependency direction is `preload → ops → {sdp-proto, ib-verbs, fallback, conf}`.
+//!
+//! Map:
+//! - [`fdtable`]: the lock-free fd-indexed table (the hooks' fast path).
+//! - [`socket`]: socket lifecycle bookkeeping and policy decisions.
+//! - [`state`]: lazy process-wide state (activation, policy, program name).
+//! - [`log`]: libsdp's own log (levels 1–9, stderr/syslog/file).
+//! - [`fork`]: atfork handlers.
+//! - [`sys`]: raw system calls for the library's own use (never the hooked names).
+
+pub mod fdtable;
+pub mod fork;
+pub mod log;
+pub mod socket;
+pub mod state;
+pub mod sys;

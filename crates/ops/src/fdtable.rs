@@ -1,0 +1,236 @@
+//! The fd-indexed table of sockets libsdp tracks.
+//!
+//! INVARIANT: the lookup path used by every hook for every fd is two atomic loads, takes no
+//! lock and never allocates, so it is safe inside signal handlers and costs nothing measurable
+//! for files, pipes and foreign sockets. Only `socket`/`accept`/`dup` of a tracked socket
+//! allocate (a chunk of slots, once, never freed: the table is bounded by the fd limit).
+
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+const CHUNK_BITS: usize = 10;
+const CHUNK_SLOTS: usize = 1 << CHUNK_BITS;
+const TOP_SLOTS: usize = 4096;
+
+/// Highest fd number (exclusive) the table can track: 4 Mi, above any RLIMIT_NOFILE Linux
+/// allows by default (`fs.nr_open` is 1 Mi).
+pub const MAX_FDS: usize = CHUNK_SLOTS * TOP_SLOTS;
+
+struct Chunk {
+    slots: [AtomicU64; CHUNK_SLOTS],
+}
+
+static TOP: [AtomicPtr<Chunk>; TOP_SLOTS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; TOP_SLOTS];
+
+/// What libsdp knows about one fd, packed in one word so that readers never see half an update.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Meta(pub u64);
+
+impl Meta {
+    pub const TRACKED: u64 = 1;
+    pub const INET6: u64 = 1 << 1;
+    /// Created as `AF_INET_OFFLOAD`: the program asked for offload explicitly.
+    pub const ASKED_OFFLOAD: u64 = 1 << 2;
+    /// Created as `AF_INET_DIRECT`: the program asked for offload without TCP fallback.
+    pub const ASKED_DIRECT: u64 = 1 << 3;
+    pub const LISTENING: u64 = 1 << 4;
+    pub const ACCEPTED: u64 = 1 << 5;
+    pub const CONNECTED: u64 = 1 << 6;
+    const DECISION_SHIFT: u32 = 8;
+
+    pub fn tracked(self) -> bool {
+        self.0 & Self::TRACKED != 0
+    }
+
+    pub fn has(self, flag: u64) -> bool {
+        self.0 & flag != 0
+    }
+
+    pub fn with(self, flag: u64) -> Meta {
+        Meta(self.0 | flag)
+    }
+
+    /// The policy decision recorded for this socket (0 = none yet, see [`Decision`]).
+    pub fn decision(self) -> Option<Decision> {
+        Decision::from_bits((self.0 >> Self::DECISION_SHIFT) & 0x3)
+    }
+
+    pub fn with_decision(self, d: Decision) -> Meta {
+        Meta((self.0 & !(0x3 << Self::DECISION_SHIFT)) | ((d as u64) << Self::DECISION_SHIFT))
+    }
+}
+
+/// A policy decision as stored in the table.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+pub enum Decision {
+    Sdp = 1,
+    Tcp = 2,
+    Both = 3,
+}
+
+impl Decision {
+    fn from_bits(b: u64) -> Option<Decision> {
+        match b {
+            1 => Some(Decision::Sdp),
+            2 => Some(Decision::Tcp),
+            3 => Some(Decision::Both),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Sdp => "sdp",
+            Decision::Tcp => "tcp",
+            Decision::Both => "both",
+        }
+    }
+}
+
+impl From<conf::Mode> for Decision {
+    fn from(m: conf::Mode) -> Self {
+        match m {
+            conf::Mode::Sdp => Decision::Sdp,
+            conf::Mode::Tcp => Decision::Tcp,
+            conf::Mode::Both => Decision::Both,
+        }
+    }
+}
+
+fn slot(fd: i32) -> Option<&'static AtomicU64> {
+    let fd = usize::try_from(fd).ok()?;
+    if fd >= MAX_FDS {
+        return None;
+    }
+    let chunk = TOP[fd >> CHUNK_BITS].load(Ordering::Acquire);
+    if chunk.is_null() {
+        return None;
+    }
+    // SAFETY: a published chunk is never freed or moved (see the module invariant), and it was
+    // fully initialised before the Release store that published it.
+    let chunk = unsafe { &*chunk };
+    Some(&chunk.slots[fd & (CHUNK_SLOTS - 1)])
+}
+
+fn slot_or_create(fd: i32) -> Option<&'static AtomicU64> {
+    let idx = usize::try_from(fd).ok()?;
+    if idx >= MAX_FDS {
+        return None;
+    }
+    let top = &TOP[idx >> CHUNK_BITS];
+    if top.load(Ordering::Acquire).is_null() {
+        let fresh = Box::into_raw(Box::new(Chunk {
+            slots: [const { AtomicU64::new(0) }; CHUNK_SLOTS],
+        }));
+        if top
+            .compare_exchange(
+                std::ptr::null_mut(),
+                fresh,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_err()
+        {
+            // SAFETY: `fresh` came from Box::into_raw above and was never published.
+            drop(unsafe { Box::from_raw(fresh) });
+        }
+    }
+    slot(fd)
+}
+
+/// The hook fast path: is this fd one of ours?
+#[inline(always)]
+pub fn is_tracked(fd: i32) -> bool {
+    match slot(fd) {
+        Some(s) => s.load(Ordering::Acquire) & Meta::TRACKED != 0,
+        None => false,
+    }
+}
+
+pub fn get(fd: i32) -> Meta {
+    slot(fd).map_or(Meta(0), |s| Meta(s.load(Ordering::Acquire)))
+}
+
+pub fn set(fd: i32, meta: Meta) {
+    if meta.0 == 0 {
+        clear(fd);
+    } else if let Some(s) = slot_or_create(fd) {
+        s.store(meta.0, Ordering::Release);
+    }
+}
+
+/// Adds flags to an existing entry; a no-op for untracked fds.
+pub fn update(fd: i32, f: impl Fn(Meta) -> Meta) {
+    if let Some(s) = slot(fd) {
+        let _ = s.fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| {
+            if m & Meta::TRACKED == 0 {
+                None
+            } else {
+                Some(f(Meta(m)).0)
+            }
+        });
+    }
+}
+
+pub fn clear(fd: i32) {
+    if let Some(s) = slot(fd) {
+        s.store(0, Ordering::Release);
+    }
+}
+
+/// `dup`-family bookkeeping: `new` now names the same kernel object as `old`.
+pub fn copy(old: i32, new: i32) {
+    let m = get(old);
+    if m.tracked() {
+        // A duplicate shares the open file description: same socket, same decisions.
+        set(new, m);
+    } else {
+        clear(new);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn untracked_fd_is_not_tracked() {
+        assert!(!is_tracked(100_000));
+        assert!(!is_tracked(-1));
+        assert!(!is_tracked(i32::MAX));
+    }
+
+    #[test]
+    fn set_then_clear_round_trips() {
+        set(70_001, Meta(Meta::TRACKED | Meta::INET6));
+        assert!(is_tracked(70_001));
+        assert!(get(70_001).has(Meta::INET6));
+        clear(70_001);
+        assert!(!is_tracked(70_001));
+    }
+
+    #[test]
+    fn decision_is_packed_without_touching_flags() {
+        let m = Meta(Meta::TRACKED | Meta::LISTENING).with_decision(Decision::Both);
+        assert_eq!(m.decision(), Some(Decision::Both));
+        assert!(m.has(Meta::LISTENING));
+        assert_eq!(
+            m.with_decision(Decision::Tcp).decision(),
+            Some(Decision::Tcp)
+        );
+    }
+
+    #[test]
+    fn copy_of_untracked_clears_target() {
+        set(70_010, Meta(Meta::TRACKED));
+        copy(70_011, 70_010);
+        assert!(!is_tracked(70_010));
+    }
+
+    #[test]
+    fn update_ignores_untracked() {
+        update(70_020, |m| m.with(Meta::CONNECTED));
+        assert!(!is_tracked(70_020));
+    }
+}

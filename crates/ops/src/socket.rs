@@ -1,0 +1,131 @@
+//! Socket lifecycle bookkeeping: which fds are stream sockets, and what the policy decides for
+//! each of them.
+//!
+//! In the pass-through stage every call still goes to the kernel unchanged; the switch only
+//! records and logs the decision so that `sdp explain` and the logs agree with what a later
+//! offload would do.
+
+use std::net::SocketAddr;
+
+use crate::fdtable::{self, Decision, Meta};
+use crate::log;
+use crate::sdp_log;
+use crate::state::globals;
+
+/// `AF_INET_OFFLOAD` (see include/libsdp.h): an IPv4 stream socket the program wants offloaded,
+/// with TCP fallback as the policy allows. Same number as the original libsdp's AF_INET_SDP.
+pub const AF_INET_OFFLOAD: i32 = 27;
+/// `AF_INET_DIRECT`: an IPv4 stream socket that must be offloaded (no TCP fallback).
+pub const AF_INET_DIRECT: i32 = 28;
+
+/// What `socket()` hands the kernel for a requested family, and the flags to remember.
+pub fn map_family(domain: i32, ty: i32) -> (i32, u64) {
+    let stream = ty & 0xf == libc::SOCK_STREAM;
+    match domain {
+        AF_INET_OFFLOAD if stream => (libc::AF_INET, Meta::ASKED_OFFLOAD),
+        AF_INET_DIRECT if stream => (libc::AF_INET, Meta::ASKED_OFFLOAD | Meta::ASKED_DIRECT),
+        _ => (domain, 0),
+    }
+}
+
+/// Whether `socket(domain, ty, ..)` creates a socket the switch tracks.
+pub fn is_offloadable(domain: i32, ty: i32) -> bool {
+    ty & 0xf == libc::SOCK_STREAM && (domain == libc::AF_INET || domain == libc::AF_INET6)
+}
+
+/// After a successful `socket()`.
+pub fn on_socket(fd: i32, domain: i32, ty: i32, asked: u64) {
+    if !is_offloadable(domain, ty) {
+        fdtable::clear(fd);
+        return;
+    }
+    if !globals().active {
+        return;
+    }
+    let mut m = Meta(Meta::TRACKED | asked);
+    if domain == libc::AF_INET6 {
+        m = m.with(Meta::INET6);
+    }
+    fdtable::set(fd, m);
+}
+
+/// After a successful `accept()` on `listener`.
+pub fn on_accept(listener: i32, fd: i32) {
+    let lm = fdtable::get(listener);
+    if lm.tracked() {
+        let keep = lm.0 & (Meta::INET6 | Meta::ASKED_OFFLOAD | Meta::ASKED_DIRECT);
+        let m = Meta(Meta::TRACKED | Meta::ACCEPTED | keep);
+        fdtable::set(fd, m.with_decision(lm.decision().unwrap_or(Decision::Tcp)));
+    } else {
+        fdtable::clear(fd);
+    }
+}
+
+fn decide(fd: i32, role: conf::Role, addr: &SocketAddr) -> Decision {
+    let g = globals();
+    let m = fdtable::get(fd);
+    let verdict = g.policy.decide(&g.program, role, addr);
+    let mut d = Decision::from(verdict.mode);
+    // An explicit AF_INET_OFFLOAD/DIRECT request overrides a `tcp` rule only as far as the
+    // program asked: DIRECT means SDP only, OFFLOAD means SDP with fallback.
+    if m.has(Meta::ASKED_DIRECT) {
+        d = Decision::Sdp;
+    } else if m.has(Meta::ASKED_OFFLOAD) && d == Decision::Tcp {
+        d = Decision::Both;
+    }
+    let role_name = match role {
+        conf::Role::Server => "listen",
+        conf::Role::Client => "connect",
+    };
+    match verdict.rule {
+        Some(rule) => sdp_log!(
+            log::DECISION,
+            "{} fd {fd} {role_name} {addr}: {} (rule at line {}: {})",
+            g.program,
+            d.as_str(),
+            rule.line,
+            rule.text.trim()
+        ),
+        None => sdp_log!(
+            log::DECISION,
+            "{} fd {fd} {role_name} {addr}: {} ({})",
+            g.program,
+            d.as_str(),
+            verdict.why
+        ),
+    }
+    d
+}
+
+/// Before `connect()` on a tracked socket: records the client decision.
+pub fn on_connect(fd: i32, addr: Option<SocketAddr>) -> Decision {
+    let Some(addr) = addr else {
+        return Decision::Tcp;
+    };
+    let d = decide(fd, conf::Role::Client, &addr);
+    fdtable::update(fd, |m| m.with_decision(d).with(Meta::CONNECTED));
+    d
+}
+
+/// After a successful `listen()` on a tracked socket: records the server decision.
+pub fn on_listen(fd: i32) -> Decision {
+    let Some(addr) = crate::sys::sockname(fd) else {
+        return Decision::Tcp;
+    };
+    let d = decide(fd, conf::Role::Server, &addr);
+    fdtable::update(fd, |m| m.with_decision(d).with(Meta::LISTENING));
+    d
+}
+
+/// Before the real `close()`: the fd number stops naming our socket.
+///
+/// LINUX: close releases the fd number even when it fails with EINTR or EIO, so the entry is
+/// dropped unconditionally.
+pub fn on_close(fd: i32) {
+    fdtable::clear(fd);
+}
+
+/// After a successful `dup`/`dup2`/`dup3`/`F_DUPFD`.
+pub fn on_dup(old: i32, new: i32) {
+    fdtable::copy(old, new);
+}

@@ -1,0 +1,124 @@
+//! Process-wide state, built lazily on the first stream socket (never in the constructor: a
+//! process that only runs `ls` pays nothing).
+
+use std::sync::OnceLock;
+
+use crate::log;
+use crate::sdp_log;
+
+/// Everything the switch decides with, fixed for the life of the process image.
+pub struct Globals {
+    /// False when `LIBSDP_ENABLE=0`, or when loaded from /etc/ld.so.preload without
+    /// `LIBSDP_ENABLE=1`: then no socket is tracked and every call passes through.
+    pub active: bool,
+    pub policy: conf::Policy,
+    /// The program's short name, matched against the rules' program globs.
+    pub program: String,
+}
+
+static GLOBALS: OnceLock<Globals> = OnceLock::new();
+
+/// The process state, initialising it on first use.
+pub fn globals() -> &'static Globals {
+    GLOBALS.get_or_init(init)
+}
+
+/// The state if it was already built; never initialises.
+pub fn try_globals() -> Option<&'static Globals> {
+    GLOBALS.get()
+}
+
+fn program_name() -> String {
+    unsafe extern "C" {
+        // glibc's short program name (argv[0]'s basename), set before any constructor runs.
+        static program_invocation_short_name: *const libc::c_char;
+    }
+    // SAFETY: glibc initialises this pointer to a NUL-terminated string before user code runs
+    // and never frees it.
+    let p = unsafe { program_invocation_short_name };
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: non-null and NUL-terminated, as above.
+    unsafe { std::ffi::CStr::from_ptr(p) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
+}
+
+fn init() -> Globals {
+    std::panic::set_hook(Box::new(|info| {
+        sdp_log!(log::ERROR, "internal error, call failed with EIO: {info}");
+    }));
+    let loaded_by = conf::loaded_by(env("LD_PRELOAD").as_deref());
+    let act = conf::activation(env, loaded_by);
+    let program = program_name();
+    if !act.active {
+        return Globals {
+            active: false,
+            policy: conf::Policy::tcp_only(),
+            program,
+        };
+    }
+    let policy = if act.always_sdp {
+        conf::Policy::always_sdp()
+    } else {
+        load_policy(&act.config_file)
+    };
+    log::configure(policy.log());
+    crate::fork::register_handlers();
+    Globals {
+        active: true,
+        policy,
+        program,
+    }
+}
+
+fn load_policy(path: &std::path::Path) -> conf::Policy {
+    if !path.exists() {
+        return conf::Policy::default_both();
+    }
+    match conf::Policy::load(path) {
+        Ok(p) => p,
+        Err(e) => {
+            // Fail open: a broken policy must never break the program; one error, then TCP.
+            sdp_log!(
+                log::ERROR,
+                "{}; every socket stays TCP",
+                one_line(&e.to_string())
+            );
+            conf::Policy::tcp_only()
+        }
+    }
+}
+
+/// The first line of a multi-line error, with a count of the rest.
+fn one_line(text: &str) -> String {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines
+        .next()
+        .unwrap_or("cannot read the policy file")
+        .to_string();
+    match lines.count() {
+        0 => first,
+        n => format!(
+            "{first} (and {n} more error{})",
+            if n == 1 { "" } else { "s" }
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn one_line_counts_the_rest() {
+        assert_eq!(
+            super::one_line("a:1:1: x\na:2:1: y\na:3:3: z\n"),
+            "a:1:1: x (and 2 more errors)"
+        );
+        assert_eq!(super::one_line("a:1:1: x"), "a:1:1: x");
+    }
+}

@@ -1,0 +1,115 @@
+//! Raw system calls for the library's own use.
+//!
+//! Inside the preload, calling `libc::write` or `libc::getsockname` by name binds to our own
+//! hooks. The switch therefore reaches the kernel through `syscall(2)` for its own work, which
+//! no hook intercepts. Every function here is a thin, documented wrapper.
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+/// The calling thread's errno.
+pub fn errno() -> i32 {
+    // SAFETY: __errno_location always returns a valid pointer to this thread's errno.
+    unsafe { *libc::__errno_location() }
+}
+
+pub fn set_errno(e: i32) {
+    // SAFETY: as in `errno`.
+    unsafe { *libc::__errno_location() = e }
+}
+
+/// Writes all of `buf` to `fd`, retrying on EINTR and short writes; errors are dropped (this is
+/// used for logging, where there is nobody to report to).
+pub fn write_all(fd: i32, mut buf: &[u8]) {
+    while !buf.is_empty() {
+        // SAFETY: buf is a valid readable slice for its length.
+        let n = unsafe { libc::syscall(libc::SYS_write, fd, buf.as_ptr(), buf.len()) };
+        if n < 0 {
+            if errno() == libc::EINTR {
+                continue;
+            }
+            return;
+        }
+        buf = &buf[n as usize..];
+    }
+}
+
+pub fn getpid() -> i32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+}
+
+/// Opens a log file for appending, close-on-exec (the library's own fd must not leak into
+/// programs the application execs).
+pub fn open_append(path: &std::ffi::CStr) -> Option<i32> {
+    // SAFETY: path is NUL-terminated.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC,
+            0o644,
+        )
+    };
+    (fd >= 0).then_some(fd as i32)
+}
+
+/// The local address of a socket, by raw `getsockname`.
+pub fn sockname(fd: i32) -> Option<SocketAddr> {
+    // SAFETY: zeroed sockaddr_storage is a valid value.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: ss and len are valid for writes of the sizes given.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_getsockname,
+            fd,
+            &mut ss as *mut _,
+            &mut len as *mut _,
+        )
+    };
+    if rc < 0 {
+        return None;
+    }
+    // SAFETY: the kernel wrote `len` bytes of a sockaddr into ss.
+    unsafe { sockaddr_to_std(&ss as *const _ as *const libc::sockaddr, len) }
+}
+
+/// Converts a C socket address to a std one; `None` for families other than IPv4/IPv6 or a
+/// length too short for the family.
+///
+/// # Safety
+/// `addr` must be null or valid for reads of `len` bytes.
+pub unsafe fn sockaddr_to_std(
+    addr: *const libc::sockaddr,
+    len: libc::socklen_t,
+) -> Option<SocketAddr> {
+    if addr.is_null() || (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
+        return None;
+    }
+    // SAFETY: the caller guarantees `len` readable bytes; we read the family first and then only
+    // a struct whose size we checked against `len`; read_unaligned because the application's
+    // buffer need not be aligned.
+    unsafe {
+        let family = std::ptr::read_unaligned(addr as *const libc::sa_family_t) as i32;
+        match family {
+            libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+                let sin = std::ptr::read_unaligned(addr as *const libc::sockaddr_in);
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+                    u16::from_be(sin.sin_port),
+                )))
+            }
+            libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+                let sin6 = std::ptr::read_unaligned(addr as *const libc::sockaddr_in6);
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                    u16::from_be(sin6.sin6_port),
+                    sin6.sin6_flowinfo,
+                    sin6.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+}

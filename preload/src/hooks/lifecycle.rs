@@ -1,0 +1,166 @@
+//! Socket lifecycle: the calls that create, name, connect, duplicate and close sockets. These
+//! keep the switch's fd table in step with the kernel.
+
+use libc::{c_int, c_ulong, sockaddr, socklen_t};
+
+use crate::guard::switch;
+use crate::real;
+use ops::fdtable::is_tracked;
+use ops::socket as sw;
+
+/// # Safety
+/// As `socket(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn socket(domain: c_int, ty: c_int, protocol: c_int) -> c_int {
+    let (kernel_domain, asked) = sw::map_family(domain, ty);
+    let fd = unsafe { real::socket(kernel_domain, ty, protocol) };
+    if fd >= 0 && sw::is_offloadable(kernel_domain, ty) {
+        switch(|| sw::on_socket(fd, kernel_domain, ty, asked));
+    } else if fd >= 0 && is_tracked(fd) {
+        // A stale entry (the fd was closed behind our back, e.g. by close_range in libc).
+        switch(|| sw::on_close(fd));
+    }
+    fd
+}
+
+/// # Safety
+/// As `socketpair(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn socketpair(
+    domain: c_int,
+    ty: c_int,
+    protocol: c_int,
+    sv: *mut c_int,
+) -> c_int {
+    let rc = unsafe { real::socketpair(domain, ty, protocol, sv) };
+    if rc == 0 {
+        // SAFETY: on success the kernel wrote two fds into sv.
+        let (a, b) = unsafe { (*sv, *sv.add(1)) };
+        for fd in [a, b] {
+            if is_tracked(fd) {
+                switch(|| sw::on_close(fd));
+            }
+        }
+    }
+    rc
+}
+
+/// # Safety
+/// As `bind(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    unsafe { real::bind(fd, addr, len) }
+}
+
+/// # Safety
+/// As `listen(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    let rc = unsafe { real::listen(fd, backlog) };
+    if rc == 0 && is_tracked(fd) {
+        switch(|| sw::on_listen(fd));
+    }
+    rc
+}
+
+fn after_accept(listener: c_int, fd: c_int) -> c_int {
+    if fd >= 0 && (is_tracked(listener) || is_tracked(fd)) {
+        switch(|| sw::on_accept(listener, fd));
+    }
+    fd
+}
+
+/// # Safety
+/// As `accept(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    after_accept(fd, unsafe { real::accept(fd, addr, len) })
+}
+
+/// # Safety
+/// As `accept4(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
+    after_accept(fd, unsafe { real::accept4(fd, addr, len, flags) })
+}
+
+/// # Safety
+/// As `connect(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    if is_tracked(fd) {
+        // SAFETY: the application passes `len` readable bytes at `addr`, as connect requires.
+        let to = unsafe { ops::sys::sockaddr_to_std(addr, len) };
+        switch(|| sw::on_connect(fd, to));
+    }
+    unsafe { real::connect(fd, addr, len) }
+}
+
+/// # Safety
+/// As `close(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if is_tracked(fd) {
+        switch(|| sw::on_close(fd));
+    }
+    unsafe { real::close(fd) }
+}
+
+fn after_dup(old: c_int, new: c_int) -> c_int {
+    if new >= 0 && (is_tracked(old) || is_tracked(new)) {
+        switch(|| sw::on_dup(old, new));
+    }
+    new
+}
+
+/// # Safety
+/// As `dup(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    after_dup(fd, unsafe { real::dup(fd) })
+}
+
+/// # Safety
+/// As `dup2(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    after_dup(old, unsafe { real::dup2(old, new) })
+}
+
+/// # Safety
+/// As `dup3(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    after_dup(old, unsafe { real::dup3(old, new, flags) })
+}
+
+fn after_fcntl(fd: c_int, cmd: c_int, rc: c_int) -> c_int {
+    if matches!(cmd, libc::F_DUPFD | libc::F_DUPFD_CLOEXEC) {
+        return after_dup(fd, rc);
+    }
+    rc
+}
+
+/// `fcntl` is variadic in C; its third argument is always one machine word (an int or a
+/// pointer), which a fixed `unsigned long` parameter receives correctly on x86_64 and AArch64.
+///
+/// # Safety
+/// As `fcntl(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    after_fcntl(fd, cmd, unsafe { real::fcntl(fd, cmd, arg) })
+}
+
+/// The name programs built with `_FILE_OFFSET_BITS=64` import (Python among them).
+///
+/// # Safety
+/// As `fcntl(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    after_fcntl(fd, cmd, unsafe { real::fcntl64(fd, cmd, arg) })
+}
