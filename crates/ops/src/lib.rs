@@ -10,6 +10,7 @@
 //! - [`state`]: lazy process-wide state (activation, policy, program name).
 //! - [`log`]: libsdp's own log (levels 1–9, stderr/syslog/file).
 //! - [`fork`]: atfork handlers.
+//! - [`stats`]: per-socket statistics in shared memory (`sdp stat`).
 //! - [`sys`]: raw system calls for the library's own use (never the hooked names).
 
 pub mod fdtable;
@@ -17,4 +18,5 @@ pub mod fork;
 pub mod log;
 pub mod socket;
 pub mod state;
+pub mod stats;
 pub mod sys;

@@ -1,0 +1,283 @@
+//! Per-process socket statistics in shared memory, read by `sdp stat`.
+//!
+//! Each process that tracks a socket maps one file, `/dev/shm/libsdp.<pid>.stat`: a header and a
+//! table of slots, one per live socket. Writers are the owning process only; `sdp stat` reads
+//! with plain loads. Every field is an atomic 64-bit word, so a reader never sees a torn value
+//! (a row may mix values from two instants, which statistics tolerate).
+//!
+//! ```text
+//! header (64 words)  magic | version | pid | nslots | program[64 B] | ...
+//! slot   (16 words)  0 meta: used(8) transport(8) state(8) role(8) reason(16)
+//!                    1 fd
+//!                    2 local family|port   3,4 local address (IPv6 or v4-mapped)
+//!                    5 remote family|port  6,7 remote address
+//!                    8 bytes sent  9 bytes received  10 messages sent  11 messages received
+//!                    12 send credits  13 posted receive buffers  14,15 reserved
+//! ```
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+
+pub const MAGIC: u64 = 0x7473_5f70_6473_626c; // "lbsdp_st"
+pub const VERSION: u64 = 1;
+pub const HEADER_WORDS: usize = 64;
+pub const SLOT_WORDS: usize = 16;
+pub const NSLOTS: usize = 16384;
+pub const FILE_BYTES: usize = (HEADER_WORDS + NSLOTS * SLOT_WORDS) * 8;
+
+/// The directory and name pattern `sdp stat` scans.
+pub const DIR: &str = "/dev/shm";
+pub const PREFIX: &str = "libsdp.";
+pub const SUFFIX: &str = ".stat";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Transport {
+    Tcp = 1,
+    Shm = 2,
+    Rdma = 3,
+}
+
+impl Transport {
+    pub fn from_u8(v: u8) -> Option<Transport> {
+        match v {
+            1 => Some(Transport::Tcp),
+            2 => Some(Transport::Shm),
+            3 => Some(Transport::Rdma),
+            _ => None,
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Shm => "shm",
+            Transport::Rdma => "rdma",
+        }
+    }
+}
+
+/// Word offsets inside a slot.
+pub mod field {
+    pub const META: usize = 0;
+    pub const FD: usize = 1;
+    pub const LOCAL: usize = 2;
+    pub const REMOTE: usize = 5;
+    pub const BYTES_TX: usize = 8;
+    pub const BYTES_RX: usize = 9;
+    pub const MSGS_TX: usize = 10;
+    pub const MSGS_RX: usize = 11;
+    pub const CREDITS_TX: usize = 12;
+    pub const POSTED_RX: usize = 13;
+}
+
+/// Packs the meta word.
+pub fn meta(transport: Transport, state: u8, role: u8, reason: u16) -> u64 {
+    1 | (transport as u64) << 8 | (state as u64) << 16 | (role as u64) << 24 | (reason as u64) << 32
+}
+
+/// Unpacks the meta word: (used, transport, state, role, reason).
+pub fn unmeta(m: u64) -> (bool, u8, u8, u8, u16) {
+    (
+        m & 0xff != 0,
+        (m >> 8) as u8,
+        (m >> 16) as u8,
+        (m >> 24) as u8,
+        (m >> 32) as u16,
+    )
+}
+
+/// Encodes a socket address in three words.
+pub fn encode_addr(a: Option<SocketAddr>) -> [u64; 3] {
+    match a {
+        None => [0; 3],
+        Some(a) => {
+            let (fam, ip) = match a.ip() {
+                IpAddr::V4(v4) => (4u64, v4.to_ipv6_mapped()),
+                IpAddr::V6(v6) => (6u64, v6),
+            };
+            let o = ip.octets();
+            let hi = u64::from_be_bytes(o[..8].try_into().expect("8 bytes"));
+            let lo = u64::from_be_bytes(o[8..].try_into().expect("8 bytes"));
+            [fam << 16 | a.port() as u64, hi, lo]
+        }
+    }
+}
+
+pub fn decode_addr(w: [u64; 3]) -> Option<SocketAddr> {
+    let fam = w[0] >> 16;
+    let port = w[0] as u16;
+    let mut o = [0u8; 16];
+    o[..8].copy_from_slice(&w[1].to_be_bytes());
+    o[8..].copy_from_slice(&w[2].to_be_bytes());
+    let v6 = Ipv6Addr::from(o);
+    match fam {
+        4 => v6
+            .to_ipv4_mapped()
+            .map(|v4| SocketAddr::new(IpAddr::V4(v4), port)),
+        6 => Some(SocketAddr::new(IpAddr::V6(v6), port)),
+        _ => None,
+    }
+}
+
+static TABLE: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
+static OWNER: AtomicU64 = AtomicU64::new(0);
+
+/// This process's table, created on first use. `None` if /dev/shm is unusable (statistics are
+/// then simply not published; nothing else depends on them).
+fn table() -> Option<&'static [AtomicU64]> {
+    let pid = crate::sys::getpid() as u64;
+    let mut p = TABLE.load(Ordering::Acquire);
+    if p.is_null() || OWNER.load(Ordering::Acquire) != pid {
+        p = create(pid)?;
+    }
+    // SAFETY: p maps FILE_BYTES bytes, aligned to a page, for the life of the process (never
+    // unmapped); AtomicU64 has the layout of u64.
+    Some(unsafe { std::slice::from_raw_parts(p, FILE_BYTES / 8) })
+}
+
+#[cold]
+fn create(pid: u64) -> Option<*mut AtomicU64> {
+    let path = format!("{DIR}/{PREFIX}{pid}{SUFFIX}\0");
+    // SAFETY: path is NUL-terminated; raw syscalls keep our own hooks out of the way.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
+            0o644,
+        )
+    } as i32;
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fd is ours; ftruncate and mmap of a regular file we just created.
+    let p = unsafe {
+        if libc::syscall(libc::SYS_ftruncate, fd, FILE_BYTES as libc::off_t) != 0 {
+            libc::syscall(libc::SYS_close, fd);
+            return None;
+        }
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            FILE_BYTES,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        );
+        libc::syscall(libc::SYS_close, fd);
+        p
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    let words = p as *mut AtomicU64;
+    // SAFETY: the mapping is FILE_BYTES long; the header is the first HEADER_WORDS words.
+    let header = unsafe { std::slice::from_raw_parts(words, HEADER_WORDS) };
+    header[1].store(VERSION, Ordering::Relaxed);
+    header[2].store(pid, Ordering::Relaxed);
+    header[3].store(NSLOTS as u64, Ordering::Relaxed);
+    let prog = crate::state::try_globals()
+        .map(|g| g.program.clone())
+        .unwrap_or_default();
+    let mut name = [0u8; 64];
+    let n = prog.len().min(63);
+    name[..n].copy_from_slice(&prog.as_bytes()[..n]);
+    for (i, chunk) in name.chunks(8).enumerate() {
+        header[4 + i].store(
+            u64::from_le_bytes(chunk.try_into().expect("8 bytes")),
+            Ordering::Relaxed,
+        );
+    }
+    header[0].store(MAGIC, Ordering::Release);
+    TABLE.store(words, Ordering::Release);
+    OWNER.store(pid, Ordering::Release);
+    Some(words)
+}
+
+/// Removes this process's statistics file (at exit, or in `sdp stat` for dead processes).
+pub fn remove_file(pid: u64) {
+    let path = format!("{DIR}/{PREFIX}{pid}{SUFFIX}\0");
+    // SAFETY: NUL-terminated path.
+    unsafe { libc::syscall(libc::SYS_unlinkat, libc::AT_FDCWD, path.as_ptr(), 0) };
+}
+
+/// One socket's row. Dropping it frees the row.
+pub struct Row {
+    words: &'static [AtomicU64],
+}
+
+impl Row {
+    /// Claims a free row; `None` when the table is full or unavailable.
+    pub fn claim(fd: i32, transport: Transport, role: u8) -> Option<Row> {
+        let t = table()?;
+        let m = meta(transport, 0, role, 0);
+        for i in 0..NSLOTS {
+            let base = HEADER_WORDS + i * SLOT_WORDS;
+            if t[base]
+                .compare_exchange(0, m, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                let words = &t[base..base + SLOT_WORDS];
+                for w in &words[1..] {
+                    w.store(0, Ordering::Relaxed);
+                }
+                words[field::FD].store(fd as u64, Ordering::Relaxed);
+                return Some(Row { words });
+            }
+        }
+        None
+    }
+
+    pub fn set_meta(&self, transport: Transport, state: u8, role: u8, reason: u16) {
+        self.words[field::META].store(meta(transport, state, role, reason), Ordering::Release);
+    }
+
+    pub fn set_fd(&self, fd: i32) {
+        self.words[field::FD].store(fd as u64, Ordering::Relaxed);
+    }
+
+    pub fn set_addrs(&self, local: Option<SocketAddr>, remote: Option<SocketAddr>) {
+        for (off, a) in [(field::LOCAL, local), (field::REMOTE, remote)] {
+            for (i, w) in encode_addr(a).into_iter().enumerate() {
+                self.words[off + i].store(w, Ordering::Relaxed);
+            }
+        }
+    }
+
+    #[inline]
+    pub fn add(&self, field: usize, n: u64) {
+        self.words[field].fetch_add(n, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn set(&self, field: usize, v: u64) {
+        self.words[field].store(v, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Row {
+    fn drop(&mut self) {
+        self.words[field::META].store(0, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr_round_trips_v4_and_v6() {
+        for a in ["127.0.0.1:80", "[::1]:443", "[fe80::1]:1"] {
+            let a: SocketAddr = a.parse().unwrap();
+            assert_eq!(decode_addr(encode_addr(Some(a))), Some(a));
+        }
+        assert_eq!(decode_addr(encode_addr(None)), None);
+    }
+
+    #[test]
+    fn meta_round_trips() {
+        let m = meta(Transport::Shm, 3, 2, 513);
+        assert_eq!(unmeta(m), (true, Transport::Shm as u8, 3, 2, 513));
+    }
+}
