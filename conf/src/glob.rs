@@ -10,36 +10,57 @@
 //! - a `[` with no closing `]` is an ordinary character, as in glibc.
 
 /// Returns true when `name` matches the glob `pattern`.
+/// Allocation-free for ASCII (the usual case: it runs inside `connect` and `listen` hooks).
 pub fn glob_match(pattern: &str, name: &str) -> bool {
+    if pattern.is_ascii() && name.is_ascii() {
+        return match_from(pattern.as_bytes(), name.as_bytes());
+    }
     let pattern: Vec<char> = pattern.chars().collect();
     let name: Vec<char> = name.chars().collect();
     match_from(&pattern, &name)
 }
 
+/// A unit of text the matcher works on: a byte of ASCII text or a char.
+trait Sym: Copy {
+    fn ch(self) -> char;
+}
+
+impl Sym for u8 {
+    fn ch(self) -> char {
+        char::from(self)
+    }
+}
+
+impl Sym for char {
+    fn ch(self) -> char {
+        self
+    }
+}
+
 /// Iterative matcher: on a mismatch, backtrack to the most recent `*` and let it swallow one
 /// more character. One level of backtracking suffices for `*` globs, so this is linear-ish and
 /// never recurses (a hostile pattern cannot blow the stack of the host program).
-fn match_from(pattern: &[char], name: &[char]) -> bool {
+fn match_from<T: Sym>(pattern: &[T], name: &[T]) -> bool {
     let mut p = 0;
     let mut n = 0;
     // (pattern index after the star, name index the star currently stops at)
     let mut star: Option<(usize, usize)> = None;
     while n < name.len() {
         let step = if p < pattern.len() {
-            match pattern[p] {
+            match pattern[p].ch() {
                 '*' => {
                     star = Some((p + 1, n));
                     p += 1;
                     continue;
                 }
                 '?' => Some(1),
-                '[' => match bracket(&pattern[p..], name[n]) {
+                '[' => match bracket(&pattern[p..], name[n].ch()) {
                     Some((matched, len)) => matched.then_some(len),
                     // Unterminated set: a literal '['.
-                    None => (name[n] == '[').then_some(1),
+                    None => (name[n].ch() == '[').then_some(1),
                 },
-                '\\' if p + 1 < pattern.len() => (pattern[p + 1] == name[n]).then_some(2),
-                c => (c == name[n]).then_some(1),
+                '\\' if p + 1 < pattern.len() => (pattern[p + 1].ch() == name[n].ch()).then_some(2),
+                c => (c == name[n].ch()).then_some(1),
             }
         } else {
             None
@@ -59,44 +80,45 @@ fn match_from(pattern: &[char], name: &[char]) -> bool {
             },
         }
     }
-    pattern[p..].iter().all(|&c| c == '*')
+    pattern[p..].iter().all(|c| c.ch() == '*')
 }
 
 /// Matches one character against the set starting at `pattern[0] == '['`.
 /// Returns (matched, pattern length of the set), or None when the set is not terminated.
-fn bracket(pattern: &[char], c: char) -> Option<(bool, usize)> {
+fn bracket<T: Sym>(pattern: &[T], c: char) -> Option<(bool, usize)> {
     let mut i = 1;
-    let negate = matches!(pattern.get(i), Some('!') | Some('^'));
+    let negate = matches!(pattern.get(i).map(|c| c.ch()), Some('!') | Some('^'));
     if negate {
         i += 1;
     }
     let mut matched = false;
     let mut first = true;
     loop {
-        let &ch = pattern.get(i)?;
+        let ch = pattern.get(i)?.ch();
         if ch == ']' && !first {
             return Some((matched != negate, i + 1));
         }
         first = false;
         if ch == '['
-            && pattern.get(i + 1) == Some(&':')
+            && pattern.get(i + 1).map(|c| c.ch()) == Some(':')
             && let Some(end) = find_class_end(pattern, i + 2)
         {
-            let class: String = pattern[i + 2..end].iter().collect();
-            matched |= class_matches(&class, c);
+            matched |= class_matches(&pattern[i + 2..end], c);
             i = end + 2;
             continue;
         }
         let (lo, next) = if ch == '\\' && i + 1 < pattern.len() {
-            (pattern[i + 1], i + 2)
+            (pattern[i + 1].ch(), i + 2)
         } else {
             (ch, i + 1)
         };
-        if pattern.get(next) == Some(&'-') && pattern.get(next + 1).is_some_and(|&e| e != ']') {
-            let (hi, after) = if pattern[next + 1] == '\\' && next + 2 < pattern.len() {
-                (pattern[next + 2], next + 3)
+        if pattern.get(next).map(|c| c.ch()) == Some('-')
+            && pattern.get(next + 1).is_some_and(|e| e.ch() != ']')
+        {
+            let (hi, after) = if pattern[next + 1].ch() == '\\' && next + 2 < pattern.len() {
+                (pattern[next + 2].ch(), next + 3)
             } else {
-                (pattern[next + 1], next + 2)
+                (pattern[next + 1].ch(), next + 2)
             };
             matched |= lo <= c && c <= hi;
             i = after;
@@ -108,13 +130,13 @@ fn bracket(pattern: &[char], c: char) -> Option<(bool, usize)> {
 }
 
 /// Index of the ':' of the closing ":]" of a class name starting at `from`.
-fn find_class_end(pattern: &[char], from: usize) -> Option<usize> {
+fn find_class_end<T: Sym>(pattern: &[T], from: usize) -> Option<usize> {
     let mut j = from;
     while j + 1 < pattern.len() {
-        if pattern[j] == ':' && pattern[j + 1] == ']' {
+        if pattern[j].ch() == ':' && pattern[j + 1].ch() == ']' {
             return Some(j);
         }
-        if !pattern[j].is_ascii_alphabetic() {
+        if !pattern[j].ch().is_ascii_alphabetic() {
             return None;
         }
         j += 1;
@@ -122,20 +144,28 @@ fn find_class_end(pattern: &[char], from: usize) -> Option<usize> {
     None
 }
 
-fn class_matches(class: &str, c: char) -> bool {
-    match class {
-        "alpha" => c.is_ascii_alphabetic(),
-        "digit" => c.is_ascii_digit(),
-        "alnum" => c.is_ascii_alphanumeric(),
-        "upper" => c.is_ascii_uppercase(),
-        "lower" => c.is_ascii_lowercase(),
-        "space" => c.is_ascii_whitespace(),
-        "punct" => c.is_ascii_punctuation(),
-        "xdigit" => c.is_ascii_hexdigit(),
-        "blank" => c == ' ' || c == '\t',
-        "cntrl" => c.is_ascii_control(),
-        "print" => c.is_ascii_graphic() || c == ' ',
-        "graph" => c.is_ascii_graphic(),
+fn class_matches<T: Sym>(class: &[T], c: char) -> bool {
+    // Class names are short ASCII words; compare without allocating.
+    let mut buf = [0u8; 8];
+    if class.len() > buf.len() {
+        return false;
+    }
+    for (b, s) in buf.iter_mut().zip(class) {
+        *b = u8::try_from(s.ch()).unwrap_or(0);
+    }
+    match &buf[..class.len()] {
+        b"alpha" => c.is_ascii_alphabetic(),
+        b"digit" => c.is_ascii_digit(),
+        b"alnum" => c.is_ascii_alphanumeric(),
+        b"upper" => c.is_ascii_uppercase(),
+        b"lower" => c.is_ascii_lowercase(),
+        b"space" => c.is_ascii_whitespace(),
+        b"punct" => c.is_ascii_punctuation(),
+        b"xdigit" => c.is_ascii_hexdigit(),
+        b"blank" => c == ' ' || c == '\t',
+        b"cntrl" => c.is_ascii_control(),
+        b"print" => c.is_ascii_graphic() || c == ' ',
+        b"graph" => c.is_ascii_graphic(),
         _ => false,
     }
 }
@@ -207,5 +237,23 @@ mod tests {
     fn non_ascii_names() {
         assert!(glob_match("pr?g", "prög"));
         assert!(glob_match("*ö*", "prög"));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn byte_and_char_matchers_agree(p in "[a-c*?\\[\\]!^:-]{0,10}", n in "[a-c\\[\\]:-]{0,10}") {
+            let pc: Vec<char> = p.chars().collect();
+            let nc: Vec<char> = n.chars().collect();
+            proptest::prop_assert_eq!(
+                super::match_from(p.as_bytes(), n.as_bytes()),
+                super::match_from(&pc, &nc)
+            );
+        }
+
+        #[test]
+        fn a_name_without_metacharacters_matches_only_itself(a in "[a-z0-9_.-]{0,12}", b in "[a-z0-9_.-]{0,12}") {
+            proptest::prop_assert_eq!(glob_match(&a, &b), a == b);
+            proptest::prop_assert!(glob_match("*", &b));
+        }
     }
 }

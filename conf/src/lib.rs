@@ -25,6 +25,18 @@
 //! §8): `both` still tries SDP first and falls back to TCP, so a program without an SDP peer keeps
 //! working, and an empty file means the same as no file.
 //!
+//! Other differences from the original, all on inputs it handled surprisingly:
+//! - `/0` is "every address of the family"; the original turned a zero prefix into a full-length
+//!   one (`prefixlen ?: 32`), so `10.0.0.0/0` matched only 10.0.0.0.
+//! - Only the prefix bits of the rule's address count (`10.1.2.3/8` = `10.0.0.0/8`); the original
+//!   masked only the socket side for IPv4, so such a rule never matched.
+//! - An IPv4 rule for `0.0.0.0` matches the wildcard address (or, with `/0`, every IPv4 address);
+//!   the original let any `0.0.0.0` rule match every address of both families.
+//! - IPv4-mapped IPv6 socket addresses obey IPv4 rules; the original compared families and so
+//!   never matched a dual-stack socket against an IPv4 rule.
+//! - IPv6 may also be written bracketed, `[::1]/128:80`; a prefix or port out of range, a
+//!   reversed port range and a level outside 1-9 are errors instead of silent non-matches.
+//!
 //! The crate is pure logic; the only I/O is [`Policy::load`], reading one file with std::fs.
 
 #![forbid(unsafe_code)]
