@@ -1,0 +1,463 @@
+//! Same-host discovery and rendezvous (DESIGN.md §4) as abstract AF_UNIX names.
+//!
+//! Abstract names live in the network namespace, so a beacon is seen exactly by the
+//! processes that can reach the TCP port it stands for.
+//!
+//! - **Beacon** `libsdp/b/<addr>:<port>` (`[v6]:port` for IPv6): published by the process that
+//!   calls `listen`. A client [`probe`]s it: it checks that the kernel uid behind the beacon
+//!   (SO_PEERCRED, recorded at `listen`) owns the kernel TCP listener of that port
+//!   (`/proc/net/tcp{,6}`), otherwise the port is TCP-only for it; then it registers its
+//!   [`Intent`] (the 4-tuple and a nonce) and reads one byte of answer.
+//! - **Endpoint** `libsdp/c/<client addr:port>/<server addr:port>`: bound by the client before
+//!   its TCP connect. At `accept` the server connects to it ([`connect_endpoint`]), checks the
+//!   uid behind it is the uid that registered the intent, and sends the nonce; the client
+//!   ([`Endpoint::accept`]) takes only a connection from the beacon owner's uid that presents
+//!   the nonce. The bootstrap of `bootstrap.rs` then runs on that stream.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use crate::sys::{self, Fd, PeerCred, SysError};
+
+/// Bytes of a per-connection nonce.
+pub const NONCE_LEN: usize = 16;
+
+fn fmt_addr(a: &SocketAddr) -> String {
+    match a {
+        SocketAddr::V4(v) => format!("{}:{}", v.ip(), v.port()),
+        SocketAddr::V6(v) => format!("[{}]:{}", v.ip(), v.port()),
+    }
+}
+
+/// The abstract name (without the leading NUL) of the beacon for `server`.
+pub fn beacon_name(server: &SocketAddr) -> Vec<u8> {
+    format!("libsdp/b/{}", fmt_addr(server)).into_bytes()
+}
+
+/// The abstract name of the per-connection endpoint of a client's 4-tuple.
+pub fn endpoint_name(client: &SocketAddr, server: &SocketAddr) -> Vec<u8> {
+    format!("libsdp/c/{}/{}", fmt_addr(client), fmt_addr(server)).into_bytes()
+}
+
+/// Why a same-host SDP rendezvous cannot be used (the caller falls back to TCP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeError {
+    /// Nobody publishes a beacon for the address.
+    NoBeacon,
+    /// No kernel TCP listener for the address: nothing to authenticate against.
+    NoKernelListener,
+    /// The beacon's uid does not own the kernel listener (a squatter).
+    OwnerMismatch {
+        beacon_uid: u32,
+    },
+    /// The beacon refused (its policy says TCP).
+    Declined,
+    /// Wrong or missing answer, or a nonce/uid mismatch at the endpoint.
+    Protocol(&'static str),
+    Timeout,
+    Sys(SysError),
+}
+
+impl From<SysError> for ProbeError {
+    fn from(e: SysError) -> Self {
+        ProbeError::Sys(e)
+    }
+}
+
+/// A client's registered intent: its 4-tuple and the nonce the server must present.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Intent {
+    pub client: SocketAddr,
+    pub server: SocketAddr,
+    pub nonce: [u8; NONCE_LEN],
+}
+
+const INTENT_LEN: usize = 2 * 19 + NONCE_LEN;
+
+fn put_addr(out: &mut Vec<u8>, a: &SocketAddr) {
+    match a {
+        SocketAddr::V4(v) => {
+            out.push(4);
+            let mut ip = [0u8; 16];
+            ip[..4].copy_from_slice(&v.ip().octets());
+            out.extend_from_slice(&ip);
+        }
+        SocketAddr::V6(v) => {
+            out.push(6);
+            out.extend_from_slice(&v.ip().octets());
+        }
+    }
+    out.extend_from_slice(&a.port().to_be_bytes());
+}
+
+fn get_addr(b: &[u8]) -> Option<SocketAddr> {
+    let port = u16::from_be_bytes([b[17], b[18]]);
+    let ip: IpAddr = match b[0] {
+        4 => Ipv4Addr::new(b[1], b[2], b[3], b[4]).into(),
+        6 => {
+            let mut o = [0u8; 16];
+            o.copy_from_slice(&b[1..17]);
+            Ipv6Addr::from(o).into()
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+impl Intent {
+    /// A new intent with a fresh random nonce.
+    pub fn new(client: SocketAddr, server: SocketAddr) -> Result<Intent, SysError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        sys::random_bytes(&mut nonce)?;
+        Ok(Intent {
+            client,
+            server,
+            nonce,
+        })
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(INTENT_LEN);
+        put_addr(&mut v, &self.client);
+        put_addr(&mut v, &self.server);
+        v.extend_from_slice(&self.nonce);
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Intent> {
+        if b.len() != INTENT_LEN {
+            return None;
+        }
+        let client = get_addr(&b[..19])?;
+        let server = get_addr(&b[19..38])?;
+        let mut nonce = [0u8; NONCE_LEN];
+        nonce.copy_from_slice(&b[38..]);
+        Some(Intent {
+            client,
+            server,
+            nonce,
+        })
+    }
+}
+
+fn read_exact_deadline(fd: &Fd, buf: &mut [u8], deadline: Instant) -> Result<(), ProbeError> {
+    let mut got = 0;
+    let mut fds = Vec::new();
+    while got < buf.len() {
+        match sys::recv_with_fds(fd, &mut buf[got..], &mut fds) {
+            Ok(0) => return Err(ProbeError::Protocol("closed early")),
+            Ok(n) => got += n,
+            Err(e) if e.errno == libc::EAGAIN => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(ProbeError::Timeout);
+                }
+                match sys::poll_one(
+                    fd,
+                    libc::POLLIN,
+                    left.as_millis().clamp(1, i32::MAX as u128) as i32,
+                ) {
+                    Ok(_) => {}
+                    Err(e) if e.errno == libc::EINTR => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        if !fds.is_empty() {
+            return Err(ProbeError::Protocol("unexpected descriptors"));
+        }
+    }
+    Ok(())
+}
+
+fn write_all(fd: &Fd, b: &[u8]) -> Result<(), ProbeError> {
+    let n = sys::send_with_fds(fd, b, &[])?;
+    if n != b.len() {
+        return Err(ProbeError::Protocol("short write"));
+    }
+    Ok(())
+}
+
+/// The uids owning kernel TCP listeners that accept connections to `addr`: a listener on that
+/// exact address or on the wildcard of its family (or the IPv6 wildcard, which also takes IPv4
+/// unless V6ONLY), read from `/proc/net/tcp` and `/proc/net/tcp6`.
+pub fn tcp_listener_uids(addr: &SocketAddr) -> Vec<u32> {
+    let mut uids = Vec::new();
+    for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        if let Ok(text) = sys::read_small_file(path, 16 << 20) {
+            uids.extend(parse_proc_net_tcp(
+                &String::from_utf8_lossy(&text),
+                v6,
+                addr,
+            ));
+        }
+    }
+    uids
+}
+
+/// Parses a `/proc/net/tcp{,6}` table; returns the uid of each LISTEN row matching `addr`.
+pub fn parse_proc_net_tcp(text: &str, v6: bool, addr: &SocketAddr) -> Vec<u32> {
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() < 8 || cols[3] != "0A" {
+            continue;
+        }
+        let Some((ip_hex, port_hex)) = cols[1].split_once(':') else {
+            continue;
+        };
+        let Ok(port) = u16::from_str_radix(port_hex, 16) else {
+            continue;
+        };
+        if port != addr.port() {
+            continue;
+        }
+        let Some(ip) = parse_hex_ip(ip_hex, v6) else {
+            continue;
+        };
+        let matches = match (ip, addr.ip()) {
+            (IpAddr::V4(l), IpAddr::V4(a)) => l.is_unspecified() || l == a,
+            (IpAddr::V6(l), IpAddr::V6(a)) => l.is_unspecified() || l == a,
+            (IpAddr::V6(l), IpAddr::V4(a)) => l.is_unspecified() || l.to_ipv4_mapped() == Some(a),
+            (IpAddr::V4(_), IpAddr::V6(a)) => {
+                a.to_ipv4_mapped().is_some_and(|m| ip == IpAddr::V4(m))
+            }
+        };
+        if matches && let Ok(uid) = cols[7].parse::<u32>() {
+            out.push(uid);
+        }
+    }
+    out
+}
+
+/// LINUX: procfs prints addresses as 32-bit words in host byte order.
+fn parse_hex_ip(hex: &str, v6: bool) -> Option<IpAddr> {
+    let word = |s: &str| u32::from_str_radix(s, 16).ok().map(|w| w.to_ne_bytes());
+    if !v6 {
+        if hex.len() != 8 {
+            return None;
+        }
+        let b = word(hex)?;
+        Some(Ipv4Addr::from(b).into())
+    } else {
+        if hex.len() != 32 {
+            return None;
+        }
+        let mut o = [0u8; 16];
+        for i in 0..4 {
+            o[i * 4..i * 4 + 4].copy_from_slice(&word(&hex[i * 8..i * 8 + 8])?);
+        }
+        Some(Ipv6Addr::from(o).into())
+    }
+}
+
+/// A published beacon: a non-blocking abstract listener. Closing it unpublishes.
+#[derive(Debug)]
+pub struct Beacon {
+    fd: Fd,
+    addr: SocketAddr,
+}
+
+/// A client that reached our beacon.
+#[derive(Debug)]
+pub struct Visitor {
+    stream: Fd,
+    cred: PeerCred,
+}
+
+impl Beacon {
+    /// Publishes the beacon for `addr`. EADDRINUSE: another process already publishes it.
+    pub fn publish(addr: SocketAddr) -> Result<Beacon, SysError> {
+        let fd = sys::listen_abstract(&beacon_name(&addr), 128)?;
+        Ok(Beacon { fd, addr })
+    }
+
+    /// The listening fd, for the progress thread's poll set.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.fd.raw()
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Takes one queued client, if any.
+    pub fn accept(&self) -> Result<Option<Visitor>, SysError> {
+        let Some(stream) = sys::accept(&self.fd)? else {
+            return Ok(None);
+        };
+        let cred = sys::peer_cred(&stream)?;
+        Ok(Some(Visitor { stream, cred }))
+    }
+}
+
+impl Visitor {
+    /// The client's credentials, from the kernel.
+    pub fn cred(&self) -> PeerCred {
+        self.cred
+    }
+
+    /// Reads the client's intent and answers it (`accept = false`: decline, stay TCP).
+    pub fn answer(self, accept: bool, timeout: Duration) -> Result<Intent, ProbeError> {
+        let mut b = [0u8; INTENT_LEN];
+        read_exact_deadline(&self.stream, &mut b, Instant::now() + timeout)?;
+        let intent = Intent::decode(&b).ok_or(ProbeError::Protocol("malformed intent"))?;
+        write_all(&self.stream, &[if accept { b'Y' } else { b'N' }])?;
+        Ok(intent)
+    }
+}
+
+/// What a successful probe learnt about the beacon's owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BeaconOwner {
+    pub cred: PeerCred,
+}
+
+/// Client side of discovery: finds and authenticates the beacon for `intent.server`, then
+/// registers `intent`.
+pub fn probe(intent: &Intent, timeout: Duration) -> Result<BeaconOwner, ProbeError> {
+    probe_with(intent, timeout, &tcp_listener_uids(&intent.server))
+}
+
+/// [`probe`] with the kernel listener owners given (tests; callers that already know them).
+pub fn probe_with(
+    intent: &Intent,
+    timeout: Duration,
+    listener_uids: &[u32],
+) -> Result<BeaconOwner, ProbeError> {
+    let stream = match sys::connect_abstract(&beacon_name(&intent.server)) {
+        Ok(s) => s,
+        Err(e) if e.errno == libc::ECONNREFUSED || e.errno == libc::ENOENT => {
+            return Err(ProbeError::NoBeacon);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let cred = sys::peer_cred(&stream)?;
+    if listener_uids.is_empty() {
+        return Err(ProbeError::NoKernelListener);
+    }
+    if !listener_uids.contains(&cred.uid) {
+        return Err(ProbeError::OwnerMismatch {
+            beacon_uid: cred.uid,
+        });
+    }
+    write_all(&stream, &intent.encode())?;
+    let mut a = [0u8; 1];
+    read_exact_deadline(&stream, &mut a, Instant::now() + timeout)?;
+    match a[0] {
+        b'Y' => Ok(BeaconOwner { cred }),
+        b'N' => Err(ProbeError::Declined),
+        _ => Err(ProbeError::Protocol("bad beacon answer")),
+    }
+}
+
+/// A client's per-connection endpoint.
+#[derive(Debug)]
+pub struct Endpoint {
+    fd: Fd,
+}
+
+impl Endpoint {
+    /// Binds the endpoint of `intent`'s 4-tuple (before the TCP connect).
+    pub fn bind(intent: &Intent) -> Result<Endpoint, SysError> {
+        Ok(Endpoint {
+            fd: sys::listen_abstract(&endpoint_name(&intent.client, &intent.server), 4)?,
+        })
+    }
+
+    /// The listening fd, for the progress thread's poll set.
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.fd.raw()
+    }
+
+    /// Waits for the server: a connection from `server_uid` presenting `intent.nonce`.
+    /// Impostors (other uid, wrong nonce) are dropped and waiting goes on until `timeout`.
+    pub fn accept(
+        &self,
+        intent: &Intent,
+        server_uid: u32,
+        timeout: Duration,
+    ) -> Result<(Fd, PeerCred), ProbeError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(stream) = sys::accept(&self.fd)? {
+                let cred = sys::peer_cred(&stream)?;
+                if cred.uid != server_uid {
+                    continue;
+                }
+                let mut n = [0u8; NONCE_LEN];
+                let per_try = deadline.min(Instant::now() + Duration::from_millis(500));
+                if read_exact_deadline(&stream, &mut n, per_try).is_ok() && n == intent.nonce {
+                    return Ok((stream, cred));
+                }
+                continue;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ProbeError::Timeout);
+            }
+            match sys::poll_one(
+                &self.fd,
+                libc::POLLIN,
+                left.as_millis().clamp(1, i32::MAX as u128) as i32,
+            ) {
+                Ok(_) => {}
+                Err(e) if e.errno == libc::EINTR => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+/// Server side at `accept`: connects to the client's endpoint, checks that its owner is the
+/// uid that registered `intent` at the beacon, and presents the nonce.
+pub fn connect_endpoint(intent: &Intent, client_uid: u32) -> Result<(Fd, PeerCred), ProbeError> {
+    let stream = match sys::connect_abstract(&endpoint_name(&intent.client, &intent.server)) {
+        Ok(s) => s,
+        Err(e) if e.errno == libc::ECONNREFUSED || e.errno == libc::ENOENT => {
+            return Err(ProbeError::Protocol("no endpoint"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let cred = sys::peer_cred(&stream)?;
+    if cred.uid != client_uid {
+        return Err(ProbeError::Protocol("endpoint owned by another uid"));
+    }
+    write_all(&stream, &intent.nonce)?;
+    Ok((stream, cred))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intent_roundtrip_v4_v6_and_garbage_rejected() {
+        let i = Intent {
+            client: "10.1.2.3:40000".parse().unwrap(),
+            server: "[fe80::1]:5001".parse().unwrap(),
+            nonce: [7; NONCE_LEN],
+        };
+        assert_eq!(Intent::decode(&i.encode()), Some(i));
+        let mut bad = i.encode();
+        bad[0] = 9;
+        assert_eq!(Intent::decode(&bad), None);
+        assert_eq!(Intent::decode(&bad[..10]), None);
+    }
+
+    #[test]
+    fn proc_net_tcp_listener_rows_matched() {
+        let t4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 1 1\n\
+   1: 00000000:0050 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1\n\
+   2: 0100007F:0050 0100007F:9999 01 00000000:00000000 00:00000000 00000000    33        0 3 1\n";
+        let a: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(parse_proc_net_tcp(t4, false, &a), vec![1000]);
+        let b: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        assert_eq!(parse_proc_net_tcp(t4, false, &b), vec![0]);
+        let t6 = "hdr\n   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 0 0 0 42 0 5\n";
+        assert_eq!(parse_proc_net_tcp(t6, true, &b), vec![42]);
+        assert_eq!(beacon_name(&b), b"libsdp/b/127.0.0.1:80".to_vec());
+    }
+}

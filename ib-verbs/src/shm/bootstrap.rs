@@ -1,0 +1,649 @@
+//! Connection bootstrap over a connected AF_UNIX stream: the `shm` analogue of rdma_cm's
+//! REQ / REP / RTU, carrying the SDP Hello and HelloAck as opaque private data.
+//!
+//! ```text
+//! active (SDP client role)                         passive (SDP server role)
+//!   Active::new: app socketpair (app0, bell0)
+//!   post_recv x n  (initial credits of the peer)
+//!   send_offer ── Offer{ring shape, n, probe, Hello} + SCM_RIGHTS[bell0] ──▶ Passive::recv_offer
+//!                                                   checks shape, probes our memory
+//!                                                   offer.accept: sealed memfd, socketpair
+//!                                                   (app1, bell1), maps, post_recv x m
+//!   finish ◀── Answer{ring shape, m, size, probe, can_read_you, HelloAck}  ── send_answer
+//!              + SCM_RIGHTS[memfd, bell1]                                     (or Reject)
+//!   checks seals/size, maps, probes peer
+//!   ── Ready{can_read_you} ──────────────────────────────────────────────────▶ finish
+//! ```
+//!
+//! Each side sends its *own* bell end and closes its copy, so the peer is the only holder:
+//! the kernel's reference count then reports the peer's last close or death on our app end.
+//! Frames: `b"SDPs"`, kind u8, version u8, reserved u16, body length u32 (little-endian: the
+//! two processes share one host), then the body. Every field read is validated; a received
+//! descriptor of the wrong type or count refuses the connection.
+
+use std::time::{Duration, Instant};
+
+use super::conn::{Parts, ShmConn};
+use super::layout::{Layout, MAGIC, RingShape};
+use super::mem::{Mapping, Probe};
+use crate::sys::{self, Fd, MemfdProblem, PeerCred, SysError};
+use crate::transport::{PostError, WrId};
+
+/// Largest private data (Hello is 92 bytes, HelloAck 196).
+pub const MAX_PRIVATE: usize = 256;
+const FRAME_MAGIC: &[u8; 4] = b"SDPs";
+const VERSION: u8 = 1;
+const HDR: usize = 12;
+const MAX_BODY: usize = 1024;
+
+const KIND_OFFER: u8 = 1;
+const KIND_ANSWER: u8 = 2;
+const KIND_READY: u8 = 3;
+const KIND_REJECT: u8 = 4;
+
+/// A bootstrap that did not produce a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BootError {
+    Sys(SysError),
+    /// The other side closed the stream.
+    Closed,
+    /// No answer in time.
+    Timeout,
+    /// A frame that is not what the protocol allows here.
+    Malformed(&'static str),
+    /// The peer's ring parameters are out of range.
+    BadParams(&'static str),
+    /// The peer's memfd cannot be mapped safely.
+    BadMemfd(MemfdProblem),
+    /// The passive side refused, with its private data (an SDP reject reason).
+    Rejected(Vec<u8>),
+    /// Private data longer than [`MAX_PRIVATE`].
+    PrivateTooLong,
+    /// Posting an initial receive failed (more than the receive depth).
+    Post(PostError),
+}
+
+impl From<SysError> for BootError {
+    fn from(e: SysError) -> Self {
+        BootError::Sys(e)
+    }
+}
+
+impl std::fmt::Display for BootError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "shm bootstrap failed: {self:?}")
+    }
+}
+
+impl std::error::Error for BootError {}
+
+/// Local choices for a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShmOptions {
+    /// Buffers in our receive ring (the most credits we can give).
+    pub recv_depth: u32,
+    /// Payload bytes of each receive buffer (SDP LocalRcvSz, BSDH included).
+    pub recv_buf_size: u32,
+    /// Uncompleted sends and reads at most.
+    pub send_depth: u32,
+    /// Deadline of each wait for the peer during the bootstrap.
+    pub timeout: Duration,
+}
+
+impl Default for ShmOptions {
+    fn default() -> Self {
+        ShmOptions {
+            recv_depth: 64,
+            recv_buf_size: 32 * 1024 + 16,
+            send_depth: 128,
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn new(kind: u8) -> Writer {
+        let mut v = Vec::with_capacity(HDR + 64);
+        v.extend_from_slice(FRAME_MAGIC);
+        v.extend_from_slice(&[kind, VERSION, 0, 0, 0, 0, 0, 0]);
+        Writer(v)
+    }
+    fn u8(&mut self, x: u8) -> &mut Self {
+        self.0.push(x);
+        self
+    }
+    fn u32(&mut self, x: u32) -> &mut Self {
+        self.0.extend_from_slice(&x.to_le_bytes());
+        self
+    }
+    fn u64(&mut self, x: u64) -> &mut Self {
+        self.0.extend_from_slice(&x.to_le_bytes());
+        self
+    }
+    fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.0.extend_from_slice(&(b.len() as u16).to_le_bytes());
+        self.0.extend_from_slice(b);
+        self
+    }
+    fn finish(&mut self) -> &[u8] {
+        let body = (self.0.len() - HDR) as u32;
+        self.0[8..12].copy_from_slice(&body.to_le_bytes());
+        &self.0
+    }
+}
+
+/// A cursor over a received body; every read is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], BootError> {
+        if self.0.len() < n {
+            return Err(BootError::Malformed("body too short"));
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, BootError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, BootError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, BootError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], BootError> {
+        let b = self.take(2)?;
+        let n = u16::from_le_bytes([b[0], b[1]]) as usize;
+        if n > MAX_PRIVATE {
+            return Err(BootError::Malformed("private data too long"));
+        }
+        self.take(n)
+    }
+    fn end(&self) -> Result<(), BootError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(BootError::Malformed("trailing bytes"))
+        }
+    }
+}
+
+/// Parses a frame header: kind and body length.
+fn parse_header(h: &[u8; HDR]) -> Result<(u8, usize), BootError> {
+    if &h[..4] != FRAME_MAGIC {
+        return Err(BootError::Malformed("bad magic"));
+    }
+    if h[5] != VERSION {
+        return Err(BootError::Malformed("unknown version"));
+    }
+    let len = u32::from_le_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    if len > MAX_BODY {
+        return Err(BootError::Malformed("body too long"));
+    }
+    Ok((h[4], len))
+}
+
+fn recv_exact(
+    stream: &Fd,
+    buf: &mut [u8],
+    fds: &mut Vec<Fd>,
+    deadline: Instant,
+) -> Result<(), BootError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match sys::recv_with_fds(stream, &mut buf[got..], fds) {
+            Ok(0) => return Err(BootError::Closed),
+            Ok(n) => got += n,
+            Err(e) if e.errno == libc::EAGAIN => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(BootError::Timeout);
+                }
+                match sys::poll_one(
+                    stream,
+                    libc::POLLIN,
+                    left.as_millis().clamp(1, i32::MAX as u128) as i32,
+                ) {
+                    Ok(_) => {}
+                    Err(e) if e.errno == libc::EINTR => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Receives one frame: its kind, body and exactly the descriptors it carried.
+fn recv_frame(stream: &Fd, timeout: Duration) -> Result<(u8, Vec<u8>, Vec<Fd>), BootError> {
+    let deadline = Instant::now() + timeout;
+    let mut fds = Vec::new();
+    let mut h = [0u8; HDR];
+    recv_exact(stream, &mut h, &mut fds, deadline)?;
+    let (kind, len) = parse_header(&h)?;
+    let mut body = vec![0u8; len];
+    recv_exact(stream, &mut body, &mut fds, deadline)?;
+    Ok((kind, body, fds))
+}
+
+fn send_frame(stream: &Fd, frame: &[u8], fds: &[i32]) -> Result<(), BootError> {
+    let n = sys::send_with_fds(stream, frame, fds)?;
+    if n < frame.len() {
+        // A short write of a frame smaller than any socket buffer: the peer is not reading.
+        let rest = &frame[n..];
+        let m = sys::send_with_fds(stream, rest, &[])?;
+        if m < rest.len() {
+            return Err(BootError::Malformed("short write"));
+        }
+    }
+    Ok(())
+}
+
+fn check_private(p: &[u8]) -> Result<(), BootError> {
+    if p.len() > MAX_PRIVATE {
+        Err(BootError::PrivateTooLong)
+    } else {
+        Ok(())
+    }
+}
+
+fn check_bell(fd: &Fd) -> Result<(), BootError> {
+    if sys::is_socket(fd) {
+        Ok(())
+    } else {
+        Err(BootError::Malformed("bell is not a socket"))
+    }
+}
+
+/// The active side (SDP client role): creates its app socketpair and offers.
+#[derive(Debug)]
+pub struct Active {
+    opts: ShmOptions,
+    app_end: Fd,
+    bell_end: Option<Fd>,
+    posts: Vec<WrId>,
+    probe: Probe,
+    cookie: u64,
+}
+
+impl Active {
+    pub fn new(opts: ShmOptions) -> Result<Active, BootError> {
+        RingShape {
+            depth: opts.recv_depth,
+            buf_size: opts.recv_buf_size,
+        }
+        .validate()
+        .map_err(BootError::BadParams)?;
+        let (app_end, bell_end) = sys::socketpair_stream()?;
+        let cookie = sys::random_u64()?;
+        Ok(Active {
+            opts,
+            app_end,
+            bell_end: Some(bell_end),
+            posts: Vec::new(),
+            probe: Probe::new(cookie),
+            cookie,
+        })
+    }
+
+    /// Posts an initial receive buffer (counted in the Offer as the peer's initial credits).
+    pub fn post_recv(&mut self, wr_id: WrId) -> Result<(), BootError> {
+        if self.posts.len() >= self.opts.recv_depth as usize {
+            return Err(BootError::Post(PostError::QueueFull));
+        }
+        self.posts.push(wr_id);
+        Ok(())
+    }
+
+    /// Sends the Offer with `private` (the SDP Hello) and our bell end, then closes our copy
+    /// of the bell end.
+    pub fn send_offer(&mut self, stream: &Fd, private: &[u8]) -> Result<(), BootError> {
+        check_private(private)?;
+        let bell = self
+            .bell_end
+            .take()
+            .ok_or(BootError::Malformed("offer already sent"))?;
+        let mut w = Writer::new(KIND_OFFER);
+        w.u32(self.opts.recv_depth)
+            .u32(self.opts.recv_buf_size)
+            .u32(self.posts.len() as u32)
+            .u64(self.probe.addr())
+            .u64(self.cookie)
+            .bytes(private);
+        send_frame(stream, w.finish(), &[bell.raw()])
+        // `bell` drops here: the peer now holds the only copy.
+    }
+
+    /// Waits for the Answer, maps the memfd, probes, sends Ready. Returns the connection and
+    /// the peer's private data (the SDP HelloAck).
+    pub fn finish(self, stream: &Fd) -> Result<(ShmConn, Vec<u8>), BootError> {
+        if self.bell_end.is_some() {
+            return Err(BootError::Malformed("offer not sent"));
+        }
+        let (kind, body, mut fds) = recv_frame(stream, self.opts.timeout)?;
+        let mut r = Reader(&body);
+        if kind == KIND_REJECT {
+            let p = r.bytes()?.to_vec();
+            return Err(BootError::Rejected(p));
+        }
+        if kind != KIND_ANSWER {
+            return Err(BootError::Malformed("expected Answer"));
+        }
+        let peer_shape = RingShape {
+            depth: r.u32()?,
+            buf_size: r.u32()?,
+        };
+        let peer_posted = r.u32()?;
+        let total = r.u64()?;
+        let probe_addr = r.u64()?;
+        let probe_cookie = r.u64()?;
+        let peer_can_read = r.u8()? == 1;
+        let private = r.bytes()?.to_vec();
+        r.end()?;
+        if peer_posted > peer_shape.depth {
+            return Err(BootError::BadParams("initial posts exceed depth"));
+        }
+        let own = RingShape {
+            depth: self.opts.recv_depth,
+            buf_size: self.opts.recv_buf_size,
+        };
+        let layout = Layout::new(own, peer_shape).map_err(BootError::BadParams)?;
+        if total != layout.total as u64 {
+            return Err(BootError::BadParams(
+                "mapping size disagrees with the layout",
+            ));
+        }
+        if fds.len() != 2 {
+            return Err(BootError::Malformed("Answer must carry memfd and bell"));
+        }
+        let peer_bell = fds.pop().expect("two fds");
+        let memfd = fds.pop().expect("two fds");
+        check_bell(&peer_bell)?;
+        sys::memfd_check(&memfd, layout.total).map_err(BootError::BadMemfd)?;
+        let map = Mapping::map(&memfd, layout.total)?;
+        let cred = sys::peer_cred(stream)?;
+        let pidfd = sys::peer_pidfd(stream, cred.pid).ok();
+        let can_read_peer = Probe::peer_readable(cred.pid, probe_addr, probe_cookie);
+        let mut w = Writer::new(KIND_READY);
+        w.u8(can_read_peer as u8);
+        send_frame(stream, w.finish(), &[])?;
+        let conn = ShmConn::new(Parts {
+            map,
+            memfd,
+            side: 0,
+            layout,
+            app_end: self.app_end,
+            peer_bell,
+            cred,
+            pidfd,
+            can_read_peer,
+            peer_can_read,
+            send_depth: self.opts.send_depth,
+            initial_posts: self.posts,
+        })
+        .map_err(BootError::Post)?;
+        Ok((conn, private))
+    }
+}
+
+/// The passive side's entry point.
+pub struct Passive;
+
+impl Passive {
+    /// Waits for an Offer on `stream` and checks it.
+    pub fn recv_offer(stream: &Fd, timeout: Duration) -> Result<Offer, BootError> {
+        let (kind, body, mut fds) = recv_frame(stream, timeout)?;
+        if kind != KIND_OFFER {
+            return Err(BootError::Malformed("expected Offer"));
+        }
+        let mut r = Reader(&body);
+        let shape = RingShape {
+            depth: r.u32()?,
+            buf_size: r.u32()?,
+        }
+        .validate()
+        .map_err(BootError::BadParams)?;
+        let posted = r.u32()?;
+        let probe_addr = r.u64()?;
+        let probe_cookie = r.u64()?;
+        let private = r.bytes()?.to_vec();
+        r.end()?;
+        if posted > shape.depth {
+            return Err(BootError::BadParams("initial posts exceed depth"));
+        }
+        if fds.len() != 1 {
+            return Err(BootError::Malformed("Offer must carry one bell"));
+        }
+        let peer_bell = fds.pop().expect("one fd");
+        check_bell(&peer_bell)?;
+        let cred = sys::peer_cred(stream)?;
+        let pidfd = sys::peer_pidfd(stream, cred.pid).ok();
+        let can_read_peer = Probe::peer_readable(cred.pid, probe_addr, probe_cookie);
+        Ok(Offer {
+            shape,
+            posted,
+            private,
+            peer_bell,
+            cred,
+            pidfd,
+            can_read_peer,
+        })
+    }
+}
+
+/// A checked Offer: decide with [`Offer::accept`] or [`Offer::reject`].
+#[derive(Debug)]
+pub struct Offer {
+    shape: RingShape,
+    posted: u32,
+    private: Vec<u8>,
+    peer_bell: Fd,
+    cred: PeerCred,
+    pidfd: Option<Fd>,
+    can_read_peer: bool,
+}
+
+impl Offer {
+    /// The active side's private data (the SDP Hello).
+    pub fn private_data(&self) -> &[u8] {
+        &self.private
+    }
+
+    /// The active side's credentials, from the kernel.
+    pub fn peer_cred(&self) -> PeerCred {
+        self.cred
+    }
+
+    /// The active side's receive buffer size and depth.
+    pub fn peer_ring(&self) -> (u32, u32) {
+        (self.shape.buf_size, self.shape.depth)
+    }
+
+    /// Refuses the connection with `private` (an SDP reject reason).
+    pub fn reject(self, stream: &Fd, private: &[u8]) -> Result<(), BootError> {
+        check_private(private)?;
+        let mut w = Writer::new(KIND_REJECT);
+        w.bytes(private);
+        send_frame(stream, w.finish(), &[])
+    }
+
+    /// Creates the shared memory and our app socketpair.
+    pub fn accept(self, opts: ShmOptions) -> Result<Accepting, BootError> {
+        let own = RingShape {
+            depth: opts.recv_depth,
+            buf_size: opts.recv_buf_size,
+        };
+        let layout = Layout::new(self.shape, own).map_err(BootError::BadParams)?;
+        let memfd = sys::memfd_sealed(b"libsdp-shm", layout.total)?;
+        let map = Mapping::map(&memfd, layout.total)?;
+        map.write(0, MAGIC);
+        // The active side's initial posts are its credits to us from the first moment.
+        map.u64_at(Layout::rx_posted(0))
+            .store(self.posted as u64, std::sync::atomic::Ordering::Release);
+        let (app_end, bell_end) = sys::socketpair_stream()?;
+        let cookie = sys::random_u64()?;
+        Ok(Accepting {
+            offer: self,
+            opts,
+            layout,
+            map,
+            memfd,
+            app_end,
+            bell_end: Some(bell_end),
+            posts: Vec::new(),
+            probe: Probe::new(cookie),
+            cookie,
+        })
+    }
+}
+
+/// The passive side between accepting an Offer and the Ready.
+#[derive(Debug)]
+pub struct Accepting {
+    offer: Offer,
+    opts: ShmOptions,
+    layout: Layout,
+    map: Mapping,
+    memfd: Fd,
+    app_end: Fd,
+    bell_end: Option<Fd>,
+    posts: Vec<WrId>,
+    probe: Probe,
+    cookie: u64,
+}
+
+impl Accepting {
+    /// Posts an initial receive buffer (the peer's initial credits).
+    pub fn post_recv(&mut self, wr_id: WrId) -> Result<(), BootError> {
+        if self.posts.len() >= self.opts.recv_depth as usize {
+            return Err(BootError::Post(PostError::QueueFull));
+        }
+        self.posts.push(wr_id);
+        // Published now so the active side sees the credits as soon as it maps.
+        self.map.u64_at(Layout::rx_posted(1)).store(
+            self.posts.len() as u64,
+            std::sync::atomic::Ordering::Release,
+        );
+        Ok(())
+    }
+
+    /// Sends the Answer with `private` (the SDP HelloAck), the memfd and our bell end.
+    pub fn send_answer(&mut self, stream: &Fd, private: &[u8]) -> Result<(), BootError> {
+        check_private(private)?;
+        let bell = self
+            .bell_end
+            .take()
+            .ok_or(BootError::Malformed("answer already sent"))?;
+        let mut w = Writer::new(KIND_ANSWER);
+        w.u32(self.opts.recv_depth)
+            .u32(self.opts.recv_buf_size)
+            .u32(self.posts.len() as u32)
+            .u64(self.layout.total as u64)
+            .u64(self.probe.addr())
+            .u64(self.cookie)
+            .u8(self.offer.can_read_peer as u8)
+            .bytes(private);
+        send_frame(stream, w.finish(), &[self.memfd.raw(), bell.raw()])
+    }
+
+    /// Waits for Ready and returns the connection.
+    pub fn finish(self, stream: &Fd) -> Result<ShmConn, BootError> {
+        if self.bell_end.is_some() {
+            return Err(BootError::Malformed("answer not sent"));
+        }
+        let (kind, body, fds) = recv_frame(stream, self.opts.timeout)?;
+        if kind != KIND_READY || !fds.is_empty() {
+            return Err(BootError::Malformed("expected Ready"));
+        }
+        let mut r = Reader(&body);
+        let peer_can_read = r.u8()? == 1;
+        r.end()?;
+        let _ = &self.probe; // kept alive until the peer probed it
+        ShmConn::new(Parts {
+            map: self.map,
+            memfd: self.memfd,
+            side: 1,
+            layout: self.layout,
+            app_end: self.app_end,
+            peer_bell: self.offer.peer_bell,
+            cred: self.offer.cred,
+            pidfd: self.offer.pidfd,
+            can_read_peer: self.offer.can_read_peer,
+            peer_can_read,
+            send_depth: self.opts.send_depth,
+            initial_posts: self.posts,
+        })
+        .map_err(BootError::Post)
+    }
+}
+
+/// Both ends of a connection inside one process, over a fresh socketpair: for tests and
+/// for a program connecting to itself.
+pub fn pair(
+    active: ShmOptions,
+    passive: ShmOptions,
+    posts: (u32, u32),
+) -> Result<(ShmConn, ShmConn), BootError> {
+    let (sa, sp) = sys::socketpair_stream()?;
+    let mut a = Active::new(active)?;
+    for i in 0..posts.0 {
+        a.post_recv(i as WrId)?;
+    }
+    a.send_offer(&sa, b"hello")?;
+    let offer = Passive::recv_offer(&sp, passive.timeout)?;
+    let mut p = offer.accept(passive)?;
+    for i in 0..posts.1 {
+        p.post_recv(i as WrId)?;
+    }
+    p.send_answer(&sp, b"hello-ack")?;
+    let (ca, _) = a.finish(&sa)?;
+    let cp = p.finish(&sp)?;
+    Ok((ca, cp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_header_roundtrip_and_garbage_rejected() {
+        let mut w = Writer::new(KIND_READY);
+        w.u8(1);
+        let f = w.finish().to_vec();
+        let mut h = [0u8; HDR];
+        h.copy_from_slice(&f[..HDR]);
+        assert_eq!(parse_header(&h), Ok((KIND_READY, 1)));
+        let mut bad = h;
+        bad[0] = b'X';
+        assert!(parse_header(&bad).is_err());
+        let mut big = h;
+        big[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            parse_header(&big),
+            Err(BootError::Malformed("body too long"))
+        );
+    }
+
+    #[test]
+    fn reader_truncated_or_oversized_fields_rejected() {
+        assert!(Reader(&[1, 2, 3]).u32().is_err());
+        let mut long = vec![0xff, 0xff];
+        long.extend_from_slice(&[0; 10]);
+        assert_eq!(
+            Reader(&long).bytes(),
+            Err(BootError::Malformed("private data too long"))
+        );
+        let mut r = Reader(&[2, 0, 7, 8, 9]);
+        assert_eq!(r.bytes().unwrap(), &[7, 8]);
+        assert!(r.end().is_err());
+    }
+}

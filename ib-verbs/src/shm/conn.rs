@@ -1,0 +1,669 @@
+//! An established `shm` connection: the two rings, the bells, RDMA READ emulation.
+//!
+//! ## The ring protocol (one direction; the other is the mirror image)
+//!
+//! The receiver R owns `rx_posted` (buffers ever posted), the sender S owns `tx_produced`
+//! (messages ever written). Slots are used in order, slot `n % depth` for the n-th message.
+//!
+//! - R posts a buffer: slot `P % depth` must already be consumed (`P < consumed + depth`);
+//!   `P += 1`, then `store(rx_posted, P, Release)`.
+//! - S sends: `load(rx_posted, Acquire)` = credits `P - produced`; writes the payload and the
+//!   slot header, then `store(tx_produced, produced + 1, Release)`. The Release/Acquire pair
+//!   makes the payload visible before the count that announces it, and R's reposting of a
+//!   slot visible only after R is done with its old content.
+//! - R consumes: `load(tx_produced, Acquire)`, then copies the slot header into private memory
+//!   and validates it.
+//!
+//! INVARIANT (checked on every load, against private copies): `consumed <= produced <= P`
+//! on R's side, `last_seen_P <= P <= produced + depth` on S's side. A peer breaking either
+//! ends the connection with a [`Violation`].
+//!
+//! ## Bells without lost wake-ups (an eventcount)
+//!
+//! A side that wants to sleep stores `want_bell = 1`, issues a SeqCst fence, re-checks the
+//! ring, and only then sleeps in `poll` on its app end. A side that publishes (a message or a
+//! posted buffer) issues a SeqCst fence after its Release store and then loads the peer's
+//! `want_bell`; if set, it clears it with a swap and writes one byte into the peer's bell end.
+//! The two fences order "flag then check" against "publish then check flag": at least one
+//! side sees the other's store, so a sleeper is never missed, and a busy receiver costs its
+//! sender no system call.
+//!
+//! ## RDMA READ
+//!
+//! `process_vm_readv` of the range, checked against the peer's key table (its own side
+//! block): key loaded (Acquire), range inside the entry, the copy, a SeqCst fence, the key
+//! loaded again: a key revoked before or during the copy fails the read. The pidfd taken at
+//! bootstrap proves the pid still names the peer after the copy (no pid reuse).
+
+use std::collections::VecDeque;
+use std::os::fd::RawFd;
+use std::sync::atomic::{Ordering, fence};
+
+use super::layout::{KEYS, Layout, SLOT_HEADER};
+use super::mem::Mapping;
+use crate::sys::{self, Fd, PeerCred};
+use crate::transport::{
+    Access, Completion, ConnAttrs, ConnError, Connection, LocalSge, MemKey, Opcode, PostError,
+    RegError, RemoteSge, Violation, WcError, WrId,
+};
+
+/// Local (`LocalWrite`) registrations per connection.
+const LOCAL_KEYS: usize = 64;
+/// Key bit 7: 1 = remote-readable (published) registration, 0 = local.
+const KEY_REMOTE: u32 = 0x80;
+
+#[derive(Clone, Copy, Debug)]
+struct Reg {
+    key: MemKey,
+    addr: u64,
+    len: u64,
+}
+
+/// Everything the bootstrap hands over to build a connection.
+pub(crate) struct Parts {
+    pub map: Mapping,
+    pub memfd: Fd,
+    pub side: usize,
+    pub layout: Layout,
+    pub app_end: Fd,
+    pub peer_bell: Fd,
+    pub cred: PeerCred,
+    pub pidfd: Option<Fd>,
+    pub can_read_peer: bool,
+    pub peer_can_read: bool,
+    pub send_depth: u32,
+    pub initial_posts: Vec<WrId>,
+}
+
+/// One established `shm` connection. Dropping it closes the peer's bell end: the peer sees
+/// the end after it consumed what was sent.
+pub struct ShmConn {
+    map: Mapping,
+    memfd: Fd,
+    side: usize,
+    layout: Layout,
+    app_end: Fd,
+    peer_bell: Fd,
+    cred: PeerCred,
+    pidfd: Option<Fd>,
+    can_read_peer: bool,
+    peer_can_read: bool,
+    send_depth: u32,
+
+    // Our receive ring (the peer writes it).
+    rx_posted: u64,
+    rx_consumed: u64,
+    rx_wr: Vec<WrId>,
+    /// Length of the message held in a slot whose completion was delivered and which was not
+    /// reposted yet.
+    rx_held: Vec<Option<u32>>,
+
+    // The peer's receive ring (we write it).
+    tx_produced: u64,
+    peer_posted_seen: u64,
+    peer_posted_reported: u64,
+
+    cq: VecDeque<Completion>,
+    local_regs: Vec<Option<Reg>>,
+    remote_regs: Vec<Option<Reg>>,
+    key_gen: u32,
+    peer_gone: bool,
+    dead: Option<ConnError>,
+}
+
+impl std::fmt::Debug for ShmConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShmConn")
+            .field("side", &self.side)
+            .field("layout", &self.layout)
+            .field("peer", &self.cred)
+            .field("rx_posted", &self.rx_posted)
+            .field("rx_consumed", &self.rx_consumed)
+            .field("tx_produced", &self.tx_produced)
+            .field("dead", &self.dead)
+            .finish()
+    }
+}
+
+impl ShmConn {
+    pub(crate) fn new(p: Parts) -> Result<ShmConn, PostError> {
+        let depth = p.layout.rings[p.side].depth as usize;
+        let mut c = ShmConn {
+            map: p.map,
+            memfd: p.memfd,
+            side: p.side,
+            layout: p.layout,
+            app_end: p.app_end,
+            peer_bell: p.peer_bell,
+            cred: p.cred,
+            pidfd: p.pidfd,
+            can_read_peer: p.can_read_peer,
+            peer_can_read: p.peer_can_read,
+            send_depth: p.send_depth,
+            rx_posted: 0,
+            rx_consumed: 0,
+            rx_wr: vec![0; depth],
+            rx_held: vec![None; depth],
+            tx_produced: 0,
+            peer_posted_seen: 0,
+            peer_posted_reported: 0,
+            cq: VecDeque::with_capacity(p.send_depth as usize),
+            local_regs: vec![None; LOCAL_KEYS],
+            remote_regs: vec![None; KEYS],
+            key_gen: 0,
+            peer_gone: false,
+            dead: None,
+        };
+        // Our own side block starts from our private state, whatever the creator wrote there.
+        c.map
+            .u64_at(Layout::tx_produced(c.side))
+            .store(0, Ordering::Relaxed);
+        c.map
+            .u32_at(Layout::want_bell(c.side))
+            .store(0, Ordering::Relaxed);
+        for i in 0..KEYS {
+            c.map
+                .u64_at(Layout::key_entry(c.side, i))
+                .store(0, Ordering::Relaxed);
+        }
+        // Publish the initial posts in one Release store: the peer may already have seen
+        // this count (the creator wrote it), and it must never see it go backwards.
+        if p.initial_posts.len() > depth {
+            return Err(PostError::QueueFull);
+        }
+        for (slot, wr) in p.initial_posts.into_iter().enumerate() {
+            c.rx_wr[slot] = wr;
+            c.rx_posted += 1;
+        }
+        c.map
+            .u64_at(Layout::rx_posted(c.side))
+            .store(c.rx_posted, Ordering::Release);
+        Ok(c)
+    }
+
+    fn peer(&self) -> usize {
+        1 - self.side
+    }
+
+    /// The peer's credentials as the kernel reported them on the bootstrap socket.
+    pub fn peer_cred(&self) -> PeerCred {
+        self.cred
+    }
+
+    /// The app end: the notification fd. `ops` may `dup2` it onto the application's fd number;
+    /// the peer's writes into the other end make it readable, and the peer's last close makes
+    /// it report end of stream (POLLIN + read 0, and POLLHUP/POLLRDHUP).
+    pub fn app_end(&self) -> RawFd {
+        self.app_end.raw()
+    }
+
+    /// The peer's bell end we hold (writing into it makes the peer's app end readable).
+    pub fn peer_bell(&self) -> RawFd {
+        self.peer_bell.raw()
+    }
+
+    /// The memfd, e.g. to pass it on to a process that takes over the connection.
+    pub fn memfd(&self) -> RawFd {
+        self.memfd.raw()
+    }
+
+    /// Sends we can post right now: the peer's posted buffers not yet used.
+    pub fn credits(&mut self) -> Result<u32, ConnError> {
+        self.check_alive()?;
+        let p = self.load_peer_posted()?;
+        Ok((p - self.tx_produced) as u32)
+    }
+
+    /// Why the connection died, if it did.
+    pub fn error(&self) -> Option<ConnError> {
+        self.dead
+    }
+
+    fn check_alive(&self) -> Result<(), ConnError> {
+        match self.dead {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn kill(&mut self, e: ConnError) -> ConnError {
+        *self.dead.get_or_insert(e)
+    }
+
+    /// The peer's `rx_posted`, validated against our private counts.
+    fn load_peer_posted(&mut self) -> Result<u64, ConnError> {
+        let p = self
+            .map
+            .u64_at(Layout::rx_posted(self.peer()))
+            .load(Ordering::Acquire);
+        let depth = self.layout.rings[self.peer()].depth;
+        if p < self.peer_posted_seen || p > self.tx_produced + depth as u64 {
+            let v = Violation::PostedIndex {
+                seen: p,
+                sent: self.tx_produced,
+                last: self.peer_posted_seen,
+                depth,
+            };
+            return Err(self.kill(ConnError::Protocol(v)));
+        }
+        self.peer_posted_seen = p;
+        Ok(p)
+    }
+
+    /// The peer's `tx_produced`, validated against our private counts.
+    fn load_peer_produced(&mut self) -> Result<u64, ConnError> {
+        let s = self
+            .map
+            .u64_at(Layout::tx_produced(self.peer()))
+            .load(Ordering::Acquire);
+        if s < self.rx_consumed || s > self.rx_posted {
+            let v = Violation::ProducedIndex {
+                seen: s,
+                consumed: self.rx_consumed,
+                posted: self.rx_posted,
+            };
+            return Err(self.kill(ConnError::Protocol(v)));
+        }
+        Ok(s)
+    }
+
+    /// Rings the peer's bell if it asked for it. Called after a SeqCst fence that follows our
+    /// publishing store.
+    fn ring_peer(&mut self) {
+        let flag = self.map.u32_at(Layout::want_bell(self.peer()));
+        if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0 {
+            match sys::send_byte(self.peer_bell.raw()) {
+                Ok(_) => {}
+                // LINUX: EPIPE/ECONNRESET: every holder of the peer's app end closed it.
+                Err(_) => self.peer_gone = true,
+            }
+        }
+    }
+
+    fn push_cq(&mut self, c: Completion) {
+        self.cq.push_back(c);
+    }
+
+    fn new_key(&mut self, remote: bool, index: usize) -> MemKey {
+        self.key_gen = (self.key_gen + 1) & 0x00ff_ffff;
+        if self.key_gen == 0 {
+            self.key_gen = 1;
+        }
+        MemKey((self.key_gen << 8) | if remote { KEY_REMOTE } else { 0 } | index as u32)
+    }
+
+    /// Test support: writes `bytes` at offset `off` of the shared mapping (clamped to it), as
+    /// a hostile peer would. Memory-safe: the mapping's bounds are checked privately.
+    #[doc(hidden)]
+    pub fn testing_scribble(&self, off: usize, bytes: &[u8]) {
+        let len = self.map.size();
+        if len == 0 {
+            return;
+        }
+        let off = off % len;
+        let n = bytes.len().min(len - off);
+        self.map.write(off, &bytes[..n]);
+    }
+
+    /// Test support: the size of the shared mapping.
+    #[doc(hidden)]
+    pub fn testing_map_len(&self) -> usize {
+        self.map.size()
+    }
+
+    fn read_remote(&mut self, local: LocalSge, remote: RemoteSge) -> Result<u32, WcError> {
+        let index = (remote.key.0 & 0x7f) as usize;
+        if remote.key.0 & KEY_REMOTE == 0 || index >= KEYS {
+            return Err(WcError::RemoteKeyInvalid);
+        }
+        let entry = Layout::key_entry(self.peer(), index);
+        let key_word = self.map.u64_at(entry);
+        if key_word.load(Ordering::Acquire) != remote.key.0 as u64 {
+            return Err(WcError::RemoteKeyInvalid);
+        }
+        let addr = self.map.u64_at(entry + 8).load(Ordering::Relaxed);
+        let len = self.map.u64_at(entry + 16).load(Ordering::Relaxed);
+        let end = remote
+            .addr
+            .checked_add(remote.len as u64)
+            .ok_or(WcError::RemoteRangeInvalid)?;
+        let reg_end = addr.checked_add(len).ok_or(WcError::RemoteRangeInvalid)?;
+        if remote.addr < addr || end > reg_end {
+            return Err(WcError::RemoteRangeInvalid);
+        }
+        let mut done = 0usize;
+        let want = remote.len as usize;
+        while done < want {
+            let dst = (local.addr as usize + done) as *mut u8;
+            match sys::process_vm_readv(self.cred.pid, dst, remote.addr + done as u64, want - done)
+            {
+                Ok(0) | Err(_) => return Err(WcError::RemoteAccess),
+                Ok(n) => done += n,
+            }
+        }
+        fence(Ordering::SeqCst);
+        if key_word.load(Ordering::Acquire) != remote.key.0 as u64 {
+            return Err(WcError::RemoteKeyInvalid);
+        }
+        if let Some(pidfd) = &self.pidfd
+            && !sys::pidfd_alive(pidfd)
+        {
+            return Err(WcError::RemoteAccess);
+        }
+        Ok(remote.len)
+    }
+}
+
+impl Connection for ShmConn {
+    fn attrs(&self) -> ConnAttrs {
+        ConnAttrs {
+            recv_buf_size: self.layout.rings[self.side].buf_size,
+            recv_depth: self.layout.rings[self.side].depth,
+            send_buf_size: self.layout.rings[self.peer()].buf_size,
+            peer_recv_depth: self.layout.rings[self.peer()].depth,
+            send_depth: self.send_depth,
+            can_read_peer: self.can_read_peer,
+            peer_can_read: self.peer_can_read,
+            peer_pid: Some(self.cred.pid),
+            peer_uid: Some(self.cred.uid),
+        }
+    }
+
+    fn post_recv(&mut self, wr_id: WrId) -> Result<(), PostError> {
+        self.check_alive()?;
+        let depth = self.layout.rings[self.side].depth as u64;
+        if self.rx_posted >= self.rx_consumed + depth {
+            return Err(PostError::QueueFull);
+        }
+        let slot = (self.rx_posted % depth) as usize;
+        self.rx_wr[slot] = wr_id;
+        self.rx_held[slot] = None;
+        self.rx_posted += 1;
+        // The Release orders our reads of the slot's old content before the sender can
+        // see it free.
+        self.map
+            .u64_at(Layout::rx_posted(self.side))
+            .store(self.rx_posted, Ordering::Release);
+        fence(Ordering::SeqCst);
+        self.ring_peer();
+        Ok(())
+    }
+
+    fn post_send(&mut self, wr_id: WrId, gather: &[&[u8]]) -> Result<(), PostError> {
+        self.check_alive()?;
+        if self.peer_gone {
+            return Err(PostError::Dead(self.kill(ConnError::PeerClosed)));
+        }
+        if self.cq.len() >= self.send_depth as usize {
+            return Err(PostError::QueueFull);
+        }
+        let ring = self.layout.rings[self.peer()];
+        let len: usize = gather.iter().map(|g| g.len()).sum();
+        if len > ring.buf_size as usize {
+            return Err(PostError::TooLong {
+                len,
+                max: ring.buf_size,
+            });
+        }
+        let posted = self.load_peer_posted()?;
+        if posted == self.tx_produced {
+            return Err(PostError::NoCredit);
+        }
+        let slot = (self.tx_produced % ring.depth as u64) as u32;
+        let base = self.layout.slot(self.peer(), slot);
+        let mut off = base + SLOT_HEADER;
+        for g in gather {
+            self.map.write(off, g);
+            off += g.len();
+        }
+        let mut hdr = [0u8; SLOT_HEADER];
+        hdr[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        self.map.write(base, &hdr);
+        self.tx_produced += 1;
+        self.map
+            .u64_at(Layout::tx_produced(self.side))
+            .store(self.tx_produced, Ordering::Release);
+        fence(Ordering::SeqCst);
+        self.ring_peer();
+        self.push_cq(Completion {
+            wr_id,
+            opcode: Opcode::Send,
+            status: Ok(()),
+            byte_len: len as u32,
+            buf_index: slot,
+        });
+        Ok(())
+    }
+
+    fn recv_data(&self, c: &Completion, offset: usize, out: &mut [u8]) -> Result<usize, PostError> {
+        let depth = self.layout.rings[self.side].depth;
+        if c.opcode != Opcode::Recv || c.status.is_err() || c.buf_index >= depth {
+            return Err(PostError::NotARecv);
+        }
+        let Some(len) = self.rx_held[c.buf_index as usize] else {
+            return Err(PostError::NotARecv);
+        };
+        if len != c.byte_len {
+            return Err(PostError::NotARecv);
+        }
+        let n = (len as usize).saturating_sub(offset).min(out.len());
+        let base =
+            self.layout.slot(self.side, c.buf_index) + SLOT_HEADER + offset.min(len as usize);
+        self.map.read(base, &mut out[..n]);
+        Ok(n)
+    }
+
+    unsafe fn register(
+        &mut self,
+        addr: *mut u8,
+        len: usize,
+        access: Access,
+    ) -> Result<MemKey, RegError> {
+        let a = addr as usize as u64;
+        if len == 0 || len > u32::MAX as usize || a.checked_add(len as u64).is_none() {
+            return Err(RegError::BadRange);
+        }
+        match access {
+            Access::LocalWrite => {
+                let i = self
+                    .local_regs
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(RegError::TooMany)?;
+                let key = self.new_key(false, i);
+                self.local_regs[i] = Some(Reg {
+                    key,
+                    addr: a,
+                    len: len as u64,
+                });
+                Ok(key)
+            }
+            Access::RemoteRead => {
+                let i = self
+                    .remote_regs
+                    .iter()
+                    .position(Option::is_none)
+                    .ok_or(RegError::TooMany)?;
+                let key = self.new_key(true, i);
+                self.remote_regs[i] = Some(Reg {
+                    key,
+                    addr: a,
+                    len: len as u64,
+                });
+                let e = Layout::key_entry(self.side, i);
+                self.map.u64_at(e + 8).store(a, Ordering::Relaxed);
+                self.map.u64_at(e + 16).store(len as u64, Ordering::Relaxed);
+                // Release: a reader that sees the key sees its range.
+                self.map.u64_at(e).store(key.0 as u64, Ordering::Release);
+                Ok(key)
+            }
+        }
+    }
+
+    fn deregister(&mut self, key: MemKey) -> Result<(), RegError> {
+        let i = (key.0 & 0x7f) as usize;
+        if key.0 & KEY_REMOTE != 0 {
+            match self.remote_regs.get(i) {
+                Some(Some(r)) if r.key == key => {}
+                _ => return Err(RegError::UnknownKey),
+            }
+            self.remote_regs[i] = None;
+            self.map
+                .u64_at(Layout::key_entry(self.side, i))
+                .store(0, Ordering::Release);
+            // The fence pairs with the reader's fence before its re-check: after deregister
+            // returns, a read that copied our later writes sees the key gone.
+            fence(Ordering::SeqCst);
+        } else {
+            match self.local_regs.get(i) {
+                Some(Some(r)) if r.key == key => {}
+                _ => return Err(RegError::UnknownKey),
+            }
+            self.local_regs[i] = None;
+        }
+        Ok(())
+    }
+
+    fn post_read(
+        &mut self,
+        wr_id: WrId,
+        local: LocalSge,
+        remote: RemoteSge,
+    ) -> Result<(), PostError> {
+        self.check_alive()?;
+        if !self.can_read_peer {
+            return Err(PostError::ZcopyUnavailable);
+        }
+        if self.cq.len() >= self.send_depth as usize {
+            return Err(PostError::QueueFull);
+        }
+        let i = (local.key.0 & 0x7f) as usize;
+        let ok_local = local.key.0 & KEY_REMOTE == 0
+            && matches!(self.local_regs.get(i), Some(Some(r)) if r.key == local.key
+                && local.addr >= r.addr
+                && local.addr.checked_add(local.len as u64).is_some_and(|e| e <= r.addr + r.len))
+            && remote.len <= local.len;
+        if !ok_local {
+            return Err(PostError::BadLocalKey);
+        }
+        let status = self.read_remote(local, remote);
+        let c = Completion {
+            wr_id,
+            opcode: Opcode::Read,
+            status: status.map(|_| ()),
+            byte_len: status.unwrap_or(0),
+            buf_index: 0,
+        };
+        self.push_cq(c);
+        if let Err(e) = status {
+            // An RC queue pair goes to the error state on a remote access error; so do we.
+            self.kill(ConnError::ReadFailed(e));
+        }
+        Ok(())
+    }
+
+    fn poll_cq(&mut self, out: &mut [Completion]) -> Result<usize, ConnError> {
+        let mut n = 0;
+        while n < out.len() {
+            match self.cq.pop_front() {
+                Some(c) => {
+                    out[n] = c;
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        if let Some(e) = self.dead {
+            return if n > 0 { Ok(n) } else { Err(e) };
+        }
+        if n < out.len() {
+            let produced = self.load_peer_produced()?;
+            let ring = self.layout.rings[self.side];
+            while n < out.len() && self.rx_consumed < produced {
+                let slot = (self.rx_consumed % ring.depth as u64) as u32;
+                let mut hdr = [0u8; SLOT_HEADER];
+                self.map.read(self.layout.slot(self.side, slot), &mut hdr);
+                let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+                if len > ring.buf_size {
+                    return Err(self.kill(ConnError::Protocol(Violation::MessageLength {
+                        len,
+                        max: ring.buf_size,
+                    })));
+                }
+                self.rx_held[slot as usize] = Some(len);
+                self.rx_consumed += 1;
+                out[n] = Completion {
+                    wr_id: self.rx_wr[slot as usize],
+                    opcode: Opcode::Recv,
+                    status: Ok(()),
+                    byte_len: len,
+                    buf_index: slot,
+                };
+                n += 1;
+            }
+        }
+        if n == 0 && self.peer_gone {
+            return Err(self.kill(ConnError::PeerClosed));
+        }
+        Ok(n)
+    }
+
+    fn has_work(&mut self) -> bool {
+        if !self.cq.is_empty() || self.dead.is_some() || self.peer_gone {
+            return true;
+        }
+        let produced = self
+            .map
+            .u64_at(Layout::tx_produced(self.peer()))
+            .load(Ordering::Acquire);
+        if produced != self.rx_consumed {
+            return true;
+        }
+        // A change of the peer's posted count is one event (credits came back), reported once.
+        let posted = self
+            .map
+            .u64_at(Layout::rx_posted(self.peer()))
+            .load(Ordering::Acquire);
+        if posted != self.peer_posted_reported {
+            self.peer_posted_reported = posted;
+            return true;
+        }
+        false
+    }
+
+    fn notify_fd(&self) -> RawFd {
+        self.app_end.raw()
+    }
+
+    fn arm(&mut self) -> Result<bool, ConnError> {
+        if self.dead.is_some() || self.peer_gone {
+            return Ok(false);
+        }
+        self.map
+            .u32_at(Layout::want_bell(self.side))
+            .store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        Ok(!self.has_work())
+    }
+
+    fn ack_notify(&mut self) -> Result<(), ConnError> {
+        match sys::drain(self.app_end.raw()) {
+            Ok(true) => self.peer_gone = true,
+            Ok(false) => {}
+            Err(e) => return Err(self.kill(ConnError::Sys(e))),
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ShmConn {
+    fn drop(&mut self) {
+        // Revoke every published key before the mapping and the fds go.
+        for i in 0..KEYS {
+            self.map
+                .u64_at(Layout::key_entry(self.side, i))
+                .store(0, Ordering::Release);
+        }
+        fence(Ordering::SeqCst);
+    }
+}
