@@ -63,35 +63,18 @@ fn init() -> Globals {
             program,
         };
     }
-    let policy = if act.always_sdp {
-        conf::Policy::always_sdp()
-    } else {
-        load_policy(&act.config_file)
-    };
+    let resolved = conf::Policy::resolve(&act, |p| std::fs::read_to_string(p));
+    if let Some(e) = &resolved.error {
+        // Fail open: a broken policy must never break the program; one error, then TCP.
+        sdp_log!(log::ERROR, "{}; every socket stays TCP", one_line(&e.to_string()));
+    }
+    let policy = resolved.policy;
     log::configure(policy.log());
     crate::fork::register_handlers();
     Globals {
         active: true,
         policy,
         program,
-    }
-}
-
-fn load_policy(path: &std::path::Path) -> conf::Policy {
-    if !path.exists() {
-        return conf::Policy::default_both();
-    }
-    match conf::Policy::load(path) {
-        Ok(p) => p,
-        Err(e) => {
-            // Fail open: a broken policy must never break the program; one error, then TCP.
-            sdp_log!(
-                log::ERROR,
-                "{}; every socket stays TCP",
-                one_line(&e.to_string())
-            );
-            conf::Policy::tcp_only()
-        }
     }
 }
 
