@@ -8,11 +8,17 @@ use common::{empty, recv_one, send_blocking};
 use ib_verbs::shm::{self, Active, BootError, ShmConn, ShmOptions};
 use ib_verbs::sys;
 use ib_verbs::{
-    Access, ConnError, Connection, LocalSge, MemKey, Opcode, PostError, RemoteSge, Violation, WaitOutcome, WcError,
+    Access, ConnError, Connection, LocalSge, MemKey, Opcode, PostError, RemoteSge, Violation,
+    WaitOutcome, WcError,
 };
 
 fn small() -> ShmOptions {
-    ShmOptions { recv_depth: 4, recv_buf_size: 256, send_depth: 16, timeout: Duration::from_secs(5) }
+    ShmOptions {
+        recv_depth: 4,
+        recv_buf_size: 256,
+        send_depth: 16,
+        timeout: Duration::from_secs(5),
+    }
 }
 
 fn pair() -> (ShmConn, ShmConn) {
@@ -27,11 +33,17 @@ fn established_send_recv_both_directions_bytes_match() {
     let attrs = a.attrs();
     assert_eq!((attrs.recv_depth, attrs.send_buf_size), (4, 256));
     assert_eq!(attrs.peer_pid, Some(std::process::id() as i32));
-    assert!(attrs.can_read_peer && attrs.peer_can_read, "same process: RDMA READ allowed");
+    assert!(
+        attrs.can_read_peer && attrs.peer_can_read,
+        "same process: RDMA READ allowed"
+    );
     a.post_send(9, &[b"head|", b"payload"]).unwrap();
     let mut c = [empty(); 4];
     assert_eq!(a.poll_cq(&mut c).unwrap(), 1);
-    assert_eq!((c[0].opcode, c[0].wr_id, c[0].byte_len), (Opcode::Send, 9, 12));
+    assert_eq!(
+        (c[0].opcode, c[0].wr_id, c[0].byte_len),
+        (Opcode::Send, 9, 12)
+    );
     assert_eq!(recv_one(&mut b, T).unwrap(), b"head|payload");
     send_blocking(&mut b, b"back", T).unwrap();
     assert_eq!(recv_one(&mut a, T).unwrap(), b"back");
@@ -59,7 +71,10 @@ fn credits_exhausted_no_credit_then_recovered_by_repost() {
     let mut c = [empty(); 8];
     assert_eq!(b.poll_cq(&mut c).unwrap(), 4);
     // Receive buffers are all in use: posting a fifth is refused until one is consumed...
-    assert_eq!(c.iter().take(4).map(|c| c.wr_id).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+    assert_eq!(
+        c.iter().take(4).map(|c| c.wr_id).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
     b.post_recv(50).unwrap();
     assert_eq!(a.credits().unwrap(), 1);
     a.post_send(6, &[b"z"]).unwrap();
@@ -78,7 +93,10 @@ fn post_recv_beyond_depth_queue_full() {
 fn send_larger_than_peer_buffer_too_long() {
     let (mut a, _b) = pair();
     let big = vec![0u8; 257];
-    assert_eq!(a.post_send(1, &[&big]), Err(PostError::TooLong { len: 257, max: 256 }));
+    assert_eq!(
+        a.post_send(1, &[&big]),
+        Err(PostError::TooLong { len: 257, max: 256 })
+    );
 }
 
 #[test]
@@ -103,18 +121,31 @@ fn rdma_read_registered_range_copied() {
     let rkey = unsafe { a.register(src.as_mut_ptr(), src.len(), Access::RemoteRead) }.unwrap();
     // SAFETY: as above.
     let lkey = unsafe { b.register(dst.as_mut_ptr(), dst.len(), Access::LocalWrite) }.unwrap();
-    let local = LocalSge { addr: dst.as_ptr() as u64 + 10, len: 50_000, key: lkey };
-    let remote = RemoteSge { addr: src.as_ptr() as u64 + 1000, len: 50_000, key: rkey };
+    let local = LocalSge {
+        addr: dst.as_ptr() as u64 + 10,
+        len: 50_000,
+        key: lkey,
+    };
+    let remote = RemoteSge {
+        addr: src.as_ptr() as u64 + 1000,
+        len: 50_000,
+        key: rkey,
+    };
     b.post_read(77, local, remote).unwrap();
     let mut c = [empty(); 1];
     assert_eq!(b.poll_cq(&mut c).unwrap(), 1);
-    assert_eq!((c[0].opcode, c[0].wr_id, c[0].status, c[0].byte_len), (Opcode::Read, 77, Ok(()), 50_000));
+    assert_eq!(
+        (c[0].opcode, c[0].wr_id, c[0].status, c[0].byte_len),
+        (Opcode::Read, 77, Ok(()), 50_000)
+    );
     b.deregister(lkey).unwrap();
     a.deregister(rkey).unwrap();
     assert_eq!(&dst[10..50_010], &src[1000..51_000]);
 }
 
-fn read_outcome(mutate: impl FnOnce(&mut ShmConn, MemKey, u64) -> RemoteSge) -> (Result<(), WcError>, ConnError) {
+fn read_outcome(
+    mutate: impl FnOnce(&mut ShmConn, MemKey, u64) -> RemoteSge,
+) -> (Result<(), WcError>, ConnError) {
     let (mut a, mut b) = pair();
     let mut src = vec![1u8; 4096];
     let mut dst = vec![0u8; 8192];
@@ -123,12 +154,19 @@ fn read_outcome(mutate: impl FnOnce(&mut ShmConn, MemKey, u64) -> RemoteSge) -> 
     // SAFETY: as above.
     let lkey = unsafe { b.register(dst.as_mut_ptr(), dst.len(), Access::LocalWrite) }.unwrap();
     let remote = mutate(&mut a, rkey, src.as_ptr() as u64);
-    let local = LocalSge { addr: dst.as_ptr() as u64, len: 8192, key: lkey };
+    let local = LocalSge {
+        addr: dst.as_ptr() as u64,
+        len: 8192,
+        key: lkey,
+    };
     b.post_read(1, local, remote).unwrap();
     let mut c = [empty(); 1];
     assert_eq!(b.poll_cq(&mut c).unwrap(), 1);
     let err = b.poll_cq(&mut c).unwrap_err();
-    assert!(b.post_send(1, &[b"x"]).is_err(), "a failed read ends the connection");
+    assert!(
+        b.post_send(1, &[b"x"]).is_err(),
+        "a failed read ends the connection"
+    );
     (c[0].status, err)
 }
 
@@ -136,7 +174,11 @@ fn read_outcome(mutate: impl FnOnce(&mut ShmConn, MemKey, u64) -> RemoteSge) -> 
 fn rdma_read_revoked_key_fails() {
     let (st, err) = read_outcome(|a, k, addr| {
         a.deregister(k).unwrap();
-        RemoteSge { addr, len: 4096, key: k }
+        RemoteSge {
+            addr,
+            len: 4096,
+            key: k,
+        }
     });
     assert_eq!(st, Err(WcError::RemoteKeyInvalid));
     assert_eq!(err, ConnError::ReadFailed(WcError::RemoteKeyInvalid));
@@ -144,17 +186,33 @@ fn rdma_read_revoked_key_fails() {
 
 #[test]
 fn rdma_read_wrong_key_fails() {
-    let (st, _) = read_outcome(|_, k, addr| RemoteSge { addr, len: 4096, key: MemKey(k.0 ^ 0x100) });
+    let (st, _) = read_outcome(|_, k, addr| RemoteSge {
+        addr,
+        len: 4096,
+        key: MemKey(k.0 ^ 0x100),
+    });
     assert_eq!(st, Err(WcError::RemoteKeyInvalid));
-    let (st, _) = read_outcome(|_, _, addr| RemoteSge { addr, len: 16, key: MemKey(0x7f) });
+    let (st, _) = read_outcome(|_, _, addr| RemoteSge {
+        addr,
+        len: 16,
+        key: MemKey(0x7f),
+    });
     assert_eq!(st, Err(WcError::RemoteKeyInvalid));
 }
 
 #[test]
 fn rdma_read_outside_registration_fails() {
-    let (st, _) = read_outcome(|_, k, addr| RemoteSge { addr: addr + 1, len: 4096, key: k });
+    let (st, _) = read_outcome(|_, k, addr| RemoteSge {
+        addr: addr + 1,
+        len: 4096,
+        key: k,
+    });
     assert_eq!(st, Err(WcError::RemoteRangeInvalid));
-    let (st, _) = read_outcome(|_, k, _| RemoteSge { addr: u64::MAX - 2, len: 4096, key: k });
+    let (st, _) = read_outcome(|_, k, _| RemoteSge {
+        addr: u64::MAX - 2,
+        len: 4096,
+        key: k,
+    });
     assert_eq!(st, Err(WcError::RemoteRangeInvalid));
 }
 
@@ -164,8 +222,20 @@ fn rdma_read_unregistered_local_refused_connection_lives() {
     let mut src = vec![1u8; 64];
     // SAFETY: `src` outlives its use.
     let rkey = unsafe { a.register(src.as_mut_ptr(), 64, Access::RemoteRead) }.unwrap();
-    let local = LocalSge { addr: 0x1000, len: 64, key: MemKey(0x100) };
-    let r = b.post_read(1, local, RemoteSge { addr: src.as_ptr() as u64, len: 64, key: rkey });
+    let local = LocalSge {
+        addr: 0x1000,
+        len: 64,
+        key: MemKey(0x100),
+    };
+    let r = b.post_read(
+        1,
+        local,
+        RemoteSge {
+            addr: src.as_ptr() as u64,
+            len: 64,
+            key: rkey,
+        },
+    );
     assert_eq!(r, Err(PostError::BadLocalKey));
     send_blocking(&mut b, b"still fine", T).unwrap();
     assert_eq!(recv_one(&mut a, T).unwrap(), b"still fine");
@@ -178,10 +248,15 @@ fn hostile_produced_index_ends_connection() {
     a.testing_scribble(128, &1_000_000u64.to_le_bytes());
     let mut c = [empty(); 4];
     match b.poll_cq(&mut c) {
-        Err(ConnError::Protocol(Violation::ProducedIndex { seen: 1_000_000, .. })) => {}
+        Err(ConnError::Protocol(Violation::ProducedIndex {
+            seen: 1_000_000, ..
+        })) => {}
         other => panic!("expected a violation, got {other:?}"),
     }
-    assert!(matches!(b.post_send(1, &[b"x"]), Err(PostError::Dead(ConnError::Protocol(_)))));
+    assert!(matches!(
+        b.post_send(1, &[b"x"]),
+        Err(PostError::Dead(ConnError::Protocol(_)))
+    ));
 }
 
 #[test]
@@ -192,7 +267,9 @@ fn hostile_posted_index_ends_connection() {
     b.testing_scribble(side1, &u64::MAX.to_le_bytes());
     assert!(matches!(
         a.post_send(1, &[b"x"]),
-        Err(PostError::Dead(ConnError::Protocol(Violation::PostedIndex { .. })))
+        Err(PostError::Dead(ConnError::Protocol(
+            Violation::PostedIndex { .. }
+        )))
     ));
 }
 
@@ -204,7 +281,13 @@ fn hostile_message_length_ends_connection() {
     b.testing_scribble(4096 + 4 * 320, &u32::MAX.to_le_bytes());
     let mut c = [empty(); 4];
     let r = b.poll_cq(&mut c);
-    assert_eq!(r, Err(ConnError::Protocol(Violation::MessageLength { len: u32::MAX, max: 256 })));
+    assert_eq!(
+        r,
+        Err(ConnError::Protocol(Violation::MessageLength {
+            len: u32::MAX,
+            max: 256
+        }))
+    );
 }
 
 /// A tiny xorshift generator: the fuzz needs no dependency.
@@ -227,13 +310,18 @@ fn fuzz_hostile_peer_scribbles_thousands_of_times_no_panic() {
     while iterations < 5000 {
         let (mut hostile, mut victim) = pair();
         // SAFETY: `dst` outlives every connection of the loop and is only written by reads.
-        let lkey = unsafe { victim.register(dst.as_mut_ptr(), dst.len(), Access::LocalWrite) }.unwrap();
+        let lkey =
+            unsafe { victim.register(dst.as_mut_ptr(), dst.len(), Access::LocalWrite) }.unwrap();
         let mut c = [empty(); 8];
         for _ in 0..50 {
             iterations += 1;
             let r = next();
             let len = hostile.testing_map_len();
-            let off = if r & 3 != 0 { (r >> 8) as usize % 4096 } else { (r >> 8) as usize % len };
+            let off = if r & 3 != 0 {
+                (r >> 8) as usize % 4096
+            } else {
+                (r >> 8) as usize % len
+            };
             let bytes = next().to_le_bytes();
             hostile.testing_scribble(off, &bytes[..1 + (r >> 40) as usize % 8]);
             let _ = hostile.post_send(1, &[b"noise"]);
@@ -242,8 +330,16 @@ fn fuzz_hostile_peer_scribbles_thousands_of_times_no_panic() {
             let _ = victim.arm();
             match next() % 20 {
                 0 => {
-                    let remote = RemoteSge { addr: next(), len: (next() % 4096) as u32, key: MemKey(next() as u32) };
-                    let local = LocalSge { addr: dst.as_ptr() as u64, len: 4096, key: lkey };
+                    let remote = RemoteSge {
+                        addr: next(),
+                        len: (next() % 4096) as u32,
+                        key: MemKey(next() as u32),
+                    };
+                    let local = LocalSge {
+                        addr: dst.as_ptr() as u64,
+                        len: 4096,
+                        key: lkey,
+                    };
                     let _ = victim.post_read(3, local, remote);
                 }
                 1..=5 => {
@@ -277,7 +373,10 @@ fn fuzz_hostile_peer_scribbles_thousands_of_times_no_panic() {
         }
         let _ = victim.deregister(lkey);
     }
-    assert!(violations >= 5, "the fuzz should trip validation often, got {violations}");
+    assert!(
+        violations >= 5,
+        "the fuzz should trip validation often, got {violations}"
+    );
 }
 
 #[test]
@@ -285,7 +384,9 @@ fn bell_wakes_sleeping_receiver() {
     let (mut a, mut b) = pair();
     let t = std::thread::spawn(move || {
         let start = Instant::now();
-        let r = b.wait(Duration::ZERO, Some(Duration::from_secs(5))).unwrap();
+        let r = b
+            .wait(Duration::ZERO, Some(Duration::from_secs(5)))
+            .unwrap();
         let mut c = [empty(); 1];
         (r, start.elapsed(), b.poll_cq(&mut c).unwrap(), c[0].opcode)
     });
@@ -293,21 +394,31 @@ fn bell_wakes_sleeping_receiver() {
     a.post_send(1, &[b"wake"]).unwrap();
     let (r, took, n, op) = t.join().unwrap();
     assert_eq!((r, n, op), (WaitOutcome::Ready, 1, Opcode::Recv));
-    assert!(took >= Duration::from_millis(90) && took < Duration::from_secs(2), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(90) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
 }
 
 #[test]
 fn bell_rung_only_when_receiver_armed() {
     let (mut a, mut b) = pair();
     a.post_send(1, &[b"one"]).unwrap();
-    assert_eq!(sys::poll_raw(b.notify_fd(), libc::POLLIN, 0).unwrap(), 0, "busy receiver: no bell");
+    assert_eq!(
+        sys::poll_raw(b.notify_fd(), libc::POLLIN, 0).unwrap(),
+        0,
+        "busy receiver: no bell"
+    );
     let mut c = [empty(); 4];
     assert_eq!(b.poll_cq(&mut c).unwrap(), 1);
     b.ack_notify().unwrap();
     assert!(b.arm().unwrap(), "nothing pending: armed");
     assert_eq!(sys::poll_raw(b.notify_fd(), libc::POLLIN, 0).unwrap(), 0);
     a.post_send(2, &[b"two"]).unwrap();
-    assert_eq!(sys::poll_raw(b.notify_fd(), libc::POLLIN, 0).unwrap() & libc::POLLIN, libc::POLLIN);
+    assert_eq!(
+        sys::poll_raw(b.notify_fd(), libc::POLLIN, 0).unwrap() & libc::POLLIN,
+        libc::POLLIN
+    );
     assert!(!b.arm().unwrap(), "pending message: do not sleep");
 }
 
@@ -341,7 +452,10 @@ fn peer_dropped_messages_delivered_then_peer_closed() {
     assert_eq!(r, WaitOutcome::Ready);
     let mut c = [empty(); 1];
     assert_eq!(b.poll_cq(&mut c), Err(ConnError::PeerClosed));
-    assert!(matches!(b.post_send(1, &[b"x"]), Err(PostError::Dead(ConnError::PeerClosed))));
+    assert!(matches!(
+        b.post_send(1, &[b"x"]),
+        Err(PostError::Dead(ConnError::PeerClosed))
+    ));
 }
 
 #[test]
@@ -351,7 +465,11 @@ fn wait_times_out_when_idle() {
     while b.poll_cq(&mut c).unwrap() > 0 {}
     let _ = b.has_work(); // consume the initial credit event
     let start = Instant::now();
-    assert_eq!(b.wait(Duration::from_micros(100), Some(Duration::from_millis(50))).unwrap(), WaitOutcome::TimedOut);
+    assert_eq!(
+        b.wait(Duration::from_micros(100), Some(Duration::from_millis(50)))
+            .unwrap(),
+        WaitOutcome::TimedOut
+    );
     assert!(start.elapsed() >= Duration::from_millis(50));
 }
 
@@ -391,24 +509,45 @@ fn bootstrap_unsealed_or_fake_memfd_refused() {
     let unsealed = sys::Fd::from_raw(raw).unwrap();
     // SAFETY: plain syscall on our own fd.
     assert_eq!(unsafe { libc::ftruncate(unsealed.raw(), size as i64) }, 0);
-    assert_eq!(answer_with_memfd(&unsealed, size), Err(BootError::BadMemfd(sys::MemfdProblem::NotSealed)));
+    assert_eq!(
+        answer_with_memfd(&unsealed, size),
+        Err(BootError::BadMemfd(sys::MemfdProblem::NotSealed))
+    );
     let (not_a_file, _other) = sys::socketpair_stream().unwrap();
-    assert_eq!(answer_with_memfd(&not_a_file, size), Err(BootError::BadMemfd(sys::MemfdProblem::NotMemfd)));
+    assert_eq!(
+        answer_with_memfd(&not_a_file, size),
+        Err(BootError::BadMemfd(sys::MemfdProblem::NotMemfd))
+    );
     let small_sealed = sys::memfd_sealed(b"t", 4096).unwrap();
-    assert!(matches!(answer_with_memfd(&small_sealed, size), Err(BootError::BadMemfd(_))));
-    assert!(matches!(answer_with_memfd(&small_sealed, 4096), Err(BootError::BadParams(_))));
+    assert!(matches!(
+        answer_with_memfd(&small_sealed, size),
+        Err(BootError::BadMemfd(_))
+    ));
+    assert!(matches!(
+        answer_with_memfd(&small_sealed, 4096),
+        Err(BootError::BadParams(_))
+    ));
 }
 
 #[test]
 fn bootstrap_garbage_frames_refused() {
     let (sa, sp) = sys::socketpair_stream().unwrap();
     sys::send_with_fds(&sa, &frame(1, &[1, 2, 3]), &[]).unwrap();
-    assert!(matches!(shm::Passive::recv_offer(&sp, T), Err(BootError::Malformed(_))));
+    assert!(matches!(
+        shm::Passive::recv_offer(&sp, T),
+        Err(BootError::Malformed(_))
+    ));
     let (sa, sp) = sys::socketpair_stream().unwrap();
     sys::send_with_fds(&sa, b"GET / HTTP/1.1\r\n", &[]).unwrap();
-    assert_eq!(shm::Passive::recv_offer(&sp, T).unwrap_err(), BootError::Malformed("bad magic"));
+    assert_eq!(
+        shm::Passive::recv_offer(&sp, T).unwrap_err(),
+        BootError::Malformed("bad magic")
+    );
     let (_sa, sp) = sys::socketpair_stream().unwrap();
-    assert_eq!(shm::Passive::recv_offer(&sp, Duration::from_millis(50)).unwrap_err(), BootError::Timeout);
+    assert_eq!(
+        shm::Passive::recv_offer(&sp, Duration::from_millis(50)).unwrap_err(),
+        BootError::Timeout
+    );
 }
 
 #[test]
@@ -419,5 +558,8 @@ fn bootstrap_reject_carries_private_data() {
     let offer = shm::Passive::recv_offer(&sp, T).unwrap();
     assert_eq!(offer.peer_cred().pid, std::process::id() as i32);
     offer.reject(&sp, b"policy: tcp").unwrap();
-    assert_eq!(a.finish(&sa).unwrap_err(), BootError::Rejected(b"policy: tcp".to_vec()));
+    assert_eq!(
+        a.finish(&sa).unwrap_err(),
+        BootError::Rejected(b"policy: tcp".to_vec())
+    );
 }

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use ib_verbs::shm::{self, Active, ShmConn, ShmOptions};
 use ib_verbs::sys;
-use ib_verbs::{Access, Completion, ConnError, Connection, LocalSge, MemKey, Opcode, PostError, RemoteSge};
+use ib_verbs::{
+    Access, Completion, ConnError, Connection, LocalSge, MemKey, Opcode, PostError, RemoteSge,
+};
 
 fn ready() {
     let mut o = std::io::stdout();
@@ -40,7 +42,13 @@ fn connect(name: &str, opts: ShmOptions) -> ShmConn {
 
 /// Waits for one receive; returns its bytes (reposting the buffer), or the connection error.
 fn recv_one(c: &mut ShmConn) -> Result<Vec<u8>, ConnError> {
-    let mut comps = [Completion { wr_id: 0, opcode: Opcode::Send, status: Ok(()), byte_len: 0, buf_index: 0 }; 8];
+    let mut comps = [Completion {
+        wr_id: 0,
+        opcode: Opcode::Send,
+        status: Ok(()),
+        byte_len: 0,
+        buf_index: 0,
+    }; 8];
     loop {
         let n = c.poll_cq(&mut comps[..1])?;
         if n == 1 {
@@ -61,7 +69,13 @@ fn recv_one(c: &mut ShmConn) -> Result<Vec<u8>, ConnError> {
 }
 
 fn send_blocking(c: &mut ShmConn, msg: &[u8]) -> Result<(), ConnError> {
-    let mut comps = [Completion { wr_id: 0, opcode: Opcode::Send, status: Ok(()), byte_len: 0, buf_index: 0 }; 16];
+    let mut comps = [Completion {
+        wr_id: 0,
+        opcode: Opcode::Send,
+        status: Ok(()),
+        byte_len: 0,
+        buf_index: 0,
+    }; 16];
     loop {
         match c.post_send(1, &[msg]) {
             Ok(()) => return Ok(()),
@@ -82,7 +96,12 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mode = args[1].as_str();
     let name = args[2].as_str();
-    let opts = ShmOptions { recv_depth: 8, recv_buf_size: 4096, send_depth: 64, timeout: Duration::from_secs(10) };
+    let opts = ShmOptions {
+        recv_depth: 8,
+        recv_buf_size: 4096,
+        send_depth: 64,
+        timeout: Duration::from_secs(10),
+    };
     match mode {
         "echo" => {
             let mut c = connect(name, opts);
@@ -105,7 +124,8 @@ fn main() {
             let mut c = connect(name, opts);
             let mut buf: Vec<u8> = (0..65536u32).map(|i| (i * 7 + 3) as u8).collect();
             // SAFETY: `buf` lives until the end of main and is only read by the peer.
-            let key = unsafe { c.register(buf.as_mut_ptr(), buf.len(), Access::RemoteRead) }.expect("register");
+            let key = unsafe { c.register(buf.as_mut_ptr(), buf.len(), Access::RemoteRead) }
+                .expect("register");
             let mut m = Vec::new();
             m.extend_from_slice(&(buf.as_ptr() as u64).to_le_bytes());
             m.extend_from_slice(&(buf.len() as u32).to_le_bytes());
@@ -132,20 +152,36 @@ fn main() {
             let key = MemKey(u32::from_le_bytes(m[12..16].try_into().unwrap()));
             let mut dst = vec![0u8; len as usize];
             // SAFETY: `dst` outlives the registration and is not touched during the read.
-            let lkey = unsafe { c.register(dst.as_mut_ptr(), dst.len(), Access::LocalWrite) }.expect("reg");
-            let local = LocalSge { addr: dst.as_ptr() as u64, len, key: lkey };
+            let lkey = unsafe { c.register(dst.as_mut_ptr(), dst.len(), Access::LocalWrite) }
+                .expect("reg");
+            let local = LocalSge {
+                addr: dst.as_ptr() as u64,
+                len,
+                key: lkey,
+            };
             let report = match c.post_read(7, local, RemoteSge { addr, len, key }) {
                 Ok(()) => {
-                    let mut comps = [Completion { wr_id: 0, opcode: Opcode::Send, status: Ok(()), byte_len: 0, buf_index: 0 }; 1];
+                    let mut comps = [Completion {
+                        wr_id: 0,
+                        opcode: Opcode::Send,
+                        status: Ok(()),
+                        byte_len: 0,
+                        buf_index: 0,
+                    }; 1];
                     match c.poll_cq(&mut comps) {
-                        Ok(1) if comps[0].status.is_ok() => format!("read-ok {}", dst.iter().map(|&b| b as u64).sum::<u64>()),
+                        Ok(1) if comps[0].status.is_ok() => {
+                            format!("read-ok {}", dst.iter().map(|&b| b as u64).sum::<u64>())
+                        }
                         other => format!("read-failed {other:?} {:?}", comps[0].status),
                     }
                 }
                 Err(e) => format!("read-refused {e:?}"),
             };
             let attrs = c.attrs();
-            let report = format!("{report} can_read_peer={} peer_can_read={}", attrs.can_read_peer, attrs.peer_can_read);
+            let report = format!(
+                "{report} can_read_peer={} peer_can_read={}",
+                attrs.can_read_peer, attrs.peer_can_read
+            );
             let _ = send_blocking(&mut c, report.as_bytes());
             let _ = recv_one(&mut c);
         }
@@ -163,10 +199,17 @@ fn main() {
             let len = c.testing_map_len();
             loop {
                 let r = next();
-                let off = if r & 1 == 0 { (r >> 8) as usize % 4096 } else { (r >> 8) as usize % len };
+                let off = match r & 3 {
+                    // Our own counters and bell flag (the words the peer trusts least).
+                    0 => 64 + (r >> 8) as usize % 192,
+                    1 => (r >> 8) as usize % 4096,
+                    _ => (r >> 8) as usize % len,
+                };
                 let v = next().to_le_bytes();
                 c.testing_scribble(off & !7, &v[..(1 + (r >> 40) as usize % 8)]);
-                if sys::poll_raw(c.notify_fd(), libc::POLLIN, 0).unwrap_or(0) & (libc::POLLHUP | libc::POLLIN) != 0
+                if sys::poll_raw(c.notify_fd(), libc::POLLIN, 0).unwrap_or(0)
+                    & (libc::POLLHUP | libc::POLLIN)
+                    != 0
                     && sys::drain(c.notify_fd()).unwrap_or(true)
                 {
                     break;

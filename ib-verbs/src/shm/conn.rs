@@ -179,7 +179,10 @@ impl ShmConn {
             .u64_at(Layout::rx_posted(c.side))
             .store(c.rx_posted, Ordering::Release);
         // The peer's initial credits are known from the bootstrap: not an event.
-        c.peer_posted_reported = c.map.u64_at(Layout::rx_posted(c.peer())).load(Ordering::Acquire);
+        c.peer_posted_reported = c
+            .map
+            .u64_at(Layout::rx_posted(c.peer()))
+            .load(Ordering::Acquire);
         Ok(c)
     }
 

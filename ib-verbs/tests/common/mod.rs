@@ -15,15 +15,31 @@ pub const NOBODY: u32 = 65534;
 
 pub fn unique_name(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("libsdp-test/{}/{}/{}", std::process::id(), tag, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "libsdp-test/{}/{}/{}",
+        std::process::id(),
+        tag,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 pub fn opts() -> ShmOptions {
-    ShmOptions { recv_depth: 8, recv_buf_size: 4096, send_depth: 64, timeout: Duration::from_secs(10) }
+    ShmOptions {
+        recv_depth: 8,
+        recv_buf_size: 4096,
+        send_depth: 64,
+        timeout: Duration::from_secs(10),
+    }
 }
 
 pub fn empty() -> Completion {
-    Completion { wr_id: 0, opcode: Opcode::Send, status: Ok(()), byte_len: 0, buf_index: 0 }
+    Completion {
+        wr_id: 0,
+        opcode: Opcode::Send,
+        status: Ok(()),
+        byte_len: 0,
+        buf_index: 0,
+    }
 }
 
 pub struct Peer {
@@ -40,7 +56,11 @@ impl Drop for Peer {
 /// Spawns `shm-peer mode name args` (as `uid` if given) and waits for its "ready" line.
 pub fn spawn(mode: &str, name: &str, args: &[&str], uid: Option<u32>) -> Peer {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shm-peer"));
-    cmd.arg(mode).arg(name).args(args).stdout(Stdio::piped()).stdin(Stdio::null());
+    cmd.arg(mode)
+        .arg(name)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null());
     if let Some(u) = uid {
         cmd.uid(u).gid(u);
     }
@@ -51,7 +71,9 @@ pub fn spawn(mode: &str, name: &str, args: &[&str], uid: Option<u32>) -> Peer {
 pub fn wait_ready(p: &mut Peer) {
     let out = p.child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(out).read_line(&mut line).expect("read ready");
+    BufReader::new(out)
+        .read_line(&mut line)
+        .expect("read ready");
     assert_eq!(line.trim(), "ready", "peer did not get ready");
 }
 
@@ -130,5 +152,7 @@ pub fn send_blocking(c: &mut ShmConn, msg: &[u8], t: Duration) -> Result<(), Con
 
 /// Open descriptors of this process.
 pub fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
 }
