@@ -1,0 +1,314 @@
+//! Buffered copy (BCopy, SDP-WIRE.md §4.2): the send queue and the receive queue, with
+//! urgent-data marks (§1.2, §5.3).
+//!
+//! Stream offsets are absolute `u64` byte counts since the connection opened, so a mark
+//! survives any amount of queue movement.
+
+use std::collections::VecDeque;
+
+/// Bytes accepted from the application and not yet framed into messages.
+#[derive(Debug, Clone)]
+pub(crate) struct SendQueue {
+    buf: VecDeque<u8>,
+    capacity: usize,
+    /// Stream offset of `buf[0]`.
+    head: u64,
+    /// Stream offsets of urgent bytes not yet framed, ascending. Each ends its own message.
+    urgent: VecDeque<u64>,
+}
+
+impl SendQueue {
+    pub(crate) fn new(capacity: usize) -> Self {
+        SendQueue {
+            buf: VecDeque::new(),
+            capacity,
+            head: 0,
+            urgent: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    pub(crate) fn free(&self) -> usize {
+        self.capacity.saturating_sub(self.buf.len())
+    }
+
+    /// Stream offset one past the last queued byte.
+    pub(crate) fn end(&self) -> u64 {
+        self.head + self.buf.len() as u64
+    }
+
+    /// Queues as much of `data` as fits; with `urgent`, the last byte queued is urgent
+    /// (TCP MSG_OOB: the urgent pointer follows the last byte written).
+    pub(crate) fn push(&mut self, data: &[u8], urgent: bool) -> usize {
+        let n = data.len().min(self.free());
+        self.buf.extend(&data[..n]);
+        if urgent && n > 0 {
+            self.urgent.push_back(self.end() - 1);
+        }
+        n
+    }
+
+    /// Bytes the next Data message may carry with at most `max` payload bytes, and whether
+    /// its last byte is urgent (the message then ends exactly at the urgent byte).
+    pub(crate) fn next_chunk(&self, max: usize) -> (usize, bool) {
+        let mut n = self.buf.len().min(max);
+        let mut urgent = false;
+        if let Some(&u) = self.urgent.front() {
+            let upto = (u - self.head + 1) as usize;
+            if upto <= n {
+                n = upto;
+                urgent = true;
+            }
+        }
+        (n, urgent)
+    }
+
+    /// Whether urgent bytes are queued (OOB_PEND on every message until they are sent).
+    pub(crate) fn urgent_pending(&self) -> bool {
+        !self.urgent.is_empty()
+    }
+
+    /// Moves the first `n` bytes into `dst`.
+    pub(crate) fn take_into(&mut self, dst: &mut [u8], n: usize) {
+        let (a, b) = self.buf.as_slices();
+        let from_a = n.min(a.len());
+        dst[..from_a].copy_from_slice(&a[..from_a]);
+        if from_a < n {
+            dst[from_a..n].copy_from_slice(&b[..n - from_a]);
+        }
+        self.buf.drain(..n);
+        self.head += n as u64;
+        while let Some(&u) = self.urgent.front() {
+            if u < self.head {
+                self.urgent.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+/// The urgent mark of the receive stream: TCP has one urgent pointer, a newer one replaces
+/// the older, whose byte then stays in the stream as ordinary data (as in Linux).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UrgentMark {
+    pub(crate) offset: u64,
+    pub(crate) byte: u8,
+    /// Read with MSG_OOB already.
+    pub(crate) taken: bool,
+}
+
+/// Bytes received and not yet read by the application.
+#[derive(Debug, Clone)]
+pub(crate) struct RecvQueue {
+    buf: VecDeque<u8>,
+    /// Stream offset of `buf[0]`.
+    head: u64,
+    pub(crate) mark: Option<UrgentMark>,
+    pub(crate) oob_inline: bool,
+}
+
+impl RecvQueue {
+    pub(crate) fn new(oob_inline: bool) -> Self {
+        RecvQueue {
+            buf: VecDeque::new(),
+            head: 0,
+            mark: None,
+            oob_inline,
+        }
+    }
+
+    /// Bytes held, an unread out-of-line urgent byte included (memory accounting).
+    pub(crate) fn held(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn end(&self) -> u64 {
+        self.head + self.buf.len() as u64
+    }
+
+    /// Whether the out-of-line urgent byte is still in the queue (skipped by reads).
+    fn hole_in_queue(&self) -> bool {
+        match self.mark {
+            Some(m) => !self.oob_inline && m.offset >= self.head && m.offset < self.end(),
+            None => false,
+        }
+    }
+
+    /// Bytes a read may return (FIONREAD).
+    pub(crate) fn readable(&self) -> usize {
+        self.buf.len() - usize::from(self.hole_in_queue())
+    }
+
+    /// Appends stream bytes; with `urgent_last`, the last byte is the new urgent byte.
+    pub(crate) fn push(&mut self, data: &[u8], urgent_last: bool) {
+        self.buf.extend(data);
+        if urgent_last && let Some(&byte) = data.last() {
+            self.mark = Some(UrgentMark {
+                offset: self.end() - 1,
+                byte,
+                taken: false,
+            });
+        }
+    }
+
+    /// At the urgent mark (SIOCATMARK).
+    pub(crate) fn at_mark(&self) -> bool {
+        matches!(self.mark, Some(m) if m.offset == self.head)
+    }
+
+    /// TCP read semantics: a read stops before the urgent mark if it already copied bytes;
+    /// starting at the mark, the urgent byte is skipped unless SO_OOBINLINE.
+    pub(crate) fn read(&mut self, dst: &mut [u8], peek: bool) -> usize {
+        let mut pos = 0usize;
+        let mut copied = 0usize;
+        let mark = self.mark.map(|m| m.offset);
+        while pos < self.buf.len() && copied < dst.len() {
+            let off = self.head + pos as u64;
+            let mut end = self.buf.len();
+            if let Some(m) = mark {
+                if m == off {
+                    if copied > 0 {
+                        break;
+                    }
+                    if !self.oob_inline {
+                        pos += 1;
+                        continue;
+                    }
+                } else if m > off {
+                    end = end.min((m - self.head) as usize);
+                }
+            }
+            let n = (end - pos).min(dst.len() - copied);
+            let (a, b) = self.buf.as_slices();
+            for (i, slot) in dst[copied..copied + n].iter_mut().enumerate() {
+                let at = pos + i;
+                *slot = if at < a.len() { a[at] } else { b[at - a.len()] };
+            }
+            pos += n;
+            copied += n;
+            if mark.is_some_and(|m| m > off && self.head + pos as u64 == m) {
+                // Stop at the mark so the application can test SIOCATMARK.
+                break;
+            }
+        }
+        if !peek {
+            self.buf.drain(..pos);
+            self.head += pos as u64;
+        }
+        copied
+    }
+
+    /// MSG_OOB read.
+    pub(crate) fn take_urgent(&mut self, peek: bool) -> Option<u8> {
+        if self.oob_inline {
+            return None;
+        }
+        let m = self.mark.as_mut()?;
+        if m.taken {
+            return None;
+        }
+        if !peek {
+            m.taken = true;
+        }
+        Some(m.byte)
+    }
+
+    /// An urgent byte is waiting for MSG_OOB (POLLPRI).
+    pub(crate) fn urgent_available(&self) -> bool {
+        !self.oob_inline && matches!(self.mark, Some(m) if !m.taken && m.offset >= self.head)
+    }
+
+    /// Drops everything (SHUT_RD, abort).
+    pub(crate) fn clear(&mut self) {
+        let n = self.buf.len();
+        self.buf.clear();
+        self.head += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_queue_urgent_byte_ends_its_message() {
+        let mut q = SendQueue::new(100);
+        assert_eq!(q.push(b"abc", false), 3);
+        assert_eq!(q.push(b"de", true), 2);
+        q.push(b"fgh", false);
+        assert!(q.urgent_pending());
+        assert_eq!(q.next_chunk(100), (5, true));
+        let mut out = [0u8; 5];
+        q.take_into(&mut out, 5);
+        assert_eq!(&out, b"abcde");
+        assert!(!q.urgent_pending());
+        assert_eq!(q.next_chunk(2), (2, false));
+    }
+
+    #[test]
+    fn send_queue_full_accepts_partially() {
+        let mut q = SendQueue::new(4);
+        assert_eq!(q.push(b"abcdef", false), 4);
+        assert_eq!(q.free(), 0);
+        assert_eq!(q.push(b"x", false), 0);
+    }
+
+    #[test]
+    fn recv_queue_read_stops_at_mark_and_skips_urgent_byte() {
+        let mut q = RecvQueue::new(false);
+        q.push(b"abc", true); // 'c' urgent
+        q.push(b"de", false);
+        assert_eq!(q.readable(), 4);
+        let mut out = [0u8; 10];
+        assert_eq!(q.read(&mut out, false), 2);
+        assert_eq!(&out[..2], b"ab");
+        assert!(q.at_mark());
+        assert_eq!(q.take_urgent(false), Some(b'c'));
+        assert_eq!(q.take_urgent(false), None);
+        assert_eq!(q.read(&mut out, false), 2);
+        assert_eq!(&out[..2], b"de");
+    }
+
+    #[test]
+    fn recv_queue_inline_keeps_urgent_byte_in_stream() {
+        let mut q = RecvQueue::new(true);
+        q.push(b"abc", true);
+        q.push(b"de", false);
+        let mut out = [0u8; 10];
+        assert_eq!(q.read(&mut out, false), 2);
+        assert!(q.at_mark());
+        assert_eq!(q.take_urgent(false), None);
+        assert_eq!(q.read(&mut out, false), 3);
+        assert_eq!(&out[..3], b"cde");
+    }
+
+    #[test]
+    fn recv_queue_newer_mark_returns_older_byte_to_stream() {
+        let mut q = RecvQueue::new(false);
+        q.push(b"ab", true); // 'b' urgent
+        q.push(b"cd", true); // 'd' replaces it
+        let mut out = [0u8; 10];
+        assert_eq!(q.read(&mut out, false), 3);
+        assert_eq!(&out[..3], b"abc");
+        assert_eq!(q.take_urgent(false), Some(b'd'));
+    }
+
+    #[test]
+    fn recv_queue_peek_does_not_consume() {
+        let mut q = RecvQueue::new(false);
+        q.push(b"hello", false);
+        let mut out = [0u8; 3];
+        assert_eq!(q.read(&mut out, true), 3);
+        assert_eq!(q.readable(), 5);
+        assert_eq!(q.read(&mut out, false), 3);
+        assert_eq!(q.readable(), 2);
+    }
+}

@@ -1,0 +1,171 @@
+//! Building messages to send: control first, then our SrcAvail or Data, then DisConn, then
+//! a pure credit update; every one gated by its credit class (SDP-WIRE.md §3.2).
+
+use super::credits::MessageClass;
+use super::state::State;
+use super::{Connection, Control, Timer, Transmit};
+use crate::time::Timestamp;
+use crate::wire::{
+    BSDH_LEN, Body, Bsdh, BsdhRepr, ChRcvBufRepr, Flags, MessageId, MessageRepr, RdmaComplRepr,
+    SrcAvailRepr,
+};
+
+impl Connection {
+    /// Writes the next message to post into `buf` (a registered send buffer; at least
+    /// [`send_buffer_len`](Self::send_buffer_len) bytes to carry full-size Data). `None`:
+    /// nothing to send, or no credit, or `max_send_wr` sends in flight.
+    pub fn poll_transmit(&mut self, now: Timestamp, buf: &mut [u8]) -> Option<Transmit> {
+        if !self.state.can_transmit()
+            || self.sends_in_flight >= self.config.max_send_wr
+            || buf.len() < 36
+        {
+            return None;
+        }
+        if let Some(&c) = self.control.front()
+            && self.credits.can_send(MessageClass::Control)
+        {
+            self.control.pop_front();
+            let body = match c {
+                Control::RdmaRdCompl(len) => Body::RdmaRdCompl(RdmaComplRepr { len }),
+                Control::SendSm => Body::SendSm,
+                Control::SrcAvailCancel => Body::SrcAvailCancel,
+                Control::ChRcvBuf(size) => Body::ChRcvBuf(ChRcvBufRepr { size }),
+                Control::ChRcvBufAck(size) => Body::ChRcvBufAck(ChRcvBufRepr { size }),
+            };
+            return Some(self.emit(now, buf, Flags::EMPTY, body));
+        }
+        if self.credits.can_send(MessageClass::Payload) {
+            if let Some(t) = self.transmit_srcavail(now, buf) {
+                return Some(t);
+            }
+            if self.src.is_none() && !self.send.is_empty() {
+                return Some(self.transmit_data(buf));
+            }
+        }
+        if self.disconn_due() && self.credits.can_send(MessageClass::Control) {
+            // LINUX: DisConn only behind all data and with ≥ 2 credits (CA4-82, §7.11).
+            let t = self.emit(now, buf, Flags::EMPTY, Body::DisConn);
+            self.state = match self.state {
+                State::FinWait1 { .. } => {
+                    if self.orphan {
+                        self.timers
+                            .set(Timer::FinWait, now + self.config.fin_wait_timeout);
+                    }
+                    State::FinWait1 { disconn_sent: true }
+                }
+                _ => {
+                    self.timers
+                        .set(Timer::LastAck, now + self.config.last_ack_timeout);
+                    State::LastAck { disconn_sent: true }
+                }
+            };
+            return Some(t);
+        }
+        let owed = self.resize_requested || self.src.as_ref().is_some_and(|s| s.mseq.is_some());
+        if self.credits.update_needed(owed) && self.credits.can_send(MessageClass::Update) {
+            self.stats.credit_updates_sent += 1;
+            return Some(self.emit(now, buf, Flags::EMPTY, Body::Data(&[])));
+        }
+        None
+    }
+
+    /// Bytes a send buffer needs for the largest message this connection may send.
+    pub fn send_buffer_len(&self) -> usize {
+        self.send_goal as usize + BSDH_LEN
+    }
+
+    fn disconn_due(&self) -> bool {
+        matches!(
+            self.state,
+            State::FinWait1 {
+                disconn_sent: false
+            } | State::LastAck {
+                disconn_sent: false
+            }
+        ) && self.send.is_empty()
+            && self.src.is_none()
+    }
+
+    fn emit(&mut self, _now: Timestamp, buf: &mut [u8], flags: Flags, body: Body<'_>) -> Transmit {
+        let stamp = self.credits.on_send();
+        let msg = MessageRepr::new(flags, stamp.bufs, stamp.mseq, stamp.mseq_ack, body);
+        // Callers guarantee room: control bodies are ≤ 24 bytes and buf holds ≥ 36.
+        let len = msg.emit(buf).unwrap_or(0);
+        self.sent_one();
+        Transmit {
+            len,
+            mid: msg.bsdh.mid,
+            mseq: stamp.mseq,
+            solicited: false,
+        }
+    }
+
+    fn sent_one(&mut self) {
+        self.sends_in_flight += 1;
+        self.activity += 1;
+        self.stats.messages_sent += 1;
+    }
+
+    fn transmit_srcavail(&mut self, now: Timestamp, buf: &mut [u8]) -> Option<Transmit> {
+        let src = self.src.as_ref()?;
+        if src.mseq.is_some() || buf.len() < 32 + src.inline.len() {
+            return None;
+        }
+        let header = SrcAvailRepr {
+            len: src.len,
+            rkey: src.rkey,
+            vaddr: src.vaddr,
+        };
+        let inline = src.inline.clone();
+        let t = self.emit(
+            now,
+            buf,
+            Flags::EMPTY,
+            Body::SrcAvail {
+                header,
+                payload: &inline,
+            },
+        );
+        self.stats.srcavails_sent += 1;
+        self.stats.bytes_sent += inline.len() as u64;
+        if let Some(src) = self.src.as_mut() {
+            src.mseq = Some(t.mseq);
+        }
+        self.timers
+            .set(Timer::SrcAvailAdvert, now + self.config.srcavail_timeout);
+        Some(t)
+    }
+
+    fn transmit_data(&mut self, buf: &mut [u8]) -> Transmit {
+        let max = (self.send_goal as usize).min(buf.len() - BSDH_LEN);
+        let (n, urgent) = self.send.next_chunk(max);
+        let flags = if urgent {
+            Flags::OOB_PRES.union(Flags::OOB_PEND)
+        } else if self.send.urgent_pending() {
+            // OPENIB-style early warning: urgent data is queued behind this message.
+            Flags::OOB_PEND
+        } else {
+            Flags::EMPTY
+        };
+        let stamp = self.credits.on_send();
+        let len = BSDH_LEN + n;
+        BsdhRepr {
+            mid: MessageId::Data,
+            flags,
+            bufs: stamp.bufs,
+            len: len as u32,
+            mseq: stamp.mseq,
+            mseq_ack: stamp.mseq_ack,
+        }
+        .emit(&mut Bsdh::new_unchecked(&mut buf[..BSDH_LEN]));
+        self.send.take_into(&mut buf[BSDH_LEN..len], n);
+        self.sent_one();
+        self.stats.bytes_sent += n as u64;
+        Transmit {
+            len,
+            mid: MessageId::Data,
+            mseq: stamp.mseq,
+            solicited: urgent,
+        }
+    }
+}
