@@ -1,0 +1,73 @@
+//! sockperf ping-pong latency, 64-byte messages, TCP over loopback.
+
+use std::time::Duration;
+
+use super::proc::{ChildGuard, Leg, free_port, wait_listening};
+use super::workloads::Ctx;
+
+/// One repetition: a fresh server, one client run; returns `[p50, p99]` in microseconds.
+/// Both processes run in `leg` (both preloaded in the libsdp leg) on the same CPU.
+pub fn ping_pong_64(ctx: &Ctx, leg: &Leg) -> Result<Vec<f64>, String> {
+    let port = free_port()?.to_string();
+    let mut srv = leg.command("sockperf", ctx.cpu);
+    srv.args(["sr", "--tcp", "-i", "127.0.0.1", "-p", &port]);
+    let mut server = ChildGuard::spawn(srv, "sockperf server")?;
+    wait_listening(
+        &mut server,
+        port.parse().unwrap_or(0),
+        Duration::from_secs(10),
+    )?;
+    // sockperf already leaves the first 400 ms of a run out of its statistics; its own
+    // warm-up stage only adds a fixed two-second sleep, hence --dontwarmup.
+    let secs = if ctx.quick { "1" } else { "3" };
+    let mut cli = leg.command("sockperf", ctx.cpu);
+    cli.args([
+        "pp",
+        "--tcp",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &port,
+        "-m",
+        "64",
+        "-t",
+        secs,
+        "--dontwarmup",
+    ]);
+    let out = ChildGuard::spawn(cli, "sockperf client")?.wait_ok(Duration::from_secs(30))?;
+    drop(server);
+    let p50 = percentile(&out.stdout, "50.000");
+    let p99 = percentile(&out.stdout, "99.000");
+    match (p50, p99) {
+        (Some(a), Some(b)) => Ok(vec![a, b]),
+        _ => Err(format!(
+            "no percentiles in sockperf's output: {}",
+            out.stdout.lines().last().unwrap_or("")
+        )),
+    }
+}
+
+/// The value of `sockperf: ---> percentile 50.000 =   6.719` (microseconds).
+fn percentile(output: &str, which: &str) -> Option<f64> {
+    output.lines().find_map(|l| {
+        let rest = l.split("percentile").nth(1)?;
+        let (p, v) = rest.split_once('=')?;
+        (p.trim() == which).then(|| v.trim().parse().ok())?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_lines_are_parsed() {
+        let out = "sockperf: ---> <MAX> observation =  995.410\n\
+                   sockperf: ---> percentile 99.999 =  995.410\n\
+                   sockperf: ---> percentile 99.000 =   48.496\n\
+                   sockperf: ---> percentile 50.000 =   27.625\n";
+        assert_eq!(percentile(out, "50.000"), Some(27.625));
+        assert_eq!(percentile(out, "99.000"), Some(48.496));
+        assert_eq!(percentile(out, "90.000"), None);
+    }
+}

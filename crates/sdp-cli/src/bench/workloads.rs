@@ -1,0 +1,189 @@
+//! The workload table. One entry per workload; the driver in `bench.rs` does the rest
+//! (tool checks, warm-up, alternation, medians, output).
+
+use std::path::PathBuf;
+
+use super::proc::Leg;
+use super::{BenchOpts, affinity, fdloop, iperf3, sockperf};
+
+/// A metric a workload reports: its `bench <name>` and its unit.
+pub struct Metric {
+    pub name: &'static str,
+    pub unit: &'static str,
+}
+
+/// An external program a workload needs, and the apt package that ships it.
+pub struct Tool {
+    pub binary: &'static str,
+    pub apt_package: &'static str,
+}
+
+/// Repetitions per leg, after the warm-up.
+pub struct Reps {
+    pub quick: usize,
+    pub full: usize,
+}
+
+/// One benchmark workload.
+pub struct Workload {
+    pub name: &'static str,
+    pub metrics: &'static [Metric],
+    pub tools: &'static [Tool],
+    pub reps: Reps,
+    /// Run one discarded repetition per leg first. Off where the tool warms up by itself
+    /// and a repetition is expensive.
+    pub warmup: bool,
+    /// One repetition in one leg: one value per entry of `metrics`, in that order.
+    pub run: fn(&Ctx, &Leg) -> Result<Vec<f64>, String>,
+}
+
+impl Workload {
+    /// Selected by `--only`-style filters: empty selects all; otherwise a filter must be
+    /// part of the workload's name or of one of its metrics' names.
+    pub fn selected_by(&self, only: &[String]) -> bool {
+        only.is_empty()
+            || only.iter().any(|f| {
+                self.name.contains(f.as_str())
+                    || self.metrics.iter().any(|m| m.name.contains(f.as_str()))
+            })
+    }
+}
+
+/// Everything a repetition needs to know about the run.
+pub struct Ctx {
+    pub quick: bool,
+    /// Absolute path of libsdp.so for the libsdp leg.
+    pub preload: PathBuf,
+    pub conf: Option<PathBuf>,
+    /// The `sdp` executable, for workloads that run inside it.
+    pub sdp_exe: PathBuf,
+    /// CPU the measured processes are pinned to.
+    pub cpu: Option<usize>,
+}
+
+impl Ctx {
+    pub fn new(opts: &BenchOpts) -> Result<Ctx, String> {
+        let sdp_exe =
+            std::env::current_exe().map_err(|e| format!("cannot find the sdp executable: {e}"))?;
+        // The library next to the executable (target/release/{sdp,libsdp.so}); the
+        // environment may name another one.
+        let preload = match std::env::var_os("LIBSDP_SO") {
+            Some(p) => PathBuf::from(p),
+            None => sdp_exe
+                .parent()
+                .map(|d| d.join("libsdp.so"))
+                .ok_or("the sdp executable has no parent directory")?,
+        };
+        // LD_PRELOAD must be absolute: a relative path breaks after a chdir.
+        let preload = preload.canonicalize().map_err(|e| {
+            format!(
+                "libsdp.so not found at {} ({e}): build it first: cargo build --release --workspace",
+                preload.display()
+            )
+        })?;
+        let conf = match &opts.conf {
+            Some(c) => Some(
+                c.canonicalize()
+                    .map_err(|e| format!("--conf {}: {e}", c.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Ctx {
+            quick: opts.quick,
+            preload,
+            conf,
+            sdp_exe,
+            cpu: affinity::measurement_cpu(),
+        })
+    }
+
+    pub fn base_leg(&self) -> Leg {
+        Leg::Base
+    }
+
+    pub fn libsdp_leg(&self) -> Leg {
+        Leg::Libsdp {
+            so: self.preload.clone(),
+            conf: self.conf.clone(),
+        }
+    }
+}
+
+/// Every workload, in output order.
+///
+/// Budget of `--quick` (must stay under two minutes in all): roughly
+/// (1 warm-up + reps) × 2 legs × the duration of one repetition.
+pub static ALL: &[Workload] = &[
+    Workload {
+        name: "sockperf",
+        metrics: &[
+            Metric {
+                name: "sockperf_p50_64",
+                unit: "us",
+            },
+            Metric {
+                name: "sockperf_p99_64",
+                unit: "us",
+            },
+        ],
+        tools: &[Tool {
+            binary: "sockperf",
+            apt_package: "sockperf",
+        }],
+        // About 3.4 s (quick) / 5.4 s (full) per repetition: sockperf's client sleeps
+        // two seconds after connecting whatever the options. Its p50 varies by well
+        // under 1% between runs when pinned, so few repetitions do.
+        reps: Reps { quick: 7, full: 15 },
+        // sockperf drops the first 400 ms of every run from its statistics.
+        warmup: false,
+        run: sockperf::ping_pong_64,
+    },
+    Workload {
+        name: "iperf3",
+        metrics: &[Metric {
+            name: "iperf3_1stream",
+            unit: "Gbit/s",
+        }],
+        tools: &[Tool {
+            binary: "iperf3",
+            apt_package: "iperf3",
+        }],
+        // Loopback throughput in a small VM wanders by ±10% over fractions of a second,
+        // so many short alternating transfers (256 MiB, about 0.25 s with setup, in
+        // quick; 1 GiB in full) beat a few long ones.
+        reps: Reps {
+            quick: 80,
+            full: 120,
+        },
+        warmup: true,
+        run: iperf3::one_stream,
+    },
+    Workload {
+        name: "pipe_rw",
+        metrics: &[Metric {
+            name: "pipe_rw",
+            unit: "ns/op",
+        }],
+        tools: &[],
+        reps: Reps {
+            quick: 15,
+            full: 25,
+        },
+        warmup: true,
+        run: fdloop::pipe,
+    },
+    Workload {
+        name: "file_rw",
+        metrics: &[Metric {
+            name: "file_rw",
+            unit: "ns/op",
+        }],
+        tools: &[],
+        reps: Reps {
+            quick: 15,
+            full: 25,
+        },
+        warmup: true,
+        run: fdloop::file,
+    },
+];
