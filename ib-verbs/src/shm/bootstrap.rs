@@ -277,13 +277,20 @@ pub struct Active {
 
 impl Active {
     pub fn new(opts: ShmOptions) -> Result<Active, BootError> {
+        let (app_end, bell_end) = sys::socketpair_stream()?;
+        Active::with_pair(opts, app_end, bell_end)
+    }
+
+    /// Like [`Active::new`] with the caller's app socketpair: `app_end` becomes the
+    /// notification fd, `bell_end` is sent to the peer (the caller may keep a duplicate of
+    /// it, e.g. to make its app end readable itself).
+    pub fn with_pair(opts: ShmOptions, app_end: Fd, bell_end: Fd) -> Result<Active, BootError> {
         RingShape {
             depth: opts.recv_depth,
             buf_size: opts.recv_buf_size,
         }
         .validate()
         .map_err(BootError::BadParams)?;
-        let (app_end, bell_end) = sys::socketpair_stream()?;
         let cookie = sys::random_u64()?;
         Ok(Active {
             opts,
@@ -478,6 +485,17 @@ impl Offer {
 
     /// Creates the shared memory and our app socketpair.
     pub fn accept(self, opts: ShmOptions) -> Result<Accepting, BootError> {
+        let (app_end, bell_end) = sys::socketpair_stream()?;
+        self.accept_with_pair(opts, app_end, bell_end)
+    }
+
+    /// Like [`Offer::accept`] with the caller's app socketpair (see [`Active::with_pair`]).
+    pub fn accept_with_pair(
+        self,
+        opts: ShmOptions,
+        app_end: Fd,
+        bell_end: Fd,
+    ) -> Result<Accepting, BootError> {
         let own = RingShape {
             depth: opts.recv_depth,
             buf_size: opts.recv_buf_size,
@@ -489,7 +507,6 @@ impl Offer {
         // The active side's initial posts are its credits to us from the first moment.
         map.u64_at(Layout::rx_posted(0))
             .store(self.posted as u64, std::sync::atomic::Ordering::Release);
-        let (app_end, bell_end) = sys::socketpair_stream()?;
         let cookie = sys::random_u64()?;
         Ok(Accepting {
             offer: self,

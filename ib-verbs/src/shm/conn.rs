@@ -161,6 +161,9 @@ impl ShmConn {
         c.map
             .u32_at(Layout::want_bell(c.side))
             .store(0, Ordering::Relaxed);
+        c.map
+            .u32_at(Layout::want_drain(c.side))
+            .store(0, Ordering::Relaxed);
         for i in 0..KEYS {
             c.map
                 .u64_at(Layout::key_entry(c.side, i))
@@ -285,6 +288,29 @@ impl ShmConn {
         }
     }
 
+    /// Makes the peer's app end writable again if it asked for it: it filled its app end's
+    /// send direction (into the bell end we hold) while it had no credits, and we just gave
+    /// some. Called after the SeqCst fence that follows our publishing store.
+    fn drain_peer(&mut self) {
+        let flag = self.map.u32_at(Layout::want_drain(self.peer()));
+        if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0 {
+            // The bytes are our peer's stuffing, never data: discard them.
+            let _ = sys::drain(self.peer_bell.raw());
+        }
+    }
+
+    /// Asks the peer to drain our bell end (making our app end writable) when it next posts
+    /// a receive buffer. Returns `false` when credits are already available (do not wait).
+    pub fn arm_drain(&mut self) -> Result<bool, ConnError> {
+        self.check_alive()?;
+        self.map
+            .u32_at(Layout::want_drain(self.side))
+            .store(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        let p = self.load_peer_posted()?;
+        Ok(p == self.tx_produced)
+    }
+
     fn push_cq(&mut self, c: Completion) {
         self.cq.push_back(c);
     }
@@ -391,6 +417,7 @@ impl Connection for ShmConn {
             .store(self.rx_posted, Ordering::Release);
         fence(Ordering::SeqCst);
         self.ring_peer();
+        self.drain_peer();
         Ok(())
     }
 

@@ -11,6 +11,8 @@
 //!   +0          | rx_posted   u64  buffers side 0 ever posted in its receive ring  |
 //!   +64         | tx_produced u64  messages side 0 ever wrote into side 1's ring    |
 //!   +128        | want_bell   u32  side 0 may sleep: ring its bell (peer clears)   |
+//!   +192        | want_drain  u32  side 0 is out of room: drain its bell end when  |
+//!               |                  giving it credits (peer clears)                 |
 //!   +256        | key table: KEYS x { key u64, addr u64, len u64, pad u64 }        |
 //! 64+SIDE       +---- side 1 (passive) block, same shape ------------------------+
 //! RINGS (4096)  +---- ring 0: side 0's receive buffers (side 1 writes) -----------+
@@ -117,6 +119,12 @@ impl Layout {
     /// Side `side`'s "ring my bell" flag.
     pub fn want_bell(side: usize) -> usize {
         Self::side(side) + 2 * LINE
+    }
+
+    /// Side `side`'s "drain my bell end when you post buffers" flag: the side stuffed its app
+    /// end's send direction (so it polls not-writable) and waits for credits.
+    pub fn want_drain(side: usize) -> usize {
+        Self::side(side) + 3 * LINE
     }
 
     /// Entry `i` of side `side`'s key table: key, addr, len at +0, +8, +16.
