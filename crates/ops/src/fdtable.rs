@@ -36,6 +36,8 @@ impl Meta {
     pub const LISTENING: u64 = 1 << 4;
     pub const ACCEPTED: u64 = 1 << 5;
     pub const CONNECTED: u64 = 1 << 6;
+    /// The fd names the app end of an offloaded connection (see `offload`).
+    pub const OFFLOADED: u64 = 1 << 7;
     const DECISION_SHIFT: u32 = 8;
 
     pub fn tracked(self) -> bool {

@@ -15,7 +15,10 @@
 
 pub mod fdtable;
 pub mod fork;
+pub mod guard;
 pub mod log;
+pub mod offload;
+pub mod progress;
 pub mod socket;
 pub mod state;
 pub mod stats;

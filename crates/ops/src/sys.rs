@@ -113,3 +113,25 @@ pub unsafe fn sockaddr_to_std(
         }
     }
 }
+
+/// The lowest fd number the library uses for its own descriptors: applications expect the low
+/// numbers to be theirs (`dup2(x, 3)`, shells' redirections, select's 1024 limit).
+pub const INTERNAL_FD_MIN: i32 = 400;
+
+/// Moves an internal fd above [`INTERNAL_FD_MIN`], close-on-exec; returns the new number (or
+/// the old one if the fd limit does not allow it).
+pub fn move_high(fd: i32) -> i32 {
+    // SAFETY: F_DUPFD_CLOEXEC on our own fd.
+    let hi = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_MIN) } as i32;
+    if hi < 0 {
+        return fd;
+    }
+    // SAFETY: closing our own original fd.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+    hi
+}
+
+pub fn close(fd: i32) {
+    // SAFETY: closing an fd the caller owns.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+}

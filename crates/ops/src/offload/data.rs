@@ -1,0 +1,325 @@
+//! Data calls on offloaded fds: what `read`, `send`, `recvmsg` and friends do when the fd
+//! names an SDP connection.
+//!
+//! Blocking is the kernel's: when nothing can be done now and the fd is blocking, the call
+//! blocks in a real system call on the app end (a peeking one-byte `recv` for readers, a
+//! one-byte `send` into the stuffed direction for writers), so SO_RCVTIMEO/SO_SNDTIMEO,
+//! signals, EINTR and SA_RESTART behave exactly as on any socket. When it returns, the call
+//! tries again.
+
+use std::sync::Arc;
+
+use super::stream::Errno;
+use super::{Conn, PENDING_SNDBUF, Phase, lookup};
+use crate::sys::{errno, set_errno};
+
+/// A call's result in C terms: `Ok(n)` or `Err(errno)`.
+pub type CResult = Result<isize, Errno>;
+
+/// Maps a result to the C convention (return -1 with errno set).
+pub fn to_c(r: CResult) -> isize {
+    match r {
+        Ok(n) => n,
+        Err(e) => {
+            set_errno(e);
+            -1
+        }
+    }
+}
+
+fn is_nonblocking(fd: i32) -> bool {
+    // SAFETY: F_GETFL on an fd number; a closed fd just fails.
+    let fl = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFL) } as i32;
+    fl >= 0 && fl & libc::O_NONBLOCK != 0
+}
+
+/// Blocks in the kernel until the app end is readable (or a timeout, a signal).
+fn wait_readable(fd: i32) -> Result<(), Errno> {
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: one writable byte; a peeking recv consumes nothing.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_recvfrom,
+                fd,
+                b.as_mut_ptr(),
+                1usize,
+                libc::MSG_PEEK,
+                std::ptr::null_mut::<u8>(),
+                std::ptr::null_mut::<u8>(),
+            )
+        };
+        if n >= 0 {
+            return Ok(());
+        }
+        return Err(errno());
+    }
+}
+
+/// Blocks in the kernel until the app end is writable (the peer drained our stuffing).
+fn wait_writable(fd: i32) -> Result<(), Errno> {
+    let b = [0u8; 1];
+    // SAFETY: one readable byte. The byte joins the stuffing and is drained with it.
+    let n = unsafe {
+        libc::syscall(libc::SYS_sendto, fd, b.as_ptr(), 1usize, libc::MSG_NOSIGNAL, std::ptr::null::<u8>(), 0)
+    };
+    if n >= 0 { Ok(()) } else { Err(errno()) }
+}
+
+fn raise_sigpipe() {
+    // LINUX: a stream socket write on a broken connection raises SIGPIPE in the calling thread.
+    // SAFETY: signalling our own thread.
+    unsafe {
+        libc::syscall(libc::SYS_tgkill, libc::syscall(libc::SYS_getpid), libc::syscall(libc::SYS_gettid), libc::SIGPIPE)
+    };
+}
+
+fn total_len(bufs: &[&[u8]]) -> usize {
+    bufs.iter().map(|b| b.len()).sum()
+}
+
+/// Skips `n` bytes of a gather list.
+fn advance<'a>(bufs: &[&'a [u8]], mut n: usize) -> Vec<&'a [u8]> {
+    let mut out = Vec::with_capacity(bufs.len());
+    for b in bufs {
+        if n >= b.len() {
+            n -= b.len();
+        } else {
+            out.push(&b[n..]);
+            n = 0;
+        }
+    }
+    out
+}
+
+/// `recv` family on an offloaded fd. `None`: the fd is not (or no longer) offloaded — the
+/// caller passes the call to the kernel.
+pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
+    let conn = lookup(fd)?;
+    let want: usize = bufs.iter().map(|b| b.len()).sum();
+    if flags & libc::MSG_OOB != 0 {
+        return Some(recv_oob(&conn, bufs, flags));
+    }
+    let peek = flags & libc::MSG_PEEK != 0;
+    let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
+    let dontwait = flags & libc::MSG_DONTWAIT != 0;
+    let mut got = 0usize;
+    loop {
+        {
+            let mut g = conn.lock();
+            let r = match &mut g.phase {
+                Phase::Tcp => return None,
+                Phase::Pending { .. } => Err(libc::EAGAIN),
+                Phase::Offloaded(s) => {
+                    s.progress();
+                    let mut rest = skip_mut(bufs, got);
+                    s.recv(&mut rest, peek)
+                }
+            };
+            let shut_rd = g.shut_rd;
+            g.sync();
+            match r {
+                Ok(0) if want > 0 => return Some(Ok(got as isize)),
+                Ok(n) => {
+                    got += n;
+                    if !waitall || got >= want {
+                        return Some(Ok(got as isize));
+                    }
+                }
+                Err(libc::EAGAIN) if shut_rd => return Some(Ok(got as isize)),
+                Err(libc::EAGAIN) => {}
+                Err(e) => {
+                    return Some(if got > 0 { Ok(got as isize) } else { Err(e) });
+                }
+            }
+        }
+        if want == 0 {
+            return Some(Ok(0));
+        }
+        if dontwait || is_nonblocking(fd) {
+            return Some(if got > 0 { Ok(got as isize) } else { Err(libc::EAGAIN) });
+        }
+        if let Err(e) = wait_readable(fd) {
+            return Some(if got > 0 { Ok(got as isize) } else { Err(e) });
+        }
+    }
+}
+
+/// The tail of a scatter list after `n` bytes.
+fn skip_mut<'a>(bufs: &'a mut [&mut [u8]], mut n: usize) -> Vec<&'a mut [u8]> {
+    let mut out = Vec::with_capacity(bufs.len());
+    for b in bufs.iter_mut() {
+        if n >= b.len() {
+            n -= b.len();
+        } else {
+            out.push(&mut b[n..]);
+            n = 0;
+        }
+    }
+    out
+}
+
+fn recv_oob(conn: &Arc<Conn>, bufs: &mut [&mut [u8]], flags: i32) -> CResult {
+    let mut g = conn.lock();
+    let r = match &mut g.phase {
+        Phase::Offloaded(s) => s.recv_oob(flags & libc::MSG_PEEK != 0),
+        _ => Err(libc::EINVAL),
+    };
+    g.sync();
+    let b = r?;
+    match bufs.iter_mut().find(|b| !b.is_empty()) {
+        Some(first) => {
+            first[0] = b;
+            Ok(1)
+        }
+        None => Ok(0),
+    }
+}
+
+/// `send` family on an offloaded fd.
+pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
+    let conn = lookup(fd)?;
+    let total = total_len(bufs);
+    let oob = flags & libc::MSG_OOB != 0;
+    let dontwait = flags & libc::MSG_DONTWAIT != 0;
+    let nosignal = flags & libc::MSG_NOSIGNAL != 0;
+    let mut sent = 0usize;
+    loop {
+        {
+            let mut g = conn.lock();
+            let rest = advance(bufs, sent);
+            let r = match &mut g.phase {
+                Phase::Tcp => return None,
+                Phase::Pending { sendbuf, shut_wr } => {
+                    if *shut_wr {
+                        Err(libc::EPIPE)
+                    } else {
+                        let room = PENDING_SNDBUF.saturating_sub(sendbuf.len());
+                        let mut n = 0;
+                        for b in &rest {
+                            let take = b.len().min(room - n);
+                            sendbuf.extend_from_slice(&b[..take]);
+                            n += take;
+                            if n == room {
+                                break;
+                            }
+                        }
+                        Ok(n)
+                    }
+                }
+                Phase::Offloaded(s) => {
+                    s.progress();
+                    s.send(&rest, oob)
+                }
+            };
+            g.sync();
+            match r {
+                Ok(n) => {
+                    sent += n;
+                    if sent >= total {
+                        return Some(Ok(sent as isize));
+                    }
+                }
+                Err(libc::EAGAIN) => {}
+                Err(e) => {
+                    if sent > 0 {
+                        return Some(Ok(sent as isize));
+                    }
+                    if e == libc::EPIPE && !nosignal {
+                        raise_sigpipe();
+                    }
+                    return Some(Err(e));
+                }
+            }
+        }
+        if dontwait || is_nonblocking(fd) {
+            return Some(if sent > 0 { Ok(sent as isize) } else { Err(libc::EAGAIN) });
+        }
+        if let Err(e) = wait_writable(fd) {
+            return Some(if sent > 0 { Ok(sent as isize) } else { Err(e) });
+        }
+    }
+}
+
+/// What `shutdown` does on an offloaded fd.
+pub fn shutdown(fd: i32, how: i32) -> Option<CResult> {
+    let conn = lookup(fd)?;
+    let mut g = conn.lock();
+    if !matches!(how, libc::SHUT_RD | libc::SHUT_WR | libc::SHUT_RDWR) {
+        return Some(Err(libc::EINVAL));
+    }
+    let rd = how == libc::SHUT_RD || how == libc::SHUT_RDWR;
+    let wr = how == libc::SHUT_WR || how == libc::SHUT_RDWR;
+    match &mut g.phase {
+        Phase::Tcp => return None,
+        Phase::Pending { shut_wr, .. } => {
+            if wr {
+                *shut_wr = true;
+            }
+        }
+        Phase::Offloaded(s) => {
+            if wr {
+                s.shutdown_write();
+            }
+        }
+    }
+    if rd {
+        g.shut_rd = true;
+    }
+    g.sync();
+    Some(Ok(0))
+}
+
+/// The kernel socket behind an offloaded fd (for getsockname, getpeername, options).
+pub fn shadow_of(fd: i32) -> Option<i32> {
+    let conn = lookup(fd)?;
+    let g = conn.lock();
+    match g.phase {
+        Phase::Tcp => None,
+        _ => Some(g.shadow),
+    }
+}
+
+/// `getsockopt(SOL_SOCKET, SO_ERROR)`: the pending error, cleared by reading it.
+pub fn take_so_error(fd: i32) -> Option<i32> {
+    let conn = lookup(fd)?;
+    let mut g = conn.lock();
+    if matches!(g.phase, Phase::Tcp) {
+        return None;
+    }
+    let e = std::mem::take(&mut g.so_error);
+    if e != 0 {
+        return Some(e);
+    }
+    match &g.phase {
+        Phase::Offloaded(s) => Some(s.error().unwrap_or(0)),
+        _ => Some(0),
+    }
+}
+
+/// ioctl FIONREAD / SIOCOUTQ / SIOCATMARK on an offloaded fd.
+pub fn ioctl_query(fd: i32, request: u64) -> Option<Result<i32, Errno>> {
+    let conn = lookup(fd)?;
+    let mut g = conn.lock();
+    let v = match &mut g.phase {
+        Phase::Tcp => return None,
+        Phase::Pending { sendbuf, .. } => match request {
+            r if r == libc::FIONREAD => 0,
+            r if r == libc::TIOCOUTQ => sendbuf.len() as i32,
+            _ => 0,
+        },
+        Phase::Offloaded(s) => {
+            s.progress();
+            match request {
+                r if r == libc::FIONREAD => s.recv_queued().min(i32::MAX as usize) as i32,
+                r if r == libc::TIOCOUTQ => s.send_queued().min(i32::MAX as usize) as i32,
+                _ => s.at_mark() as i32,
+            }
+        }
+    };
+    g.sync();
+    Some(Ok(v))
+}
+
+/// SIOCATMARK's request number (Linux, all architectures libsdp builds for).
+pub const SIOCATMARK: u64 = 0x8905;

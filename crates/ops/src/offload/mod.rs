@@ -1,0 +1,312 @@
+//! Offloaded connections: the fd model of DESIGN.md §3.
+//!
+//! An offloaded connection's fd number names the **app end** of an AF_UNIX socketpair; the
+//! other end is the **bell end**. The library keeps a private copy of each (`app_int`,
+//! `own_bell`) and gives a duplicate of the bell end to the peer process. Readiness of the app
+//! end is kept equal to the connection's:
+//!
+//! - readable ⟺ bytes in the app end's receive queue ⟸ data or end of stream for the reader.
+//!   The peer writes a byte into our bell end when we asked for it (an eventcount in shared
+//!   memory); we write one ourselves (`self_ring`) when data is already there; we drain the
+//!   bytes when the receive queue is empty again.
+//! - writable ⟺ the app end's send direction is not full. When the offload has no room we fill
+//!   it (`stuff`); the peer drains it when it gives room (or we do, when we see the room).
+//! - the peer's end: the progress thread watches the peer's bell end we hold; its hang-up is
+//!   the peer's last close or death, and becomes end of stream here (`shutdown` of our bell).
+//!
+//! So select, poll, epoll (every mode), blocking calls, timeouts and EINTR are the kernel's own.
+
+pub mod data;
+pub mod sdp;
+pub mod setup;
+pub mod stream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use crate::fdtable::{self, Meta};
+use crate::stats::{self, Row};
+use stream::{Errno, OffloadStream};
+
+/// Where a connection is in its life.
+pub enum Phase {
+    /// Client side: the TCP connection exists (or is being made), the server has not yet
+    /// completed the SDP exchange. Bytes the application sends wait here.
+    Pending { sendbuf: Vec<u8>, shut_wr: bool },
+    /// Carried by an offload protocol.
+    Offloaded(Box<dyn OffloadStream>),
+    /// The connection went back to kernel TCP (only from `Pending`); the app fds name the
+    /// shadow again.
+    Tcp,
+}
+
+/// Bound of the pending send buffer, like a socket's send buffer: beyond it, EAGAIN or block.
+pub const PENDING_SNDBUF: usize = 256 * 1024;
+
+pub struct Inner {
+    pub phase: Phase,
+    /// The kernel TCP socket: real 4-tuple, port reservation, fallback path.
+    pub shadow: i32,
+    /// Our private copy of the app end (draining bell bytes, stuffing).
+    pub app_int: i32,
+    /// Our private copy of the bell end (self-ring, unstuffing, end of stream).
+    pub own_bell: i32,
+    /// The application's fd numbers naming this connection in this process.
+    pub app_fds: Vec<i32>,
+    pub local: Option<SocketAddr>,
+    pub peer: Option<SocketAddr>,
+    pub row: Option<Row>,
+    /// We believe the app end holds bell bytes (it is readable).
+    pub bytes_in: bool,
+    /// We filled the app end's send direction (it is not writable).
+    pub stuffed: bool,
+    /// The peer's end was seen (hang-up of its bell end).
+    pub peer_gone: bool,
+    /// Our bell end was shut for writing: the app end reads end of stream after the bytes.
+    pub eof_signalled: bool,
+    pub shut_rd: bool,
+    /// SO_ERROR to report once.
+    pub so_error: Errno,
+    /// Progress-thread registration watching the peer's bell end.
+    pub watch: Option<u64>,
+    /// Role for statistics: 1 client, 2 server.
+    pub role: u8,
+    pub reason: fallback::Reason,
+}
+
+pub struct Conn {
+    inner: Mutex<Inner>,
+}
+
+impl Conn {
+    pub fn new(inner: Inner) -> Arc<Conn> {
+        Arc::new(Conn { inner: Mutex::new(inner) })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+static REGISTRY: RwLock<Option<HashMap<i32, Arc<Conn>>>> = RwLock::new(None);
+
+/// The connection an application fd names, if it is offloaded.
+pub fn lookup(fd: i32) -> Option<Arc<Conn>> {
+    let g = REGISTRY.read().unwrap_or_else(|p| p.into_inner());
+    g.as_ref()?.get(&fd).cloned()
+}
+
+/// Records that `fd` names `conn`.
+pub fn bind_fd(fd: i32, conn: &Arc<Conn>) {
+    let mut g = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
+    g.get_or_insert_with(HashMap::new).insert(fd, Arc::clone(conn));
+    fdtable::update(fd, |m| m.with(Meta::OFFLOADED));
+}
+
+/// Forgets `fd`; returns the connection if this was its last fd in this process.
+pub fn unbind_fd(fd: i32) -> Option<Arc<Conn>> {
+    let conn = {
+        let mut g = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
+        g.as_mut()?.remove(&fd)?
+    };
+    let mut inner = conn.lock();
+    inner.app_fds.retain(|&f| f != fd);
+    let last = inner.app_fds.is_empty();
+    drop(inner);
+    last.then_some(conn)
+}
+
+/// Takes the registry's lock around fork so the child never inherits it held.
+pub fn fork_prepare() -> std::sync::RwLockWriteGuard<'static, Option<HashMap<i32, Arc<Conn>>>> {
+    REGISTRY.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn raw_send(fd: i32, buf: &[u8], flags: i32) -> isize {
+    // SAFETY: buf is valid for reads of its length; raw syscall bypasses our hooks.
+    unsafe {
+        libc::syscall(libc::SYS_sendto, fd, buf.as_ptr(), buf.len(), flags, std::ptr::null::<u8>(), 0) as isize
+    }
+}
+
+fn raw_recv(fd: i32, buf: &mut [u8], flags: i32) -> isize {
+    // SAFETY: buf is valid for writes of its length.
+    unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            fd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            flags,
+            std::ptr::null_mut::<u8>(),
+            std::ptr::null_mut::<u8>(),
+        ) as isize
+    }
+}
+
+/// Reads and discards everything queued on `fd` without blocking.
+fn drain(fd: i32) {
+    let mut scratch = [0u8; 512];
+    loop {
+        let n = raw_recv(fd, &mut scratch, libc::MSG_DONTWAIT);
+        if n <= 0 {
+            if n < 0 && crate::sys::errno() == libc::EINTR {
+                continue;
+            }
+            return;
+        }
+    }
+}
+
+impl Inner {
+    /// Makes the app end's readiness agree with the connection's. Call after every operation,
+    /// with the lock held.
+    pub fn sync(&mut self) {
+        let (want_in, want_out) = match &mut self.phase {
+            Phase::Offloaded(s) => {
+                s.progress();
+                (s.recv_ready() || self.shut_rd, s.send_ready())
+            }
+            Phase::Pending { sendbuf, .. } => (false, sendbuf.len() < PENDING_SNDBUF),
+            Phase::Tcp => return,
+        };
+        self.sync_in(want_in);
+        self.sync_out(want_out);
+        self.publish_stats();
+    }
+
+    fn sync_in(&mut self, mut want_in: bool) {
+        if !want_in {
+            // Clear: drain, then ask the peer for a bell, then look again (the eventcount).
+            if self.bytes_in {
+                drain(self.app_int);
+                self.bytes_in = false;
+            }
+            if let Phase::Offloaded(s) = &mut self.phase
+                && !s.arm_recv()
+            {
+                s.progress();
+                want_in = s.recv_ready();
+            }
+        }
+        if want_in && !self.bytes_in {
+            self.self_ring();
+        }
+    }
+
+    fn self_ring(&mut self) {
+        if raw_send(self.own_bell, &[1], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) >= 0 {
+            self.bytes_in = true;
+        } else if crate::sys::errno() == libc::EAGAIN {
+            // The app end is full of bell bytes: it is readable.
+            self.bytes_in = true;
+        }
+    }
+
+    fn sync_out(&mut self, mut want_out: bool) {
+        if !want_out && !self.stuffed {
+            self.stuff();
+            if let Phase::Offloaded(s) = &mut self.phase
+                && !s.arm_send()
+            {
+                s.progress();
+                want_out = s.send_ready();
+            }
+        }
+        if want_out && self.stuffed {
+            drain(self.own_bell);
+            self.stuffed = false;
+        }
+    }
+
+    /// Fills the app end's send direction so that it polls not-writable.
+    fn stuff(&mut self) {
+        let fill = [0u8; 4096];
+        loop {
+            let n = raw_send(self.app_int, &fill, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+            if n < 0 {
+                if crate::sys::errno() == libc::EINTR {
+                    continue;
+                }
+                break;
+            }
+        }
+        self.stuffed = true;
+    }
+
+    /// The peer's end: the reader gets end of stream after the bytes already received, the
+    /// writer gets its error.
+    pub fn signal_eof(&mut self) {
+        if !self.eof_signalled {
+            // LINUX: shutdown acts on the socket, not the fd: the app end reads end of stream
+            // (and polls POLLIN|POLLRDHUP) once the bell bytes are consumed.
+            // SAFETY: our own fd.
+            unsafe { libc::syscall(libc::SYS_shutdown, self.own_bell, libc::SHUT_WR) };
+            self.eof_signalled = true;
+        }
+    }
+
+    pub fn publish_stats(&self) {
+        let (Some(row), Phase::Offloaded(s)) = (&self.row, &self.phase) else { return };
+        let c = s.counters();
+        row.set(stats::field::BYTES_TX, c.bytes_tx);
+        row.set(stats::field::BYTES_RX, c.bytes_rx);
+        row.set(stats::field::MSGS_TX, c.msgs_tx);
+        row.set(stats::field::MSGS_RX, c.msgs_rx);
+        row.set(stats::field::CREDITS_TX, c.credits_tx);
+        row.set(stats::field::POSTED_RX, c.posted_rx);
+    }
+
+    /// Releases the connection's private resources (last close in this process).
+    pub fn release(&mut self) {
+        if let Some(t) = self.watch.take() {
+            crate::progress::unregister(t);
+        }
+        self.phase = Phase::Tcp;
+        for fd in [self.app_int, self.own_bell, self.shadow] {
+            if fd >= 0 {
+                crate::sys::close(fd);
+            }
+        }
+        self.app_int = -1;
+        self.own_bell = -1;
+        self.shadow = -1;
+        self.row = None;
+    }
+}
+
+/// A fresh app/bell socketpair, both ends moved high and close-on-exec, the app end's send
+/// buffer made small so that stuffing it is cheap.
+pub fn new_pair() -> Result<(i32, i32), Errno> {
+    let mut sv = [0i32; 2];
+    // SAFETY: sv has room for two fds.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_socketpair,
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(crate::sys::errno());
+    }
+    let app = crate::sys::move_high(sv[0]);
+    let bell = crate::sys::move_high(sv[1]);
+    let small: libc::c_int = 1;
+    for fd in [app, bell] {
+        // SAFETY: setting a buffer size on our own socket; the kernel clamps it to its minimum.
+        unsafe {
+            libc::syscall(
+                libc::SYS_setsockopt,
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                &small as *const _,
+                std::mem::size_of::<libc::c_int>(),
+            )
+        };
+    }
+    Ok((app, bell))
+}

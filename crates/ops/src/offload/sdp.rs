@@ -1,0 +1,372 @@
+//! SDP over the `shm` transport: the [`OffloadStream`] that joins `sdp-proto`'s sans-IO engine
+//! to an `ib-verbs` connection.
+//!
+//! The engine decides every message; this file only carries its outputs to the transport
+//! (posted receives, SENDs) and the transport's completions back, in the order the engine's
+//! documentation gives, with the process's monotonic clock as its time.
+
+use std::io::ErrorKind;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ib_verbs::shm::ShmConn;
+use ib_verbs::{Completion, ConnError, Connection, Opcode};
+use sdp_proto::error::{RecvError, SendError, UrgentError};
+use sdp_proto::{Config, Event, Timestamp};
+
+use super::stream::{Counters, Errno, OffloadStream};
+use crate::stats::Transport;
+
+/// The one mapping from the engine's error kinds to errno.
+pub fn errno_of(kind: ErrorKind) -> Errno {
+    match kind {
+        ErrorKind::ConnectionRefused => libc::ECONNREFUSED,
+        ErrorKind::ConnectionReset => libc::ECONNRESET,
+        ErrorKind::ConnectionAborted => libc::ECONNABORTED,
+        ErrorKind::BrokenPipe => libc::EPIPE,
+        ErrorKind::TimedOut => libc::ETIMEDOUT,
+        ErrorKind::NotConnected => libc::ENOTCONN,
+        ErrorKind::NetworkUnreachable => libc::ENETUNREACH,
+        ErrorKind::WouldBlock => libc::EAGAIN,
+        _ => libc::EIO,
+    }
+}
+
+/// The engine's clock: nanoseconds since the first use in this process.
+pub fn now() -> Timestamp {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = BASE.get_or_init(Instant::now);
+    Timestamp::from_nanos(base.elapsed().as_nanos() as u64)
+}
+
+/// The engine configuration libsdp uses on the same host: BCopy (the shm ring is already a
+/// copy into the peer's memory), a 64-buffer window of 32 KiB messages.
+pub fn config() -> Config {
+    Config { zcopy_recv: false, zcopy_send: false, ..Config::default() }
+}
+
+pub struct SdpShm {
+    engine: sdp_proto::Connection,
+    conn: ShmConn,
+    txbuf: Vec<u8>,
+    rxbuf: Vec<u8>,
+    cq: Vec<Completion>,
+    next_wr: u64,
+    /// The peer's process released the connection (its bell end hung up).
+    peer_gone: bool,
+    /// The transport died (hostile peer, system error).
+    dead: Option<Errno>,
+}
+
+impl SdpShm {
+    /// Wraps an established transport connection and an engine that finished its handshake
+    /// (active: HelloAck handled; passive: HelloAck sent).
+    pub fn new(engine: sdp_proto::Connection, conn: ShmConn) -> SdpShm {
+        let attrs = conn.attrs();
+        let mut s = SdpShm {
+            engine,
+            txbuf: vec![0; attrs.send_buf_size.max(64) as usize],
+            rxbuf: vec![0; attrs.recv_buf_size.max(64) as usize],
+            conn,
+            cq: vec![Completion { wr_id: 0, opcode: Opcode::Send, status: Ok(()), byte_len: 0, buf_index: 0 }; 32],
+            next_wr: 1 << 32,
+            peer_gone: false,
+            dead: None,
+        };
+        if s.engine.role() == sdp_proto::Role::Passive {
+            // The bootstrap's Ready is the RTU.
+            let _ = s.engine.handle_established(now());
+        }
+        s.drain_outputs();
+        s
+    }
+
+    fn wr(&mut self) -> u64 {
+        self.next_wr += 1;
+        self.next_wr
+    }
+
+    fn transport_died(&mut self, e: ConnError) {
+        let t = now();
+        match e {
+            ConnError::PeerClosed => {
+                self.peer_gone = true;
+                let _ = self.engine.handle_cm_disconnected(t);
+            }
+            _ => {
+                crate::sdp_log!(crate::log::WARN, "shm transport failed: {e}");
+                self.dead.get_or_insert(libc::ECONNRESET);
+                let _ = self.engine.handle_transport_error(t, sdp_proto::error::TransportFailure::Fatal);
+            }
+        }
+    }
+
+    fn poll_completions(&mut self) {
+        loop {
+            let n = match self.conn.poll_cq(&mut self.cq) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.transport_died(e);
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            let t = now();
+            let mut sends = 0;
+            for i in 0..n {
+                let c = self.cq[i];
+                match c.opcode {
+                    Opcode::Recv if c.status.is_ok() => {
+                        let len = (c.byte_len as usize).min(self.rxbuf.len());
+                        match self.conn.recv_data(&c, 0, &mut self.rxbuf[..len]) {
+                            Ok(got) => {
+                                if let Err(sdp_proto::error::HandleError::Fatal(e)) =
+                                    self.engine.handle_message(t, &self.rxbuf[..got])
+                                {
+                                    crate::sdp_log!(crate::log::WARN, "SDP connection ended: {e}");
+                                }
+                            }
+                            Err(_) => self.dead = Some(libc::ECONNRESET),
+                        }
+                    }
+                    Opcode::Send => sends += 1,
+                    _ => {}
+                }
+            }
+            if sends > 0 {
+                let _ = self.engine.handle_send_complete(t, sends);
+            }
+        }
+    }
+
+    /// Carries the engine's outputs to the transport, in the documented order.
+    fn drain_outputs(&mut self) {
+        let t = now();
+        while let Some(p) = self.engine.poll_post_recv() {
+            for _ in 0..p.count {
+                let wr = self.wr();
+                if self.conn.post_recv(wr).is_err() {
+                    break;
+                }
+            }
+        }
+        loop {
+            let Some(tx) = self.engine.poll_transmit(t, &mut self.txbuf) else { break };
+            let wr = self.wr();
+            if let Err(e) = self.conn.post_send(wr, &[&self.txbuf[..tx.len]]) {
+                crate::sdp_log!(crate::log::WARN, "post_send failed: {e}");
+                if let ib_verbs::PostError::Dead(d) = e {
+                    self.transport_died(d);
+                }
+                break;
+            }
+        }
+        while let Some(ev) = self.engine.poll_event() {
+            match ev {
+                // The shm transport has no connection manager: its teardown is immediate.
+                Event::Disconnect { .. } => {
+                    let _ = self.engine.handle_cm_disconnected(t);
+                }
+                Event::RdmaRead(r) => {
+                    let _ = self.engine.handle_rdma_read_complete(
+                        t,
+                        r.id,
+                        Err(sdp_proto::conn::RdmaReadFailure::Unsupported),
+                    );
+                }
+                _ => {}
+            }
+        }
+        if let Some(deadline) = self.engine.poll_timeout()
+            && deadline <= t
+        {
+            self.engine.handle_timeout(t);
+        }
+    }
+
+    fn conn_errno(&self, e: &sdp_proto::ConnectionError) -> Errno {
+        if self.peer_gone {
+            // LINUX: a TCP peer that exits closes its socket: the reader sees end of stream
+            // and a writer EPIPE, not a reset.
+            return libc::EPIPE;
+        }
+        errno_of(e.io_kind())
+    }
+}
+
+impl OffloadStream for SdpShm {
+    fn transport(&self) -> Transport {
+        Transport::Shm
+    }
+
+    fn progress(&mut self) {
+        self.poll_completions();
+        self.drain_outputs();
+    }
+
+    fn send(&mut self, data: &[&[u8]], oob: bool) -> Result<usize, Errno> {
+        if let Some(e) = self.dead {
+            return Err(e);
+        }
+        let t = now();
+        let mut n = 0;
+        for (i, b) in data.iter().enumerate() {
+            let last = i + 1 == data.len();
+            let r = if oob && last { self.engine.send_urgent(t, b) } else { self.engine.send(t, b) };
+            match r {
+                Ok(k) => {
+                    n += k;
+                    if k < b.len() {
+                        break;
+                    }
+                }
+                Err(SendError::WouldBlock) => break,
+                Err(_) if n > 0 => break,
+                Err(SendError::NotConnected) => return Err(libc::ENOTCONN),
+                Err(SendError::Shutdown) => return Err(libc::EPIPE),
+                Err(SendError::Closed(e)) => return Err(self.conn_errno(&e)),
+            }
+        }
+        self.drain_outputs();
+        if n == 0 && data.iter().any(|b| !b.is_empty()) {
+            return Err(libc::EAGAIN);
+        }
+        Ok(n)
+    }
+
+    fn recv(&mut self, out: &mut [&mut [u8]], peek: bool) -> Result<usize, Errno> {
+        let t = now();
+        let mut n = 0;
+        let mut first_err = None;
+        for b in out.iter_mut() {
+            if b.is_empty() {
+                continue;
+            }
+            match self.engine.recv(t, b, peek) {
+                Ok(0) => break,
+                Ok(k) => {
+                    n += k;
+                    if peek || k < b.len() {
+                        break;
+                    }
+                }
+                Err(RecvError::WouldBlock) => {
+                    first_err = Some(libc::EAGAIN);
+                    break;
+                }
+                Err(RecvError::NotConnected) => {
+                    first_err = Some(libc::ENOTCONN);
+                    break;
+                }
+                Err(RecvError::Closed(e)) => {
+                    first_err = Some(if self.peer_gone { 0 } else { self.conn_errno(&e) });
+                    break;
+                }
+            }
+        }
+        if n > 0 {
+            self.drain_outputs();
+            return Ok(n);
+        }
+        if let Some(e) = self.dead {
+            return Err(e);
+        }
+        match first_err {
+            None | Some(0) => Ok(0),
+            Some(e) => Err(e),
+        }
+    }
+
+    fn recv_oob(&mut self, peek: bool) -> Result<u8, Errno> {
+        match self.engine.recv_urgent(now(), peek) {
+            Ok(b) => Ok(b),
+            Err(UrgentError::Invalid) => Err(libc::EINVAL),
+            Err(UrgentError::WouldBlock) => Err(libc::EAGAIN),
+            Err(UrgentError::Closed(e)) => Err(self.conn_errno(&e)),
+        }
+    }
+
+    fn recv_ready(&self) -> bool {
+        let r = self.engine.readiness();
+        r.readable || r.error || self.dead.is_some() || self.peer_gone
+    }
+
+    fn send_ready(&self) -> bool {
+        let r = self.engine.readiness();
+        r.writable || r.error || self.dead.is_some() || self.peer_gone
+    }
+
+    fn recv_queued(&self) -> usize {
+        self.engine.recv_available()
+    }
+
+    fn send_queued(&self) -> usize {
+        self.engine.send_queued()
+    }
+
+    fn at_mark(&self) -> bool {
+        self.engine.at_mark()
+    }
+
+    fn shutdown_write(&mut self) {
+        let _ = self.engine.shutdown(now(), sdp_proto::conn::Shutdown::Write);
+        self.drain_outputs();
+    }
+
+    fn abort(&mut self) {
+        self.engine.abort(now());
+        self.drain_outputs();
+    }
+
+    fn peer_gone(&mut self) {
+        if !self.peer_gone {
+            // Whatever the peer sent before it went is still in our ring.
+            self.poll_completions();
+            self.peer_gone = true;
+            let _ = self.engine.handle_cm_disconnected(now());
+        }
+    }
+
+    fn error(&self) -> Option<Errno> {
+        if let Some(e) = self.dead {
+            return Some(e);
+        }
+        self.engine.error().map(|e| self.conn_errno(&e))
+    }
+
+    fn arm_recv(&mut self) -> bool {
+        matches!(self.conn.arm(), Ok(true))
+    }
+
+    fn arm_send(&mut self) -> bool {
+        matches!(self.conn.arm_drain(), Ok(true))
+    }
+
+    fn counters(&self) -> Counters {
+        let s = self.engine.stats();
+        Counters {
+            bytes_tx: s.bytes_sent,
+            bytes_rx: s.bytes_received,
+            msgs_tx: s.messages_sent,
+            msgs_rx: s.messages_received,
+            credits_tx: self.engine.tx_credits() as u64,
+            posted_rx: self.engine.posted_recv_buffers() as u64,
+        }
+    }
+}
+
+impl SdpShm {
+    /// Flushes queued sends for at most `budget` (a closing socket's linger).
+    pub fn flush(&mut self, budget: Duration) {
+        let end = Instant::now() + budget;
+        while self.engine.send_queued() > 0 && self.dead.is_none() && !self.peer_gone && Instant::now() < end {
+            self.progress();
+            if self.engine.send_queued() == 0 {
+                break;
+            }
+            let _ = self.conn.wait(Duration::from_micros(50), Some(Duration::from_millis(10)));
+        }
+    }
+}

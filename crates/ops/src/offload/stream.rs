@@ -1,0 +1,80 @@
+//! The seam between the switch and an offload protocol running over a transport.
+//!
+//! `ops` drives readiness, blocking, fd numbers and lifetime; an [`OffloadStream`] moves bytes.
+//! A second offload protocol, or SDP over another transport, is one more implementation of
+//! this trait (DESIGN.md §1).
+
+/// Errors are errno values, decided by the implementation's one mapping table.
+pub type Errno = i32;
+
+/// Counters for `sdp stat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub bytes_tx: u64,
+    pub bytes_rx: u64,
+    pub msgs_tx: u64,
+    pub msgs_rx: u64,
+    /// Messages we may send now (the peer's posted buffers we have not used).
+    pub credits_tx: u64,
+    /// Receive buffers we have posted.
+    pub posted_rx: u64,
+}
+
+/// One offloaded byte stream. Every method is non-blocking; the caller holds the
+/// connection's lock.
+pub trait OffloadStream: Send {
+    /// The transport's name for statistics.
+    fn transport(&self) -> crate::stats::Transport;
+
+    /// Moves whatever is ready: received messages into the receive queue, credits, queued
+    /// sends onto the wire. An error is the connection's death (also reported by `error`).
+    fn progress(&mut self);
+
+    /// Queues bytes for sending; returns how many were taken (0 with no room is `EAGAIN` to
+    /// the caller). `oob`: the last byte is urgent (MSG_OOB).
+    fn send(&mut self, data: &[&[u8]], oob: bool) -> Result<usize, Errno>;
+
+    /// Copies received bytes out. `Ok(0)` with a non-empty buffer is end of stream;
+    /// `Err(EAGAIN)` means nothing yet.
+    fn recv(&mut self, out: &mut [&mut [u8]], peek: bool) -> Result<usize, Errno>;
+
+    /// Reads the urgent byte (MSG_OOB).
+    fn recv_oob(&mut self, peek: bool) -> Result<u8, Errno>;
+
+    /// Something for a reader: bytes, end of stream, or an error.
+    fn recv_ready(&self) -> bool;
+
+    /// Room for a writer, or an error a writer must see.
+    fn send_ready(&self) -> bool;
+
+    /// Bytes queued for the application (FIONREAD).
+    fn recv_queued(&self) -> usize;
+
+    /// Bytes accepted but not yet acknowledged by the peer (SIOCOUTQ).
+    fn send_queued(&self) -> usize;
+
+    /// The next byte to read is the urgent mark (SIOCATMARK).
+    fn at_mark(&self) -> bool;
+
+    /// Graceful half-close: after the queued bytes the peer reads end of stream.
+    fn shutdown_write(&mut self);
+
+    /// Abortive close: the peer sees ECONNRESET.
+    fn abort(&mut self);
+
+    /// The peer's process closed its last reference or died.
+    fn peer_gone(&mut self);
+
+    /// The error a socket call must report now (ECONNRESET, EPIPE, ...), if any.
+    fn error(&self) -> Option<Errno>;
+
+    /// Asks the peer to make our app end readable at its next message. Returns `false` when
+    /// something arrived meanwhile (do not sleep: progress again).
+    fn arm_recv(&mut self) -> bool;
+
+    /// Asks the peer to make our app end writable (drain our stuffing) when it gives room.
+    /// Returns `false` when room came meanwhile.
+    fn arm_send(&mut self) -> bool;
+
+    fn counters(&self) -> Counters;
+}

@@ -1,0 +1,168 @@
+//! The per-process progress thread (DESIGN.md §6).
+//!
+//! It exists only while the process has offloaded sockets or published beacons: started lazily
+//! by the first [`register`], never in the constructor, and started again lazily in a fork
+//! child (threads do not survive fork). It sleeps in `epoll_wait` on the fds tasks registered —
+//! beacons, rendezvous endpoints, the peers' bell ends — and runs the task of each ready fd.
+//!
+//! INVARIANT: the thread holds the re-entrancy guard for its whole life, so every libc call it
+//! makes reaches the C library directly, and it blocks every signal, so the application's
+//! signals are delivered to the application's threads as without libsdp.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Work the progress thread does when an fd it watches is ready.
+pub trait Task: Send + Sync {
+    /// `events` are the epoll events that fired.
+    fn on_event(&self, fd: i32, events: u32);
+}
+
+struct Entry {
+    fd: i32,
+    events: u32,
+    task: Arc<dyn Task>,
+}
+
+struct Progress {
+    /// The process that owns `epfd` and the thread (a fork child must build its own).
+    pid: i32,
+    epfd: i32,
+    next_token: u64,
+    entries: HashMap<u64, Entry>,
+}
+
+static STATE: Mutex<Option<Progress>> = Mutex::new(None);
+static WAKEUPS: AtomicU64 = AtomicU64::new(0);
+
+fn lock() -> std::sync::MutexGuard<'static, Option<Progress>> {
+    STATE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn epoll_add(epfd: i32, fd: i32, events: u32, token: u64) -> bool {
+    let mut ev = libc::epoll_event { events, u64: token };
+    // SAFETY: ev is a valid epoll_event; epfd and fd are fds of this process.
+    unsafe { libc::syscall(libc::SYS_epoll_ctl, epfd, libc::EPOLL_CTL_ADD, fd, &mut ev as *mut _) == 0 }
+}
+
+/// Makes sure this process has its own epoll set and thread; rebuilds both after a fork.
+fn ensure(p: &mut Option<Progress>) -> Option<&mut Progress> {
+    let pid = crate::sys::getpid();
+    let stale = p.as_ref().is_some_and(|s| s.pid != pid);
+    if p.is_none() || stale {
+        // SAFETY: plain system call; CLOEXEC keeps the set out of exec'd programs.
+        let epfd = unsafe { libc::syscall(libc::SYS_epoll_create1, libc::EPOLL_CLOEXEC) } as i32;
+        if epfd < 0 {
+            return None;
+        }
+        let epfd = crate::sys::move_high(epfd);
+        let mut entries = HashMap::new();
+        let mut next_token = 1;
+        if let Some(old) = p.take() {
+            // A fork child: the inherited epoll set is shared with the parent, so it is left
+            // alone (closing our copy only); the child watches the same fds in a set of its own.
+            // SAFETY: closing our copy of the parent's epoll fd.
+            unsafe { libc::syscall(libc::SYS_close, old.epfd) };
+            for (token, e) in old.entries {
+                if epoll_add(epfd, e.fd, e.events, token) {
+                    entries.insert(token, e);
+                }
+            }
+            next_token = old.next_token;
+        }
+        *p = Some(Progress { pid, epfd, next_token, entries });
+        let spawned = std::thread::Builder::new()
+            .name("libsdp-progress".into())
+            .stack_size(256 * 1024)
+            .spawn(move || run(epfd));
+        if spawned.is_err() {
+            return None;
+        }
+    }
+    p.as_mut()
+}
+
+/// Watches `fd` for `events` (epoll flags) and runs `task` when they fire. Returns a token for
+/// [`unregister`].
+pub fn register(fd: i32, events: u32, task: Arc<dyn Task>) -> Option<u64> {
+    let mut g = lock();
+    let p = ensure(&mut g)?;
+    let token = p.next_token;
+    p.next_token += 1;
+    if !epoll_add(p.epfd, fd, events, token) {
+        return None;
+    }
+    p.entries.insert(token, Entry { fd, events, task });
+    Some(token)
+}
+
+/// Stops watching; the task is dropped once a running `on_event` returns.
+pub fn unregister(token: u64) {
+    let mut g = lock();
+    if let Some(p) = g.as_mut()
+        && let Some(e) = p.entries.remove(&token)
+        && p.pid == crate::sys::getpid()
+    {
+        // SAFETY: removing an fd we added; an fd already closed just fails with EBADF.
+        unsafe {
+            libc::syscall(libc::SYS_epoll_ctl, p.epfd, libc::EPOLL_CTL_DEL, e.fd, std::ptr::null_mut::<libc::epoll_event>())
+        };
+    }
+}
+
+/// In a fork child, rebuilds the thread if there was one in the parent.
+pub fn after_fork_lazy() {
+    let mut g = lock();
+    if g.is_some() {
+        let _ = ensure(&mut g);
+    }
+}
+
+/// How many events the thread has handled (for tests and `sdp stat`).
+pub fn wakeups() -> u64 {
+    WAKEUPS.load(Ordering::Relaxed)
+}
+
+fn run(epfd: i32) {
+    crate::guard::enter_forever();
+    // SAFETY: a full signal set blocks every signal in this thread only.
+    unsafe {
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
+    }
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+    loop {
+        // SAFETY: events is a valid buffer of 64 entries.
+        let n = unsafe {
+            libc::syscall(libc::SYS_epoll_wait, epfd, events.as_mut_ptr(), events.len() as i32, 1000)
+        } as i32;
+        if n < 0 {
+            if crate::sys::errno() == libc::EINTR {
+                continue;
+            }
+            return;
+        }
+        {
+            let g = lock();
+            match g.as_ref() {
+                Some(p) if p.epfd == epfd && p.pid == crate::sys::getpid() => {}
+                // The set was replaced (never in this process) or torn down: this thread ends.
+                _ => return,
+            }
+        }
+        for ev in &events[..n as usize] {
+            let token = ev.u64;
+            let fired = ev.events;
+            let found = {
+                let g = lock();
+                g.as_ref().and_then(|p| p.entries.get(&token).map(|e| (e.fd, Arc::clone(&e.task))))
+            };
+            if let Some((fd, task)) = found {
+                WAKEUPS.fetch_add(1, Ordering::Relaxed);
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.on_event(fd, fired)));
+            }
+        }
+    }
+}
