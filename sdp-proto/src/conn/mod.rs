@@ -494,7 +494,7 @@ impl Connection {
         }
         let max = u32::from(self.config.recv_buffers);
         let payload = (self.recv_buf_size - 16) as usize;
-        let room = self.window_room();
+        let room = self.window_room_for(payload);
         let allowed = (2 + (room / payload) as u32).min(max);
         let posted = self.credits.posted();
         if allowed <= posted {
@@ -509,14 +509,16 @@ impl Connection {
     }
 
     fn window_room(&self) -> usize {
-        let in_flight = self
-            .sink
-            .as_ref()
-            .and_then(|s| s.in_flight)
-            .map_or(0, |(_, l)| l as usize);
-        self.config
-            .recv_window
-            .saturating_sub(self.recv.held() + in_flight)
+        self.window_room_for((self.recv_buf_size - 16) as usize)
+    }
+
+    /// Room in the receive window. INVARIANT: the window is at least two buffers, so an
+    /// empty receive queue always allows 4 posted buffers and the peer can send data
+    /// (credits.rs), also after a ChRcvBuf grew the buffers.
+    fn window_room_for(&self, payload: usize) -> usize {
+        let in_flight = self.sink.as_ref().and_then(|s| s.in_flight).map_or(0, |(_, l)| l as usize);
+        let window = self.config.recv_window.max(2 * payload);
+        window.saturating_sub(self.recv.held() + in_flight)
     }
 
     /// An RDMA read asked for by [`Event::RdmaRead`] finished; `Ok` holds exactly the bytes.
