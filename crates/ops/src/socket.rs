@@ -129,3 +129,63 @@ pub fn on_close(fd: i32) {
 pub fn on_dup(old: i32, new: i32) {
     fdtable::copy(old, new);
 }
+
+/// `connect` on a tracked socket: the policy decision, then SDP or TCP. `None`: make the real
+/// connect (TCP); `Some(rc)`: the call is complete with this C result.
+pub fn connect(fd: i32, addr: Option<SocketAddr>) -> Option<isize> {
+    let d = on_connect(fd, addr);
+    let Some(addr) = addr else { return None };
+    let reason = match d {
+        Decision::Tcp => fallback::Reason::Policy,
+        _ => match crate::offload::setup::connect(fd, addr, d) {
+            crate::offload::setup::ConnectPlan::Done(r) => return Some(crate::offload::data::to_c(r)),
+            crate::offload::setup::ConnectPlan::Tcp(reason) => reason,
+        },
+    };
+    sdp_log!(log::DECISION, "{} fd {fd} connect {addr}: TCP ({reason})", globals().program);
+    crate::offload::setup::record_tcp(fd, 1, reason);
+    None
+}
+
+/// After a successful `listen`: the decision, then the beacon if SDP is allowed.
+pub fn listen(fd: i32) {
+    let d = on_listen(fd);
+    crate::offload::setup::on_listen(fd, d);
+}
+
+/// After a successful `accept`: bookkeeping and, when the client came through the
+/// rendezvous, the SDP exchange. `false`: the policy refuses this client (close it).
+pub fn accept(listener: i32, fd: i32, flags: i32) -> bool {
+    on_accept(listener, fd);
+    if !fdtable::get(fd).tracked() {
+        return true;
+    }
+    !matches!(
+        crate::offload::setup::accept(listener, fd, flags),
+        crate::offload::setup::AcceptOutcome::Refuse
+    )
+}
+
+/// Before the real `close` of a tracked fd.
+pub fn close(fd: i32) {
+    let m = fdtable::get(fd);
+    if m.has(Meta::OFFLOADED) {
+        crate::offload::setup::close(fd);
+    } else {
+        crate::offload::setup::forget_tcp(fd);
+        if m.has(Meta::LISTENING) {
+            crate::offload::setup::on_listener_close(fd);
+        }
+    }
+    on_close(fd);
+}
+
+/// After a successful dup of a tracked fd (or onto one).
+pub fn dup(old: i32, new: i32) {
+    let new_was_offloaded = fdtable::get(new).has(Meta::OFFLOADED);
+    let old_offloaded = fdtable::get(old).has(Meta::OFFLOADED);
+    if new_was_offloaded || old_offloaded {
+        crate::offload::setup::on_dup(old, new);
+    }
+    on_dup(old, new);
+}

@@ -119,6 +119,8 @@ pub fn decode_addr(w: [u64; 3]) -> Option<SocketAddr> {
     }
 }
 
+/// Where the next free-row search starts (rows are claimed and freed in roughly FIFO order).
+static HINT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static TABLE: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
 static OWNER: AtomicU64 = AtomicU64::new(0);
 
@@ -190,9 +192,21 @@ fn create(pid: u64) -> Option<*mut AtomicU64> {
         );
     }
     header[0].store(MAGIC, Ordering::Release);
+    static AT_EXIT: std::sync::Once = std::sync::Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registering a plain function; it runs at normal process exit.
+        unsafe { libc::atexit(remove_own_file) };
+    });
     TABLE.store(words, Ordering::Release);
     OWNER.store(pid, Ordering::Release);
     Some(words)
+}
+
+extern "C" fn remove_own_file() {
+    let owner = OWNER.load(Ordering::Acquire);
+    if owner != 0 && owner == crate::sys::getpid() as u64 {
+        remove_file(owner);
+    }
 }
 
 /// Removes this process's statistics file (at exit, or in `sdp stat` for dead processes).
@@ -212,7 +226,9 @@ impl Row {
     pub fn claim(fd: i32, transport: Transport, role: u8) -> Option<Row> {
         let t = table()?;
         let m = meta(transport, 0, role, 0);
-        for i in 0..NSLOTS {
+        let start = HINT.load(Ordering::Relaxed);
+        for k in 0..NSLOTS {
+            let i = (start + k) % NSLOTS;
             let base = HEADER_WORDS + i * SLOT_WORDS;
             if t[base]
                 .compare_exchange(0, m, Ordering::AcqRel, Ordering::Relaxed)
@@ -223,6 +239,7 @@ impl Row {
                     w.store(0, Ordering::Relaxed);
                 }
                 words[field::FD].store(fd as u64, Ordering::Relaxed);
+                HINT.store(i + 1, Ordering::Relaxed);
                 return Some(Row { words });
             }
         }

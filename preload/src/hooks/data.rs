@@ -1,35 +1,514 @@
-//! Data calls, socket options and names. Every fd passes through to the kernel in this stage;
-//! the hooks exist so that the symbol surface is complete and its cost is measured.
+//! Data calls, socket options and names.
+//!
+//! The fast path (an fd that is not an offloaded connection: files, pipes, TCP sockets) is
+//! two atomic loads and the C library's call. An offloaded fd goes to `ops::offload::data`;
+//! if the connection went back to TCP meanwhile, the call passes through after all.
+
+use std::slice;
 
 use libc::{
-    c_int, c_uint, c_void, iovec, mmsghdr, msghdr, off_t, off64_t, size_t, sockaddr, socklen_t,
-    ssize_t, timespec,
+    c_int, c_uint, c_ulong, c_void, iovec, mmsghdr, msghdr, off_t, off64_t, size_t, sockaddr,
+    socklen_t, ssize_t, timespec,
 };
+use ops::fdtable::{self, Meta};
+use ops::offload::data as od;
 
-passthrough! {
-    fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t;
-    fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t;
-    fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t;
-    fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t;
-    fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t;
-    fn recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> ssize_t;
-    fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t;
-    fn recvmmsg(fd: c_int, vec: *mut mmsghdr, vlen: c_uint, flags: c_int, timeout: *mut timespec) -> c_int;
-    fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t;
-    fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, addr: *const sockaddr, len: socklen_t) -> ssize_t;
-    fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t;
-    fn sendmmsg(fd: c_int, vec: *mut mmsghdr, vlen: c_uint, flags: c_int) -> c_int;
-    fn sendfile(out_fd: c_int, in_fd: c_int, offset: *mut off_t, count: size_t) -> ssize_t;
-    fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut off64_t, count: size_t) -> ssize_t;
-    fn splice(fd_in: c_int, off_in: *mut off64_t, fd_out: c_int, off_out: *mut off64_t, len: size_t, flags: c_uint) -> ssize_t;
-    fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int;
-    fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int;
-    fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int;
-    fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int;
-    fn shutdown(fd: c_int, how: c_int) -> c_int;
-    fn ioctl(fd: c_int, request: libc::c_ulong, arg: libc::c_ulong) -> c_int;
-    // Fortified variants (`-D_FORTIFY_SOURCE`): glibc's own checks run in the real function.
-    fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t;
-    fn __recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int) -> ssize_t;
-    fn __recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> ssize_t;
+use crate::guard::switch_call;
+use crate::real;
+
+/// Is `fd` the app end of an offloaded connection?
+#[inline(always)]
+fn offloaded(fd: c_int) -> bool {
+    fdtable::is_tracked(fd) && fdtable::get(fd).has(Meta::OFFLOADED)
+}
+
+/// Runs an offloaded receive; `None`: pass through.
+fn do_recv(fd: c_int, bufs: &mut [&mut [u8]], flags: c_int) -> Option<ssize_t> {
+    switch_call(Some(-1), || od::recv(fd, bufs, flags).map(od::to_c)).flatten()
+}
+
+fn do_send(fd: c_int, bufs: &[&[u8]], flags: c_int) -> Option<ssize_t> {
+    switch_call(Some(-1), || od::send(fd, bufs, flags).map(od::to_c)).flatten()
+}
+
+/// # Safety
+/// `buf` must be valid for writes of `n` bytes (or n == 0).
+unsafe fn out_buf<'a>(buf: *mut c_void, n: size_t) -> &'a mut [u8] {
+    if n == 0 || buf.is_null() { &mut [] } else { unsafe { slice::from_raw_parts_mut(buf.cast(), n) } }
+}
+
+/// # Safety
+/// `buf` must be valid for reads of `n` bytes (or n == 0).
+unsafe fn in_buf<'a>(buf: *const c_void, n: size_t) -> &'a [u8] {
+    if n == 0 || buf.is_null() { &[] } else { unsafe { slice::from_raw_parts(buf.cast(), n) } }
+}
+
+/// # Safety
+/// `iov` must hold `cnt` valid iovecs whose buffers are writable.
+unsafe fn iov_mut<'a>(iov: *const iovec, cnt: usize) -> Vec<&'a mut [u8]> {
+    if iov.is_null() {
+        return Vec::new();
+    }
+    let v = unsafe { slice::from_raw_parts(iov, cnt) };
+    v.iter().map(|e| unsafe { out_buf(e.iov_base, e.iov_len) }).collect()
+}
+
+/// # Safety
+/// `iov` must hold `cnt` valid iovecs whose buffers are readable.
+unsafe fn iov_ref<'a>(iov: *const iovec, cnt: usize) -> Vec<&'a [u8]> {
+    if iov.is_null() {
+        return Vec::new();
+    }
+    let v = unsafe { slice::from_raw_parts(iov, cnt) };
+    v.iter().map(|e| unsafe { in_buf(e.iov_base, e.iov_len) }).collect()
+}
+
+/// # Safety
+/// As `read(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    if offloaded(fd)
+        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], 0)
+    {
+        return r;
+    }
+    unsafe { real::read(fd, buf, n) }
+}
+
+/// # Safety
+/// As `read(2)`, with glibc's fortify check.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t {
+    if offloaded(fd)
+        && n <= buflen
+        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], 0)
+    {
+        return r;
+    }
+    unsafe { real::__read_chk(fd, buf, n, buflen) }
+}
+
+/// # Safety
+/// As `write(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    if offloaded(fd)
+        && let Some(r) = do_send(fd, &[unsafe { in_buf(buf, n) }], 0)
+    {
+        return r;
+    }
+    unsafe { real::write(fd, buf, n) }
+}
+
+/// # Safety
+/// As `readv(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    if offloaded(fd)
+        && cnt >= 0
+        && let Some(r) = do_recv(fd, &mut unsafe { iov_mut(iov, cnt as usize) }, 0)
+    {
+        return r;
+    }
+    unsafe { real::readv(fd, iov, cnt) }
+}
+
+/// # Safety
+/// As `writev(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    if offloaded(fd)
+        && cnt >= 0
+        && let Some(r) = do_send(fd, &unsafe { iov_ref(iov, cnt as usize) }, 0)
+    {
+        return r;
+    }
+    unsafe { real::writev(fd, iov, cnt) }
+}
+
+/// # Safety
+/// As `recv(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
+    if offloaded(fd)
+        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], flags)
+    {
+        return r;
+    }
+    unsafe { real::recv(fd, buf, n, flags) }
+}
+
+/// # Safety
+/// As `recv(2)`, with glibc's fortify check.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int) -> ssize_t {
+    if offloaded(fd)
+        && n <= buflen
+        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], flags)
+    {
+        return r;
+    }
+    unsafe { real::__recv_chk(fd, buf, n, buflen, flags) }
+}
+
+/// LINUX: recvfrom on a connected TCP socket leaves the address untouched and reports
+/// length 0.
+unsafe fn no_addr(len: *mut socklen_t) {
+    if !len.is_null() {
+        unsafe { *len = 0 };
+    }
+}
+
+/// # Safety
+/// As `recvfrom(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvfrom(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    if offloaded(fd)
+        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], flags)
+    {
+        unsafe { no_addr(len) };
+        return r;
+    }
+    unsafe { real::recvfrom(fd, buf, n, flags, addr, len) }
+}
+
+/// # Safety
+/// As `recvfrom(2)`, with glibc's fortify check.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __recvfrom_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+    flags: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+) -> ssize_t {
+    if offloaded(fd)
+        && n <= buflen
+        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], flags)
+    {
+        unsafe { no_addr(len) };
+        return r;
+    }
+    unsafe { real::__recvfrom_chk(fd, buf, n, buflen, flags, addr, len) }
+}
+
+/// # Safety
+/// As `recvmsg(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    if offloaded(fd) && !msg.is_null() {
+        let m = unsafe { &mut *msg };
+        if let Some(r) = do_recv(fd, &mut unsafe { iov_mut(m.msg_iov, m.msg_iovlen) }, flags) {
+            m.msg_namelen = 0;
+            m.msg_controllen = 0;
+            m.msg_flags = 0;
+            return r;
+        }
+    }
+    unsafe { real::recvmsg(fd, msg, flags) }
+}
+
+/// # Safety
+/// As `recvmmsg(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn recvmmsg(fd: c_int, vec: *mut mmsghdr, vlen: c_uint, flags: c_int, timeout: *mut timespec) -> c_int {
+    if offloaded(fd) && !vec.is_null() {
+        let msgs = unsafe { slice::from_raw_parts_mut(vec, vlen as usize) };
+        let mut done = 0;
+        for (i, mm) in msgs.iter_mut().enumerate() {
+            // After the first message, never block (as the kernel does without MSG_WAITFORONE
+            // semantics for stream sockets once data was returned).
+            let f = if i == 0 { flags & !libc::MSG_WAITFORONE } else { flags | libc::MSG_DONTWAIT };
+            let r = unsafe { recvmsg(fd, &mut mm.msg_hdr, f) };
+            if r < 0 {
+                return if done > 0 { done } else { -1 };
+            }
+            mm.msg_len = r as c_uint;
+            done += 1;
+            if r == 0 {
+                break;
+            }
+        }
+        return done;
+    }
+    unsafe { real::recvmmsg(fd, vec, vlen, flags, timeout) }
+}
+
+/// # Safety
+/// As `send(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
+    if offloaded(fd)
+        && let Some(r) = do_send(fd, &[unsafe { in_buf(buf, n) }], flags)
+    {
+        return r;
+    }
+    unsafe { real::send(fd, buf, n, flags) }
+}
+
+/// # Safety
+/// As `sendto(2)`. LINUX: TCP ignores the address of a connected socket.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendto(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    addr: *const sockaddr,
+    len: socklen_t,
+) -> ssize_t {
+    if offloaded(fd)
+        && let Some(r) = do_send(fd, &[unsafe { in_buf(buf, n) }], flags)
+    {
+        return r;
+    }
+    unsafe { real::sendto(fd, buf, n, flags, addr, len) }
+}
+
+/// # Safety
+/// As `sendmsg(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    if offloaded(fd) && !msg.is_null() {
+        let m = unsafe { &*msg };
+        if let Some(r) = do_send(fd, &unsafe { iov_ref(m.msg_iov, m.msg_iovlen) }, flags) {
+            return r;
+        }
+    }
+    unsafe { real::sendmsg(fd, msg, flags) }
+}
+
+/// # Safety
+/// As `sendmmsg(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendmmsg(fd: c_int, vec: *mut mmsghdr, vlen: c_uint, flags: c_int) -> c_int {
+    if offloaded(fd) && !vec.is_null() {
+        let msgs = unsafe { slice::from_raw_parts_mut(vec, vlen as usize) };
+        let mut done = 0;
+        for mm in msgs.iter_mut() {
+            let r = unsafe { sendmsg(fd, &mm.msg_hdr, flags) };
+            if r < 0 {
+                return if done > 0 { done } else { -1 };
+            }
+            mm.msg_len = r as c_uint;
+            done += 1;
+        }
+        return done;
+    }
+    unsafe { real::sendmmsg(fd, vec, vlen, flags) }
+}
+
+/// Copies up to `count` bytes from `in_fd` (a file or pipe) into the offloaded `out_fd`.
+/// `offset`: read at this file offset and advance it, without moving the file position.
+unsafe fn copy_into_offloaded(out_fd: c_int, in_fd: c_int, offset: Option<&mut i64>, count: usize) -> ssize_t {
+    let mut buf = vec![0u8; count.min(256 * 1024)];
+    let mut pos = offset;
+    let mut total = 0usize;
+    while total < count {
+        let want = buf.len().min(count - total);
+        let n = match pos.as_deref() {
+            // SAFETY: buf is writable for `want` bytes.
+            Some(&off) => unsafe { libc::syscall(libc::SYS_pread64, in_fd, buf.as_mut_ptr(), want, off) as ssize_t },
+            None => unsafe { real::read(in_fd, buf.as_mut_ptr().cast(), want) },
+        };
+        if n <= 0 {
+            return if total > 0 || n == 0 { total as ssize_t } else { -1 };
+        }
+        let sent = match do_send(out_fd, &[&buf[..n as usize]], 0) {
+            Some(s) => s,
+            None => unsafe { real::write(out_fd, buf.as_ptr().cast(), n as usize) },
+        };
+        if sent <= 0 {
+            return if total > 0 { total as ssize_t } else { sent };
+        }
+        total += sent as usize;
+        if let Some(p) = pos.as_deref_mut() {
+            *p += sent as i64;
+        }
+        if (sent as usize) < n as usize {
+            break;
+        }
+    }
+    total as ssize_t
+}
+
+/// # Safety
+/// As `sendfile(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendfile(out_fd: c_int, in_fd: c_int, offset: *mut off_t, count: size_t) -> ssize_t {
+    if offloaded(out_fd) {
+        let off = if offset.is_null() { None } else { Some(unsafe { &mut *offset }) };
+        return unsafe { copy_into_offloaded(out_fd, in_fd, off, count) };
+    }
+    unsafe { real::sendfile(out_fd, in_fd, offset, count) }
+}
+
+/// # Safety
+/// As `sendfile64(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut off64_t, count: size_t) -> ssize_t {
+    if offloaded(out_fd) {
+        let off = if offset.is_null() { None } else { Some(unsafe { &mut *offset }) };
+        return unsafe { copy_into_offloaded(out_fd, in_fd, off, count) };
+    }
+    unsafe { real::sendfile64(out_fd, in_fd, offset, count) }
+}
+
+/// # Safety
+/// As `splice(2)`. With an offloaded end the bytes are copied through a buffer (the kernel
+/// cannot splice a shared-memory ring).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn splice(
+    fd_in: c_int,
+    off_in: *mut off64_t,
+    fd_out: c_int,
+    off_out: *mut off64_t,
+    len: size_t,
+    flags: c_uint,
+) -> ssize_t {
+    if offloaded(fd_out) && off_out.is_null() {
+        let off = if off_in.is_null() { None } else { Some(unsafe { &mut *off_in }) };
+        return unsafe { copy_into_offloaded(fd_out, fd_in, off, len) };
+    }
+    if offloaded(fd_in) && off_in.is_null() {
+        let mut buf = vec![0u8; len.min(256 * 1024)];
+        let fl = if flags & libc::SPLICE_F_NONBLOCK != 0 { libc::MSG_DONTWAIT } else { 0 };
+        let n = match do_recv(fd_in, &mut [&mut buf[..]], fl) {
+            Some(n) => n,
+            None => return unsafe { real::splice(fd_in, off_in, fd_out, off_out, len, flags) },
+        };
+        if n <= 0 {
+            return n;
+        }
+        let mut done = 0usize;
+        while done < n as usize {
+            let w = if off_out.is_null() {
+                unsafe { real::write(fd_out, buf[done..].as_ptr().cast(), n as usize - done) }
+            } else {
+                // SAFETY: off_out is the caller's offset; pwrite does not move the file position.
+                let w = unsafe { libc::syscall(libc::SYS_pwrite64, fd_out, buf[done..].as_ptr(), n as usize - done, *off_out) as ssize_t };
+                if w > 0 {
+                    unsafe { *off_out += w as i64 };
+                }
+                w
+            };
+            if w <= 0 {
+                break;
+            }
+            done += w as usize;
+        }
+        return done as ssize_t;
+    }
+    unsafe { real::splice(fd_in, off_in, fd_out, off_out, len, flags) }
+}
+
+/// The kernel socket to ask for names and most options: the shadow of an offloaded fd.
+fn kernel_socket(fd: c_int) -> c_int {
+    if offloaded(fd)
+        && let Some(Some(s)) = switch_call(None, || od::shadow_of(fd))
+    {
+        return s;
+    }
+    fd
+}
+
+/// # Safety
+/// As `getsockopt(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
+    if offloaded(fd) && level == libc::SOL_SOCKET {
+        if name == libc::SO_ERROR
+            && !val.is_null()
+            && !len.is_null()
+            && unsafe { *len } as usize >= std::mem::size_of::<c_int>()
+            && let Some(Some(e)) = switch_call(None, || od::take_so_error(fd))
+        {
+            unsafe {
+                *(val as *mut c_int) = e;
+                *len = std::mem::size_of::<c_int>() as socklen_t;
+            }
+            return 0;
+        }
+        // Timeouts live on the app end, where the kernel blocks.
+        if name == libc::SO_RCVTIMEO || name == libc::SO_SNDTIMEO {
+            return unsafe { real::getsockopt(fd, level, name, val, len) };
+        }
+    }
+    unsafe { real::getsockopt(kernel_socket(fd), level, name, val, len) }
+}
+
+/// # Safety
+/// As `setsockopt(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
+    if offloaded(fd) {
+        let shadow = kernel_socket(fd);
+        if level == libc::SOL_SOCKET && (name == libc::SO_RCVTIMEO || name == libc::SO_SNDTIMEO) {
+            // Blocking calls block on the app end: its timeouts are the ones that count.
+            let rc = unsafe { real::setsockopt(fd, level, name, val, len) };
+            if rc == 0 {
+                unsafe { real::setsockopt(shadow, level, name, val, len) };
+            }
+            return rc;
+        }
+        return unsafe { real::setsockopt(shadow, level, name, val, len) };
+    }
+    unsafe { real::setsockopt(fd, level, name, val, len) }
+}
+
+/// # Safety
+/// As `getsockname(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    unsafe { real::getsockname(kernel_socket(fd), addr, len) }
+}
+
+/// # Safety
+/// As `getpeername(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    unsafe { real::getpeername(kernel_socket(fd), addr, len) }
+}
+
+/// # Safety
+/// As `shutdown(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    if offloaded(fd)
+        && let Some(Some(r)) = switch_call(Some(Err(libc::EIO)), || od::shutdown(fd, how)).map(|o| o.map(|r| r.map(|_| 0)))
+    {
+        return od::to_c(r.map(|v| v as isize)) as c_int;
+    }
+    unsafe { real::shutdown(fd, how) }
+}
+
+/// `ioctl` is variadic in C; see `fcntl` for the fixed third word.
+///
+/// # Safety
+/// As `ioctl(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: c_ulong) -> c_int {
+    if offloaded(fd)
+        && (request == libc::FIONREAD || request == libc::TIOCOUTQ || request == od::SIOCATMARK)
+        && arg != 0
+        && let Some(Some(r)) = switch_call(None, || od::ioctl_query(fd, request))
+    {
+        return match r {
+            Ok(v) => {
+                unsafe { *(arg as *mut c_int) = v };
+                0
+            }
+            Err(e) => od::to_c(Err(e)) as c_int,
+        };
+    }
+    unsafe { real::ioctl(fd, request, arg) }
 }

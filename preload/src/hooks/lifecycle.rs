@@ -3,7 +3,7 @@
 
 use libc::{c_int, c_ulong, sockaddr, socklen_t};
 
-use crate::guard::switch;
+use crate::guard::{switch, switch_call};
 use crate::real;
 use ops::fdtable::is_tracked;
 use ops::socket as sw;
@@ -58,35 +58,40 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) 
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
     let rc = unsafe { real::listen(fd, backlog) };
     if rc == 0 && is_tracked(fd) {
-        switch(|| sw::on_listen(fd));
+        switch(|| sw::listen(fd));
     }
     rc
 }
 
-fn after_accept(listener: c_int, fd: c_int) -> c_int {
-    if fd >= 0 && (is_tracked(listener) || is_tracked(fd)) {
-        switch(|| sw::on_accept(listener, fd));
+/// `accept4` with the switch: the SDP exchange for clients that came through the rendezvous,
+/// and `use sdp server` refusing plain TCP clients (closed, and the next one accepted).
+unsafe fn accept_common(listener: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    loop {
+        let fd = unsafe { real::accept4(listener, addr, len, flags) };
+        if fd < 0 || !(is_tracked(listener) || is_tracked(fd)) {
+            return fd;
+        }
+        match switch(|| sw::accept(listener, fd, flags)) {
+            Some(false) => {
+                unsafe { real::close(fd) };
+            }
+            _ => return fd,
+        }
     }
-    fd
 }
 
 /// # Safety
 /// As `accept(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    after_accept(fd, unsafe { real::accept(fd, addr, len) })
+    unsafe { accept_common(fd, addr, len, 0) }
 }
 
 /// # Safety
 /// As `accept4(2)`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn accept4(
-    fd: c_int,
-    addr: *mut sockaddr,
-    len: *mut socklen_t,
-    flags: c_int,
-) -> c_int {
-    after_accept(fd, unsafe { real::accept4(fd, addr, len, flags) })
+pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    unsafe { accept_common(fd, addr, len, flags) }
 }
 
 /// # Safety
@@ -96,7 +101,9 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
     if is_tracked(fd) {
         // SAFETY: the application passes `len` readable bytes at `addr`, as connect requires.
         let to = unsafe { ops::sys::sockaddr_to_std(addr, len) };
-        switch(|| sw::on_connect(fd, to));
+        if let Some(Some(rc)) = switch_call(Some(-1), || sw::connect(fd, to)) {
+            return rc as c_int;
+        }
     }
     unsafe { real::connect(fd, addr, len) }
 }
@@ -106,14 +113,14 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     if is_tracked(fd) {
-        switch(|| sw::on_close(fd));
+        switch(|| sw::close(fd));
     }
     unsafe { real::close(fd) }
 }
 
 fn after_dup(old: c_int, new: c_int) -> c_int {
     if new >= 0 && (is_tracked(old) || is_tracked(new)) {
-        switch(|| sw::on_dup(old, new));
+        switch(|| sw::dup(old, new));
     }
     new
 }

@@ -344,6 +344,10 @@ impl OffloadStream for SdpShm {
         matches!(self.conn.arm_drain(), Ok(true))
     }
 
+    fn flush(&mut self, budget: Duration) {
+        self.flush_sends(budget);
+    }
+
     fn counters(&self) -> Counters {
         let s = self.engine.stats();
         Counters {
@@ -358,8 +362,12 @@ impl OffloadStream for SdpShm {
 }
 
 impl SdpShm {
-    /// Flushes queued sends for at most `budget` (a closing socket's linger).
-    pub fn flush(&mut self, budget: Duration) {
+    /// The peer's bell end we hold; its hang-up is the peer's end.
+    pub fn peer_bell(&self) -> i32 {
+        self.conn.peer_bell()
+    }
+
+    fn flush_sends(&mut self, budget: Duration) {
         let end = Instant::now() + budget;
         while self.engine.send_queued() > 0 && self.dead.is_none() && !self.peer_gone && Instant::now() < end {
             self.progress();

@@ -1,1 +1,797 @@
-//! setup
+//! Connection setup on one host (DESIGN.md §4): listen replication, discovery, rendezvous,
+//! the transport exchange, the fd swap, and fallback.
+//!
+//! - `listen` on a socket whose policy allows SDP publishes a beacon for its address; the
+//!   progress thread answers clients that probe it and records their intents.
+//! - `connect` probes the beacon of the destination (a plain server has none: TCP, reason
+//!   `no-beacon`), binds its per-connection endpoint, swaps the fd onto an app end with the
+//!   connection pending, and makes the real TCP connect on the shadow. It never waits for the
+//!   server application.
+//! - `accept` takes the kernel's connection, finds the client's intent by its 4-tuple, runs
+//!   the exchange (SDP Hello/HelloAck, shared memory and bells by SCM_RIGHTS) with the client's
+//!   progress thread, swaps the fd and returns. No intent: a plain TCP client.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use fallback::Reason;
+use ib_verbs::shm::{Active, Beacon, Endpoint, Intent, Passive, ShmOptions};
+use ib_verbs::sys::Fd;
+
+use super::data::CResult;
+use super::sdp::{self, SdpShm};
+use super::{Conn, Inner, Phase, bind_fd, new_pair};
+use crate::fdtable::{self, Decision, Meta};
+use crate::progress::{self, Task};
+use crate::stats::{Row, Transport};
+use crate::{log, sdp_log, sys};
+
+/// How long a bootstrap step may wait for the other library (never for the application).
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn shm_options() -> ShmOptions {
+    let c = sdp::config();
+    ShmOptions {
+        recv_depth: u32::from(c.recv_buffers).max(64),
+        recv_buf_size: c.recv_buffer_size,
+        timeout: EXCHANGE_TIMEOUT,
+        ..ShmOptions::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics rows of sockets that stay on TCP (offloaded ones own theirs in `Inner`).
+
+static TCP_ROWS: Mutex<Option<HashMap<i32, Row>>> = Mutex::new(None);
+
+/// Records a stream socket that is (or stays) on kernel TCP, with the reason.
+pub fn record_tcp(fd: i32, role: u8, reason: Reason) {
+    let Some(row) = Row::claim(fd, Transport::Tcp, role) else { return };
+    row.set_meta(Transport::Tcp, 1, role, reason.code());
+    row.set_addrs(sys::sockname(fd), peername(fd));
+    let mut g = TCP_ROWS.lock().unwrap_or_else(|p| p.into_inner());
+    g.get_or_insert_with(HashMap::new).insert(fd, row);
+}
+
+pub fn forget_tcp(fd: i32) {
+    let mut g = TCP_ROWS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = g.as_mut() {
+        m.remove(&fd);
+    }
+}
+
+fn peername(fd: i32) -> Option<SocketAddr> {
+    // SAFETY: zeroed sockaddr_storage is valid; the kernel writes at most `len` bytes.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: as above.
+    let rc = unsafe { libc::syscall(libc::SYS_getpeername, fd, &mut ss as *mut _, &mut len as *mut _) };
+    if rc < 0 {
+        return None;
+    }
+    // SAFETY: the kernel wrote a sockaddr of `len` bytes.
+    unsafe { sys::sockaddr_to_std(&ss as *const _ as *const libc::sockaddr, len) }
+}
+
+fn normalize(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => a,
+        },
+        _ => a,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listen replication.
+
+/// Intents clients registered at our beacons: (client address, server port) → intent, uid.
+static INTENTS: Mutex<Option<HashMap<(SocketAddr, u16), (Intent, u32, Instant)>>> = Mutex::new(None);
+
+struct BeaconTask {
+    beacon: Beacon,
+}
+
+impl Task for BeaconTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        while let Ok(Some(visitor)) = self.beacon.accept() {
+            let uid = visitor.cred().uid;
+            if let Ok(intent) = visitor.answer(true, Duration::from_millis(200)) {
+                let mut g = INTENTS.lock().unwrap_or_else(|p| p.into_inner());
+                let m = g.get_or_insert_with(HashMap::new);
+                let now = Instant::now();
+                m.retain(|_, v| now.duration_since(v.2) < Duration::from_secs(30));
+                m.insert((normalize(intent.client), intent.server.port()), (intent, uid, now));
+            }
+        }
+    }
+}
+
+static BEACONS: Mutex<Option<HashMap<i32, u64>>> = Mutex::new(None);
+
+/// After a successful `listen` whose server decision allows SDP: publish the beacon.
+pub fn on_listen(fd: i32, decision: Decision) {
+    if decision == Decision::Tcp {
+        record_tcp(fd, 2, Reason::Policy);
+        return;
+    }
+    let Some(addr) = sys::sockname(fd) else { return };
+    match Beacon::publish(normalize(addr)) {
+        Ok(beacon) => {
+            let bfd = beacon.fd();
+            if let Some(token) = progress::register(bfd, libc::EPOLLIN as u32, Arc::new(BeaconTask { beacon })) {
+                let mut g = BEACONS.lock().unwrap_or_else(|p| p.into_inner());
+                g.get_or_insert_with(HashMap::new).insert(fd, token);
+            }
+            sdp_log!(log::DECISION, "listen fd {fd} {addr}: beacon published");
+        }
+        // Another process (a forked sibling, an SO_REUSEPORT group member) publishes it.
+        Err(e) => sdp_log!(log::DECISION, "listen fd {fd} {addr}: no beacon of ours: {e}"),
+    }
+    record_tcp(fd, 2, Reason::Offloaded);
+}
+
+/// A listening fd is closed: its beacon goes with it (inherited copies in other processes
+/// keep theirs).
+pub fn on_listener_close(fd: i32) {
+    let token = {
+        let mut g = BEACONS.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_mut().and_then(|m| m.remove(&fd))
+    };
+    if let Some(t) = token {
+        progress::unregister(t);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Discovery helpers.
+
+/// Whether `ip` is an address of this host (the `shm` transport only reaches those).
+fn is_local(ip: IpAddr) -> bool {
+    if ip.is_loopback() {
+        return true;
+    }
+    if let IpAddr::V6(v6) = ip
+        && let Some(v4) = v6.to_ipv4_mapped()
+    {
+        return is_local(IpAddr::V4(v4));
+    }
+    static CACHE: Mutex<Option<(Instant, Vec<IpAddr>)>> = Mutex::new(None);
+    let mut g = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let fresh = g.as_ref().is_some_and(|(t, _)| t.elapsed() < Duration::from_secs(2));
+    if !fresh {
+        *g = Some((Instant::now(), local_addrs()));
+    }
+    g.as_ref().is_some_and(|(_, v)| v.contains(&ip))
+}
+
+fn local_addrs() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifa: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs allocates a list we free below; we only read entries it filled.
+    unsafe {
+        if libc::getifaddrs(&mut ifa) != 0 {
+            return out;
+        }
+        let mut p = ifa;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                let len = match (*a).sa_family as i32 {
+                    libc::AF_INET => std::mem::size_of::<libc::sockaddr_in>(),
+                    libc::AF_INET6 => std::mem::size_of::<libc::sockaddr_in6>(),
+                    _ => 0,
+                };
+                if len > 0
+                    && let Some(sa) = sys::sockaddr_to_std(a, len as libc::socklen_t)
+                {
+                    out.push(sa.ip());
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(ifa);
+    }
+    out
+}
+
+/// Owners of the kernel listener for `addr`, cached for a second (procfs is not cheap).
+fn listener_uids(addr: &SocketAddr) -> Vec<u32> {
+    static CACHE: Mutex<Option<HashMap<SocketAddr, (Instant, Vec<u32>)>>> = Mutex::new(None);
+    let mut g = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    let m = g.get_or_insert_with(HashMap::new);
+    if let Some((t, v)) = m.get(addr)
+        && t.elapsed() < Duration::from_secs(1)
+        && !v.is_empty()
+    {
+        return v.clone();
+    }
+    let v = ib_verbs::shm::beacon::tcp_listener_uids(addr);
+    m.insert(*addr, (Instant::now(), v.clone()));
+    v
+}
+
+/// Beacon names that may stand for `dst`: its own, then the wildcards that cover it.
+fn beacon_candidates(dst: SocketAddr) -> Vec<SocketAddr> {
+    let p = dst.port();
+    let mut v = vec![dst];
+    match dst.ip() {
+        IpAddr::V4(_) => {
+            v.push(SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), p));
+            v.push(SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), p));
+        }
+        IpAddr::V6(_) => v.push(SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), p)),
+    }
+    v
+}
+
+fn probe_reason(e: &ib_verbs::shm::ProbeError) -> Reason {
+    use ib_verbs::shm::ProbeError as P;
+    match e {
+        P::NoBeacon => Reason::NoBeacon,
+        P::NoKernelListener | P::OwnerMismatch { .. } => Reason::BeaconNotTrusted,
+        P::Declined => Reason::PeerDeclined,
+        P::Protocol(_) | P::Timeout | P::Sys(_) => Reason::SetupFailed,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side.
+
+/// What `connect` does with a stream socket whose client decision allows SDP.
+pub enum ConnectPlan {
+    /// Make the real connect on the fd (TCP), after recording `reason`.
+    Tcp(Reason),
+    /// The call is complete.
+    Done(CResult),
+}
+
+fn raw_connect(fd: i32, dst: &SocketAddr) -> Result<(), i32> {
+    let (ss, len) = sockaddr_of(dst);
+    // SAFETY: ss holds a sockaddr of `len` bytes.
+    let rc = unsafe { libc::syscall(libc::SYS_connect, fd, &ss as *const _, len) };
+    if rc == 0 { Ok(()) } else { Err(sys::errno()) }
+}
+
+fn raw_bind(fd: i32, a: &SocketAddr) -> Result<(), i32> {
+    let (ss, len) = sockaddr_of(a);
+    // SAFETY: as in raw_connect.
+    let rc = unsafe { libc::syscall(libc::SYS_bind, fd, &ss as *const _, len) };
+    if rc == 0 { Ok(()) } else { Err(sys::errno()) }
+}
+
+fn sockaddr_of(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: v6.flowinfo(),
+                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_scope_id: v6.scope_id(),
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut ss as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
+
+fn fcntl(fd: i32, cmd: i32, arg: i64) -> i32 {
+    // SAFETY: fcntl on an fd number with an integer argument.
+    unsafe { libc::syscall(libc::SYS_fcntl, fd, cmd, arg) as i32 }
+}
+
+/// Moves the fd number `fd` from its current kernel object onto the app end `app`, keeping
+/// the fd's close-on-exec flag and the file's O_NONBLOCK. Returns the shadow (the old object,
+/// moved high).
+fn swap_in(fd: i32, app: i32, nonblock: bool, cloexec: bool) -> Result<i32, i32> {
+    let shadow = fcntl(fd, libc::F_DUPFD_CLOEXEC, sys::INTERNAL_FD_MIN as i64);
+    if shadow < 0 {
+        return Err(sys::errno());
+    }
+    let fl = fcntl(app, libc::F_GETFL, 0);
+    fcntl(app, libc::F_SETFL, if nonblock { (fl | libc::O_NONBLOCK) as i64 } else { (fl & !libc::O_NONBLOCK) as i64 });
+    // SAFETY: dup3 replaces fd atomically: no instant exists where the number is free.
+    let rc = unsafe { libc::syscall(libc::SYS_dup3, app, fd, if cloexec { libc::O_CLOEXEC } else { 0 }) };
+    if rc < 0 {
+        let e = sys::errno();
+        sys::close(shadow);
+        return Err(e);
+    }
+    Ok(shadow)
+}
+
+fn dup_fd(fd: i32) -> Option<Fd> {
+    Fd::from_raw(fcntl(fd, libc::F_DUPFD_CLOEXEC, sys::INTERNAL_FD_MIN as i64))
+}
+
+/// `connect` of a tracked stream socket whose decision is `sdp` or `both`.
+pub fn connect(fd: i32, dst: SocketAddr, decision: Decision) -> ConnectPlan {
+    match try_connect(fd, normalize(dst), decision) {
+        Ok(r) => ConnectPlan::Done(r),
+        Err(reason) => match fallback::on_connect_failure(mode(decision), reason) {
+            fallback::Action::UseTcp(r) => ConnectPlan::Tcp(r),
+            fallback::Action::Fail(e) => ConnectPlan::Done(Err(e)),
+        },
+    }
+}
+
+fn mode(d: Decision) -> fallback::Mode {
+    match d {
+        Decision::Sdp => fallback::Mode::Sdp,
+        Decision::Tcp => fallback::Mode::Tcp,
+        Decision::Both => fallback::Mode::Both,
+    }
+}
+
+fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult, Reason> {
+    if !is_local(dst.ip()) {
+        return Err(Reason::NoDevice);
+    }
+    // Learn the 4-tuple before the connect: bind to the destination's own address (the source
+    // the kernel would pick for a local destination) if the program did not bind.
+    let mut local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
+    if local.port() == 0 {
+        let want = match (dst, local) {
+            (SocketAddr::V4(_), SocketAddr::V6(_)) => SocketAddr::new(
+                IpAddr::V6(match dst.ip() {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                }),
+                0,
+            ),
+            _ => SocketAddr::new(dst.ip(), 0),
+        };
+        raw_bind(fd, &want).map_err(|_| Reason::Exhausted)?;
+        local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
+    }
+    let client = if local.ip().is_unspecified() { SocketAddr::new(dst.ip(), local.port()) } else { normalize(local) };
+    let intent = Intent::new(client, dst).map_err(|_| Reason::Exhausted)?;
+
+    // Discovery: the first beacon that answers for the destination.
+    let uids = listener_uids(&dst);
+    let mut last = Reason::NoBeacon;
+    let mut owner = None;
+    for cand in beacon_candidates(dst) {
+        let probe_intent = Intent { server: cand, ..intent };
+        match ib_verbs::shm::beacon::probe_with(&probe_intent, Duration::from_millis(500), &uids) {
+            Ok(o) => {
+                owner = Some(o);
+                break;
+            }
+            Err(ib_verbs::shm::ProbeError::NoBeacon) => {}
+            Err(e) => {
+                last = probe_reason(&e);
+                break;
+            }
+        }
+    }
+    let owner = owner.ok_or(last)?;
+
+    let endpoint = Endpoint::bind(&intent).map_err(|_| Reason::SetupFailed)?;
+    let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
+    let (Some(app_dup), Some(bell_dup)) = (dup_fd(app), dup_fd(bell)) else {
+        sys::close(app);
+        sys::close(bell);
+        return Err(Reason::Exhausted);
+    };
+    let mut active = match Active::with_pair(shm_options(), app_dup, bell_dup) {
+        Ok(a) => a,
+        Err(_) => {
+            sys::close(app);
+            sys::close(bell);
+            return Err(Reason::Exhausted);
+        }
+    };
+    let addrs = match (client.ip(), dst.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => sdp_proto::wire::IpAddrs::V4 { src: s, dst: d },
+        (s, d) => sdp_proto::wire::IpAddrs::V6 {
+            src: match s {
+                IpAddr::V6(v) => v,
+                IpAddr::V4(v) => v.to_ipv6_mapped(),
+            },
+            dst: match d {
+                IpAddr::V6(v) => v,
+                IpAddr::V4(v) => v.to_ipv6_mapped(),
+            },
+        },
+    };
+    let mut engine = sdp_proto::Connection::connect(sdp::config(), sdp::now(), addrs, client.port());
+    let mut wr = 0u64;
+    while let Some(p) = engine.poll_post_recv() {
+        for _ in 0..p.count {
+            wr += 1;
+            let _ = active.post_recv(wr);
+        }
+    }
+    let hello = engine.hello().to_vec();
+
+    // The swap: from here the fd is the app end; the TCP socket is the shadow.
+    let nonblock = fcntl(fd, libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
+    let cloexec = fcntl(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0;
+    let shadow = match swap_in(fd, app, nonblock, cloexec) {
+        Ok(s) => s,
+        Err(_) => {
+            sys::close(app);
+            sys::close(bell);
+            return Err(Reason::Exhausted);
+        }
+    };
+    let row = Row::claim(fd, Transport::Shm, 1);
+    if let Some(r) = &row {
+        r.set_addrs(Some(client), Some(dst));
+    }
+    let conn = Conn::new(Inner {
+        phase: Phase::Pending { sendbuf: Vec::new(), shut_wr: false },
+        shadow,
+        app_int: app,
+        own_bell: bell,
+        app_fds: vec![fd],
+        local: Some(client),
+        peer: Some(dst),
+        row,
+        bytes_in: false,
+        stuffed: false,
+        peer_gone: false,
+        eof_signalled: false,
+        shut_rd: false,
+        so_error: 0,
+        watch: None,
+        role: 1,
+        reason: Reason::Offloaded,
+    });
+    bind_fd(fd, &conn);
+    let efd = endpoint.fd();
+    let task = Arc::new(EndpointTask {
+        endpoint,
+        intent,
+        server_uid: owner.cred.uid,
+        setup: Mutex::new(Some((active, engine, hello))),
+        conn: Arc::downgrade(&conn),
+        token: Mutex::new(None),
+    });
+    let token = progress::register(efd, libc::EPOLLIN as u32, task.clone());
+    *task.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+
+    // The real TCP connect, on the shadow (same open file: same blocking mode and timeouts).
+    match raw_connect(shadow, &dst) {
+        Ok(()) => Ok(Ok(0)),
+        Err(libc::EINPROGRESS) => Ok(Err(libc::EINPROGRESS)),
+        Err(e) => {
+            // Fail exactly as TCP: put the kernel socket back under the fd number.
+            if let Some(t) = token {
+                progress::unregister(t);
+            }
+            swap_back(&conn);
+            Ok(Err(e))
+        }
+    }
+}
+
+/// The client's half of the exchange, run by the progress thread when the server's library
+/// connects to our endpoint.
+struct EndpointTask {
+    endpoint: Endpoint,
+    intent: Intent,
+    server_uid: u32,
+    setup: Mutex<Option<(Active, sdp_proto::Connection, Vec<u8>)>>,
+    conn: Weak<Conn>,
+    token: Mutex<Option<u64>>,
+}
+
+impl Task for EndpointTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        let Some(conn) = self.conn.upgrade() else {
+            self.done();
+            return;
+        };
+        let stream = match self.endpoint.accept(&self.intent, self.server_uid, Duration::from_millis(1)) {
+            Ok((s, _)) => s,
+            Err(_) => return, // an impostor or a spurious wake: keep waiting
+        };
+        let Some((mut active, mut engine, hello)) = self.setup.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        self.done();
+        let result = active
+            .send_offer(&stream, &hello)
+            .and_then(|_| active.finish(&stream))
+            .map_err(|e| e.to_string())
+            .and_then(|(shm, ack)| {
+                engine.handle_hello_ack(sdp::now(), &ack).map_err(|e| format!("{e:?}"))?;
+                Ok(shm)
+            });
+        match result {
+            Ok(shm) => become_offloaded(&conn, SdpShm::new(engine, shm)),
+            Err(e) => {
+                sdp_log!(log::WARN, "SDP exchange failed ({e}); connection continues over TCP");
+                swap_back(&conn);
+            }
+        }
+    }
+}
+
+impl EndpointTask {
+    fn done(&self) {
+        if let Some(t) = self.token.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            progress::unregister(t);
+        }
+    }
+}
+
+/// Pending → offloaded: the bytes the application already sent go first.
+fn become_offloaded(conn: &Arc<Conn>, s: SdpShm) {
+    let peer_bell = s_peer_bell(&s);
+    let mut g = conn.lock();
+    let (buf, shut) = match std::mem::replace(&mut g.phase, Phase::Tcp) {
+        Phase::Pending { sendbuf, shut_wr } => (sendbuf, shut_wr),
+        other => {
+            g.phase = other;
+            return;
+        }
+    };
+    let mut stream: Box<dyn super::stream::OffloadStream> = Box::new(s);
+    let mut off = 0;
+    while off < buf.len() {
+        match stream.send(&[&buf[off..]], false) {
+            Ok(n) if n > 0 => off += n,
+            _ => break,
+        }
+    }
+    if off < buf.len() {
+        sdp_log!(log::ERROR, "pending bytes did not fit the SDP send buffer: {} lost", buf.len() - off);
+    }
+    if shut {
+        stream.shutdown_write();
+    }
+    g.phase = Phase::Offloaded(stream);
+    g.watch = watch_peer(conn, peer_bell);
+    g.sync();
+}
+
+fn s_peer_bell(s: &SdpShm) -> i32 {
+    s.peer_bell()
+}
+
+/// The progress thread's watch on the peer's bell end: its hang-up is the peer's end.
+struct PeerTask {
+    conn: Weak<Conn>,
+}
+
+impl Task for PeerTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        let Some(conn) = self.conn.upgrade() else { return };
+        let mut g = conn.lock();
+        if let Phase::Offloaded(s) = &mut g.phase {
+            s.peer_gone();
+        }
+        g.peer_gone = true;
+        if let Some(t) = g.watch.take() {
+            progress::unregister(t);
+        }
+        g.sync();
+    }
+}
+
+fn watch_peer(conn: &Arc<Conn>, peer_bell: i32) -> Option<u64> {
+    progress::register(
+        peer_bell,
+        (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32,
+        Arc::new(PeerTask { conn: Arc::downgrade(conn) }),
+    )
+}
+
+/// Pending → TCP: every fd number of the connection names the shadow again; the bytes the
+/// application sent meanwhile go out on TCP first.
+pub fn swap_back(conn: &Arc<Conn>) {
+    let mut g = conn.lock();
+    let buf = match std::mem::replace(&mut g.phase, Phase::Tcp) {
+        Phase::Pending { sendbuf, .. } => sendbuf,
+        other => {
+            g.phase = other;
+            return;
+        }
+    };
+    let fds = g.app_fds.clone();
+    let app_nonblock = g.app_int >= 0 && fcntl(g.app_int, libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
+    let fl = fcntl(g.shadow, libc::F_GETFL, 0);
+    fcntl(g.shadow, libc::F_SETFL, if app_nonblock { (fl | libc::O_NONBLOCK) as i64 } else { (fl & !libc::O_NONBLOCK) as i64 });
+    for &fd in &fds {
+        let cloexec = fcntl(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0;
+        // SAFETY: atomically re-point the app's fd number at the kernel socket.
+        unsafe { libc::syscall(libc::SYS_dup3, g.shadow, fd, if cloexec { libc::O_CLOEXEC } else { 0 }) };
+        fdtable::update(fd, |m| Meta(m.0 & !Meta::OFFLOADED));
+    }
+    let mut off = 0;
+    while off < buf.len() {
+        // SAFETY: a valid slice; MSG_NOSIGNAL: a broken TCP connection surfaces later.
+        let n = unsafe {
+            libc::syscall(libc::SYS_sendto, g.shadow, buf[off..].as_ptr(), buf.len() - off, libc::MSG_NOSIGNAL, std::ptr::null::<u8>(), 0)
+        };
+        if n <= 0 {
+            break;
+        }
+        off += n as usize;
+    }
+    // Wake any thread blocked on the old app end: it retries and finds TCP.
+    g.signal_eof();
+    if let Some(r) = &g.row {
+        r.set_meta(Transport::Tcp, 1, g.role, Reason::SetupFailed.code());
+    }
+    g.reason = Reason::SetupFailed;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server side.
+
+/// What became of an accepted connection.
+pub enum AcceptOutcome {
+    /// Hand the fd out as it is (TCP, or already swapped to SDP).
+    Keep,
+    /// The policy refuses this (plain TCP) client: close it and accept the next.
+    Refuse,
+}
+
+/// After the real `accept`: the SDP exchange if the client registered for one.
+pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
+    progress::after_fork_lazy();
+    let decision = fdtable::get(listener).decision().unwrap_or(Decision::Tcp);
+    if decision == Decision::Tcp {
+        record_tcp(fd, 2, Reason::Policy);
+        return AcceptOutcome::Keep;
+    }
+    let (Some(local), Some(peer)) = (sys::sockname(fd), peername(fd)) else {
+        return AcceptOutcome::Keep;
+    };
+    let (local, peer) = (normalize(local), normalize(peer));
+    let found = {
+        let mut g = INTENTS.lock().unwrap_or_else(|p| p.into_inner());
+        g.as_mut().and_then(|m| m.remove(&(peer, local.port())))
+    };
+    let Some((mut intent, uid, _)) = found else {
+        if !fallback::server_accepts_plain_client(mode(decision)) {
+            return AcceptOutcome::Refuse;
+        }
+        record_tcp(fd, 2, Reason::PlainClient);
+        return AcceptOutcome::Keep;
+    };
+    intent.server = local;
+    match server_exchange(fd, &intent, uid, flags, local, peer) {
+        Ok(()) => AcceptOutcome::Keep,
+        Err(reason) => {
+            sdp_log!(log::WARN, "accept fd {fd} from {peer}: SDP exchange failed ({reason}), TCP");
+            record_tcp(fd, 2, reason);
+            AcceptOutcome::Keep
+        }
+    }
+}
+
+fn server_exchange(fd: i32, intent: &Intent, uid: u32, flags: i32, local: SocketAddr, peer: SocketAddr) -> Result<(), Reason> {
+    let (stream, _) = ib_verbs::shm::connect_endpoint(intent, uid).map_err(|e| probe_reason(&e))?;
+    let offer = Passive::recv_offer(&stream, EXCHANGE_TIMEOUT).map_err(|_| Reason::SetupFailed)?;
+    let mut engine = match sdp_proto::Connection::accept(sdp::config(), sdp::now(), offer.private_data()) {
+        Ok(e) => e,
+        Err(_) => {
+            let _ = offer.reject(&stream, &[]);
+            return Err(Reason::SetupFailed);
+        }
+    };
+    let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
+    let (Some(app_dup), Some(bell_dup)) = (dup_fd(app), dup_fd(bell)) else {
+        sys::close(app);
+        sys::close(bell);
+        return Err(Reason::Exhausted);
+    };
+    let mut accepting = match offer.accept_with_pair(shm_options(), app_dup, bell_dup) {
+        Ok(a) => a,
+        Err(_) => {
+            sys::close(app);
+            sys::close(bell);
+            return Err(Reason::SetupFailed);
+        }
+    };
+    let mut wr = 0u64;
+    while let Some(p) = engine.poll_post_recv() {
+        for _ in 0..p.count {
+            wr += 1;
+            let _ = accepting.post_recv(wr);
+        }
+    }
+    let ack = engine.hello_ack();
+    let shm = accepting
+        .send_answer(&stream, &ack)
+        .and_then(|_| accepting.finish(&stream))
+        .map_err(|_| {
+            sys::close(app);
+            sys::close(bell);
+            Reason::SetupFailed
+        })?;
+    let s = SdpShm::new(engine, shm);
+    let peer_bell = s.peer_bell();
+    let shadow = swap_in(fd, app, flags & libc::SOCK_NONBLOCK != 0, flags & libc::SOCK_CLOEXEC != 0).map_err(|_| {
+        sys::close(app);
+        sys::close(bell);
+        Reason::Exhausted
+    })?;
+    let row = Row::claim(fd, Transport::Shm, 2);
+    if let Some(r) = &row {
+        r.set_addrs(Some(local), Some(peer));
+    }
+    let conn = Conn::new(Inner {
+        phase: Phase::Offloaded(Box::new(s)),
+        shadow,
+        app_int: app,
+        own_bell: bell,
+        app_fds: vec![fd],
+        local: Some(local),
+        peer: Some(peer),
+        row,
+        bytes_in: false,
+        stuffed: false,
+        peer_gone: false,
+        eof_signalled: false,
+        shut_rd: false,
+        so_error: 0,
+        watch: None,
+        role: 2,
+        reason: Reason::Offloaded,
+    });
+    bind_fd(fd, &conn);
+    let mut g = conn.lock();
+    g.watch = watch_peer(&conn, peer_bell);
+    g.sync();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifetime.
+
+/// `close` of an offloaded fd: the connection ends when its last fd in this process goes
+/// (other processes holding it after fork keep it alive, as the kernel does for TCP).
+pub fn close(fd: i32) {
+    let Some(conn) = super::unbind_fd(fd) else { return };
+    let mut g = conn.lock();
+    if let Phase::Offloaded(s) = &mut g.phase {
+        s.progress();
+    }
+    if let Phase::Offloaded(s) = std::mem::replace(&mut g.phase, Phase::Tcp) {
+        let mut s = s;
+        // Bytes accepted by send are delivered after close, as TCP delivers them (bounded).
+        s.flush(Duration::from_secs(2));
+        s.shutdown_write();
+        s.progress();
+    }
+    g.release();
+}
+
+/// A duplicate of an offloaded fd names the same connection.
+pub fn on_dup(old: i32, new: i32) {
+    if let Some(conn) = super::lookup(new)
+        && super::lookup(old).is_none_or(|c| !Arc::ptr_eq(&c, &conn))
+    {
+        // dup2 over an offloaded fd closed that fd's reference.
+        close(new);
+    }
+    if let Some(conn) = super::lookup(old) {
+        conn.lock().app_fds.push(new);
+        bind_fd(new, &conn);
+    }
+}

@@ -77,4 +77,7 @@ pub trait OffloadStream: Send {
     fn arm_send(&mut self) -> bool;
 
     fn counters(&self) -> Counters;
+
+    /// Delivers queued sends, waiting at most `budget` (a closing socket's linger).
+    fn flush(&mut self, budget: std::time::Duration);
 }
