@@ -43,7 +43,15 @@ fn lock() -> std::sync::MutexGuard<'static, Option<Progress>> {
 fn epoll_add(epfd: i32, fd: i32, events: u32, token: u64) -> bool {
     let mut ev = libc::epoll_event { events, u64: token };
     // SAFETY: ev is a valid epoll_event; epfd and fd are fds of this process.
-    unsafe { libc::syscall(libc::SYS_epoll_ctl, epfd, libc::EPOLL_CTL_ADD, fd, &mut ev as *mut _) == 0 }
+    unsafe {
+        libc::syscall(
+            libc::SYS_epoll_ctl,
+            epfd,
+            libc::EPOLL_CTL_ADD,
+            fd,
+            &mut ev as *mut _,
+        ) == 0
+    }
 }
 
 /// Makes sure this process has its own epoll set and thread; rebuilds both after a fork.
@@ -71,7 +79,12 @@ fn ensure(p: &mut Option<Progress>) -> Option<&mut Progress> {
             }
             next_token = old.next_token;
         }
-        *p = Some(Progress { pid, epfd, next_token, entries });
+        *p = Some(Progress {
+            pid,
+            epfd,
+            next_token,
+            entries,
+        });
         let spawned = std::thread::Builder::new()
             .name("libsdp-progress".into())
             .stack_size(256 * 1024)
@@ -106,7 +119,13 @@ pub fn unregister(token: u64) {
     {
         // SAFETY: removing an fd we added; an fd already closed just fails with EBADF.
         unsafe {
-            libc::syscall(libc::SYS_epoll_ctl, p.epfd, libc::EPOLL_CTL_DEL, e.fd, std::ptr::null_mut::<libc::epoll_event>())
+            libc::syscall(
+                libc::SYS_epoll_ctl,
+                p.epfd,
+                libc::EPOLL_CTL_DEL,
+                e.fd,
+                std::ptr::null_mut::<libc::epoll_event>(),
+            )
         };
     }
 }
@@ -136,7 +155,13 @@ fn run(epfd: i32) {
     loop {
         // SAFETY: events is a valid buffer of 64 entries.
         let n = unsafe {
-            libc::syscall(libc::SYS_epoll_wait, epfd, events.as_mut_ptr(), events.len() as i32, 1000)
+            libc::syscall(
+                libc::SYS_epoll_wait,
+                epfd,
+                events.as_mut_ptr(),
+                events.len() as i32,
+                1000,
+            )
         } as i32;
         if n < 0 {
             if crate::sys::errno() == libc::EINTR {
@@ -157,11 +182,14 @@ fn run(epfd: i32) {
             let fired = ev.events;
             let found = {
                 let g = lock();
-                g.as_ref().and_then(|p| p.entries.get(&token).map(|e| (e.fd, Arc::clone(&e.task))))
+                g.as_ref()
+                    .and_then(|p| p.entries.get(&token).map(|e| (e.fd, Arc::clone(&e.task))))
             };
             if let Some((fd, task)) = found {
                 WAKEUPS.fetch_add(1, Ordering::Relaxed);
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.on_event(fd, fired)));
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    task.on_event(fd, fired)
+                }));
             }
         }
     }

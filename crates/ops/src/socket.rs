@@ -138,11 +138,17 @@ pub fn connect(fd: i32, addr: Option<SocketAddr>) -> Option<isize> {
     let reason = match d {
         Decision::Tcp => fallback::Reason::Policy,
         _ => match crate::offload::setup::connect(fd, addr, d) {
-            crate::offload::setup::ConnectPlan::Done(r) => return Some(crate::offload::data::to_c(r)),
+            crate::offload::setup::ConnectPlan::Done(r) => {
+                return Some(crate::offload::data::to_c(r));
+            }
             crate::offload::setup::ConnectPlan::Tcp(reason) => reason,
         },
     };
-    sdp_log!(log::DECISION, "{} fd {fd} connect {addr}: TCP ({reason})", globals().program);
+    sdp_log!(
+        log::DECISION,
+        "{} fd {fd} connect {addr}: TCP ({reason})",
+        globals().program
+    );
     crate::offload::setup::record_tcp(fd, 1, reason);
     None
 }

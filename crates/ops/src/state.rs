@@ -66,7 +66,11 @@ fn init() -> Globals {
     let resolved = conf::Policy::resolve(&act, |p| std::fs::read_to_string(p));
     if let Some(e) = &resolved.error {
         // Fail open: a broken policy must never break the program; one error, then TCP.
-        sdp_log!(log::ERROR, "{}; every socket stays TCP", one_line(&e.to_string()));
+        sdp_log!(
+            log::ERROR,
+            "{}; every socket stays TCP",
+            one_line(&e.to_string())
+        );
     }
     let policy = resolved.policy;
     log::configure(policy.log());

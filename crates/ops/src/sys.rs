@@ -122,7 +122,8 @@ pub const INTERNAL_FD_MIN: i32 = 400;
 /// the old one if the fd limit does not allow it).
 pub fn move_high(fd: i32) -> i32 {
     // SAFETY: F_DUPFD_CLOEXEC on our own fd.
-    let hi = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_MIN) } as i32;
+    let hi = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_MIN) }
+        as i32;
     if hi < 0 {
         return fd;
     }

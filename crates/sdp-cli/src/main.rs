@@ -109,7 +109,11 @@ enum Command {
                       (SDP or TCP), state, bytes and messages each way, credits, and why a socket \
                       fell back to TCP."
     )]
-    Stat,
+    Stat {
+        /// One JSON object per socket, one per line.
+        #[arg(long)]
+        json: bool,
+    },
 
     /// Compare workloads without and with libsdp, side by side in one run.
     #[command(
@@ -143,7 +147,7 @@ fn main() -> ExitCode {
             addr,
         } => explain::explain(conf.as_deref(), &program, role, &addr),
         Command::Check { file } => check::check(&file),
-        Command::Stat => stat::stat(),
+        Command::Stat { json } => stat::stat(json),
         Command::Bench { quick, conf, only } => {
             match bench::run(&bench::BenchOpts { quick, conf, only }) {
                 Ok(()) => ExitCode::SUCCESS,

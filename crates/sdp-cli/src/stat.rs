@@ -1,11 +1,240 @@
-//! `sdp stat`: the offloaded sockets of running libsdp processes.
+//! `sdp stat`: every stream socket of every running libsdp process, read from the
+//! per-process statistics files the library keeps in shared memory (`ops::stats`).
 //!
-//! Placeholder until the library publishes its per-process statistics in shared memory
-//! (DESIGN.md §8); then this reads them.
+//! Files of processes that no longer exist are removed on the way.
 
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
-pub fn stat() -> ExitCode {
-    println!("no libsdp processes with offloaded sockets");
+use ops::stats::{self, Transport, field};
+
+/// One socket as `sdp stat` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketRow {
+    pub pid: u64,
+    pub program: String,
+    pub fd: i64,
+    pub role: &'static str,
+    pub transport: &'static str,
+    pub reason: &'static str,
+    pub local: Option<SocketAddr>,
+    pub remote: Option<SocketAddr>,
+    pub bytes_tx: u64,
+    pub bytes_rx: u64,
+    pub msgs_tx: u64,
+    pub msgs_rx: u64,
+    pub credits_tx: u64,
+    pub posted_rx: u64,
+}
+
+fn word(b: &[u8], i: usize) -> u64 {
+    let o = i * 8;
+    b.get(o..o + 8)
+        .map_or(0, |s| u64::from_ne_bytes(s.try_into().expect("8 bytes")))
+}
+
+/// Parses one statistics file. `None`: not a libsdp statistics file.
+pub fn parse_file(b: &[u8]) -> Option<(u64, String, Vec<SocketRow>)> {
+    if b.len() < stats::HEADER_WORDS * 8
+        || word(b, 0) != stats::MAGIC
+        || word(b, 1) != stats::VERSION
+    {
+        return None;
+    }
+    let pid = word(b, 2);
+    let nslots = (word(b, 3) as usize).min((b.len() / 8 - stats::HEADER_WORDS) / stats::SLOT_WORDS);
+    let name: Vec<u8> = (0..8)
+        .flat_map(|i| word(b, 4 + i).to_le_bytes())
+        .take_while(|&c| c != 0)
+        .collect();
+    let program = String::from_utf8_lossy(&name).into_owned();
+    let mut rows = Vec::new();
+    for i in 0..nslots {
+        let base = stats::HEADER_WORDS + i * stats::SLOT_WORDS;
+        let w = |f: usize| word(b, base + f);
+        let (used, transport, _state, role, reason) = stats::unmeta(w(field::META));
+        if !used {
+            continue;
+        }
+        let addr = |off: usize| stats::decode_addr([w(off), w(off + 1), w(off + 2)]);
+        rows.push(SocketRow {
+            pid,
+            program: program.clone(),
+            fd: w(field::FD) as i32 as i64,
+            role: match role {
+                1 => "client",
+                2 => "server",
+                _ => "-",
+            },
+            transport: Transport::from_u8(transport).map_or("?", Transport::as_str),
+            reason: fallback::Reason::from_code(reason).map_or("?", fallback::Reason::as_str),
+            local: addr(field::LOCAL),
+            remote: addr(field::REMOTE),
+            bytes_tx: w(field::BYTES_TX),
+            bytes_rx: w(field::BYTES_RX),
+            msgs_tx: w(field::MSGS_TX),
+            msgs_rx: w(field::MSGS_RX),
+            credits_tx: w(field::CREDITS_TX),
+            posted_rx: w(field::POSTED_RX),
+        });
+    }
+    Some((pid, program, rows))
+}
+
+fn alive(pid: u64) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Every socket of every live libsdp process.
+pub fn collect() -> Vec<SocketRow> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir(stats::DIR) else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(stats::PREFIX)
+            .and_then(|r| r.strip_suffix(stats::SUFFIX))
+        else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u64>() else {
+            continue;
+        };
+        if !alive(pid) {
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        if let Ok(b) = std::fs::read(e.path())
+            && let Some((_, _, rows)) = parse_file(&b)
+        {
+            out.extend(rows);
+        }
+    }
+    out.sort_by_key(|r| (r.pid, r.fd));
+    out
+}
+
+fn addr(a: &Option<SocketAddr>) -> String {
+    a.map_or("-".to_string(), |a| a.to_string())
+}
+
+fn json_str(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+pub fn stat(json: bool) -> ExitCode {
+    let rows = collect();
+    if json {
+        for r in &rows {
+            println!(
+                "{{\"pid\":{},\"program\":{},\"fd\":{},\"role\":\"{}\",\"transport\":\"{}\",\"fallback_reason\":\"{}\",\"local\":{},\"remote\":{},\"bytes_tx\":{},\"bytes_rx\":{},\"msgs_tx\":{},\"msgs_rx\":{},\"credits_tx\":{},\"posted_rx\":{}}}",
+                r.pid,
+                json_str(&r.program),
+                r.fd,
+                r.role,
+                r.transport,
+                r.reason,
+                json_str(&addr(&r.local)),
+                json_str(&addr(&r.remote)),
+                r.bytes_tx,
+                r.bytes_rx,
+                r.msgs_tx,
+                r.msgs_rx,
+                r.credits_tx,
+                r.posted_rx
+            );
+        }
+        return ExitCode::SUCCESS;
+    }
+    if rows.is_empty() {
+        println!("no libsdp processes with stream sockets");
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "{:>7} {:<15} {:>5} {:<6} {:<5} {:<22} {:<22} {:>12} {:>12} {:>9} {:>9} {:>4} {:>4}  REASON",
+        "PID",
+        "PROGRAM",
+        "FD",
+        "ROLE",
+        "VIA",
+        "LOCAL",
+        "REMOTE",
+        "TX_BYTES",
+        "RX_BYTES",
+        "TX_MSGS",
+        "RX_MSGS",
+        "CRED",
+        "POST"
+    );
+    for r in &rows {
+        println!(
+            "{:>7} {:<15} {:>5} {:<6} {:<5} {:<22} {:<22} {:>12} {:>12} {:>9} {:>9} {:>4} {:>4}  {}",
+            r.pid,
+            r.program,
+            r.fd,
+            r.role,
+            r.transport,
+            addr(&r.local),
+            addr(&r.remote),
+            r.bytes_tx,
+            r.bytes_rx,
+            r.msgs_tx,
+            r.msgs_rx,
+            r.credits_tx,
+            r.posted_rx,
+            r.reason
+        );
+    }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_is_not_ours_is_ignored() {
+        assert!(parse_file(&[0u8; 4096]).is_none());
+        assert!(parse_file(b"short").is_none());
+    }
+
+    #[test]
+    fn rows_round_trip_through_the_layout() {
+        let mut b = vec![0u8; (stats::HEADER_WORDS + 2 * stats::SLOT_WORDS) * 8];
+        let put = |b: &mut Vec<u8>, i: usize, v: u64| {
+            b[i * 8..i * 8 + 8].copy_from_slice(&v.to_ne_bytes())
+        };
+        put(&mut b, 0, stats::MAGIC);
+        put(&mut b, 1, stats::VERSION);
+        put(&mut b, 2, 42);
+        put(&mut b, 3, 2);
+        put(&mut b, 4, u64::from_le_bytes(*b"sockperf"));
+        let base = stats::HEADER_WORDS + stats::SLOT_WORDS;
+        put(&mut b, base, stats::meta(Transport::Shm, 1, 1, 0));
+        put(&mut b, base + field::FD, 7);
+        let a: SocketAddr = "127.0.0.1:11111".parse().unwrap();
+        for (i, w) in stats::encode_addr(Some(a)).into_iter().enumerate() {
+            put(&mut b, base + field::REMOTE + i, w);
+        }
+        put(&mut b, base + field::BYTES_TX, 640);
+        let (pid, prog, rows) = parse_file(&b).unwrap();
+        assert_eq!((pid, prog.as_str(), rows.len()), (42, "sockperf", 1));
+        assert_eq!(rows[0].transport, "shm");
+        assert_eq!(rows[0].remote, Some(a));
+        assert_eq!(rows[0].bytes_tx, 640);
+        assert_eq!(rows[0].reason, "-");
+    }
 }

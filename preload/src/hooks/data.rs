@@ -34,13 +34,21 @@ fn do_send(fd: c_int, bufs: &[&[u8]], flags: c_int) -> Option<ssize_t> {
 /// # Safety
 /// `buf` must be valid for writes of `n` bytes (or n == 0).
 unsafe fn out_buf<'a>(buf: *mut c_void, n: size_t) -> &'a mut [u8] {
-    if n == 0 || buf.is_null() { &mut [] } else { unsafe { slice::from_raw_parts_mut(buf.cast(), n) } }
+    if n == 0 || buf.is_null() {
+        &mut []
+    } else {
+        unsafe { slice::from_raw_parts_mut(buf.cast(), n) }
+    }
 }
 
 /// # Safety
 /// `buf` must be valid for reads of `n` bytes (or n == 0).
 unsafe fn in_buf<'a>(buf: *const c_void, n: size_t) -> &'a [u8] {
-    if n == 0 || buf.is_null() { &[] } else { unsafe { slice::from_raw_parts(buf.cast(), n) } }
+    if n == 0 || buf.is_null() {
+        &[]
+    } else {
+        unsafe { slice::from_raw_parts(buf.cast(), n) }
+    }
 }
 
 /// # Safety
@@ -50,7 +58,9 @@ unsafe fn iov_mut<'a>(iov: *const iovec, cnt: usize) -> Vec<&'a mut [u8]> {
         return Vec::new();
     }
     let v = unsafe { slice::from_raw_parts(iov, cnt) };
-    v.iter().map(|e| unsafe { out_buf(e.iov_base, e.iov_len) }).collect()
+    v.iter()
+        .map(|e| unsafe { out_buf(e.iov_base, e.iov_len) })
+        .collect()
 }
 
 /// # Safety
@@ -60,7 +70,9 @@ unsafe fn iov_ref<'a>(iov: *const iovec, cnt: usize) -> Vec<&'a [u8]> {
         return Vec::new();
     }
     let v = unsafe { slice::from_raw_parts(iov, cnt) };
-    v.iter().map(|e| unsafe { in_buf(e.iov_base, e.iov_len) }).collect()
+    v.iter()
+        .map(|e| unsafe { in_buf(e.iov_base, e.iov_len) })
+        .collect()
 }
 
 /// # Safety
@@ -78,7 +90,12 @@ pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t
 /// # Safety
 /// As `read(2)`, with glibc's fortify check.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t {
+pub unsafe extern "C" fn __read_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+) -> ssize_t {
     if offloaded(fd)
         && n <= buflen
         && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], 0)
@@ -141,7 +158,13 @@ pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_i
 /// # Safety
 /// As `recv(2)`, with glibc's fortify check.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn __recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int) -> ssize_t {
+pub unsafe extern "C" fn __recv_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+    flags: c_int,
+) -> ssize_t {
     if offloaded(fd)
         && n <= buflen
         && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], flags)
@@ -220,14 +243,24 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
 /// # Safety
 /// As `recvmmsg(2)`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn recvmmsg(fd: c_int, vec: *mut mmsghdr, vlen: c_uint, flags: c_int, timeout: *mut timespec) -> c_int {
+pub unsafe extern "C" fn recvmmsg(
+    fd: c_int,
+    vec: *mut mmsghdr,
+    vlen: c_uint,
+    flags: c_int,
+    timeout: *mut timespec,
+) -> c_int {
     if offloaded(fd) && !vec.is_null() {
         let msgs = unsafe { slice::from_raw_parts_mut(vec, vlen as usize) };
         let mut done = 0;
         for (i, mm) in msgs.iter_mut().enumerate() {
             // After the first message, never block (as the kernel does without MSG_WAITFORONE
             // semantics for stream sockets once data was returned).
-            let f = if i == 0 { flags & !libc::MSG_WAITFORONE } else { flags | libc::MSG_DONTWAIT };
+            let f = if i == 0 {
+                flags & !libc::MSG_WAITFORONE
+            } else {
+                flags | libc::MSG_DONTWAIT
+            };
             let r = unsafe { recvmsg(fd, &mut mm.msg_hdr, f) };
             if r < 0 {
                 return if done > 0 { done } else { -1 };
@@ -290,7 +323,12 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
 /// # Safety
 /// As `sendmmsg(2)`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sendmmsg(fd: c_int, vec: *mut mmsghdr, vlen: c_uint, flags: c_int) -> c_int {
+pub unsafe extern "C" fn sendmmsg(
+    fd: c_int,
+    vec: *mut mmsghdr,
+    vlen: c_uint,
+    flags: c_int,
+) -> c_int {
     if offloaded(fd) && !vec.is_null() {
         let msgs = unsafe { slice::from_raw_parts_mut(vec, vlen as usize) };
         let mut done = 0;
@@ -309,7 +347,12 @@ pub unsafe extern "C" fn sendmmsg(fd: c_int, vec: *mut mmsghdr, vlen: c_uint, fl
 
 /// Copies up to `count` bytes from `in_fd` (a file or pipe) into the offloaded `out_fd`.
 /// `offset`: read at this file offset and advance it, without moving the file position.
-unsafe fn copy_into_offloaded(out_fd: c_int, in_fd: c_int, offset: Option<&mut i64>, count: usize) -> ssize_t {
+unsafe fn copy_into_offloaded(
+    out_fd: c_int,
+    in_fd: c_int,
+    offset: Option<&mut i64>,
+    count: usize,
+) -> ssize_t {
     let mut buf = vec![0u8; count.min(256 * 1024)];
     let mut pos = offset;
     let mut total = 0usize;
@@ -317,11 +360,17 @@ unsafe fn copy_into_offloaded(out_fd: c_int, in_fd: c_int, offset: Option<&mut i
         let want = buf.len().min(count - total);
         let n = match pos.as_deref() {
             // SAFETY: buf is writable for `want` bytes.
-            Some(&off) => unsafe { libc::syscall(libc::SYS_pread64, in_fd, buf.as_mut_ptr(), want, off) as ssize_t },
+            Some(&off) => unsafe {
+                libc::syscall(libc::SYS_pread64, in_fd, buf.as_mut_ptr(), want, off) as ssize_t
+            },
             None => unsafe { real::read(in_fd, buf.as_mut_ptr().cast(), want) },
         };
         if n <= 0 {
-            return if total > 0 || n == 0 { total as ssize_t } else { -1 };
+            return if total > 0 || n == 0 {
+                total as ssize_t
+            } else {
+                -1
+            };
         }
         let sent = match do_send(out_fd, &[&buf[..n as usize]], 0) {
             Some(s) => s,
@@ -344,9 +393,18 @@ unsafe fn copy_into_offloaded(out_fd: c_int, in_fd: c_int, offset: Option<&mut i
 /// # Safety
 /// As `sendfile(2)`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sendfile(out_fd: c_int, in_fd: c_int, offset: *mut off_t, count: size_t) -> ssize_t {
+pub unsafe extern "C" fn sendfile(
+    out_fd: c_int,
+    in_fd: c_int,
+    offset: *mut off_t,
+    count: size_t,
+) -> ssize_t {
     if offloaded(out_fd) {
-        let off = if offset.is_null() { None } else { Some(unsafe { &mut *offset }) };
+        let off = if offset.is_null() {
+            None
+        } else {
+            Some(unsafe { &mut *offset })
+        };
         return unsafe { copy_into_offloaded(out_fd, in_fd, off, count) };
     }
     unsafe { real::sendfile(out_fd, in_fd, offset, count) }
@@ -355,9 +413,18 @@ pub unsafe extern "C" fn sendfile(out_fd: c_int, in_fd: c_int, offset: *mut off_
 /// # Safety
 /// As `sendfile64(2)`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut off64_t, count: size_t) -> ssize_t {
+pub unsafe extern "C" fn sendfile64(
+    out_fd: c_int,
+    in_fd: c_int,
+    offset: *mut off64_t,
+    count: size_t,
+) -> ssize_t {
     if offloaded(out_fd) {
-        let off = if offset.is_null() { None } else { Some(unsafe { &mut *offset }) };
+        let off = if offset.is_null() {
+            None
+        } else {
+            Some(unsafe { &mut *offset })
+        };
         return unsafe { copy_into_offloaded(out_fd, in_fd, off, count) };
     }
     unsafe { real::sendfile64(out_fd, in_fd, offset, count) }
@@ -376,12 +443,20 @@ pub unsafe extern "C" fn splice(
     flags: c_uint,
 ) -> ssize_t {
     if offloaded(fd_out) && off_out.is_null() {
-        let off = if off_in.is_null() { None } else { Some(unsafe { &mut *off_in }) };
+        let off = if off_in.is_null() {
+            None
+        } else {
+            Some(unsafe { &mut *off_in })
+        };
         return unsafe { copy_into_offloaded(fd_out, fd_in, off, len) };
     }
     if offloaded(fd_in) && off_in.is_null() {
         let mut buf = vec![0u8; len.min(256 * 1024)];
-        let fl = if flags & libc::SPLICE_F_NONBLOCK != 0 { libc::MSG_DONTWAIT } else { 0 };
+        let fl = if flags & libc::SPLICE_F_NONBLOCK != 0 {
+            libc::MSG_DONTWAIT
+        } else {
+            0
+        };
         let n = match do_recv(fd_in, &mut [&mut buf[..]], fl) {
             Some(n) => n,
             None => return unsafe { real::splice(fd_in, off_in, fd_out, off_out, len, flags) },
@@ -395,7 +470,15 @@ pub unsafe extern "C" fn splice(
                 unsafe { real::write(fd_out, buf[done..].as_ptr().cast(), n as usize - done) }
             } else {
                 // SAFETY: off_out is the caller's offset; pwrite does not move the file position.
-                let w = unsafe { libc::syscall(libc::SYS_pwrite64, fd_out, buf[done..].as_ptr(), n as usize - done, *off_out) as ssize_t };
+                let w = unsafe {
+                    libc::syscall(
+                        libc::SYS_pwrite64,
+                        fd_out,
+                        buf[done..].as_ptr(),
+                        n as usize - done,
+                        *off_out,
+                    ) as ssize_t
+                };
                 if w > 0 {
                     unsafe { *off_out += w as i64 };
                 }
@@ -424,7 +507,13 @@ fn kernel_socket(fd: c_int) -> c_int {
 /// # Safety
 /// As `getsockopt(2)`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
+pub unsafe extern "C" fn getsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *mut c_void,
+    len: *mut socklen_t,
+) -> c_int {
     if offloaded(fd) && level == libc::SOL_SOCKET {
         if name == libc::SO_ERROR
             && !val.is_null()
@@ -449,7 +538,13 @@ pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *
 /// # Safety
 /// As `setsockopt(2)`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
+pub unsafe extern "C" fn setsockopt(
+    fd: c_int,
+    level: c_int,
+    name: c_int,
+    val: *const c_void,
+    len: socklen_t,
+) -> c_int {
     if offloaded(fd) {
         let shadow = kernel_socket(fd);
         if level == libc::SOL_SOCKET && (name == libc::SO_RCVTIMEO || name == libc::SO_SNDTIMEO) {
@@ -484,7 +579,8 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     if offloaded(fd)
-        && let Some(Some(r)) = switch_call(Some(Err(libc::EIO)), || od::shutdown(fd, how)).map(|o| o.map(|r| r.map(|_| 0)))
+        && let Some(Some(r)) = switch_call(Some(Err(libc::EIO)), || od::shutdown(fd, how))
+            .map(|o| o.map(|r| r.map(|_| 0)))
     {
         return od::to_c(r.map(|v| v as isize)) as c_int;
     }

@@ -65,7 +65,12 @@ pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
 
 /// `accept4` with the switch: the SDP exchange for clients that came through the rendezvous,
 /// and `use sdp server` refusing plain TCP clients (closed, and the next one accepted).
-unsafe fn accept_common(listener: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+unsafe fn accept_common(
+    listener: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
     loop {
         let fd = unsafe { real::accept4(listener, addr, len, flags) };
         if fd < 0 || !(is_tracked(listener) || is_tracked(fd)) {
@@ -90,7 +95,12 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
 /// # Safety
 /// As `accept4(2)`.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+pub unsafe extern "C" fn accept4(
+    fd: c_int,
+    addr: *mut sockaddr,
+    len: *mut socklen_t,
+    flags: c_int,
+) -> c_int {
     unsafe { accept_common(fd, addr, len, flags) }
 }
 

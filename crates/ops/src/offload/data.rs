@@ -61,7 +61,15 @@ fn wait_writable(fd: i32) -> Result<(), Errno> {
     let b = [0u8; 1];
     // SAFETY: one readable byte. The byte joins the stuffing and is drained with it.
     let n = unsafe {
-        libc::syscall(libc::SYS_sendto, fd, b.as_ptr(), 1usize, libc::MSG_NOSIGNAL, std::ptr::null::<u8>(), 0)
+        libc::syscall(
+            libc::SYS_sendto,
+            fd,
+            b.as_ptr(),
+            1usize,
+            libc::MSG_NOSIGNAL,
+            std::ptr::null::<u8>(),
+            0,
+        )
     };
     if n >= 0 { Ok(()) } else { Err(errno()) }
 }
@@ -70,7 +78,12 @@ fn raise_sigpipe() {
     // LINUX: a stream socket write on a broken connection raises SIGPIPE in the calling thread.
     // SAFETY: signalling our own thread.
     unsafe {
-        libc::syscall(libc::SYS_tgkill, libc::syscall(libc::SYS_getpid), libc::syscall(libc::SYS_gettid), libc::SIGPIPE)
+        libc::syscall(
+            libc::SYS_tgkill,
+            libc::syscall(libc::SYS_getpid),
+            libc::syscall(libc::SYS_gettid),
+            libc::SIGPIPE,
+        )
     };
 }
 
@@ -137,7 +150,11 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
             return Some(Ok(0));
         }
         if dontwait || is_nonblocking(fd) {
-            return Some(if got > 0 { Ok(got as isize) } else { Err(libc::EAGAIN) });
+            return Some(if got > 0 {
+                Ok(got as isize)
+            } else {
+                Err(libc::EAGAIN)
+            });
         }
         if let Err(e) = wait_readable(fd) {
             return Some(if got > 0 { Ok(got as isize) } else { Err(e) });
@@ -233,7 +250,11 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
             }
         }
         if dontwait || is_nonblocking(fd) {
-            return Some(if sent > 0 { Ok(sent as isize) } else { Err(libc::EAGAIN) });
+            return Some(if sent > 0 {
+                Ok(sent as isize)
+            } else {
+                Err(libc::EAGAIN)
+            });
         }
         if let Err(e) = wait_writable(fd) {
             return Some(if sent > 0 { Ok(sent as isize) } else { Err(e) });

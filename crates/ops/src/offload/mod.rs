@@ -81,7 +81,9 @@ pub struct Conn {
 
 impl Conn {
     pub fn new(inner: Inner) -> Arc<Conn> {
-        Arc::new(Conn { inner: Mutex::new(inner) })
+        Arc::new(Conn {
+            inner: Mutex::new(inner),
+        })
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -100,7 +102,8 @@ pub fn lookup(fd: i32) -> Option<Arc<Conn>> {
 /// Records that `fd` names `conn`.
 pub fn bind_fd(fd: i32, conn: &Arc<Conn>) {
     let mut g = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
-    g.get_or_insert_with(HashMap::new).insert(fd, Arc::clone(conn));
+    g.get_or_insert_with(HashMap::new)
+        .insert(fd, Arc::clone(conn));
     fdtable::update(fd, |m| m.with(Meta::OFFLOADED));
 }
 
@@ -125,7 +128,15 @@ pub fn fork_prepare() -> std::sync::RwLockWriteGuard<'static, Option<HashMap<i32
 fn raw_send(fd: i32, buf: &[u8], flags: i32) -> isize {
     // SAFETY: buf is valid for reads of its length; raw syscall bypasses our hooks.
     unsafe {
-        libc::syscall(libc::SYS_sendto, fd, buf.as_ptr(), buf.len(), flags, std::ptr::null::<u8>(), 0) as isize
+        libc::syscall(
+            libc::SYS_sendto,
+            fd,
+            buf.as_ptr(),
+            buf.len(),
+            flags,
+            std::ptr::null::<u8>(),
+            0,
+        ) as isize
     }
 }
 
@@ -247,7 +258,9 @@ impl Inner {
     }
 
     pub fn publish_stats(&self) {
-        let (Some(row), Phase::Offloaded(s)) = (&self.row, &self.phase) else { return };
+        let (Some(row), Phase::Offloaded(s)) = (&self.row, &self.phase) else {
+            return;
+        };
         let c = s.counters();
         row.set(stats::field::BYTES_TX, c.bytes_tx);
         row.set(stats::field::BYTES_RX, c.bytes_rx);

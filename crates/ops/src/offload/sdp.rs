@@ -42,7 +42,11 @@ pub fn now() -> Timestamp {
 /// The engine configuration libsdp uses on the same host: BCopy (the shm ring is already a
 /// copy into the peer's memory), a 64-buffer window of 32 KiB messages.
 pub fn config() -> Config {
-    Config { zcopy_recv: false, zcopy_send: false, ..Config::default() }
+    Config {
+        zcopy_recv: false,
+        zcopy_send: false,
+        ..Config::default()
+    }
 }
 
 pub struct SdpShm {
@@ -68,7 +72,16 @@ impl SdpShm {
             txbuf: vec![0; attrs.send_buf_size.max(64) as usize],
             rxbuf: vec![0; attrs.recv_buf_size.max(64) as usize],
             conn,
-            cq: vec![Completion { wr_id: 0, opcode: Opcode::Send, status: Ok(()), byte_len: 0, buf_index: 0 }; 32],
+            cq: vec![
+                Completion {
+                    wr_id: 0,
+                    opcode: Opcode::Send,
+                    status: Ok(()),
+                    byte_len: 0,
+                    buf_index: 0
+                };
+                32
+            ],
             next_wr: 1 << 32,
             peer_gone: false,
             dead: None,
@@ -96,7 +109,9 @@ impl SdpShm {
             _ => {
                 crate::sdp_log!(crate::log::WARN, "shm transport failed: {e}");
                 self.dead.get_or_insert(libc::ECONNRESET);
-                let _ = self.engine.handle_transport_error(t, sdp_proto::error::TransportFailure::Fatal);
+                let _ = self
+                    .engine
+                    .handle_transport_error(t, sdp_proto::error::TransportFailure::Fatal);
             }
         }
     }
@@ -153,7 +168,9 @@ impl SdpShm {
             }
         }
         loop {
-            let Some(tx) = self.engine.poll_transmit(t, &mut self.txbuf) else { break };
+            let Some(tx) = self.engine.poll_transmit(t, &mut self.txbuf) else {
+                break;
+            };
             let wr = self.wr();
             if let Err(e) = self.conn.post_send(wr, &[&self.txbuf[..tx.len]]) {
                 crate::sdp_log!(crate::log::WARN, "post_send failed: {e}");
@@ -214,7 +231,11 @@ impl OffloadStream for SdpShm {
         let mut n = 0;
         for (i, b) in data.iter().enumerate() {
             let last = i + 1 == data.len();
-            let r = if oob && last { self.engine.send_urgent(t, b) } else { self.engine.send(t, b) };
+            let r = if oob && last {
+                self.engine.send_urgent(t, b)
+            } else {
+                self.engine.send(t, b)
+            };
             match r {
                 Ok(k) => {
                     n += k;
@@ -261,7 +282,11 @@ impl OffloadStream for SdpShm {
                     break;
                 }
                 Err(RecvError::Closed(e)) => {
-                    first_err = Some(if self.peer_gone { 0 } else { self.conn_errno(&e) });
+                    first_err = Some(if self.peer_gone {
+                        0
+                    } else {
+                        self.conn_errno(&e)
+                    });
                     break;
                 }
             }
@@ -311,7 +336,9 @@ impl OffloadStream for SdpShm {
     }
 
     fn shutdown_write(&mut self) {
-        let _ = self.engine.shutdown(now(), sdp_proto::conn::Shutdown::Write);
+        let _ = self
+            .engine
+            .shutdown(now(), sdp_proto::conn::Shutdown::Write);
         self.drain_outputs();
     }
 
@@ -369,12 +396,18 @@ impl SdpShm {
 
     fn flush_sends(&mut self, budget: Duration) {
         let end = Instant::now() + budget;
-        while self.engine.send_queued() > 0 && self.dead.is_none() && !self.peer_gone && Instant::now() < end {
+        while self.engine.send_queued() > 0
+            && self.dead.is_none()
+            && !self.peer_gone
+            && Instant::now() < end
+        {
             self.progress();
             if self.engine.send_queued() == 0 {
                 break;
             }
-            let _ = self.conn.wait(Duration::from_micros(50), Some(Duration::from_millis(10)));
+            let _ = self
+                .conn
+                .wait(Duration::from_micros(50), Some(Duration::from_millis(10)));
         }
     }
 }

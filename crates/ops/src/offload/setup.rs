@@ -48,7 +48,9 @@ static TCP_ROWS: Mutex<Option<HashMap<i32, Row>>> = Mutex::new(None);
 
 /// Records a stream socket that is (or stays) on kernel TCP, with the reason.
 pub fn record_tcp(fd: i32, role: u8, reason: Reason) {
-    let Some(row) = Row::claim(fd, Transport::Tcp, role) else { return };
+    let Some(row) = Row::claim(fd, Transport::Tcp, role) else {
+        return;
+    };
     row.set_meta(Transport::Tcp, 1, role, reason.code());
     row.set_addrs(sys::sockname(fd), peername(fd));
     let mut g = TCP_ROWS.lock().unwrap_or_else(|p| p.into_inner());
@@ -67,7 +69,14 @@ fn peername(fd: i32) -> Option<SocketAddr> {
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: as above.
-    let rc = unsafe { libc::syscall(libc::SYS_getpeername, fd, &mut ss as *mut _, &mut len as *mut _) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_getpeername,
+            fd,
+            &mut ss as *mut _,
+            &mut len as *mut _,
+        )
+    };
     if rc < 0 {
         return None;
     }
@@ -89,7 +98,8 @@ fn normalize(a: SocketAddr) -> SocketAddr {
 // Listen replication.
 
 /// Intents clients registered at our beacons: (client address, server port) → intent, uid.
-static INTENTS: Mutex<Option<HashMap<(SocketAddr, u16), (Intent, u32, Instant)>>> = Mutex::new(None);
+static INTENTS: Mutex<Option<HashMap<(SocketAddr, u16), (Intent, u32, Instant)>>> =
+    Mutex::new(None);
 
 struct BeaconTask {
     beacon: Beacon,
@@ -104,7 +114,10 @@ impl Task for BeaconTask {
                 let m = g.get_or_insert_with(HashMap::new);
                 let now = Instant::now();
                 m.retain(|_, v| now.duration_since(v.2) < Duration::from_secs(30));
-                m.insert((normalize(intent.client), intent.server.port()), (intent, uid, now));
+                m.insert(
+                    (normalize(intent.client), intent.server.port()),
+                    (intent, uid, now),
+                );
             }
         }
     }
@@ -118,18 +131,25 @@ pub fn on_listen(fd: i32, decision: Decision) {
         record_tcp(fd, 2, Reason::Policy);
         return;
     }
-    let Some(addr) = sys::sockname(fd) else { return };
+    let Some(addr) = sys::sockname(fd) else {
+        return;
+    };
     match Beacon::publish(normalize(addr)) {
         Ok(beacon) => {
             let bfd = beacon.fd();
-            if let Some(token) = progress::register(bfd, libc::EPOLLIN as u32, Arc::new(BeaconTask { beacon })) {
+            if let Some(token) =
+                progress::register(bfd, libc::EPOLLIN as u32, Arc::new(BeaconTask { beacon }))
+            {
                 let mut g = BEACONS.lock().unwrap_or_else(|p| p.into_inner());
                 g.get_or_insert_with(HashMap::new).insert(fd, token);
             }
             sdp_log!(log::DECISION, "listen fd {fd} {addr}: beacon published");
         }
         // Another process (a forked sibling, an SO_REUSEPORT group member) publishes it.
-        Err(e) => sdp_log!(log::DECISION, "listen fd {fd} {addr}: no beacon of ours: {e}"),
+        Err(e) => sdp_log!(
+            log::DECISION,
+            "listen fd {fd} {addr}: no beacon of ours: {e}"
+        ),
     }
     record_tcp(fd, 2, Reason::Offloaded);
 }
@@ -161,7 +181,9 @@ fn is_local(ip: IpAddr) -> bool {
     }
     static CACHE: Mutex<Option<(Instant, Vec<IpAddr>)>> = Mutex::new(None);
     let mut g = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    let fresh = g.as_ref().is_some_and(|(t, _)| t.elapsed() < Duration::from_secs(2));
+    let fresh = g
+        .as_ref()
+        .is_some_and(|(t, _)| t.elapsed() < Duration::from_secs(2));
     if !fresh {
         *g = Some((Instant::now(), local_addrs()));
     }
@@ -220,10 +242,19 @@ fn beacon_candidates(dst: SocketAddr) -> Vec<SocketAddr> {
     let mut v = vec![dst];
     match dst.ip() {
         IpAddr::V4(_) => {
-            v.push(SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), p));
-            v.push(SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), p));
+            v.push(SocketAddr::new(
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                p,
+            ));
+            v.push(SocketAddr::new(
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                p,
+            ));
         }
-        IpAddr::V6(_) => v.push(SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), p)),
+        IpAddr::V6(_) => v.push(SocketAddr::new(
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            p,
+        )),
     }
     v
 }
@@ -271,7 +302,9 @@ fn sockaddr_of(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: v4.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(*v4.ip()).to_be() },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(*v4.ip()).to_be(),
+                },
                 sin_zero: [0; 8],
             };
             // SAFETY: sockaddr_in fits in sockaddr_storage.
@@ -283,7 +316,9 @@ fn sockaddr_of(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
                 sin6_family: libc::AF_INET6 as libc::sa_family_t,
                 sin6_port: v6.port().to_be(),
                 sin6_flowinfo: v6.flowinfo(),
-                sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
                 sin6_scope_id: v6.scope_id(),
             };
             // SAFETY: sockaddr_in6 fits in sockaddr_storage.
@@ -308,9 +343,24 @@ fn swap_in(fd: i32, app: i32, nonblock: bool, cloexec: bool) -> Result<i32, i32>
         return Err(sys::errno());
     }
     let fl = fcntl(app, libc::F_GETFL, 0);
-    fcntl(app, libc::F_SETFL, if nonblock { (fl | libc::O_NONBLOCK) as i64 } else { (fl & !libc::O_NONBLOCK) as i64 });
+    fcntl(
+        app,
+        libc::F_SETFL,
+        if nonblock {
+            (fl | libc::O_NONBLOCK) as i64
+        } else {
+            (fl & !libc::O_NONBLOCK) as i64
+        },
+    );
     // SAFETY: dup3 replaces fd atomically: no instant exists where the number is free.
-    let rc = unsafe { libc::syscall(libc::SYS_dup3, app, fd, if cloexec { libc::O_CLOEXEC } else { 0 }) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_dup3,
+            app,
+            fd,
+            if cloexec { libc::O_CLOEXEC } else { 0 },
+        )
+    };
     if rc < 0 {
         let e = sys::errno();
         sys::close(shadow);
@@ -320,7 +370,11 @@ fn swap_in(fd: i32, app: i32, nonblock: bool, cloexec: bool) -> Result<i32, i32>
 }
 
 fn dup_fd(fd: i32) -> Option<Fd> {
-    Fd::from_raw(fcntl(fd, libc::F_DUPFD_CLOEXEC, sys::INTERNAL_FD_MIN as i64))
+    Fd::from_raw(fcntl(
+        fd,
+        libc::F_DUPFD_CLOEXEC,
+        sys::INTERNAL_FD_MIN as i64,
+    ))
 }
 
 /// `connect` of a tracked stream socket whose decision is `sdp` or `both`.
@@ -363,7 +417,11 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         raw_bind(fd, &want).map_err(|_| Reason::Exhausted)?;
         local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
     }
-    let client = if local.ip().is_unspecified() { SocketAddr::new(dst.ip(), local.port()) } else { normalize(local) };
+    let client = if local.ip().is_unspecified() {
+        SocketAddr::new(dst.ip(), local.port())
+    } else {
+        normalize(local)
+    };
     let intent = Intent::new(client, dst).map_err(|_| Reason::Exhausted)?;
 
     // Discovery: the first beacon that answers for the destination.
@@ -371,7 +429,10 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     let mut last = Reason::NoBeacon;
     let mut owner = None;
     for cand in beacon_candidates(dst) {
-        let probe_intent = Intent { server: cand, ..intent };
+        let probe_intent = Intent {
+            server: cand,
+            ..intent
+        };
         match ib_verbs::shm::beacon::probe_with(&probe_intent, Duration::from_millis(500), &uids) {
             Ok(o) => {
                 owner = Some(o);
@@ -414,7 +475,8 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
             },
         },
     };
-    let mut engine = sdp_proto::Connection::connect(sdp::config(), sdp::now(), addrs, client.port());
+    let mut engine =
+        sdp_proto::Connection::connect(sdp::config(), sdp::now(), addrs, client.port());
     let mut wr = 0u64;
     while let Some(p) = engine.poll_post_recv() {
         for _ in 0..p.count {
@@ -440,7 +502,10 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         r.set_addrs(Some(client), Some(dst));
     }
     let conn = Conn::new(Inner {
-        phase: Phase::Pending { sendbuf: Vec::new(), shut_wr: false },
+        phase: Phase::Pending {
+            sendbuf: Vec::new(),
+            shut_wr: false,
+        },
         shadow,
         app_int: app,
         own_bell: bell,
@@ -503,11 +568,17 @@ impl Task for EndpointTask {
             self.done();
             return;
         };
-        let stream = match self.endpoint.accept(&self.intent, self.server_uid, Duration::from_millis(1)) {
-            Ok((s, _)) => s,
-            Err(_) => return, // an impostor or a spurious wake: keep waiting
-        };
-        let Some((mut active, mut engine, hello)) = self.setup.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let stream =
+            match self
+                .endpoint
+                .accept(&self.intent, self.server_uid, Duration::from_millis(1))
+            {
+                Ok((s, _)) => s,
+                Err(_) => return, // an impostor or a spurious wake: keep waiting
+            };
+        let Some((mut active, mut engine, hello)) =
+            self.setup.lock().unwrap_or_else(|p| p.into_inner()).take()
+        else {
             return;
         };
         self.done();
@@ -516,13 +587,18 @@ impl Task for EndpointTask {
             .and_then(|_| active.finish(&stream))
             .map_err(|e| e.to_string())
             .and_then(|(shm, ack)| {
-                engine.handle_hello_ack(sdp::now(), &ack).map_err(|e| format!("{e:?}"))?;
+                engine
+                    .handle_hello_ack(sdp::now(), &ack)
+                    .map_err(|e| format!("{e:?}"))?;
                 Ok(shm)
             });
         match result {
             Ok(shm) => become_offloaded(&conn, SdpShm::new(engine, shm)),
             Err(e) => {
-                sdp_log!(log::WARN, "SDP exchange failed ({e}); connection continues over TCP");
+                sdp_log!(
+                    log::WARN,
+                    "SDP exchange failed ({e}); connection continues over TCP"
+                );
                 swap_back(&conn);
             }
         }
@@ -557,7 +633,11 @@ fn become_offloaded(conn: &Arc<Conn>, s: SdpShm) {
         }
     }
     if off < buf.len() {
-        sdp_log!(log::ERROR, "pending bytes did not fit the SDP send buffer: {} lost", buf.len() - off);
+        sdp_log!(
+            log::ERROR,
+            "pending bytes did not fit the SDP send buffer: {} lost",
+            buf.len() - off
+        );
     }
     if shut {
         stream.shutdown_write();
@@ -578,7 +658,9 @@ struct PeerTask {
 
 impl Task for PeerTask {
     fn on_event(&self, _fd: i32, _events: u32) {
-        let Some(conn) = self.conn.upgrade() else { return };
+        let Some(conn) = self.conn.upgrade() else {
+            return;
+        };
         let mut g = conn.lock();
         if let Phase::Offloaded(s) = &mut g.phase {
             s.peer_gone();
@@ -595,7 +677,9 @@ fn watch_peer(conn: &Arc<Conn>, peer_bell: i32) -> Option<u64> {
     progress::register(
         peer_bell,
         (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32,
-        Arc::new(PeerTask { conn: Arc::downgrade(conn) }),
+        Arc::new(PeerTask {
+            conn: Arc::downgrade(conn),
+        }),
     )
 }
 
@@ -613,18 +697,41 @@ pub fn swap_back(conn: &Arc<Conn>) {
     let fds = g.app_fds.clone();
     let app_nonblock = g.app_int >= 0 && fcntl(g.app_int, libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
     let fl = fcntl(g.shadow, libc::F_GETFL, 0);
-    fcntl(g.shadow, libc::F_SETFL, if app_nonblock { (fl | libc::O_NONBLOCK) as i64 } else { (fl & !libc::O_NONBLOCK) as i64 });
+    fcntl(
+        g.shadow,
+        libc::F_SETFL,
+        if app_nonblock {
+            (fl | libc::O_NONBLOCK) as i64
+        } else {
+            (fl & !libc::O_NONBLOCK) as i64
+        },
+    );
     for &fd in &fds {
         let cloexec = fcntl(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0;
         // SAFETY: atomically re-point the app's fd number at the kernel socket.
-        unsafe { libc::syscall(libc::SYS_dup3, g.shadow, fd, if cloexec { libc::O_CLOEXEC } else { 0 }) };
+        unsafe {
+            libc::syscall(
+                libc::SYS_dup3,
+                g.shadow,
+                fd,
+                if cloexec { libc::O_CLOEXEC } else { 0 },
+            )
+        };
         fdtable::update(fd, |m| Meta(m.0 & !Meta::OFFLOADED));
     }
     let mut off = 0;
     while off < buf.len() {
         // SAFETY: a valid slice; MSG_NOSIGNAL: a broken TCP connection surfaces later.
         let n = unsafe {
-            libc::syscall(libc::SYS_sendto, g.shadow, buf[off..].as_ptr(), buf.len() - off, libc::MSG_NOSIGNAL, std::ptr::null::<u8>(), 0)
+            libc::syscall(
+                libc::SYS_sendto,
+                g.shadow,
+                buf[off..].as_ptr(),
+                buf.len() - off,
+                libc::MSG_NOSIGNAL,
+                std::ptr::null::<u8>(),
+                0,
+            )
         };
         if n <= 0 {
             break;
@@ -677,23 +784,34 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
     match server_exchange(fd, &intent, uid, flags, local, peer) {
         Ok(()) => AcceptOutcome::Keep,
         Err(reason) => {
-            sdp_log!(log::WARN, "accept fd {fd} from {peer}: SDP exchange failed ({reason}), TCP");
+            sdp_log!(
+                log::WARN,
+                "accept fd {fd} from {peer}: SDP exchange failed ({reason}), TCP"
+            );
             record_tcp(fd, 2, reason);
             AcceptOutcome::Keep
         }
     }
 }
 
-fn server_exchange(fd: i32, intent: &Intent, uid: u32, flags: i32, local: SocketAddr, peer: SocketAddr) -> Result<(), Reason> {
+fn server_exchange(
+    fd: i32,
+    intent: &Intent,
+    uid: u32,
+    flags: i32,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> Result<(), Reason> {
     let (stream, _) = ib_verbs::shm::connect_endpoint(intent, uid).map_err(|e| probe_reason(&e))?;
     let offer = Passive::recv_offer(&stream, EXCHANGE_TIMEOUT).map_err(|_| Reason::SetupFailed)?;
-    let mut engine = match sdp_proto::Connection::accept(sdp::config(), sdp::now(), offer.private_data()) {
-        Ok(e) => e,
-        Err(_) => {
-            let _ = offer.reject(&stream, &[]);
-            return Err(Reason::SetupFailed);
-        }
-    };
+    let mut engine =
+        match sdp_proto::Connection::accept(sdp::config(), sdp::now(), offer.private_data()) {
+            Ok(e) => e,
+            Err(_) => {
+                let _ = offer.reject(&stream, &[]);
+                return Err(Reason::SetupFailed);
+            }
+        };
     let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
     let (Some(app_dup), Some(bell_dup)) = (dup_fd(app), dup_fd(bell)) else {
         sys::close(app);
@@ -726,7 +844,13 @@ fn server_exchange(fd: i32, intent: &Intent, uid: u32, flags: i32, local: Socket
         })?;
     let s = SdpShm::new(engine, shm);
     let peer_bell = s.peer_bell();
-    let shadow = swap_in(fd, app, flags & libc::SOCK_NONBLOCK != 0, flags & libc::SOCK_CLOEXEC != 0).map_err(|_| {
+    let shadow = swap_in(
+        fd,
+        app,
+        flags & libc::SOCK_NONBLOCK != 0,
+        flags & libc::SOCK_CLOEXEC != 0,
+    )
+    .map_err(|_| {
         sys::close(app);
         sys::close(bell);
         Reason::Exhausted
@@ -767,7 +891,9 @@ fn server_exchange(fd: i32, intent: &Intent, uid: u32, flags: i32, local: Socket
 /// `close` of an offloaded fd: the connection ends when its last fd in this process goes
 /// (other processes holding it after fork keep it alive, as the kernel does for TCP).
 pub fn close(fd: i32) {
-    let Some(conn) = super::unbind_fd(fd) else { return };
+    let Some(conn) = super::unbind_fd(fd) else {
+        return;
+    };
     let mut g = conn.lock();
     if let Phase::Offloaded(s) = &mut g.phase {
         s.progress();
