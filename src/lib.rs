@@ -1,1 +1,330 @@
 //! Test-suite helpers shared by `tests/` and `benches/`.
+//!
+//! The real-process tests run an unmodified program twice, once as it is ([`Mode::Base`])
+//! and once with `LD_PRELOAD=libsdp.so` ([`Mode::Preload`]), and compare what the two runs
+//! printed and how they exited. Everything here is about doing that reliably: finding the
+//! library, giving every test its own ports, never leaving a server behind, failing with
+//! the apt package to install when a tool is missing, and never hanging.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How a program is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Without libsdp.
+    Base,
+    /// With `LD_PRELOAD=<absolute libsdp.so>` and the default policy.
+    Preload,
+}
+
+impl Mode {
+    pub const BOTH: [Mode; 2] = [Mode::Base, Mode::Preload];
+}
+
+/// The libsdp.so under test: `$LIBSDP_SO` if set, else the newest of
+/// `<target>/release/libsdp.so` and `<target>/debug/libsdp.so`, the target directory
+/// being the one this test executable was built into (`<target>/<profile>/deps/<test>`).
+pub fn libsdp_so() -> PathBuf {
+    if let Some(p) = std::env::var_os("LIBSDP_SO") {
+        let p = PathBuf::from(p);
+        return p
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("LIBSDP_SO={}: {e}", p.display()));
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let target = exe
+        .ancestors()
+        .nth(3)
+        .expect("test executable is not under <target>/<profile>/deps");
+    let newest = ["release", "debug"]
+        .iter()
+        .map(|p| target.join(p).join("libsdp.so"))
+        .filter_map(|p| {
+            let t = p.metadata().and_then(|m| m.modified()).ok()?;
+            Some((t, p))
+        })
+        .max_by_key(|(t, _)| *t);
+    match newest {
+        Some((_, p)) => p.canonicalize().expect("canonicalize libsdp.so"),
+        None => panic!(
+            "no libsdp.so in {}/{{release,debug}}: build it first: cargo build --release --workspace",
+            target.display()
+        ),
+    }
+}
+
+/// `program` from `$PATH`; a missing tool fails the test with the package to install
+/// (CI installs everything in `tests/APT-PACKAGES`; a skipped test would hide a gap).
+pub fn require_tool(program: &str, apt_package: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(program))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("`{program}` is not installed: apt-get install -y {apt_package}"))
+}
+
+/// A command for `program` in `mode`. Either way the variables of the other mode are
+/// removed, so a test run from a preloaded shell still has a clean base leg.
+pub fn command(mode: Mode, program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_remove("LD_PRELOAD");
+    if mode == Mode::Preload {
+        cmd.env("LD_PRELOAD", libsdp_so());
+    }
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+/// How a finished program ended and what it printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Exit code, or `128 + signal` when killed by a signal (as a shell reports it).
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A started process, in its own process group, killed with its whole group (forked
+/// workers included) when dropped.
+pub struct Proc {
+    child: Child,
+    what: String,
+    out: Option<JoinHandle<Vec<u8>>>,
+    err: Option<JoinHandle<Vec<u8>>>,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr captured.
+    pub fn spawn(mut cmd: Command, what: &str) -> Proc {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let out = child.stdout.take().map(drain);
+        let err = child.stderr.take().map(drain);
+        Proc {
+            child,
+            what: what.to_string(),
+            out,
+            err,
+        }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Still running?
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits for the exit, at most `timeout` (then panics; the group is killed on drop).
+    pub fn wait(mut self, timeout: Duration) -> Outcome {
+        self.finish(timeout)
+    }
+
+    fn finish(&mut self, timeout: Duration) -> Outcome {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                self.kill_group();
+                let (out, err) = self.collect();
+                panic!(
+                    "{} did not finish within {timeout:?}\nstdout: {out}\nstderr: {err}",
+                    self.what
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let (stdout, stderr) = self.collect();
+        Outcome {
+            code: status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Stops the process (SIGTERM to the group, SIGKILL after a grace period) and
+    /// returns what it printed.
+    pub fn stop(mut self) -> Outcome {
+        signal_group(self.child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.wait(Duration::from_secs(5))
+    }
+
+    fn kill_group(&mut self) {
+        signal_group(self.child.id(), libc::SIGKILL);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn collect(&mut self) -> (String, String) {
+        // Forked workers may still hold the pipes open; don't wait for them forever.
+        signal_group(self.child.id(), libc::SIGKILL);
+        let join = |h: Option<JoinHandle<Vec<u8>>>| {
+            h.and_then(|h| h.join().ok())
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        };
+        (join(self.out.take()), join(self.err.take()))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}
+
+fn signal_group(pgid: u32, sig: i32) {
+    // SAFETY: kill(2) with a negative pid signals a process group; the group is the one
+    // `Proc::spawn` created for this child (pgid == its pid), so only what we started
+    // is hit. No memory is passed.
+    unsafe {
+        libc::kill(-(pgid as libc::pid_t), sig);
+    }
+}
+
+fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = r.read_to_end(&mut buf);
+        buf
+    })
+}
+
+/// Runs `cmd` to completion (at most `timeout`) and returns its outcome.
+pub fn run(cmd: Command, what: &str, timeout: Duration) -> Outcome {
+    Proc::spawn(cmd, what).wait(timeout)
+}
+
+/// A TCP port on 127.0.0.1 that nobody uses now and that no other test of this process
+/// was given: tests run in parallel threads, and each wants its own.
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Option<(HashSet<u16>, u64)>> = Mutex::new(None);
+    let mut g = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let (given, x) = g.get_or_insert_with(|| {
+        let t = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
+        (
+            HashSet::new(),
+            t ^ (u64::from(std::process::id()) << 20) | 1,
+        )
+    });
+    for _ in 0..10_000 {
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        let port = 20_000 + (*x % 30_000) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free TCP port between 20000 and 50000");
+}
+
+/// Waits until something listens on TCP `port`, looking at `/proc/net/tcp*` (a probe
+/// connection would be a client to the server under test). Panics if `server` exits
+/// first or after 15 s.
+pub fn wait_listening(server: &mut Proc, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let needle = format!(":{port:04X}");
+    loop {
+        let listening = ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|t| {
+            std::fs::read_to_string(t).is_ok_and(|text| {
+                text.lines().skip(1).any(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    f.len() > 3 && f[3] == "0A" && f[1].ends_with(&needle)
+                })
+            })
+        });
+        if listening {
+            return;
+        }
+        if !server.running() {
+            let o = server.finish(Duration::from_secs(5));
+            panic!(
+                "{} exited before listening on {port}: code {}\nstdout: {}\nstderr: {}",
+                server.what, o.code, o.stdout, o.stderr
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not listen on port {port} within 15 s",
+            server.what
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Compiles the C program `src` with `cc` into `out_dir` (once per process and source)
+/// and returns the executable.
+pub fn compile_c(src: &Path, out_dir: &Path) -> PathBuf {
+    static BUILT: Mutex<Vec<(PathBuf, PathBuf)>> = Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, exe)) = built.iter().find(|(s, _)| s == src) {
+        return exe.clone();
+    }
+    require_tool("cc", "gcc");
+    std::fs::create_dir_all(out_dir).expect("create out dir");
+    let stem = src.file_stem().expect("source file name").to_string_lossy();
+    let exe = out_dir.join(format!("{stem}-{}", std::process::id()));
+    let o = Command::new("cc")
+        .args(["-O1", "-Wall", "-Werror", "-D_GNU_SOURCE", "-o"])
+        .arg(&exe)
+        .arg(src)
+        .output()
+        .expect("run cc");
+    assert!(
+        o.status.success(),
+        "cc {} failed:\n{}",
+        src.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    built.push((src.to_path_buf(), exe.clone()));
+    exe
+}
+
+/// Runs `scenario` in both modes and asserts the two outcomes are equal; returns the
+/// base outcome for further checks. `scenario` must return only what is deterministic
+/// for the program (no ports, pids, timings).
+pub fn same_in_both_modes<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    scenario: impl Fn(Mode) -> T,
+) -> T {
+    let base = scenario(Mode::Base);
+    let pre = scenario(Mode::Preload);
+    assert_eq!(
+        base, pre,
+        "{what}: the program behaved differently under LD_PRELOAD=libsdp.so (left: without, right: with)"
+    );
+    base
+}
