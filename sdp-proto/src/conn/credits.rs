@@ -17,6 +17,13 @@
 //! ≥ 1 with 2. INVARIANT: after a received pure update is reposted (`c = posted − 1`),
 //! none of these conditions holds, so an update never answers an update; yet whenever the
 //! peer is below the floor, an update goes out, so the peer is never starved by us.
+//!
+//! The floor of 1 at two posted buffers (a full receive window) could strand a peer that
+//! needs 2 credits for a control message (SrcAvailCancel, RdmaRdCompl, DisConn). Such a peer
+//! spends its last credit on a pure update, a *request*: the receiver then sees `c = 0`,
+//! below every floor, and answers. A request is only sent with exactly one credit left, a
+//! control message waiting and the peer at two posted buffers, so it cannot repeat before
+//! the answer arrives.
 
 use crate::error::ProtocolViolation;
 use crate::wire::BsdhRepr;
@@ -178,23 +185,29 @@ impl Credits {
         self.advertised.saturating_sub(self.rx_since_adv)
     }
 
-    /// Whether a pure credit update should be sent (module docs). `owed_control`: the peer
-    /// owes us a control message (RdmaRdCompl, SendSM, ChRcvBufAck), so it needs 2 credits.
-    pub(crate) fn update_needed(&self, owed_control: bool) -> bool {
+    /// Whether a pure credit update should be sent (module docs).
+    pub(crate) fn update_needed(&self) -> bool {
         let c = self.peer_view();
         let posted = self.posted;
         if posted <= c {
             return false;
         }
-        let mut floor = match posted {
+        let floor = match posted {
             0..=2 => UPDATE_CREDITS,
             3 => CONTROL_CREDITS,
             _ => DATA_CREDITS,
         };
-        if owed_control {
-            floor = floor.max(CONTROL_CREDITS);
-        }
         c < floor || (c > 2 && c + c / 2 < posted)
+    }
+
+    /// Whether we should spend our last credit on a pure update to ask for more: a control
+    /// message waits and the peer has only two buffers posted, so its floor (1) would leave
+    /// us at one credit for good. The peer then sees `c = 0`, which its floor answers,
+    /// while an ordinary update leaves it at `c ≥ 1`. With more buffers posted the peer's
+    /// own floor already keeps us at ≥ 2, so no request is needed (nor sent: two requests
+    /// crossing would otherwise keep both sides trading updates).
+    pub(crate) fn request_needed(&self, control_waiting: bool) -> bool {
+        control_waiting && self.peer_bufs <= 2 && self.tx_credits() == UPDATE_CREDITS
     }
 }
 
@@ -272,8 +285,21 @@ mod tests {
             c.on_send(); // advertise `posted`
             c.on_receive(&bsdh(8, 1, 1)).unwrap(); // a pure update consumed one buffer
             c.on_posted(1); // and the host reposted it
-            assert!(!c.update_needed(false), "posted {posted}");
+            assert!(!c.update_needed(), "posted {posted}");
         }
+    }
+
+    #[test]
+    fn credits_request_from_last_credit_is_answered_with_full_window() {
+        let mut c = Credits::new();
+        c.on_posted(2);
+        c.on_send(); // advertise 2
+        c.on_receive(&bsdh(8, 1, 1)).unwrap(); // peer's ordinary update: c = 1
+        c.on_posted(1);
+        assert!(!c.update_needed());
+        c.on_receive(&bsdh(2, 2, 1)).unwrap(); // peer's request from its last credit: c = 0
+        c.on_posted(1);
+        assert!(c.update_needed());
     }
 
     #[test]
@@ -286,6 +312,6 @@ mod tests {
         }
         c.on_posted(6);
         assert_eq!(c.peer_view(), 2);
-        assert!(c.update_needed(false));
+        assert!(c.update_needed());
     }
 }

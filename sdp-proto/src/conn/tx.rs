@@ -61,8 +61,10 @@ impl Connection {
             };
             return Some(t);
         }
-        let owed = self.resize_requested || self.src.as_ref().is_some_and(|s| s.mseq.is_some());
-        if self.credits.update_needed(owed) && self.credits.can_send(MessageClass::Update) {
+        let blocked = !self.control.is_empty() || self.disconn_due();
+        if (self.credits.update_needed() || self.credits.request_needed(blocked))
+            && self.credits.can_send(MessageClass::Update)
+        {
             self.stats.credit_updates_sent += 1;
             return Some(self.emit(now, buf, Flags::EMPTY, Body::Data(&[])));
         }

@@ -305,7 +305,11 @@ impl Sim {
                     Sched::Deliver(bytes) => {
                         let size = side.posted.pop_front().expect("RNR: message with no posted buffer");
                         assert!(bytes.len() <= size as usize, "message {} overruns buffer {size}", bytes.len());
-                        let _ = side.conn.handle_message(now, &bytes);
+                        let r = side.conn.handle_message(now, &bytes);
+                        if std::env::var_os("SDP_SIM_TRACE").is_some() {
+                            let m = sdp_proto::wire::MessageRepr::parse(&bytes).map(|m| (m.bsdh.mseq, m.bsdh.mseq_ack, m.bsdh.bufs, m.body.mid(), bytes.len()));
+                            eprintln!("t={} -> {s}: {m:?} {r:?}", self.now);
+                        }
                     }
                     Sched::SendDone => {
                         let _ = side.conn.handle_send_complete(now, 1);
@@ -315,7 +319,10 @@ impl Sim {
                             Ok(v) => Ok(&v[..]),
                             Err(e) => Err(*e),
                         };
-                        let _ = side.conn.handle_rdma_read_complete(now, id, r);
+                        let r = side.conn.handle_rdma_read_complete(now, id, r);
+                        if std::env::var_os("SDP_SIM_TRACE").is_some() {
+                            eprintln!("t={} read done at {s}: {r:?}", self.now);
+                        }
                     }
                     Sched::CmDisconnected => {
                         let _ = side.conn.handle_cm_disconnected(now);
