@@ -298,6 +298,19 @@ impl Visitor {
         self.cred
     }
 
+    /// Reads the client's intent without answering yet: the owner records it (so that its
+    /// `accept` finds it) before [`Visitor::reply`] lets the client go on to its TCP connect.
+    pub fn read_intent(&self, timeout: Duration) -> Result<Intent, ProbeError> {
+        let mut b = [0u8; INTENT_LEN];
+        read_exact_deadline(&self.stream, &mut b, Instant::now() + timeout)?;
+        Intent::decode(&b).ok_or(ProbeError::Protocol("malformed intent"))
+    }
+
+    /// Answers a read intent (`accept = false`: decline, stay TCP).
+    pub fn reply(&self, accept: bool) -> Result<(), ProbeError> {
+        write_all(&self.stream, &[if accept { b'Y' } else { b'N' }])
+    }
+
     /// Reads the client's intent and answers it (`accept = false`: decline, stay TCP).
     pub fn answer(self, accept: bool, timeout: Duration) -> Result<Intent, ProbeError> {
         let mut b = [0u8; INTENT_LEN];

@@ -109,6 +109,7 @@ pub struct ShmConn {
     key_gen: u32,
     peer_gone: bool,
     dead: Option<ConnError>,
+    ring_on_post_recv: bool,
 }
 
 impl std::fmt::Debug for ShmConn {
@@ -153,6 +154,7 @@ impl ShmConn {
             key_gen: 0,
             peer_gone: false,
             dead: None,
+            ring_on_post_recv: true,
         };
         // Our own side block starts from our private state, whatever the creator wrote there.
         c.map
@@ -288,6 +290,73 @@ impl ShmConn {
         }
     }
 
+    /// A SEND that does not ring the peer's bell: for messages that carry nothing a reader
+    /// waits for (a pure credit update). A peer waiting for room is still woken.
+    pub fn post_send_quiet(&mut self, wr_id: WrId, gather: &[&[u8]]) -> Result<(), PostError> {
+        self.post_send_inner(wr_id, gather, false)
+    }
+
+    /// Whether posting a receive buffer rings the peer's bell (default: yes, so that a peer
+    /// sleeping in [`Connection::wait`] for credits wakes). A host that drives the app end's
+    /// readiness from data only turns it off and relies on the drain of `arm_drain`.
+    pub fn set_ring_on_post_recv(&mut self, on: bool) {
+        self.ring_on_post_recv = on;
+    }
+
+    fn post_send_inner(
+        &mut self,
+        wr_id: WrId,
+        gather: &[&[u8]],
+        wake_reader: bool,
+    ) -> Result<(), PostError> {
+        self.check_alive()?;
+        if self.peer_gone {
+            return Err(PostError::Dead(self.kill(ConnError::PeerClosed)));
+        }
+        if self.cq.len() >= self.send_depth as usize {
+            return Err(PostError::QueueFull);
+        }
+        let ring = self.layout.rings[self.peer()];
+        let len: usize = gather.iter().map(|g| g.len()).sum();
+        if len > ring.buf_size as usize {
+            return Err(PostError::TooLong {
+                len,
+                max: ring.buf_size,
+            });
+        }
+        let posted = self.load_peer_posted()?;
+        if posted == self.tx_produced {
+            return Err(PostError::NoCredit);
+        }
+        let slot = (self.tx_produced % ring.depth as u64) as u32;
+        let base = self.layout.slot(self.peer(), slot);
+        let mut off = base + SLOT_HEADER;
+        for g in gather {
+            self.map.write(off, g);
+            off += g.len();
+        }
+        let mut hdr = [0u8; SLOT_HEADER];
+        hdr[..4].copy_from_slice(&(len as u32).to_le_bytes());
+        self.map.write(base, &hdr);
+        self.tx_produced += 1;
+        self.map
+            .u64_at(Layout::tx_produced(self.side))
+            .store(self.tx_produced, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if wake_reader {
+            self.ring_peer();
+        }
+        self.drain_peer();
+        self.push_cq(Completion {
+            wr_id,
+            opcode: Opcode::Send,
+            status: Ok(()),
+            byte_len: len as u32,
+            buf_index: slot,
+        });
+        Ok(())
+    }
+
     /// Makes the peer's app end writable again if it asked for it: it filled its app end's
     /// send direction (into the bell end we hold) while it had no credits, and we just gave
     /// some. Called after the SeqCst fence that follows our publishing store.
@@ -297,6 +366,15 @@ impl ShmConn {
             // The bytes are our peer's stuffing, never data: discard them.
             let _ = sys::drain(self.peer_bell.raw());
         }
+    }
+
+    /// Whether the peer rang our bell since our last `arm` (it clears the flag when it
+    /// rings), i.e. whether bell bytes may be waiting on our app end.
+    pub fn rang_since_arm(&self) -> bool {
+        self.map
+            .u32_at(Layout::want_bell(self.side))
+            .load(Ordering::Acquire)
+            == 0
     }
 
     /// Asks the peer to drain our bell end (making our app end writable) when it next posts
@@ -416,55 +494,15 @@ impl Connection for ShmConn {
             .u64_at(Layout::rx_posted(self.side))
             .store(self.rx_posted, Ordering::Release);
         fence(Ordering::SeqCst);
-        self.ring_peer();
+        if self.ring_on_post_recv {
+            self.ring_peer();
+        }
         self.drain_peer();
         Ok(())
     }
 
     fn post_send(&mut self, wr_id: WrId, gather: &[&[u8]]) -> Result<(), PostError> {
-        self.check_alive()?;
-        if self.peer_gone {
-            return Err(PostError::Dead(self.kill(ConnError::PeerClosed)));
-        }
-        if self.cq.len() >= self.send_depth as usize {
-            return Err(PostError::QueueFull);
-        }
-        let ring = self.layout.rings[self.peer()];
-        let len: usize = gather.iter().map(|g| g.len()).sum();
-        if len > ring.buf_size as usize {
-            return Err(PostError::TooLong {
-                len,
-                max: ring.buf_size,
-            });
-        }
-        let posted = self.load_peer_posted()?;
-        if posted == self.tx_produced {
-            return Err(PostError::NoCredit);
-        }
-        let slot = (self.tx_produced % ring.depth as u64) as u32;
-        let base = self.layout.slot(self.peer(), slot);
-        let mut off = base + SLOT_HEADER;
-        for g in gather {
-            self.map.write(off, g);
-            off += g.len();
-        }
-        let mut hdr = [0u8; SLOT_HEADER];
-        hdr[..4].copy_from_slice(&(len as u32).to_le_bytes());
-        self.map.write(base, &hdr);
-        self.tx_produced += 1;
-        self.map
-            .u64_at(Layout::tx_produced(self.side))
-            .store(self.tx_produced, Ordering::Release);
-        fence(Ordering::SeqCst);
-        self.ring_peer();
-        self.push_cq(Completion {
-            wr_id,
-            opcode: Opcode::Send,
-            status: Ok(()),
-            byte_len: len as u32,
-            buf_index: slot,
-        });
-        Ok(())
+        self.post_send_inner(wr_id, gather, true)
     }
 
     fn recv_data(&self, c: &Completion, offset: usize, out: &mut [u8]) -> Result<usize, PostError> {

@@ -131,6 +131,10 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
             };
             let shut_rd = g.shut_rd;
             g.sync();
+            crate::sdp_log!(
+                crate::log::TRACE,
+                "recv fd {fd} want {want} flags {flags:#x}: {r:?}"
+            );
             match r {
                 Ok(0) if want > 0 => return Some(Ok(got as isize)),
                 Ok(n) => {
@@ -230,6 +234,7 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
                 }
             };
             g.sync();
+            crate::sdp_log!(crate::log::TRACE, "send fd {fd} total {total}: {r:?}");
             match r {
                 Ok(n) => {
                     sent += n;

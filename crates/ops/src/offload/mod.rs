@@ -61,6 +61,8 @@ pub struct Inner {
     pub bytes_in: bool,
     /// We filled the app end's send direction (it is not writable).
     pub stuffed: bool,
+    /// We asked the peer for a bell since the last drain.
+    pub armed: bool,
     /// The peer's end was seen (hang-up of its bell end).
     pub peer_gone: bool,
     /// Our bell end was shut for writing: the app end reads end of stream after the bytes.
@@ -189,10 +191,16 @@ impl Inner {
     fn sync_in(&mut self, mut want_in: bool) {
         if !want_in {
             // Clear: drain, then ask the peer for a bell, then look again (the eventcount).
-            if self.bytes_in {
+            // Bytes may be there from our own ring or from the peer's since we last armed.
+            let rang = match &self.phase {
+                Phase::Offloaded(s) => self.armed && s.bell_rang(),
+                _ => false,
+            };
+            if self.bytes_in || rang {
                 drain(self.app_int);
                 self.bytes_in = false;
             }
+            self.armed = true;
             if let Phase::Offloaded(s) = &mut self.phase
                 && !s.arm_recv()
             {

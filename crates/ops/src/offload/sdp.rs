@@ -67,6 +67,8 @@ impl SdpShm {
     /// (active: HelloAck handled; passive: HelloAck sent).
     pub fn new(engine: sdp_proto::Connection, conn: ShmConn) -> SdpShm {
         let attrs = conn.attrs();
+        let mut conn = conn;
+        conn.set_ring_on_post_recv(false);
         let mut s = SdpShm {
             engine,
             txbuf: vec![0; attrs.send_buf_size.max(64) as usize],
@@ -172,7 +174,16 @@ impl SdpShm {
                 break;
             };
             let wr = self.wr();
-            if let Err(e) = self.conn.post_send(wr, &[&self.txbuf[..tx.len]]) {
+            // Only a message a reader waits for rings the peer's bell (readable means data,
+            // end of stream or an error); a pure credit update wakes only a waiting writer.
+            let quiet =
+                tx.mid == sdp_proto::wire::MessageId::Data && tx.len <= sdp_proto::wire::BSDH_LEN;
+            let posted = if quiet {
+                self.conn.post_send_quiet(wr, &[&self.txbuf[..tx.len]])
+            } else {
+                self.conn.post_send(wr, &[&self.txbuf[..tx.len]])
+            };
+            if let Err(e) = posted {
                 crate::sdp_log!(crate::log::WARN, "post_send failed: {e}");
                 if let ib_verbs::PostError::Dead(d) = e {
                     self.transport_died(d);
@@ -365,6 +376,10 @@ impl OffloadStream for SdpShm {
 
     fn arm_recv(&mut self) -> bool {
         matches!(self.conn.arm(), Ok(true))
+    }
+
+    fn bell_rang(&self) -> bool {
+        self.conn.rang_since_arm()
     }
 
     fn arm_send(&mut self) -> bool {

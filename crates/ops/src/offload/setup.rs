@@ -109,15 +109,20 @@ impl Task for BeaconTask {
     fn on_event(&self, _fd: i32, _events: u32) {
         while let Ok(Some(visitor)) = self.beacon.accept() {
             let uid = visitor.cred().uid;
-            if let Ok(intent) = visitor.answer(true, Duration::from_millis(200)) {
-                let mut g = INTENTS.lock().unwrap_or_else(|p| p.into_inner());
-                let m = g.get_or_insert_with(HashMap::new);
-                let now = Instant::now();
-                m.retain(|_, v| now.duration_since(v.2) < Duration::from_secs(30));
-                m.insert(
-                    (normalize(intent.client), intent.server.port()),
-                    (intent, uid, now),
-                );
+            if let Ok(intent) = visitor.read_intent(Duration::from_millis(200)) {
+                // INVARIANT: the intent is recorded before the client hears "yes": its TCP
+                // connect (and so our accept) can only come after.
+                {
+                    let mut g = INTENTS.lock().unwrap_or_else(|p| p.into_inner());
+                    let m = g.get_or_insert_with(HashMap::new);
+                    let now = Instant::now();
+                    m.retain(|_, v| now.duration_since(v.2) < Duration::from_secs(30));
+                    m.insert(
+                        (normalize(intent.client), intent.server.port()),
+                        (intent, uid, now),
+                    );
+                }
+                let _ = visitor.reply(true);
             }
         }
     }
@@ -515,6 +520,7 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         row,
         bytes_in: false,
         stuffed: false,
+        armed: false,
         peer_gone: false,
         eof_signalled: false,
         shut_rd: false,
@@ -761,6 +767,11 @@ pub enum AcceptOutcome {
 pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
     progress::after_fork_lazy();
     let decision = fdtable::get(listener).decision().unwrap_or(Decision::Tcp);
+    sdp_log!(
+        log::TRACE,
+        "accept fd {fd} on listener {listener}: decision {}",
+        decision.as_str()
+    );
     if decision == Decision::Tcp {
         record_tcp(fd, 2, Reason::Policy);
         return AcceptOutcome::Keep;
@@ -777,12 +788,22 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
         if !fallback::server_accepts_plain_client(mode(decision)) {
             return AcceptOutcome::Refuse;
         }
+        sdp_log!(
+            log::DECISION,
+            "accept fd {fd} from {peer} on {local}: TCP (plain-client)"
+        );
         record_tcp(fd, 2, Reason::PlainClient);
         return AcceptOutcome::Keep;
     };
     intent.server = local;
     match server_exchange(fd, &intent, uid, flags, local, peer) {
-        Ok(()) => AcceptOutcome::Keep,
+        Ok(()) => {
+            sdp_log!(
+                log::DECISION,
+                "accept fd {fd} from {peer} on {local}: SDP over shm"
+            );
+            AcceptOutcome::Keep
+        }
         Err(reason) => {
             sdp_log!(
                 log::WARN,
@@ -870,6 +891,7 @@ fn server_exchange(
         row,
         bytes_in: false,
         stuffed: false,
+        armed: false,
         peer_gone: false,
         eof_signalled: false,
         shut_rd: false,

@@ -72,6 +72,9 @@ pub trait OffloadStream: Send {
     /// something arrived meanwhile (do not sleep: progress again).
     fn arm_recv(&mut self) -> bool;
 
+    /// Whether the peer may have written bell bytes since the last `arm_recv`.
+    fn bell_rang(&self) -> bool;
+
     /// Asks the peer to make our app end writable (drain our stuffing) when it gives room.
     /// Returns `false` when room came meanwhile.
     fn arm_send(&mut self) -> bool;
