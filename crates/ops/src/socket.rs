@@ -133,6 +133,11 @@ pub fn on_dup(old: i32, new: i32) {
 /// `connect` on a tracked socket: the policy decision, then SDP or TCP. `None`: make the real
 /// connect (TCP); `Some(rc)`: the call is complete with this C result.
 pub fn connect(fd: i32, addr: Option<SocketAddr>) -> Option<isize> {
+    if fdtable::get(fd).has(Meta::OFFLOADED) {
+        // LINUX: connect on a connected stream socket fails with EISCONN (programs such as
+        // hiredis call it again to learn that a non-blocking connect finished).
+        return crate::offload::data::connect_again(fd).map(crate::offload::data::to_c);
+    }
     let d = on_connect(fd, addr);
     let Some(addr) = addr else { return None };
     let reason = match d {

@@ -3,6 +3,7 @@
 //!
 //! Files of processes that no longer exist are removed on the way.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
@@ -136,10 +137,24 @@ fn json_str(s: &str) -> String {
 }
 
 pub fn stat(json: bool) -> ExitCode {
+    // A closed pipe (`sdp stat | head`) ends the listing quietly.
+    match print(json) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sdp stat: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print(json: bool) -> std::io::Result<()> {
     let rows = collect();
+    let mut out = std::io::stdout().lock();
     if json {
         for r in &rows {
-            println!(
+            writeln!(
+                out,
                 "{{\"pid\":{},\"program\":{},\"fd\":{},\"role\":\"{}\",\"transport\":\"{}\",\"fallback_reason\":\"{}\",\"local\":{},\"remote\":{},\"bytes_tx\":{},\"bytes_rx\":{},\"msgs_tx\":{},\"msgs_rx\":{},\"credits_tx\":{},\"posted_rx\":{}}}",
                 r.pid,
                 json_str(&r.program),
@@ -155,15 +170,16 @@ pub fn stat(json: bool) -> ExitCode {
                 r.msgs_rx,
                 r.credits_tx,
                 r.posted_rx
-            );
+            )?;
         }
-        return ExitCode::SUCCESS;
+        return Ok(());
     }
     if rows.is_empty() {
-        println!("no libsdp processes with stream sockets");
-        return ExitCode::SUCCESS;
+        writeln!(out, "no libsdp processes with stream sockets")?;
+        return Ok(());
     }
-    println!(
+    writeln!(
+        out,
         "{:>7} {:<15} {:>5} {:<6} {:<5} {:<22} {:<22} {:>12} {:>12} {:>9} {:>9} {:>4} {:>4}  REASON",
         "PID",
         "PROGRAM",
@@ -180,7 +196,8 @@ pub fn stat(json: bool) -> ExitCode {
         "POST"
     );
     for r in &rows {
-        println!(
+        writeln!(
+            out,
             "{:>7} {:<15} {:>5} {:<6} {:<5} {:<22} {:<22} {:>12} {:>12} {:>9} {:>9} {:>4} {:>4}  {}",
             r.pid,
             r.program,
@@ -196,9 +213,9 @@ pub fn stat(json: bool) -> ExitCode {
             r.credits_tx,
             r.posted_rx,
             r.reason
-        );
+        )?;
     }
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 #[cfg(test)]

@@ -349,3 +349,13 @@ pub fn ioctl_query(fd: i32, request: u64) -> Option<Result<i32, Errno>> {
 
 /// SIOCATMARK's request number (Linux, all architectures libsdp builds for).
 pub const SIOCATMARK: u64 = 0x8905;
+
+/// `connect` again on an offloaded fd: it is connected (or, back on TCP, the kernel answers).
+pub fn connect_again(fd: i32) -> Option<CResult> {
+    let conn = lookup(fd)?;
+    let g = conn.lock();
+    match g.phase {
+        Phase::Tcp => None,
+        _ => Some(Err(libc::EISCONN)),
+    }
+}
