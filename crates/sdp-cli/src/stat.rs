@@ -194,7 +194,7 @@ fn print(json: bool) -> std::io::Result<()> {
         "RX_MSGS",
         "CRED",
         "POST"
-    );
+    )?;
     for r in &rows {
         writeln!(
             out,
