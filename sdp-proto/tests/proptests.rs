@@ -297,7 +297,7 @@ impl World {
 }
 
 proptest! {
-    #![proptest_config(cases(1500, 150))]
+    #![proptest_config(cases(10000, 500))]
 
     #[test]
     fn bytes_in_equal_bytes_out_with_urgent_and_zcopy(
@@ -368,5 +368,52 @@ fn established_both_write_small_window_drains() {
     let mut w = World::new(0, false, 1000, 0);
     w.apply(&Op::Write { side: 1, len: 4097 });
     w.apply(&Op::Write { side: 0, len: 4097 });
+    w.finish();
+}
+
+/// Regression: ZCopy one way while the other way fills the window.
+#[test]
+fn established_zcopy_against_full_reverse_window_completes() {
+    let mut w = World::new(3347843194324219713, false, 1000, 285);
+    for op in [
+        Op::ZcopyWrite { side: 0, len: 8982 },
+        Op::Write { side: 1, len: 3953 },
+        Op::Write { side: 1, len: 3953 },
+        Op::Steps(7),
+        Op::Read { side: 0, len: 2049 },
+        Op::Read { side: 1, len: 1 },
+        Op::Steps(11),
+    ] {
+        w.apply(&op);
+    }
+    w.finish();
+}
+
+/// Regression: SrcAvails crossing on the wire, both windows filling.
+#[test]
+fn established_crossing_srcavails_both_complete() {
+    let mut w = World::new(14123384944943623104, false, 1000, 316);
+    for op in [
+        Op::ZcopyWrite { side: 0, len: 19674 },
+        Op::ZcopyWrite { side: 1, len: 25905 },
+        Op::Steps(5),
+        Op::Steps(3),
+        Op::Read { side: 1, len: 1 },
+        Op::Read { side: 0, len: 1 },
+        Op::Steps(16),
+        Op::Steps(8),
+        Op::Read { side: 1, len: 4096 },
+    ] {
+        w.apply(&op);
+    }
+    w.finish();
+}
+
+/// Regression: large SrcAvails crossing, readers draining only at the end.
+#[test]
+fn established_large_crossing_srcavails_complete() {
+    let mut w = World::new(3564958854424440689, false, 1000, 1492);
+    w.apply(&Op::ZcopyWrite { side: 1, len: 107985 });
+    w.apply(&Op::ZcopyWrite { side: 0, len: 107985 });
     w.finish();
 }

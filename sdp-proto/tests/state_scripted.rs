@@ -276,17 +276,20 @@ fn established_two_credits_data_waits_until_credit_update() {
 }
 
 #[test]
-fn established_one_credit_only_pure_update_goes_out() {
+fn established_one_credit_no_payload_goes_out() {
     let mut o = One::established();
     o.peer_bufs = 1;
     o.data(b"x").unwrap();
+    o.c.send(o.now, b"held").unwrap();
     o.c.shutdown(o.now, Shutdown::Write).unwrap();
-    // DisConn needs 2; a credit update (we posted past what the peer knows) may use the last.
+    // Data needs 3 and waits, DisConn waits behind it; the last credit may only carry a
+    // pure update (CA4-82).
     for (b, bytes) in o.sent() {
         assert_eq!(b.mid, MessageId::Data);
         assert_eq!(bytes.len(), 16);
     }
-    assert_eq!(o.c.state(), StateKind::FinWait1);
+    assert_eq!(o.c.send_queued(), 4);
+    assert!(o.c.tx_credits() <= 1);
 }
 
 #[test]
@@ -391,8 +394,8 @@ fn time_wait_guard_expires_closed() {
 #[test]
 fn fin_wait1_disconn_crossing_unsent_goes_last_ack() {
     let mut o = One::established_with(Config::default());
-    o.peer_bufs = 1;
-    o.data(b"").unwrap(); // one credit: our DisConn cannot leave yet
+    o.peer_bufs = 0;
+    o.data(b"").unwrap(); // no credit: our DisConn cannot leave yet
     o.c.shutdown(o.now, Shutdown::Write).unwrap();
     o.sent();
     o.peer_bufs = 8;

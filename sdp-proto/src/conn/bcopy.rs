@@ -149,6 +149,20 @@ impl RecvQueue {
 
     /// Appends stream bytes; with `urgent_last`, the last byte is the new urgent byte.
     pub(crate) fn push(&mut self, data: &[u8], urgent_last: bool) {
+        if urgent_last
+            && !self.oob_inline
+            && let Some(old) = self.mark
+            && old.taken
+            && old.offset == self.head
+            && !self.buf.is_empty()
+        {
+            // LINUX (tcp_check_urg): a reader sitting at the old mark skips the old urgent
+            // byte when a new one arrives, so a byte already read with MSG_OOB is not
+            // delivered twice. Unlike Linux, an old byte not yet read with MSG_OOB stays in
+            // the stream instead of being lost.
+            self.buf.pop_front();
+            self.head += 1;
+        }
         self.buf.extend(data);
         if urgent_last && let Some(&byte) = data.last() {
             self.mark = Some(UrgentMark {
@@ -299,6 +313,19 @@ mod tests {
         assert_eq!(q.read(&mut out, false), 3);
         assert_eq!(&out[..3], b"abc");
         assert_eq!(q.take_urgent(false), Some(b'd'));
+    }
+
+    #[test]
+    fn recv_queue_taken_urgent_byte_not_redelivered_when_mark_moves() {
+        let mut q = RecvQueue::new(false);
+        q.push(b"ab", true);
+        let mut out = [0u8; 10];
+        assert_eq!(q.read(&mut out, false), 1);
+        assert_eq!(q.take_urgent(false), Some(b'b'));
+        q.push(b"c", true);
+        assert_eq!(q.take_urgent(false), Some(b'c'));
+        assert_eq!(q.read(&mut out, false), 0);
+        assert_eq!(q.readable(), 0);
     }
 
     #[test]

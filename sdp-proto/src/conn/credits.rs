@@ -18,12 +18,20 @@
 //! none of these conditions holds, so an update never answers an update; yet whenever the
 //! peer is below the floor, an update goes out, so the peer is never starved by us.
 //!
-//! The floor of 1 at two posted buffers (a full receive window) could strand a peer that
-//! needs 2 credits for a control message (SrcAvailCancel, RdmaRdCompl, DisConn). Such a peer
-//! spends its last credit on a pure update, a *request*: the receiver then sees `c = 0`,
-//! below every floor, and answers. A request is only sent with exactly one credit left, a
-//! control message waiting and the peer at two posted buffers, so it cannot repeat before
-//! the answer arrives.
+//! Last credit and deadlock. If both peers spent their last credit at once (crossing
+//! messages, both windows full at two posted buffers) neither could ever send again: RC
+//! gives no way out (an RNR against Linux is fatal, §7.14). The two roles therefore differ:
+//! - the **active** side may spend its last credit on a pure update, or on a control message
+//!   that advertises buffers the peer has not heard of (CA4-82 as OPENIB reads it), and it
+//!   keeps the passive peer at ≥ 2 credits even with a full window (floor 2), so the passive
+//!   side can always send control messages (SrcAvailCancel, RdmaRdCompl, DisConn);
+//! - the **passive** side spends its last credit only on a pure update, and only when the
+//!   active side is at zero (`c = 0`): then every active message has arrived, the update
+//!   acknowledges them all, and the active side gets ≥ 2 credits back.
+//! So the two are never at zero together. The active side with a control message waiting
+//! and one credit left sends a *request* (a pure update), which the passive side sees as
+//! `c = 0` and answers. The asymmetric floors also stop two idle peers from answering each
+//! other's updates: the passive side's floor is stable at two posted buffers.
 
 use crate::error::ProtocolViolation;
 use crate::wire::BsdhRepr;
@@ -73,6 +81,8 @@ pub(crate) struct Credits {
     advertised: u32,
     /// Messages received since we last advertised.
     rx_since_adv: u32,
+    /// Active side (sent the Hello): the asymmetry that rules out a credit deadlock.
+    active: bool,
 }
 
 /// The BSDH fields of a message about to be sent.
@@ -84,8 +94,9 @@ pub(crate) struct Stamp {
 }
 
 impl Credits {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(active: bool) -> Self {
         Credits {
+            active,
             next_mseq: 1,
             peer_bufs: 0,
             peer_mseq_ack: 0,
@@ -120,9 +131,22 @@ impl Credits {
         self.peer_bufs.saturating_sub(self.in_flight())
     }
 
-    /// Whether a message of this class may be sent now.
+    /// Whether a message of this class may be sent now (module docs, "last credit").
     pub(crate) fn can_send(&self, class: MessageClass) -> bool {
-        self.tx_credits() >= class.needs()
+        let credits = self.tx_credits();
+        if credits > UPDATE_CREDITS {
+            return credits >= class.needs();
+        }
+        if credits == 0 {
+            return false;
+        }
+        match class {
+            MessageClass::Payload => false,
+            // CA4-82: the last credit only for a message that adds credits and carries no
+            // ULP payload (OPENIB `sdp_send_ctrl_buff_test`, SDP-WIRE.md §7.11).
+            MessageClass::Control => self.active && self.posted > self.peer_view(),
+            MessageClass::Update => self.active || self.peer_view() == 0,
+        }
     }
 
     /// Validates and applies a received BSDH; consumes one posted buffer.
@@ -193,6 +217,7 @@ impl Credits {
             return false;
         }
         let floor = match posted {
+            0..=2 if self.active => CONTROL_CREDITS,
             0..=2 => UPDATE_CREDITS,
             3 => CONTROL_CREDITS,
             _ => DATA_CREDITS,
@@ -200,14 +225,11 @@ impl Credits {
         c < floor || (c > 2 && c + c / 2 < posted)
     }
 
-    /// Whether we should spend our last credit on a pure update to ask for more: a control
-    /// message waits and the peer has only two buffers posted, so its floor (1) would leave
-    /// us at one credit for good. The peer then sees `c = 0`, which its floor answers,
-    /// while an ordinary update leaves it at `c ≥ 1`. With more buffers posted the peer's
-    /// own floor already keeps us at ≥ 2, so no request is needed (nor sent: two requests
-    /// crossing would otherwise keep both sides trading updates).
+    /// Whether the active side should spend its last credit on a pure update to ask for
+    /// more: a control message waits and the passive peer's floor (1 with a full window)
+    /// would leave us at one credit. The peer then sees `c = 0`, which it answers.
     pub(crate) fn request_needed(&self, control_waiting: bool) -> bool {
-        control_waiting && self.peer_bufs <= 2 && self.tx_credits() == UPDATE_CREDITS
+        self.active && control_waiting && self.tx_credits() == UPDATE_CREDITS
     }
 }
 
@@ -229,7 +251,7 @@ mod tests {
 
     #[test]
     fn credits_formula_matches_spec() {
-        let mut c = Credits::new();
+        let mut c = Credits::new(true);
         c.set_initial_peer_bufs(10);
         c.on_posted(4);
         assert_eq!(c.tx_credits(), 10);
@@ -244,7 +266,7 @@ mod tests {
 
     #[test]
     fn credits_thresholds_follow_ca4_82() {
-        let mut c = Credits::new();
+        let mut c = Credits::new(true);
         c.set_initial_peer_bufs(3);
         assert!(c.can_send(MessageClass::Payload));
         c.on_send();
@@ -253,11 +275,14 @@ mod tests {
         c.on_send();
         assert!(!c.can_send(MessageClass::Control));
         assert!(c.can_send(MessageClass::Update));
+        // Unless the control message advertises new buffers.
+        c.on_posted(1);
+        assert!(c.can_send(MessageClass::Control));
     }
 
     #[test]
     fn credits_bad_sequence_or_ack_rejected() {
-        let mut c = Credits::new();
+        let mut c = Credits::new(true);
         c.on_posted(4);
         assert_eq!(
             c.on_receive(&bsdh(1, 2, 0)),
@@ -270,7 +295,7 @@ mod tests {
             c.on_receive(&bsdh(1, 1, 1)),
             Err(ProtocolViolation::BadAck { mseq_ack: 1 })
         );
-        let mut d = Credits::new();
+        let mut d = Credits::new(true);
         assert_eq!(
             d.on_receive(&bsdh(1, 1, 0)),
             Err(ProtocolViolation::NoReceiveBuffer)
@@ -278,20 +303,41 @@ mod tests {
     }
 
     #[test]
-    fn credits_update_never_answers_an_update() {
-        for posted in 2..40u32 {
-            let mut c = Credits::new();
-            c.on_posted(posted);
-            c.on_send(); // advertise `posted`
-            c.on_receive(&bsdh(8, 1, 1)).unwrap(); // a pure update consumed one buffer
-            c.on_posted(1); // and the host reposted it
-            assert!(!c.update_needed(), "posted {posted}");
+    fn credits_update_exchange_terminates() {
+        for active in [true, false] {
+            for posted in 2..40u32 {
+                let mut c = Credits::new(active);
+                c.on_posted(posted);
+                c.on_send(); // advertise `posted`
+                c.on_receive(&bsdh(8, 1, 1)).unwrap(); // a pure update consumed one buffer
+                c.on_posted(1); // and the host reposted it
+                // Only the active side with a full window answers; the passive side's floor
+                // is 1 there, so the exchange stops after one answer.
+                let answers = active && posted == 2;
+                assert_eq!(c.update_needed(), answers, "active {active} posted {posted}");
+            }
         }
     }
 
     #[test]
+    fn credits_passive_last_credit_only_when_peer_at_zero() {
+        let mut c = Credits::new(false);
+        c.set_initial_peer_bufs(2);
+        c.on_posted(2);
+        c.on_send();
+        assert_eq!(c.tx_credits(), 1);
+        assert!(!c.can_send(MessageClass::Update), "peer not at zero");
+        c.on_receive(&bsdh(2, 1, 0)).unwrap();
+        c.on_receive(&bsdh(2, 2, 0)).unwrap();
+        c.on_posted(2);
+        assert_eq!(c.peer_view(), 0);
+        assert!(c.can_send(MessageClass::Update));
+        assert!(!c.can_send(MessageClass::Control));
+    }
+
+    #[test]
     fn credits_request_from_last_credit_is_answered_with_full_window() {
-        let mut c = Credits::new();
+        let mut c = Credits::new(false);
         c.on_posted(2);
         c.on_send(); // advertise 2
         c.on_receive(&bsdh(8, 1, 1)).unwrap(); // peer's ordinary update: c = 1
@@ -304,7 +350,7 @@ mod tests {
 
     #[test]
     fn credits_update_sent_when_peer_starves() {
-        let mut c = Credits::new();
+        let mut c = Credits::new(true);
         c.on_posted(8);
         c.on_send();
         for i in 1..=6 {

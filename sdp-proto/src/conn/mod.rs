@@ -182,7 +182,7 @@ impl Connection {
         Connection {
             role,
             state,
-            credits: Credits::new(),
+            credits: Credits::new(role == Role::Active),
             send: SendQueue::new(config.send_buffer),
             recv: RecvQueue::new(config.oob_inline),
             control: VecDeque::new(),
