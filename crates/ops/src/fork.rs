@@ -1,16 +1,51 @@
 //! Lifetime across fork: `pthread_atfork` handlers.
 //!
-//! In this pass-through stage the switch holds no lock across calls and no thread, so the
-//! handlers have nothing to quiesce; they exist so that a child's state (its pid in log lines,
-//! later its progress thread) is rebuilt lazily and correctly.
+//! A fork copies one thread. So that the child never inherits a lock held by a thread that does
+//! not exist there, `prepare` waits for the progress thread to finish the task it is running
+//! (and keeps it from starting another) and takes the connection registry's lock; `parent`
+//! and `child` release both. The child rebuilds its progress thread lazily.
+//!
+//! [`generation`] counts forks in this process: a connection created before the last fork may
+//! be shared with a child, and then `close` must not touch its rings (DESIGN.md §7).
 
+use std::cell::RefCell;
 use std::sync::Once;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 static REGISTERED: Once = Once::new();
+static GENERATION: AtomicU64 = AtomicU64::new(0);
 
-extern "C" fn prepare() {}
-extern "C" fn parent() {}
-extern "C" fn child() {}
+type RegistryGuard = std::sync::RwLockWriteGuard<
+    'static,
+    Option<std::collections::HashMap<i32, std::sync::Arc<crate::offload::Conn>>>,
+>;
+
+thread_local! {
+    // The handlers of one fork run on the forking thread, in order prepare → parent|child.
+    static HELD: RefCell<Option<RegistryGuard>> = const { RefCell::new(None) };
+}
+
+/// Forks this process has made so far (as a parent).
+pub fn generation() -> u64 {
+    GENERATION.load(Ordering::Acquire)
+}
+
+extern "C" fn prepare() {
+    crate::progress::pause();
+    let g = crate::offload::fork_prepare();
+    HELD.with(|h| *h.borrow_mut() = Some(g));
+}
+
+extern "C" fn parent() {
+    GENERATION.fetch_add(1, Ordering::AcqRel);
+    HELD.with(|h| h.borrow_mut().take());
+    crate::progress::resume();
+}
+
+extern "C" fn child() {
+    HELD.with(|h| h.borrow_mut().take());
+    crate::progress::resume();
+}
 
 pub fn register_handlers() {
     REGISTERED.call_once(|| {

@@ -34,6 +34,36 @@ struct Progress {
 }
 
 static STATE: Mutex<Option<Progress>> = Mutex::new(None);
+/// Tasks running now, and whether a fork is being prepared (no task may start then).
+static BUSY: AtomicU64 = AtomicU64::new(0);
+static FORKING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Before fork: waits until no task runs and keeps new ones from starting, so that the child
+/// never inherits a connection lock held by the progress thread.
+pub fn pause() {
+    FORKING.store(true, Ordering::SeqCst);
+    while BUSY.load(Ordering::SeqCst) != 0 {
+        std::thread::yield_now();
+    }
+}
+
+/// After fork, in parent and child.
+pub fn resume() {
+    FORKING.store(false, Ordering::SeqCst);
+}
+
+fn enter_task() {
+    loop {
+        while FORKING.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        BUSY.fetch_add(1, Ordering::SeqCst);
+        if !FORKING.load(Ordering::SeqCst) {
+            return;
+        }
+        BUSY.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 static WAKEUPS: AtomicU64 = AtomicU64::new(0);
 
 fn lock() -> std::sync::MutexGuard<'static, Option<Progress>> {
@@ -187,9 +217,11 @@ fn run(epfd: i32) {
             };
             if let Some((fd, task)) = found {
                 WAKEUPS.fetch_add(1, Ordering::Relaxed);
+                enter_task();
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     task.on_event(fd, fired)
                 }));
+                BUSY.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }

@@ -35,6 +35,8 @@ fn is_nonblocking(fd: i32) -> bool {
 
 /// Blocks in the kernel until the app end is readable (or a timeout, a signal).
 fn wait_readable(fd: i32) -> Result<(), Errno> {
+    // A fork child that blocks needs its own progress thread to learn of the peer's end.
+    crate::progress::after_fork_lazy();
     let mut b = [0u8; 1];
     loop {
         // SAFETY: one writable byte; a peeking recv consumes nothing.
@@ -58,6 +60,7 @@ fn wait_readable(fd: i32) -> Result<(), Errno> {
 
 /// Blocks in the kernel until the app end is writable (the peer drained our stuffing).
 fn wait_writable(fd: i32) -> Result<(), Errno> {
+    crate::progress::after_fork_lazy();
     let b = [0u8; 1];
     // SAFETY: one readable byte. The byte joins the stuffing and is drained with it.
     let n = unsafe {

@@ -75,6 +75,9 @@ pub struct Inner {
     /// Role for statistics: 1 client, 2 server.
     pub role: u8,
     pub reason: fallback::Reason,
+    /// The process and fork generation that made the connection (see `fork::generation`).
+    pub born_pid: i32,
+    pub born_gen: u64,
 }
 
 pub struct Conn {

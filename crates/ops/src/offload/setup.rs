@@ -528,6 +528,8 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         watch: None,
         role: 1,
         reason: Reason::Offloaded,
+        born_pid: sys::getpid(),
+        born_gen: crate::fork::generation(),
     });
     bind_fd(fd, &conn);
     let efd = endpoint.fd();
@@ -899,6 +901,8 @@ fn server_exchange(
         watch: None,
         role: 2,
         reason: Reason::Offloaded,
+        born_pid: sys::getpid(),
+        born_gen: crate::fork::generation(),
     });
     bind_fd(fd, &conn);
     let mut g = conn.lock();
@@ -917,15 +921,14 @@ pub fn close(fd: i32) {
         return;
     };
     let mut g = conn.lock();
-    if let Phase::Offloaded(s) = &mut g.phase {
-        s.progress();
-    }
-    if let Phase::Offloaded(s) = std::mem::replace(&mut g.phase, Phase::Tcp) {
-        let mut s = s;
+    // After a fork another process may hold the connection (a forked server child, the parent
+    // that keeps listening): then closing our copy must not touch the rings, whose next message
+    // belongs to the holder. The peer learns of the last close from the kernel (its copy of
+    // our bell end hangs up when every app end is closed), as a TCP peer learns of the FIN.
+    let shared = g.born_pid != sys::getpid() || g.born_gen != crate::fork::generation();
+    if !shared && let Phase::Offloaded(s) = &mut g.phase {
         // Bytes accepted by send are delivered after close, as TCP delivers them (bounded).
         s.flush(Duration::from_secs(2));
-        s.shutdown_write();
-        s.progress();
     }
     g.release();
 }
