@@ -43,6 +43,14 @@ impl RealFn {
     }
 }
 
+/// A C library without this function: fail as a missing system call would.
+#[cold]
+#[inline(never)]
+fn missing() -> i64 {
+    ops::sys::set_errno(libc::ENOSYS);
+    -1
+}
+
 macro_rules! real_fns {
     ($( fn $name:ident ( $($a:ident : $t:ty),* ) -> $r:ty; )*) => {
         $(
@@ -61,10 +69,7 @@ macro_rules! real_fns {
                         let f: unsafe extern "C" fn($($t),*) -> $r = unsafe { std::mem::transmute(p) };
                         unsafe { f($($a),*) }
                     }
-                    None => {
-                        ops::sys::set_errno(libc::ENOSYS);
-                        -1 as $r
-                    }
+                    None => missing() as $r,
                 }
             }
         )*

@@ -141,6 +141,23 @@ fn slot_or_create(fd: i32) -> Option<&'static AtomicU64> {
     slot(fd)
 }
 
+/// The hook fast path for data calls: the fd's meta word, 0 when untracked. One bounds check
+/// and two loads.
+#[inline(always)]
+pub fn raw(fd: i32) -> u64 {
+    let idx = fd as u32 as usize;
+    if idx >= MAX_FDS {
+        return 0;
+    }
+    let chunk = TOP[idx >> CHUNK_BITS].load(Ordering::Acquire);
+    if chunk.is_null() {
+        return 0;
+    }
+    // SAFETY: as in `slot`: published chunks are never freed and were initialised before
+    // the Release store that published them.
+    unsafe { (*chunk).slots[idx & (CHUNK_SLOTS - 1)].load(Ordering::Acquire) }
+}
+
 /// The hook fast path: is this fd one of ours?
 #[inline(always)]
 pub fn is_tracked(fd: i32) -> bool {

@@ -19,7 +19,8 @@ use crate::real;
 /// Is `fd` the app end of an offloaded connection?
 #[inline(always)]
 fn offloaded(fd: c_int) -> bool {
-    fdtable::is_tracked(fd) && fdtable::get(fd).has(Meta::OFFLOADED)
+    const BOTH: u64 = Meta::TRACKED | Meta::OFFLOADED;
+    fdtable::raw(fd) & BOTH == BOTH
 }
 
 /// Runs an offloaded receive; `None`: pass through.
@@ -75,14 +76,22 @@ unsafe fn iov_ref<'a>(iov: *const iovec, cnt: usize) -> Vec<&'a [u8]> {
         .collect()
 }
 
+#[cold]
+#[inline(never)]
+unsafe fn read_offloaded(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    match do_recv(fd, &mut [unsafe { out_buf(buf, n) }], 0) {
+        Some(r) => r,
+        None => unsafe { real::read(fd, buf, n) },
+    }
+}
+
 /// # Safety
 /// As `read(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
-    if offloaded(fd)
-        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], 0)
-    {
-        return r;
+    // The hot path for every file and pipe: a table load, then the C library (a tail call).
+    if offloaded(fd) {
+        return unsafe { read_offloaded(fd, buf, n) };
     }
     unsafe { real::read(fd, buf, n) }
 }
@@ -105,14 +114,21 @@ pub unsafe extern "C" fn __read_chk(
     unsafe { real::__read_chk(fd, buf, n, buflen) }
 }
 
+#[cold]
+#[inline(never)]
+unsafe fn write_offloaded(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    match do_send(fd, &[unsafe { in_buf(buf, n) }], 0) {
+        Some(r) => r,
+        None => unsafe { real::write(fd, buf, n) },
+    }
+}
+
 /// # Safety
 /// As `write(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
-    if offloaded(fd)
-        && let Some(r) = do_send(fd, &[unsafe { in_buf(buf, n) }], 0)
-    {
-        return r;
+    if offloaded(fd) {
+        return unsafe { write_offloaded(fd, buf, n) };
     }
     unsafe { real::write(fd, buf, n) }
 }
