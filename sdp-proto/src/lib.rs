@@ -16,6 +16,8 @@
 
 pub mod conn;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod time;
 pub mod wire;
 

@@ -14,16 +14,38 @@ use sdp_proto::wire::*;
 use sdp_proto::{Config, StateKind};
 
 fn cases(release: u32, debug: u32) -> ProptestConfig {
-    ProptestConfig { cases: if cfg!(debug_assertions) { debug } else { release }, ..ProptestConfig::default() }
+    ProptestConfig {
+        cases: if cfg!(debug_assertions) {
+            debug
+        } else {
+            release
+        },
+        ..ProptestConfig::default()
+    }
 }
 
 fn body_strategy() -> impl Strategy<Value = (u8, u32, u32, u64, Vec<u8>, u8)> {
-    (any::<u8>(), any::<u32>(), any::<u32>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..64), 0u8..6)
+    (
+        any::<u8>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<u64>(),
+        proptest::collection::vec(any::<u8>(), 0..64),
+        0u8..6,
+    )
 }
 
 fn make_body<'a>(kind: u8, a: u32, b: u32, c: u64, payload: &'a [u8], mode: u8) -> Body<'a> {
-    let half = if mode >= 3 { ModeHalf::Send } else { ModeHalf::Receive };
-    let tm = [TransferMode::Buffered, TransferMode::Combined, TransferMode::Pipelined][(mode % 3) as usize];
+    let half = if mode >= 3 {
+        ModeHalf::Send
+    } else {
+        ModeHalf::Receive
+    };
+    let tm = [
+        TransferMode::Buffered,
+        TransferMode::Combined,
+        TransferMode::Pipelined,
+    ][(mode % 3) as usize];
     match kind % 19 {
         0 => Body::DisConn,
         1 => Body::AbortConn,
@@ -38,10 +60,28 @@ fn make_body<'a>(kind: u8, a: u32, b: u32, c: u64, payload: &'a [u8], mode: u8) 
         10 => Body::ChRcvBufAck(ChRcvBufRepr { size: b }),
         11 => Body::SuspComm(SuspCommRepr { service_id: c }),
         12 => Body::SuspCommAck,
-        13 => Body::SinkAvail { header: SinkAvailRepr { len: a, rkey: b, vaddr: c, non_discards: a ^ b }, payload },
-        14 => Body::SrcAvail { header: SrcAvailRepr { len: a, rkey: b, vaddr: c }, payload },
+        13 => Body::SinkAvail {
+            header: SinkAvailRepr {
+                len: a,
+                rkey: b,
+                vaddr: c,
+                non_discards: a ^ b,
+            },
+            payload,
+        },
+        14 => Body::SrcAvail {
+            header: SrcAvailRepr {
+                len: a,
+                rkey: b,
+                vaddr: c,
+            },
+            payload,
+        },
         15 | 16 => Body::Data(payload),
-        _ => Body::Unknown { mid: 0x10 + (a % 0xE0) as u8, rest: payload },
+        _ => Body::Unknown {
+            mid: 0x10 + (a % 0xE0) as u8,
+            rest: payload,
+        },
     }
 }
 
@@ -163,11 +203,21 @@ impl World {
         let mut data = vec![0u8; len];
         pattern_fill(st.written + side as u64 * (1 << 40), &mut data);
         let conn = &mut self.sim.sides[side].conn;
-        let r = if urgent { conn.send_urgent(now, &data) } else { conn.send(now, &data) };
+        let r = if urgent {
+            conn.send_urgent(now, &data)
+        } else {
+            conn.send(now, &data)
+        };
         match r {
             Ok(n) => st.written += n as u64,
-            Err(SendError::WouldBlock) => assert!(!conn.readiness().writable, "WouldBlock while writable"),
-            Err(e) => panic!("send: {e:?}; errors {:?} {:?}", self.sim.sides[0].conn.error(), self.sim.sides[1].conn.error()),
+            Err(SendError::WouldBlock) => {
+                assert!(!conn.readiness().writable, "WouldBlock while writable")
+            }
+            Err(e) => panic!(
+                "send: {e:?}; errors {:?} {:?}",
+                self.sim.sides[0].conn.error(),
+                self.sim.sides[1].conn.error()
+            ),
         }
     }
 
@@ -190,7 +240,10 @@ impl World {
     fn finish_zcopy(&mut self, side: usize) {
         let st = &mut self.streams[side];
         if let Some((id, off, len)) = st.zcopy
-            && let Some(&(_, sent, completed)) = self.sim.sides[side].zcopy_finished.iter().find(|f| f.0 == id)
+            && let Some(&(_, sent, completed)) = self.sim.sides[side]
+                .zcopy_finished
+                .iter()
+                .find(|f| f.0 == id)
         {
             st.zcopy = None;
             if !completed {
@@ -207,7 +260,10 @@ impl World {
         let now = self.sim.ts();
         let conn = &mut self.sim.sides[side].conn;
         let st = &mut self.streams[1 - side];
-        if !self.oob_inline && conn.at_mark() && let Ok(b) = conn.recv_urgent(now, false) {
+        if !self.oob_inline
+            && conn.at_mark()
+            && let Ok(b) = conn.recv_urgent(now, false)
+        {
             st.received.push(b);
             st.app_read += 1;
         }
@@ -234,12 +290,20 @@ impl World {
             let peer_closed = self.sim.sides[side].peer_half_closed;
             if self.oob_inline {
                 let unread = c.stats().bytes_received - self.streams[1 - side].app_read;
-                assert_eq!(r.readable, unread > 0 || peer_closed, "readable model, side {side}");
+                assert_eq!(
+                    r.readable,
+                    unread > 0 || peer_closed,
+                    "readable model, side {side}"
+                );
             }
             let st = &self.streams[side];
             let queued = c.send_queued();
             let blocked = st.zcopy.is_some();
-            assert_eq!(r.writable, !blocked && queued < 9000, "writable model, side {side}");
+            assert_eq!(
+                r.writable,
+                !blocked && queued < 9000,
+                "writable model, side {side}"
+            );
             assert!(!r.error && !r.hangup);
         }
     }
@@ -288,7 +352,11 @@ impl World {
         }
         for side in 0..2 {
             let st = &self.streams[side];
-            assert_eq!(st.received.len() as u64, st.written, "side {side} stream length");
+            assert_eq!(
+                st.received.len() as u64,
+                st.written,
+                "side {side} stream length"
+            );
             let mut want = vec![0u8; st.received.len()];
             pattern_fill(side as u64 * (1 << 40), &mut want);
             assert!(st.received == want, "side {side} stream bytes differ");
@@ -394,8 +462,14 @@ fn established_zcopy_against_full_reverse_window_completes() {
 fn established_crossing_srcavails_both_complete() {
     let mut w = World::new(14123384944943623104, false, 1000, 316);
     for op in [
-        Op::ZcopyWrite { side: 0, len: 19674 },
-        Op::ZcopyWrite { side: 1, len: 25905 },
+        Op::ZcopyWrite {
+            side: 0,
+            len: 19674,
+        },
+        Op::ZcopyWrite {
+            side: 1,
+            len: 25905,
+        },
         Op::Steps(5),
         Op::Steps(3),
         Op::Read { side: 1, len: 1 },
@@ -413,7 +487,13 @@ fn established_crossing_srcavails_both_complete() {
 #[test]
 fn established_large_crossing_srcavails_complete() {
     let mut w = World::new(3564958854424440689, false, 1000, 1492);
-    w.apply(&Op::ZcopyWrite { side: 1, len: 107985 });
-    w.apply(&Op::ZcopyWrite { side: 0, len: 107985 });
+    w.apply(&Op::ZcopyWrite {
+        side: 1,
+        len: 107985,
+    });
+    w.apply(&Op::ZcopyWrite {
+        side: 0,
+        len: 107985,
+    });
     w.finish();
 }

@@ -14,19 +14,37 @@ fn cfg() -> Config {
 }
 
 fn small_cfg() -> Config {
-    Config { recv_buffer_size: 4096 + 16, recv_buffers: 4, recv_window: 8192, send_buffer: 8192, ..Config::default() }
+    Config {
+        recv_buffer_size: 4096 + 16,
+        recv_buffers: 4,
+        recv_window: 8192,
+        send_buffer: 8192,
+        ..Config::default()
+    }
 }
 
 /// 1 GiB in release; debug builds move 64 MiB so `cargo test` stays quick.
 const GIB: u64 = 1 << 30;
 fn big() -> u64 {
-    if cfg!(debug_assertions) { 64 << 20 } else { GIB }
+    if cfg!(debug_assertions) {
+        64 << 20
+    } else {
+        GIB
+    }
 }
 
 #[test]
 fn established_bulk_gigabyte_random_sizes_with_zcopy_and_jitter_arrives_intact() {
     let started = Instant::now();
-    let mut sim = Sim::connected(cfg(), cfg(), LinkConfig { delay: 1_000, jitter: 3_000 }, 1);
+    let mut sim = Sim::connected(
+        cfg(),
+        cfg(),
+        LinkConfig {
+            delay: 1_000,
+            jitter: 3_000,
+        },
+        1,
+    );
     let mut bulk = Bulk::new(0, big());
     bulk.max_write = 3 << 20;
     bulk.max_read = 1 << 20;
@@ -51,7 +69,15 @@ fn established_bulk_gigabyte_random_sizes_with_zcopy_and_jitter_arrives_intact()
 
 #[test]
 fn established_bidirectional_small_buffers_both_streams_intact() {
-    let mut sim = Sim::connected(small_cfg(), small_cfg(), LinkConfig { delay: 500, jitter: 2_000 }, 2);
+    let mut sim = Sim::connected(
+        small_cfg(),
+        small_cfg(),
+        LinkConfig {
+            delay: 500,
+            jitter: 2_000,
+        },
+        2,
+    );
     let mut ab = Bulk::new(0, 3 << 20);
     let mut ba = Bulk::new(1, 3 << 20);
     ab.max_write = 10_000;
@@ -119,23 +145,49 @@ fn established_peer_cannot_rdma_read_falls_back_to_bcopy() {
     bulk.max_write = 2 << 20;
     bulk.zcopy_percent = 100;
     bulk.run(&mut sim);
-    assert!(sim.sides[0].zcopy_finished.iter().any(|(_, _, completed)| !completed));
+    assert!(
+        sim.sides[0]
+            .zcopy_finished
+            .iter()
+            .any(|(_, _, completed)| !completed)
+    );
 }
 
 #[test]
 fn established_zcopy_disabled_at_receiver_answers_sendsm_and_stream_survives() {
-    let mut sim = Sim::connected(cfg(), Config { zcopy_recv: false, ..cfg() }, LinkConfig::default(), 5);
+    let mut sim = Sim::connected(
+        cfg(),
+        Config {
+            zcopy_recv: false,
+            ..cfg()
+        },
+        LinkConfig::default(),
+        5,
+    );
     let mut bulk = Bulk::new(0, 6 << 20);
     bulk.max_write = 2 << 20;
     bulk.zcopy_percent = 100;
     bulk.run(&mut sim);
     assert!(!sim.sides[0].zcopy_finished.is_empty());
-    assert!(sim.sides[0].zcopy_finished.iter().all(|(_, _, completed)| !completed));
+    assert!(
+        sim.sides[0]
+            .zcopy_finished
+            .iter()
+            .all(|(_, _, completed)| !completed)
+    );
 }
 
 #[test]
 fn established_reader_idle_srcavail_cancelled_after_timeout_then_bcopy() {
-    let mut sim = Sim::connected(cfg(), Config { recv_window: 64 * 1024, ..cfg() }, LinkConfig::default(), 6);
+    let mut sim = Sim::connected(
+        cfg(),
+        Config {
+            recv_window: 64 * 1024,
+            ..cfg()
+        },
+        LinkConfig::default(),
+        6,
+    );
     let data: Vec<u8> = (0..1_000_000u32).map(|i| i as u8).collect();
     sim.send_zcopy(0, &data).unwrap();
     sim.pump();
@@ -170,7 +222,10 @@ fn established_reader_idle_srcavail_cancelled_after_timeout_then_bcopy() {
 fn established_graceful_close_both_sides_reach_closed_without_error() {
     let mut sim = Sim::connected(cfg(), cfg(), LinkConfig::default(), 7);
     sim.sides[0].conn.send(sim.ts(), b"last words").unwrap();
-    sim.sides[0].conn.shutdown(sim.ts(), Shutdown::Write).unwrap();
+    sim.sides[0]
+        .conn
+        .shutdown(sim.ts(), Shutdown::Write)
+        .unwrap();
     sim.pump();
     sim.run_until_idle(1000);
     assert_eq!(sim.sides[1].conn.state(), StateKind::CloseWait);
@@ -191,9 +246,23 @@ fn established_graceful_close_both_sides_reach_closed_without_error() {
 
 #[test]
 fn established_simultaneous_close_both_reach_closed_without_error() {
-    let mut sim = Sim::connected(cfg(), cfg(), LinkConfig { delay: 10_000, jitter: 0 }, 8);
-    sim.sides[0].conn.shutdown(sim.ts(), Shutdown::Write).unwrap();
-    sim.sides[1].conn.shutdown(sim.ts(), Shutdown::Write).unwrap();
+    let mut sim = Sim::connected(
+        cfg(),
+        cfg(),
+        LinkConfig {
+            delay: 10_000,
+            jitter: 0,
+        },
+        8,
+    );
+    sim.sides[0]
+        .conn
+        .shutdown(sim.ts(), Shutdown::Write)
+        .unwrap();
+    sim.sides[1]
+        .conn
+        .shutdown(sim.ts(), Shutdown::Write)
+        .unwrap();
     sim.pump();
     sim.run_until_idle(1000);
     assert_eq!(sim.sides[0].closed, Some(None));
@@ -210,14 +279,25 @@ fn established_completion_error_flushes_and_peer_sees_reset() {
     }
     sim.fail_qp(0);
     sim.run_until_idle(1000);
-    assert!(matches!(sim.sides[0].closed, Some(Some(ConnectionError::Transport(_)))));
-    assert_eq!(sim.sides[1].closed, Some(Some(ConnectionError::Reset { after_peer_disconn: false })));
+    assert!(matches!(
+        sim.sides[0].closed,
+        Some(Some(ConnectionError::Transport(_)))
+    ));
+    assert_eq!(
+        sim.sides[1].closed,
+        Some(Some(ConnectionError::Reset {
+            after_peer_disconn: false
+        }))
+    );
     let mut buf = [0u8; 16];
     // Bytes that had arrived are still readable, then the error.
     while let Ok(n) = sim.sides[1].conn.recv(sim.ts(), &mut buf, false) {
         assert!(n > 0);
     }
-    assert!(matches!(sim.sides[1].conn.recv(sim.ts(), &mut buf, false), Err(RecvError::Closed(_))));
+    assert!(matches!(
+        sim.sides[1].conn.recv(sim.ts(), &mut buf, false),
+        Err(RecvError::Closed(_))
+    ));
     assert!(sim.sides[1].conn.readiness().error);
 }
 
@@ -252,14 +332,26 @@ fn every_state_abort_both_sides_end_closed() {
         }),
     ];
     for (want, setup) in setups {
-        let mut sim = Sim::connected(cfg(), cfg(), LinkConfig { delay: 5_000, jitter: 0 }, 10);
+        let mut sim = Sim::connected(
+            cfg(),
+            cfg(),
+            LinkConfig {
+                delay: 5_000,
+                jitter: 0,
+            },
+            10,
+        );
         setup(&mut sim);
         assert_eq!(sim.sides[0].conn.state(), want);
         sim.sides[0].conn.abort(sim.ts());
         sim.pump();
         sim.run_until_idle(1000);
         assert!(sim.sides[0].conn.is_closed(), "{want:?}");
-        assert!(sim.sides[1].conn.is_closed(), "{want:?}: peer {:?}", sim.sides[1].conn.state());
+        assert!(
+            sim.sides[1].conn.is_closed(),
+            "{want:?}: peer {:?}",
+            sim.sides[1].conn.state()
+        );
     }
 }
 
@@ -290,7 +382,12 @@ fn fin_wait_orphan_peer_silent_times_out_abortively() {
     sim.pump();
     // The peer never closes; after 60 virtual seconds the orphan gives up.
     sim.run_until_idle(10_000);
-    assert_eq!(sim.sides[0].closed, Some(Some(ConnectionError::TimedOut(sdp_proto::conn::Timer::FinWait))));
+    assert_eq!(
+        sim.sides[0].closed,
+        Some(Some(ConnectionError::TimedOut(
+            sdp_proto::conn::Timer::FinWait
+        )))
+    );
     assert!(sim.sides[1].conn.is_closed());
 }
 
@@ -315,7 +412,10 @@ fn established_urgent_bytes_arrive_at_their_marks() {
 
 #[test]
 fn established_keepalive_idle_emits_probe() {
-    let c = Config { keepalive: Some(std::time::Duration::from_secs(10)), ..cfg() };
+    let c = Config {
+        keepalive: Some(std::time::Duration::from_secs(10)),
+        ..cfg()
+    };
     let mut sim = Sim::connected(c.clone(), c, LinkConfig::default(), 14);
     let end = sim.now + 35_000_000_000;
     while sim.now < end && sim.step() {}
@@ -324,10 +424,17 @@ fn established_keepalive_idle_emits_probe() {
 
 #[test]
 fn established_resize_granted_after_old_buffers_drain() {
-    let grow = Config { allow_recv_resize: true, max_recv_buffer_size: 65536 + 16, ..small_cfg() };
+    let grow = Config {
+        allow_recv_resize: true,
+        max_recv_buffer_size: 65536 + 16,
+        ..small_cfg()
+    };
     let mut sim = Sim::connected(small_cfg(), grow, LinkConfig::default(), 15);
     assert_eq!(sim.sides[0].conn.send_goal(), 4096);
-    sim.sides[0].conn.request_peer_buffer_size(sim.ts(), 16384).unwrap();
+    sim.sides[0]
+        .conn
+        .request_peer_buffer_size(sim.ts(), 16384)
+        .unwrap();
     let mut bulk = Bulk::new(0, 2 << 20);
     bulk.run(&mut sim);
     assert_eq!(sim.sides[0].conn.send_goal(), 16384 - 16);

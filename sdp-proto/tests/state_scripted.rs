@@ -6,8 +6,8 @@ mod common;
 use sdp_proto::conn::{RdmaReadFailure, Shutdown, Timer};
 use sdp_proto::error::*;
 use sdp_proto::wire::*;
-use std::result::Result;
 use sdp_proto::{Config, Connection, Event, StateKind, Timestamp};
+use std::result::Result;
 
 const PEER_SIZE: u32 = 4096 + 16;
 
@@ -23,7 +23,14 @@ struct One {
 }
 
 fn hello_ack(bufs: u16, version: u8, max_adverts: u8) -> [u8; HELLO_ACK_LEN] {
-    HelloAckRepr { bufs, version: Version(version), ipv_cap: 0, max_adverts, act_rcv_sz: PEER_SIZE }.to_bytes()
+    HelloAckRepr {
+        bufs,
+        version: Version(version),
+        ipv_cap: 0,
+        max_adverts,
+        act_rcv_sz: PEER_SIZE,
+    }
+    .to_bytes()
 }
 
 impl One {
@@ -31,7 +38,14 @@ impl One {
         let mut c = Connection::connect(cfg, Timestamp::ZERO, common::addrs(), 1234);
         while c.poll_post_recv().is_some() {}
         let _ = c.hello();
-        One { c, now: Timestamp::ZERO, peer_mseq: 1, peer_ack: 0, peer_bufs: 8, buf: vec![0; 1 << 16] }
+        One {
+            c,
+            now: Timestamp::ZERO,
+            peer_mseq: 1,
+            peer_ack: 0,
+            peer_bufs: 8,
+            buf: vec![0; 1 << 16],
+        }
     }
 
     fn established() -> One {
@@ -93,7 +107,14 @@ impl One {
 }
 
 fn srcavail(len: u32, inline: &[u8]) -> Body<'_> {
-    Body::SrcAvail { header: SrcAvailRepr { len, rkey: 77, vaddr: 0x1000 }, payload: inline }
+    Body::SrcAvail {
+        header: SrcAvailRepr {
+            len,
+            rkey: 77,
+            vaddr: 0x1000,
+        },
+        payload: inline,
+    }
 }
 
 #[test]
@@ -108,7 +129,12 @@ fn hello_sent_valid_hello_ack_established_with_peer_credits() {
 fn hello_sent_hello_ack_major_version_1_rejected() {
     let mut o = One::active(Config::default());
     let r = o.c.handle_hello_ack(o.now, &hello_ack(8, 0x11, 1));
-    assert_eq!(r, Err(HandleError::Fatal(ConnectionError::Handshake(HandshakeError::Version(0x11)))));
+    assert_eq!(
+        r,
+        Err(HandleError::Fatal(ConnectionError::Handshake(
+            HandshakeError::Version(0x11)
+        )))
+    );
     assert_eq!(o.c.state(), StateKind::Closed);
 }
 
@@ -116,15 +142,26 @@ fn hello_sent_hello_ack_major_version_1_rejected() {
 fn hello_sent_hello_ack_max_adverts_zero_rejected() {
     let mut o = One::active(Config::default());
     assert!(o.c.handle_hello_ack(o.now, &hello_ack(8, 0x22, 0)).is_err());
-    assert_eq!(o.c.error(), Some(ConnectionError::Handshake(HandshakeError::MaxAdvertsZero)));
+    assert_eq!(
+        o.c.error(),
+        Some(ConnectionError::Handshake(HandshakeError::MaxAdvertsZero))
+    );
 }
 
 #[test]
 fn hello_sent_cm_reject_connect_refused() {
     let mut o = One::active(Config::default());
     let _ = o.c.handle_connect_failed(o.now, ConnectFailure::Refused);
-    assert_eq!(o.c.error().unwrap().io_kind(), std::io::ErrorKind::ConnectionRefused);
-    assert_eq!(o.c.send(o.now, b"x"), Err(SendError::Closed(ConnectionError::ConnectFailed(ConnectFailure::Refused))));
+    assert_eq!(
+        o.c.error().unwrap().io_kind(),
+        std::io::ErrorKind::ConnectionRefused
+    );
+    assert_eq!(
+        o.c.send(o.now, b"x"),
+        Err(SendError::Closed(ConnectionError::ConnectFailed(
+            ConnectFailure::Refused
+        )))
+    );
 }
 
 #[test]
@@ -137,7 +174,10 @@ fn hello_sent_send_not_connected() {
 #[test]
 fn hello_sent_message_before_hello_ack_invalid_state() {
     let mut o = One::active(Config::default());
-    assert_eq!(o.data(b"x"), Err(HandleError::InvalidState(StateKind::HelloSent)));
+    assert_eq!(
+        o.data(b"x"),
+        Err(HandleError::InvalidState(StateKind::HelloSent))
+    );
 }
 
 #[test]
@@ -146,7 +186,10 @@ fn listen_hello_with_bad_ip_version_refused() {
     h[17] = 0x50;
     assert!(matches!(
         Connection::accept(Config::default(), Timestamp::ZERO, &h),
-        Err(HandshakeError::Malformed(WireError::Invalid { field: "hh.ipv", .. }))
+        Err(HandshakeError::Malformed(WireError::Invalid {
+            field: "hh.ipv",
+            ..
+        }))
     ));
 }
 
@@ -196,7 +239,13 @@ fn established_wrong_mseq_protocol_violation() {
     let mut o = One::established();
     o.peer_mseq = 5;
     assert!(matches!(o.data(b"x"), Err(HandleError::Fatal(_))));
-    assert_eq!(o.violation(), Some(ProtocolViolation::BadSequence { expected: 1, got: 5 }));
+    assert_eq!(
+        o.violation(),
+        Some(ProtocolViolation::BadSequence {
+            expected: 1,
+            got: 5
+        })
+    );
     assert!(o.events().contains(&Event::Disconnect { abortive: true }));
 }
 
@@ -205,12 +254,19 @@ fn established_ack_of_unsent_message_protocol_violation() {
     let mut o = One::established();
     o.peer_ack = 3;
     let _ = o.data(b"x");
-    assert_eq!(o.violation(), Some(ProtocolViolation::BadAck { mseq_ack: 3 }));
+    assert_eq!(
+        o.violation(),
+        Some(ProtocolViolation::BadAck { mseq_ack: 3 })
+    );
 }
 
 #[test]
 fn established_message_beyond_posted_buffers_no_receive_buffer() {
-    let mut o = One::established_with(Config { recv_buffers: 4, recv_window: 0, ..Config::default() });
+    let mut o = One::established_with(Config {
+        recv_buffers: 4,
+        recv_window: 0,
+        ..Config::default()
+    });
     let posted = o.c.posted_recv_buffers();
     for _ in 0..posted {
         let m = MessageRepr::new(Flags::EMPTY, 8, o.peer_mseq, 0, Body::Data(b""));
@@ -224,31 +280,70 @@ fn established_message_beyond_posted_buffers_no_receive_buffer() {
 
 #[test]
 fn established_message_larger_than_buffer_too_long() {
-    let mut o = One::established_with(Config { recv_buffer_size: 1024 + 16, ..Config::default() });
+    let mut o = One::established_with(Config {
+        recv_buffer_size: 1024 + 16,
+        ..Config::default()
+    });
     let _ = o.data(&[0u8; 1025]);
-    assert_eq!(o.violation(), Some(ProtocolViolation::TooLong { len: 1025 + 16, max: 1040 }));
+    assert_eq!(
+        o.violation(),
+        Some(ProtocolViolation::TooLong {
+            len: 1025 + 16,
+            max: 1040
+        })
+    );
 }
 
 #[test]
 fn established_sinkavail_received_reset_like_linux() {
     let mut o = One::established();
-    let hdr = SinkAvailRepr { len: 100, rkey: 1, vaddr: 0, non_discards: 0 };
-    let _ = o.peer(Flags::EMPTY, Body::SinkAvail { header: hdr, payload: b"" });
-    assert_eq!(o.violation(), Some(ProtocolViolation::Unsupported(MessageId::SinkAvail)));
+    let hdr = SinkAvailRepr {
+        len: 100,
+        rkey: 1,
+        vaddr: 0,
+        non_discards: 0,
+    };
+    let _ = o.peer(
+        Flags::EMPTY,
+        Body::SinkAvail {
+            header: hdr,
+            payload: b"",
+        },
+    );
+    assert_eq!(
+        o.violation(),
+        Some(ProtocolViolation::Unsupported(MessageId::SinkAvail))
+    );
 }
 
 #[test]
 fn established_unknown_mid_received_unsupported() {
     let mut o = One::established();
-    let _ = o.peer(Flags::EMPTY, Body::Unknown { mid: 0x42, rest: b"" });
-    assert_eq!(o.violation(), Some(ProtocolViolation::Unsupported(MessageId::Unknown(0x42))));
+    let _ = o.peer(
+        Flags::EMPTY,
+        Body::Unknown {
+            mid: 0x42,
+            rest: b"",
+        },
+    );
+    assert_eq!(
+        o.violation(),
+        Some(ProtocolViolation::Unsupported(MessageId::Unknown(0x42)))
+    );
 }
 
 #[test]
 fn established_malformed_message_names_field() {
     let mut o = One::established();
-    let _ = o.c.handle_message(o.now, &[0xff, 0, 0, 8, 0, 0, 0, 99, 0, 0, 0, 1, 0, 0, 0, 0]);
-    assert_eq!(o.violation(), Some(ProtocolViolation::Malformed(WireError::LengthMismatch { declared: 99, actual: 16 })));
+    let _ =
+        o.c.handle_message(o.now, &[0xff, 0, 0, 8, 0, 0, 0, 99, 0, 0, 0, 1, 0, 0, 0, 0]);
+    assert_eq!(
+        o.violation(),
+        Some(ProtocolViolation::Malformed(WireError::LengthMismatch {
+            declared: 99,
+            actual: 16
+        }))
+    );
 }
 
 #[test]
@@ -267,12 +362,19 @@ fn established_two_credits_data_waits_until_credit_update() {
     o.data(b"").unwrap(); // credits now 2: data needs 3
     assert_eq!(o.c.tx_credits(), 2);
     o.c.send(o.now, b"payload").unwrap();
-    assert!(o.sent().iter().all(|(b, bytes)| b.mid != MessageId::Data || bytes.len() == 16));
+    assert!(
+        o.sent()
+            .iter()
+            .all(|(b, bytes)| b.mid != MessageId::Data || bytes.len() == 16)
+    );
     assert_eq!(o.c.send_queued(), 7);
     o.peer_bufs = 8;
     o.data(b"").unwrap();
     let sent = o.sent();
-    assert!(sent.iter().any(|(b, bytes)| b.mid == MessageId::Data && bytes.len() == 16 + 7));
+    assert!(
+        sent.iter()
+            .any(|(b, bytes)| b.mid == MessageId::Data && bytes.len() == 16 + 7)
+    );
 }
 
 #[test]
@@ -311,7 +413,8 @@ fn established_urgent_pend_received_sigurg_then_oob_would_block_until_byte() {
     o.peer(Flags::OOB_PEND, Body::Data(b"ab")).unwrap();
     assert!(o.events().contains(&Event::UrgentPending));
     assert_eq!(o.c.recv_urgent(o.now, false), Err(UrgentError::WouldBlock));
-    o.peer(Flags::OOB_PRES.union(Flags::OOB_PEND), Body::Data(b"c!")).unwrap();
+    o.peer(Flags::OOB_PRES.union(Flags::OOB_PEND), Body::Data(b"c!"))
+        .unwrap();
     assert!(o.c.readiness().urgent);
     assert_eq!(o.c.recv_urgent(o.now, false), Ok(b'!'));
     assert_eq!(o.c.recv_urgent(o.now, false), Err(UrgentError::Invalid));
@@ -353,7 +456,10 @@ fn close_wait_cm_disconnect_broken_pipe() {
     let mut o = One::established();
     o.peer(Flags::EMPTY, Body::DisConn).unwrap();
     let _ = o.c.handle_cm_disconnected(o.now);
-    assert_eq!(o.c.error().unwrap().io_kind(), std::io::ErrorKind::BrokenPipe);
+    assert_eq!(
+        o.c.error().unwrap().io_kind(),
+        std::io::ErrorKind::BrokenPipe
+    );
 }
 
 #[test]
@@ -364,7 +470,10 @@ fn established_shutdown_write_disconn_after_queued_data() {
     assert_eq!(o.c.send(o.now, b"x"), Err(SendError::Shutdown));
     assert_eq!(o.sent_mids(), vec![MessageId::Data, MessageId::DisConn]);
     assert_eq!(o.c.state(), StateKind::FinWait1);
-    assert!(o.c.readiness().writable, "EPOLLOUT after SHUT_WR, like Linux");
+    assert!(
+        o.c.readiness().writable,
+        "EPOLLOUT after SHUT_WR, like Linux"
+    );
 }
 
 #[test]
@@ -428,7 +537,10 @@ fn established_close_with_unread_data_aborts() {
 
 #[test]
 fn established_send_buffer_full_would_block_not_writable() {
-    let mut o = One::established_with(Config { send_buffer: 10, ..Config::default() });
+    let mut o = One::established_with(Config {
+        send_buffer: 10,
+        ..Config::default()
+    });
     o.peer_bufs = 0;
     o.data(b"").unwrap(); // no credits: nothing drains
     assert_eq!(o.c.send(o.now, &[1u8; 25]), Ok(10));
@@ -442,12 +554,18 @@ fn established_srcavail_received_rdma_read_then_rdma_rd_compl() {
     o.peer(Flags::EMPTY, srcavail(10, b"ab")).unwrap();
     assert_eq!(o.c.recv_available(), 2);
     let ev = o.events();
-    let Some(Event::RdmaRead(r)) = ev.first().copied() else { panic!("{ev:?}") };
+    let Some(Event::RdmaRead(r)) = ev.first().copied() else {
+        panic!("{ev:?}")
+    };
     assert_eq!((r.rkey, r.remote_addr, r.len), (77, 0x1002, 8));
-    o.c.handle_rdma_read_complete(o.now, r.id, Ok(b"cdefghij")).unwrap();
+    o.c.handle_rdma_read_complete(o.now, r.id, Ok(b"cdefghij"))
+        .unwrap();
     let sent = o.sent();
     assert_eq!(sent.len(), 1);
-    assert_eq!(MessageRepr::parse(&sent[0].1).unwrap().body, Body::RdmaRdCompl(RdmaComplRepr { len: 8 }));
+    assert_eq!(
+        MessageRepr::parse(&sent[0].1).unwrap().body,
+        Body::RdmaRdCompl(RdmaComplRepr { len: 8 })
+    );
     assert!(sent[0].0.mseq_ack >= 1, "MSeqAck covers the SrcAvail");
     let mut b = [0u8; 20];
     assert_eq!(o.c.recv(o.now, &mut b, false), Ok(10));
@@ -456,14 +574,23 @@ fn established_srcavail_received_rdma_read_then_rdma_rd_compl() {
 
 #[test]
 fn established_srcavail_cancel_received_answers_rdma_rd_compl_and_sendsm() {
-    let mut o = One::established_with(Config { rdma_read_chunk: 4, ..Config::default() });
+    let mut o = One::established_with(Config {
+        rdma_read_chunk: 4,
+        ..Config::default()
+    });
     o.peer(Flags::EMPTY, srcavail(20, b"a")).unwrap();
-    let Some(Event::RdmaRead(r)) = o.events().first().copied() else { panic!() };
+    let Some(Event::RdmaRead(r)) = o.events().first().copied() else {
+        panic!()
+    };
     o.peer(Flags::EMPTY, Body::SrcAvailCancel).unwrap();
     assert!(o.sent().is_empty(), "waits for the read in flight");
-    o.c.handle_rdma_read_complete(o.now, r.id, Ok(b"bcde")).unwrap();
+    o.c.handle_rdma_read_complete(o.now, r.id, Ok(b"bcde"))
+        .unwrap();
     let bodies: Vec<_> = o.sent().into_iter().map(|(_, b)| b).collect();
-    assert_eq!(MessageRepr::parse(&bodies[0]).unwrap().body, Body::RdmaRdCompl(RdmaComplRepr { len: 4 }));
+    assert_eq!(
+        MessageRepr::parse(&bodies[0]).unwrap().body,
+        Body::RdmaRdCompl(RdmaComplRepr { len: 4 })
+    );
     assert_eq!(MessageRepr::parse(&bodies[1]).unwrap().body, Body::SendSm);
     // The source now sends the rest as Data: accepted.
     o.data(b"fghij").unwrap();
@@ -482,19 +609,29 @@ fn established_second_srcavail_while_pending_violation() {
 fn established_srcavail_inline_longer_than_len_violation() {
     let mut o = One::established();
     let _ = o.peer(Flags::EMPTY, srcavail(1, b"abc"));
-    assert_eq!(o.violation(), Some(ProtocolViolation::SrcAvailInlineTooLong { len: 1, inline: 3 }));
+    assert_eq!(
+        o.violation(),
+        Some(ProtocolViolation::SrcAvailInlineTooLong { len: 1, inline: 3 })
+    );
 }
 
 #[test]
 fn established_rdma_read_unsupported_sendsm_and_zcopy_off() {
     let mut o = One::established();
     o.peer(Flags::EMPTY, srcavail(10, b"a")).unwrap();
-    let Some(Event::RdmaRead(r)) = o.events().first().copied() else { panic!() };
-    o.c.handle_rdma_read_complete(o.now, r.id, Err(RdmaReadFailure::Unsupported)).unwrap();
+    let Some(Event::RdmaRead(r)) = o.events().first().copied() else {
+        panic!()
+    };
+    o.c.handle_rdma_read_complete(o.now, r.id, Err(RdmaReadFailure::Unsupported))
+        .unwrap();
     assert_eq!(o.sent_mids(), vec![MessageId::SendSm]);
     o.data(b"bcdefghij").unwrap();
     o.peer(Flags::EMPTY, srcavail(10, b"k")).unwrap();
-    assert_eq!(o.sent_mids(), vec![MessageId::SendSm], "refused at once from now on");
+    assert_eq!(
+        o.sent_mids(),
+        vec![MessageId::SendSm],
+        "refused at once from now on"
+    );
 }
 
 #[test]
@@ -502,15 +639,26 @@ fn established_send_zcopy_srcavail_then_rdma_rd_compl_completes() {
     let mut o = One::established();
     let data = vec![9u8; 10_000];
     let id = o.c.send_zcopy(o.now, &data, 5, 0).unwrap();
-    assert_eq!(o.c.send(o.now, b"x"), Err(SendError::WouldBlock), "no Data behind a SrcAvail");
+    assert_eq!(
+        o.c.send(o.now, b"x"),
+        Err(SendError::WouldBlock),
+        "no Data behind a SrcAvail"
+    );
     let sent = o.sent();
     let m = MessageRepr::parse(&sent[0].1).unwrap();
-    let Body::SrcAvail { header, payload } = m.body else { panic!() };
+    let Body::SrcAvail { header, payload } = m.body else {
+        panic!()
+    };
     assert_eq!((header.len, header.rkey), (10_000, 5));
     assert!(!payload.is_empty() && payload.len() < 10_000);
     let rest = 10_000 - payload.len() as u32;
-    o.peer(Flags::EMPTY, Body::RdmaRdCompl(RdmaComplRepr { len: rest })).unwrap();
-    assert!(o.events().contains(&Event::ZcopySendFinished { id, sent: 10_000, completed: true }));
+    o.peer(Flags::EMPTY, Body::RdmaRdCompl(RdmaComplRepr { len: rest }))
+        .unwrap();
+    assert!(o.events().contains(&Event::ZcopySendFinished {
+        id,
+        sent: 10_000,
+        completed: true
+    }));
     assert_eq!(o.c.send(o.now, b"x"), Ok(1));
 }
 
@@ -521,7 +669,11 @@ fn established_send_zcopy_sendsm_received_finished_incomplete() {
     let sent = o.sent();
     let inline = sent[0].1.len() - 32;
     o.peer(Flags::EMPTY, Body::SendSm).unwrap();
-    assert!(o.events().contains(&Event::ZcopySendFinished { id, sent: inline as u32, completed: false }));
+    assert!(o.events().contains(&Event::ZcopySendFinished {
+        id,
+        sent: inline as u32,
+        completed: false
+    }));
 }
 
 #[test]
@@ -530,14 +682,23 @@ fn established_rdma_rd_compl_too_long_violation() {
     o.c.send_zcopy(o.now, &[1u8; 5000], 5, 0).unwrap();
     o.sent();
     let _ = o.peer(Flags::EMPTY, Body::RdmaRdCompl(RdmaComplRepr { len: 5000 }));
-    assert!(matches!(o.violation(), Some(ProtocolViolation::RdmaRdComplTooLong { .. })));
+    assert!(matches!(
+        o.violation(),
+        Some(ProtocolViolation::RdmaRdComplTooLong { .. })
+    ));
 }
 
 #[test]
 fn established_rdma_rd_compl_without_srcavail_violation() {
     let mut o = One::established();
     let _ = o.peer(Flags::EMPTY, Body::RdmaRdCompl(RdmaComplRepr { len: 1 }));
-    assert!(matches!(o.violation(), Some(ProtocolViolation::Unexpected { mid: MessageId::RdmaRdCompl, .. })));
+    assert!(matches!(
+        o.violation(),
+        Some(ProtocolViolation::Unexpected {
+            mid: MessageId::RdmaRdCompl,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -548,35 +709,52 @@ fn established_srcavail_unanswered_cancel_then_reset_after_60s() {
     o.advance(1.5);
     assert_eq!(o.sent_mids(), vec![MessageId::SrcAvailCancel]);
     o.advance(61.0);
-    assert_eq!(o.c.error(), Some(ConnectionError::TimedOut(Timer::SrcAvailCancel)));
+    assert_eq!(
+        o.c.error(),
+        Some(ConnectionError::TimedOut(Timer::SrcAvailCancel))
+    );
 }
 
 #[test]
 fn established_send_zcopy_with_queued_bytes_busy() {
     let mut o = One::established();
     o.c.send(o.now, b"queued").unwrap();
-    assert_eq!(o.c.send_zcopy(o.now, &[0u8; 100], 1, 0), Err(ZcopyError::Busy));
+    assert_eq!(
+        o.c.send_zcopy(o.now, &[0u8; 100], 1, 0),
+        Err(ZcopyError::Busy)
+    );
 }
 
 #[test]
 fn established_ch_rcv_buf_received_acked_with_current_size() {
     let mut o = One::established();
-    o.peer(Flags::EMPTY, Body::ChRcvBuf(ChRcvBufRepr { size: 65536 })).unwrap();
+    o.peer(Flags::EMPTY, Body::ChRcvBuf(ChRcvBufRepr { size: 65536 }))
+        .unwrap();
     let sent = o.sent();
-    assert_eq!(MessageRepr::parse(&sent[0].1).unwrap().body, Body::ChRcvBufAck(ChRcvBufRepr { size: 32768 }));
+    assert_eq!(
+        MessageRepr::parse(&sent[0].1).unwrap().body,
+        Body::ChRcvBufAck(ChRcvBufRepr { size: 32768 })
+    );
 }
 
 #[test]
 fn established_ch_rcv_buf_ack_larger_adopted_with_margin() {
     let mut o = One::established();
-    o.peer(Flags::EMPTY, Body::ChRcvBufAck(ChRcvBufRepr { size: 16384 })).unwrap();
+    o.peer(
+        Flags::EMPTY,
+        Body::ChRcvBufAck(ChRcvBufRepr { size: 16384 }),
+    )
+    .unwrap();
     assert_eq!(o.c.send_goal(), 16384 - 16);
 }
 
 #[test]
 fn established_mode_change_received_ignored() {
     let mut o = One::established();
-    let mc = ModeChangeRepr { half: ModeHalf::Send, mode: TransferMode::Pipelined };
+    let mc = ModeChangeRepr {
+        half: ModeHalf::Send,
+        mode: TransferMode::Pipelined,
+    };
     o.peer(Flags::EMPTY, Body::ModeChange(mc)).unwrap();
     assert_eq!(o.c.state(), StateKind::Established);
 }
@@ -584,15 +762,27 @@ fn established_mode_change_received_ignored() {
 #[test]
 fn established_suspcomm_received_unsupported() {
     let mut o = One::established();
-    let _ = o.peer(Flags::EMPTY, Body::SuspComm(SuspCommRepr { service_id: 0x10001 }));
-    assert_eq!(o.violation(), Some(ProtocolViolation::Unsupported(MessageId::SuspComm)));
+    let _ = o.peer(
+        Flags::EMPTY,
+        Body::SuspComm(SuspCommRepr {
+            service_id: 0x10001,
+        }),
+    );
+    assert_eq!(
+        o.violation(),
+        Some(ProtocolViolation::Unsupported(MessageId::SuspComm))
+    );
 }
 
 #[test]
 fn established_transport_error_reset_and_later_inputs_ignored() {
     let mut o = One::established();
-    let _ = o.c.handle_transport_error(o.now, TransportFailure::SendCompletion);
-    assert_eq!(o.c.error().unwrap().io_kind(), std::io::ErrorKind::ConnectionReset);
+    let _ =
+        o.c.handle_transport_error(o.now, TransportFailure::SendCompletion);
+    assert_eq!(
+        o.c.error().unwrap().io_kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
     assert_eq!(o.data(b"x"), Err(HandleError::Closed));
     assert_eq!(o.c.handle_send_complete(o.now, 1), Err(HandleError::Closed));
     assert!(o.c.poll_post_recv().is_none());

@@ -28,6 +28,7 @@
 //! - the **passive** side spends its last credit only on a pure update, and only when the
 //!   active side is at zero (`c = 0`): then every active message has arrived, the update
 //!   acknowledges them all, and the active side gets ≥ 2 credits back.
+//!
 //! So the two are never at zero together. The active side with a control message waiting
 //! and one credit left sends a *request* (a pure update), which the passive side sees as
 //! `c = 0` and answers. The asymmetric floors also stop two idle peers from answering each
@@ -314,7 +315,11 @@ mod tests {
                 // Only the active side with a full window answers; the passive side's floor
                 // is 1 there, so the exchange stops after one answer.
                 let answers = active && posted == 2;
-                assert_eq!(c.update_needed(), answers, "active {active} posted {posted}");
+                assert_eq!(
+                    c.update_needed(),
+                    answers,
+                    "active {active} posted {posted}"
+                );
             }
         }
     }

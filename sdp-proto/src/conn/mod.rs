@@ -516,7 +516,11 @@ impl Connection {
     /// empty receive queue always allows 4 posted buffers and the peer can send data
     /// (credits.rs), also after a ChRcvBuf grew the buffers.
     fn window_room_for(&self, payload: usize) -> usize {
-        let in_flight = self.sink.as_ref().and_then(|s| s.in_flight).map_or(0, |(_, l)| l as usize);
+        let in_flight = self
+            .sink
+            .as_ref()
+            .and_then(|s| s.in_flight)
+            .map_or(0, |(_, l)| l as usize);
         let window = self.config.recv_window.max(2 * payload);
         window.saturating_sub(self.recv.held() + in_flight)
     }

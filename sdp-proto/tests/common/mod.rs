@@ -60,7 +60,10 @@ pub fn pattern_fill(offset: u64, out: &mut [u8]) {
 enum Sched {
     Deliver(Vec<u8>),
     SendDone,
-    ReadDone { id: u64, data: Result<Vec<u8>, RdmaReadFailure> },
+    ReadDone {
+        id: u64,
+        data: Result<Vec<u8>, RdmaReadFailure>,
+    },
     CmDisconnected,
 }
 
@@ -116,7 +119,10 @@ pub struct LinkConfig {
 
 impl Default for LinkConfig {
     fn default() -> Self {
-        LinkConfig { delay: 2_000, jitter: 0 }
+        LinkConfig {
+            delay: 2_000,
+            jitter: 0,
+        }
     }
 }
 
@@ -133,7 +139,10 @@ pub struct Sim {
 }
 
 pub fn addrs() -> IpAddrs {
-    IpAddrs::V4 { src: Ipv4Addr::new(10, 0, 0, 1), dst: Ipv4Addr::new(10, 0, 0, 2) }
+    IpAddrs::V4 {
+        src: Ipv4Addr::new(10, 0, 0, 1),
+        dst: Ipv4Addr::new(10, 0, 0, 2),
+    }
 }
 
 impl Sim {
@@ -183,8 +192,16 @@ impl Sim {
     }
 
     fn schedule(&mut self, to: usize, item: Sched) {
-        let d = self.link.delay + if self.link.jitter > 0 { self.rng.range(0, self.link.jitter) } else { 0 };
-        let at = self.queues[to].back().map_or(0, |(t, _)| *t).max(self.now + d);
+        let d = self.link.delay
+            + if self.link.jitter > 0 {
+                self.rng.range(0, self.link.jitter)
+            } else {
+                0
+            };
+        let at = self.queues[to]
+            .back()
+            .map_or(0, |(t, _)| *t)
+            .max(self.now + d);
         self.queues[to].push_back((at, item));
     }
 
@@ -206,7 +223,8 @@ impl Sim {
         let mut progress = false;
         while let Some(p) = self.sides[s].conn.poll_post_recv() {
             let side = &mut self.sides[s];
-            side.posted.extend(std::iter::repeat_n(p.size, p.count as usize));
+            side.posted
+                .extend(std::iter::repeat_n(p.size, p.count as usize));
             progress = true;
         }
         loop {
@@ -237,13 +255,20 @@ impl Sim {
                     let data = if self.sides[s].rdma_read_fails {
                         Err(RdmaReadFailure::Unsupported)
                     } else {
-                        let mem = self.sides[1 - s].registered.get(&r.rkey).expect("read of a registered key");
+                        let mem = self.sides[1 - s]
+                            .registered
+                            .get(&r.rkey)
+                            .expect("read of a registered key");
                         let at = r.remote_addr as usize;
                         Ok(mem[at..at + r.len as usize].to_vec())
                     };
                     self.schedule(s, Sched::ReadDone { id: r.id, data });
                 }
-                Event::ZcopySendFinished { id, sent, completed } => {
+                Event::ZcopySendFinished {
+                    id,
+                    sent,
+                    completed,
+                } => {
                     if let Some(k) = self.sides[s].zcopy_keys.remove(&id.0) {
                         self.sides[s].registered.remove(&k);
                     }
@@ -266,7 +291,11 @@ impl Sim {
     }
 
     /// Registers `data` for side `s` and offers it by ZCopy.
-    pub fn send_zcopy(&mut self, s: usize, data: &[u8]) -> Result<ZcopyId, sdp_proto::error::ZcopyError> {
+    pub fn send_zcopy(
+        &mut self,
+        s: usize,
+        data: &[u8],
+    ) -> Result<ZcopyId, sdp_proto::error::ZcopyError> {
         let now = self.ts();
         let rkey = self.next_rkey;
         let r = self.sides[s].conn.send_zcopy(now, data, rkey, 0)?;
@@ -278,8 +307,16 @@ impl Sim {
 
     /// Next time anything is due, scheduled items or timers.
     pub fn next_due(&self) -> Option<u64> {
-        let q = self.queues.iter().filter_map(|q| q.front().map(|(t, _)| *t)).min();
-        let t = self.sides.iter().filter_map(|s| s.conn.poll_timeout().map(|t| t.as_nanos())).min();
+        let q = self
+            .queues
+            .iter()
+            .filter_map(|q| q.front().map(|(t, _)| *t))
+            .min();
+        let t = self
+            .sides
+            .iter()
+            .filter_map(|s| s.conn.poll_timeout().map(|t| t.as_nanos()))
+            .min();
         match (q, t) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -293,7 +330,9 @@ impl Sim {
 
     /// Advances to the next due item and handles everything due then. False if nothing is due.
     pub fn step(&mut self) -> bool {
-        let Some(t) = self.next_due() else { return false };
+        let Some(t) = self.next_due() else {
+            return false;
+        };
         self.now = self.now.max(t);
         self.steps += 1;
         let now = self.ts();
@@ -303,11 +342,26 @@ impl Sim {
                 let side = &mut self.sides[s];
                 match item {
                     Sched::Deliver(bytes) => {
-                        let size = side.posted.pop_front().expect("RNR: message with no posted buffer");
-                        assert!(bytes.len() <= size as usize, "message {} overruns buffer {size}", bytes.len());
+                        let size = side
+                            .posted
+                            .pop_front()
+                            .expect("RNR: message with no posted buffer");
+                        assert!(
+                            bytes.len() <= size as usize,
+                            "message {} overruns buffer {size}",
+                            bytes.len()
+                        );
                         let r = side.conn.handle_message(now, &bytes);
                         if std::env::var_os("SDP_SIM_TRACE").is_some() {
-                            let m = sdp_proto::wire::MessageRepr::parse(&bytes).map(|m| (m.bsdh.mseq, m.bsdh.mseq_ack, m.bsdh.bufs, m.body.mid(), bytes.len()));
+                            let m = sdp_proto::wire::MessageRepr::parse(&bytes).map(|m| {
+                                (
+                                    m.bsdh.mseq,
+                                    m.bsdh.mseq_ack,
+                                    m.bsdh.bufs,
+                                    m.body.mid(),
+                                    bytes.len(),
+                                )
+                            });
                             eprintln!("t={} -> {s}: {m:?} {r:?}", self.now);
                         }
                     }
@@ -344,7 +398,9 @@ impl Sim {
         for q in &mut self.queues {
             q.retain(|(_, i)| matches!(i, Sched::CmDisconnected));
         }
-        let _ = self.sides[s].conn.handle_transport_error(now, TransportFailure::SendCompletion);
+        let _ = self.sides[s]
+            .conn
+            .handle_transport_error(now, TransportFailure::SendCompletion);
         self.pump();
     }
 
@@ -407,33 +463,46 @@ impl Bulk {
         let now = sim.ts();
         let from = self.from;
         // Resolve a finished ZCopy.
-        if let Some((id, off, len)) = self.pending_zcopy {
-            if let Some(&(_, sent, completed)) = sim.sides[from].zcopy_finished.iter().find(|(i, _, _)| *i == id) {
-                self.pending_zcopy = None;
-                if !completed {
-                    let rest = &mut self.wbuf[..len - sent as usize];
-                    pattern_fill(off + u64::from(sent), rest);
-                    self.resend = Some((off + u64::from(sent), rest.to_vec()));
-                }
+        if let Some((id, off, len)) = self.pending_zcopy
+            && let Some(&(_, sent, completed)) = sim.sides[from]
+                .zcopy_finished
+                .iter()
+                .find(|(i, _, _)| *i == id)
+        {
+            self.pending_zcopy = None;
+            if !completed {
+                let rest = &mut self.wbuf[..len - sent as usize];
+                pattern_fill(off + u64::from(sent), rest);
+                self.resend = Some((off + u64::from(sent), rest.to_vec()));
             }
         }
         if self.pending_zcopy.is_none() {
             if let Some((off, bytes)) = self.resend.take() {
                 match sim.sides[from].conn.send(now, &bytes) {
-                    Ok(n) if n < bytes.len() => self.resend = Some((off + n as u64, bytes[n..].to_vec())),
+                    Ok(n) if n < bytes.len() => {
+                        self.resend = Some((off + n as u64, bytes[n..].to_vec()))
+                    }
                     Ok(_) => {}
                     Err(_) => self.resend = Some((off, bytes)),
                 }
             }
-            while self.resend.is_none() && self.pending_zcopy.is_none() && self.written < self.total {
+            while self.resend.is_none() && self.pending_zcopy.is_none() && self.written < self.total
+            {
                 let (want, zc) = *self.next.get_or_insert_with(|| {
-                    let want = sim.rng.range(1, self.max_write).min(self.total - self.written) as usize;
-                    let zc = self.zcopy_percent > 0 && want > 64 * 1024 && sim.rng.chance(self.zcopy_percent);
+                    let want = sim
+                        .rng
+                        .range(1, self.max_write)
+                        .min(self.total - self.written) as usize;
+                    let zc = self.zcopy_percent > 0
+                        && want > 64 * 1024
+                        && sim.rng.chance(self.zcopy_percent);
                     (if zc { want.min(2_000_000) } else { want }, zc)
                 });
                 if zc && !sim.sides[from].conn.zcopy_possible(want) {
                     // Wait for the queue to drain (or give up if ZCopy cannot happen at all).
-                    if sim.sides[from].conn.send_queued() == 0 && sim.sides[from].conn.send_room() > 0 {
+                    if sim.sides[from].conn.send_queued() == 0
+                        && sim.sides[from].conn.send_room() > 0
+                    {
                         self.next = Some((want, false));
                         continue;
                     }
@@ -443,7 +512,9 @@ impl Bulk {
                 let chunk = &mut self.wbuf[..want];
                 pattern_fill(self.written, chunk);
                 if zc {
-                    let id = sim.send_zcopy(from, chunk).expect("zcopy_possible said yes");
+                    let id = sim
+                        .send_zcopy(from, chunk)
+                        .expect("zcopy_possible said yes");
                     self.pending_zcopy = Some((id, self.written, want));
                     self.written += want as u64;
                     break;
@@ -460,11 +531,18 @@ impl Bulk {
         // Reader.
         loop {
             let want = sim.rng.range(1, self.max_read) as usize;
-            match sim.sides[self.to].conn.recv(now, &mut self.rbuf[..want], false) {
+            match sim.sides[self.to]
+                .conn
+                .recv(now, &mut self.rbuf[..want], false)
+            {
                 Ok(0) => break,
                 Ok(n) => {
                     pattern_fill(self.read, &mut self.cbuf[..n]);
-                    assert!(self.rbuf[..n] == self.cbuf[..n], "stream mismatch at offset {}", self.read);
+                    assert!(
+                        self.rbuf[..n] == self.cbuf[..n],
+                        "stream mismatch at offset {}",
+                        self.read
+                    );
                     self.read += n as u64;
                 }
                 Err(_) => break,
