@@ -465,6 +465,14 @@ pub fn send_byte(fd: RawFd) -> SysResult<bool> {
     }
 }
 
+/// `shutdown(fd, SHUT_WR)`: the other end of the socket reads end of stream after the bytes
+/// already queued (and polls POLLRDHUP).
+pub fn shutdown_write(fd: RawFd) -> SysResult<()> {
+    // SAFETY: shutdown takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_shutdown, fd, libc::SHUT_WR) };
+    check("shutdown", rc).map(|_| ())
+}
+
 /// Reads and discards every byte queued on a socket without blocking. Returns `true` when
 /// the stream reached its end (the other end was closed by its last holder).
 pub fn drain(fd: RawFd) -> SysResult<bool> {

@@ -110,6 +110,7 @@ pub struct ShmConn {
     peer_gone: bool,
     dead: Option<ConnError>,
     ring_on_post_recv: bool,
+    peer_bell_shut: bool,
 }
 
 impl std::fmt::Debug for ShmConn {
@@ -155,6 +156,7 @@ impl ShmConn {
             peer_gone: false,
             dead: None,
             ring_on_post_recv: true,
+            peer_bell_shut: false,
         };
         // Our own side block starts from our private state, whatever the creator wrote there.
         c.map
@@ -280,6 +282,9 @@ impl ShmConn {
     /// Rings the peer's bell if it asked for it. Called after a SeqCst fence that follows our
     /// publishing store.
     fn ring_peer(&mut self) {
+        if self.peer_bell_shut {
+            return;
+        }
         let flag = self.map.u32_at(Layout::want_bell(self.peer()));
         if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0 {
             match sys::send_byte(self.peer_bell.raw()) {
@@ -375,6 +380,16 @@ impl ShmConn {
             .u32_at(Layout::want_bell(self.side))
             .load(Ordering::Acquire)
             == 0
+    }
+
+    /// Ends the stream of bell bytes to the peer: its app end reads end of stream (and polls
+    /// POLLRDHUP) once it consumed the bell bytes already sent. For a host that half-closes
+    /// (SDP DisConn): the peer's application sees the half-close without running any code.
+    pub fn shutdown_peer_bell(&mut self) {
+        if !self.peer_bell_shut {
+            self.peer_bell_shut = true;
+            let _ = sys::shutdown_write(self.peer_bell.raw());
+        }
     }
 
     /// Asks the peer to drain our bell end (making our app end writable) when it next posts

@@ -178,15 +178,25 @@ impl Inner {
     /// Makes the app end's readiness agree with the connection's. Call after every operation,
     /// with the lock held.
     pub fn sync(&mut self) {
-        let (want_in, want_out) = match &mut self.phase {
+        let (want_in, want_out, rdhup) = match &mut self.phase {
             Phase::Offloaded(s) => {
                 s.progress();
-                (s.recv_ready() || self.shut_rd, s.send_ready())
+                (
+                    s.recv_ready() || self.shut_rd,
+                    s.send_ready(),
+                    s.read_closed() || self.shut_rd,
+                )
             }
-            Phase::Pending { sendbuf, .. } => (false, sendbuf.len() < PENDING_SNDBUF),
+            Phase::Pending { sendbuf, .. } => (false, sendbuf.len() < PENDING_SNDBUF, self.shut_rd),
             Phase::Tcp => return,
         };
-        self.sync_in(want_in);
+        if rdhup {
+            // LINUX: a TCP socket whose peer half-closed polls IN|RDHUP and reads 0 after the
+            // data; shutting our bell end for writing gives the app end exactly that.
+            self.signal_eof();
+        } else {
+            self.sync_in(want_in);
+        }
         self.sync_out(want_out);
         self.publish_stats();
     }

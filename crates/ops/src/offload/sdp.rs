@@ -183,6 +183,11 @@ impl SdpShm {
             } else {
                 self.conn.post_send(wr, &[&self.txbuf[..tx.len]])
             };
+            if posted.is_ok() && tx.mid == sdp_proto::wire::MessageId::DisConn {
+                // The peer's application sees our half-close (RDHUP, then end of stream after
+                // the data) without having to call into its library first.
+                self.conn.shutdown_peer_bell();
+            }
             if let Err(e) = posted {
                 crate::sdp_log!(crate::log::WARN, "post_send failed: {e}");
                 if let ib_verbs::PostError::Dead(d) = e {
@@ -327,6 +332,11 @@ impl OffloadStream for SdpShm {
     fn recv_ready(&self) -> bool {
         let r = self.engine.readiness();
         r.readable || r.error || self.dead.is_some() || self.peer_gone
+    }
+
+    fn read_closed(&self) -> bool {
+        let r = self.engine.readiness();
+        r.read_closed || r.error || self.dead.is_some() || self.peer_gone
     }
 
     fn send_ready(&self) -> bool {

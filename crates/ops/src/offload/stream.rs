@@ -44,6 +44,9 @@ pub trait OffloadStream: Send {
     /// Something for a reader: bytes, end of stream, or an error.
     fn recv_ready(&self) -> bool;
 
+    /// No more bytes will arrive (the peer's DisConn, its end, or an error): POLLRDHUP.
+    fn read_closed(&self) -> bool;
+
     /// Room for a writer, or an error a writer must see.
     fn send_ready(&self) -> bool;
 
