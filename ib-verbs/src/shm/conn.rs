@@ -214,6 +214,16 @@ impl ShmConn {
         self.peer_bell.raw()
     }
 
+    /// Every descriptor the connection holds (memfd, bells, pidfd), e.g. to keep exactly these
+    /// in a process that takes the connection over.
+    pub fn fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.memfd.raw(), self.app_end.raw(), self.peer_bell.raw()];
+        if let Some(p) = &self.pidfd {
+            v.push(p.raw());
+        }
+        v
+    }
+
     /// The memfd, e.g. to pass it on to a process that takes over the connection.
     pub fn memfd(&self) -> RawFd {
         self.memfd.raw()
