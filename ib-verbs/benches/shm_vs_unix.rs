@@ -243,7 +243,7 @@ fn shm_rate(msgs: usize, spin: Duration) -> f64 {
         let b = [1u8; 64];
         for i in 0..msgs {
             send(&mut c, &b, spin);
-            if i % 32 == 0 {
+            if i.is_multiple_of(32) {
                 drain_sends(&mut c);
             }
         }
@@ -285,7 +285,7 @@ fn shm_copy_bw(n: usize, spin: Duration) -> f64 {
         let b = vec![1u8; BIG];
         for i in 0..n {
             send(&mut c, &b, spin);
-            if i % 16 == 0 {
+            if i.is_multiple_of(16) {
                 drain_sends(&mut c);
             }
         }

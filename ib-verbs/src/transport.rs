@@ -316,7 +316,7 @@ pub trait Connection {
                 }
                 std::hint::spin_loop();
                 n = n.wrapping_add(1);
-                if n % 64 == 0 && start.elapsed() >= spin {
+                if n.is_multiple_of(64) && start.elapsed() >= spin {
                     break;
                 }
             }

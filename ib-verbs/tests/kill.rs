@@ -13,11 +13,15 @@ use ib_verbs::ConnError;
 fn peer_sigkilled_at_random_points_survivor_sees_peer_closed_no_leak() {
     let before = fd_count();
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for round in 0..12 {
+    for round in 0..12u32 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let mode = if round % 2 == 0 { "flood" } else { "echo" };
+        let mode = if round.is_multiple_of(2) {
+            "flood"
+        } else {
+            "echo"
+        };
         let (mut c, mut peer) = connect_peer(mode, &[], None);
         let kill_after = (x % 300) as usize;
         let start = Instant::now();

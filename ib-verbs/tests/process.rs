@@ -102,7 +102,7 @@ fn process_scribbling_peer_fuzz_no_crash_no_hang() {
         let mut i = 0u32;
         while start.elapsed() < Duration::from_secs(3) {
             i += 1;
-            let r = if i % 2 == 0 {
+            let r = if i.is_multiple_of(2) {
                 c.post_send(1, &[&i.to_le_bytes()])
                     .map_err(|e| e.to_string())
             } else {
@@ -115,7 +115,7 @@ fn process_scribbling_peer_fuzz_no_crash_no_hang() {
                 outcome = Some(e);
                 break;
             }
-            if i % 64 == 0 {
+            if i.is_multiple_of(64) {
                 std::thread::sleep(Duration::from_micros(200));
             }
         }

@@ -64,7 +64,7 @@ impl Mapping {
         // INVARIANT: offsets come from the private layout, never from shared memory; a
         // failure here is a bug of ours, not the peer's.
         assert!(
-            off.checked_add(n).is_some_and(|end| end <= self.len) && off % align == 0,
+            off.checked_add(n).is_some_and(|end| end <= self.len) && off.is_multiple_of(align),
             "shared mapping access out of layout: {off}+{n} of {}",
             self.len
         );
