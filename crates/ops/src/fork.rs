@@ -31,6 +31,7 @@ pub fn generation() -> u64 {
 }
 
 extern "C" fn prepare() {
+    crate::offload::setup::resolve_pending_before_fork();
     crate::progress::pause();
     let g = crate::offload::fork_prepare();
     HELD.with(|h| *h.borrow_mut() = Some(g));

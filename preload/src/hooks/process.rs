@@ -8,10 +8,52 @@ passthrough! {
     fn fork() -> pid_t;
     // glibc's daemon() forks with its internal fork, which still runs our atfork handlers.
     fn daemon(nochdir: c_int, noclose: c_int) -> c_int;
-    fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
-    fn execv(path: *const c_char, argv: *const *const c_char) -> c_int;
-    fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int;
-    fn execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
+}
+
+/// Offloaded sockets that survive the exec are handed to a relay first (see
+/// `ops::offload::exec`).
+fn before_exec() {
+    crate::guard::switch(ops::offload::exec::before_exec);
+}
+
+/// # Safety
+/// As `execve(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    before_exec();
+    unsafe { real::execve(path, argv, envp) }
+}
+
+/// # Safety
+/// As `execv(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
+    before_exec();
+    unsafe { real::execv(path, argv) }
+}
+
+/// # Safety
+/// As `execvp(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
+    before_exec();
+    unsafe { real::execvp(file, argv) }
+}
+
+/// # Safety
+/// As `execvpe(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
+    before_exec();
+    unsafe { real::execvpe(file, argv, envp) }
 }
 
 /// `vfork` is implemented with the real `fork`: a vfork child shares the parent's memory and

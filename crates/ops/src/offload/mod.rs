@@ -17,6 +17,7 @@
 //! So select, poll, epoll (every mode), blocking calls, timeouts and EINTR are the kernel's own.
 
 pub mod data;
+pub mod exec;
 pub mod sdp;
 pub mod setup;
 pub mod stream;
@@ -72,6 +73,12 @@ pub struct Inner {
     pub so_error: Errno,
     /// Progress-thread registration watching the peer's bell end.
     pub watch: Option<u64>,
+    /// Progress-thread registration of the pending client's rendezvous endpoint.
+    pub endpoint: Option<u64>,
+    /// Progress-thread registration watching our bell end for stray writes.
+    pub stray: Option<u64>,
+    /// Stray bytes (see `setup::StrayTask`) not yet taken by the offload.
+    pub side_buf: Vec<u8>,
     /// Role for statistics: 1 client, 2 server.
     pub role: u8,
     pub reason: fallback::Reason,
@@ -123,6 +130,34 @@ pub fn unbind_fd(fd: i32) -> Option<Arc<Conn>> {
     let last = inner.app_fds.is_empty();
     drop(inner);
     last.then_some(conn)
+}
+
+/// Every (fd, connection) of this process.
+pub fn snapshot() -> Vec<(i32, Arc<Conn>)> {
+    let g = REGISTRY.read().unwrap_or_else(|p| p.into_inner());
+    g.as_ref().map_or_else(Vec::new, |m| {
+        m.iter().map(|(k, v)| (*k, Arc::clone(v))).collect()
+    })
+}
+
+/// In a relay process: forgets every connection but `keep` (their fds are closed there;
+/// their rings belong to other processes).
+pub fn retain_only(keep: &Arc<Conn>) {
+    let mut g = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
+    if let Some(m) = g.as_mut() {
+        let others: Vec<i32> = m
+            .iter()
+            .filter(|(_, c)| !Arc::ptr_eq(c, keep))
+            .map(|(k, _)| *k)
+            .collect();
+        for fd in others {
+            if let Some(c) = m.remove(&fd) {
+                // Never touch the rings or fds of a connection this process does not serve.
+                std::mem::forget(c);
+            }
+            fdtable::clear(fd);
+        }
+    }
 }
 
 /// Takes the registry's lock around fork so the child never inherits it held.
@@ -178,6 +213,12 @@ impl Inner {
     /// Makes the app end's readiness agree with the connection's. Call after every operation,
     /// with the lock held.
     pub fn sync(&mut self) {
+        if !self.side_buf.is_empty()
+            && let Phase::Offloaded(s) = &mut self.phase
+            && let Ok(n) = s.send(&[&self.side_buf[..]], false)
+        {
+            self.side_buf.drain(..n);
+        }
         let (want_in, want_out, rdhup) = match &mut self.phase {
             Phase::Offloaded(s) => {
                 s.progress();
@@ -266,6 +307,27 @@ impl Inner {
         self.stuffed = true;
     }
 
+    /// Reads bytes the application wrote on the app end behind our back (never our own
+    /// stuffing: only while not stuffed) and queues them as data.
+    pub fn take_stray_bytes(&mut self) {
+        if self.stuffed || self.own_bell < 0 {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = raw_recv(self.own_bell, &mut buf, libc::MSG_DONTWAIT);
+            if n <= 0 {
+                break;
+            }
+            let bytes = &buf[..n as usize];
+            match &mut self.phase {
+                Phase::Pending { sendbuf, .. } => sendbuf.extend_from_slice(bytes),
+                Phase::Offloaded(_) => self.side_buf.extend_from_slice(bytes),
+                Phase::Tcp => return,
+            }
+        }
+    }
+
     /// The peer's end: the reader gets end of stream after the bytes already received, the
     /// writer gets its error.
     pub fn signal_eof(&mut self) {
@@ -293,7 +355,10 @@ impl Inner {
 
     /// Releases the connection's private resources (last close in this process).
     pub fn release(&mut self) {
-        if let Some(t) = self.watch.take() {
+        for t in [self.watch.take(), self.endpoint.take(), self.stray.take()]
+            .into_iter()
+            .flatten()
+        {
             crate::progress::unregister(t);
         }
         self.phase = Phase::Tcp;

@@ -396,6 +396,10 @@ impl OffloadStream for SdpShm {
         matches!(self.conn.arm_drain(), Ok(true))
     }
 
+    fn fds(&self) -> Vec<i32> {
+        self.conn.fds()
+    }
+
     fn flush(&mut self, budget: Duration) {
         self.flush_sends(budget);
     }

@@ -526,12 +526,17 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         shut_rd: false,
         so_error: 0,
         watch: None,
+        stray: None,
+        side_buf: Vec::new(),
+        endpoint: None,
         role: 1,
         reason: Reason::Offloaded,
         born_pid: sys::getpid(),
         born_gen: crate::fork::generation(),
     });
     bind_fd(fd, &conn);
+    let stray = watch_stray(&conn, bell);
+    conn.lock().stray = stray;
     let efd = endpoint.fd();
     let task = Arc::new(EndpointTask {
         endpoint,
@@ -543,6 +548,7 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     });
     let token = progress::register(efd, libc::EPOLLIN as u32, task.clone());
     *task.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+    conn.lock().endpoint = token;
 
     // The real TCP connect, on the shadow (same open file: same blocking mode and timeouts).
     match raw_connect(shadow, &dst) {
@@ -590,6 +596,15 @@ impl Task for EndpointTask {
             return;
         };
         self.done();
+        // INVARIANT: the exchange runs under the connection's lock, so that a fork (which
+        // resolves pending connections first) or a fallback never sees it half done; and only
+        // a still-pending connection completes it (dropping the stream tells the server to
+        // keep TCP).
+        let mut g = conn.lock();
+        if !matches!(g.phase, Phase::Pending { .. }) {
+            return;
+        }
+        g.endpoint = None;
         let result = active
             .send_offer(&stream, &hello)
             .and_then(|_| active.finish(&stream))
@@ -601,13 +616,13 @@ impl Task for EndpointTask {
                 Ok(shm)
             });
         match result {
-            Ok(shm) => become_offloaded(&conn, SdpShm::new(engine, shm)),
+            Ok(shm) => become_offloaded(&conn, &mut g, SdpShm::new(engine, shm)),
             Err(e) => {
                 sdp_log!(
                     log::WARN,
                     "SDP exchange failed ({e}); connection continues over TCP"
                 );
-                swap_back(&conn);
+                swap_back_locked(&mut g);
             }
         }
     }
@@ -622,9 +637,8 @@ impl EndpointTask {
 }
 
 /// Pending → offloaded: the bytes the application already sent go first.
-fn become_offloaded(conn: &Arc<Conn>, s: SdpShm) {
+fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpShm) {
     let peer_bell = s_peer_bell(&s);
-    let mut g = conn.lock();
     let (buf, shut) = match std::mem::replace(&mut g.phase, Phase::Tcp) {
         Phase::Pending { sendbuf, shut_wr } => (sendbuf, shut_wr),
         other => {
@@ -681,6 +695,35 @@ impl Task for PeerTask {
     }
 }
 
+/// The progress thread's watch on our own bell end: bytes the application wrote on the app
+/// end through a path no hook sees (the C library's own stdio `write`, as bash's `echo >&fd`
+/// does) arrive there; they are the application's data, and go out over SDP.
+struct StrayTask {
+    conn: Weak<Conn>,
+}
+
+impl Task for StrayTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        let Some(conn) = self.conn.upgrade() else {
+            return;
+        };
+        let mut g = conn.lock();
+        g.take_stray_bytes();
+        g.sync();
+    }
+}
+
+/// Starts watching for stray writes (see [`StrayTask`]).
+pub fn watch_stray(conn: &Arc<Conn>, own_bell: i32) -> Option<u64> {
+    progress::register(
+        own_bell,
+        (libc::EPOLLIN | libc::EPOLLET) as u32,
+        Arc::new(StrayTask {
+            conn: Arc::downgrade(conn),
+        }),
+    )
+}
+
 fn watch_peer(conn: &Arc<Conn>, peer_bell: i32) -> Option<u64> {
     progress::register(
         peer_bell,
@@ -695,6 +738,14 @@ fn watch_peer(conn: &Arc<Conn>, peer_bell: i32) -> Option<u64> {
 /// application sent meanwhile go out on TCP first.
 pub fn swap_back(conn: &Arc<Conn>) {
     let mut g = conn.lock();
+    swap_back_locked(&mut g);
+}
+
+/// [`swap_back`] with the lock held.
+pub fn swap_back_locked(g: &mut Inner) {
+    if let Some(t) = g.endpoint.take() {
+        progress::unregister(t);
+    }
     let buf = match std::mem::replace(&mut g.phase, Phase::Tcp) {
         Phase::Pending { sendbuf, .. } => sendbuf,
         other => {
@@ -899,13 +950,18 @@ fn server_exchange(
         shut_rd: false,
         so_error: 0,
         watch: None,
+        stray: None,
+        side_buf: Vec::new(),
+        endpoint: None,
         role: 2,
         reason: Reason::Offloaded,
         born_pid: sys::getpid(),
         born_gen: crate::fork::generation(),
     });
     bind_fd(fd, &conn);
+    let stray = watch_stray(&conn, bell);
     let mut g = conn.lock();
+    g.stray = stray;
     g.watch = watch_peer(&conn, peer_bell);
     g.sync();
     Ok(())
@@ -944,5 +1000,23 @@ pub fn on_dup(old: i32, new: i32) {
     if let Some(conn) = super::lookup(old) {
         conn.lock().app_fds.push(new);
         bind_fd(new, &conn);
+    }
+}
+
+/// Before a fork: a connection still waiting for the server's exchange is resolved first
+/// (bounded wait; then it goes back to TCP), because only one process could complete it.
+pub fn resolve_pending_before_fork() {
+    for (_, conn) in super::snapshot() {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            if !matches!(conn.lock().phase, Phase::Pending { .. }) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                swap_back(&conn);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }

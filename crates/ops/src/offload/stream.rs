@@ -84,6 +84,9 @@ pub trait OffloadStream: Send {
 
     fn counters(&self) -> Counters;
 
+    /// The descriptors the transport holds (to keep them in a relay process).
+    fn fds(&self) -> Vec<i32>;
+
     /// Delivers queued sends, waiting at most `budget` (a closing socket's linger).
     fn flush(&mut self, budget: std::time::Duration);
 }

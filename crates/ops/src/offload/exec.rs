@@ -1,0 +1,264 @@
+//! Offloaded sockets across `exec` (DESIGN.md §7).
+//!
+//! A new program image starts with none of the library's memory: the SDP engine's state of an
+//! inherited connection is gone. So before an `exec`, each offloaded fd that survives it (no
+//! FD_CLOEXEC) is handed to a **relay**: a small process forked from this one that keeps the
+//! SDP connection and copies bytes between it and a fresh socketpair, whose other end takes the
+//! fd number in the new image. The program after exec reads and writes a stream socket as
+//! before; SDP still carries the bytes to the peer; end of stream and errors pass through. The
+//! relay is double-forked (no zombie for the new image to reap) and ends when both directions
+//! are closed.
+//!
+//! What the new image does not get: getsockname/getpeername name an AF_UNIX socket, and TCP
+//! options have no effect. Documented in docs/ARCHITECTURE.md.
+
+use std::sync::Arc;
+
+use super::{Conn, Phase};
+use crate::sys;
+
+fn fcntl(fd: i32, cmd: i32, arg: i64) -> i32 {
+    // SAFETY: fcntl with an integer argument.
+    unsafe { libc::syscall(libc::SYS_fcntl, fd, cmd, arg) as i32 }
+}
+
+/// Before `execve` and friends: moves every offloaded fd that survives exec onto a relay.
+pub fn before_exec() {
+    super::setup::resolve_pending_before_fork();
+    // Connections with at least one fd without FD_CLOEXEC, and those fds.
+    let mut todo: Vec<(Arc<Conn>, Vec<i32>)> = Vec::new();
+    for (fd, conn) in super::snapshot() {
+        if fcntl(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0 {
+            continue;
+        }
+        match todo.iter_mut().find(|(c, _)| Arc::ptr_eq(c, &conn)) {
+            Some((_, fds)) => fds.push(fd),
+            None => todo.push((conn, vec![fd])),
+        }
+    }
+    for (conn, fds) in todo {
+        if matches!(conn.lock().phase, Phase::Tcp) {
+            continue;
+        }
+        relay(&conn, &fds);
+    }
+}
+
+fn relay(conn: &Arc<Conn>, fds: &[i32]) {
+    let mut sv = [0i32; 2];
+    // SAFETY: sv has room for two fds.
+    if unsafe {
+        libc::syscall(
+            libc::SYS_socketpair,
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            sv.as_mut_ptr(),
+        )
+    } != 0
+    {
+        return;
+    }
+    let (a, b) = (sv[0], sv[1]);
+    let nonblock = fcntl(fds[0], libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
+    // SAFETY: fork through the C library so that our atfork handlers run (they pause the
+    // progress thread and take the registry lock; we hold no lock here).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        sys::close(a);
+        sys::close(b);
+        return;
+    }
+    if pid == 0 {
+        // First child: fork the relay and leave, so that it is nobody's child to reap.
+        // SAFETY: as above.
+        let relay_pid = unsafe { libc::fork() };
+        if relay_pid == 0 {
+            run_relay(conn, fds, b, a);
+        }
+        // SAFETY: _exit never returns and runs no atexit handlers of the program.
+        unsafe { libc::_exit(0) };
+    }
+    let mut st = 0;
+    // SAFETY: reaping the first child we just forked.
+    unsafe {
+        libc::syscall(
+            libc::SYS_wait4,
+            pid,
+            &mut st as *mut i32,
+            0,
+            std::ptr::null_mut::<libc::rusage>(),
+        )
+    };
+    // The program's fd numbers now name our end of the socketpair (keeping their flags).
+    if nonblock {
+        fcntl(
+            a,
+            libc::F_SETFL,
+            (fcntl(a, libc::F_GETFL, 0) | libc::O_NONBLOCK) as i64,
+        );
+    }
+    for &fd in fds {
+        let _ = super::unbind_fd(fd);
+        crate::fdtable::clear(fd);
+        // SAFETY: atomically re-point fd (no CLOEXEC: it must survive the exec).
+        unsafe { libc::syscall(libc::SYS_dup3, a, fd, 0) };
+    }
+    sys::close(a);
+    sys::close(b);
+    // This process lets go of its copy without touching the rings: the relay owns them now.
+    conn.lock().release();
+}
+
+fn raw_io(nr: libc::c_long, fd: i32, buf: *mut u8, len: usize, flags: i32) -> isize {
+    // SAFETY: buf is valid for len bytes (callers pass their own vectors); no address.
+    unsafe {
+        libc::syscall(
+            nr,
+            fd,
+            buf,
+            len,
+            flags,
+            std::ptr::null_mut::<u8>(),
+            std::ptr::null_mut::<u8>(),
+        ) as isize
+    }
+}
+
+/// The relay process: copies the SDP connection (through the app end `fds[0]`) to and from
+/// `b` until both directions ended, then exits.
+fn run_relay(conn: &Arc<Conn>, fds: &[i32], b: i32, a: i32) -> ! {
+    sys::close(a);
+    let fd = fds[0];
+    // Keep only what the relay needs: other fds (the program's pipes, files, sockets) must
+    // not stay open because of us.
+    let mut keep = vec![b, fd];
+    {
+        let g = conn.lock();
+        keep.extend([g.app_int, g.own_bell, g.shadow]);
+        if let Phase::Offloaded(s) = &g.phase {
+            keep.extend(s.fds());
+        }
+    }
+    super::retain_only(conn);
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        let open: Vec<i32> = dir
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        for f in open {
+            if !keep.contains(&f) {
+                sys::close(f);
+            }
+        }
+    }
+    // The relay needs a progress thread of its own (the peer's end, a pending exchange).
+    crate::progress::after_fork_lazy();
+    let mut to_b: Vec<u8> = Vec::new();
+    let mut to_conn: Vec<u8> = Vec::new();
+    let (mut conn_eof, mut b_eof) = (false, false);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let mut moved = false;
+        // SDP → the program.
+        if to_b.is_empty() && !conn_eof {
+            match super::data::recv(fd, &mut [&mut buf[..]], libc::MSG_DONTWAIT) {
+                Some(Ok(n)) if n > 0 => {
+                    to_b.extend_from_slice(&buf[..n as usize]);
+                    moved = true;
+                }
+                Some(Err(libc::EAGAIN)) => {}
+                _ => {
+                    conn_eof = true;
+                    moved = true;
+                    // SAFETY: our own fd.
+                    unsafe { libc::syscall(libc::SYS_shutdown, b, libc::SHUT_WR) };
+                }
+            }
+        }
+        if !to_b.is_empty() {
+            let n = raw_io(
+                libc::SYS_sendto,
+                b,
+                to_b.as_mut_ptr(),
+                to_b.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+            if n > 0 {
+                to_b.drain(..n as usize);
+                moved = true;
+            } else if n < 0 && sys::errno() != libc::EAGAIN {
+                break; // the program closed its end
+            }
+        }
+        // The program → SDP.
+        if to_conn.is_empty() && !b_eof {
+            let n = raw_io(
+                libc::SYS_recvfrom,
+                b,
+                buf.as_mut_ptr(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            );
+            if n > 0 {
+                to_conn.extend_from_slice(&buf[..n as usize]);
+                moved = true;
+            } else if n == 0 {
+                b_eof = true;
+                moved = true;
+                let _ = super::data::shutdown(fd, libc::SHUT_WR);
+            }
+        }
+        if !to_conn.is_empty() {
+            match super::data::send(fd, &[&to_conn[..]], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+                Some(Ok(n)) if n > 0 => {
+                    to_conn.drain(..n as usize);
+                    moved = true;
+                }
+                Some(Err(libc::EAGAIN)) | Some(Ok(_)) => {}
+                _ => {
+                    to_conn.clear();
+                    b_eof = true;
+                }
+            }
+        }
+        if conn_eof && b_eof && to_b.is_empty() && to_conn.is_empty() {
+            break;
+        }
+        if !moved {
+            let mut pfd = [
+                libc::pollfd {
+                    fd,
+                    events: 0,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: b,
+                    events: 0,
+                    revents: 0,
+                },
+            ];
+            if !conn_eof && to_b.is_empty() {
+                pfd[0].events |= libc::POLLIN;
+            }
+            if !to_conn.is_empty() {
+                pfd[0].events |= libc::POLLOUT;
+            }
+            if !b_eof && to_conn.is_empty() {
+                pfd[1].events |= libc::POLLIN;
+            }
+            if !to_b.is_empty() {
+                pfd[1].events |= libc::POLLOUT;
+            }
+            // SAFETY: two valid pollfds.
+            unsafe { libc::syscall(libc::SYS_poll, pfd.as_mut_ptr(), 2, 1000) };
+            if b_eof && pfd[1].revents & libc::POLLHUP != 0 && to_b.is_empty() {
+                break; // the program closed the socket entirely
+            }
+        }
+    }
+    sys::close(b);
+    super::setup::close(fd);
+    // SAFETY: leaving the relay process.
+    unsafe { libc::_exit(0) }
+}
