@@ -111,6 +111,7 @@ pub struct ShmConn {
     dead: Option<ConnError>,
     ring_on_post_recv: bool,
     peer_bell_shut: bool,
+    app_eof_is_peer_end: bool,
 }
 
 impl std::fmt::Debug for ShmConn {
@@ -157,6 +158,7 @@ impl ShmConn {
             dead: None,
             ring_on_post_recv: true,
             peer_bell_shut: false,
+            app_eof_is_peer_end: true,
         };
         // Our own side block starts from our private state, whatever the creator wrote there.
         c.map
@@ -316,6 +318,14 @@ impl ShmConn {
     /// readiness from data only turns it off and relies on the drain of `arm_drain`.
     pub fn set_ring_on_post_recv(&mut self, on: bool) {
         self.ring_on_post_recv = on;
+    }
+
+    /// Whether end of stream on our app end means the peer's end (default: yes, the peer is
+    /// the only holder of our bell end). A host that keeps its own copy of the bell end, and
+    /// lets the peer shut it to signal a half-close, detects the peer's end itself (the hang-up
+    /// of the peer's bell end we hold) and turns this off.
+    pub fn set_app_eof_is_peer_end(&mut self, on: bool) {
+        self.app_eof_is_peer_end = on;
     }
 
     fn post_send_inner(
@@ -743,7 +753,8 @@ impl Connection for ShmConn {
 
     fn ack_notify(&mut self) -> Result<(), ConnError> {
         match sys::drain(self.app_end.raw()) {
-            Ok(true) => self.peer_gone = true,
+            Ok(true) if self.app_eof_is_peer_end => self.peer_gone = true,
+            Ok(true) => {}
             Ok(false) => {}
             Err(e) => return Err(self.kill(ConnError::Sys(e))),
         }

@@ -58,23 +58,47 @@ fn wait_readable(fd: i32) -> Result<(), Errno> {
     }
 }
 
-/// Blocks in the kernel until the app end is writable (the peer drained our stuffing).
+/// Blocks until the app end is writable (the peer drained our stuffing), honouring the
+/// socket's SO_SNDTIMEO. A signal ends the wait with EINTR.
+///
+/// It waits in `poll` rather than in a one-byte `send` (which would restart under SA_RESTART
+/// as a real send does) because a byte written here could be taken for the application's own
+/// data by the stray-write watch once another thread unstuffed the app end.
 fn wait_writable(fd: i32) -> Result<(), Errno> {
     crate::progress::after_fork_lazy();
-    let b = [0u8; 1];
-    // SAFETY: one readable byte. The byte joins the stuffing and is drained with it.
-    let n = unsafe {
+    let mut tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 0,
+    };
+    let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+    // SAFETY: tv and len are valid for writes.
+    unsafe {
         libc::syscall(
-            libc::SYS_sendto,
+            libc::SYS_getsockopt,
             fd,
-            b.as_ptr(),
-            1usize,
-            libc::MSG_NOSIGNAL,
-            std::ptr::null::<u8>(),
-            0,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &mut tv as *mut _,
+            &mut len as *mut _,
         )
     };
-    if n >= 0 { Ok(()) } else { Err(errno()) }
+    let timeout = if tv.tv_sec == 0 && tv.tv_usec == 0 {
+        -1
+    } else {
+        (tv.tv_sec * 1000 + tv.tv_usec / 1000).clamp(1, i32::MAX as i64) as i32
+    };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::syscall(libc::SYS_poll, &mut p as *mut libc::pollfd, 1, timeout) };
+    match n {
+        0 => Err(libc::EAGAIN),
+        n if n > 0 => Ok(()),
+        _ => Err(errno()),
+    }
 }
 
 fn raise_sigpipe() {

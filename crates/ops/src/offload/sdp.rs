@@ -69,6 +69,9 @@ impl SdpShm {
         let attrs = conn.attrs();
         let mut conn = conn;
         conn.set_ring_on_post_recv(false);
+        // We keep a copy of our bell end (self-ring) and the peer shuts it for a half-close:
+        // the peer's end is learnt from its bell end's hang-up, by the progress thread.
+        conn.set_app_eof_is_peer_end(false);
         let mut s = SdpShm {
             engine,
             txbuf: vec![0; attrs.send_buf_size.max(64) as usize],
@@ -438,5 +441,13 @@ impl SdpShm {
                 .conn
                 .wait(Duration::from_micros(50), Some(Duration::from_millis(10)));
         }
+        crate::sdp_log!(
+            crate::log::TRACE,
+            "flush at close: {} bytes left, state {:?}, dead {:?}, peer gone {}",
+            self.engine.send_queued(),
+            self.engine.state(),
+            self.dead,
+            self.peer_gone
+        );
     }
 }
