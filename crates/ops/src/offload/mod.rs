@@ -18,6 +18,7 @@
 
 pub mod data;
 pub mod exec;
+pub mod intents;
 pub mod sdp;
 pub mod setup;
 pub mod stream;
@@ -79,6 +80,9 @@ pub struct Inner {
     pub stray: Option<u64>,
     /// Stray bytes (see `setup::StrayTask`) not yet taken by the offload.
     pub side_buf: Vec<u8>,
+    /// Pending client: the timeout's timerfd and the registrations watching for a TCP server.
+    pub timer_fd: i32,
+    pub pending_watch: Vec<u64>,
     /// Role for statistics: 1 client, 2 server.
     pub role: u8,
     pub reason: fallback::Reason,
@@ -353,8 +357,20 @@ impl Inner {
         row.set(stats::field::POSTED_RX, c.posted_rx);
     }
 
+    /// Stops the pending-phase watches (the exchange finished or the connection went TCP).
+    pub fn clear_pending_watch(&mut self) {
+        for t in self.pending_watch.drain(..) {
+            crate::progress::unregister(t);
+        }
+        if self.timer_fd >= 0 {
+            crate::sys::close(self.timer_fd);
+            self.timer_fd = -1;
+        }
+    }
+
     /// Releases the connection's private resources (last close in this process).
     pub fn release(&mut self) {
+        self.clear_pending_watch();
         for t in [self.watch.take(), self.endpoint.take(), self.stray.take()]
             .into_iter()
             .flatten()

@@ -97,10 +97,6 @@ fn normalize(a: SocketAddr) -> SocketAddr {
 // ---------------------------------------------------------------------------------------------
 // Listen replication.
 
-/// Intents clients registered at our beacons: (client address, server port) → intent, uid.
-static INTENTS: Mutex<Option<HashMap<(SocketAddr, u16), (Intent, u32, Instant)>>> =
-    Mutex::new(None);
-
 struct BeaconTask {
     beacon: Beacon,
 }
@@ -112,17 +108,9 @@ impl Task for BeaconTask {
             if let Ok(intent) = visitor.read_intent(Duration::from_millis(200)) {
                 // INVARIANT: the intent is recorded before the client hears "yes": its TCP
                 // connect (and so our accept) can only come after.
-                {
-                    let mut g = INTENTS.lock().unwrap_or_else(|p| p.into_inner());
-                    let m = g.get_or_insert_with(HashMap::new);
-                    let now = Instant::now();
-                    m.retain(|_, v| now.duration_since(v.2) < Duration::from_secs(30));
-                    m.insert(
-                        (normalize(intent.client), intent.server.port()),
-                        (intent, uid, now),
-                    );
-                }
-                let _ = visitor.reply(true);
+                let recorded = super::intents::insert(&intent, uid);
+                // A full table: decline (the client stays TCP) rather than strand it pending.
+                let _ = visitor.reply(recorded);
             }
         }
     }
@@ -139,6 +127,7 @@ pub fn on_listen(fd: i32, decision: Decision) {
     let Some(addr) = sys::sockname(fd) else {
         return;
     };
+    super::intents::init();
     match Beacon::publish(normalize(addr)) {
         Ok(beacon) => {
             let bfd = beacon.fd();
@@ -528,6 +517,8 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         watch: None,
         stray: None,
         side_buf: Vec::new(),
+        timer_fd: -1,
+        pending_watch: Vec::new(),
         endpoint: None,
         role: 1,
         reason: Reason::Offloaded,
@@ -548,7 +539,13 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     });
     let token = progress::register(efd, libc::EPOLLIN as u32, task.clone());
     *task.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
-    conn.lock().endpoint = token;
+    let (timer_fd, pending_watch) = watch_pending(&conn, shadow);
+    {
+        let mut g = conn.lock();
+        g.endpoint = token;
+        g.timer_fd = timer_fd;
+        g.pending_watch = pending_watch;
+    }
 
     // The real TCP connect, on the shadow (same open file: same blocking mode and timeouts).
     match raw_connect(shadow, &dst) {
@@ -563,6 +560,89 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
             Ok(Err(e))
         }
     }
+}
+
+/// How long a client waits for the server's library to run the exchange before it concludes
+/// that the accepting process does not speak SDP for this connection (a forked or exec'd
+/// acceptor that never saw the intent) and goes back to TCP.
+pub const PENDING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Watches a pending client connection: TCP bytes or a FIN from the server on the shadow (the
+/// server treats the connection as plain TCP), or the timeout, send it back to TCP.
+struct PendingTask {
+    conn: Weak<Conn>,
+}
+
+impl Task for PendingTask {
+    fn on_event(&self, fd: i32, _events: u32) {
+        let Some(conn) = self.conn.upgrade() else {
+            return;
+        };
+        let mut g = conn.lock();
+        if matches!(g.phase, Phase::Pending { .. }) {
+            let why = if fd == g.timer_fd {
+                "no SDP exchange in time"
+            } else {
+                "the server spoke TCP"
+            };
+            sdp_log!(
+                log::DECISION,
+                "pending connection to {:?}: {why}; TCP",
+                g.peer
+            );
+            swap_back_locked(&mut g);
+        }
+    }
+}
+
+fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> (i32, Vec<u64>) {
+    let mut tokens = Vec::new();
+    let task: Arc<dyn Task> = Arc::new(PendingTask {
+        conn: Arc::downgrade(conn),
+    });
+    if let Some(t) = progress::register(
+        shadow,
+        (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+        Arc::clone(&task),
+    ) {
+        tokens.push(t);
+    }
+    // SAFETY: timerfd_create/settime with valid arguments on our own fd.
+    let tfd = unsafe {
+        libc::syscall(
+            libc::SYS_timerfd_create,
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    } as i32;
+    if tfd >= 0 {
+        let tfd = sys::move_high(tfd);
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: PENDING_TIMEOUT.as_secs() as i64,
+                tv_nsec: PENDING_TIMEOUT.subsec_nanos() as i64,
+            },
+        };
+        // SAFETY: spec is a valid itimerspec.
+        unsafe {
+            libc::syscall(
+                libc::SYS_timerfd_settime,
+                tfd,
+                0,
+                &spec as *const _,
+                std::ptr::null_mut::<libc::itimerspec>(),
+            )
+        };
+        if let Some(t) = progress::register(tfd, libc::EPOLLIN as u32, task) {
+            tokens.push(t);
+        }
+        return (tfd, tokens);
+    }
+    (-1, tokens)
 }
 
 /// The client's half of the exchange, run by the progress thread when the server's library
@@ -655,12 +735,10 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpShm) {
         }
     }
     if off < buf.len() {
-        sdp_log!(
-            log::ERROR,
-            "pending bytes did not fit the SDP send buffer: {} lost",
-            buf.len() - off
-        );
+        // More than the engine takes at once: the rest goes first at the next sync.
+        g.side_buf.extend_from_slice(&buf[off..]);
     }
+    g.clear_pending_watch();
     if shut {
         stream.shutdown_write();
     }
@@ -746,6 +824,7 @@ pub fn swap_back_locked(g: &mut Inner) {
     if let Some(t) = g.endpoint.take() {
         progress::unregister(t);
     }
+    g.clear_pending_watch();
     let buf = match std::mem::replace(&mut g.phase, Phase::Tcp) {
         Phase::Pending { sendbuf, .. } => sendbuf,
         other => {
@@ -833,11 +912,8 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
         return AcceptOutcome::Keep;
     };
     let (local, peer) = (normalize(local), normalize(peer));
-    let found = {
-        let mut g = INTENTS.lock().unwrap_or_else(|p| p.into_inner());
-        g.as_mut().and_then(|m| m.remove(&(peer, local.port())))
-    };
-    let Some((mut intent, uid, _)) = found else {
+    let found = super::intents::take(peer, local.port(), normalize);
+    let Some((mut intent, uid)) = found else {
         if !fallback::server_accepts_plain_client(mode(decision)) {
             return AcceptOutcome::Refuse;
         }
@@ -952,6 +1028,8 @@ fn server_exchange(
         watch: None,
         stray: None,
         side_buf: Vec::new(),
+        timer_fd: -1,
+        pending_watch: Vec::new(),
         endpoint: None,
         role: 2,
         reason: Reason::Offloaded,

@@ -1,0 +1,213 @@
+//! Client intents recorded by a beacon, in memory that forked listeners share (DESIGN §4).
+//!
+//! A prefork server listens (and publishes its beacon) in one process and accepts in its forked
+//! workers; whichever process's progress thread answers a probe must leave the intent where the
+//! accepting worker finds it. So the table lives in an anonymous shared mapping created at the
+//! first `listen`, before the workers are forked, and inherited by them.
+//!
+//! ```text
+//! slot (72 bytes): state u32 | uid u32 | stamp u64 (seconds) | intent 54 bytes in 7 words
+//! state: 0 free, 1 being written or taken, 2 ready
+//! ```
+//! Writers claim a free slot with a compare-and-swap 0→1 and publish with a Release store of 2;
+//! a taker claims a ready slot 2→1, copies it and frees it: a slot is never read half-written.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use ib_verbs::shm::Intent;
+
+const SLOTS: usize = 4096;
+const WORDS: usize = 7;
+/// Intents older than this are stale (the client gave up, or went TCP after its timeout).
+const TTL_SECS: u64 = 30;
+
+#[repr(C)]
+struct Slot {
+    state: AtomicU32,
+    uid: AtomicU32,
+    stamp: AtomicU64,
+    words: [AtomicU64; WORDS],
+}
+
+struct Table {
+    slots: &'static [Slot],
+}
+
+static TABLE: OnceLock<Option<Table>> = OnceLock::new();
+
+fn now_secs() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64
+}
+
+/// Creates the shared table (call at `listen`, before a prefork server forks its workers).
+pub fn init() {
+    TABLE.get_or_init(|| {
+        let len = SLOTS * std::mem::size_of::<Slot>();
+        // SAFETY: an anonymous shared mapping; zero-filled memory is a valid table of free slots.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: the mapping is `len` bytes, page aligned, never unmapped; Slot is all atomics.
+        let slots = unsafe { std::slice::from_raw_parts(p as *const Slot, SLOTS) };
+        Some(Table { slots })
+    });
+}
+
+fn table() -> Option<&'static Table> {
+    TABLE.get().and_then(|t| t.as_ref())
+}
+
+fn pack(intent: &Intent) -> [u64; WORDS] {
+    let b = intent.encode();
+    let mut w = [0u64; WORDS];
+    for (i, chunk) in b.chunks(8).enumerate().take(WORDS) {
+        let mut a = [0u8; 8];
+        a[..chunk.len()].copy_from_slice(chunk);
+        w[i] = u64::from_le_bytes(a);
+    }
+    w
+}
+
+fn unpack(w: &[u64; WORDS]) -> Option<Intent> {
+    let mut b: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+    b.truncate(intent_len());
+    Intent::decode(&b)
+}
+
+fn intent_len() -> usize {
+    let any: SocketAddr = "0.0.0.0:0".parse().expect("literal");
+    Intent {
+        client: any,
+        server: any,
+        nonce: [0; 16],
+    }
+    .encode()
+    .len()
+}
+
+/// Records an intent (its client uid from the beacon's SO_PEERCRED).
+pub fn insert(intent: &Intent, uid: u32) -> bool {
+    let Some(t) = table() else { return false };
+    let now = now_secs();
+    let words = pack(intent);
+    let start = (intent.client.port() as usize).wrapping_mul(2654435761) % SLOTS;
+    for k in 0..SLOTS {
+        let s = &t.slots[(start + k) % SLOTS];
+        let mut st = s.state.load(Ordering::Acquire);
+        // A stale ready slot may be reused.
+        if st == 2
+            && now.saturating_sub(s.stamp.load(Ordering::Relaxed)) > TTL_SECS
+            && s.state
+                .compare_exchange(2, 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            st = 1;
+        } else if st == 0
+            && s.state
+                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            st = 1;
+        } else {
+            continue;
+        }
+        debug_assert_eq!(st, 1);
+        for (d, v) in s.words.iter().zip(words) {
+            d.store(v, Ordering::Relaxed);
+        }
+        s.uid.store(uid, Ordering::Relaxed);
+        s.stamp.store(now, Ordering::Relaxed);
+        s.state.store(2, Ordering::Release);
+        return true;
+    }
+    false
+}
+
+/// Takes the intent of the connection from `client` to our `port`, if one was recorded.
+pub fn take(
+    client: SocketAddr,
+    port: u16,
+    normalize: impl Fn(SocketAddr) -> SocketAddr,
+) -> Option<(Intent, u32)> {
+    let t = table()?;
+    let now = now_secs();
+    let start = (client.port() as usize).wrapping_mul(2654435761) % SLOTS;
+    for k in 0..SLOTS {
+        let s = &t.slots[(start + k) % SLOTS];
+        if s.state.load(Ordering::Acquire) != 2 {
+            continue;
+        }
+        let mut w = [0u64; WORDS];
+        for (d, v) in w.iter_mut().zip(&s.words) {
+            *d = v.load(Ordering::Relaxed);
+        }
+        let Some(intent) = unpack(&w) else { continue };
+        if normalize(intent.client) != client || intent.server.port() != port {
+            continue;
+        }
+        if s.state
+            .compare_exchange(2, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            continue; // another worker took it
+        }
+        let uid = s.uid.load(Ordering::Relaxed);
+        let fresh = now.saturating_sub(s.stamp.load(Ordering::Relaxed)) <= TTL_SECS;
+        // Re-read under our claim: the words we matched are the ones we return.
+        for (d, v) in w.iter_mut().zip(&s.words) {
+            *d = v.load(Ordering::Relaxed);
+        }
+        s.state.store(0, Ordering::Release);
+        let intent = unpack(&w)?;
+        return fresh.then_some((intent, uid));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_intent_fits_its_slot_and_round_trips() {
+        assert!(intent_len() <= WORDS * 8);
+        let i = Intent {
+            client: "[2001:db8::1]:40000".parse().unwrap(),
+            server: "127.0.0.1:80".parse().unwrap(),
+            nonce: [7; 16],
+        };
+        assert_eq!(unpack(&pack(&i)), Some(i));
+    }
+
+    #[test]
+    fn inserted_intent_is_taken_once() {
+        init();
+        let i = Intent {
+            client: "127.0.0.1:40001".parse().unwrap(),
+            server: "127.0.0.1:8080".parse().unwrap(),
+            nonce: [9; 16],
+        };
+        assert!(insert(&i, 1000));
+        assert_eq!(take(i.client, 8081, |a| a), None);
+        assert_eq!(take(i.client, 8080, |a| a), Some((i, 1000)));
+        assert_eq!(take(i.client, 8080, |a| a), None);
+    }
+}
