@@ -426,13 +426,59 @@ fn run_missing_program_is_127() {
     assert_eq!(o.status.code(), Some(127));
 }
 
+/// `sdp stat` shows a live connection of a preloaded process as SDP over shm, with its bytes.
 #[test]
-fn stat_placeholder() {
-    let o = sdp(Path::new("/"), &["stat"], &[]);
-    assert!(o.status.success());
-    assert_eq!(
-        stdout(&o).trim_end(),
-        "no libsdp processes with offloaded sockets"
+fn stat_lists_a_live_offloaded_connection() {
+    use std::io::BufRead;
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_sdp"));
+    let lib = exe.parent().unwrap().join("libsdp.so");
+    assert!(
+        lib.exists(),
+        "{} is missing: build it first with cargo build --release --workspace",
+        lib.display()
+    );
+    let script = "import socket,time\n\
+        l=socket.socket(); l.bind(('127.0.0.1',0)); l.listen()\n\
+        c=socket.create_connection(l.getsockname()); s,_=l.accept()\n\
+        c.sendall(b'x'*1000); n=0\n\
+        while n<1000: n+=len(s.recv(1000))\n\
+        print('READY', flush=True); time.sleep(10)\n";
+    let mut child = Command::new("python3")
+        .args(["-c", script])
+        .env("LD_PRELOAD", &lib)
+        .env_remove("LIBSDP_CONFIG_FILE")
+        .env_remove("SIMPLE_LIBSDP")
+        .env_remove("LIBSDP_ENABLE")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let json = sdp(Path::new("/"), &["stat", "--json"], &[]);
+    let table = sdp(Path::new("/"), &["stat"], &[]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(line.trim(), "READY");
+    let pid = format!("\"pid\":{},", child.id());
+    let rows: Vec<String> = stdout(&json)
+        .lines()
+        .filter(|l| l.contains(&pid))
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        rows.iter()
+            .any(|r| r.contains("\"transport\":\"shm\"") && r.contains("\"bytes_tx\":1000,")),
+        "no shm row that sent 1000 bytes for pid {}: {rows:?}",
+        child.id()
+    );
+    assert!(
+        stdout(&table)
+            .lines()
+            .any(|l| l.contains(&child.id().to_string()) && l.contains(" shm ")),
+        "{}",
+        stdout(&table)
     );
 }
 

@@ -539,16 +539,27 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     });
     let token = progress::register(efd, libc::EPOLLIN as u32, task.clone());
     *task.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
-    let (timer_fd, pending_watch) = watch_pending(&conn, shadow);
-    {
-        let mut g = conn.lock();
-        g.endpoint = token;
-        g.timer_fd = timer_fd;
-        g.pending_watch = pending_watch;
-    }
+    conn.lock().endpoint = token;
 
     // The real TCP connect, on the shadow (same open file: same blocking mode and timeouts).
-    match raw_connect(shadow, &dst) {
+    let result = raw_connect(shadow, &dst);
+    if matches!(result, Ok(()) | Err(libc::EINPROGRESS)) {
+        // LINUX: an unconnected TCP socket polls HUP, so the watch starts only now.
+        let (timer_fd, pending_watch) = watch_pending(&conn, shadow);
+        let mut g = conn.lock();
+        if matches!(g.phase, Phase::Pending { .. }) {
+            g.timer_fd = timer_fd;
+            g.pending_watch = pending_watch;
+        } else {
+            for t in pending_watch {
+                progress::unregister(t);
+            }
+            if timer_fd >= 0 {
+                sys::close(timer_fd);
+            }
+        }
+    }
+    match result {
         Ok(()) => Ok(Ok(0)),
         Err(libc::EINPROGRESS) => Ok(Err(libc::EINPROGRESS)),
         Err(e) => {
