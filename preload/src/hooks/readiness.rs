@@ -13,8 +13,33 @@ passthrough! {
     fn __ppoll_chk(fds: *mut pollfd, nfds: nfds_t, timeout: *const timespec, mask: *const sigset_t, fdslen: size_t) -> c_int;
     fn epoll_create(size: c_int) -> c_int;
     fn epoll_create1(flags: c_int) -> c_int;
-    fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut epoll_event) -> c_int;
     fn epoll_wait(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: c_int) -> c_int;
     fn epoll_pwait(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: c_int, mask: *const sigset_t) -> c_int;
     fn epoll_pwait2(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: *const timespec, mask: *const sigset_t) -> c_int;
+}
+
+/// Registrations of offloaded fds are remembered, so that an fd swapped back to its kernel TCP
+/// socket is registered again with the same events and data (DESIGN.md §3).
+///
+/// # Safety
+/// As `epoll_ctl(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_ctl(
+    epfd: c_int,
+    op: c_int,
+    fd: c_int,
+    event: *mut epoll_event,
+) -> c_int {
+    let rc = unsafe { crate::real::epoll_ctl(epfd, op, fd, event) };
+    const BOTH: u64 = ops::fdtable::Meta::TRACKED | ops::fdtable::Meta::OFFLOADED;
+    if rc == 0 && ops::fdtable::raw(fd) & BOTH == BOTH {
+        // SAFETY: the kernel accepted `event` for ADD/MOD, so it is readable.
+        let ev = if event.is_null() {
+            None
+        } else {
+            Some(unsafe { std::ptr::read_unaligned(event) })
+        };
+        crate::guard::switch(|| ops::offload::note_epoll(epfd, op, fd, ev));
+    }
+    rc
 }

@@ -80,6 +80,8 @@ pub struct Inner {
     pub stray: Option<u64>,
     /// Stray bytes (see `setup::StrayTask`) not yet taken by the offload.
     pub side_buf: Vec<u8>,
+    /// The application's epoll registrations of this connection's fds: (epfd, fd, events, data).
+    pub epoll: Vec<(i32, i32, u32, u64)>,
     /// Pending client: the timeout's timerfd and the registrations watching for a TCP server.
     pub timer_fd: i32,
     pub pending_watch: Vec<u64>,
@@ -134,6 +136,18 @@ pub fn unbind_fd(fd: i32) -> Option<Arc<Conn>> {
     let last = inner.app_fds.is_empty();
     drop(inner);
     last.then_some(conn)
+}
+
+/// Remembers an application's `epoll_ctl` on an offloaded fd.
+pub fn note_epoll(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
+    let Some(conn) = lookup(fd) else { return };
+    let mut g = conn.lock();
+    g.epoll.retain(|&(e, f, _, _)| !(e == epfd && f == fd));
+    if op != libc::EPOLL_CTL_DEL
+        && let Some(ev) = ev
+    {
+        g.epoll.push((epfd, fd, ev.events, ev.u64));
+    }
 }
 
 /// Every (fd, connection) of this process.

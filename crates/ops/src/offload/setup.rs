@@ -519,6 +519,7 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         side_buf: Vec::new(),
         timer_fd: -1,
         pending_watch: Vec::new(),
+        epoll: Vec::new(),
         endpoint: None,
         role: 1,
         reason: Reason::Offloaded,
@@ -855,6 +856,21 @@ pub fn swap_back_locked(g: &mut Inner) {
             (fl & !libc::O_NONBLOCK) as i64
         },
     );
+    // LINUX: an epoll registration belongs to the open file, not the fd number: take the
+    // application's registrations off the app end before the swap, and put them on the kernel
+    // socket after it, with the same events and data.
+    for &(epfd, efd, _, _) in &g.epoll {
+        // SAFETY: removing a registration the application made.
+        unsafe {
+            libc::syscall(
+                libc::SYS_epoll_ctl,
+                epfd,
+                libc::EPOLL_CTL_DEL,
+                efd,
+                std::ptr::null_mut::<libc::epoll_event>(),
+            )
+        };
+    }
     for &fd in &fds {
         let cloexec = fcntl(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0;
         // SAFETY: atomically re-point the app's fd number at the kernel socket.
@@ -867,6 +883,19 @@ pub fn swap_back_locked(g: &mut Inner) {
             )
         };
         fdtable::update(fd, |m| Meta(m.0 & !Meta::OFFLOADED));
+    }
+    for &(epfd, efd, events, data) in &g.epoll {
+        let mut ev = libc::epoll_event { events, u64: data };
+        // SAFETY: re-adding the application's registration on the swapped fd.
+        unsafe {
+            libc::syscall(
+                libc::SYS_epoll_ctl,
+                epfd,
+                libc::EPOLL_CTL_ADD,
+                efd,
+                &mut ev as *mut libc::epoll_event,
+            )
+        };
     }
     let mut off = 0;
     while off < buf.len() {
@@ -1041,6 +1070,7 @@ fn server_exchange(
         side_buf: Vec::new(),
         timer_fd: -1,
         pending_watch: Vec::new(),
+        epoll: Vec::new(),
         endpoint: None,
         role: 2,
         reason: Reason::Offloaded,
@@ -1062,6 +1092,28 @@ fn server_exchange(
 /// `close` of an offloaded fd: the connection ends when its last fd in this process goes
 /// (other processes holding it after fork keep it alive, as the kernel does for TCP).
 pub fn close(fd: i32) {
+    if let Some(conn) = super::lookup(fd) {
+        // LINUX: closing a socket's last fd removes its epoll registrations. Our private copies
+        // keep the app end's file open, so remove the registrations made through this fd.
+        let mut g = conn.lock();
+        g.epoll.retain(|&(epfd, efd, _, _)| {
+            if efd == fd {
+                // SAFETY: removing the application's registration of an fd it is closing.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_epoll_ctl,
+                        epfd,
+                        libc::EPOLL_CTL_DEL,
+                        efd,
+                        std::ptr::null_mut::<libc::epoll_event>(),
+                    )
+                };
+                false
+            } else {
+                true
+            }
+        });
+    }
     let Some(conn) = super::unbind_fd(fd) else {
         return;
     };
