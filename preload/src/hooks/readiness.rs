@@ -13,8 +13,6 @@ passthrough! {
     fn __ppoll_chk(fds: *mut pollfd, nfds: nfds_t, timeout: *const timespec, mask: *const sigset_t, fdslen: size_t) -> c_int;
     fn epoll_create(size: c_int) -> c_int;
     fn epoll_create1(flags: c_int) -> c_int;
-    fn epoll_wait(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: c_int) -> c_int;
-    fn epoll_pwait(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: c_int, mask: *const sigset_t) -> c_int;
     fn epoll_pwait2(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: *const timespec, mask: *const sigset_t) -> c_int;
 }
 
@@ -42,4 +40,57 @@ pub unsafe extern "C" fn epoll_ctl(
         crate::guard::switch(|| ops::offload::note_epoll(epfd, op, fd, ev));
     }
     rc
+}
+
+/// Busy-polls an epoll set that watches offloaded connections for a short budget before
+/// sleeping (see `ops::offload::data` for the budget). Returns the events found, or 0.
+unsafe fn spin_epoll(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: c_int) -> c_int {
+    if timeout == 0 || !ops::offload::epoll_has_offloaded(epfd) {
+        return 0;
+    }
+    let budget = ops::offload::data::spin_budget();
+    let start = std::time::Instant::now();
+    while start.elapsed() < budget {
+        crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
+        let n = unsafe { crate::real::epoll_wait(epfd, events, max, 0) };
+        if n != 0 {
+            return n;
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::syscall(libc::SYS_sched_yield) };
+    }
+    0
+}
+
+/// # Safety
+/// As `epoll_wait(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_wait(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+) -> c_int {
+    let n = unsafe { spin_epoll(epfd, events, max, timeout) };
+    if n != 0 {
+        return n;
+    }
+    unsafe { crate::real::epoll_wait(epfd, events, max, timeout) }
+}
+
+/// # Safety
+/// As `epoll_pwait(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+    mask: *const sigset_t,
+) -> c_int {
+    let n = unsafe { spin_epoll(epfd, events, max, timeout) };
+    if n != 0 {
+        return n;
+    }
+    unsafe { crate::real::epoll_pwait(epfd, events, max, timeout, mask) }
 }

@@ -33,6 +33,48 @@ fn is_nonblocking(fd: i32) -> bool {
     fl >= 0 && fl & libc::O_NONBLOCK != 0
 }
 
+/// The busy-poll budget of blocking receives: `LIBSDP_SPIN_US` (default 20 µs, 0 disables).
+pub fn spin_budget() -> std::time::Duration {
+    static US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let us = *US.get_or_init(|| {
+        std::env::var("LIBSDP_SPIN_US")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(20)
+    });
+    std::time::Duration::from_micros(us)
+}
+
+/// Spins (with yields) until the connection has something for a reader, for at most the
+/// budget. `true`: try the receive again.
+fn spin_for_data(conn: &Arc<Conn>) -> bool {
+    let budget = spin_budget();
+    if budget.is_zero() {
+        return false;
+    }
+    let start = std::time::Instant::now();
+    loop {
+        {
+            let mut g = conn.lock();
+            match &mut g.phase {
+                Phase::Offloaded(s) => {
+                    s.progress();
+                    if s.recv_ready() {
+                        return true;
+                    }
+                }
+                Phase::Tcp => return true,
+                Phase::Pending { .. } => return false,
+            }
+        }
+        if start.elapsed() >= budget {
+            return false;
+        }
+        // SAFETY: sched_yield has no preconditions.
+        unsafe { libc::syscall(libc::SYS_sched_yield) };
+    }
+}
+
 /// Blocks in the kernel until the app end is readable (or a timeout, a signal).
 fn wait_readable(fd: i32) -> Result<(), Errno> {
     // A fork child that blocks needs its own progress thread to learn of the peer's end.
@@ -186,6 +228,12 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
             } else {
                 Err(libc::EAGAIN)
             });
+        }
+        // Busy-poll a short while before sleeping: a reply usually comes within microseconds,
+        // and waking from the kernel costs more than that. Yielding keeps a peer that shares
+        // our CPU running.
+        if spin_for_data(&conn) {
+            continue;
         }
         if let Err(e) = wait_readable(fd) {
             return Some(if got > 0 { Ok(got as isize) } else { Err(e) });

@@ -147,6 +147,51 @@ pub fn note_epoll(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
         && let Some(ev) = ev
     {
         g.epoll.push((epfd, fd, ev.events, ev.u64));
+        drop(g);
+        let mut w = WATCHED.write().unwrap_or_else(|p| p.into_inner());
+        let list = w.get_or_insert_with(HashMap::new).entry(epfd).or_default();
+        list.retain(|c| c.strong_count() > 0);
+        if !list
+            .iter()
+            .any(|c| std::ptr::eq(c.as_ptr(), Arc::as_ptr(&conn)))
+        {
+            list.push(Arc::downgrade(&conn));
+        }
+        ANY_WATCHED.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Offloaded connections registered in each epoll set, for busy-polling in `epoll_wait`.
+static WATCHED: RwLock<Option<HashMap<i32, Vec<std::sync::Weak<Conn>>>>> = RwLock::new(None);
+static ANY_WATCHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether `epoll_wait` on `epfd` should busy-poll: it watches offloaded connections.
+#[inline]
+pub fn epoll_has_offloaded(epfd: i32) -> bool {
+    if !ANY_WATCHED.load(std::sync::atomic::Ordering::Acquire) {
+        return false;
+    }
+    let g = WATCHED.read().unwrap_or_else(|p| p.into_inner());
+    g.as_ref()
+        .and_then(|m| m.get(&epfd))
+        .is_some_and(|l| !l.is_empty())
+}
+
+/// One busy-poll round over the offloaded connections of `epfd`: moves what arrived and makes
+/// their app ends' readiness current (so the next non-blocking `epoll_wait` sees it).
+pub fn poll_epoll_set(epfd: i32) {
+    let conns: Vec<Arc<Conn>> = {
+        let g = WATCHED.read().unwrap_or_else(|p| p.into_inner());
+        match g.as_ref().and_then(|m| m.get(&epfd)) {
+            Some(l) => l.iter().filter_map(std::sync::Weak::upgrade).collect(),
+            None => return,
+        }
+    };
+    for c in conns {
+        let mut g = c.lock();
+        if matches!(g.phase, Phase::Offloaded(_)) {
+            g.sync();
+        }
     }
 }
 
