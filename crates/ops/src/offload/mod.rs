@@ -258,6 +258,19 @@ fn raw_recv(fd: i32, buf: &mut [u8], flags: i32) -> isize {
     }
 }
 
+/// LINUX: urgent data on a TCP socket sends SIGURG to the owner set with F_SETOWN (a process,
+/// or a process group when negative). The owner lives in the open file, which the app's fd
+/// shares with our copy of the app end.
+fn raise_sigurg(app_int: i32) {
+    // SAFETY: F_GETOWN on our own fd; kill with the owner the application chose.
+    unsafe {
+        let owner = libc::syscall(libc::SYS_fcntl, app_int, libc::F_GETOWN) as i32;
+        if owner != 0 {
+            libc::syscall(libc::SYS_kill, owner, libc::SIGURG);
+        }
+    }
+}
+
 /// Reads and discards everything queued on `fd` without blocking.
 fn drain(fd: i32) {
     let mut scratch = [0u8; 512];
@@ -285,6 +298,9 @@ impl Inner {
         let (want_in, want_out, rdhup) = match &mut self.phase {
             Phase::Offloaded(s) => {
                 s.progress();
+                if s.take_urgent() {
+                    raise_sigurg(self.app_int);
+                }
                 (
                     s.recv_ready() || self.shut_rd,
                     s.send_ready(),

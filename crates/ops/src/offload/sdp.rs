@@ -60,6 +60,8 @@ pub struct SdpShm {
     peer_gone: bool,
     /// The transport died (hostile peer, system error).
     dead: Option<Errno>,
+    /// The peer announced urgent data (SIGURG to raise).
+    urgent: bool,
 }
 
 impl SdpShm {
@@ -90,6 +92,7 @@ impl SdpShm {
             next_wr: 1 << 32,
             peer_gone: false,
             dead: None,
+            urgent: false,
         };
         if s.engine.role() == sdp_proto::Role::Passive {
             // The bootstrap's Ready is the RTU.
@@ -205,6 +208,7 @@ impl SdpShm {
                 Event::Disconnect { .. } => {
                     let _ = self.engine.handle_cm_disconnected(t);
                 }
+                Event::UrgentPending => self.urgent = true,
                 Event::RdmaRead(r) => {
                     let _ = self.engine.handle_rdma_read_complete(
                         t,
@@ -397,6 +401,10 @@ impl OffloadStream for SdpShm {
 
     fn arm_send(&mut self) -> bool {
         matches!(self.conn.arm_drain(), Ok(true))
+    }
+
+    fn take_urgent(&mut self) -> bool {
+        std::mem::take(&mut self.urgent)
     }
 
     fn fds(&self) -> Vec<i32> {

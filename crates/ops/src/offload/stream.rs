@@ -84,6 +84,9 @@ pub trait OffloadStream: Send {
 
     fn counters(&self) -> Counters;
 
+    /// Whether urgent data was announced since the last call (raise SIGURG for the owner).
+    fn take_urgent(&mut self) -> bool;
+
     /// The descriptors the transport holds (to keep them in a relay process).
     fn fds(&self) -> Vec<i32>;
 
