@@ -201,10 +201,16 @@ impl RecvQueue {
                 }
             }
             let n = (end - pos).min(dst.len() - copied);
+            // Two slice copies (the deque's halves), not a byte loop: this is the receive path.
             let (a, b) = self.buf.as_slices();
-            for (i, slot) in dst[copied..copied + n].iter_mut().enumerate() {
-                let at = pos + i;
-                *slot = if at < a.len() { a[at] } else { b[at - a.len()] };
+            let out = &mut dst[copied..copied + n];
+            let from_a = a.len().saturating_sub(pos).min(n);
+            if from_a > 0 {
+                out[..from_a].copy_from_slice(&a[pos..pos + from_a]);
+            }
+            if from_a < n {
+                let start = pos + from_a - a.len();
+                out[from_a..].copy_from_slice(&b[start..start + (n - from_a)]);
             }
             pos += n;
             copied += n;
