@@ -328,3 +328,130 @@ pub fn same_in_both_modes<T: PartialEq + std::fmt::Debug>(
     );
     base
 }
+
+/// The `sdp` tool next to the libsdp.so under test.
+pub fn sdp_tool() -> PathBuf {
+    libsdp_so().with_file_name("sdp")
+}
+
+/// One socket row of `sdp stat --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatRow {
+    pub pid: u32,
+    pub program: String,
+    pub fd: i32,
+    pub role: String,
+    pub transport: String,
+    pub fallback_reason: String,
+    pub local: String,
+    pub remote: String,
+    pub bytes_tx: u64,
+    pub bytes_rx: u64,
+    pub msgs_tx: u64,
+    pub msgs_rx: u64,
+}
+
+impl StatRow {
+    /// A connection (not a listener): it has a peer.
+    pub fn is_connection(&self) -> bool {
+        self.remote != "-" && !self.remote.is_empty()
+    }
+
+    /// Parses one line of `sdp stat --json` (a flat object of strings and numbers).
+    pub fn parse(line: &str) -> Option<StatRow> {
+        let body = line.trim().strip_prefix('{')?.strip_suffix('}')?;
+        let mut row = StatRow::default();
+        let mut rest = body;
+        while !rest.is_empty() {
+            let (key, after) = json_string(rest)?;
+            let after = after.trim_start().strip_prefix(':')?.trim_start();
+            let (value, after) = if after.starts_with('"') {
+                json_string(after)?
+            } else {
+                let end = after.find(',').unwrap_or(after.len());
+                (after[..end].trim().to_string(), &after[end..])
+            };
+            match key.as_str() {
+                "pid" => row.pid = value.parse().ok()?,
+                "program" => row.program = value,
+                "fd" => row.fd = value.parse().ok()?,
+                "role" => row.role = value,
+                "transport" => row.transport = value,
+                "fallback_reason" => row.fallback_reason = value,
+                "local" => row.local = value,
+                "remote" => row.remote = value,
+                "bytes_tx" => row.bytes_tx = value.parse().ok()?,
+                "bytes_rx" => row.bytes_rx = value.parse().ok()?,
+                "msgs_tx" => row.msgs_tx = value.parse().ok()?,
+                "msgs_rx" => row.msgs_rx = value.parse().ok()?,
+                _ => {}
+            }
+            rest = after.trim_start();
+            rest = rest.strip_prefix(',').unwrap_or(rest).trim_start();
+        }
+        Some(row)
+    }
+}
+
+/// A JSON string at the start of `s` (after optional space): its value and the rest.
+fn json_string(s: &str) -> Option<(String, &str)> {
+    let s = s.trim_start().strip_prefix('"')?;
+    let mut out = String::new();
+    let mut chars = s.char_indices();
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '"' => return Some((out, &s[i + 1..])),
+            '\\' => {
+                let (_, e) = chars.next()?;
+                match e {
+                    'n' => out.push('\n'),
+                    't' => out.push('\t'),
+                    'u' => {
+                        let hex: String =
+                            (0..4).filter_map(|_| chars.next().map(|x| x.1)).collect();
+                        out.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                    }
+                    other => out.push(other),
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// Every row `sdp stat --json` reports now.
+pub fn sdp_stat() -> Vec<StatRow> {
+    let o = Command::new(sdp_tool())
+        .args(["stat", "--json"])
+        .env_remove("LD_PRELOAD")
+        .output()
+        .expect("run sdp stat --json");
+    assert!(
+        o.status.success(),
+        "sdp stat --json failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| StatRow::parse(l).unwrap_or_else(|| panic!("unparsable sdp stat line: {l}")))
+        .collect()
+}
+
+/// The process group of `pid` (from /proc), if it is alive.
+pub fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid pgrp ...: comm may hold spaces, so split after the last ')'.
+    let after = &stat[stat.rfind(')')? + 1..];
+    after.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// The rows of `sdp stat` that belong to processes of the process group `pgid` (a
+/// [`Proc`] and everything it forked).
+pub fn sdp_stat_of_group(pgid: u32) -> Vec<StatRow> {
+    sdp_stat()
+        .into_iter()
+        .filter(|r| process_group(r.pid) == Some(pgid))
+        .collect()
+}

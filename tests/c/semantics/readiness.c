@@ -1,0 +1,396 @@
+/* Readiness and blocking: select, pselect, poll, ppoll, epoll (level, edge, oneshot,
+ * exclusive, nested), blocking read/write, SO_RCVTIMEO/SO_SNDTIMEO, EINTR and SA_RESTART. */
+#include "sem.h"
+#include <sys/epoll.h>
+#include <sys/select.h>
+
+static int C, S;
+
+static void sel_report(const char *what, int n, fd_set *r, fd_set *w) {
+    printf("%s: %d read(c)=%d read(s)=%d write(c)=%d write(s)=%d\n", what, n, FD_ISSET(C, r) != 0,
+           FD_ISSET(S, r) != 0, FD_ISSET(C, w) != 0, FD_ISSET(S, w) != 0);
+}
+
+static int do_select(int use_pselect, int ms) {
+    fd_set r, w;
+    FD_ZERO(&r);
+    FD_ZERO(&w);
+    FD_SET(C, &r);
+    FD_SET(S, &r);
+    FD_SET(C, &w);
+    FD_SET(S, &w);
+    int nfds = (C > S ? C : S) + 1;
+    int n;
+    if (use_pselect) {
+        struct timespec t = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000};
+        sigset_t m;
+        sigemptyset(&m);
+        n = pselect(nfds, &r, &w, NULL, &t, &m);
+    } else {
+        struct timeval t = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+        n = select(nfds, &r, &w, NULL, &t);
+    }
+    CHECK(n >= 0);
+    sel_report(use_pselect ? "pselect" : "select", n, &r, &w);
+    return n;
+}
+
+static void selects(int ps) {
+    fresh_pair(&C, &S);
+    do_select(ps, 0);
+    write_all(C, "abc", 3);
+    do_select(ps, 1000);
+    char b[8];
+    printf("read: %s\n", res(read(S, b, sizeof b)));
+    do_select(ps, 0);
+    /* Blocking until data comes from another thread, only read sets. */
+    struct delayed_write d = {.fd = S, .ms = 100, .data = "late"};
+    pthread_t t = spawn(delayed_write_fn, &d);
+    fd_set r;
+    FD_ZERO(&r);
+    FD_SET(C, &r);
+    int n = ps ? pselect(C + 1, &r, NULL, NULL, NULL, NULL) : select(C + 1, &r, NULL, NULL, NULL);
+    printf("blocking wait: %d read(c)=%d\n", n, FD_ISSET(C, &r) != 0);
+    pthread_join(t, NULL);
+    printf("read: %s\n", res(read(C, b, sizeof b)));
+    sync_point();
+    shutdown(C, SHUT_WR);
+    do_select(ps, 1000);
+    printf("read at eof: %s\n", res(read(S, b, sizeof b)));
+}
+
+static void c_select(void) { selects(0); }
+static void c_pselect(void) { selects(1); }
+
+static void polls(int pp) {
+    fresh_pair(&C, &S);
+    const char *name = pp ? "ppoll" : "poll";
+    for (int step = 0; step < 4; step++) {
+        if (step == 1) write_all(C, "abc", 3);
+        if (step == 2) {
+            char b[8];
+            printf("read: %s\n", res(read(S, b, sizeof b)));
+        }
+        if (step == 3) shutdown(C, SHUT_WR);
+        struct pollfd p[2] = {{.fd = C, .events = POLLIN | POLLOUT | POLLRDHUP},
+                              {.fd = S, .events = POLLIN | POLLOUT | POLLRDHUP}};
+        int n;
+        if (pp) {
+            struct timespec t = {.tv_sec = 1};
+            sigset_t m;
+            sigemptyset(&m);
+            n = ppoll(p, 2, step == 0 || step == 2 ? &(struct timespec){0} : &t, &m);
+        } else {
+            n = poll(p, 2, step == 0 || step == 2 ? 0 : 1000);
+        }
+        CHECK(n >= 0);
+        printf("%s step %d: %d c=%s s=%s\n", name, step, n, pollstr(p[0].revents), pollstr(p[1].revents));
+        if (step == 1) sync_point();
+    }
+    /* Blocking wait woken by data from another thread. */
+    struct delayed_write d = {.fd = S, .ms = 100, .data = "late"};
+    pthread_t t = spawn(delayed_write_fn, &d);
+    struct pollfd p = {.fd = C, .events = POLLIN};
+    int n = pp ? ppoll(&p, 1, NULL, NULL) : poll(&p, 1, -1);
+    printf("%s blocking: %d %s\n", name, n, pollstr(p.revents));
+    pthread_join(t, NULL);
+    /* No events asked: only HUP/ERR would show. */
+    struct pollfd z = {.fd = S, .events = 0};
+    printf("%s no events: %d\n", name, poll(&z, 1, 0));
+}
+
+static void c_poll(void) { polls(0); }
+static void c_ppoll(void) { polls(1); }
+
+static int ewait(int ep, int ms) {
+    struct epoll_event ev[4];
+    int n = epoll_wait(ep, ev, 4, ms);
+    CHECK(n >= 0);
+    return n;
+}
+
+static void c_epoll_lt(void) {
+    fresh_pair(&C, &S);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    CHECK(ep >= 0);
+    struct epoll_event e = {.events = EPOLLIN, .data.u64 = 42};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, S, &e) == 0);
+    printf("idle: %d\n", ewait(ep, 0));
+    write_all(C, "abcdef", 6);
+    struct epoll_event got;
+    int n = epoll_wait(ep, &got, 1, 1000);
+    printf("after write: %d data=%llu events=%s\n", n, (unsigned long long)got.data.u64, pollstr(got.events));
+    printf("again (level): %d\n", ewait(ep, 0));
+    char b[8];
+    printf("read 2: %s\n", res(read(S, b, 2)));
+    printf("still (level): %d\n", ewait(ep, 0));
+    sync_point();
+    printf("read rest: %s\n", res(read(S, b, sizeof b)));
+    printf("drained: %d\n", ewait(ep, 0));
+    e.events = EPOLLOUT;
+    CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, S, &e) == 0);
+    n = epoll_wait(ep, &got, 1, 1000);
+    printf("EPOLLOUT: %d events=%s\n", n, pollstr(got.events));
+    CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, S, NULL) == 0);
+    printf("after DEL: %d\n", ewait(ep, 0));
+    errno = 0;
+    int r = epoll_ctl(ep, EPOLL_CTL_DEL, S, NULL);
+    printf("DEL again: %d %s\n", r, r < 0 && errno == ENOENT ? "ENOENT" : en(errno));
+}
+
+static void c_epoll_et(void) {
+    fresh_pair(&C, &S);
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    struct epoll_event e = {.events = EPOLLIN | EPOLLET | EPOLLRDHUP, .data.fd = S};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, S, &e) == 0);
+    printf("idle: %d\n", ewait(ep, 0));
+    write_all(C, "abc", 3);
+    printf("first arrival: %d\n", ewait(ep, 1000));
+    printf("no new edge: %d\n", ewait(ep, 0));
+    char b[8];
+    printf("read 1: %s\n", res(read(S, b, 1)));
+    printf("partial read, no edge: %d\n", ewait(ep, 0));
+    write_all(C, "de", 2);
+    printf("second arrival without draining: %d\n", ewait(ep, 1000));
+    sync_point();
+    printf("read: %s\n", res(read(S, b, sizeof b)));
+    printf("read until EAGAIN: %s\n", res(recv(S, b, sizeof b, MSG_DONTWAIT)));
+    printf("after drain: %d\n", ewait(ep, 0));
+    shutdown(C, SHUT_WR);
+    struct epoll_event got;
+    int n = epoll_wait(ep, &got, 1, 1000);
+    printf("peer shutdown: %d %s\n", n, pollstr(got.events));
+    printf("then: %d\n", ewait(ep, 0));
+}
+
+static void c_epoll_oneshot(void) {
+    fresh_pair(&C, &S);
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    struct epoll_event e = {.events = EPOLLIN | EPOLLONESHOT, .data.fd = S};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, S, &e) == 0);
+    write_all(C, "a", 1);
+    printf("first: %d\n", ewait(ep, 1000));
+    printf("disarmed: %d\n", ewait(ep, 0));
+    write_all(C, "b", 1);
+    printf("disarmed after more data: %d\n", ewait(ep, 100));
+    CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, S, &e) == 0);
+    printf("rearmed: %d\n", ewait(ep, 1000));
+    printf("disarmed again: %d\n", ewait(ep, 0));
+    sync_point();
+    char b[8];
+    printf("read: %s\n", res(read(S, b, sizeof b)));
+    CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, S, &e) == 0);
+    printf("rearmed, no data: %d\n", ewait(ep, 0));
+}
+
+struct waiter {
+    int ep;
+    int n;
+};
+
+static void *wait_fn(void *p) {
+    struct waiter *w = p;
+    struct epoll_event ev;
+    w->n = epoll_wait(w->ep, &ev, 1, 500);
+    return NULL;
+}
+
+static void c_epoll_exclusive(void) {
+    fresh_pair(&C, &S);
+    int ep1 = epoll_create1(0), ep2 = epoll_create1(0);
+    CHECK(ep1 >= 0 && ep2 >= 0);
+    struct epoll_event e = {.events = EPOLLIN | EPOLLEXCLUSIVE, .data.fd = S};
+    printf("add exclusive 1: %d\n", epoll_ctl(ep1, EPOLL_CTL_ADD, S, &e));
+    printf("add exclusive 2: %d\n", epoll_ctl(ep2, EPOLL_CTL_ADD, S, &e));
+    errno = 0;
+    int r = epoll_ctl(ep1, EPOLL_CTL_MOD, S, &e);
+    printf("MOD exclusive: %d %s\n", r, en(errno));
+    struct waiter w1 = {.ep = ep1}, w2 = {.ep = ep2};
+    pthread_t t1 = spawn(wait_fn, &w1), t2 = spawn(wait_fn, &w2);
+    sleep_ms(100);
+    write_all(C, "x", 1);
+    pthread_join(t1, NULL);
+    pthread_join(t2, NULL);
+    printf("woken: %d\n", (w1.n > 0) + (w2.n > 0) > 0);
+    /* Which waiter woke is the kernel's choice; the woken one's entry stays ready. */
+    printf("level after wakeup: %d\n", ewait(ep1, 0) + ewait(ep2, 0) >= 1);
+    sync_point();
+    char b[4];
+    printf("read: %s\n", res(read(S, b, sizeof b)));
+    printf("drained: %d %d\n", ewait(ep1, 0), ewait(ep2, 0));
+}
+
+static void c_epoll_nested(void) {
+    fresh_pair(&C, &S);
+    int inner = epoll_create1(0), outer = epoll_create1(0);
+    CHECK(inner >= 0 && outer >= 0);
+    struct epoll_event e = {.events = EPOLLIN, .data.fd = S};
+    CHECK(epoll_ctl(inner, EPOLL_CTL_ADD, S, &e) == 0);
+    struct epoll_event o = {.events = EPOLLIN, .data.fd = inner};
+    CHECK(epoll_ctl(outer, EPOLL_CTL_ADD, inner, &o) == 0);
+    printf("idle: outer %d inner %d\n", ewait(outer, 0), ewait(inner, 0));
+    write_all(C, "abc", 3);
+    struct epoll_event got;
+    int n = epoll_wait(outer, &got, 1, 1000);
+    printf("outer: %d is inner=%d\n", n, got.data.fd == inner);
+    n = epoll_wait(inner, &got, 1, 0);
+    printf("inner: %d is s=%d\n", n, got.data.fd == S);
+    sync_point();
+    struct pollfd p = {.fd = outer, .events = POLLIN};
+    printf("poll on outer: %d\n", poll(&p, 1, 0));
+    char b[8];
+    printf("read: %s\n", res(read(S, b, sizeof b)));
+    printf("drained: outer %d inner %d\n", ewait(outer, 0), ewait(inner, 0));
+}
+
+struct reader {
+    int fd;
+    size_t want;
+    unsigned long sum;
+    size_t got;
+};
+
+static void *reader_fn(void *p) {
+    struct reader *r = p;
+    static char buf[65536];
+    sleep_ms(200);
+    while (r->got < r->want) {
+        ssize_t n = read(r->fd, buf, sizeof buf);
+        CHECK(n > 0);
+        for (ssize_t i = 0; i < n; i++) r->sum += (unsigned char)buf[i];
+        r->got += (size_t)n;
+    }
+    return NULL;
+}
+
+static void c_blocking(void) {
+    fresh_pair(&C, &S);
+    char b[16];
+    struct delayed_write d = {.fd = C, .ms = 150, .data = "later"};
+    pthread_t t = spawn(delayed_write_fn, &d);
+    double t0 = now_ms();
+    ssize_t n = read(S, b, sizeof b);
+    printf("blocking read: %s waited=%d\n", res(n), now_ms() - t0 >= 100);
+    pthread_join(t, NULL);
+    /* A write larger than every buffer blocks until the reader drains it. */
+    size_t big = 8 << 20;
+    char *buf = malloc(big);
+    CHECK(buf);
+    unsigned long sum = 0;
+    for (size_t i = 0; i < big; i++) sum += (unsigned char)(buf[i] = (char)(i * 7));
+    struct reader r = {.fd = S, .want = big};
+    t = spawn(reader_fn, &r);
+    t0 = now_ms();
+    n = write(C, buf, big);
+    printf("blocking write: %s blocked=%d\n", res(n), now_ms() - t0 >= 100);
+    pthread_join(t, NULL);
+    printf("reader got: %zu sum ok=%d\n", r.got, r.sum == sum);
+    sync_point();
+}
+
+static void c_timeouts(void) {
+    fresh_pair(&C, &S);
+    struct timeval tv = {.tv_usec = 200000};
+    CHECK(setsockopt(S, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0);
+    struct timeval back;
+    socklen_t len = sizeof back;
+    CHECK(getsockopt(S, SOL_SOCKET, SO_RCVTIMEO, &back, &len) == 0);
+    printf("SO_RCVTIMEO get: %ld.%06ld\n", (long)back.tv_sec, (long)back.tv_usec);
+    char b[16];
+    double t0 = now_ms();
+    ssize_t n = recv(S, b, sizeof b, 0);
+    double el = now_ms() - t0;
+    printf("recv timeout: %s waited=%d not too long=%d\n", res(n), el >= 150, el < 2000);
+    t0 = now_ms();
+    n = read(S, b, sizeof b);
+    printf("read timeout: %s waited=%d\n", res(n), now_ms() - t0 >= 150);
+    write_all(C, "data", 4);
+    printf("recv with data: %s\n", res(recv(S, b, sizeof b, 0)));
+
+    CHECK(setsockopt(C, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) == 0);
+    static char chunk[1 << 16];
+    size_t total = 0;
+    int calls = 0;
+    for (;;) {
+        t0 = now_ms();
+        n = send(C, chunk, sizeof chunk, 0);
+        calls++;
+        if (n < 0) break;
+        total += (size_t)n;
+        CHECK(calls < 100000);
+    }
+    el = now_ms() - t0;
+    printf("send timeout: %s waited=%d some sent=%d\n", res(n), el >= 150, total > 0);
+    sync_point();
+    /* Drain so that the sender has room again. */
+    size_t got = 0;
+    while (got < total) {
+        n = recv(S, chunk, sizeof chunk, 0);
+        CHECK(n > 0);
+        got += (size_t)n;
+    }
+    printf("drained all: %d\n", got == total);
+    printf("send after drain: %s\n", res(send(C, "z", 1, 0)));
+}
+
+static volatile sig_atomic_t hits;
+static void on_alarm(int sig) {
+    (void)sig;
+    hits++;
+}
+
+static void arm(int flags, int ms) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm;
+    sa.sa_flags = flags;
+    sigemptyset(&sa.sa_mask);
+    CHECK(sigaction(SIGALRM, &sa, NULL) == 0);
+    struct itimerval it = {.it_value = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000}};
+    hits = 0;
+    CHECK(setitimer(ITIMER_REAL, &it, NULL) == 0);
+}
+
+static void c_eintr(void) {
+    fresh_pair(&C, &S);
+    char b[16];
+    arm(0, 100);
+    ssize_t n = recv(S, b, sizeof b, 0);
+    printf("recv no SA_RESTART: %s hits=%d\n", res(n), (int)hits);
+    arm(0, 100);
+    n = read(S, b, sizeof b);
+    printf("read no SA_RESTART: %s hits=%d\n", res(n), (int)hits);
+    arm(SA_RESTART, 100);
+    struct delayed_write d = {.fd = C, .ms = 300, .data = "late"};
+    pthread_t t = spawn(delayed_write_fn, &d);
+    n = recv(S, b, sizeof b, 0);
+    printf("recv SA_RESTART: %s hits=%d\n", res(n), (int)hits);
+    pthread_join(t, NULL);
+    /* A signal does not disturb data already there. */
+    write_all(C, "now", 3);
+    arm(0, 50);
+    sleep_ms(100);
+    printf("recv queued after signal: %s\n", res(recv(S, b, sizeof b, 0)));
+    sync_point();
+}
+
+int main(int argc, char **argv) {
+    static const struct sem_case cases[] = {
+        {"select", c_select},
+        {"pselect", c_pselect},
+        {"poll", c_poll},
+        {"ppoll", c_ppoll},
+        {"epoll_lt", c_epoll_lt},
+        {"epoll_et", c_epoll_et},
+        {"epoll_oneshot", c_epoll_oneshot},
+        {"epoll_exclusive", c_epoll_exclusive},
+        {"epoll_nested", c_epoll_nested},
+        {"blocking", c_blocking},
+        {"timeouts", c_timeouts},
+        {"eintr", c_eintr},
+        {NULL, NULL},
+    };
+    return run_case(cases, argc, argv);
+}

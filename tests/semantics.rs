@@ -1,0 +1,398 @@
+//! The socket-semantics suite (issue 5, item 7): one test per behaviour, each run twice —
+//! over kernel TCP (no preload) and over SDP (LD_PRELOAD=libsdp.so, default policy `both`,
+//! so two libsdp processes on this host talk SDP over `shm`) — asserting that the program
+//! printed the same and exited the same, and, in the SDP run, that `sdp stat --json` shows
+//! every connection of the program on transport `shm` with bytes counted: a silent fallback
+//! to TCP fails the test.
+//!
+//! The programs are C sources under `tests/c/semantics/`, compiled at test time. Each takes
+//! a case name, prints one observation a line (never ports, pids or timings), and at one
+//! point prints `SYNC` and waits for a byte on stdin while its connections are open: the
+//! harness reads the statistics there and releases it.
+//!
+//! Policy and fallback cases (plain peers, `use sdp`/`use tcp`, AF_INET_OFFLOAD/DIRECT,
+//! SIMPLE_LIBSDP) and unmodified programs (sockperf, iperf3, http.server + curl) close the
+//! file; they assert transports and reason codes the same way.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use libsdp_suite::{
+    Mode, Outcome, StatRow, command, compile_c, free_port, require_tool, sdp_stat_of_group,
+};
+
+const T: Duration = Duration::from_secs(60);
+
+/// The compiled program `tests/c/semantics/<name>.c`.
+fn program(name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/c/semantics")
+        .join(format!("{name}.c"));
+    compile_c(&src, Path::new(env!("CARGO_TARGET_TMPDIR")))
+}
+
+/// A policy file in the scratch space with `rules`.
+fn policy(rules: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "semantics-{}-{}.conf",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::write(&p, rules).expect("write policy file");
+    p
+}
+
+/// A started process in its own group whose stdout is read line by line, so that the
+/// harness can act at its `SYNC` lines. Killed with its group when dropped.
+struct Synced {
+    child: Child,
+    what: String,
+    lines: mpsc::Receiver<String>,
+    stdout: String,
+    err: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Synced {
+    fn spawn(mut cmd: Command, what: &str) -> Synced {
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let out = child.stdout.take().expect("stdout");
+        let mut err = child.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut s);
+            s
+        });
+        Synced {
+            child,
+            what: what.to_string(),
+            lines,
+            stdout: String::new(),
+            err: Some(err),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads lines until the next `SYNC` (true) or the end of stdout (false).
+    fn until_sync(&mut self, deadline: Instant) -> bool {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.stdout.push_str(&line);
+                    self.stdout.push('\n');
+                    if line == "SYNC" {
+                        return true;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "{} did not reach SYNC or exit within {T:?}; printed so far:\n{}",
+                        self.what, self.stdout
+                    )
+                }
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = stdin.write_all(b"\n");
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Runs to the end; `at_sync` is called at every `SYNC` with the process group.
+    fn finish(mut self, mut at_sync: impl FnMut(u32)) -> Outcome {
+        let deadline = Instant::now() + T;
+        while self.until_sync(deadline) {
+            at_sync(self.pid());
+            self.release();
+        }
+        drop(self.child.stdin.take());
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {T:?}; printed:\n{}",
+                self.what,
+                self.stdout
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        kill_group(self.pid());
+        let stderr = self
+            .err
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        Outcome {
+            code: status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            stdout: std::mem::take(&mut self.stdout),
+            stderr,
+        }
+    }
+}
+
+fn kill_group(pgid: u32) {
+    // SAFETY: kill(2) on the process group this harness created (pgid == the child's pid).
+    unsafe {
+        libc::kill(-(pgid as libc::pid_t), libc::SIGKILL);
+    }
+}
+
+impl Drop for Synced {
+    fn drop(&mut self) {
+        kill_group(self.pid());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The connection rows of `rows`, printed for failure messages.
+fn show(rows: &[StatRow]) -> String {
+    rows.iter()
+        .map(|r| {
+            format!(
+                "  pid {} {} fd {} {} {} reason {} {} -> {} tx {} rx {}\n",
+                r.pid,
+                r.program,
+                r.fd,
+                r.role,
+                r.transport,
+                r.fallback_reason,
+                r.local,
+                r.remote,
+                r.bytes_tx,
+                r.bytes_rx
+            )
+        })
+        .collect()
+}
+
+/// SDP carried the bytes: at least `conns` connection rows, every one on `shm`, at least
+/// `conns` of them with bytes counted.
+fn assert_offloaded(what: &str, rows: &[StatRow], conns: usize) {
+    let c: Vec<&StatRow> = rows.iter().filter(|r| r.is_connection()).collect();
+    let all = show(rows);
+    assert!(
+        c.len() >= conns,
+        "{what}: sdp stat shows {} connections, want at least {conns}:\n{all}",
+        c.len()
+    );
+    assert!(
+        c.iter().all(|r| r.transport == "shm"),
+        "{what}: a connection is not on SDP (shm):\n{all}"
+    );
+    let moved = c.iter().filter(|r| r.bytes_tx + r.bytes_rx > 0).count();
+    assert!(
+        moved >= conns,
+        "{what}: only {moved} SDP connections counted bytes, want {conns}:\n{all}"
+    );
+}
+
+/// Runs `<prog> <case>` over kernel TCP and over SDP; asserts the same output and exit
+/// code 0, and `conns` SDP connections with bytes at the sync point of the SDP run.
+/// Returns what the program printed.
+fn semantics(prog: &str, case: &str, conns: usize) -> String {
+    let exe = program(prog);
+    let what = format!("{prog} {case}");
+    let tcp = Synced::spawn(
+        {
+            let mut c = command(Mode::Base, &exe);
+            c.arg(case);
+            c
+        },
+        &what,
+    )
+    .finish(|_| {});
+    let mut rows = None;
+    let sdp = Synced::spawn(
+        {
+            let mut c = command(Mode::Preload, &exe);
+            c.arg(case);
+            c
+        },
+        &what,
+    )
+    .finish(|pgid| rows = Some(sdp_stat_of_group(pgid)));
+    assert_eq!(
+        tcp, sdp,
+        "{what}: SDP (right) behaved differently from kernel TCP (left)"
+    );
+    assert_eq!(tcp.code, 0, "{what}: {tcp:?}");
+    let rows = rows.unwrap_or_else(|| panic!("{what}: never reached SYNC:\n{}", tcp.stdout));
+    assert_offloaded(&what, &rows, conns);
+    tcp.stdout
+}
+
+fn assert_lines(out: &str, want: &[&str]) {
+    for w in want {
+        assert!(
+            out.lines().any(|l| l == *w),
+            "missing line {w:?} in:\n{out}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readiness and blocking.
+
+#[test]
+fn select_reports_read_write_and_eof() {
+    let out = semantics("readiness", "select", 2);
+    assert_lines(
+        &out,
+        &[
+            "select: 3 read(c)=0 read(s)=1 write(c)=1 write(s)=1",
+            "blocking wait: 1 read(c)=1",
+            "read at eof: 0",
+        ],
+    );
+}
+
+#[test]
+fn pselect_reports_read_write_and_eof() {
+    let out = semantics("readiness", "pselect", 2);
+    assert_lines(
+        &out,
+        &[
+            "pselect: 3 read(c)=0 read(s)=1 write(c)=1 write(s)=1",
+            "blocking wait: 1 read(c)=1",
+        ],
+    );
+}
+
+#[test]
+fn poll_reports_in_out_rdhup() {
+    let out = semantics("readiness", "poll", 2);
+    assert_lines(
+        &out,
+        &[
+            "poll step 0: 2 c=OUT s=OUT",
+            "poll step 1: 2 c=OUT s=IN OUT",
+            "poll step 3: 2 c=OUT s=IN OUT RDHUP",
+            "poll blocking: 1 IN",
+        ],
+    );
+}
+
+#[test]
+fn ppoll_reports_in_out_rdhup() {
+    let out = semantics("readiness", "ppoll", 2);
+    assert_lines(
+        &out,
+        &[
+            "ppoll step 1: 2 c=OUT s=IN OUT",
+            "ppoll step 3: 2 c=OUT s=IN OUT RDHUP",
+        ],
+    );
+}
+
+#[test]
+fn epoll_level_triggered() {
+    let out = semantics("readiness", "epoll_lt", 2);
+    assert_lines(
+        &out,
+        &[
+            "after write: 1 data=42 events=IN",
+            "still (level): 1",
+            "drained: 0",
+        ],
+    );
+}
+
+#[test]
+fn epoll_edge_triggered() {
+    let out = semantics("readiness", "epoll_et", 2);
+    assert_lines(
+        &out,
+        &[
+            "no new edge: 0",
+            "second arrival without draining: 1",
+            "peer shutdown: 1 IN RDHUP",
+        ],
+    );
+}
+
+#[test]
+fn epoll_oneshot() {
+    let out = semantics("readiness", "epoll_oneshot", 2);
+    assert_lines(&out, &["disarmed after more data: 0", "rearmed: 1"]);
+}
+
+#[test]
+fn epoll_exclusive() {
+    let out = semantics("readiness", "epoll_exclusive", 2);
+    assert_lines(&out, &["MOD exclusive: -1 EINVAL", "woken: 1"]);
+}
+
+#[test]
+fn epoll_nested() {
+    let out = semantics("readiness", "epoll_nested", 2);
+    assert_lines(&out, &["outer: 1 is inner=1", "inner: 1 is s=1"]);
+}
+
+#[test]
+fn blocking_read_and_write() {
+    let out = semantics("readiness", "blocking", 2);
+    assert_lines(
+        &out,
+        &[
+            "blocking read: 5 waited=1",
+            "blocking write: 8388608 blocked=1",
+            "reader got: 8388608 sum ok=1",
+        ],
+    );
+}
+
+#[test]
+fn so_rcvtimeo_and_so_sndtimeo_give_eagain() {
+    let out = semantics("readiness", "timeouts", 2);
+    assert_lines(
+        &out,
+        &[
+            "recv timeout: -1 EAGAIN waited=1 not too long=1",
+            "send timeout: -1 EAGAIN waited=1 some sent=1",
+        ],
+    );
+}
+
+#[test]
+fn eintr_without_sa_restart_and_restart_with_it() {
+    let out = semantics("readiness", "eintr", 2);
+    assert_lines(
+        &out,
+        &[
+            "recv no SA_RESTART: -1 EINTR hits=1",
+            "read no SA_RESTART: -1 EINTR hits=1",
+            "recv SA_RESTART: 4 hits=1",
+        ],
+    );
+}
