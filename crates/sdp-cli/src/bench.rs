@@ -17,10 +17,18 @@
 //!   (about 30 us ± 10% here); on one CPU it is a context switch (about 7 us ± 0.5%),
 //!   and the cost the hooks add is a larger, steadier share of it.
 //!
+//! The legs: `base` runs every process of a workload without libsdp (kernel TCP);
+//! `libsdp` runs every one of them, server and client alike, under the preload, with
+//! `--conf FILE` as `LIBSDP_CONFIG_FILE` if given and the default policy otherwise
+//! (SDP over `shm` between two preloaded processes on one host). During every
+//! libsdp-leg run of a socket workload, the statistics `sdp stat` shows are read to
+//! check which transport carried it ([`verify`]); a fallback to TCP where the policy
+//! offloads is printed as `bench <name> note: libsdp leg ran over tcp (reason …)`.
+//!
 //! A workload is one entry in [`workloads::ALL`]: its metric names and units, the tools
-//! it needs (with their apt package), repetition counts, and a function that performs
-//! one repetition for one leg and returns one value per metric. Adding a workload
-//! (redis-benchmark throughput, connection setup rate) is adding an entry there.
+//! it needs (with their apt package), repetition counts, the programs at its two ends,
+//! and a function that performs one repetition for one leg and returns one value per
+//! metric. Adding a workload is adding an entry there.
 
 use std::path::PathBuf;
 
@@ -28,8 +36,11 @@ mod affinity;
 mod fdloop;
 mod iperf3;
 mod proc;
+mod redis;
+mod setup;
 mod sockperf;
 mod stats;
+mod verify;
 mod workloads;
 
 pub use proc::Leg;
@@ -51,11 +62,15 @@ pub struct BenchOpts {
 /// The same entry point also serves the bench's own child processes: when the
 /// environment carries [`fdloop::LOOP_ENV`], this process *is* the measured read/write
 /// loop (started by a parent `sdp bench` with or without `LD_PRELOAD`), runs it, prints
-/// its figure and exits. That keeps the loop inside the `sdp` binary without another
+/// its figure and exits; with [`setup::SETUP_ENV`] it is one end of the connection
+/// setup loop. That keeps the loops inside the `sdp` binary without another
 /// subcommand to wire.
 pub fn run(opts: &BenchOpts) -> Result<(), String> {
     if let Some(spec) = std::env::var_os(fdloop::LOOP_ENV) {
         return fdloop::child_main(&spec.to_string_lossy());
+    }
+    if let Some(spec) = std::env::var_os(setup::SETUP_ENV) {
+        return setup::child_main(&spec.to_string_lossy());
     }
     let selected: Vec<&workloads::Workload> = workloads::ALL
         .iter()
@@ -113,8 +128,19 @@ fn run_workload(ctx: &workloads::Ctx, w: &workloads::Workload) -> Result<(), Str
     let reps = if ctx.quick { w.reps.quick } else { w.reps.full };
     let legs = [ctx.base_leg(), ctx.libsdp_leg()];
     let started = std::time::Instant::now();
+    let tally = std::cell::RefCell::new(verify::Tally::default());
     let one = |leg: &Leg| -> Result<Vec<f64>, String> {
-        let values = (w.run)(ctx, leg).map_err(|e| format!("{} ({leg}): {e}", w.name))?;
+        let port = proc::free_port()?;
+        // Watched in both legs alike (the base leg finds nothing), so the reads of the
+        // statistics cost both legs the same.
+        let watch = w.peers.map(|_| verify::Watch::start(port, ctx.cpu));
+        let values = (w.run)(ctx, leg, port).map_err(|e| format!("{} ({leg}): {e}", w.name));
+        if let (Some((server, client)), Some(watch), Leg::Libsdp { .. }) = (w.peers, watch, leg) {
+            tally
+                .borrow_mut()
+                .record(watch, ctx.expect.offload(server, client, port));
+        }
+        let values = values?;
         if values.len() != w.metrics.len() {
             return Err(format!(
                 "{}: returned {} values for {} metrics",
@@ -141,11 +167,17 @@ fn run_workload(ctx: &workloads::Ctx, w: &workloads::Workload) -> Result<(), Str
             }
         }
     }
+    let tally = tally.into_inner();
     eprintln!(
-        "sdp bench: {} done: {} repetitions per leg in {:.1} s",
+        "sdp bench: {} done: {} repetitions per leg in {:.1} s{}",
         w.name,
         reps,
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if w.peers.is_some() {
+            format!("; {}", tally.summary())
+        } else {
+            String::new()
+        }
     );
     for (m, metric) in w.metrics.iter().enumerate() {
         let (base, lib) = (&samples[0][m], &samples[1][m]);
@@ -164,6 +196,9 @@ fn run_workload(ctx: &workloads::Ctx, w: &workloads::Workload) -> Result<(), Str
                 metric.unit
             )
         );
+        for note in tally.notes(metric.name) {
+            println!("{note}");
+        }
     }
     Ok(())
 }

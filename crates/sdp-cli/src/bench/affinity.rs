@@ -43,3 +43,21 @@ pub fn pin_child(cmd: &mut Command, cpu: usize) {
         });
     }
 }
+
+/// Moves the calling thread off `cpu` (onto every other CPU it may use), so helper
+/// threads of the bench do not compete with the measured processes. Best effort.
+pub fn pin_self_away_from(cpu: usize) {
+    // SAFETY: as in `measurement_cpu` and `pin_child`: a mask on the stack, read and
+    // written only through the libc macros and calls, with its own size. Pid 0 in
+    // sched_setaffinity is the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return;
+        }
+        libc::CPU_CLR(cpu, &mut set);
+        if libc::CPU_COUNT(&set) > 0 {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}

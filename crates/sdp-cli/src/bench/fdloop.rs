@@ -21,11 +21,12 @@ pub const LOOP_ENV: &str = "__SDP_BENCH_FDLOOP";
 
 const BUF: usize = 64;
 
-pub fn pipe(ctx: &Ctx, leg: &Leg) -> Result<Vec<f64>, String> {
+/// No socket: the port the driver hands every workload is unused.
+pub fn pipe(ctx: &Ctx, leg: &Leg, _port: u16) -> Result<Vec<f64>, String> {
     run_child(ctx, leg, "pipe")
 }
 
-pub fn file(ctx: &Ctx, leg: &Leg) -> Result<Vec<f64>, String> {
+pub fn file(ctx: &Ctx, leg: &Leg, _port: u16) -> Result<Vec<f64>, String> {
     run_child(ctx, leg, "file")
 }
 

@@ -2,21 +2,18 @@
 
 use std::time::Duration;
 
-use super::proc::{ChildGuard, Leg, free_port, wait_listening};
+use super::proc::{ChildGuard, Leg, wait_listening};
 use super::workloads::Ctx;
 
 /// One repetition: a one-shot server (`-1`) and a client with `-J`; returns the
 /// receiver's throughput in Gbit/s. Both processes run in `leg`, on the same CPU.
-pub fn one_stream(ctx: &Ctx, leg: &Leg) -> Result<Vec<f64>, String> {
-    let port = free_port()?.to_string();
+pub fn one_stream(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
+    let port_n = port;
+    let port = port.to_string();
     let mut srv = leg.command("iperf3", ctx.cpu);
     srv.args(["-s", "-1", "-p", &port]);
     let mut server = ChildGuard::spawn(srv, "iperf3 server")?;
-    wait_listening(
-        &mut server,
-        port.parse().unwrap_or(0),
-        Duration::from_secs(10),
-    )?;
+    wait_listening(&mut server, port_n, Duration::from_secs(10))?;
     // A byte count rather than a duration: iperf3's -t takes whole seconds only.
     let bytes = if ctx.quick { "256M" } else { "1G" };
     let mut cli = leg.command("iperf3", ctx.cpu);

@@ -2,21 +2,18 @@
 
 use std::time::Duration;
 
-use super::proc::{ChildGuard, Leg, free_port, wait_listening};
+use super::proc::{ChildGuard, Leg, wait_listening};
 use super::workloads::Ctx;
 
-/// One repetition: a fresh server, one client run; returns `[p50, p99]` in microseconds.
+/// One repetition: a fresh server on `port`, one client run; returns `[p50, p99]` in microseconds.
 /// Both processes run in `leg` (both preloaded in the libsdp leg) on the same CPU.
-pub fn ping_pong_64(ctx: &Ctx, leg: &Leg) -> Result<Vec<f64>, String> {
-    let port = free_port()?.to_string();
+pub fn ping_pong_64(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
+    let port_n = port;
+    let port = port.to_string();
     let mut srv = leg.command("sockperf", ctx.cpu);
     srv.args(["sr", "--tcp", "-i", "127.0.0.1", "-p", &port]);
     let mut server = ChildGuard::spawn(srv, "sockperf server")?;
-    wait_listening(
-        &mut server,
-        port.parse().unwrap_or(0),
-        Duration::from_secs(10),
-    )?;
+    wait_listening(&mut server, port_n, Duration::from_secs(10))?;
     // sockperf already leaves the first 400 ms of a run out of its statistics; its own
     // warm-up stage only adds a fixed two-second sleep, hence --dontwarmup.
     let secs = if ctx.quick { "1" } else { "3" };

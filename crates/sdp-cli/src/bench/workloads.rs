@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use super::proc::Leg;
-use super::{BenchOpts, affinity, fdloop, iperf3, sockperf};
+use super::verify::Expect;
+use super::{BenchOpts, affinity, fdloop, iperf3, redis, setup, sockperf};
 
 /// A metric a workload reports: its `bench <name>` and its unit.
 pub struct Metric {
@@ -33,8 +34,14 @@ pub struct Workload {
     /// Run one discarded repetition per leg first. Off where the tool warms up by itself
     /// and a repetition is expensive.
     pub warmup: bool,
-    /// One repetition in one leg: one value per entry of `metrics`, in that order.
-    pub run: fn(&Ctx, &Leg) -> Result<Vec<f64>, String>,
+    /// For socket workloads, the programs at the two ends (`server`, `client`) as the
+    /// policy names them: the libsdp leg is then checked in the statistics to run over
+    /// SDP exactly when the policy offloads their connection. `None`: no socket.
+    pub peers: Option<(&'static str, &'static str)>,
+    /// One repetition in one leg: one value per entry of `metrics`, in that order. The
+    /// port is free and fresh for every repetition; socket workloads serve on
+    /// 127.0.0.1 there (the statistics are matched on it).
+    pub run: fn(&Ctx, &Leg, u16) -> Result<Vec<f64>, String>,
 }
 
 impl Workload {
@@ -59,6 +66,8 @@ pub struct Ctx {
     pub sdp_exe: PathBuf,
     /// CPU the measured processes are pinned to.
     pub cpu: Option<usize>,
+    /// What the libsdp leg's policy decides, to check the transport against.
+    pub expect: Expect,
 }
 
 impl Ctx {
@@ -91,9 +100,10 @@ impl Ctx {
         Ok(Ctx {
             quick: opts.quick,
             preload,
-            conf,
             sdp_exe,
             cpu: affinity::measurement_cpu(),
+            expect: Expect::new(conf.as_deref()),
+            conf,
         })
     }
 
@@ -136,6 +146,7 @@ pub static ALL: &[Workload] = &[
         reps: Reps { quick: 7, full: 15 },
         // sockperf drops the first 400 ms of every run from its statistics.
         warmup: false,
+        peers: Some(("sockperf", "sockperf")),
         run: sockperf::ping_pong_64,
     },
     Workload {
@@ -156,6 +167,7 @@ pub static ALL: &[Workload] = &[
             full: 120,
         },
         warmup: true,
+        peers: Some(("iperf3", "iperf3")),
         run: iperf3::one_stream,
     },
     Workload {
@@ -170,6 +182,7 @@ pub static ALL: &[Workload] = &[
             full: 25,
         },
         warmup: true,
+        peers: None,
         run: fdloop::pipe,
     },
     Workload {
@@ -184,6 +197,48 @@ pub static ALL: &[Workload] = &[
             full: 25,
         },
         warmup: true,
+        peers: None,
         run: fdloop::file,
+    },
+    Workload {
+        name: "redis",
+        metrics: &[
+            Metric {
+                name: "redis_get",
+                unit: "req/s",
+            },
+            Metric {
+                name: "redis_set",
+                unit: "req/s",
+            },
+        ],
+        tools: &[
+            Tool {
+                binary: "redis-server",
+                apt_package: "redis-server",
+            },
+            Tool {
+                binary: "redis-benchmark",
+                apt_package: "redis-tools",
+            },
+        ],
+        // About 0.6 s per repetition in quick (server start, 20,000 SETs and GETs).
+        reps: Reps { quick: 7, full: 11 },
+        warmup: true,
+        peers: Some(("redis-server", "redis-benchmark")),
+        run: redis::get_set,
+    },
+    Workload {
+        name: "setup_rate",
+        metrics: &[Metric {
+            name: "setup_rate",
+            unit: "conn/s",
+        }],
+        tools: &[],
+        // About 0.35 s per repetition in quick (0.25 s of connections).
+        reps: Reps { quick: 9, full: 15 },
+        warmup: true,
+        peers: Some(("sdp", "sdp")),
+        run: setup::rate,
     },
 ];
