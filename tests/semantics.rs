@@ -396,3 +396,141 @@ fn eintr_without_sa_restart_and_restart_with_it() {
         ],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Data calls.
+
+#[test]
+fn read_write_readv_writev_send_recv_sendto_recvfrom_sendmsg_recvmsg() {
+    let out = semantics("io", "calls", 2);
+    assert_lines(
+        &out,
+        &[
+            "readv: 6 \"wr\" \"itev\"",
+            "recvfrom addrlen: 0",
+            "recvmsg: 7 \"sen\" \"dmsg\" namelen=0 controllen=0 flags=0",
+            "recvmsg short: 4 \"0123\" flags=0",
+            "zero-length recv (nothing queued): -1 EAGAIN",
+        ],
+    );
+}
+
+#[test]
+fn msg_peek() {
+    let out = semantics("io", "peek", 2);
+    assert_lines(
+        &out,
+        &["peek after read: 6 \"ekaboo\"", "blocking peek: 4 \"late\""],
+    );
+}
+
+#[test]
+fn msg_waitall() {
+    let out = semantics("io", "waitall", 2);
+    assert_lines(
+        &out,
+        &[
+            "recv WAITALL 30: 30 \"012345678901234567890123456789\"",
+            "recv WAITALL at eof: 3 \"abc\"",
+        ],
+    );
+}
+
+#[test]
+fn msg_dontwait() {
+    let out = semantics("io", "dontwait", 2);
+    assert_lines(
+        &out,
+        &[
+            "recv DONTWAIT empty: -1 EAGAIN",
+            "send DONTWAIT full: -1 EAGAIN some=1",
+            "all delivered: 1",
+        ],
+    );
+}
+
+#[test]
+fn msg_oob_and_siocatmark() {
+    let out = semantics("io", "oob", 2);
+    assert_lines(
+        &out,
+        &[
+            "poll: IN PRI",
+            "SIOCATMARK at mark: 1",
+            "recv OOB: 1 \"!\"",
+        ],
+    );
+}
+
+#[test]
+fn msg_more_and_tcp_cork() {
+    let out = semantics("io", "more", 2);
+    assert_lines(&out, &["received: \"head-tail\"", "corked: \"cork\""]);
+}
+
+#[test]
+fn sendfile_from_a_file() {
+    let out = semantics("io", "sendfile", 2);
+    assert_lines(
+        &out,
+        &["sendfile: 3145728 offset=3145728 received=3145728 sum ok=1"],
+    );
+}
+
+#[test]
+fn splice_file_to_socket_and_socket_to_pipe() {
+    let out = semantics("io", "splice", 2);
+    assert_lines(
+        &out,
+        &[
+            "file->pipe->socket: 1048576 received=1048576 sum ok=1",
+            "socket->pipe: 7 then pipe read: 7 \"spliced\"",
+            "socket->pipe at eof: 0",
+        ],
+    );
+}
+
+#[test]
+fn shutdown_wr_gives_the_peer_eof_and_rdhup() {
+    let out = semantics("io", "shutdown_wr", 2);
+    assert_lines(
+        &out,
+        &[
+            "peer poll: IN RDHUP",
+            "peer reads eof: 0",
+            "write after SHUT_WR: -1 EPIPE",
+            "both closed poll: IN OUT RDHUP HUP",
+        ],
+    );
+}
+
+#[test]
+fn shutdown_rd() {
+    let out = semantics("io", "shutdown_rd", 2);
+    assert_lines(
+        &out,
+        &["recv after SHUT_RD: 0", "poll after SHUT_RD: IN OUT RDHUP"],
+    );
+}
+
+#[test]
+fn shutdown_rdwr() {
+    let out = semantics("io", "shutdown_rdwr", 2);
+    assert_lines(
+        &out,
+        &["own poll: IN OUT RDHUP HUP", "own send: -1 EPIPE"],
+    );
+}
+
+#[test]
+fn sigpipe_on_write_after_peer_close_and_msg_nosignal_gives_epipe() {
+    let out = semantics("io", "sigpipe", 4);
+    assert_lines(
+        &out,
+        &[
+            "write after peer close: -1 EPIPE sigpipes=1",
+            "MSG_NOSIGNAL after peer close: -1 EPIPE sigpipes=0",
+            "default disposition: signaled=1 sig=13",
+        ],
+    );
+}

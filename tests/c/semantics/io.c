@@ -1,0 +1,400 @@
+/* Data calls: the read/write family, MSG_* flags, OOB with SIOCATMARK, sendfile and splice,
+ * shutdown in each direction, SIGPIPE and MSG_NOSIGNAL. */
+#include "sem.h"
+#include <sys/sendfile.h>
+#include <sys/uio.h>
+
+static int C, S;
+
+static void show(const char *what, ssize_t n, const char *buf) {
+    if (n > 0)
+        printf("%s: %zd \"%.*s\"\n", what, n, (int)n, buf);
+    else
+        printf("%s: %s\n", what, res(n));
+}
+
+static void c_calls(void) {
+    fresh_pair(&C, &S);
+    char b[64];
+    ssize_t n;
+    write_all(C, "write", 5);
+    show("read", n = read(S, b, sizeof b), b);
+
+    struct iovec wv[3] = {{"wr", 2}, {"it", 2}, {"ev", 2}};
+    printf("writev: %s\n", res(writev(C, wv, 3)));
+    char r1[2], r2[10];
+    struct iovec rv[2] = {{r1, 2}, {r2, 10}};
+    n = readv(S, rv, 2);
+    printf("readv: %zd \"%.2s\" \"%.*s\"\n", n, r1, (int)(n > 2 ? n - 2 : 0), r2);
+
+    printf("send: %s\n", res(send(S, "send", 4, 0)));
+    show("recv", recv(C, b, sizeof b, 0), b);
+
+    printf("sendto NULL: %s\n", res(sendto(C, "sendto", 6, 0, NULL, 0)));
+    struct sockaddr_in from;
+    memset(&from, 0xff, sizeof from);
+    socklen_t flen = sizeof from;
+    n = recvfrom(S, b, sizeof b, 0, (struct sockaddr *)&from, &flen);
+    show("recvfrom", n, b);
+    printf("recvfrom addrlen: %u\n", (unsigned)flen);
+    /* A destination on a connected stream socket is ignored. */
+    printf("sendto peer addr: %s\n",
+           res(sendto(C, "addr", 4, 0, (struct sockaddr *)&listen_addr, sizeof listen_addr)));
+    show("recvfrom NULL", recvfrom(S, b, sizeof b, 0, NULL, NULL), b);
+
+    struct iovec mv[2] = {{"send", 4}, {"msg", 3}};
+    struct msghdr m = {.msg_iov = mv, .msg_iovlen = 2};
+    printf("sendmsg: %s\n", res(sendmsg(S, &m, 0)));
+    char a1[3], a2[20];
+    struct iovec iv[2] = {{a1, 3}, {a2, 20}};
+    struct sockaddr_in name;
+    char ctl[64];
+    struct msghdr rm = {.msg_name = &name, .msg_namelen = sizeof name, .msg_iov = iv, .msg_iovlen = 2,
+                        .msg_control = ctl, .msg_controllen = sizeof ctl};
+    n = recvmsg(C, &rm, 0);
+    printf("recvmsg: %zd \"%.3s\" \"%.*s\" namelen=%u controllen=%zu flags=%d\n", n, a1,
+           (int)(n > 3 ? n - 3 : 0), a2, (unsigned)rm.msg_namelen, (size_t)rm.msg_controllen,
+           rm.msg_flags);
+    /* A short buffer: the rest stays for the next read, no MSG_TRUNC on a stream. */
+    write_all(C, "0123456789", 10);
+    sleep_ms(50);
+    struct iovec one = {b, 4};
+    struct msghdr sm = {.msg_iov = &one, .msg_iovlen = 1};
+    n = recvmsg(S, &sm, 0);
+    printf("recvmsg short: %zd \"%.4s\" flags=%d\n", n, b, sm.msg_flags);
+    sync_point();
+    show("rest", recv(S, b, sizeof b, 0), b);
+    printf("zero-length send: %s\n", res(send(C, b, 0, 0)));
+    printf("zero-length recv (nothing queued): %s\n", res(recv(S, b, 0, MSG_DONTWAIT)));
+}
+
+static void c_peek(void) {
+    fresh_pair(&C, &S);
+    char b[16];
+    write_all(C, "peekaboo", 8);
+    sleep_ms(50);
+    show("peek 4", recv(S, b, 4, MSG_PEEK), b);
+    show("peek all", recv(S, b, sizeof b, MSG_PEEK), b);
+    show("read 2", recv(S, b, 2, 0), b);
+    show("peek after read", recv(S, b, sizeof b, MSG_PEEK), b);
+    sync_point();
+    show("read rest", recv(S, b, sizeof b, 0), b);
+    printf("peek empty dontwait: %s\n", res(recv(S, b, sizeof b, MSG_PEEK | MSG_DONTWAIT)));
+    struct delayed_write d = {.fd = C, .ms = 100, .data = "late"};
+    pthread_t t = spawn(delayed_write_fn, &d);
+    show("blocking peek", recv(S, b, sizeof b, MSG_PEEK), b);
+    pthread_join(t, NULL);
+    show("read", recv(S, b, sizeof b, 0), b);
+}
+
+struct pieces {
+    int fd;
+};
+
+static void *pieces_fn(void *p) {
+    struct pieces *x = p;
+    for (int i = 0; i < 3; i++) {
+        sleep_ms(60);
+        write_all(x->fd, "0123456789", 10);
+    }
+    return NULL;
+}
+
+static void c_waitall(void) {
+    fresh_pair(&C, &S);
+    char b[64];
+    struct pieces p = {.fd = C};
+    pthread_t t = spawn(pieces_fn, &p);
+    show("recv WAITALL 30", recv(S, b, 30, MSG_WAITALL), b);
+    pthread_join(t, NULL);
+    write_all(C, "abc", 3);
+    sync_point();
+    shutdown(C, SHUT_WR);
+    /* End of stream ends a WAITALL receive short. */
+    show("recv WAITALL at eof", recv(S, b, 30, MSG_WAITALL), b);
+    show("then", recv(S, b, 30, MSG_WAITALL), b);
+}
+
+static void c_dontwait(void) {
+    fresh_pair(&C, &S);
+    char b[16];
+    printf("recv DONTWAIT empty: %s\n", res(recv(S, b, sizeof b, MSG_DONTWAIT)));
+    int fl = fcntl(S, F_GETFL);
+    printf("still blocking: %d\n", !(fl & O_NONBLOCK));
+    write_all(C, "x", 1);
+    sleep_ms(50);
+    show("recv DONTWAIT data", recv(S, b, sizeof b, MSG_DONTWAIT), b);
+    /* Fill the send side without blocking. */
+    static char chunk[1 << 16];
+    size_t total = 0;
+    ssize_t n;
+    while ((n = send(C, chunk, sizeof chunk, MSG_DONTWAIT)) > 0) total += (size_t)n;
+    printf("send DONTWAIT full: %s some=%d\n", res(n), total > 0);
+    sync_point();
+    size_t got = 0;
+    while (got < total) {
+        n = recv(S, chunk, sizeof chunk, 0);
+        CHECK(n > 0);
+        got += (size_t)n;
+    }
+    printf("all delivered: %d\n", got == total);
+}
+
+static void c_oob(void) {
+    fresh_pair(&C, &S);
+    char b[16];
+    int mark = -1;
+    CHECK(ioctl(S, SIOCATMARK, &mark) == 0);
+    printf("SIOCATMARK idle: %d\n", mark);
+    write_all(C, "abc", 3);
+    printf("send OOB: %s\n", res(send(C, "!", 1, MSG_OOB)));
+    int r = poll1(S, POLLIN | POLLPRI, 1000);
+    printf("poll: %s\n", pollstr(r));
+    CHECK(ioctl(S, SIOCATMARK, &mark) == 0);
+    printf("SIOCATMARK before reading: %d\n", mark);
+    show("recv", recv(S, b, sizeof b, 0), b);
+    CHECK(ioctl(S, SIOCATMARK, &mark) == 0);
+    printf("SIOCATMARK at mark: %d\n", mark);
+    show("recv OOB", recv(S, b, 1, MSG_OOB), b);
+    printf("recv OOB again: %s\n", res(recv(S, b, 1, MSG_OOB | MSG_DONTWAIT)));
+    sync_point();
+    write_all(C, "def", 3);
+    show("recv after", recv(S, b, sizeof b, 0), b);
+    printf("recv OOB none: %s\n", res(recv(S, b, 1, MSG_OOB | MSG_DONTWAIT)));
+}
+
+static void c_more(void) {
+    fresh_pair(&C, &S);
+    char b[64];
+    printf("send MORE: %s\n", res(send(C, "head-", 5, MSG_MORE)));
+    printf("send: %s\n", res(send(C, "tail", 4, 0)));
+    size_t got = 0;
+    while (got < 9) {
+        ssize_t n = recv(S, b + got, sizeof b - got, 0);
+        CHECK(n > 0);
+        got += (size_t)n;
+    }
+    printf("received: \"%.*s\"\n", (int)got, b);
+    int one = 1;
+    printf("TCP_CORK: %d\n", setsockopt(C, IPPROTO_TCP, TCP_CORK, &one, sizeof one));
+    write_all(C, "cork", 4);
+    one = 0;
+    printf("TCP_CORK off: %d\n", setsockopt(C, IPPROTO_TCP, TCP_CORK, &one, sizeof one));
+    read_all(S, b, 4);
+    printf("corked: \"%.4s\"\n", b);
+    sync_point();
+}
+
+static int tmpfile_of(size_t len, unsigned long *sum) {
+    char path[] = "/tmp/sem-XXXXXX";
+    int f = mkstemp(path);
+    CHECK(f >= 0);
+    unlink(path);
+    char *buf = malloc(len);
+    CHECK(buf);
+    *sum = 0;
+    for (size_t i = 0; i < len; i++) *sum += (unsigned char)(buf[i] = (char)(i * 13 + 1));
+    write_all(f, buf, len);
+    free(buf);
+    return f;
+}
+
+struct sink {
+    int fd;
+    size_t want, got;
+    unsigned long sum;
+};
+
+static void *sink_fn(void *p) {
+    struct sink *k = p;
+    static char buf[65536];
+    while (k->got < k->want) {
+        ssize_t n = read(k->fd, buf, sizeof buf);
+        CHECK(n > 0);
+        for (ssize_t i = 0; i < n; i++) k->sum += (unsigned char)buf[i];
+        k->got += (size_t)n;
+    }
+    return NULL;
+}
+
+static void c_sendfile(void) {
+    fresh_pair(&C, &S);
+    size_t len = 3 << 20;
+    unsigned long sum;
+    int f = tmpfile_of(len, &sum);
+    struct sink k = {.fd = S, .want = len};
+    pthread_t t = spawn(sink_fn, &k);
+    off_t off = 0;
+    size_t sent = 0;
+    while (sent < len) {
+        ssize_t n = sendfile(C, f, &off, len - sent);
+        CHECK(n > 0);
+        sent += (size_t)n;
+    }
+    pthread_join(t, NULL);
+    printf("sendfile: %zu offset=%ld received=%zu sum ok=%d\n", sent, (long)off, k.got, k.sum == sum);
+    /* Without an offset: the file position moves. */
+    CHECK(lseek(f, len - 100, SEEK_SET) >= 0);
+    ssize_t n = sendfile(C, f, NULL, 1000);
+    char b[200];
+    read_all(S, b, 100);
+    printf("sendfile at position: %s pos=%ld\n", res(n), (long)lseek(f, 0, SEEK_CUR));
+    sync_point();
+}
+
+static void c_splice(void) {
+    fresh_pair(&C, &S);
+    size_t len = 1 << 20;
+    unsigned long sum;
+    int f = tmpfile_of(len, &sum);
+    int p[2];
+    CHECK(pipe(p) == 0);
+    struct sink k = {.fd = S, .want = len};
+    pthread_t t = spawn(sink_fn, &k);
+    loff_t off = 0;
+    size_t moved = 0;
+    while (moved < len) {
+        ssize_t n = splice(f, &off, p[1], NULL, len - moved, 0);
+        CHECK(n > 0);
+        ssize_t m = 0;
+        while (m < n) {
+            ssize_t x = splice(p[0], NULL, C, NULL, (size_t)(n - m), 0);
+            CHECK(x > 0);
+            m += x;
+        }
+        moved += (size_t)n;
+    }
+    pthread_join(t, NULL);
+    printf("file->pipe->socket: %zu received=%zu sum ok=%d\n", moved, k.got, k.sum == sum);
+    /* socket -> pipe */
+    write_all(C, "spliced", 7);
+    ssize_t n = splice(S, NULL, p[1], NULL, 64, 0);
+    char b[16];
+    ssize_t r = read(p[0], b, sizeof b);
+    printf("socket->pipe: %s then pipe read: %zd \"%.*s\"\n", res(n), r, (int)(r > 0 ? r : 0), b);
+    sync_point();
+    shutdown(C, SHUT_WR);
+    printf("socket->pipe at eof: %s\n", res(splice(S, NULL, p[1], NULL, 64, 0)));
+}
+
+static void c_shutdown_wr(void) {
+    fresh_pair(&C, &S);
+    char b[16];
+    write_all(C, "last", 4);
+    printf("shutdown WR: %d\n", shutdown(C, SHUT_WR));
+    printf("peer poll: %s\n", pollstr(poll1(S, POLLIN | POLLRDHUP, 1000)));
+    show("peer reads data", read(S, b, sizeof b), b);
+    printf("peer reads eof: %s\n", res(read(S, b, sizeof b)));
+    printf("peer reads eof again: %s\n", res(read(S, b, sizeof b)));
+    printf("own poll: %s\n", pollstr(poll1(C, POLLIN | POLLOUT | POLLRDHUP, 0)));
+    printf("write after SHUT_WR: %s\n", res(send(C, "x", 1, MSG_NOSIGNAL)));
+    /* The other direction still works. */
+    write_all(S, "reply", 5);
+    show("reply after half-close", read(C, b, sizeof b), b);
+    sync_point();
+    printf("peer shutdown WR: %d\n", shutdown(S, SHUT_WR));
+    printf("both closed poll: %s\n", pollstr(poll1(C, POLLIN | POLLOUT | POLLRDHUP, 1000)));
+    printf("reads eof: %s\n", res(read(C, b, sizeof b)));
+}
+
+static void c_shutdown_rd(void) {
+    fresh_pair(&C, &S);
+    char b[16];
+    printf("shutdown RD: %d\n", shutdown(S, SHUT_RD));
+    printf("recv after SHUT_RD: %s\n", res(recv(S, b, sizeof b, 0)));
+    printf("poll after SHUT_RD: %s\n", pollstr(poll1(S, POLLIN | POLLOUT | POLLRDHUP, 0)));
+    /* Sending still works. */
+    write_all(S, "still", 5);
+    show("peer reads", read(C, b, sizeof b), b);
+    printf("peer poll: %s\n", pollstr(poll1(C, POLLIN | POLLOUT | POLLRDHUP, 0)));
+    sync_point();
+}
+
+static void c_shutdown_rdwr(void) {
+    fresh_pair(&C, &S);
+    char b[16];
+    write_all(S, "bye", 3);
+    printf("shutdown RDWR: %d\n", shutdown(S, SHUT_RDWR));
+    show("peer reads data", read(C, b, sizeof b), b);
+    printf("peer reads eof: %s\n", res(read(C, b, sizeof b)));
+    printf("peer poll: %s\n", pollstr(poll1(C, POLLIN | POLLRDHUP, 1000)));
+    printf("own recv: %s\n", res(recv(S, b, sizeof b, 0)));
+    printf("own send: %s\n", res(send(S, "x", 1, MSG_NOSIGNAL)));
+    printf("own poll: %s\n", pollstr(poll1(S, POLLIN | POLLOUT | POLLRDHUP, 0)));
+    printf("shutdown again: %s\n", res(shutdown(S, SHUT_RDWR)));
+    sync_point();
+    /* ENOTCONN on a socket that never connected. */
+    int u = socket(AF_INET, SOCK_STREAM, 0);
+    printf("shutdown unconnected: %s\n", res(shutdown(u, SHUT_WR)));
+}
+
+static volatile sig_atomic_t pipes;
+static void on_pipe(int sig) {
+    (void)sig;
+    pipes++;
+}
+
+/* Writes until an error: how many signals came with it. */
+static void write_until_error(int fd, int flags, const char *what) {
+    ssize_t n;
+    int tries = 0;
+    pipes = 0;
+    do {
+        n = send(fd, "data", 4, flags);
+        if (n >= 0) sleep_ms(10);
+    } while (n >= 0 && ++tries < 300);
+    printf("%s: %s sigpipes=%d\n", what, res(n), (int)pipes);
+}
+
+static void c_sigpipe(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_pipe;
+    CHECK(sigaction(SIGPIPE, &sa, NULL) == 0);
+    int c2, s2;
+    fresh_pair(&C, &S);
+    fresh_pair(&c2, &s2);
+    sync_point();
+    close(S);
+    write_until_error(C, 0, "write after peer close");
+    close(s2);
+    write_until_error(c2, MSG_NOSIGNAL, "MSG_NOSIGNAL after peer close");
+    /* With the default disposition the writer dies of SIGPIPE. */
+    int c3, s3;
+    fresh_pair(&c3, &s3);
+    pid_t k = fork();
+    CHECK(k >= 0);
+    if (k == 0) {
+        signal(SIGPIPE, SIG_DFL);
+        close(s3);
+        for (int i = 0; i < 300; i++) {
+            if (send(c3, "data", 4, 0) < 0) _exit(3);
+            sleep_ms(10);
+        }
+        _exit(4);
+    }
+    close(s3);
+    close(c3);
+    int st;
+    CHECK(waitpid(k, &st, 0) == k);
+    printf("default disposition: signaled=%d sig=%d\n", WIFSIGNALED(st), WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+}
+
+int main(int argc, char **argv) {
+    static const struct sem_case cases[] = {
+        {"calls", c_calls},
+        {"peek", c_peek},
+        {"waitall", c_waitall},
+        {"dontwait", c_dontwait},
+        {"oob", c_oob},
+        {"more", c_more},
+        {"sendfile", c_sendfile},
+        {"splice", c_splice},
+        {"shutdown_wr", c_shutdown_wr},
+        {"shutdown_rd", c_shutdown_rd},
+        {"shutdown_rdwr", c_shutdown_rdwr},
+        {"sigpipe", c_sigpipe},
+        {NULL, NULL},
+    };
+    return run_case(cases, argc, argv);
+}
