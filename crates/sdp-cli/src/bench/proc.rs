@@ -208,26 +208,66 @@ pub fn wait_listening(server: &mut ChildGuard, port: u16, timeout: Duration) -> 
 
 /// A port nobody listens on, different from every port this process handed out
 /// before (servers of consecutive repetitions never meet a previous one's TIME_WAIT).
+///
+/// Chosen below the kernel's ephemeral range, where the client ends of earlier
+/// connections (TIME_WAIT included) do not sit, and probed with a bind *without*
+/// SO_REUSEADDR, as servers that do not set it (sockperf) will bind it.
 pub fn free_port() -> Result<u16, String> {
     static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
     let given = given.get_or_insert_with(HashSet::new);
+    let (lo, hi) = port_window();
     let mut x = seed();
     for _ in 0..1000 {
         // xorshift64: distinct random ports without a dependency.
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        let port = 20000 + (x % 30000) as u16;
+        let port = lo + (x % u64::from(hi - lo)) as u16;
         if given.contains(&port) {
             continue;
         }
-        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+        if bindable(port) {
             given.insert(port);
             return Ok(port);
         }
     }
-    Err("no free port found between 20000 and 50000".into())
+    Err(format!("no free port found between {lo} and {hi}"))
+}
+
+/// 10000 up to the start of the ephemeral range when that leaves room; otherwise the
+/// old 20000..50000.
+fn port_window() -> (u16, u16) {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok());
+    match start {
+        Some(s) if s >= 15000 => (10000, s),
+        _ => (20000, 50000),
+    }
+}
+
+/// Can a plain socket (no SO_REUSEADDR) bind 127.0.0.1:`port`?
+fn bindable(port: u16) -> bool {
+    // SAFETY: a socket we create and close here; `sa` is a fully initialised
+    // sockaddr_in on the stack, passed with its size.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok();
+        }
+        let mut sa: libc::sockaddr_in = std::mem::zeroed();
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_port = port.to_be();
+        sa.sin_addr.s_addr = u32::from(Ipv4Addr::LOCALHOST).to_be();
+        let ok = libc::bind(
+            fd,
+            (&raw const sa).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        ) == 0;
+        libc::close(fd);
+        ok
+    }
 }
 
 fn seed() -> u64 {

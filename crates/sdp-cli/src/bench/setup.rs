@@ -21,6 +21,10 @@ use super::workloads::Ctx;
 /// Environment variable that turns `sdp bench` into one end of the setup loop.
 pub const SETUP_ENV: &str = "__SDP_BENCH_SETUP";
 
+/// The byte of the client's last, untimed connection, which the server keeps open until
+/// the client closes it.
+const HOLD: u8 = b'H';
+
 /// One repetition: a fresh server on `port`, one client run; connections per second.
 pub fn rate(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
     let (per_batch, millis) = if ctx.quick { (100, 250) } else { (200, 1000) };
@@ -88,12 +92,13 @@ fn server(port: u16) -> Result<(), String> {
         };
         if let Ok(1) = s.read(&mut b)
             && s.write_all(&b).is_ok()
+            && b[0] == HOLD
         {
-            // The client closes first, as HTTP/1.0-style clients do; its end of stream
-            // is the server's cue to close (and the client, not the server, keeps the
-            // TIME_WAIT).
+            // The client's held connection: stay open until the client closes.
             while let Ok(1..) = s.read(&mut b) {}
         }
+        // Otherwise the server closes first, as an HTTP/1.0 server does: the TIME_WAIT
+        // stays on the server's port instead of tying up the machine's ephemeral ports.
     }
 }
 
@@ -110,7 +115,7 @@ fn client(port: u16, per_batch: u64, millis: u64) -> Result<(), String> {
         let t = Instant::now();
         for i in 0..per_batch {
             let c = Instant::now();
-            drop(one(addr).map_err(|e| format!("connection {i} of batch {batch}: {e}"))?);
+            drop(one(addr, 0x5a).map_err(|e| format!("connection {i} of batch {batch}: {e}"))?);
             slowest = slowest.max(c.elapsed());
         }
         if batch > 0 {
@@ -120,7 +125,7 @@ fn client(port: u16, per_batch: u64, millis: u64) -> Result<(), String> {
     }
     // One more connection, untimed, held open long enough for the bench's look at the
     // statistics: the timed ones live for microseconds and may all slip between two.
-    let held = one(addr).map_err(|e| format!("held connection: {e}"))?;
+    let held = one(addr, HOLD).map_err(|e| format!("held connection: {e}"))?;
     std::thread::sleep(Duration::from_millis(60));
     drop(held);
     println!("conns_per_sec={:.1}", median(&rates));
@@ -129,9 +134,9 @@ fn client(port: u16, per_batch: u64, millis: u64) -> Result<(), String> {
 }
 
 /// connect and one byte each way; dropping the stream closes it.
-fn one(addr: SocketAddr) -> std::io::Result<TcpStream> {
+fn one(addr: SocketAddr, byte: u8) -> std::io::Result<TcpStream> {
     let mut s = TcpStream::connect(addr)?;
-    s.write_all(&[0x5a])?;
+    s.write_all(&[byte])?;
     let mut b = [0u8; 1];
     s.read_exact(&mut b)?;
     Ok(s)
