@@ -454,11 +454,7 @@ fn msg_oob_and_siocatmark() {
     let out = semantics("io", "oob", 2);
     assert_lines(
         &out,
-        &[
-            "poll: IN PRI",
-            "SIOCATMARK at mark: 1",
-            "recv OOB: 1 \"!\"",
-        ],
+        &["poll: IN PRI", "SIOCATMARK at mark: 1", "recv OOB: 1 \"!\""],
     );
 }
 
@@ -516,10 +512,7 @@ fn shutdown_rd() {
 #[test]
 fn shutdown_rdwr() {
     let out = semantics("io", "shutdown_rdwr", 2);
-    assert_lines(
-        &out,
-        &["own poll: IN OUT RDHUP HUP", "own send: -1 EPIPE"],
-    );
+    assert_lines(&out, &["own poll: IN OUT RDHUP HUP", "own send: -1 EPIPE"]);
 }
 
 #[test]
@@ -531,6 +524,156 @@ fn sigpipe_on_write_after_peer_close_and_msg_nosignal_gives_epipe() {
             "write after peer close: -1 EPIPE sigpipes=1",
             "MSG_NOSIGNAL after peer close: -1 EPIPE sigpipes=0",
             "default disposition: signaled=1 sig=13",
+        ],
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup and socket state.
+
+#[test]
+fn getsockname_getpeername_are_the_tcp_four_tuple() {
+    let out = semantics("setup", "names", 2);
+    assert_lines(
+        &out,
+        &[
+            "client peer is the listener: 1",
+            "server peer is the client: 1",
+            "kernel has the 4-tuple established: 1",
+        ],
+    );
+}
+
+#[test]
+fn getsockopt_and_setsockopt() {
+    let out = semantics("setup", "sockopts", 2);
+    assert_lines(
+        &out,
+        &[
+            "SO_TYPE: 0 value=1 len=4",
+            "SO_DOMAIN: 0 value=2 len=4",
+            "SO_PROTOCOL: 0 value=6 len=4",
+            "get SO_LINGER: 0 onoff=1 linger=5",
+            "TCP_NODELAY: 0 value=1 len=4",
+            "TCP_INFO: 0 established=1",
+        ],
+    );
+}
+
+#[test]
+fn ioctl_fionread_siocoutq_fionbio() {
+    let out = semantics("setup", "ioctls", 2);
+    assert_lines(
+        &out,
+        &[
+            "FIONREAD after 5: 5",
+            "FIONREAD after reading 2: 3",
+            "SIOCOUTQ: 0 value=0",
+            "recv: -1 EAGAIN",
+        ],
+    );
+}
+
+#[test]
+fn fcntl_o_nonblock_and_cloexec() {
+    let out = semantics("setup", "fcntl", 2);
+    assert_lines(
+        &out,
+        &[
+            "read non-blocking: -1 EAGAIN",
+            "F_SETFD FD_CLOEXEC: 0 then 1",
+        ],
+    );
+}
+
+#[test]
+fn nonblocking_connect_einprogress_writable_so_error_0() {
+    let out = semantics("setup", "nb_connect", 2);
+    assert_lines(
+        &out,
+        &[
+            "connect: -1 EINPROGRESS",
+            "poll: OUT",
+            "SO_ERROR: 0",
+            "refused: SO_ERROR ECONNREFUSED",
+        ],
+    );
+}
+
+#[test]
+fn accept4_nonblock_cloexec_flags() {
+    let out = semantics("setup", "accept4", 6);
+    assert_lines(
+        &out,
+        &[
+            "accept4 NONBLOCK|CLOEXEC: O_NONBLOCK=1 FD_CLOEXEC=1",
+            "accept4 0: O_NONBLOCK=0 FD_CLOEXEC=0 addrlen=16",
+        ],
+    );
+}
+
+#[test]
+fn one_thread_connects_to_its_own_listener_then_accepts() {
+    let out = semantics("setup", "self_connect", 12);
+    assert_lines(&out, &["server got: early", "accepted 4 got 4"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lifetime and scale.
+
+#[test]
+fn dup_dup2_and_closing_one_copy_keeps_the_connection() {
+    let out = semantics("lifetime", "dup", 2);
+    assert_lines(
+        &out,
+        &[
+            "server poll after closing two of three: none",
+            "server got: still",
+            "replaced connection's peer reads: 0",
+            "server reads eof: 0",
+        ],
+    );
+}
+
+#[test]
+fn fork_child_uses_the_inherited_socket_after_the_parent_closed_it() {
+    let out = semantics("lifetime", "fork", 2);
+    assert_lines(
+        &out,
+        &[
+            "parent got: from child",
+            "child got: reply",
+            "child exit: 0",
+        ],
+    );
+}
+
+#[test]
+fn prefork_server_three_workers_share_a_listener_for_20_clients() {
+    let out = semantics("lifetime", "prefork", 40);
+    assert_lines(&out, &["echoed: 20 of 20", "workers stopped: 3"]);
+}
+
+#[test]
+fn transfer_64_mib_both_directions_at_once() {
+    let out = semantics("lifetime", "large", 2);
+    assert_lines(
+        &out,
+        &[
+            "client->server: 67108864 bytes checksum match=1",
+            "server->client: 67108864 bytes checksum match=1",
+        ],
+    );
+}
+
+#[test]
+fn two_hundred_concurrent_connections_echo() {
+    let out = semantics("lifetime", "many", 400);
+    assert_lines(
+        &out,
+        &[
+            "echoed: 200 of 200",
+            "closed by server after our shutdown: 200",
         ],
     );
 }

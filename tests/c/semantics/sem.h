@@ -201,7 +201,7 @@ struct delayed_write {
     const char *data;
 };
 
-static void *delayed_write_fn(void *p) {
+static inline void *delayed_write_fn(void *p) {
     struct delayed_write *d = p;
     sleep_ms(d->ms);
     write_all(d->fd, d->data, strlen(d->data));

@@ -1,0 +1,245 @@
+/* Lifetime: dup/dup2 and close of one copy, fork with the child using the inherited
+ * socket, a prefork server, a 64 MiB transfer both ways at once, 200 concurrent echoes. */
+#include "sem.h"
+#include <sys/epoll.h>
+
+static int C, S;
+
+static void c_dup(void) {
+    fresh_pair(&C, &S);
+    char b[16];
+    int d1 = dup(C);
+    int d2 = dup2(C, 100);
+    printf("dup2 onto 100: %d\n", d2);
+    printf("close original: %d\n", close(C));
+    write_all(d1, "via dup", 7);
+    read_all(S, b, 7);
+    printf("server got: %.7s\n", b);
+    write_all(S, "back", 4);
+    read_all(d2, b, 4);
+    printf("dup2 copy got: %.4s\n", b);
+    printf("close dup: %d\n", close(d1));
+    printf("server poll after closing two of three: %s\n", pollstr(poll1(S, POLLIN | POLLRDHUP, 100)));
+    write_all(d2, "still", 5);
+    read_all(S, b, 5);
+    printf("server got: %.5s\n", b);
+    /* dup2 onto an fd that is a live connection closes that one. */
+    int c2, s2;
+    fresh_pair(&c2, &s2);
+    int d3 = dup(S);
+    printf("dup2 over a connection: %d\n", dup2(d3, c2) == c2);
+    printf("replaced connection's peer reads: %s\n", res(read(s2, b, sizeof b)));
+    write_all(d2, "x", 1);
+    read_all(c2, b, 1);
+    printf("new meaning of that fd reads: %c\n", b[0]);
+    sync_point();
+    printf("close last copy: %d\n", close(d2));
+    printf("server reads eof: %s\n", res(read(S, b, sizeof b)));
+}
+
+static void c_fork(void) {
+    fresh_pair(&C, &S);
+    int go[2];
+    CHECK(pipe(go) == 0);
+    pid_t k = fork();
+    CHECK(k >= 0);
+    if (k == 0) {
+        close(S);
+        close(go[1]);
+        char b[32];
+        read_all(go[0], b, 1); /* the parent closed its copy */
+        write_all(C, "from child", 10);
+        read_all(C, b, 5);
+        printf("child got: %.5s\n", b);
+        ssize_t n = read(C, b, sizeof b);
+        printf("child reads eof: %s\n", res(n));
+        _exit(0);
+    }
+    close(go[0]);
+    printf("parent closes its copy: %d\n", close(C));
+    write_all(go[1], "g", 1);
+    char b[32];
+    read_all(S, b, 10);
+    printf("parent got: %.10s\n", b);
+    sync_point();
+    write_all(S, "reply", 5);
+    shutdown(S, SHUT_WR);
+    int st;
+    CHECK(waitpid(k, &st, 0) == k);
+    printf("child exit: %d\n", WEXITSTATUS(st));
+    printf("parent reads eof: %s\n", res(read(S, b, sizeof b)));
+}
+
+static void worker(int l) {
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    struct epoll_event e = {.events = EPOLLIN, .data.fd = l};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, l, &e) == 0);
+    for (;;) {
+        struct epoll_event ev[16];
+        int n = epoll_wait(ep, ev, 16, -1);
+        if (n < 0 && errno == EINTR) continue;
+        CHECK(n >= 0);
+        for (int i = 0; i < n; i++) {
+            int fd = ev[i].data.fd;
+            if (fd == l) {
+                int s = accept4(l, NULL, NULL, SOCK_NONBLOCK);
+                if (s < 0) {
+                    CHECK(errno == EAGAIN);
+                    continue;
+                }
+                struct epoll_event se = {.events = EPOLLIN, .data.fd = s};
+                CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, s, &se) == 0);
+                continue;
+            }
+            char b[256];
+            ssize_t r = read(fd, b, sizeof b);
+            if (r > 0) {
+                write_all(fd, b, (size_t)r);
+            } else if (r == 0 || errno != EAGAIN) {
+                close(fd);
+            }
+        }
+    }
+}
+
+static void c_prefork(void) {
+    int l = listener();
+    fcntl(l, F_SETFL, O_NONBLOCK);
+    pid_t w[3];
+    for (int i = 0; i < 3; i++) {
+        w[i] = fork();
+        CHECK(w[i] >= 0);
+        if (w[i] == 0) {
+            worker(l);
+            _exit(0);
+        }
+    }
+    close(l);
+    int c[20];
+    int ok = 0;
+    for (int i = 0; i < 20; i++) {
+        c[i] = connect_to(&listen_addr);
+        char m[32], b[32];
+        int len = snprintf(m, sizeof m, "client %d", i);
+        write_all(c[i], m, (size_t)len);
+        read_all(c[i], b, (size_t)len);
+        ok += !memcmp(m, b, (size_t)len);
+    }
+    printf("echoed: %d of 20\n", ok);
+    sync_point();
+    for (int i = 0; i < 20; i++) {
+        shutdown(c[i], SHUT_WR);
+        char b[8];
+        printf("client %d eof: %s\n", i, res(read(c[i], b, sizeof b)));
+        close(c[i]);
+    }
+    for (int i = 0; i < 3; i++) kill(w[i], SIGTERM);
+    int st, exited = 0;
+    for (int i = 0; i < 3; i++) exited += waitpid(w[i], &st, 0) == w[i] && WIFSIGNALED(st);
+    printf("workers stopped: %d\n", exited);
+}
+
+#define BIG (64u << 20)
+
+struct pump {
+    int fd;
+    int write;
+    uint32_t seed;
+    uint64_t sum;
+    size_t done;
+};
+
+static void *pump_fn(void *p) {
+    struct pump *x = p;
+    static __thread unsigned char buf[1 << 16];
+    uint32_t v = x->seed;
+    while (x->done < BIG) {
+        size_t want = BIG - x->done < sizeof buf ? BIG - x->done : sizeof buf;
+        if (x->write) {
+            for (size_t i = 0; i < want; i++) {
+                v = v * 1103515245u + 12345u;
+                buf[i] = (unsigned char)(v >> 16);
+                x->sum = x->sum * 31 + buf[i];
+            }
+            write_all(x->fd, buf, want);
+            x->done += want;
+        } else {
+            ssize_t n = read(x->fd, buf, want);
+            CHECK(n > 0);
+            for (ssize_t i = 0; i < n; i++) x->sum = x->sum * 31 + buf[i];
+            x->done += (size_t)n;
+        }
+    }
+    return NULL;
+}
+
+static void c_large(void) {
+    fresh_pair(&C, &S);
+    struct pump p[4] = {
+        {.fd = C, .write = 1, .seed = 1}, {.fd = S, .write = 0},
+        {.fd = S, .write = 1, .seed = 2}, {.fd = C, .write = 0},
+    };
+    pthread_t t[4];
+    for (int i = 0; i < 4; i++) t[i] = spawn(pump_fn, &p[i]);
+    for (int i = 0; i < 4; i++) pthread_join(t[i], NULL);
+    printf("client->server: %zu bytes checksum match=%d\n", p[1].done, p[0].sum == p[1].sum);
+    printf("server->client: %zu bytes checksum match=%d\n", p[3].done, p[2].sum == p[3].sum);
+    sync_point();
+}
+
+#define MANY 200
+
+static void c_many(void) {
+    struct rlimit rl;
+    getrlimit(RLIMIT_NOFILE, &rl);
+    rl.rlim_cur = rl.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &rl);
+    int l = listener();
+    pid_t k = fork();
+    CHECK(k >= 0);
+    if (k == 0) {
+        fcntl(l, F_SETFL, O_NONBLOCK);
+        worker(l);
+        _exit(0);
+    }
+    close(l);
+    static int c[MANY];
+    for (int i = 0; i < MANY; i++) c[i] = connect_to(&listen_addr);
+    for (int i = 0; i < MANY; i++) {
+        char m[32];
+        int len = snprintf(m, sizeof m, "message %d", i);
+        write_all(c[i], m, (size_t)len);
+    }
+    int ok = 0;
+    for (int i = 0; i < MANY; i++) {
+        char m[32], b[32];
+        int len = snprintf(m, sizeof m, "message %d", i);
+        read_all(c[i], b, (size_t)len);
+        ok += !memcmp(m, b, (size_t)len);
+    }
+    printf("echoed: %d of %d\n", ok, MANY);
+    sync_point();
+    int eof = 0;
+    for (int i = 0; i < MANY; i++) {
+        shutdown(c[i], SHUT_WR);
+        char b[8];
+        eof += read(c[i], b, sizeof b) == 0;
+        close(c[i]);
+    }
+    printf("closed by server after our shutdown: %d\n", eof);
+    kill(k, SIGTERM);
+    waitpid(k, NULL, 0);
+}
+
+int main(int argc, char **argv) {
+    static const struct sem_case cases[] = {
+        {"dup", c_dup},
+        {"fork", c_fork},
+        {"prefork", c_prefork},
+        {"large", c_large},
+        {"many", c_many},
+        {NULL, NULL},
+    };
+    return run_case(cases, argc, argv);
+}
