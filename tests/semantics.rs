@@ -677,3 +677,371 @@ fn two_hundred_concurrent_connections_echo() {
         ],
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Policy and fallback, with reason codes.
+
+impl Synced {
+    /// Reads lines until `want` (panics at the end of output or after `T`).
+    fn expect_line(&mut self, want: &str) {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.stdout.push_str(&line);
+                    self.stdout.push('\n');
+                    if line == want {
+                        return;
+                    }
+                }
+                Err(e) => panic!(
+                    "{}: no line {want:?} ({e:?}); printed:\n{}",
+                    self.what, self.stdout
+                ),
+            }
+        }
+    }
+}
+
+/// `policy server PORT COUNT sync|nosync` in `mode`, with `conf` as its policy file.
+fn policy_server(mode: Mode, conf: Option<&Path>, port: u16, count: u32, sync: bool) -> Synced {
+    let mut c = command(mode, program("policy"));
+    c.args(["server", &port.to_string(), &count.to_string()])
+        .arg(if sync { "sync" } else { "nosync" });
+    if let Some(p) = conf {
+        c.env("LIBSDP_CONFIG_FILE", p);
+    }
+    let mut s = Synced::spawn(c, "policy server");
+    s.expect_line("listening");
+    s
+}
+
+fn policy_client(mode: Mode, conf: Option<&Path>, port: u16, msg: &str, sync: bool) -> Synced {
+    let mut c = command(mode, program("policy"));
+    c.args(["client", &port.to_string(), msg])
+        .arg(if sync { "sync" } else { "nosync" });
+    if let Some(p) = conf {
+        c.env("LIBSDP_CONFIG_FILE", p);
+    }
+    Synced::spawn(c, "policy client")
+}
+
+/// The single connection row of a group's statistics: the one `client` row of a client
+/// process, or the one `server` row with a peer (not the listener) of a server process.
+/// Its remote address must be the TCP peer (`sdp stat` lists local and remote of every
+/// connection, TCP ones included).
+fn one_connection(what: &str, rows: &[StatRow], role: &str, remote: Option<&str>) -> StatRow {
+    let c: Vec<&StatRow> = rows
+        .iter()
+        .filter(|r| r.role == role && (role == "client" || r.is_connection()))
+        .collect();
+    assert_eq!(
+        c.len(),
+        1,
+        "{what}: want one {role} connection:\n{}",
+        show(rows)
+    );
+    if let Some(want) = remote {
+        assert_eq!(c[0].remote, want, "{what}: remote address:\n{}", show(rows));
+    }
+    c[0].clone()
+}
+
+#[test]
+fn libsdp_client_to_plain_server_is_tcp_with_reason_no_beacon() {
+    let port = free_port();
+    let server = policy_server(Mode::Base, None, port, 1, false);
+    let mut rows = Vec::new();
+    let client = policy_client(Mode::Preload, None, port, "hello", true)
+        .finish(|g| rows = sdp_stat_of_group(g));
+    let server = server.finish(|_| {});
+    assert_eq!(client.stdout, "client got: hello\nSYNC\n", "{client:?}");
+    assert_eq!(client.code, 0);
+    assert_eq!(
+        server.stdout,
+        "listening\naccepted 1\nechoed: hello\nend of stream: 0\n"
+    );
+    let server_addr = format!("127.0.0.1:{port}");
+    let r = one_connection(
+        "libsdp client, plain server",
+        &rows,
+        "client",
+        Some(&server_addr),
+    );
+    assert_eq!(
+        (
+            r.transport.as_str(),
+            r.fallback_reason.as_str(),
+            r.role.as_str()
+        ),
+        ("tcp", "no-beacon", "client"),
+        "{}",
+        show(&rows)
+    );
+}
+
+#[test]
+fn plain_client_to_libsdp_server_is_tcp_with_reason_plain_client() {
+    let port = free_port();
+    let server = policy_server(Mode::Preload, None, port, 1, true);
+    let client = policy_client(Mode::Base, None, port, "hello", false);
+    let mut rows = Vec::new();
+    let server = server.finish(|g| rows = sdp_stat_of_group(g));
+    let client = client.finish(|_| {});
+    assert_eq!(client.stdout, "client got: hello\n");
+    assert_eq!(
+        server.stdout,
+        "listening\naccepted 1\nechoed: hello\nSYNC\nend of stream: 0\n"
+    );
+    let r = one_connection("plain client, libsdp server", &rows, "server", None);
+    assert_eq!(
+        (
+            r.transport.as_str(),
+            r.fallback_reason.as_str(),
+            r.role.as_str()
+        ),
+        ("tcp", "plain-client", "server"),
+        "{}",
+        show(&rows)
+    );
+}
+
+/// `use sdp server`: a plain client's TCP connect succeeds (the kernel completes the
+/// handshake), but the library closes the connection instead of handing it to the
+/// application: the client sees end of stream at once (POLLIN|POLLRDHUP, recv 0; a first
+/// send still succeeds, as after any peer close), and the server application never returns
+/// from accept for it. The next, libsdp, client is accepted and served over SDP.
+#[test]
+fn use_sdp_server_refuses_a_plain_client() {
+    let conf = policy("use sdp server * *:*\n");
+    let port = free_port();
+    let server = policy_server(Mode::Preload, Some(&conf), port, 1, true);
+    let mut probe = command(Mode::Base, program("policy"));
+    probe.args(["probe", &port.to_string()]);
+    let probe = Synced::spawn(probe, "plain probe").finish(|_| {});
+    assert_eq!(
+        probe.stdout, "connect: 0\npoll within 2 s: IN RDHUP\nrecv: 0\nsend: 1\n",
+        "{probe:?}"
+    );
+    let client = policy_client(Mode::Preload, None, port, "sdp", false);
+    let mut rows = Vec::new();
+    let server = server.finish(|g| rows = sdp_stat_of_group(g));
+    let client = client.finish(|_| {});
+    assert_eq!(client.stdout, "client got: sdp\n");
+    assert_eq!(
+        server.stdout, "listening\naccepted 1\nechoed: sdp\nSYNC\nend of stream: 0\n",
+        "the refused plain client must not reach the application"
+    );
+    assert_offloaded("use sdp server, libsdp client", &rows, 1);
+}
+
+#[test]
+fn use_tcp_policy_keeps_both_ends_on_tcp_with_reason_policy() {
+    let conf = policy("use tcp server * *:*\nuse tcp client * *:*\n");
+    let port = free_port();
+    let server = policy_server(Mode::Preload, Some(&conf), port, 1, true);
+    let mut crows = Vec::new();
+    let client = policy_client(Mode::Preload, Some(&conf), port, "hello", true)
+        .finish(|g| crows = sdp_stat_of_group(g));
+    let mut srows = Vec::new();
+    let server = server.finish(|g| srows = sdp_stat_of_group(g));
+    assert_eq!(client.stdout, "client got: hello\nSYNC\n");
+    assert_eq!(
+        server.stdout,
+        "listening\naccepted 1\nechoed: hello\nSYNC\nend of stream: 0\n"
+    );
+    let server_addr = format!("127.0.0.1:{port}");
+    for (side, rows, remote) in [
+        ("client", &crows, Some(server_addr.as_str())),
+        ("server", &srows, None),
+    ] {
+        let r = one_connection(side, rows, side, remote);
+        assert_eq!(
+            (r.transport.as_str(), r.fallback_reason.as_str()),
+            ("tcp", "policy"),
+            "{side}: {}",
+            show(rows)
+        );
+    }
+}
+
+/// `policy family <27|28>` over TCP (the kernel rejects the family: the program uses
+/// AF_INET) and under the preload with `env`.
+fn family_case(fam: &str, env: &[(&str, &str)], conf: Option<&Path>) {
+    let exe = program("policy");
+    let run = |mode: Mode, rows: &mut Vec<StatRow>| {
+        let mut c = command(mode, &exe);
+        c.args(["family", fam]);
+        if mode == Mode::Preload {
+            c.envs(env.iter().copied());
+            if let Some(p) = conf {
+                c.env("LIBSDP_CONFIG_FILE", p);
+            }
+        }
+        Synced::spawn(c, "policy family").finish(|g| *rows = sdp_stat_of_group(g))
+    };
+    let (mut r0, mut rows) = (Vec::new(), Vec::new());
+    let tcp = run(Mode::Base, &mut r0);
+    let sdp = run(Mode::Preload, &mut rows);
+    assert_eq!(tcp, sdp, "family {fam} {env:?}");
+    assert_eq!(
+        tcp.stdout,
+        "SO_DOMAIN of accepted: 2\ngetsockname family: 2\nserver got: family\nSYNC\n"
+    );
+    assert_offloaded(&format!("family {fam} {env:?}"), &rows, 2);
+}
+
+#[test]
+fn af_inet_offload_sockets_are_offloaded_even_under_a_tcp_rule() {
+    family_case("27", &[], None);
+    let conf = policy("use tcp server * *:*\nuse tcp client * *:*\n");
+    family_case("27", &[], Some(&conf));
+}
+
+#[test]
+fn af_inet_direct_sockets_are_offloaded() {
+    family_case("28", &[], None);
+}
+
+#[test]
+fn simple_libsdp_forces_sdp_over_a_tcp_policy() {
+    let conf = policy("use tcp server * *:*\nuse tcp client * *:*\n");
+    family_case("2", &[("SIMPLE_LIBSDP", "1")], Some(&conf));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unmodified programs: SDP carried their bytes.
+
+/// Polls `sdp stat` for the process groups `groups` until each shows a connection on `shm`
+/// with bytes; a connection on TCP fails at once. Gives up after `limit`.
+fn wait_for_shm(what: &str, groups: &[u32], limit: Duration) -> Vec<StatRow> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let rows: Vec<StatRow> = libsdp_suite::sdp_stat()
+            .into_iter()
+            .filter(|r| libsdp_suite::process_group(r.pid).is_some_and(|g| groups.contains(&g)))
+            .collect();
+        let conns: Vec<&StatRow> = rows.iter().filter(|r| r.is_connection()).collect();
+        assert!(
+            conns.iter().all(|r| r.transport == "shm"),
+            "{what}: a connection fell back to TCP:\n{}",
+            show(&rows)
+        );
+        let pids_with_bytes = |g: u32| {
+            conns.iter().any(|r| {
+                libsdp_suite::process_group(r.pid) == Some(g) && r.bytes_tx + r.bytes_rx > 0
+            })
+        };
+        if groups.iter().all(|&g| pids_with_bytes(g)) {
+            return rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no SDP connection with bytes seen within {limit:?}:\n{}",
+            show(&rows)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sockperf_ping_pong_runs_over_sdp() {
+    require_tool("sockperf", "sockperf");
+    let port = free_port();
+    let p = port.to_string();
+    let mut srv = command(Mode::Preload, "sockperf");
+    srv.args(["sr", "--tcp", "-i", "127.0.0.1", "-p", &p]);
+    let mut server = libsdp_suite::Proc::spawn(srv, "sockperf sr");
+    libsdp_suite::wait_listening(&mut server, port);
+    let mut cli = command(Mode::Preload, "sockperf");
+    cli.args([
+        "pp",
+        "--tcp",
+        "-i",
+        "127.0.0.1",
+        "-p",
+        &p,
+        "-m",
+        "64",
+        "-t",
+        "2",
+    ]);
+    let client = libsdp_suite::Proc::spawn(cli, "sockperf pp");
+    wait_for_shm(
+        "sockperf",
+        &[server.id(), client.id()],
+        Duration::from_secs(5),
+    );
+    let out = client.wait(T);
+    server.stop();
+    assert_eq!(out.code, 0, "{out:?}");
+    assert!(out.stdout.contains("percentile 50.000"), "{out:?}");
+}
+
+#[test]
+fn iperf3_runs_over_sdp() {
+    require_tool("iperf3", "iperf3");
+    let port = free_port();
+    let p = port.to_string();
+    let mut srv = command(Mode::Preload, "iperf3");
+    srv.args(["-s", "-1", "-p", &p]);
+    let mut server = libsdp_suite::Proc::spawn(srv, "iperf3 -s");
+    libsdp_suite::wait_listening(&mut server, port);
+    let mut cli = command(Mode::Preload, "iperf3");
+    cli.args(["-c", "127.0.0.1", "-p", &p, "-t", "1"]);
+    let client = libsdp_suite::Proc::spawn(cli, "iperf3 -c");
+    wait_for_shm(
+        "iperf3",
+        &[server.id(), client.id()],
+        Duration::from_secs(3),
+    );
+    let out = client.wait(T);
+    let srv_out = server.wait(T);
+    assert_eq!((out.code, srv_out.code), (0, 0), "{out:?} {srv_out:?}");
+    assert!(out.stdout.contains("receiver"), "{out:?}");
+}
+
+#[test]
+fn python_http_server_and_curl_run_over_sdp() {
+    require_tool("python3", "python3");
+    require_tool("curl", "curl");
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "semantics-http-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::create_dir_all(&root).unwrap();
+    let big: Vec<u8> = (0..1_500_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(root.join("big.bin"), &big).unwrap();
+    let port = free_port();
+    let mut srv = command(Mode::Preload, "python3");
+    srv.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+    ])
+    .arg("--directory")
+    .arg(&root);
+    let mut server = libsdp_suite::Proc::spawn(srv, "python3 -m http.server");
+    libsdp_suite::wait_listening(&mut server, port);
+    let mut curl = command(Mode::Preload, "curl");
+    curl.args(["-s", "-S", "--limit-rate", "600k", "-o", "/dev/null"])
+        .args(["-w", "%{http_code} %{size_download}"])
+        .arg(format!("http://127.0.0.1:{port}/big.bin"));
+    let client = libsdp_suite::Proc::spawn(curl, "curl");
+    wait_for_shm(
+        "http.server + curl",
+        &[server.id(), client.id()],
+        Duration::from_secs(2),
+    );
+    let out = client.wait(T);
+    server.stop();
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "200 1500000"),
+        "{out:?}"
+    );
+}
