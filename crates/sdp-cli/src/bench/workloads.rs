@@ -124,7 +124,7 @@ impl Ctx {
 /// Budget of `--quick` (must stay under two minutes in all): roughly
 /// (1 warm-up + reps) × 2 legs × the duration of one repetition. Measured shares on a
 /// 2-vCPU VM with today's library: sockperf 34 s, iperf3 15 s over TCP (up to 30 s
-/// while SDP streams slower than TCP), pipe_rw and file_rw 8 s, redis 10 s,
+/// while SDP streams slower than TCP), pipe_rw and file_rw 8 s, redis 13 s,
 /// setup_rate 10 s (slower connection setup over SDP stretches it).
 pub static ALL: &[Workload] = &[
     Workload {
@@ -164,10 +164,10 @@ pub static ALL: &[Workload] = &[
         }],
         // Loopback throughput in a small VM wanders by ±10% over fractions of a second,
         // so many short alternating transfers (256 MiB, about 0.25 s with setup, in
-        // quick; 1 GiB in full) beat a few long ones. The median of 30 keeps a
+        // quick; 1 GiB in full) beat a few long ones. The median of 40 keeps a
         // TCP-against-TCP ratio within about 2%.
         reps: Reps {
-            quick: 30,
+            quick: 40,
             full: 120,
         },
         warmup: true,
@@ -227,7 +227,7 @@ pub static ALL: &[Workload] = &[
             },
         ],
         // About 0.6 s per repetition in quick (server start, 20,000 SETs and GETs).
-        reps: Reps { quick: 5, full: 11 },
+        reps: Reps { quick: 7, full: 11 },
         warmup: true,
         peers: Some(("redis-server", "redis-benchmark")),
         run: redis::get_set,
