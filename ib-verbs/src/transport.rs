@@ -195,6 +195,9 @@ pub enum Violation {
     MessageLength { len: u32, max: u32 },
     /// The peer's key table holds an entry that does not fit the key format.
     KeyTable,
+    /// Another process (forked from ours) used this side of the connection since we did: our
+    /// private state is stale (see `ShmConn::claim`). Not the peer's fault, but as final.
+    Stolen,
 }
 
 impl fmt::Display for ConnError {

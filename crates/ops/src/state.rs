@@ -75,6 +75,8 @@ fn init() -> Globals {
     let policy = resolved.policy;
     log::configure(policy.log());
     crate::fork::register_handlers();
+    // SAFETY: registering a plain function for normal process exit.
+    unsafe { libc::atexit(crate::offload::setup::flush_at_exit) };
     Globals {
         active: true,
         policy,

@@ -112,6 +112,7 @@ pub struct ShmConn {
     ring_on_post_recv: bool,
     peer_bell_shut: bool,
     app_eof_is_peer_end: bool,
+    gen_seen: u64,
 }
 
 impl std::fmt::Debug for ShmConn {
@@ -159,6 +160,7 @@ impl ShmConn {
             ring_on_post_recv: true,
             peer_bell_shut: false,
             app_eof_is_peer_end: true,
+            gen_seen: 0,
         };
         // Our own side block starts from our private state, whatever the creator wrote there.
         c.map
@@ -391,6 +393,37 @@ impl ShmConn {
             // The bytes are our peer's stuffing, never data: discard them.
             let _ = sys::drain(self.peer_bell.raw());
         }
+    }
+
+    /// Claims this side of the connection for the calling process before it touches the rings.
+    ///
+    /// After a fork two processes hold the same side with private copies of its state (ring
+    /// positions, and above us the SDP engine). Only one of them may go on: each use bumps a
+    /// shared generation, and a process whose last-seen generation is not the current one has
+    /// stale state and gets `Err` instead of corrupting the stream.
+    pub fn claim(&mut self) -> Result<(), ConnError> {
+        let g = self.map.u64_at(Layout::owner_gen(self.side));
+        match g.compare_exchange(
+            self.gen_seen,
+            self.gen_seen + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                self.gen_seen += 1;
+                Ok(())
+            }
+            Err(_) => Err(ConnError::Protocol(Violation::Stolen)),
+        }
+    }
+
+    /// Whether this process's copy of the side is the current one (no other process used the
+    /// connection since we last did).
+    pub fn is_current(&self) -> bool {
+        self.map
+            .u64_at(Layout::owner_gen(self.side))
+            .load(Ordering::Acquire)
+            == self.gen_seen
     }
 
     /// Whether the peer rang our bell since our last `arm` (it clears the flag when it

@@ -7,6 +7,7 @@
 //! ```text
 //! offset 0      +---------------------------------------------------------------+
 //!               | header: magic "libsdp-shm-v1" (informational only)             |
+//!   +16 / +24   | owner_gen u64 for side 0 / side 1 (see ShmConn::claim)          |
 //! 64            +---- side 0 (active) block, written by side 0 --------------------+
 //!   +0          | rx_posted   u64  buffers side 0 ever posted in its receive ring  |
 //!   +64         | tx_produced u64  messages side 0 ever wrote into side 1's ring    |
@@ -104,6 +105,13 @@ impl Layout {
 
     fn side(side: usize) -> usize {
         HEADER + side * SIDE_BLOCK
+    }
+
+    /// Side `side`'s owner generation: bumped by the process that acts for that side, so that
+    /// a process whose private copy of the side's state went stale (another process, forked
+    /// from the same one, used the connection since) can tell (see `ShmConn::claim`).
+    pub fn owner_gen(side: usize) -> usize {
+        16 + side * 8
     }
 
     /// Side `side`'s count of posted receive buffers.

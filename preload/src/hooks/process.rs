@@ -66,3 +66,27 @@ pub unsafe extern "C" fn execvpe(
 pub unsafe extern "C" fn vfork() -> pid_t {
     unsafe { real::fork() }
 }
+
+/// `_exit` skips atexit handlers, but an exiting process must still deliver the bytes its SDP
+/// connections accepted (DESIGN.md §7): flush (bounded), then leave.
+///
+/// # Safety
+/// As `_exit(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn _exit(status: c_int) -> ! {
+    if ops::state::try_globals().is_some_and(|g| g.active) {
+        crate::guard::switch(|| ops::offload::setup::flush_at_exit());
+    }
+    // SAFETY: ends the process.
+    unsafe { libc::syscall(libc::SYS_exit_group, status) };
+    unreachable!()
+}
+
+/// As `_exit`.
+///
+/// # Safety
+/// As `_Exit(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn _Exit(status: c_int) -> ! {
+    unsafe { _exit(status) }
+}

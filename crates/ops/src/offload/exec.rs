@@ -76,8 +76,9 @@ fn relay(conn: &Arc<Conn>, fds: &[i32]) {
         if relay_pid == 0 {
             run_relay(conn, fds, b, a);
         }
-        // SAFETY: _exit never returns and runs no atexit handlers of the program.
-        unsafe { libc::_exit(0) };
+        // SAFETY: leaving the intermediate process without our _exit hook's flush: it never
+        // used the connection and must not touch it.
+        unsafe { libc::syscall(libc::SYS_exit_group, 0) };
     }
     let mut st = 0;
     // SAFETY: reaping the first child we just forked.
@@ -108,6 +109,21 @@ fn relay(conn: &Arc<Conn>, fds: &[i32]) {
     sys::close(b);
     // This process lets go of its copy without touching the rings: the relay owns them now.
     conn.lock().release();
+}
+
+/// Whether bytes wait to be read on `fd` (FIONREAD).
+fn has_bytes(fd: i32) -> bool {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioctl,
+            fd,
+            libc::FIONREAD,
+            &mut n as *mut libc::c_int,
+        )
+    };
+    n > 0
 }
 
 fn raw_io(nr: libc::c_long, fd: i32, buf: *mut u8, len: usize, flags: i32) -> isize {
@@ -154,6 +170,40 @@ fn run_relay(conn: &Arc<Conn>, fds: &[i32], b: i32, a: i32) -> ! {
     }
     // The relay needs a progress thread of its own (the peer's end, a pending exchange).
     crate::progress::after_fork_lazy();
+    // Claim the connection only when the program shows it uses it: SDP data arrived for it
+    // (its app end is readable) or it wrote. A program that ignores the inherited socket and
+    // exits leaves the connection to the process that exec'd it, untouched.
+    loop {
+        let mut pfd = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: b,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds.
+        let n = unsafe { libc::syscall(libc::SYS_poll, pfd.as_mut_ptr(), 2, -1) };
+        if n < 0 {
+            continue;
+        }
+        if pfd[1].revents & libc::POLLHUP != 0
+            && pfd[1].revents & libc::POLLIN != 0
+            && !has_bytes(b)
+        {
+            // The program closed the socket without using it.
+            sys::close(b);
+            // SAFETY: leaving the relay process; its copies go with it, the rings untouched.
+            unsafe { libc::syscall(libc::SYS_exit_group, 0) };
+        }
+        if n > 0 {
+            break;
+        }
+    }
     let mut to_b: Vec<u8> = Vec::new();
     let mut to_conn: Vec<u8> = Vec::new();
     let (mut conn_eof, mut b_eof) = (false, false);
@@ -206,7 +256,18 @@ fn run_relay(conn: &Arc<Conn>, fds: &[i32], b: i32, a: i32) -> ! {
             } else if n == 0 {
                 b_eof = true;
                 moved = true;
-                let _ = super::data::shutdown(fd, libc::SHUT_WR);
+                // A half-close by the program (its end still open for reading) is passed on;
+                // its close or exit is not: other holders of the connection may go on.
+                let mut p = libc::pollfd {
+                    fd: b,
+                    events: 0,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, no waiting.
+                unsafe { libc::syscall(libc::SYS_poll, &mut p as *mut libc::pollfd, 1, 0) };
+                if p.revents & libc::POLLHUP == 0 {
+                    let _ = super::data::shutdown(fd, libc::SHUT_WR);
+                }
             }
         }
         if !to_conn.is_empty() {

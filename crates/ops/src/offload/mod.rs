@@ -189,7 +189,7 @@ pub fn poll_epoll_set(epfd: i32) {
     };
     for c in conns {
         let mut g = c.lock();
-        if matches!(g.phase, Phase::Offloaded(_)) {
+        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
             g.sync();
         }
     }
@@ -384,6 +384,15 @@ impl Inner {
             }
         }
         self.stuffed = true;
+    }
+
+    /// Whether this process serves the connection now (see `OffloadStream::is_current`); a
+    /// pending or TCP connection is always ours.
+    pub fn is_current(&self) -> bool {
+        match &self.phase {
+            Phase::Offloaded(s) => s.is_current(),
+            _ => true,
+        }
     }
 
     /// Reads bytes the application wrote on the app end behind our back (never our own

@@ -774,12 +774,15 @@ impl Task for PeerTask {
             return;
         };
         let mut g = conn.lock();
-        if let Phase::Offloaded(s) = &mut g.phase {
-            s.peer_gone();
-        }
-        g.peer_gone = true;
         if let Some(t) = g.watch.take() {
             progress::unregister(t);
+        }
+        g.peer_gone = true;
+        if !g.is_current() {
+            return; // the process that serves the connection now sees it too
+        }
+        if let Phase::Offloaded(s) = &mut g.phase {
+            s.peer_gone();
         }
         g.sync();
     }
@@ -1122,12 +1125,121 @@ pub fn close(fd: i32) {
     // that keeps listening): then closing our copy must not touch the rings, whose next message
     // belongs to the holder. The peer learns of the last close from the kernel (its copy of
     // our bell end hangs up when every app end is closed), as a TCP peer learns of the FIN.
-    let shared = g.born_pid != sys::getpid() || g.born_gen != crate::fork::generation();
-    if !shared && let Phase::Offloaded(s) = &mut g.phase {
-        // Bytes accepted by send are delivered after close, as TCP delivers them (bounded).
-        s.flush(Duration::from_secs(2));
+    let current = match &g.phase {
+        Phase::Offloaded(s) => s.is_current(),
+        _ => false,
+    };
+    if current && let Phase::Offloaded(s) = &mut g.phase {
+        // Bytes accepted by send are delivered after close, as TCP delivers them: a short
+        // flush here, then the progress thread lingers with the rest (bounded), and close
+        // returns at once as it does over TCP.
+        s.flush(Duration::from_millis(20));
+        if s.send_queued() > 0 && s.error().is_none() {
+            drop(g);
+            linger(conn);
+            return;
+        }
     }
     g.release();
+}
+
+/// How long a closed connection may keep delivering its queued bytes.
+pub const LINGER_LIMIT: Duration = Duration::from_secs(60);
+
+/// A closed connection delivering its queued bytes from the progress thread.
+struct LingerTask {
+    conn: Arc<Conn>,
+    timer_fd: i32,
+    since: Instant,
+    token: Mutex<Option<u64>>,
+}
+
+impl Task for LingerTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading the timerfd's expiry count into an 8-byte buffer.
+        unsafe { libc::syscall(libc::SYS_read, self.timer_fd, buf.as_mut_ptr(), 8usize) };
+        let mut g = self.conn.lock();
+        let done = match &mut g.phase {
+            Phase::Offloaded(s) => {
+                s.progress();
+                s.send_queued() == 0 || s.error().is_some() || !s.is_current()
+            }
+            _ => true,
+        };
+        if done || self.since.elapsed() > LINGER_LIMIT {
+            g.release();
+            drop(g);
+            if let Some(t) = self.token.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                progress::unregister(t);
+            }
+            sys::close(self.timer_fd);
+            LINGERING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+fn linger(conn: Arc<Conn>) {
+    // SAFETY: timerfd_create/settime on our own fd with valid arguments.
+    let tfd = unsafe {
+        libc::syscall(
+            libc::SYS_timerfd_create,
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    } as i32;
+    if tfd < 0 {
+        conn.lock().release();
+        return;
+    }
+    let tfd = sys::move_high(tfd);
+    let tick = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 2_000_000,
+    };
+    let spec = libc::itimerspec {
+        it_interval: tick,
+        it_value: tick,
+    };
+    // SAFETY: spec is a valid itimerspec.
+    unsafe {
+        libc::syscall(
+            libc::SYS_timerfd_settime,
+            tfd,
+            0,
+            &spec as *const _,
+            std::ptr::null_mut::<libc::itimerspec>(),
+        )
+    };
+    LINGERING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let task = Arc::new(LingerTask {
+        conn,
+        timer_fd: tfd,
+        since: Instant::now(),
+        token: Mutex::new(None),
+    });
+    let token = progress::register(tfd, libc::EPOLLIN as u32, task.clone());
+    *task.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+}
+
+static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// At normal process exit: an exiting process lingers (bounded) until the bytes its open and
+/// closed connections accepted are delivered (DESIGN §7).
+pub extern "C" fn flush_at_exit() {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for (_, conn) in super::snapshot() {
+        let mut g = conn.lock();
+        if let Phase::Offloaded(s) = &mut g.phase
+            && s.is_current()
+        {
+            s.flush(deadline.saturating_duration_since(Instant::now()));
+        }
+    }
+    // Connections already closed deliver from the progress thread: give it the time left.
+    while LINGERING.load(std::sync::atomic::Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// A duplicate of an offloaded fd names the same connection.

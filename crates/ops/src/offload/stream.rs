@@ -84,6 +84,10 @@ pub trait OffloadStream: Send {
 
     fn counters(&self) -> Counters;
 
+    /// Whether this process holds the current state of the connection (after a fork only one
+    /// process may go on using it; see `ShmConn::claim`).
+    fn is_current(&self) -> bool;
+
     /// Whether urgent data was announced since the last call (raise SIGURG for the owner).
     fn take_urgent(&mut self) -> bool;
 
