@@ -151,7 +151,7 @@ fn run_relay(conn: &Arc<Conn>, fds: &[i32], b: i32, a: i32) -> ! {
     let mut keep = vec![b, fd];
     {
         let g = conn.lock();
-        keep.extend([g.app_int, g.own_bell, g.shadow]);
+        keep.extend([g.app_int, g.own_bell, g.shadow, g.flush_timer]);
         if let Phase::Offloaded(s) = &g.phase {
             keep.extend(s.fds());
         }

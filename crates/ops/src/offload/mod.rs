@@ -78,6 +78,12 @@ pub struct Inner {
     pub endpoint: Option<u64>,
     /// Progress-thread registration watching our bell end for stray writes.
     pub stray: Option<u64>,
+    /// Progress-thread registration moving queued sends when room returns.
+    pub send_watch: Option<u64>,
+    /// A timerfd ticking the connection while bytes wait for credits, and its registration.
+    pub flush_timer: i32,
+    pub flush_armed: bool,
+    pub flush_watch: Option<u64>,
     /// Stray bytes (see `setup::StrayTask`) not yet taken by the offload.
     pub side_buf: Vec<u8>,
     /// The application's epoll registrations of this connection's fds: (epfd, fd, events, data).
@@ -318,7 +324,41 @@ impl Inner {
             self.sync_in(want_in);
         }
         self.sync_out(want_out);
+        self.sync_flush_timer();
         self.publish_stats();
+    }
+
+    /// Bytes waiting for credits must move on even when the application makes no call (TCP's
+    /// kernel sends them): while any are queued, the progress thread ticks the connection.
+    fn sync_flush_timer(&mut self) {
+        let queued = match &self.phase {
+            Phase::Offloaded(s) => s.send_queued() > 0 || !self.side_buf.is_empty(),
+            _ => false,
+        };
+        if queued != self.flush_armed && self.flush_timer >= 0 {
+            let tick = if queued { 1_000_000 } else { 0 };
+            let spec = libc::itimerspec {
+                it_interval: libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: tick,
+                },
+                it_value: libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: tick,
+                },
+            };
+            // SAFETY: our own timerfd and a valid itimerspec.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_timerfd_settime,
+                    self.flush_timer,
+                    0,
+                    &spec as *const _,
+                    std::ptr::null_mut::<libc::itimerspec>(),
+                )
+            };
+            self.flush_armed = queued;
+        }
     }
 
     fn sync_in(&mut self, mut want_in: bool) {

@@ -516,6 +516,10 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         so_error: 0,
         watch: None,
         stray: None,
+        send_watch: None,
+        flush_timer: -1,
+        flush_armed: false,
+        flush_watch: None,
         side_buf: Vec::new(),
         timer_fd: -1,
         pending_watch: Vec::new(),
@@ -806,8 +810,40 @@ impl Task for StrayTask {
     }
 }
 
-/// Starts watching for stray writes (see [`StrayTask`]).
+/// Starts watching for stray writes (see [`StrayTask`]) and for room returning to a stuffed
+/// writer (see [`SendTask`]); returns both registrations.
 pub fn watch_stray(conn: &Arc<Conn>, own_bell: i32) -> Option<u64> {
+    let app_int = conn.lock().app_int;
+    let send = progress::register(
+        app_int,
+        (libc::EPOLLOUT | libc::EPOLLET) as u32,
+        Arc::new(SendTask {
+            conn: Arc::downgrade(conn),
+        }),
+    );
+    conn.lock().send_watch = send;
+    // SAFETY: a timerfd of our own, created disarmed.
+    let tfd = unsafe {
+        libc::syscall(
+            libc::SYS_timerfd_create,
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    } as i32;
+    if tfd >= 0 {
+        let tfd = sys::move_high(tfd);
+        let w = progress::register(
+            tfd,
+            libc::EPOLLIN as u32,
+            Arc::new(FlushTask {
+                conn: Arc::downgrade(conn),
+                timer: tfd,
+            }),
+        );
+        let mut g = conn.lock();
+        g.flush_timer = tfd;
+        g.flush_watch = w;
+    }
     progress::register(
         own_bell,
         (libc::EPOLLIN | libc::EPOLLET) as u32,
@@ -815,6 +851,46 @@ pub fn watch_stray(conn: &Arc<Conn>, own_bell: i32) -> Option<u64> {
             conn: Arc::downgrade(conn),
         }),
     )
+}
+
+/// Ticks a connection whose bytes wait for credits (see `Inner::sync_flush_timer`).
+struct FlushTask {
+    conn: Weak<Conn>,
+    timer: i32,
+}
+
+impl Task for FlushTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        let mut buf = [0u8; 8];
+        // SAFETY: reading the timerfd's expiry count into 8 bytes.
+        unsafe { libc::syscall(libc::SYS_read, self.timer, buf.as_mut_ptr(), 8usize) };
+        let Some(conn) = self.conn.upgrade() else {
+            return;
+        };
+        let mut g = conn.lock();
+        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+            g.sync();
+        }
+    }
+}
+
+/// Bytes queued for sending move on when the peer gives credits, even if the application
+/// makes no call: the peer's credit drains our stuffing, our app end turns writable, and this
+/// task (edge-triggered on that) transmits, as the kernel would for TCP.
+struct SendTask {
+    conn: Weak<Conn>,
+}
+
+impl Task for SendTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        let Some(conn) = self.conn.upgrade() else {
+            return;
+        };
+        let mut g = conn.lock();
+        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+            g.sync();
+        }
+    }
 }
 
 fn watch_peer(conn: &Arc<Conn>, peer_bell: i32) -> Option<u64> {
@@ -1070,6 +1146,10 @@ fn server_exchange(
         so_error: 0,
         watch: None,
         stray: None,
+        send_watch: None,
+        flush_timer: -1,
+        flush_armed: false,
+        flush_watch: None,
         side_buf: Vec::new(),
         timer_fd: -1,
         pending_watch: Vec::new(),
