@@ -361,7 +361,6 @@ fn epoll_nested() {
 }
 
 #[test]
-#[ignore = "libsdp bug: 8 MiB blocking write returns but the reader never gets all bytes (hang)"]
 fn blocking_read_and_write() {
     let out = semantics("readiness", "blocking", 2);
     assert_lines(
@@ -375,7 +374,6 @@ fn blocking_read_and_write() {
 }
 
 #[test]
-#[ignore = "libsdp bug: bytes send() accepted before SO_SNDTIMEO EAGAIN never reach the peer unless the sender calls again"]
 fn so_rcvtimeo_and_so_sndtimeo_give_eagain() {
     let out = semantics("readiness", "timeouts", 2);
     assert_lines(
@@ -441,7 +439,6 @@ fn msg_waitall() {
 }
 
 #[test]
-#[ignore = "libsdp bug: bytes send(MSG_DONTWAIT) accepted before EAGAIN never reach the peer unless the sender calls again (hang)"]
 fn msg_dontwait() {
     let out = semantics("io", "dontwait", 2);
     assert_lines(
@@ -471,7 +468,6 @@ fn msg_more_and_tcp_cork() {
 }
 
 #[test]
-#[ignore = "libsdp bug: sendfile into an SDP socket hangs (nothing printed, TCP finishes at once)"]
 fn sendfile_from_a_file() {
     let out = semantics("io", "sendfile", 2);
     assert_lines(
@@ -667,7 +663,6 @@ fn prefork_server_three_workers_share_a_listener_for_20_clients() {
 }
 
 #[test]
-#[ignore = "libsdp bug: 64 MiB both ways deadlocks when other tests load the host (passes alone)"]
 fn transfer_64_mib_both_directions_at_once() {
     let out = semantics("lifetime", "large", 2);
     assert_lines(
