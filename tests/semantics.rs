@@ -329,7 +329,6 @@ fn epoll_level_triggered() {
 }
 
 #[test]
-#[ignore = "libsdp bug: EPOLLET: a new arrival while bytes are unread gives no edge (TCP: 1, SDP: 0)"]
 fn epoll_edge_triggered() {
     let out = semantics("readiness", "epoll_et", 2);
     assert_lines(
@@ -402,7 +401,6 @@ fn eintr_without_sa_restart_and_restart_with_it() {
 // Data calls.
 
 #[test]
-#[ignore = "libsdp bug: zero-length recv(MSG_DONTWAIT) with nothing queued returns 0 (reads as EOF), TCP -1 EAGAIN"]
 fn read_write_readv_writev_send_recv_sendto_recvfrom_sendmsg_recvmsg() {
     let out = semantics("io", "calls", 2);
     assert_lines(
@@ -490,7 +488,6 @@ fn splice_file_to_socket_and_socket_to_pipe() {
 }
 
 #[test]
-#[ignore = "libsdp bug: both directions shut: poll gives IN OUT RDHUP, TCP adds HUP"]
 fn shutdown_wr_gives_the_peer_eof_and_rdhup() {
     let out = semantics("io", "shutdown_wr", 2);
     assert_lines(
@@ -514,7 +511,6 @@ fn shutdown_rd() {
 }
 
 #[test]
-#[ignore = "libsdp bug: after own SHUT_RDWR poll gives IN OUT RDHUP, TCP adds HUP"]
 fn shutdown_rdwr() {
     let out = semantics("io", "shutdown_rdwr", 2);
     assert_lines(&out, &["own poll: IN OUT RDHUP HUP", "own send: -1 EPIPE"]);
@@ -592,7 +588,6 @@ fn fcntl_o_nonblock_and_cloexec() {
 }
 
 #[test]
-#[ignore = "libsdp bug: connect() again after a non-blocking connect completed gives EISCONN, TCP gives 0 once"]
 fn nonblocking_connect_einprogress_writable_so_error_0() {
     let out = semantics("setup", "nb_connect", 2);
     assert_lines(
@@ -642,7 +637,6 @@ fn dup_dup2_and_closing_one_copy_keeps_the_connection() {
 }
 
 #[test]
-#[ignore = "libsdp bug: after fork sdp stat lists no connection of parent or child"]
 fn fork_child_uses_the_inherited_socket_after_the_parent_closed_it() {
     let out = semantics("lifetime", "fork", 2);
     assert_lines(
@@ -656,7 +650,6 @@ fn fork_child_uses_the_inherited_socket_after_the_parent_closed_it() {
 }
 
 #[test]
-#[ignore = "libsdp bug: first connection accepted by a forked worker falls back (client setup-failed, server plain-client)"]
 fn prefork_server_three_workers_share_a_listener_for_20_clients() {
     let out = semantics("lifetime", "prefork", 40);
     assert_lines(&out, &["echoed: 20 of 20", "workers stopped: 3"]);
@@ -675,7 +668,6 @@ fn transfer_64_mib_both_directions_at_once() {
 }
 
 #[test]
-#[ignore = "libsdp bug: first connection accepted by a forked server falls back (client setup-failed, server plain-client)"]
 fn two_hundred_concurrent_connections_echo() {
     let out = semantics("lifetime", "many", 400);
     assert_lines(
@@ -758,7 +750,6 @@ fn one_connection(what: &str, rows: &[StatRow], role: &str, remote: Option<&str>
 }
 
 #[test]
-#[ignore = "libsdp bug: sdp stat row of a TCP-fallback client has remote \"-\" (recorded before connect)"]
 fn libsdp_client_to_plain_server_is_tcp_with_reason_no_beacon() {
     let port = free_port();
     let server = policy_server(Mode::Base, None, port, 1, false);
@@ -847,7 +838,6 @@ fn use_sdp_server_refuses_a_plain_client() {
 }
 
 #[test]
-#[ignore = "libsdp bug: sdp stat row of a `use tcp` client has local 0.0.0.0:0 and remote \"-\" (recorded before connect)"]
 fn use_tcp_policy_keeps_both_ends_on_tcp_with_reason_policy() {
     let conf = policy("use tcp server * *:*\nuse tcp client * *:*\n");
     let port = free_port();

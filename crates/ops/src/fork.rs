@@ -46,6 +46,7 @@ extern "C" fn parent() {
 extern "C" fn child() {
     HELD.with(|h| h.borrow_mut().take());
     crate::progress::resume();
+    crate::progress::after_fork_child();
 }
 
 pub fn register_handlers() {

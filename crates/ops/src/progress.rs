@@ -160,6 +160,17 @@ pub fn unregister(token: u64) {
     }
 }
 
+/// In the fork child handler: rebuilds the thread at once if the parent had one (a forked
+/// worker blocked in accept must answer its beacon's probes). Never waits for the lock: a
+/// lock held by a thread that did not survive the fork is left to the lazy path.
+pub fn after_fork_child() {
+    if let Ok(mut g) = STATE.try_lock()
+        && g.is_some()
+    {
+        let _ = ensure(&mut g);
+    }
+}
+
 /// In a fork child, rebuilds the thread if there was one in the parent.
 pub fn after_fork_lazy() {
     let mut g = lock();

@@ -246,6 +246,15 @@ impl Row {
         None
     }
 
+    /// Whether the row lives in this process's table (not a parent's, inherited by fork).
+    pub fn is_ours(&self) -> bool {
+        OWNER.load(Ordering::Acquire) == crate::sys::getpid() as u64 && {
+            let t = TABLE.load(Ordering::Acquire) as usize;
+            let p = self.words.as_ptr() as usize;
+            p >= t && p < t + FILE_BYTES
+        }
+    }
+
     pub fn set_meta(&self, transport: Transport, state: u8, role: u8, reason: u16) {
         self.words[field::META].store(meta(transport, state, role, reason), Ordering::Release);
     }

@@ -300,7 +300,12 @@ impl ShmConn {
             return;
         }
         let flag = self.map.u32_at(Layout::want_bell(self.peer()));
-        if flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0 {
+        let always = self
+            .map
+            .u32_at(Layout::ring_always(self.peer()))
+            .load(Ordering::Relaxed)
+            != 0;
+        if (flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0) || always {
             match sys::send_byte(self.peer_bell.raw()) {
                 Ok(_) => {}
                 // LINUX: EPIPE/ECONNRESET: every holder of the peer's app end closed it.
@@ -424,6 +429,14 @@ impl ShmConn {
             .u64_at(Layout::owner_gen(self.side))
             .load(Ordering::Acquire)
             == self.gen_seen
+    }
+
+    /// Asks the peer to ring our bell on every message (an application waiting
+    /// edge-triggered must see each arrival as an edge).
+    pub fn set_ring_always(&mut self, on: bool) {
+        self.map
+            .u32_at(Layout::ring_always(self.side))
+            .store(on as u32, Ordering::Release);
     }
 
     /// Whether the peer rang our bell since our last `arm` (it clears the flag when it

@@ -114,6 +114,12 @@ impl Layout {
         16 + side * 8
     }
 
+    /// Side `side`'s "ring my bell on every message" flag (u32): set by a side whose
+    /// application waits edge-triggered, so that each arrival is an edge, as with TCP.
+    pub fn ring_always(side: usize) -> usize {
+        32 + side * 4
+    }
+
     /// Side `side`'s count of posted receive buffers.
     pub fn rx_posted(side: usize) -> usize {
         Self::side(side)

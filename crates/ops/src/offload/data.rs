@@ -192,6 +192,16 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
             let r = match &mut g.phase {
                 Phase::Tcp => return None,
                 Phase::Pending { .. } => Err(libc::EAGAIN),
+                // LINUX: a zero-length receive waits like any other (EAGAIN when non-blocking)
+                // and returns 0 once something is there.
+                Phase::Offloaded(s) if want == 0 => {
+                    s.progress();
+                    if s.recv_ready() {
+                        Ok(0)
+                    } else {
+                        Err(libc::EAGAIN)
+                    }
+                }
                 Phase::Offloaded(s) => {
                     s.progress();
                     let mut rest = skip_mut(bufs, got);
@@ -218,9 +228,6 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
                     return Some(if got > 0 { Ok(got as isize) } else { Err(e) });
                 }
             }
-        }
-        if want == 0 {
-            return Some(Ok(0));
         }
         if dontwait || is_nonblocking(fd) {
             return Some(if got > 0 {
@@ -367,6 +374,12 @@ pub fn shutdown(fd: i32, how: i32) -> Option<CResult> {
     if rd {
         g.shut_rd = true;
     }
+    if wr && g.app_int >= 0 {
+        // LINUX: a TCP socket shut both ways (ours and the peer's) polls HUP; shutting the app
+        // end's own writing gives it that once the peer's half-close arrives too.
+        // SAFETY: our own copy of the app end.
+        unsafe { libc::syscall(libc::SYS_shutdown, g.app_int, libc::SHUT_WR) };
+    }
     g.sync();
     Some(Ok(0))
 }
@@ -428,9 +441,25 @@ pub const SIOCATMARK: u64 = 0x8905;
 /// `connect` again on an offloaded fd: it is connected (or, back on TCP, the kernel answers).
 pub fn connect_again(fd: i32) -> Option<CResult> {
     let conn = lookup(fd)?;
-    let g = conn.lock();
-    match g.phase {
-        Phase::Tcp => None,
-        _ => Some(Err(libc::EISCONN)),
+    let mut g = conn.lock();
+    if matches!(g.phase, Phase::Tcp) {
+        return None;
     }
+    if g.connect_in_progress {
+        // LINUX: after EINPROGRESS, connect reports EALREADY while the handshake runs, then 0
+        // once, then EISCONN.
+        let mut p = libc::pollfd {
+            fd: g.shadow,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no waiting.
+        unsafe { libc::syscall(libc::SYS_poll, &mut p as *mut libc::pollfd, 1, 0) };
+        if p.revents & libc::POLLOUT == 0 {
+            return Some(Err(libc::EALREADY));
+        }
+        g.connect_in_progress = false;
+        return Some(Ok(0));
+    }
+    Some(Err(libc::EISCONN))
 }

@@ -78,6 +78,10 @@ pub struct Inner {
     pub endpoint: Option<u64>,
     /// Progress-thread registration watching our bell end for stray writes.
     pub stray: Option<u64>,
+    /// A non-blocking connect returned EINPROGRESS and connect was not called again since.
+    pub connect_in_progress: bool,
+    /// The application waits edge-triggered: every arrival rings (see `note_epoll`).
+    pub every_arrival: bool,
     /// Progress-thread registration moving queued sends when room returns.
     pub send_watch: Option<u64>,
     /// A timerfd ticking the connection while bytes wait for credits, and its registration.
@@ -153,6 +157,16 @@ pub fn note_epoll(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
         && let Some(ev) = ev
     {
         g.epoll.push((epfd, fd, ev.events, ev.u64));
+        // LINUX: edge-triggered epoll reports every new arrival on a TCP socket, even with
+        // unread bytes: then every message must ring our bell.
+        let et = g
+            .epoll
+            .iter()
+            .any(|&(_, _, e, _)| e & libc::EPOLLET as u32 != 0);
+        g.every_arrival = et;
+        if let Phase::Offloaded(s) = &mut g.phase {
+            s.set_every_arrival(et);
+        }
         drop(g);
         let mut w = WATCHED.write().unwrap_or_else(|p| p.into_inner());
         let list = w.get_or_insert_with(HashMap::new).entry(epfd).or_default();
@@ -366,7 +380,7 @@ impl Inner {
             // Clear: drain, then ask the peer for a bell, then look again (the eventcount).
             // Bytes may be there from our own ring or from the peer's since we last armed.
             let rang = match &self.phase {
-                Phase::Offloaded(s) => self.armed && s.bell_rang(),
+                Phase::Offloaded(s) => self.armed && (s.bell_rang() || self.every_arrival),
                 _ => false,
             };
             if self.bytes_in || rang {
@@ -468,7 +482,21 @@ impl Inner {
         }
     }
 
-    pub fn publish_stats(&self) {
+    pub fn publish_stats(&mut self) {
+        if let Some(row) = &self.row
+            && !row.is_ours()
+        {
+            // Inherited across fork: the row lives in the parent's table. Leave it to the
+            // parent and publish in ours.
+            if let Some(old) = self.row.take() {
+                std::mem::forget(old);
+            }
+            let fd = self.app_fds.first().copied().unwrap_or(-1);
+            self.row = Row::claim(fd, stats::Transport::Shm, self.role);
+            if let Some(r) = &self.row {
+                r.set_addrs(self.local, self.peer);
+            }
+        }
         let (Some(row), Phase::Offloaded(s)) = (&self.row, &self.phase) else {
             return;
         };
@@ -510,7 +538,12 @@ impl Inner {
         self.app_int = -1;
         self.own_bell = -1;
         self.shadow = -1;
-        self.row = None;
+        if let Some(row) = self.row.take()
+            && !row.is_ours()
+        {
+            // A row inherited across fork is the parent's to free.
+            std::mem::forget(row);
+        }
     }
 }
 

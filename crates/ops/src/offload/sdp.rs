@@ -418,6 +418,10 @@ impl OffloadStream for SdpShm {
         self.conn.is_current() && self.claimed_pid == crate::sys::getpid()
     }
 
+    fn set_every_arrival(&mut self, on: bool) {
+        self.conn.set_ring_always(on);
+    }
+
     fn take_urgent(&mut self) -> bool {
         std::mem::take(&mut self.urgent)
     }

@@ -59,8 +59,22 @@ pub fn record_tcp(fd: i32, role: u8, reason: Reason) {
 
 pub fn forget_tcp(fd: i32) {
     let mut g = TCP_ROWS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(m) = g.as_mut() {
-        m.remove(&fd);
+    if let Some(m) = g.as_mut()
+        && let Some(row) = m.remove(&fd)
+        && !row.is_ours()
+    {
+        // A row inherited across fork is the parent's to free.
+        std::mem::forget(row);
+    }
+}
+
+/// After the real connect of a socket that stays TCP: its row gets the real 4-tuple.
+pub fn refresh_tcp_row(fd: i32, dst: Option<SocketAddr>) {
+    let g = TCP_ROWS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(row) = g.as_ref().and_then(|m| m.get(&fd))
+        && row.is_ours()
+    {
+        row.set_addrs(sys::sockname(fd), peername(fd).or(dst));
     }
 }
 
@@ -516,6 +530,8 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         so_error: 0,
         watch: None,
         stray: None,
+        connect_in_progress: false,
+        every_arrival: false,
         send_watch: None,
         flush_timer: -1,
         flush_armed: false,
@@ -566,7 +582,10 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     }
     match result {
         Ok(()) => Ok(Ok(0)),
-        Err(libc::EINPROGRESS) => Ok(Err(libc::EINPROGRESS)),
+        Err(libc::EINPROGRESS) => {
+            conn.lock().connect_in_progress = true;
+            Ok(Err(libc::EINPROGRESS))
+        }
         Err(e) => {
             // Fail exactly as TCP: put the kernel socket back under the fd number.
             if let Some(t) = token {
@@ -758,6 +777,9 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpShm) {
     if shut {
         stream.shutdown_write();
     }
+    if g.every_arrival {
+        stream.set_every_arrival(true);
+    }
     g.phase = Phase::Offloaded(stream);
     g.watch = watch_peer(conn, peer_bell);
     g.sync();
@@ -773,7 +795,12 @@ struct PeerTask {
 }
 
 impl Task for PeerTask {
-    fn on_event(&self, _fd: i32, _events: u32) {
+    fn on_event(&self, _fd: i32, events: u32) {
+        // LINUX: the peer's half-close (shutdown of its app end's writing) shows as RDHUP on
+        // its bell end; only HUP (every copy of its app end closed) is the peer's end.
+        if events & (libc::EPOLLHUP | libc::EPOLLERR) as u32 == 0 {
+            return;
+        }
         let Some(conn) = self.conn.upgrade() else {
             return;
         };
@@ -1146,6 +1173,8 @@ fn server_exchange(
         so_error: 0,
         watch: None,
         stray: None,
+        connect_in_progress: false,
+        every_arrival: false,
         send_watch: None,
         flush_timer: -1,
         flush_armed: false,

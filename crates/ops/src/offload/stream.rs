@@ -88,6 +88,9 @@ pub trait OffloadStream: Send {
     /// process may go on using it; see `ShmConn::claim`).
     fn is_current(&self) -> bool;
 
+    /// Asks for a readiness event on every arrival (the application polls edge-triggered).
+    fn set_every_arrival(&mut self, on: bool);
+
     /// Whether urgent data was announced since the last call (raise SIGURG for the owner).
     fn take_urgent(&mut self) -> bool;
 
