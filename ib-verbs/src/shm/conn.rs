@@ -113,6 +113,7 @@ pub struct ShmConn {
     peer_bell_shut: bool,
     app_eof_is_peer_end: bool,
     gen_seen: u64,
+    claimed_pid: i32,
 }
 
 impl std::fmt::Debug for ShmConn {
@@ -161,6 +162,7 @@ impl ShmConn {
             peer_bell_shut: false,
             app_eof_is_peer_end: true,
             gen_seen: 0,
+            claimed_pid: sys::getpid(),
         };
         // Our own side block starts from our private state, whatever the creator wrote there.
         c.map
@@ -342,6 +344,7 @@ impl ShmConn {
         wake_reader: bool,
     ) -> Result<(), PostError> {
         self.check_alive()?;
+        self.claim_for_mutation()?;
         if self.peer_gone {
             return Err(PostError::Dead(self.kill(ConnError::PeerClosed)));
         }
@@ -416,10 +419,27 @@ impl ShmConn {
         ) {
             Ok(_) => {
                 self.gen_seen += 1;
+                self.claimed_pid = sys::getpid();
                 Ok(())
             }
             Err(_) => Err(ConnError::Protocol(Violation::Stolen)),
         }
+    }
+
+    /// [`claim`](Self::claim) before a change of the side's state (a post, a consumed
+    /// message); a stale process's connection dies here with `Stolen`.
+    fn claim_for_mutation(&mut self) -> Result<(), ConnError> {
+        if self.claimed_pid == sys::getpid() && self.is_current() {
+            // Our own previous claim still stands: one atomic load on the hot path.
+            return Ok(());
+        }
+        self.claim().map_err(|e| self.kill(e))
+    }
+
+    /// Whether the calling process made the last claim and nobody claimed since: it serves
+    /// the connection now.
+    pub fn claimed_by_me(&self) -> bool {
+        self.claimed_pid == sys::getpid() && self.is_current()
     }
 
     /// Whether this process's copy of the side is the current one (no other process used the
@@ -561,6 +581,7 @@ impl Connection for ShmConn {
 
     fn post_recv(&mut self, wr_id: WrId) -> Result<(), PostError> {
         self.check_alive()?;
+        self.claim_for_mutation()?;
         let depth = self.layout.rings[self.side].depth as u64;
         if self.rx_posted >= self.rx_consumed + depth {
             return Err(PostError::QueueFull);
@@ -729,6 +750,9 @@ impl Connection for ShmConn {
         }
         if n < out.len() {
             let produced = self.load_peer_produced()?;
+            if self.rx_consumed < produced {
+                self.claim_for_mutation()?;
+            }
             let ring = self.layout.rings[self.side];
             while n < out.len() && self.rx_consumed < produced {
                 let slot = (self.rx_consumed % ring.depth as u64) as u32;

@@ -62,9 +62,6 @@ pub struct SdpShm {
     dead: Option<Errno>,
     /// The peer announced urgent data (SIGURG to raise).
     urgent: bool,
-    /// The process that last claimed the connection (a fork child that never used it does not
-    /// flush or sync the queue it inherited).
-    claimed_pid: i32,
 }
 
 impl SdpShm {
@@ -96,7 +93,6 @@ impl SdpShm {
             peer_gone: false,
             dead: None,
             urgent: false,
-            claimed_pid: crate::sys::getpid(),
         };
         if s.engine.role() == sdp_proto::Role::Passive {
             // The bootstrap's Ready is the RTU.
@@ -117,6 +113,13 @@ impl SdpShm {
             ConnError::PeerClosed => {
                 self.peer_gone = true;
                 let _ = self.engine.handle_cm_disconnected(t);
+            }
+            ConnError::Protocol(ib_verbs::Violation::Stolen) => {
+                crate::sdp_log!(
+                    crate::log::ERROR,
+                    "an SDP connection was used by another process forked from this one: libsdp cannot share it between processes; it fails here with EIO"
+                );
+                self.dead.get_or_insert(libc::EIO);
             }
             _ => {
                 crate::sdp_log!(crate::log::WARN, "shm transport failed: {e}");
@@ -246,15 +249,11 @@ impl OffloadStream for SdpShm {
     }
 
     fn progress(&mut self) {
-        if !self.claim() {
-            return;
-        }
         self.poll_completions();
         self.drain_outputs();
     }
 
     fn send(&mut self, data: &[&[u8]], oob: bool) -> Result<usize, Errno> {
-        self.claim();
         if let Some(e) = self.dead {
             return Err(e);
         }
@@ -289,9 +288,6 @@ impl OffloadStream for SdpShm {
     }
 
     fn recv(&mut self, out: &mut [&mut [u8]], peek: bool) -> Result<usize, Errno> {
-        if !self.claim() {
-            return Err(self.dead.unwrap_or(libc::EIO));
-        }
         let t = now();
         let mut n = 0;
         let mut first_err = None;
@@ -415,7 +411,7 @@ impl OffloadStream for SdpShm {
     }
 
     fn is_current(&self) -> bool {
-        self.conn.is_current() && self.claimed_pid == crate::sys::getpid()
+        self.conn.claimed_by_me()
     }
 
     fn set_every_arrival(&mut self, on: bool) {
@@ -448,24 +444,6 @@ impl OffloadStream for SdpShm {
 }
 
 impl SdpShm {
-    /// Claims the connection for this process (see `ShmConn::claim`); `false` (and the
-    /// connection dead here with EIO) when another process forked from ours used it since.
-    fn claim(&mut self) -> bool {
-        if self.dead.is_some() {
-            return self.dead != Some(libc::EIO);
-        }
-        if self.conn.claim().is_ok() {
-            self.claimed_pid = crate::sys::getpid();
-            return true;
-        }
-        crate::sdp_log!(
-            crate::log::ERROR,
-            "an SDP connection was used by another process forked from this one: libsdp cannot share it between processes; it fails here with EIO"
-        );
-        self.dead = Some(libc::EIO);
-        false
-    }
-
     /// The peer's bell end we hold; its hang-up is the peer's end.
     pub fn peer_bell(&self) -> i32 {
         self.conn.peer_bell()

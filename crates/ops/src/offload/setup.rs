@@ -1369,6 +1369,15 @@ pub fn on_dup(old: i32, new: i32) {
 /// (bounded wait; then it goes back to TCP), because only one process could complete it.
 pub fn resolve_pending_before_fork() {
     for (_, conn) in super::snapshot() {
+        {
+            // Stray bytes (stdio writes) still in our bell end go out now, by this process:
+            // after the fork either process could pick them up, and claim the connection.
+            let mut g = conn.lock();
+            if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+                g.take_stray_bytes();
+                g.sync();
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(1);
         loop {
             if !matches!(conn.lock().phase, Phase::Pending { .. }) {
