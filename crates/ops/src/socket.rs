@@ -144,7 +144,7 @@ pub fn connect(fd: i32, addr: Option<SocketAddr>) -> Option<isize> {
         return crate::offload::data::connect_again(fd).map(crate::offload::data::to_c);
     }
     let d = on_connect(fd, addr);
-    let Some(addr) = addr else { return None };
+    let addr = addr?;
     let reason = match d {
         Decision::Tcp => fallback::Reason::Policy,
         _ => match crate::offload::setup::connect(fd, addr, d) {

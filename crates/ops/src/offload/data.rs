@@ -80,24 +80,19 @@ fn wait_readable(fd: i32) -> Result<(), Errno> {
     // A fork child that blocks needs its own progress thread to learn of the peer's end.
     crate::progress::after_fork_lazy();
     let mut b = [0u8; 1];
-    loop {
-        // SAFETY: one writable byte; a peeking recv consumes nothing.
-        let n = unsafe {
-            libc::syscall(
-                libc::SYS_recvfrom,
-                fd,
-                b.as_mut_ptr(),
-                1usize,
-                libc::MSG_PEEK,
-                std::ptr::null_mut::<u8>(),
-                std::ptr::null_mut::<u8>(),
-            )
-        };
-        if n >= 0 {
-            return Ok(());
-        }
-        return Err(errno());
-    }
+    // SAFETY: one writable byte; a peeking recv consumes nothing.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_recvfrom,
+            fd,
+            b.as_mut_ptr(),
+            1usize,
+            libc::MSG_PEEK,
+            std::ptr::null_mut::<u8>(),
+            std::ptr::null_mut::<u8>(),
+        )
+    };
+    if n >= 0 { Ok(()) } else { Err(errno()) }
 }
 
 /// Blocks until the app end is writable (the peer drained our stuffing), honouring the

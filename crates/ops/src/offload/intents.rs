@@ -111,25 +111,17 @@ pub fn insert(intent: &Intent, uid: u32) -> bool {
     let start = (intent.client.port() as usize).wrapping_mul(2654435761) % SLOTS;
     for k in 0..SLOTS {
         let s = &t.slots[(start + k) % SLOTS];
-        let mut st = s.state.load(Ordering::Acquire);
-        // A stale ready slot may be reused.
-        if st == 2
-            && now.saturating_sub(s.stamp.load(Ordering::Relaxed)) > TTL_SECS
-            && s.state
-                .compare_exchange(2, 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
+        let st = s.state.load(Ordering::Acquire);
+        // A free slot, or a stale ready one, may be (re)used.
+        let reusable =
+            st == 0 || (st == 2 && now.saturating_sub(s.stamp.load(Ordering::Relaxed)) > TTL_SECS);
+        if !reusable
+            || s.state
+                .compare_exchange(st, 1, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
         {
-            st = 1;
-        } else if st == 0
-            && s.state
-                .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
-                .is_ok()
-        {
-            st = 1;
-        } else {
             continue;
         }
-        debug_assert_eq!(st, 1);
         for (d, v) in s.words.iter().zip(words) {
             d.store(v, Ordering::Relaxed);
         }

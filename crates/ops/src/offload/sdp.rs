@@ -182,10 +182,7 @@ impl SdpShm {
                 }
             }
         }
-        loop {
-            let Some(tx) = self.engine.poll_transmit(t, &mut self.txbuf) else {
-                break;
-            };
+        while let Some(tx) = self.engine.poll_transmit(t, &mut self.txbuf) {
             let wr = self.wr();
             // Only a message a reader waits for rings the peer's bell (readable means data,
             // end of stream or an error); a pure credit update wakes only a waiting writer.

@@ -230,7 +230,8 @@ fn local_addrs() -> Vec<IpAddr> {
 
 /// Owners of the kernel listener for `addr`, cached for a second (procfs is not cheap).
 fn listener_uids(addr: &SocketAddr) -> Vec<u32> {
-    static CACHE: Mutex<Option<HashMap<SocketAddr, (Instant, Vec<u32>)>>> = Mutex::new(None);
+    type Cache = HashMap<SocketAddr, (Instant, Vec<u32>)>;
+    static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
     let mut g = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     let m = g.get_or_insert_with(HashMap::new);
     if let Some((t, v)) = m.get(addr)
@@ -700,7 +701,7 @@ impl Task for EndpointTask {
         let stream =
             match self
                 .endpoint
-                .accept(&self.intent, self.server_uid, Duration::from_millis(1))
+                .accept(&self.intent, self.server_uid, Duration::from_millis(300))
             {
                 Ok((s, _)) => s,
                 Err(_) => return, // an impostor or a spurious wake: keep waiting
