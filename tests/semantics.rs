@@ -450,7 +450,6 @@ fn msg_dontwait() {
 }
 
 #[test]
-#[ignore = "libsdp bug: urgent data pending: poll gives IN, TCP gives IN PRI"]
 fn msg_oob_and_siocatmark() {
     let out = semantics("io", "oob", 2);
     assert_lines(

@@ -263,6 +263,11 @@ fn recv_oob(conn: &Arc<Conn>, bufs: &mut [&mut [u8]], flags: i32) -> CResult {
         Phase::Offloaded(s) => s.recv_oob(flags & libc::MSG_PEEK != 0),
         _ => Err(libc::EINVAL),
     };
+    if r.is_ok() && flags & libc::MSG_PEEK == 0 {
+        // The out-of-band byte that made the app end poll POLLPRI is spent with it.
+        let mut spent = [0u8; 1];
+        super::raw_recv(g.app_int, &mut spent, libc::MSG_OOB | libc::MSG_DONTWAIT);
+    }
     g.sync();
     let b = r?;
     match bufs.iter_mut().find(|b| !b.is_empty()) {

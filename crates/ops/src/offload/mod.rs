@@ -248,7 +248,7 @@ pub fn fork_prepare() -> std::sync::RwLockWriteGuard<'static, Option<HashMap<i32
     REGISTRY.write().unwrap_or_else(|p| p.into_inner())
 }
 
-fn raw_send(fd: i32, buf: &[u8], flags: i32) -> isize {
+pub(crate) fn raw_send(fd: i32, buf: &[u8], flags: i32) -> isize {
     // SAFETY: buf is valid for reads of its length; raw syscall bypasses our hooks.
     unsafe {
         libc::syscall(
@@ -263,7 +263,7 @@ fn raw_send(fd: i32, buf: &[u8], flags: i32) -> isize {
     }
 }
 
-fn raw_recv(fd: i32, buf: &mut [u8], flags: i32) -> isize {
+pub(crate) fn raw_recv(fd: i32, buf: &mut [u8], flags: i32) -> isize {
     // SAFETY: buf is valid for writes of its length.
     unsafe {
         libc::syscall(

@@ -281,6 +281,16 @@ impl OffloadStream for SdpShm {
         if n == 0 && data.iter().any(|b| !b.is_empty()) {
             return Err(libc::EAGAIN);
         }
+        if oob && n > 0 {
+            // LINUX: the receiver of urgent data polls POLLPRI at once. AF_UNIX stream sockets
+            // carry one out-of-band byte: we put it on the peer's app end (through its bell end)
+            // and the peer's library takes it back when the urgent byte is read.
+            crate::offload::raw_send(
+                self.conn.peer_bell(),
+                &[0],
+                libc::MSG_OOB | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+        }
         Ok(n)
     }
 
@@ -361,6 +371,10 @@ impl OffloadStream for SdpShm {
 
     fn send_queued(&self) -> usize {
         self.engine.send_queued()
+    }
+
+    fn urgent_ready(&self) -> bool {
+        self.engine.readiness().urgent
     }
 
     fn at_mark(&self) -> bool {

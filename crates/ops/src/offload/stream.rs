@@ -56,6 +56,9 @@ pub trait OffloadStream: Send {
     /// Bytes accepted but not yet acknowledged by the peer (SIOCOUTQ).
     fn send_queued(&self) -> usize;
 
+    /// An urgent byte waits to be read with MSG_OOB (POLLPRI).
+    fn urgent_ready(&self) -> bool;
+
     /// The next byte to read is the urgent mark (SIOCATMARK).
     fn at_mark(&self) -> bool;
 
