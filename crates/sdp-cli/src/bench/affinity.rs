@@ -26,6 +26,22 @@ pub fn measurement_cpu() -> Option<usize> {
     allowed.last().copied()
 }
 
+/// The CPU for the server side of a client/server workload: the lowest-numbered allowed CPU
+/// other than [`measurement_cpu`]; `None` when there is only one.
+pub fn server_cpu() -> Option<usize> {
+    let client = measurement_cpu()?;
+    // SAFETY: as in `measurement_cpu`.
+    let set = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        set
+    };
+    // SAFETY: CPU_ISSET only reads the mask.
+    (0..libc::CPU_SETSIZE as usize).find(|&c| c != client && unsafe { libc::CPU_ISSET(c, &set) })
+}
+
 /// Makes the child run on `cpu` only, from before its `exec` on, so every thread it
 /// ever creates inherits the mask.
 pub fn pin_child(cmd: &mut Command, cpu: usize) {

@@ -10,7 +10,7 @@ use super::workloads::Ctx;
 pub fn one_stream(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
     let port_n = port;
     let port = port.to_string();
-    let mut srv = leg.command("iperf3", ctx.cpu);
+    let mut srv = leg.command("iperf3", ctx.server_cpu.or(ctx.cpu));
     srv.args(["-s", "-1", "-p", &port]);
     let mut server = ChildGuard::spawn(srv, "iperf3 server")?;
     wait_listening(&mut server, port_n, Duration::from_secs(10))?;

@@ -16,7 +16,7 @@ const CLIENTS: &str = "50";
 /// `[get, set]` in requests per second.
 pub fn get_set(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
     let port_s = port.to_string();
-    let mut srv = leg.command("redis-server", ctx.cpu);
+    let mut srv = leg.command("redis-server", ctx.server_cpu.or(ctx.cpu));
     srv.args([
         "--port",
         &port_s,

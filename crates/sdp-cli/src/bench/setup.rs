@@ -28,7 +28,7 @@ const HOLD: u8 = b'H';
 /// One repetition: a fresh server on `port`, one client run; connections per second.
 pub fn rate(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
     let (per_batch, millis) = if ctx.quick { (100, 250) } else { (200, 1000) };
-    let mut srv = leg.command(&ctx.sdp_exe, ctx.cpu);
+    let mut srv = leg.command(&ctx.sdp_exe, ctx.server_cpu.or(ctx.cpu));
     srv.arg("bench").env(SETUP_ENV, format!("server:{port}"));
     let mut server = ChildGuard::spawn(srv, "sdp setup server")?;
     wait_listening(&mut server, port, Duration::from_secs(10))?;

@@ -10,7 +10,7 @@ use super::workloads::Ctx;
 pub fn ping_pong_64(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
     let port_n = port;
     let port = port.to_string();
-    let mut srv = leg.command("sockperf", ctx.cpu);
+    let mut srv = leg.command("sockperf", ctx.server_cpu.or(ctx.cpu));
     srv.args(["sr", "--tcp", "-i", "127.0.0.1", "-p", &port]);
     let mut server = ChildGuard::spawn(srv, "sockperf server")?;
     wait_listening(&mut server, port_n, Duration::from_secs(10))?;

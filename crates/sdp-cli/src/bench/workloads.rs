@@ -64,8 +64,12 @@ pub struct Ctx {
     pub conf: Option<PathBuf>,
     /// The `sdp` executable, for workloads that run inside it.
     pub sdp_exe: PathBuf,
-    /// CPU the measured processes are pinned to.
+    /// CPU the measured processes are pinned to (the client of a client/server pair).
     pub cpu: Option<usize>,
+    /// CPU the server of a client/server pair is pinned to: another one than the client's,
+    /// as on any deployment where two programs talk (on one CPU, kernel TCP's wake-up path is
+    /// a function call, and every busy-polling transport is penalised).
+    pub server_cpu: Option<usize>,
     /// What the libsdp leg's policy decides, to check the transport against.
     pub expect: Expect,
 }
@@ -102,6 +106,7 @@ impl Ctx {
             preload,
             sdp_exe,
             cpu: affinity::measurement_cpu(),
+            server_cpu: affinity::server_cpu(),
             expect: Expect::new(conf.as_deref()),
             conf,
         })
