@@ -675,9 +675,30 @@ pub fn read_small_file(path: &str, limit: usize) -> SysResult<Vec<u8>> {
 }
 
 /// This process's id (LINUX: getpid is never interposed and cannot fail).
+/// This process's pid, cached (it is read on hot paths); the cache is cleared in every fork
+/// child by an atfork handler.
+static PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Clears the pid cache; fork child handlers that run before ours call it first.
+pub extern "C" fn forget_pid() {
+    PID.store(0, std::sync::atomic::Ordering::Relaxed);
+}
+
 pub fn getpid() -> i32 {
+    use std::sync::atomic::Ordering;
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    let p = PID.load(Ordering::Relaxed);
+    if p != 0 {
+        return p;
+    }
+    HANDLER.call_once(|| {
+        // SAFETY: registering a plain function that lives as long as the process.
+        unsafe { libc::pthread_atfork(None, None, Some(forget_pid)) };
+    });
     // SAFETY: getpid has no preconditions.
-    unsafe { libc::getpid() }
+    let p = unsafe { libc::syscall(libc::SYS_getpid) } as i32;
+    PID.store(p, Ordering::Relaxed);
+    p
 }
 
 /// This process's real uid.

@@ -44,6 +44,8 @@ extern "C" fn parent() {
 }
 
 extern "C" fn child() {
+    // Before anything asks for our pid: the cache still holds the parent's.
+    ib_verbs::sys::forget_pid();
     HELD.with(|h| h.borrow_mut().take());
     crate::progress::resume();
     crate::progress::after_fork_child();

@@ -33,9 +33,9 @@ pub fn write_all(fd: i32, mut buf: &[u8]) {
     }
 }
 
+/// This process's pid, cached and cleared in every fork child (see `ib_verbs::sys::getpid`).
 pub fn getpid() -> i32 {
-    // SAFETY: getpid has no preconditions.
-    unsafe { libc::syscall(libc::SYS_getpid) as i32 }
+    ib_verbs::sys::getpid()
 }
 
 /// Opens a log file for appending, close-on-exec (the library's own fd must not leak into
