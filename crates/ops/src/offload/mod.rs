@@ -192,10 +192,15 @@ pub fn epoll_has_offloaded(epfd: i32) -> bool {
         return false;
     }
     let g = WATCHED.read().unwrap_or_else(|p| p.into_inner());
+    // Busy-polling pays for a few latency-bound connections; a set of many is a busy server
+    // whose next event is never far, and spinning over all of them costs more than it saves.
     g.as_ref()
         .and_then(|m| m.get(&epfd))
-        .is_some_and(|l| !l.is_empty())
+        .is_some_and(|l| !l.is_empty() && l.len() <= SPIN_MAX_CONNS)
 }
+
+/// The most offloaded connections an epoll set may watch for `epoll_wait` to busy-poll.
+const SPIN_MAX_CONNS: usize = 4;
 
 /// One busy-poll round over the offloaded connections of `epfd`: moves what arrived and makes
 /// their app ends' readiness current (so the next non-blocking `epoll_wait` sees it).
@@ -209,7 +214,11 @@ pub fn poll_epoll_set(epfd: i32) {
     };
     for c in conns {
         let mut g = c.lock();
-        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+        let work = match &mut g.phase {
+            Phase::Offloaded(s) => s.has_work(),
+            _ => false,
+        };
+        if work && g.is_current() {
             g.sync();
         }
     }
@@ -293,13 +302,17 @@ fn raise_sigurg(app_int: i32) {
 
 /// Reads and discards everything queued on `fd` without blocking.
 fn drain(fd: i32) {
-    let mut scratch = [0u8; 512];
+    let mut scratch = [0u8; 4096];
     loop {
         let n = raw_recv(fd, &mut scratch, libc::MSG_DONTWAIT);
         if n <= 0 {
             if n < 0 && crate::sys::errno() == libc::EINTR {
                 continue;
             }
+            return;
+        }
+        if (n as usize) < scratch.len() {
+            // A short read of a stream socket took everything that was queued.
             return;
         }
     }

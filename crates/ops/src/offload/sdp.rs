@@ -350,6 +350,10 @@ impl OffloadStream for SdpShm {
         }
     }
 
+    fn has_work(&mut self) -> bool {
+        self.conn.has_work()
+    }
+
     fn recv_ready(&self) -> bool {
         let r = self.engine.readiness();
         r.readable || r.error || self.dead.is_some() || self.peer_gone

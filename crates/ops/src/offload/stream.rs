@@ -41,6 +41,10 @@ pub trait OffloadStream: Send {
     /// Reads the urgent byte (MSG_OOB).
     fn recv_oob(&mut self, peek: bool) -> Result<u8, Errno>;
 
+    /// Whether the transport has something new (a message, credits): a cheap check without
+    /// system calls, for busy-polling.
+    fn has_work(&mut self) -> bool;
+
     /// Something for a reader: bytes, end of stream, or an error.
     fn recv_ready(&self) -> bool;
 
