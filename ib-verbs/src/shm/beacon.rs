@@ -365,6 +365,31 @@ pub fn probe_with(
     }
 }
 
+/// Like [`probe_with`] without waiting for the answer: the intent is queued on the beacon
+/// connection before the caller's TCP connect, so an accepting owner that drains its beacon
+/// before looking the intent up always finds it. Saves a round trip per connection; a decline
+/// is then not learnt here (the client's pending exchange times out into TCP).
+pub fn register_intent(intent: &Intent, listener_uids: &[u32]) -> Result<BeaconOwner, ProbeError> {
+    let stream = match sys::connect_abstract(&beacon_name(&intent.server)) {
+        Ok(s) => s,
+        Err(e) if e.errno == libc::ECONNREFUSED || e.errno == libc::ENOENT => {
+            return Err(ProbeError::NoBeacon);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let cred = sys::peer_cred(&stream)?;
+    if listener_uids.is_empty() {
+        return Err(ProbeError::NoKernelListener);
+    }
+    if !listener_uids.contains(&cred.uid) {
+        return Err(ProbeError::OwnerMismatch {
+            beacon_uid: cred.uid,
+        });
+    }
+    write_all(&stream, &intent.encode())?;
+    Ok(BeaconOwner { cred })
+}
+
 /// A client's per-connection endpoint.
 #[derive(Debug)]
 pub struct Endpoint {

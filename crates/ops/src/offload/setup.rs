@@ -115,18 +115,46 @@ struct BeaconTask {
     beacon: Beacon,
 }
 
-impl Task for BeaconTask {
-    fn on_event(&self, _fd: i32, _events: u32) {
+impl BeaconTask {
+    /// Records the intents of every client queued on the beacon.
+    fn drain(&self, read_timeout: Duration) {
+        // INVARIANT: accepting a visitor and recording its intent happen under one lock, so an
+        // `accept` that drains inline never misses an intent another thread has taken off the
+        // beacon but not yet recorded.
+        static DRAINING: Mutex<()> = Mutex::new(());
+        let _g = DRAINING.lock().unwrap_or_else(|p| p.into_inner());
         while let Ok(Some(visitor)) = self.beacon.accept() {
             let uid = visitor.cred().uid;
-            if let Ok(intent) = visitor.read_intent(Duration::from_millis(200)) {
-                // INVARIANT: the intent is recorded before the client hears "yes": its TCP
-                // connect (and so our accept) can only come after.
+            if let Ok(intent) = visitor.read_intent(read_timeout) {
+                // INVARIANT: the intent is recorded before the client hears "yes" (a client
+                // that waits for it connects only after).
                 let recorded = super::intents::insert(&intent, uid);
                 // A full table: decline (the client stays TCP) rather than strand it pending.
                 let _ = visitor.reply(recorded);
             }
         }
+    }
+}
+
+impl Task for BeaconTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        self.drain(Duration::from_millis(200));
+    }
+}
+
+/// Every beacon this process serves, for `accept` to drain inline (see [`accept`]).
+static BEACON_TASKS: Mutex<Vec<Weak<BeaconTask>>> = Mutex::new(Vec::new());
+
+/// Drains our beacons in the calling thread: a client queues its intent on the beacon before
+/// its TCP connect, so after this the intent of a connection we just accepted is recorded.
+fn drain_beacons_inline() {
+    let tasks: Vec<Arc<BeaconTask>> = {
+        let mut g = BEACON_TASKS.lock().unwrap_or_else(|p| p.into_inner());
+        g.retain(|w| w.strong_count() > 0);
+        g.iter().filter_map(Weak::upgrade).collect()
+    };
+    for t in tasks {
+        t.drain(Duration::from_millis(20));
     }
 }
 
@@ -145,9 +173,12 @@ pub fn on_listen(fd: i32, decision: Decision) {
     match Beacon::publish(normalize(addr)) {
         Ok(beacon) => {
             let bfd = beacon.fd();
-            if let Some(token) =
-                progress::register(bfd, libc::EPOLLIN as u32, Arc::new(BeaconTask { beacon }))
-            {
+            let task = Arc::new(BeaconTask { beacon });
+            BEACON_TASKS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Arc::downgrade(&task));
+            if let Some(token) = progress::register(bfd, libc::EPOLLIN as u32, task) {
                 let mut g = BEACONS.lock().unwrap_or_else(|p| p.into_inner());
                 g.get_or_insert_with(HashMap::new).insert(fd, token);
             }
@@ -442,7 +473,7 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
             server: cand,
             ..intent
         };
-        match ib_verbs::shm::beacon::probe_with(&probe_intent, Duration::from_millis(500), &uids) {
+        match ib_verbs::shm::beacon::register_intent(&probe_intent, &uids) {
             Ok(o) => {
                 owner = Some(o);
                 break;
@@ -1059,7 +1090,11 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
         return AcceptOutcome::Keep;
     };
     let (local, peer) = (normalize(local), normalize(peer));
-    let found = super::intents::take(peer, local.port(), normalize);
+    let mut found = super::intents::take(peer, local.port(), normalize);
+    if found.is_none() {
+        drain_beacons_inline();
+        found = super::intents::take(peer, local.port(), normalize);
+    }
     let Some((mut intent, uid)) = found else {
         if !fallback::server_accepts_plain_client(mode(decision)) {
             return AcceptOutcome::Refuse;
