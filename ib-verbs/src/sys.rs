@@ -150,6 +150,27 @@ fn unix_stream_socket(nonblock: bool) -> SysResult<Fd> {
 
 /// A non-blocking listening AF_UNIX stream socket bound to the abstract `name`
 /// (given without the leading NUL).
+/// Whether an abstract name is bound by someone (a bind attempt that fails with EADDRINUSE;
+/// a successful attempt's socket is closed at once, releasing the name).
+pub fn abstract_name_taken(name: &[u8]) -> bool {
+    let Ok(fd) = unix_stream_socket(true) else {
+        return false;
+    };
+    let Ok((sun, len)) = abstract_addr(name) else {
+        return false;
+    };
+    // SAFETY: `sun` is a valid sockaddr_un of `len` meaningful bytes, alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bind,
+            fd.raw(),
+            &sun as *const libc::sockaddr_un,
+            len as libc::c_long,
+        )
+    };
+    rc != 0 && errno() == libc::EADDRINUSE
+}
+
 pub fn listen_abstract(name: &[u8], backlog: i32) -> SysResult<Fd> {
     let fd = unix_stream_socket(true)?;
     let (sun, len) = abstract_addr(name)?;

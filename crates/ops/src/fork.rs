@@ -33,6 +33,7 @@ pub fn generation() -> u64 {
 extern "C" fn prepare() {
     crate::offload::setup::resolve_pending_before_fork();
     crate::progress::pause();
+    crate::offload::lock_all_for_fork();
     let g = crate::offload::fork_prepare();
     HELD.with(|h| *h.borrow_mut() = Some(g));
 }
@@ -40,6 +41,7 @@ extern "C" fn prepare() {
 extern "C" fn parent() {
     GENERATION.fetch_add(1, Ordering::AcqRel);
     HELD.with(|h| h.borrow_mut().take());
+    crate::offload::unlock_all_after_fork();
     crate::progress::resume();
 }
 
@@ -47,6 +49,7 @@ extern "C" fn child() {
     // Before anything asks for our pid: the cache still holds the parent's.
     ib_verbs::sys::forget_pid();
     HELD.with(|h| h.borrow_mut().take());
+    crate::offload::unlock_all_after_fork();
     crate::progress::resume();
     crate::progress::after_fork_child();
 }

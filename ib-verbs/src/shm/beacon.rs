@@ -390,6 +390,13 @@ pub fn register_intent(intent: &Intent, listener_uids: &[u32]) -> Result<BeaconO
     Ok(BeaconOwner { cred })
 }
 
+/// Whether the client of this 4-tuple bound its endpoint (it is an SDP client whose intent
+/// may still be on its way to the beacon). A client binds before its TCP connect, so for a
+/// connection already accepted the answer cannot change from "no" to "yes".
+pub fn endpoint_exists(client: &SocketAddr, server: &SocketAddr) -> bool {
+    sys::abstract_name_taken(&endpoint_name(client, server))
+}
+
 /// A client's per-connection endpoint.
 #[derive(Debug)]
 pub struct Endpoint {

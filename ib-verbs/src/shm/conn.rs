@@ -436,6 +436,22 @@ impl ShmConn {
         self.claim().map_err(|e| self.kill(e))
     }
 
+    /// A number that moves whenever the process serving this side changes its published
+    /// state: a new owner, a posted buffer (it consumed a message), a sent message.
+    pub fn owner_generation(&self) -> u64 {
+        let m = &self.map;
+        m.u64_at(Layout::owner_gen(self.side))
+            .load(Ordering::Acquire)
+            .wrapping_add(
+                m.u64_at(Layout::rx_posted(self.side))
+                    .load(Ordering::Acquire),
+            )
+            .wrapping_add(
+                m.u64_at(Layout::tx_produced(self.side))
+                    .load(Ordering::Acquire),
+            )
+    }
+
     /// Whether the calling process made the last claim and nobody claimed since: it serves
     /// the connection now.
     pub fn claimed_by_me(&self) -> bool {

@@ -264,9 +264,11 @@ fn recv_oob(conn: &Arc<Conn>, bufs: &mut [&mut [u8]], flags: i32) -> CResult {
         _ => Err(libc::EINVAL),
     };
     if r.is_ok() && flags & libc::MSG_PEEK == 0 {
-        // The out-of-band byte that made the app end poll POLLPRI is spent with it.
+        // The out-of-band byte that made the app end poll POLLPRI is spent with it; what it
+        // leaves behind on the app end is drained at the next sync.
         let mut spent = [0u8; 1];
         super::raw_recv(g.app_int, &mut spent, libc::MSG_OOB | libc::MSG_DONTWAIT);
+        g.bytes_in = true;
     }
     g.sync();
     let b = r?;

@@ -111,6 +111,24 @@ fn relay(conn: &Arc<Conn>, fds: &[i32]) {
     conn.lock().release();
 }
 
+/// Whether the process serving the connection leaves it alone for a while (its owner
+/// generation does not move for 50 ms) while the program shows no activity on `b`.
+fn owner_is_idle(conn: &Arc<Conn>, b: i32) -> bool {
+    let generation = |c: &Arc<Conn>| match &c.lock().phase {
+        Phase::Offloaded(s) => Some(s.owner_generation()),
+        _ => None,
+    };
+    let before = generation(conn);
+    let mut p = libc::pollfd {
+        fd: b,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::syscall(libc::SYS_poll, &mut p as *mut libc::pollfd, 1, 50) };
+    p.revents == 0 && before.is_some() && generation(conn) == before
+}
+
 /// Whether bytes wait to be read on `fd` (FIONREAD).
 fn has_bytes(fd: i32) -> bool {
     let mut n: libc::c_int = 0;
@@ -200,7 +218,12 @@ fn run_relay(conn: &Arc<Conn>, fds: &[i32], b: i32, a: i32) -> ! {
             // SAFETY: leaving the relay process; its copies go with it, the rings untouched.
             unsafe { libc::syscall(libc::SYS_exit_group, 0) };
         }
-        if n > 0 {
+        if pfd[1].revents != 0 {
+            break; // the program wrote: it uses the connection
+        }
+        if pfd[0].revents != 0 && owner_is_idle(conn, b) {
+            // Data waits and the process that served the connection leaves it there: the
+            // program (which may read before it writes, as `head <&3` does) is its reader.
             break;
         }
     }

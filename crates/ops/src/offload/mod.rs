@@ -119,6 +119,46 @@ impl Conn {
     }
 }
 
+/// The connection locks the fork `prepare` handler holds, with the connections they borrow.
+struct HeldForFork {
+    /// INVARIANT: dropped before `conns` (field order), whose `Arc`s keep the mutexes alive.
+    _guards: Vec<MutexGuard<'static, Inner>>,
+    _conns: Vec<Arc<Conn>>,
+}
+
+thread_local! {
+    // The handlers of one fork run on the forking thread: prepare, then parent or child.
+    static HELD_FOR_FORK: std::cell::RefCell<Option<HeldForFork>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Fork `prepare`: takes every connection's lock (in address order, so two forking threads
+/// cannot deadlock), so that the child never inherits a lock another thread held.
+pub fn lock_all_for_fork() {
+    let mut conns: Vec<Arc<Conn>> = snapshot().into_iter().map(|(_, c)| c).collect();
+    conns.sort_by_key(|c| Arc::as_ptr(c) as usize);
+    conns.dedup_by_key(|c| Arc::as_ptr(c) as usize);
+    let mut guards = Vec::with_capacity(conns.len());
+    for c in &conns {
+        let g = c.lock();
+        // SAFETY: the guard borrows a mutex inside an `Arc` that `HeldForFork::conns` keeps
+        // alive until after the guard is dropped (field order), on this same thread.
+        let g: MutexGuard<'static, Inner> = unsafe { std::mem::transmute(g) };
+        guards.push(g);
+    }
+    HELD_FOR_FORK.with(|h| {
+        *h.borrow_mut() = Some(HeldForFork {
+            _guards: guards,
+            _conns: conns,
+        })
+    });
+}
+
+/// Fork `parent`/`child`: releases what `lock_all_for_fork` took.
+pub fn unlock_all_after_fork() {
+    HELD_FOR_FORK.with(|h| drop(h.borrow_mut().take()));
+}
+
 static REGISTRY: RwLock<Option<HashMap<i32, Arc<Conn>>>> = RwLock::new(None);
 
 /// The connection an application fd names, if it is offloaded.
@@ -465,7 +505,7 @@ impl Inner {
     /// Reads bytes the application wrote on the app end behind our back (never our own
     /// stuffing: only while not stuffed) and queues them as data.
     pub fn take_stray_bytes(&mut self) {
-        if self.stuffed || self.own_bell < 0 {
+        if self.stuffed || self.own_bell < 0 || !self.is_current() {
             return;
         }
         let mut buf = [0u8; 4096];
@@ -536,11 +576,21 @@ impl Inner {
     /// Releases the connection's private resources (last close in this process).
     pub fn release(&mut self) {
         self.clear_pending_watch();
-        for t in [self.watch.take(), self.endpoint.take(), self.stray.take()]
-            .into_iter()
-            .flatten()
+        for t in [
+            self.watch.take(),
+            self.endpoint.take(),
+            self.stray.take(),
+            self.send_watch.take(),
+            self.flush_watch.take(),
+        ]
+        .into_iter()
+        .flatten()
         {
             crate::progress::unregister(t);
+        }
+        if self.flush_timer >= 0 {
+            crate::sys::close(self.flush_timer);
+            self.flush_timer = -1;
         }
         self.phase = Phase::Tcp;
         for fd in [self.app_int, self.own_bell, self.shadow] {

@@ -429,6 +429,10 @@ impl OffloadStream for SdpShm {
         self.conn.claimed_by_me()
     }
 
+    fn owner_generation(&self) -> u64 {
+        self.conn.owner_generation()
+    }
+
     fn set_every_arrival(&mut self, on: bool) {
         self.conn.set_ring_always(on);
     }

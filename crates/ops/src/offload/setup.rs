@@ -864,6 +864,9 @@ impl Task for StrayTask {
             return;
         };
         let mut g = conn.lock();
+        if !g.is_current() {
+            return; // another process (forked from ours) serves the connection now
+        }
         g.take_stray_bytes();
         g.sync();
     }
@@ -1095,6 +1098,16 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
         drain_beacons_inline();
         found = super::intents::take(peer, local.port(), normalize);
     }
+    if found.is_none() && ib_verbs::shm::beacon::endpoint_exists(&peer, &local) {
+        // An SDP client whose intent another process of ours (a prefork sibling) took off the
+        // shared beacon and is recording right now: wait for it, briefly.
+        let deadline = Instant::now() + Duration::from_millis(50);
+        while found.is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+            drain_beacons_inline();
+            found = super::intents::take(peer, local.port(), normalize);
+        }
+    }
     let Some((mut intent, uid)) = found else {
         if !fallback::server_accepts_plain_client(mode(decision)) {
             return AcceptOutcome::Refuse;
@@ -1244,6 +1257,7 @@ pub fn close(fd: i32) {
         // LINUX: closing a socket's last fd removes its epoll registrations. Our private copies
         // keep the app end's file open, so remove the registrations made through this fd.
         let mut g = conn.lock();
+        let before = g.epoll.len();
         g.epoll.retain(|&(epfd, efd, _, _)| {
             if efd == fd {
                 // SAFETY: removing the application's registration of an fd it is closing.
@@ -1261,6 +1275,18 @@ pub fn close(fd: i32) {
                 true
             }
         });
+        if g.epoll.len() != before {
+            let et = g
+                .epoll
+                .iter()
+                .any(|&(_, _, e, _)| e & libc::EPOLLET as u32 != 0);
+            if et != g.every_arrival {
+                g.every_arrival = et;
+                if let Phase::Offloaded(s) = &mut g.phase {
+                    s.set_every_arrival(et);
+                }
+            }
+        }
     }
     let Some(conn) = super::unbind_fd(fd) else {
         return;
@@ -1306,9 +1332,11 @@ impl Task for LingerTask {
         unsafe { libc::syscall(libc::SYS_read, self.timer_fd, buf.as_mut_ptr(), 8usize) };
         let mut g = self.conn.lock();
         let done = match &mut g.phase {
+            // A fork child inherited this task: the lingering belongs to the parent.
+            Phase::Offloaded(s) if !s.is_current() => true,
             Phase::Offloaded(s) => {
                 s.progress();
-                s.send_queued() == 0 || s.error().is_some() || !s.is_current()
+                s.send_queued() == 0 || s.error().is_some()
             }
             _ => true,
         };

@@ -98,6 +98,9 @@ pub trait OffloadStream: Send {
     /// Asks for a readiness event on every arrival (the application polls edge-triggered).
     fn set_every_arrival(&mut self, on: bool);
 
+    /// A number that moves whenever the process serving the connection changes its state.
+    fn owner_generation(&self) -> u64;
+
     /// Whether urgent data was announced since the last call (raise SIGURG for the owner).
     fn take_urgent(&mut self) -> bool;
 
