@@ -1,0 +1,63 @@
+//! Lifetime across fork and exec over SDP: cases a review once found broken (a forked child
+//! taking a connection over, an exec'd program stealing a socket it ignores, children hanging
+//! in `_exit`, leaked descriptors). Each runs under the preload with the default policy and
+//! must show its connection on shm in `sdp stat` while it runs.
+
+use std::path::Path;
+use std::process::Command;
+
+use libsdp_suite::{libsdp_so, sdp_tool};
+
+fn run_case(case: &str) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py/lifetime.py");
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg("python3")
+        .arg(&script)
+        .arg(sdp_tool())
+        .arg(case)
+        .env("LD_PRELOAD", libsdp_so())
+        .env_remove("LIBSDP_CONFIG_FILE")
+        .env_remove("SIMPLE_LIBSDP")
+        .output()
+        .expect("python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{case}: {:?}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("shm: True"),
+        "{case}: the connection was not on shm:\n{stdout}"
+    );
+    stdout
+}
+
+#[test]
+fn idle_fork_child_does_not_take_the_connection() {
+    let out = run_case("idle-fork-child");
+    assert!(
+        out.contains("received all: True pattern intact: True"),
+        "{out}"
+    );
+}
+
+#[test]
+fn execd_program_ignoring_an_inherited_socket_leaves_it_to_the_parent() {
+    let out = run_case("exec-unrelated");
+    assert!(out.contains("ping-pongs ok: 200"), "{out}");
+}
+
+#[test]
+fn forking_while_another_thread_uses_a_connection_never_hangs_a_child() {
+    let out = run_case("fork-while-busy");
+    assert!(out.contains("hung children: 0"), "{out}");
+}
+
+#[test]
+fn closed_connections_leave_no_descriptors() {
+    let out = run_case("no-fd-leak");
+    assert!(out.contains("fds grew by: 0"), "{out}");
+}

@@ -1,0 +1,130 @@
+"""Lifetime cases a review found broken once, for tests/lifetime.rs. Each prints facts that
+must hold over SDP, and `shm: True` when `sdp stat` showed this process's connection on shm
+while it ran (the SDP run must not have silently fallen back to TCP).
+
+usage: lifetime.py SDP_BINARY CASE
+"""
+import json, os, socket, subprocess, sys, threading, time
+
+SDP, CASE = sys.argv[1], sys.argv[2]
+
+
+def on_shm():
+    out = subprocess.run([SDP, "stat", "--json"], capture_output=True, text=True).stdout
+    rows = [json.loads(l) for l in out.splitlines() if l.strip()]
+    return any(r["pid"] == os.getpid() and r["transport"] == "shm" for r in rows)
+
+
+def pair():
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(8)
+    c = socket.create_connection(l.getsockname())
+    s, _ = l.accept()
+    return l, c, s
+
+
+if CASE == "idle-fork-child":
+    # A forked child that never touches the connection must not take it over.
+    l, c, s = pair()
+    c.sendall(b"\xab" * 10)
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(1)
+        os._exit(0)
+    n = 4 << 20
+    got = bytearray()
+
+    def reader():
+        while len(got) < n + 10:
+            d = s.recv(1 << 16)
+            if not d:
+                break
+            got.extend(d)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    c.sendall(b"\xab" * n)
+    t.join(20)
+    print("shm:", on_shm())
+    os.waitpid(pid, 0)
+    print("received all:", len(got) == n + 10, "pattern intact:", got.count(0xAB) == len(got))
+
+elif CASE == "exec-unrelated":
+    # A fork+exec'd program that ignores an inherited SDP socket leaves it to the parent.
+    l, c, s = pair()
+    os.set_inheritable(c.fileno(), True)
+    pid = os.fork()
+    if pid == 0:
+        os.execvp("sleep", ["sleep", "1"])
+    ok = 0
+    for i in range(200):
+        c.sendall(b"ping%03d" % i)
+        d = s.recv(64)
+        s.sendall(d)
+        if c.recv(64) == b"ping%03d" % i:
+            ok += 1
+    print("shm:", on_shm())
+    os.waitpid(pid, 0)
+    print("ping-pongs ok:", ok)
+
+elif CASE == "fork-while-busy":
+    # Forks while another thread drives a connection: no child may hang in _exit.
+    l, c, s = pair()
+    stop = False
+
+    def busy():
+        while not stop:
+            c.sendall(b"x" * 100)
+            n = 0
+            while n < 100:
+                n += len(s.recv(100 - n))
+
+    t = threading.Thread(target=busy)
+    t.start()
+    hung = 0
+    for _ in range(300):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        deadline = time.time() + 5
+        while True:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.time() > deadline:
+                hung += 1
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.0005)
+    print("shm:", on_shm())
+    stop = True
+    t.join()
+    print("hung children:", hung)
+
+elif CASE == "no-fd-leak":
+    # Connections opened and closed leave no descriptor of the library behind.
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(64)
+    c = socket.create_connection(l.getsockname())
+    s, _ = l.accept()
+    c.sendall(b"warm")
+    s.recv(4)
+    print("shm:", on_shm())
+    c.close()
+    s.close()
+    time.sleep(0.2)
+    base = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        c = socket.create_connection(l.getsockname())
+        s, _ = l.accept()
+        c.sendall(b"y" * 200000)
+        n = 0
+        while n < 200000:
+            n += len(s.recv(1 << 16))
+        c.close()
+        s.close()
+    time.sleep(0.5)
+    print("fds grew by:", len(os.listdir("/proc/self/fd")) - base)
