@@ -82,6 +82,49 @@ pub fn parse_file(b: &[u8]) -> Option<(u64, String, Vec<SocketRow>)> {
     Some((pid, program, rows))
 }
 
+/// The kernel's 4-tuple of a process's TCP socket, for rows the library leaves without one
+/// (sockets that stay on kernel TCP): fd → socket inode → /proc/<pid>/net/tcp{,6}.
+fn kernel_addrs(pid: u64, fd: i64) -> Option<(SocketAddr, SocketAddr)> {
+    let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+    let link = link.to_string_lossy();
+    let inode = link
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .to_string();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok()?;
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 9 && cols[9] == inode {
+                return Some((parse_proc_addr(cols[1], v6)?, parse_proc_addr(cols[2], v6)?));
+            }
+        }
+    }
+    None
+}
+
+/// LINUX: procfs prints an address as 32-bit words in host byte order, then `:port` in hex.
+fn parse_proc_addr(s: &str, v6: bool) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(|w| w.to_ne_bytes());
+    let ip: std::net::IpAddr = if v6 {
+        if ip.len() != 32 {
+            return None;
+        }
+        let mut o = [0u8; 16];
+        for i in 0..4 {
+            o[i * 4..i * 4 + 4].copy_from_slice(&word(&ip[i * 8..i * 8 + 8])?);
+        }
+        let v6 = std::net::Ipv6Addr::from(o);
+        v6.to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4)
+    } else {
+        std::net::Ipv4Addr::from(word(ip)?).into()
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
 fn alive(pid: u64) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -110,7 +153,16 @@ pub fn collect() -> Vec<SocketRow> {
         if let Ok(b) = std::fs::read(e.path())
             && let Some((_, _, rows)) = parse_file(&b)
         {
-            out.extend(rows);
+            for mut r in rows {
+                if r.transport == "tcp"
+                    && r.local.is_none()
+                    && let Some((l, p)) = kernel_addrs(r.pid, r.fd)
+                {
+                    r.local = Some(l);
+                    r.remote = (p.port() != 0).then_some(p);
+                }
+                out.push(r);
+            }
         }
     }
     out.sort_by_key(|r| (r.pid, r.fd));

@@ -51,8 +51,9 @@ pub fn record_tcp(fd: i32, role: u8, reason: Reason) {
     let Some(row) = Row::claim(fd, Transport::Tcp, role) else {
         return;
     };
+    // The 4-tuple of a kernel socket is the kernel's: `sdp stat` reads it from procfs when it
+    // shows the row, so a TCP connection pays no system call here (pass-through overhead).
     row.set_meta(Transport::Tcp, 1, role, reason.code());
-    row.set_addrs(sys::sockname(fd), peername(fd));
     let mut g = TCP_ROWS.lock().unwrap_or_else(|p| p.into_inner());
     g.get_or_insert_with(HashMap::new).insert(fd, row);
 }
@@ -69,13 +70,8 @@ pub fn forget_tcp(fd: i32) {
 }
 
 /// After the real connect of a socket that stays TCP: its row gets the real 4-tuple.
-pub fn refresh_tcp_row(fd: i32, dst: Option<SocketAddr>) {
-    let g = TCP_ROWS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(row) = g.as_ref().and_then(|m| m.get(&fd))
-        && row.is_ours()
-    {
-        row.set_addrs(sys::sockname(fd), peername(fd).or(dst));
-    }
+pub fn refresh_tcp_row(_fd: i32, _dst: Option<SocketAddr>) {
+    // Nothing to do: see `record_tcp` (the kernel's 4-tuple is read by `sdp stat`).
 }
 
 fn peername(fd: i32) -> Option<SocketAddr> {

@@ -55,6 +55,24 @@ impl Expect {
         }
     }
 
+    /// Whether the policy keeps every connection on kernel TCP (a pass-through comparison).
+    pub fn all_tcp(&self) -> bool {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+        !self.active
+            || (self.policy.decide("*", Role::Server, &addr).mode == Mode::Tcp
+                && self.policy.decide("*", Role::Client, &addr).mode == Mode::Tcp
+                && self
+                    .policy
+                    .rules(Role::Server)
+                    .iter()
+                    .all(|r| r.mode == Mode::Tcp)
+                && self
+                    .policy
+                    .rules(Role::Client)
+                    .iter()
+                    .all(|r| r.mode == Mode::Tcp))
+    }
+
     /// Should a `server` ↔ `client` connection on 127.0.0.1:`port` go over SDP?
     pub fn offload(&self, server: &str, client: &str, port: u16) -> bool {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));

@@ -101,13 +101,20 @@ impl Ctx {
             ),
             None => None,
         };
+        let expect = Expect::new(conf.as_deref());
         Ok(Ctx {
             quick: opts.quick,
             preload,
             sdp_exe,
             cpu: affinity::measurement_cpu(),
-            server_cpu: affinity::server_cpu(),
-            expect: Expect::new(conf.as_deref()),
+            server_cpu: if expect.all_tcp() {
+                // A pass-through comparison measures the hooks' cost: both programs on one
+                // CPU, where loopback TCP is steadiest.
+                None
+            } else {
+                affinity::server_cpu()
+            },
+            expect,
             conf,
         })
     }
