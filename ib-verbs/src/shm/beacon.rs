@@ -339,6 +339,19 @@ pub fn probe_with(
     timeout: Duration,
     listener_uids: &[u32],
 ) -> Result<BeaconOwner, ProbeError> {
+    let (stream, owner) = send_intent(intent, listener_uids)?;
+    let mut a = [0u8; 1];
+    read_exact_deadline(&stream, &mut a, Instant::now() + timeout)?;
+    match a[0] {
+        b'Y' => Ok(owner),
+        b'N' => Err(ProbeError::Declined),
+        _ => Err(ProbeError::Protocol("bad beacon answer")),
+    }
+}
+
+/// Connects to the beacon of `intent.server`, authenticates its owner against the kernel
+/// listener's uids, and sends the intent.
+fn send_intent(intent: &Intent, listener_uids: &[u32]) -> Result<(Fd, BeaconOwner), ProbeError> {
     let stream = match sys::connect_abstract(&beacon_name(&intent.server)) {
         Ok(s) => s,
         Err(e) if e.errno == libc::ECONNREFUSED || e.errno == libc::ENOENT => {
@@ -356,13 +369,7 @@ pub fn probe_with(
         });
     }
     write_all(&stream, &intent.encode())?;
-    let mut a = [0u8; 1];
-    read_exact_deadline(&stream, &mut a, Instant::now() + timeout)?;
-    match a[0] {
-        b'Y' => Ok(BeaconOwner { cred }),
-        b'N' => Err(ProbeError::Declined),
-        _ => Err(ProbeError::Protocol("bad beacon answer")),
-    }
+    Ok((stream, BeaconOwner { cred }))
 }
 
 /// Like [`probe_with`] without waiting for the answer: the intent is queued on the beacon
@@ -370,24 +377,7 @@ pub fn probe_with(
 /// before looking the intent up always finds it. Saves a round trip per connection; a decline
 /// is then not learnt here (the client's pending exchange times out into TCP).
 pub fn register_intent(intent: &Intent, listener_uids: &[u32]) -> Result<BeaconOwner, ProbeError> {
-    let stream = match sys::connect_abstract(&beacon_name(&intent.server)) {
-        Ok(s) => s,
-        Err(e) if e.errno == libc::ECONNREFUSED || e.errno == libc::ENOENT => {
-            return Err(ProbeError::NoBeacon);
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let cred = sys::peer_cred(&stream)?;
-    if listener_uids.is_empty() {
-        return Err(ProbeError::NoKernelListener);
-    }
-    if !listener_uids.contains(&cred.uid) {
-        return Err(ProbeError::OwnerMismatch {
-            beacon_uid: cred.uid,
-        });
-    }
-    write_all(&stream, &intent.encode())?;
-    Ok(BeaconOwner { cred })
+    send_intent(intent, listener_uids).map(|(_, owner)| owner)
 }
 
 /// Whether the client of this 4-tuple bound its endpoint (it is an SDP client whose intent

@@ -103,6 +103,57 @@ pub struct Inner {
     pub born_gen: u64,
 }
 
+impl Inner {
+    /// A connection's state right after its fd was swapped onto the app end `app`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        phase: Phase,
+        shadow: i32,
+        app: i32,
+        bell: i32,
+        fd: i32,
+        local: Option<SocketAddr>,
+        peer: Option<SocketAddr>,
+        row: Option<Row>,
+        role: u8,
+    ) -> Inner {
+        Inner {
+            phase,
+            shadow,
+            app_int: app,
+            own_bell: bell,
+            app_fds: vec![fd],
+            local,
+            peer,
+            row,
+            bytes_in: false,
+            stuffed: false,
+            armed: false,
+            peer_gone: false,
+            eof_signalled: false,
+            shut_rd: false,
+            so_error: 0,
+            watch: None,
+            stray: None,
+            connect_in_progress: false,
+            every_arrival: false,
+            send_watch: None,
+            flush_timer: -1,
+            flush_armed: false,
+            flush_watch: None,
+            side_buf: Vec::new(),
+            timer_fd: -1,
+            pending_watch: Vec::new(),
+            epoll: Vec::new(),
+            endpoint: None,
+            role,
+            reason: fallback::Reason::Offloaded,
+            born_pid: crate::sys::getpid(),
+            born_gen: crate::fork::generation(),
+        }
+    }
+}
+
 pub struct Conn {
     inner: Mutex<Inner>,
 }

@@ -537,43 +537,20 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     if let Some(r) = &row {
         r.set_addrs(Some(client), Some(dst));
     }
-    let conn = Conn::new(Inner {
-        phase: Phase::Pending {
+    let conn = Conn::new(Inner::new(
+        Phase::Pending {
             sendbuf: Vec::new(),
             shut_wr: false,
         },
         shadow,
-        app_int: app,
-        own_bell: bell,
-        app_fds: vec![fd],
-        local: Some(client),
-        peer: Some(dst),
+        app,
+        bell,
+        fd,
+        Some(client),
+        Some(dst),
         row,
-        bytes_in: false,
-        stuffed: false,
-        armed: false,
-        peer_gone: false,
-        eof_signalled: false,
-        shut_rd: false,
-        so_error: 0,
-        watch: None,
-        stray: None,
-        connect_in_progress: false,
-        every_arrival: false,
-        send_watch: None,
-        flush_timer: -1,
-        flush_armed: false,
-        flush_watch: None,
-        side_buf: Vec::new(),
-        timer_fd: -1,
-        pending_watch: Vec::new(),
-        epoll: Vec::new(),
-        endpoint: None,
-        role: 1,
-        reason: Reason::Offloaded,
-        born_pid: sys::getpid(),
-        born_gen: crate::fork::generation(),
-    });
+        1,
+    ));
     bind_fd(fd, &conn);
     let stray = watch_stray(&conn, bell);
     conn.lock().stray = stray;
@@ -1200,40 +1177,17 @@ fn server_exchange(
     if let Some(r) = &row {
         r.set_addrs(Some(local), Some(peer));
     }
-    let conn = Conn::new(Inner {
-        phase: Phase::Offloaded(Box::new(s)),
+    let conn = Conn::new(Inner::new(
+        Phase::Offloaded(Box::new(s)),
         shadow,
-        app_int: app,
-        own_bell: bell,
-        app_fds: vec![fd],
-        local: Some(local),
-        peer: Some(peer),
+        app,
+        bell,
+        fd,
+        Some(local),
+        Some(peer),
         row,
-        bytes_in: false,
-        stuffed: false,
-        armed: false,
-        peer_gone: false,
-        eof_signalled: false,
-        shut_rd: false,
-        so_error: 0,
-        watch: None,
-        stray: None,
-        connect_in_progress: false,
-        every_arrival: false,
-        send_watch: None,
-        flush_timer: -1,
-        flush_armed: false,
-        flush_watch: None,
-        side_buf: Vec::new(),
-        timer_fd: -1,
-        pending_watch: Vec::new(),
-        epoll: Vec::new(),
-        endpoint: None,
-        role: 2,
-        reason: Reason::Offloaded,
-        born_pid: sys::getpid(),
-        born_gen: crate::fork::generation(),
-    });
+        2,
+    ));
     bind_fd(fd, &conn);
     let stray = watch_stray(&conn, bell);
     let mut g = conn.lock();
