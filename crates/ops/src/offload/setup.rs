@@ -899,13 +899,18 @@ impl Task for FlushTask {
         let mut buf = [0u8; 8];
         // SAFETY: reading the timerfd's expiry count into 8 bytes.
         unsafe { libc::syscall(libc::SYS_read, self.timer, buf.as_mut_ptr(), 8usize) };
-        let Some(conn) = self.conn.upgrade() else {
-            return;
-        };
-        let mut g = conn.lock();
-        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
-            g.sync();
-        }
+        sync_if_serving(&self.conn);
+    }
+}
+
+/// A progress-thread tick of an offloaded connection this process serves.
+fn sync_if_serving(conn: &Weak<Conn>) {
+    let Some(conn) = conn.upgrade() else {
+        return;
+    };
+    let mut g = conn.lock();
+    if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+        g.sync();
     }
 }
 
@@ -918,13 +923,7 @@ struct SendTask {
 
 impl Task for SendTask {
     fn on_event(&self, _fd: i32, _events: u32) {
-        let Some(conn) = self.conn.upgrade() else {
-            return;
-        };
-        let mut g = conn.lock();
-        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
-            g.sync();
-        }
+        sync_if_serving(&self.conn);
     }
 }
 
