@@ -202,6 +202,11 @@ fn create(pid: u64) -> Option<*mut AtomicU64> {
     Some(words)
 }
 
+/// Removes this process's statistics file if it has one (at exit, `_exit` included).
+pub fn remove_own() {
+    remove_own_file();
+}
+
 extern "C" fn remove_own_file() {
     let owner = OWNER.load(Ordering::Acquire);
     if owner != 0 && owner == crate::sys::getpid() as u64 {

@@ -3,6 +3,7 @@
 //!
 //! Files of processes that no longer exist are removed on the way.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -84,7 +85,11 @@ pub fn parse_file(b: &[u8]) -> Option<(u64, String, Vec<SocketRow>)> {
 
 /// The kernel's 4-tuple of a process's TCP socket, for rows the library leaves without one
 /// (sockets that stay on kernel TCP): fd → socket inode → /proc/<pid>/net/tcp{,6}.
-fn kernel_addrs(pid: u64, fd: i64) -> Option<(SocketAddr, SocketAddr)> {
+fn kernel_addrs(
+    pid: u64,
+    fd: i64,
+    tables: &mut HashMap<(u64, bool), String>,
+) -> Option<(SocketAddr, SocketAddr)> {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
     let link = link.to_string_lossy();
     let inode = link
@@ -92,7 +97,10 @@ fn kernel_addrs(pid: u64, fd: i64) -> Option<(SocketAddr, SocketAddr)> {
         .strip_suffix(']')?
         .to_string();
     for (file, v6) in [("tcp", false), ("tcp6", true)] {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).ok()?;
+        // One read of each table per process and listing, however many rows need it.
+        let text = tables.entry((pid, v6)).or_insert_with(|| {
+            std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default()
+        });
         for line in text.lines().skip(1) {
             let cols: Vec<&str> = line.split_whitespace().collect();
             if cols.len() > 9 && cols[9] == inode {
@@ -132,6 +140,7 @@ fn alive(pid: u64) -> bool {
 /// Every socket of every live libsdp process.
 pub fn collect() -> Vec<SocketRow> {
     let mut out = Vec::new();
+    let mut tables = HashMap::new();
     let Ok(dir) = std::fs::read_dir(stats::DIR) else {
         return out;
     };
@@ -156,7 +165,7 @@ pub fn collect() -> Vec<SocketRow> {
             for mut r in rows {
                 if r.transport == "tcp"
                     && r.local.is_none()
-                    && let Some((l, p)) = kernel_addrs(r.pid, r.fd)
+                    && let Some((l, p)) = kernel_addrs(r.pid, r.fd, &mut tables)
                 {
                     r.local = Some(l);
                     r.remote = (p.port() != 0).then_some(p);

@@ -75,7 +75,10 @@ pub unsafe extern "C" fn vfork() -> pid_t {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn _exit(status: c_int) -> ! {
     if ops::state::try_globals().is_some_and(|g| g.active) {
-        crate::guard::switch(|| ops::offload::setup::flush_at_exit());
+        crate::guard::switch(|| {
+            ops::offload::setup::flush_at_exit();
+            ops::stats::remove_own();
+        });
     }
     // SAFETY: ends the process.
     unsafe { libc::syscall(libc::SYS_exit_group, status) };

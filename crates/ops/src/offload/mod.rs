@@ -82,6 +82,8 @@ pub struct Inner {
     pub connect_in_progress: bool,
     /// The application waits edge-triggered: every arrival rings (see `note_epoll`).
     pub every_arrival: bool,
+    /// This connection, for the watches `sync` starts on demand.
+    pub self_ref: std::sync::Weak<Conn>,
     /// Progress-thread registration moving queued sends when room returns.
     pub send_watch: Option<u64>,
     /// A timerfd ticking the connection while bytes wait for credits, and its registration.
@@ -142,6 +144,7 @@ impl Inner {
             flush_armed: false,
             flush_watch: None,
             side_buf: Vec::new(),
+            self_ref: std::sync::Weak::new(),
             timer_fd: -1,
             pending_watch: Vec::new(),
             epoll: Vec::new(),
@@ -453,6 +456,14 @@ impl Inner {
             Phase::Offloaded(s) => s.send_queued() > 0 || !self.side_buf.is_empty(),
             _ => false,
         };
+        if queued
+            && self.flush_timer < 0
+            && self.flush_watch.is_none()
+            && let Some((tfd, w)) = setup::flush_timer(self.self_ref.clone())
+        {
+            self.flush_timer = tfd;
+            self.flush_watch = w;
+        }
         if queued != self.flush_armed && self.flush_timer >= 0 {
             let tick = if queued { 1_000_000 } else { 0 };
             let spec = libc::itimerspec {
@@ -515,6 +526,9 @@ impl Inner {
 
     fn sync_out(&mut self, mut want_out: bool) {
         if !want_out && !self.stuffed {
+            if self.send_watch.is_none() && self.app_int >= 0 {
+                self.send_watch = setup::watch_send(self.self_ref.clone(), self.app_int);
+            }
             self.stuff();
             if let Phase::Offloaded(s) = &mut self.phase
                 && !s.arm_send()

@@ -848,37 +848,7 @@ impl Task for StrayTask {
 /// Starts watching for stray writes (see [`StrayTask`]) and for room returning to a stuffed
 /// writer (see [`SendTask`]); returns both registrations.
 pub fn watch_stray(conn: &Arc<Conn>, own_bell: i32) -> Option<u64> {
-    let app_int = conn.lock().app_int;
-    let send = progress::register(
-        app_int,
-        (libc::EPOLLOUT | libc::EPOLLET) as u32,
-        Arc::new(SendTask {
-            conn: Arc::downgrade(conn),
-        }),
-    );
-    conn.lock().send_watch = send;
-    // SAFETY: a timerfd of our own, created disarmed.
-    let tfd = unsafe {
-        libc::syscall(
-            libc::SYS_timerfd_create,
-            libc::CLOCK_MONOTONIC,
-            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
-        )
-    } as i32;
-    if tfd >= 0 {
-        let tfd = sys::move_high(tfd);
-        let w = progress::register(
-            tfd,
-            libc::EPOLLIN as u32,
-            Arc::new(FlushTask {
-                conn: Arc::downgrade(conn),
-                timer: tfd,
-            }),
-        );
-        let mut g = conn.lock();
-        g.flush_timer = tfd;
-        g.flush_watch = w;
-    }
+    conn.lock().self_ref = Arc::downgrade(conn);
     progress::register(
         own_bell,
         (libc::EPOLLIN | libc::EPOLLET) as u32,
@@ -901,6 +871,39 @@ impl Task for FlushTask {
         unsafe { libc::syscall(libc::SYS_read, self.timer, buf.as_mut_ptr(), 8usize) };
         sync_if_serving(&self.conn);
     }
+}
+
+/// Starts the watch that moves queued sends when room returns (see [`SendTask`]); made when a
+/// writer first runs out of room, not for every connection.
+pub(crate) fn watch_send(conn: Weak<Conn>, app_int: i32) -> Option<u64> {
+    progress::register(
+        app_int,
+        (libc::EPOLLOUT | libc::EPOLLET) as u32,
+        Arc::new(SendTask { conn }),
+    )
+}
+
+/// Creates the (disarmed) timer that ticks a connection while bytes wait for credits (see
+/// [`FlushTask`]); made when bytes first wait, not for every connection.
+pub(crate) fn flush_timer(conn: Weak<Conn>) -> Option<(i32, Option<u64>)> {
+    // SAFETY: a timerfd of our own, created disarmed.
+    let tfd = unsafe {
+        libc::syscall(
+            libc::SYS_timerfd_create,
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
+        )
+    } as i32;
+    if tfd < 0 {
+        return None;
+    }
+    let tfd = sys::move_high(tfd);
+    let w = progress::register(
+        tfd,
+        libc::EPOLLIN as u32,
+        Arc::new(FlushTask { conn, timer: tfd }),
+    );
+    Some((tfd, w))
 }
 
 /// A progress-thread tick of an offloaded connection this process serves.
