@@ -4,16 +4,11 @@
 //! not exist there, `prepare` waits for the progress thread to finish the task it is running
 //! (and keeps it from starting another) and takes the connection registry's lock; `parent`
 //! and `child` release both. The child rebuilds its progress thread lazily.
-//!
-//! [`generation`] counts forks in this process: a connection created before the last fork may
-//! be shared with a child, and then `close` must not touch its rings (DESIGN.md §7).
 
 use std::cell::RefCell;
 use std::sync::Once;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 static REGISTERED: Once = Once::new();
-static GENERATION: AtomicU64 = AtomicU64::new(0);
 
 type RegistryGuard = std::sync::RwLockWriteGuard<
     'static,
@@ -25,11 +20,6 @@ thread_local! {
     static HELD: RefCell<Option<RegistryGuard>> = const { RefCell::new(None) };
 }
 
-/// Forks this process has made so far (as a parent).
-pub fn generation() -> u64 {
-    GENERATION.load(Ordering::Acquire)
-}
-
 extern "C" fn prepare() {
     crate::offload::setup::resolve_pending_before_fork();
     crate::progress::pause();
@@ -39,7 +29,6 @@ extern "C" fn prepare() {
 }
 
 extern "C" fn parent() {
-    GENERATION.fetch_add(1, Ordering::AcqRel);
     HELD.with(|h| h.borrow_mut().take());
     crate::offload::unlock_all_after_fork();
     crate::progress::resume();

@@ -64,7 +64,6 @@ fn enter_task() {
         BUSY.fetch_sub(1, Ordering::SeqCst);
     }
 }
-static WAKEUPS: AtomicU64 = AtomicU64::new(0);
 
 fn lock() -> std::sync::MutexGuard<'static, Option<Progress>> {
     STATE.lock().unwrap_or_else(|p| p.into_inner())
@@ -179,11 +178,6 @@ pub fn after_fork_lazy() {
     }
 }
 
-/// How many events the thread has handled (for tests and `sdp stat`).
-pub fn wakeups() -> u64 {
-    WAKEUPS.load(Ordering::Relaxed)
-}
-
 fn run(epfd: i32) {
     crate::guard::enter_forever();
     // SAFETY: a full signal set blocks every signal in this thread only.
@@ -227,7 +221,6 @@ fn run(epfd: i32) {
                     .and_then(|p| p.entries.get(&token).map(|e| (e.fd, Arc::clone(&e.task))))
             };
             if let Some((fd, task)) = found {
-                WAKEUPS.fetch_add(1, Ordering::Relaxed);
                 enter_task();
                 let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     task.on_event(fd, fired)

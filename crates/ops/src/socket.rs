@@ -132,11 +132,6 @@ pub fn on_dup(old: i32, new: i32) {
 
 /// `connect` on a tracked socket: the policy decision, then SDP or TCP. `None`: make the real
 /// connect (TCP); `Some(rc)`: the call is complete with this C result.
-/// After the real connect of a tracked socket that stayed TCP.
-pub fn after_connect(fd: i32, addr: Option<SocketAddr>) {
-    crate::offload::setup::refresh_tcp_row(fd, addr);
-}
-
 pub fn connect(fd: i32, addr: Option<SocketAddr>) -> Option<isize> {
     if fdtable::get(fd).has(Meta::OFFLOADED) {
         // LINUX: connect on a connected stream socket fails with EISCONN (programs such as

@@ -114,11 +114,6 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
         if let Some(Some(rc)) = switch_call(Some(-1), || sw::connect(fd, to)) {
             return rc as c_int;
         }
-        let rc = unsafe { real::connect(fd, addr, len) };
-        if rc == 0 || ops::sys::errno() == libc::EINPROGRESS {
-            switch(|| sw::after_connect(fd, to));
-        }
-        return rc;
     }
     unsafe { real::connect(fd, addr, len) }
 }

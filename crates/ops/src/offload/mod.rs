@@ -65,8 +65,6 @@ pub struct Inner {
     pub stuffed: bool,
     /// We asked the peer for a bell since the last drain.
     pub armed: bool,
-    /// The peer's end was seen (hang-up of its bell end).
-    pub peer_gone: bool,
     /// Our bell end was shut for writing: the app end reads end of stream after the bytes.
     pub eof_signalled: bool,
     pub shut_rd: bool,
@@ -99,10 +97,6 @@ pub struct Inner {
     pub pending_watch: Vec<u64>,
     /// Role for statistics: 1 client, 2 server.
     pub role: u8,
-    pub reason: fallback::Reason,
-    /// The process and fork generation that made the connection (see `fork::generation`).
-    pub born_pid: i32,
-    pub born_gen: u64,
 }
 
 impl Inner {
@@ -131,7 +125,6 @@ impl Inner {
             bytes_in: false,
             stuffed: false,
             armed: false,
-            peer_gone: false,
             eof_signalled: false,
             shut_rd: false,
             so_error: 0,
@@ -150,9 +143,6 @@ impl Inner {
             epoll: Vec::new(),
             endpoint: None,
             role,
-            reason: fallback::Reason::Offloaded,
-            born_pid: crate::sys::getpid(),
-            born_gen: crate::fork::generation(),
         }
     }
 }

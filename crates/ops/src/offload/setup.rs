@@ -69,11 +69,6 @@ pub fn forget_tcp(fd: i32) {
     }
 }
 
-/// After the real connect of a socket that stays TCP: its row gets the real 4-tuple.
-pub fn refresh_tcp_row(_fd: i32, _dst: Option<SocketAddr>) {
-    // Nothing to do: see `record_tcp` (the kernel's 4-tuple is read by `sdp stat`).
-}
-
 fn peername(fd: i32) -> Option<SocketAddr> {
     // SAFETY: zeroed sockaddr_storage is valid; the kernel writes at most `len` bytes.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -813,7 +808,6 @@ impl Task for PeerTask {
         if let Some(t) = g.watch.take() {
             progress::unregister(t);
         }
-        g.peer_gone = true;
         if !g.is_current() {
             return; // the process that serves the connection now sees it too
         }
@@ -1037,7 +1031,6 @@ pub fn swap_back_locked(g: &mut Inner) {
     if let Some(r) = &g.row {
         r.set_meta(Transport::Tcp, 1, g.role, Reason::SetupFailed.code());
     }
-    g.reason = Reason::SetupFailed;
 }
 
 // ---------------------------------------------------------------------------------------------
