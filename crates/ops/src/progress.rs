@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Work the progress thread does when an fd it watches is ready.
 pub trait Task: Send + Sync {
@@ -31,7 +32,15 @@ struct Progress {
     epfd: i32,
     next_token: u64,
     entries: HashMap<u64, Entry>,
+    /// Deadlines: (when, token, task); the task runs once with fd [`TIMER`].
+    timers: Vec<(Instant, u64, Arc<dyn Task>)>,
 }
+
+/// The fd a timer's task is called with.
+pub const TIMER: i32 = -1;
+
+/// How long the thread sleeps at most: a timer fires at most this late.
+const TICK: Duration = Duration::from_secs(1);
 
 static STATE: Mutex<Option<Progress>> = Mutex::new(None);
 /// Tasks running now, and whether a fork is being prepared (no task may start then).
@@ -96,7 +105,9 @@ fn ensure(p: &mut Option<Progress>) -> Option<&mut Progress> {
         let epfd = crate::sys::move_high(epfd);
         let mut entries = HashMap::new();
         let mut next_token = 1;
+        let mut timers = Vec::new();
         if let Some(old) = p.take() {
+            timers = old.timers;
             // A fork child: the inherited epoll set is shared with the parent, so it is left
             // alone (closing our copy only); the child watches the same fds in a set of its own.
             // SAFETY: closing our copy of the parent's epoll fd.
@@ -113,6 +124,7 @@ fn ensure(p: &mut Option<Progress>) -> Option<&mut Progress> {
             epfd,
             next_token,
             entries,
+            timers,
         });
         let spawned = std::thread::Builder::new()
             .name("libsdp-progress".into())
@@ -139,9 +151,26 @@ pub fn register(fd: i32, events: u32, task: Arc<dyn Task>) -> Option<u64> {
     Some(token)
 }
 
-/// Stops watching; the task is dropped once a running `on_event` returns.
+/// Runs `task` once (with fd [`TIMER`]) at `when`, or up to [`TICK`] later: the thread sleeps
+/// at most that long, so a timer costs no system call. Returns a token for [`unregister`].
+pub fn at(when: Instant, task: Arc<dyn Task>) -> Option<u64> {
+    let mut g = lock();
+    let p = ensure(&mut g)?;
+    let token = p.next_token;
+    p.next_token += 1;
+    p.timers.push((when, token, task));
+    Some(token)
+}
+
+/// Stops watching (or cancels a timer); the task is dropped once a running `on_event` returns.
 pub fn unregister(token: u64) {
     let mut g = lock();
+    if let Some(p) = g.as_mut()
+        && let Some(i) = p.timers.iter().position(|t| t.1 == token)
+    {
+        p.timers.swap_remove(i);
+        return;
+    }
     if let Some(p) = g.as_mut()
         && let Some(e) = p.entries.remove(&token)
         && p.pid == crate::sys::getpid()
@@ -188,6 +217,13 @@ fn run(epfd: i32) {
     }
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
     loop {
+        let timeout = {
+            let g = lock();
+            let now = Instant::now();
+            g.as_ref()
+                .and_then(|p| p.timers.iter().map(|t| t.0).min())
+                .map_or(TICK, |w| w.saturating_duration_since(now).min(TICK))
+        };
         // SAFETY: events is a valid buffer of 64 entries.
         let n = unsafe {
             libc::syscall(
@@ -195,7 +231,7 @@ fn run(epfd: i32) {
                 epfd,
                 events.as_mut_ptr(),
                 events.len() as i32,
-                1000,
+                timeout.as_millis() as i32 + 1,
             )
         } as i32;
         if n < 0 {
@@ -212,7 +248,28 @@ fn run(epfd: i32) {
                 _ => return,
             }
         }
-        for ev in &events[..n as usize] {
+        let due: Vec<Arc<dyn Task>> = {
+            let mut g = lock();
+            let now = Instant::now();
+            match g.as_mut() {
+                Some(p) if p.timers.iter().any(|t| t.0 <= now) => {
+                    let (due, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut p.timers)
+                        .into_iter()
+                        .partition(|t| t.0 <= now);
+                    p.timers = keep;
+                    due.into_iter().map(|t| t.2).collect()
+                }
+                _ => Vec::new(),
+            }
+        };
+        for task in due {
+            enter_task();
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                task.on_event(TIMER, 0)
+            }));
+            BUSY.fetch_sub(1, Ordering::SeqCst);
+        }
+        for ev in &events[..n.max(0) as usize] {
             let token = ev.u64;
             let fired = ev.events;
             let found = {

@@ -362,18 +362,19 @@ static void c_sigpipe(void) {
     /* With the default disposition the writer dies of SIGPIPE. */
     int c3, s3;
     fresh_pair(&c3, &s3);
+    /* Closed before the fork: a send reaching a still-open s3 would leave unread data there,
+     * and its close would then reset (ECONNRESET, no signal) instead of EPIPE. */
+    close(s3);
     pid_t k = fork();
     CHECK(k >= 0);
     if (k == 0) {
         signal(SIGPIPE, SIG_DFL);
-        close(s3);
         for (int i = 0; i < 300; i++) {
             if (send(c3, "data", 4, 0) < 0) _exit(3);
             sleep_ms(10);
         }
         _exit(4);
     }
-    close(s3);
     close(c3);
     int st;
     CHECK(waitpid(k, &st, 0) == k);

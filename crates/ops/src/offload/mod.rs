@@ -92,8 +92,7 @@ pub struct Inner {
     pub side_buf: Vec<u8>,
     /// The application's epoll registrations of this connection's fds: (epfd, fd, events, data).
     pub epoll: Vec<(i32, i32, u32, u64)>,
-    /// Pending client: the timeout's timerfd and the registrations watching for a TCP server.
-    pub timer_fd: i32,
+    /// Pending client: the timeout and the registration watching for a TCP server.
     pub pending_watch: Vec<u64>,
     /// Role for statistics: 1 client, 2 server.
     pub role: u8,
@@ -138,7 +137,6 @@ impl Inner {
             flush_watch: None,
             side_buf: Vec::new(),
             self_ref: std::sync::Weak::new(),
-            timer_fd: -1,
             pending_watch: Vec::new(),
             epoll: Vec::new(),
             endpoint: None,
@@ -236,6 +234,17 @@ pub fn unbind_fd(fd: i32) -> Option<Arc<Conn>> {
 pub fn note_epoll(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
     let Some(conn) = lookup(fd) else { return };
     let mut g = conn.lock();
+    if op == libc::EPOLL_CTL_MOD
+        && let Some(ev) = ev
+        && let Some(r) = g.epoll.iter_mut().find(|r| r.0 == epfd && r.1 == fd)
+        && (r.2 ^ ev.events) & libc::EPOLLET as u32 == 0
+    {
+        // The common case of event loops that toggle EPOLLOUT around every write: the set
+        // already watches this connection and the edge-triggered mode stays as it was.
+        r.2 = ev.events;
+        r.3 = ev.u64;
+        return;
+    }
     g.epoll.retain(|&(e, f, _, _)| !(e == epfd && f == fd));
     if op != libc::EPOLL_CTL_DEL
         && let Some(ev) = ev
@@ -252,13 +261,20 @@ pub fn note_epoll(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
             s.set_every_arrival(et);
         }
         drop(g);
+        let mine = |c: &std::sync::Weak<Conn>| std::ptr::eq(c.as_ptr(), Arc::as_ptr(&conn));
+        let known = WATCHED
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|m| m.get(&epfd))
+            .is_some_and(|l| l.iter().any(mine));
+        if known {
+            return;
+        }
         let mut w = WATCHED.write().unwrap_or_else(|p| p.into_inner());
         let list = w.get_or_insert_with(HashMap::new).entry(epfd).or_default();
         list.retain(|c| c.strong_count() > 0);
-        if !list
-            .iter()
-            .any(|c| std::ptr::eq(c.as_ptr(), Arc::as_ptr(&conn)))
-        {
+        if !list.iter().any(mine) {
             list.push(Arc::downgrade(&conn));
         }
         ANY_WATCHED.store(true, std::sync::atomic::Ordering::Release);
@@ -621,10 +637,6 @@ impl Inner {
     pub fn clear_pending_watch(&mut self) {
         for t in self.pending_watch.drain(..) {
             crate::progress::unregister(t);
-        }
-        if self.timer_fd >= 0 {
-            crate::sys::close(self.timer_fd);
-            self.timer_fd = -1;
         }
     }
 

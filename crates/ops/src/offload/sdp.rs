@@ -6,7 +6,6 @@
 //! documentation gives, with the process's monotonic clock as its time.
 
 use std::io::ErrorKind;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use ib_verbs::shm::ShmConn;
@@ -32,11 +31,19 @@ pub fn errno_of(kind: ErrorKind) -> Errno {
     }
 }
 
-/// The engine's clock: nanoseconds since the first use in this process.
+/// The engine's clock: the kernel's coarse monotonic clock, in nanoseconds.
+///
+/// Every timer of the engine counts seconds (SrcAvail, FIN_WAIT, TIME_WAIT), and the clock is
+/// read on every data call: the coarse clock (a few milliseconds of resolution) is one load
+/// from the vDSO page, where the precise one cost 3% of a busy redis server here.
 pub fn now() -> Timestamp {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = BASE.get_or_init(Instant::now);
-    Timestamp::from_nanos(base.elapsed().as_nanos() as u64)
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    Timestamp::from_nanos(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// The engine configuration libsdp uses on the same host: BCopy (the shm ring is already a

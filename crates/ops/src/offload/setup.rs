@@ -566,17 +566,13 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     let result = raw_connect(shadow, &dst);
     if matches!(result, Ok(()) | Err(libc::EINPROGRESS)) {
         // LINUX: an unconnected TCP socket polls HUP, so the watch starts only now.
-        let (timer_fd, pending_watch) = watch_pending(&conn, shadow);
+        let pending_watch = watch_pending(&conn, shadow);
         let mut g = conn.lock();
         if matches!(g.phase, Phase::Pending { .. }) {
-            g.timer_fd = timer_fd;
             g.pending_watch = pending_watch;
         } else {
             for t in pending_watch {
                 progress::unregister(t);
-            }
-            if timer_fd >= 0 {
-                sys::close(timer_fd);
             }
         }
     }
@@ -615,7 +611,7 @@ impl Task for PendingTask {
         };
         let mut g = conn.lock();
         if matches!(g.phase, Phase::Pending { .. }) {
-            let why = if fd == g.timer_fd {
+            let why = if fd == progress::TIMER {
                 "no SDP exchange in time"
             } else {
                 "the server spoke TCP"
@@ -630,7 +626,7 @@ impl Task for PendingTask {
     }
 }
 
-fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> (i32, Vec<u64>) {
+fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> Vec<u64> {
     let mut tokens = Vec::new();
     let task: Arc<dyn Task> = Arc::new(PendingTask {
         conn: Arc::downgrade(conn),
@@ -642,42 +638,10 @@ fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> (i32, Vec<u64>) {
     ) {
         tokens.push(t);
     }
-    // SAFETY: timerfd_create/settime with valid arguments on our own fd.
-    let tfd = unsafe {
-        libc::syscall(
-            libc::SYS_timerfd_create,
-            libc::CLOCK_MONOTONIC,
-            libc::TFD_CLOEXEC | libc::TFD_NONBLOCK,
-        )
-    } as i32;
-    if tfd >= 0 {
-        let tfd = sys::move_high(tfd);
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: PENDING_TIMEOUT.as_secs() as i64,
-                tv_nsec: PENDING_TIMEOUT.subsec_nanos() as i64,
-            },
-        };
-        // SAFETY: spec is a valid itimerspec.
-        unsafe {
-            libc::syscall(
-                libc::SYS_timerfd_settime,
-                tfd,
-                0,
-                &spec as *const _,
-                std::ptr::null_mut::<libc::itimerspec>(),
-            )
-        };
-        if let Some(t) = progress::register(tfd, libc::EPOLLIN as u32, task) {
-            tokens.push(t);
-        }
-        return (tfd, tokens);
+    if let Some(t) = progress::at(Instant::now() + PENDING_TIMEOUT, task) {
+        tokens.push(t);
     }
-    (-1, tokens)
+    tokens
 }
 
 /// The client's half of the exchange, run by the progress thread when the server's library
