@@ -264,9 +264,8 @@ fn run(epfd: i32) {
         };
         for task in due {
             enter_task();
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                task.on_event(TIMER, 0)
-            }));
+            let _ =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task.on_event(TIMER, 0)));
             BUSY.fetch_sub(1, Ordering::SeqCst);
         }
         for ev in &events[..n.max(0) as usize] {

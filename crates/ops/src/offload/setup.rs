@@ -1111,9 +1111,13 @@ fn server_exchange(
         }
     }
     let ack = engine.hello_ack();
+    // The server does not wait for the client's Ready: the client uses the rings as soon as
+    // the Answer reaches it, and if it cannot (a failed mmap), it releases its end, which this
+    // side sees as the peer's reset. Waiting would cost every connection a round trip between
+    // the two processes for a failure that only resource exhaustion causes.
     let shm = accepting
         .send_answer(&stream, &ack)
-        .and_then(|_| accepting.finish(&stream))
+        .and_then(|_| accepting.finish_unconfirmed())
         .map_err(|_| {
             sys::close(app);
             sys::close(bell);
