@@ -649,6 +649,67 @@ fn fork_child_uses_the_inherited_socket_after_the_parent_closed_it() {
 }
 
 #[test]
+fn dup3_with_cloexec_gives_a_working_close_on_exec_copy() {
+    let out = semantics("lifetime", "dup3", 2);
+    assert_lines(
+        &out,
+        &[
+            "dup3 onto 101: 101 cloexec=1",
+            "dup3 onto itself: -1 EINVAL",
+            "server got: dup3",
+            "server reads eof: 0",
+        ],
+    );
+}
+
+#[test]
+fn exit_right_after_writing_delivers_every_byte() {
+    let out = semantics("lifetime", "exit_unsent", 2);
+    assert_lines(
+        &out,
+        &["peer got 8388608 of 8388608 bytes, all in order: 1, then eof"],
+    );
+}
+
+#[test]
+fn so_linger_zero_close_resets_the_peer() {
+    let out = semantics("lifetime", "linger0", 2);
+    assert_lines(
+        &out,
+        &["peer poll: IN HUP", "peer reads: -1 ECONNRESET", "then: 0"],
+    );
+}
+
+#[test]
+fn close_with_unread_bytes_resets_the_peer() {
+    let out = semantics("lifetime", "unread_close", 2);
+    assert_lines(&out, &["peer poll: IN HUP", "peer reads: -1 ECONNRESET"]);
+}
+
+#[test]
+fn daemon_grandchild_keeps_using_the_connection() {
+    let out = semantics("lifetime", "daemon", 2);
+    assert_lines(
+        &out,
+        &[
+            "daemon() parent exit: 0",
+            "server got: from daemon",
+            "daemon got: reply",
+            "server reads eof after the daemon exits: 0",
+        ],
+    );
+}
+
+#[test]
+fn inetd_style_exec_of_cat_on_the_accepted_socket_echoes() {
+    let out = semantics("lifetime", "inetd", 1);
+    assert_lines(
+        &out,
+        &["echoed by cat: 1", "eof after cat exits: 0", "cat exit: 0"],
+    );
+}
+
+#[test]
 fn prefork_server_three_workers_share_a_listener_for_20_clients() {
     let out = semantics("lifetime", "prefork", 40);
     assert_lines(&out, &["echoed: 20 of 20", "workers stopped: 3"]);

@@ -494,6 +494,13 @@ pub fn shutdown_write(fd: RawFd) -> SysResult<()> {
     check("shutdown", rc).map(|_| ())
 }
 
+/// `shutdown(fd, SHUT_RDWR)`: the other end of a socketpair polls HUP at once.
+pub fn shutdown_both(fd: RawFd) -> SysResult<()> {
+    // SAFETY: shutdown takes no pointers.
+    let rc = unsafe { libc::syscall(libc::SYS_shutdown, fd, libc::SHUT_RDWR) };
+    check("shutdown", rc).map(|_| ())
+}
+
 /// Reads and discards every byte queued on a socket without blocking. Returns `true` when
 /// the stream reached its end (the other end was closed by its last holder).
 pub fn drain(fd: RawFd) -> SysResult<bool> {

@@ -166,6 +166,9 @@ pub enum ConnError {
     /// The peer closed the connection or its process ended (the last holder of our bell end
     /// closed it).
     PeerClosed,
+    /// The peer reset the connection (an abortive close: SO_LINGER 0, or a close with bytes it
+    /// had not read), after everything it sent before was taken.
+    PeerAborted,
     /// The peer's shared state violated an invariant; the connection was ended.
     Protocol(Violation),
     /// A RDMA READ failed (also reported as an error completion).
@@ -204,6 +207,7 @@ impl fmt::Display for ConnError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConnError::PeerClosed => write!(f, "peer closed the connection"),
+            ConnError::PeerAborted => write!(f, "peer reset the connection"),
             ConnError::Protocol(v) => write!(f, "peer violated the shared-memory protocol: {v:?}"),
             ConnError::ReadFailed(e) => write!(f, "RDMA READ failed: {e:?}"),
             ConnError::Sys(e) => write!(f, "{e}"),

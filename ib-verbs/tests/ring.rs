@@ -586,3 +586,14 @@ fn bootstrap_passive_need_not_wait_for_ready() {
     send_blocking(&mut ca, b"client answers", T).unwrap();
     assert_eq!(recv_one(&mut cp, T).unwrap(), b"client answers");
 }
+
+#[test]
+fn abort_reaches_the_peer_after_what_was_sent_before() {
+    let (mut a, mut b) = pair();
+    send_blocking(&mut a, b"before the reset", T).unwrap();
+    a.abort();
+    drop(a);
+    // What was sent before the reset is still delivered; then the reset, not an orderly end.
+    assert_eq!(recv_one(&mut b, T).unwrap(), b"before the reset");
+    assert_eq!(recv_one(&mut b, T).unwrap_err(), ConnError::PeerAborted);
+}

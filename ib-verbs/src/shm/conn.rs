@@ -263,6 +263,31 @@ impl ShmConn {
         *self.dead.get_or_insert(e)
     }
 
+    fn peer_aborted(&self) -> bool {
+        self.map
+            .u32_at(Layout::aborted(self.peer()))
+            .load(Ordering::Acquire)
+            != 0
+    }
+
+    /// Abortive close: tells the peer that this side reset the connection (it reports
+    /// [`ConnError::PeerAborted`] once it has taken what we sent before) and wakes it. The
+    /// connection is unusable afterwards; drop it.
+    pub fn abort(&mut self) {
+        if self.dead.is_some() {
+            return;
+        }
+        self.map
+            .u32_at(Layout::aborted(self.side))
+            .store(1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        // Both directions of the peer's bell: its app end polls IN and HUP at once, as a TCP
+        // socket that received a reset does (less POLLERR, which an AF_UNIX socket cannot be
+        // made to show from outside).
+        self.peer_bell_shut = true;
+        let _ = sys::shutdown_both(self.peer_bell.raw());
+    }
+
     /// The peer's `rx_posted`, validated against our private counts.
     fn load_peer_posted(&mut self) -> Result<u64, ConnError> {
         let p = self
@@ -798,6 +823,9 @@ impl Connection for ShmConn {
                 n += 1;
             }
         }
+        if n == 0 && self.peer_aborted() {
+            return Err(self.kill(ConnError::PeerAborted));
+        }
         if n == 0 && self.peer_gone {
             return Err(self.kill(ConnError::PeerClosed));
         }
@@ -805,7 +833,7 @@ impl Connection for ShmConn {
     }
 
     fn has_work(&mut self) -> bool {
-        if !self.cq.is_empty() || self.dead.is_some() || self.peer_gone {
+        if !self.cq.is_empty() || self.dead.is_some() || self.peer_gone || self.peer_aborted() {
             return true;
         }
         let produced = self

@@ -120,6 +120,13 @@ impl Layout {
         32 + side * 4
     }
 
+    /// Side `side`'s "I reset the connection" flag (u32): set by a side that aborts (SO_LINGER
+    /// 0, close with unread bytes) before it lets go, so that the other side reports a reset
+    /// (ECONNRESET) rather than an orderly end once it has taken what was sent before.
+    pub fn aborted(side: usize) -> usize {
+        40 + side * 4
+    }
+
     /// Side `side`'s count of posted receive buffers.
     pub fn rx_posted(side: usize) -> usize {
         Self::side(side)

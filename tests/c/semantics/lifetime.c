@@ -232,6 +232,150 @@ static void c_many(void) {
     waitpid(k, NULL, 0);
 }
 
+
+/* dup3 with O_CLOEXEC gives a working copy that is close-on-exec. */
+static void c_dup3(void) {
+    fresh_pair(&C, &S);
+    int d = dup3(C, 101, O_CLOEXEC);
+    printf("dup3 onto 101: %d cloexec=%d\n", d, (fcntl(101, F_GETFD) & FD_CLOEXEC) != 0);
+    printf("dup3 onto itself: %s\n", res(dup3(C, C, 0)));
+    close(C);
+    char b[8];
+    write_all(101, "dup3", 4);
+    read_all(S, b, 4);
+    printf("server got: %.4s\n", b);
+    sync_point();
+    close(101);
+    printf("server reads eof: %s\n", res(read(S, b, sizeof b)));
+}
+
+#define UNSENT (8u << 20)
+
+/* A process that exits right after its last write: every byte still reaches the peer. */
+static void c_exit_unsent(void) {
+    fresh_pair(&C, &S);
+    sync_point();
+    pid_t k = fork();
+    CHECK(k >= 0);
+    if (k == 0) {
+        close(S);
+        static unsigned char buf[1 << 16];
+        uint32_t v = 7;
+        for (size_t done = 0; done < UNSENT; done += sizeof buf) {
+            for (size_t i = 0; i < sizeof buf; i++) {
+                v = v * 1103515245u + 12345u;
+                buf[i] = (unsigned char)(v >> 16);
+            }
+            write_all(C, buf, sizeof buf);
+        }
+        exit(0); /* no close, no shutdown: exit itself must deliver */
+    }
+    close(C);
+    static unsigned char buf[1 << 16];
+    uint32_t v = 7;
+    size_t got = 0;
+    int same = 1;
+    for (;;) {
+        ssize_t n = read(S, buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        for (ssize_t i = 0; i < n; i++) {
+            v = v * 1103515245u + 12345u;
+            same &= buf[i] == (unsigned char)(v >> 16);
+        }
+        got += (size_t)n;
+    }
+    int st;
+    CHECK(waitpid(k, &st, 0) == k);
+    printf("peer got %zu of %u bytes, all in order: %d, then eof\n", got, UNSENT, same);
+}
+
+/* A reset SDP connection polls IN and HUP but not ERR: an AF_UNIX app end cannot be made to
+ * show POLLERR from outside (docs/ARCHITECTURE.md). The reads that follow are TCP's. */
+static int no_err(int r) { return r > 0 ? r & ~POLLERR : r; }
+
+/* SO_LINGER with a zero timeout: close resets the connection. */
+static void c_linger0(void) {
+    fresh_pair(&C, &S);
+    sync_point();
+    struct linger lg = {1, 0};
+    CHECK(setsockopt(C, SOL_SOCKET, SO_LINGER, &lg, sizeof lg) == 0);
+    close(C);
+    char b[8];
+    printf("peer poll: %s\n", pollstr(no_err(poll1(S, POLLIN, 5000))));
+    printf("peer reads: %s\n", res(read(S, b, sizeof b)));
+    printf("then: %s\n", res(read(S, b, sizeof b)));
+}
+
+/* close with unread bytes resets the connection instead of ending it. */
+static void c_unread_close(void) {
+    fresh_pair(&C, &S);
+    write_all(S, "never read", 10);
+    printf("data arrived: %s\n", pollstr(poll1(C, POLLIN, 5000)));
+    sync_point();
+    close(C);
+    char b[8];
+    printf("peer poll: %s\n", pollstr(no_err(poll1(S, POLLIN, 5000))));
+    printf("peer reads: %s\n", res(read(S, b, sizeof b)));
+}
+
+/* daemon(): the detached grandchild keeps using the connection its parent made. */
+static void c_daemon(void) {
+    fresh_pair(&C, &S);
+    sync_point();
+    pid_t k = fork();
+    CHECK(k >= 0);
+    if (k == 0) {
+        close(S);
+        if (daemon(1, 1) != 0) _exit(9);
+        char b[16];
+        write_all(C, "from daemon", 11);
+        read_all(C, b, 5);
+        printf("daemon got: %.5s\n", b);
+        exit(0);
+    }
+    close(C);
+    int st;
+    CHECK(waitpid(k, &st, 0) == k);
+    printf("daemon() parent exit: %d\n", WEXITSTATUS(st));
+    char b[16];
+    read_all(S, b, 11);
+    printf("server got: %.11s\n", b);
+    write_all(S, "reply", 5);
+    printf("server reads eof after the daemon exits: %s\n", res(read(S, b, sizeof b)));
+}
+
+/* inetd style: the accepting child puts the connection on stdin and stdout and execs cat. */
+static void c_inetd(void) {
+    int l = listener();
+    pid_t k = fork();
+    CHECK(k >= 0);
+    if (k == 0) {
+        int s = accept(l, NULL, NULL);
+        CHECK(s >= 0);
+        CHECK(dup2(s, 0) == 0 && dup2(s, 1) == 1);
+        close(s);
+        close(l);
+        char *argv[] = {"cat", NULL};
+        execv("/bin/cat", argv);
+        _exit(127);
+    }
+    close(l);
+    int c = connect_to(&listen_addr);
+    const char *m = "hello from an inetd client\n";
+    write_all(c, m, strlen(m));
+    char b[64];
+    read_all(c, b, strlen(m));
+    printf("echoed by cat: %d\n", !memcmp(b, m, strlen(m)));
+    sync_point();
+    shutdown(c, SHUT_WR);
+    printf("eof after cat exits: %s\n", res(read(c, b, sizeof b)));
+    int st;
+    CHECK(waitpid(k, &st, 0) == k);
+    printf("cat exit: %d\n", WEXITSTATUS(st));
+    close(c);
+}
+
 int main(int argc, char **argv) {
     static const struct sem_case cases[] = {
         {"dup", c_dup},
@@ -239,6 +383,12 @@ int main(int argc, char **argv) {
         {"prefork", c_prefork},
         {"large", c_large},
         {"many", c_many},
+        {"dup3", c_dup3},
+        {"exit_unsent", c_exit_unsent},
+        {"linger0", c_linger0},
+        {"unread_close", c_unread_close},
+        {"daemon", c_daemon},
+        {"inetd", c_inetd},
         {NULL, NULL},
     };
     return run_case(cases, argc, argv);

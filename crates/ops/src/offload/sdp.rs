@@ -65,6 +65,10 @@ pub struct SdpShm {
     next_wr: u64,
     /// The peer's process released the connection (its bell end hung up).
     peer_gone: bool,
+    /// The peer reset the connection and no call has reported it yet.
+    reset_pending: bool,
+    /// The peer reset the connection.
+    reset_seen: bool,
     /// The transport died (hostile peer, system error).
     dead: Option<Errno>,
     /// The peer announced urgent data (SIGURG to raise).
@@ -98,6 +102,8 @@ impl SdpShm {
             ],
             next_wr: 1 << 32,
             peer_gone: false,
+            reset_pending: false,
+            reset_seen: false,
             dead: None,
             urgent: false,
         };
@@ -119,6 +125,16 @@ impl SdpShm {
         match e {
             ConnError::PeerClosed => {
                 self.peer_gone = true;
+                let _ = self.engine.handle_cm_disconnected(t);
+            }
+            // The transport keeps reporting it: only the first report is news.
+            ConnError::PeerAborted if self.reset_seen => {}
+            ConnError::PeerAborted => {
+                // LINUX: after an RST the next call reports ECONNRESET once, then the socket
+                // reads end of stream and writes EPIPE.
+                self.peer_gone = true;
+                self.reset_seen = true;
+                self.reset_pending = true;
                 let _ = self.engine.handle_cm_disconnected(t);
             }
             ConnError::Protocol(ib_verbs::Violation::Stolen) => {
@@ -215,8 +231,13 @@ impl SdpShm {
         }
         while let Some(ev) = self.engine.poll_event() {
             match ev {
-                // The shm transport has no connection manager: its teardown is immediate.
-                Event::Disconnect { .. } => {
+                // The shm transport has no connection manager: its teardown is immediate. An
+                // abortive one (our abort, or an error we detected) is flagged to the peer,
+                // which reports a reset as a TCP peer does after an RST.
+                Event::Disconnect { abortive } => {
+                    if abortive {
+                        self.conn.abort();
+                    }
                     let _ = self.engine.handle_cm_disconnected(t);
                 }
                 Event::UrgentPending => self.urgent = true,
@@ -260,6 +281,9 @@ impl OffloadStream for SdpShm {
     fn send(&mut self, data: &[&[u8]], oob: bool) -> Result<usize, Errno> {
         if let Some(e) = self.dead {
             return Err(e);
+        }
+        if std::mem::take(&mut self.reset_pending) {
+            return Err(libc::ECONNRESET);
         }
         let t = now();
         let mut n = 0;
@@ -323,6 +347,10 @@ impl OffloadStream for SdpShm {
                 }
                 Err(RecvError::NotConnected) => {
                     first_err = Some(libc::ENOTCONN);
+                    break;
+                }
+                Err(RecvError::Closed(_)) if std::mem::take(&mut self.reset_pending) => {
+                    first_err = Some(libc::ECONNRESET);
                     break;
                 }
                 Err(RecvError::Closed(e)) => {
@@ -404,6 +432,11 @@ impl OffloadStream for SdpShm {
         self.drain_outputs();
     }
 
+    fn unread(&mut self) -> bool {
+        self.progress();
+        self.engine.recv_available() > 0
+    }
+
     fn peer_gone(&mut self) {
         if !self.peer_gone {
             // Whatever the peer sent before it went is still in our ring.
@@ -416,6 +449,9 @@ impl OffloadStream for SdpShm {
     fn error(&self) -> Option<Errno> {
         if let Some(e) = self.dead {
             return Some(e);
+        }
+        if self.reset_pending {
+            return Some(libc::ECONNRESET);
         }
         self.engine.error().map(|e| self.conn_errno(&e))
     }

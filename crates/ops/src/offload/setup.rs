@@ -1213,6 +1213,17 @@ pub fn close(fd: i32) {
         Phase::Offloaded(s) => s.is_current(),
         _ => false,
     };
+    let linger0 = current && linger_zero(g.shadow);
+    if current
+        && let Phase::Offloaded(s) = &mut g.phase
+        && (linger0 || s.unread())
+    {
+        // LINUX: SO_LINGER 0, or a close with bytes the application never read, resets the
+        // connection (RST): queued sends are dropped and the peer reports ECONNRESET.
+        s.abort();
+        g.release();
+        return;
+    }
     if current && let Phase::Offloaded(s) = &mut g.phase {
         // Bytes accepted by send are delivered after close, as TCP delivers them: a short
         // flush here, then the progress thread lingers with the rest (bounded), and close
@@ -1225,6 +1236,28 @@ pub fn close(fd: i32) {
         }
     }
     g.release();
+}
+
+/// Whether the application set SO_LINGER with a zero timeout (on the shadow, which keeps the
+/// socket's options).
+fn linger_zero(shadow: i32) -> bool {
+    let mut lg = libc::linger {
+        l_onoff: 0,
+        l_linger: 0,
+    };
+    let mut len = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+    // SAFETY: `lg` and `len` are valid for the kernel to write.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_getsockopt,
+            shadow,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &mut lg as *mut libc::linger,
+            &mut len as *mut libc::socklen_t,
+        )
+    };
+    r == 0 && lg.l_onoff != 0 && lg.l_linger == 0
 }
 
 /// How long a closed connection may keep delivering its queued bytes.

@@ -72,6 +72,9 @@ pub trait OffloadStream: Send {
     /// Abortive close: the peer sees ECONNRESET.
     fn abort(&mut self);
 
+    /// Bytes arrived that the application has not read (a close then resets, as TCP's does).
+    fn unread(&mut self) -> bool;
+
     /// The peer's process closed its last reference or died.
     fn peer_gone(&mut self);
 
