@@ -50,9 +50,15 @@ unsafe fn spin_epoll(epfd: c_int, events: *mut epoll_event, max: c_int, timeout:
     }
     let budget = ops::offload::data::spin_budget();
     let start = std::time::Instant::now();
+    if !budget.is_zero() {
+        ops::stats::bump(ops::stats::header::EPOLL_SPINS, 1);
+    }
     while start.elapsed() < budget {
         crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
         let n = unsafe { crate::real::epoll_wait(epfd, events, max, 0) };
+        if n > 0 {
+            ops::stats::bump(ops::stats::header::EPOLL_SPIN_HITS, 1);
+        }
         if n != 0 {
             return n;
         }

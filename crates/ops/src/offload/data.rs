@@ -53,6 +53,7 @@ fn spin_for_data(conn: &Arc<Conn>) -> bool {
         return false;
     }
     let start = std::time::Instant::now();
+    crate::stats::bump(crate::stats::header::RECV_SPINS, 1);
     loop {
         {
             let mut g = conn.lock();
@@ -60,6 +61,7 @@ fn spin_for_data(conn: &Arc<Conn>) -> bool {
                 Phase::Offloaded(s) => {
                     s.progress();
                     if s.recv_ready() {
+                        crate::stats::spin_hit(g.row.as_ref());
                         return true;
                     }
                 }
@@ -289,6 +291,7 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
     let dontwait = flags & libc::MSG_DONTWAIT != 0;
     let nosignal = flags & libc::MSG_NOSIGNAL != 0;
     let mut sent = 0usize;
+    let mut stalled = false;
     loop {
         {
             let mut g = conn.lock();
@@ -325,6 +328,9 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
                     if sent >= total {
                         return Some(Ok(sent as isize));
                     }
+                }
+                Err(libc::EAGAIN) if !std::mem::replace(&mut stalled, true) => {
+                    crate::stats::credit_stall(g.row.as_ref())
                 }
                 Err(libc::EAGAIN) => {}
                 Err(e) => {
