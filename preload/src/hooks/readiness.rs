@@ -94,6 +94,11 @@ pub unsafe extern "C" fn epoll_pwait(
     timeout: c_int,
     mask: *const sigset_t,
 ) -> c_int {
+    // LINUX: the signal mask (the kernel's 8-byte sigset) is read before any event is looked
+    // at: one the kernel cannot read fails with EFAULT even when events are ready.
+    if !mask.is_null() && !crate::hooks::data::user_readable(mask.cast(), 8) {
+        return unsafe { crate::real::epoll_pwait(epfd, events, max, timeout, mask) };
+    }
     let n = unsafe { spin_epoll(epfd, events, max, timeout) };
     if n != 0 {
         return n;
