@@ -109,18 +109,59 @@ pub fn enabled(level: u8) -> bool {
     level >= MIN_LEVEL.load(Ordering::Relaxed)
 }
 
-/// A fixed-capacity message buffer; text beyond its end is cut.
+/// Bytes of an overlong message kept from its start, and from its end.
+const HEAD: usize = 320;
+const TAIL: usize = 160;
+
+/// A fixed-capacity message buffer. An overlong message keeps its start and its end (where a
+/// long path would push out the part that says what happened) with " ... " between them.
 struct Line {
-    buf: [u8; 512],
+    buf: [u8; HEAD + 5 + TAIL + 1],
     len: usize,
+    /// The last TAIL bytes written past HEAD, as a ring; `cut` counts every byte past HEAD.
+    tail: [u8; TAIL],
+    cut: usize,
+}
+
+impl Line {
+    fn new() -> Line {
+        Line {
+            buf: [0; HEAD + 5 + TAIL + 1],
+            len: 0,
+            tail: [0; TAIL],
+            cut: 0,
+        }
+    }
+
+    /// Joins the kept end to the start; the message is then in `buf[..len]`.
+    fn finish(&mut self) {
+        if self.cut == 0 {
+            return;
+        }
+        let n = self.cut.min(TAIL);
+        if self.cut > TAIL {
+            self.buf[self.len..self.len + 5].copy_from_slice(b" ... ");
+            self.len += 5;
+        }
+        let start = self.cut - n;
+        for i in 0..n {
+            self.buf[self.len] = self.tail[(start + i) % TAIL];
+            self.len += 1;
+        }
+    }
 }
 
 impl std::fmt::Write for Line {
     fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let room = self.buf.len() - self.len;
-        let n = s.len().min(room);
-        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
-        self.len += n;
+        for &b in s.as_bytes() {
+            if self.len < HEAD {
+                self.buf[self.len] = b;
+                self.len += 1;
+            } else {
+                self.tail[self.cut % TAIL] = b;
+                self.cut += 1;
+            }
+        }
         Ok(())
     }
 }
@@ -130,14 +171,9 @@ pub fn emit(level: u8, args: std::fmt::Arguments<'_>) {
     if !enabled(level) {
         return;
     }
-    let mut line = Line {
-        buf: [0; 512],
-        len: 0,
-    };
+    let mut line = Line::new();
     let _ = write!(line, "libsdp[{}]: {}", crate::sys::getpid(), args);
-    if line.len == line.buf.len() {
-        line.len -= 1;
-    }
+    line.finish();
     line.buf[line.len] = b'\n';
     line.len += 1;
     match DEST.load(Ordering::Relaxed) {
@@ -159,6 +195,31 @@ pub fn emit(level: u8, args: std::fmt::Arguments<'_>) {
             }
             crate::sys::write_all(if fd < 0 { 2 } else { fd }, &line.buf[..line.len])
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn render(text: &str) -> String {
+        let mut l = Line::new();
+        let _ = write!(l, "{text}");
+        l.finish();
+        String::from_utf8(l.buf[..l.len].to_vec()).unwrap()
+    }
+
+    #[test]
+    fn short_message_is_whole_and_long_one_keeps_both_ends() {
+        assert_eq!(render("short"), "short");
+        let exact = "y".repeat(HEAD + TAIL);
+        assert_eq!(render(&exact), exact);
+        let long = format!("{}: every socket stays TCP", "x".repeat(100_000));
+        let r = render(&long);
+        assert!(r.starts_with(&"x".repeat(HEAD)), "{r}");
+        assert!(r.ends_with("x: every socket stays TCP"), "{r}");
+        assert!(r.contains(" ... "));
+        assert_eq!(r.len(), HEAD + 5 + TAIL);
     }
 }
 

@@ -33,14 +33,34 @@ fn is_nonblocking(fd: i32) -> bool {
     fl >= 0 && fl & libc::O_NONBLOCK != 0
 }
 
-/// The busy-poll budget of blocking receives: `LIBSDP_SPIN_US` (default 20 µs, 0 disables).
+/// The busy-poll budget of blocking receives: `LIBSDP_SPIN_US` (default 20 µs, 0 disables,
+/// at most one second). A value that is not a number is reported once and the default used.
 pub fn spin_budget() -> std::time::Duration {
+    const DEFAULT: u64 = 20;
+    const MAX: u64 = 1_000_000;
     static US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let us = *US.get_or_init(|| {
-        std::env::var("LIBSDP_SPIN_US")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(20)
+        let Some(raw) = std::env::var_os("LIBSDP_SPIN_US") else {
+            return DEFAULT;
+        };
+        let text = raw.to_string_lossy();
+        match text.trim().parse::<u64>() {
+            Ok(us) if us <= MAX => us,
+            Ok(_) => {
+                crate::sdp_log!(
+                    crate::log::ERROR,
+                    "LIBSDP_SPIN_US={text:?} is more than {MAX} microseconds; using {MAX}"
+                );
+                MAX
+            }
+            Err(_) => {
+                crate::sdp_log!(
+                    crate::log::ERROR,
+                    "LIBSDP_SPIN_US={text:?} is not a number of microseconds; using {DEFAULT}"
+                );
+                DEFAULT
+            }
+        }
     });
     std::time::Duration::from_micros(us)
 }
