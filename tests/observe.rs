@@ -41,7 +41,7 @@ if child == 0:
     sys.stdin.read()
     os._exit(0)
 s, _ = l1.accept()
-time.sleep(0.5)
+time.sleep(1.0)
 got = 0
 while got < bulk:
     got += len(s.recv(min(1 << 20, bulk - got)))
@@ -355,6 +355,35 @@ fn log_goes_to_stderr_at_level_7_and_not_at_level_8() {
         !String::from_utf8_lossy(&o.stderr).contains("decision"),
         "{o:?}"
     );
+}
+
+#[test]
+fn log_file_without_pid_pattern_collects_every_process_whole_lines() {
+    let file = tmp("shared.log");
+    let _ = std::fs::remove_file(&file);
+    let conf = tmp("shared.conf");
+    std::fs::write(
+        &conf,
+        format!("log min-level 7 destination file {}\n", file.display()),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let o = short_run(&conf);
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "refused 111\n", "{o:?}");
+        assert!(o.stderr.is_empty(), "the log went to the file: {o:?}");
+    }
+    let log = read_log(&file);
+    let pids: std::collections::BTreeSet<&str> = log
+        .lines()
+        .map(|l| {
+            assert!(
+                l.starts_with("libsdp[") && l.contains(": decision "),
+                "{log}"
+            );
+            l.split(']').next().unwrap()
+        })
+        .collect();
+    assert_eq!(pids.len(), 2, "two processes appended to one file:\n{log}");
 }
 
 #[test]
