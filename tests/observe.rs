@@ -18,7 +18,8 @@ const BULK: usize = 8 << 20;
 const ROUNDS: usize = 200;
 
 /// Server: listens on P1 and P2, forks the client, takes the bulk without reading for a while,
-/// then answers pings; prints its pid and READY, and waits for stdin to close.
+/// then answers pings; each prints its role and pid (one write each: they share the pipe) and
+/// waits for stdin to close.
 const PAIR: &str = r#"
 import os, select, socket, sys, time
 p1, p2, bulk, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -37,7 +38,7 @@ if child == 0:
         assert c.recv(1) == b'q'
     t = socket.create_connection(('127.0.0.1', p2))
     t.sendall(b'tcp')
-    print('CLIENT', os.getpid(), flush=True)
+    os.write(1, b'CLIENT %d\n' % os.getpid())
     sys.stdin.read()
     os._exit(0)
 s, _ = l1.accept()
@@ -50,7 +51,7 @@ for _ in range(rounds):
     s.sendall(b'q')
 t, _ = l2.accept()
 assert t.recv(3) == b'tcp'
-print('SERVER', os.getpid(), flush=True)
+os.write(1, b'SERVER %d\n' % os.getpid())
 sys.stdin.read()
 os.waitpid(child, 0)
 "#;
