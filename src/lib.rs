@@ -434,7 +434,8 @@ pub fn sdp_stat() -> Vec<StatRow> {
     );
     String::from_utf8_lossy(&o.stdout)
         .lines()
-        .filter(|l| !l.trim().is_empty())
+        // Socket lines only: the summary objects that follow have no "fd".
+        .filter(|l| l.contains("\"fd\":"))
         .map(|l| StatRow::parse(l).unwrap_or_else(|| panic!("unparsable sdp stat line: {l}")))
         .collect()
 }

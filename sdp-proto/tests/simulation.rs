@@ -53,6 +53,16 @@ fn established_bulk_gigabyte_random_sizes_with_zcopy_and_jitter_arrives_intact()
     assert_eq!(bulk.read, big());
     let stats = sim.sides[0].conn.stats();
     assert!(stats.srcavails_sent > 0, "ZCopy was exercised");
+    // Let the last RdmaRdCompl reach the writer.
+    sim.run_until_idle(1_000_000);
+    let stats = sim.sides[0].conn.stats();
+    // Every stream byte went either inside a message (BCopy, SrcAvail inline) or by RDMA read
+    // (ZCopy), and the reader counted the RDMA-read ones as the writer did.
+    let rx = sim.sides[1].conn.stats();
+    assert!(stats.zcopy_bytes_sent > 0, "{stats:?}");
+    assert_eq!(stats.zcopy_bytes_sent, rx.zcopy_bytes_received);
+    assert_eq!(stats.bytes_sent + stats.zcopy_bytes_sent, big());
+    assert_eq!(rx.bytes_received, big());
     let elapsed = started.elapsed();
     eprintln!(
         "moved {} MiB in {:?} ({} messages, {} SrcAvail, virtual {} ms)",

@@ -73,6 +73,14 @@ fn decide(fd: i32, role: conf::Role, addr: &SocketAddr) -> Decision {
     } else if m.has(Meta::ASKED_OFFLOAD) && d == Decision::Tcp {
         d = Decision::Both;
     }
+    if log::enabled(log::SUMMARY) {
+        let rule = log::rule_field(
+            g.policy.source_name(),
+            verdict.rule.map(|r| r.line),
+            verdict.why,
+        );
+        log::note_decision(fd, rule, d.as_str());
+    }
     let role_name = match role {
         conf::Role::Server => "listen",
         conf::Role::Client => "connect",
@@ -149,11 +157,7 @@ pub fn connect(fd: i32, addr: Option<SocketAddr>) -> Option<isize> {
             crate::offload::setup::ConnectPlan::Tcp(reason) => reason,
         },
     };
-    sdp_log!(
-        log::DECISION,
-        "{} fd {fd} connect {addr}: TCP ({reason})",
-        globals().program
-    );
+    log::connect_tcp(fd, addr, reason);
     crate::offload::setup::record_tcp(fd, 1, reason);
     None
 }
@@ -162,6 +166,7 @@ pub fn connect(fd: i32, addr: Option<SocketAddr>) -> Option<isize> {
 pub fn listen(fd: i32) {
     let d = on_listen(fd);
     crate::offload::setup::on_listen(fd, d);
+    log::listened(fd, d != Decision::Tcp);
 }
 
 /// After a successful `accept`: bookkeeping and, when the client came through the
@@ -171,10 +176,12 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> bool {
     if !fdtable::get(fd).tracked() {
         return true;
     }
-    !matches!(
+    let refused = matches!(
         crate::offload::setup::accept(listener, fd, flags),
         crate::offload::setup::AcceptOutcome::Refuse
-    )
+    );
+    log::accepted(listener, fd, refused);
+    !refused
 }
 
 /// Before the real `close` of a tracked fd.

@@ -54,6 +54,19 @@ fn init() -> Globals {
         sdp_log!(log::ERROR, "internal error, call failed with EIO: {info}");
     }));
     let loaded_by = conf::loaded_by(env("LD_PRELOAD").as_deref());
+    if let Some(v) = env("LIBSDP_ENABLE")
+        && !matches!(v.trim(), "" | "0" | "1")
+    {
+        sdp_log!(
+            log::ERROR,
+            "LIBSDP_ENABLE={v:?} is neither 0 nor 1; ignored (libsdp is {})",
+            if loaded_by == conf::LoadedBy::LdPreload {
+                "on"
+            } else {
+                "off"
+            }
+        );
+    }
     let act = conf::activation(env, loaded_by);
     let program = program_name();
     if !act.active {
@@ -74,6 +87,8 @@ fn init() -> Globals {
     }
     let policy = resolved.policy;
     log::configure(policy.log());
+    // Read (and report a bad) LIBSDP_SPIN_US now, not at the first blocking receive.
+    crate::offload::data::spin_budget();
     crate::fork::register_handlers();
     // SAFETY: registering a plain function for normal process exit.
     unsafe { libc::atexit(crate::offload::setup::flush_at_exit) };

@@ -6,22 +6,32 @@
 //! (a row may mix values from two instants, which statistics tolerate).
 //!
 //! ```text
-//! header (64 words)  magic | version | pid | nslots | program[64 B] | ...
-//! slot   (16 words)  0 meta: used(8) transport(8) state(8) role(8) reason(16)
+//! header (64 words)  0 magic | 1 version | 2 pid | 3 nslots | 4..11 program[64 B]
+//!                    16 epoll_wait calls that busy-polled   17 ... of them satisfied while spinning
+//!                    18 blocking receives that busy-polled  19 ... of them satisfied while spinning
+//!                    20 sends that waited for credits (all sockets, closed ones included)
+//!                    32 + reason code: sockets decided, by fallback reason (32: offloaded)
+//! slot   (24 words)  0 meta: used(8) transport(8) state(8) role(8) reason(16)
 //!                    1 fd
 //!                    2 local family|port   3,4 local address (IPv6 or v4-mapped)
 //!                    5 remote family|port  6,7 remote address
 //!                    8 bytes sent  9 bytes received  10 messages sent  11 messages received
-//!                    12 send credits  13 posted receive buffers  14,15 reserved
+//!                    12 send credits  13 posted receive buffers
+//!                    14 sends that waited for credits  15 blocking receives satisfied while
+//!                    spinning  16 ZCopy bytes sent  17 ZCopy bytes received  18..23 reserved
 //! ```
+//!
+//! The per-reason totals count every socket once, under its latest reason (a pending client
+//! that goes back to TCP moves from "offloaded" to its fallback reason); a TCP listener that
+//! publishes a beacon is not a fallback and is not counted.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 pub const MAGIC: u64 = 0x7473_5f70_6473_626c; // "lbsdp_st"
-pub const VERSION: u64 = 1;
+pub const VERSION: u64 = 2;
 pub const HEADER_WORDS: usize = 64;
-pub const SLOT_WORDS: usize = 16;
+pub const SLOT_WORDS: usize = 24;
 pub const NSLOTS: usize = 16384;
 pub const FILE_BYTES: usize = (HEADER_WORDS + NSLOTS * SLOT_WORDS) * 8;
 
@@ -68,6 +78,64 @@ pub mod field {
     pub const MSGS_RX: usize = 11;
     pub const CREDITS_TX: usize = 12;
     pub const POSTED_RX: usize = 13;
+    pub const CREDIT_STALLS: usize = 14;
+    pub const SPIN_HITS: usize = 15;
+    pub const ZCOPY_TX: usize = 16;
+    pub const ZCOPY_RX: usize = 17;
+}
+
+/// Word offsets inside the header: process-wide counters.
+pub mod header {
+    pub const EPOLL_SPINS: usize = 16;
+    pub const EPOLL_SPIN_HITS: usize = 17;
+    pub const RECV_SPINS: usize = 18;
+    pub const RECV_SPIN_HITS: usize = 19;
+    pub const CREDIT_STALLS: usize = 20;
+    /// `REASONS + code`: sockets decided with that fallback reason (code 0: offloaded).
+    pub const REASONS: usize = 32;
+    pub const NREASONS: usize = 32;
+}
+
+/// A send found no room because the peer had given no credits for the bytes queued before it:
+/// counted on the socket's row and for the process.
+pub fn credit_stall(row: Option<&Row>) {
+    if let Some(r) = row {
+        r.add(field::CREDIT_STALLS, 1);
+    }
+    bump(header::CREDIT_STALLS, 1);
+}
+
+/// A blocking receive found data while busy-polling, before sleeping in the kernel.
+pub fn spin_hit(row: Option<&Row>) {
+    if let Some(r) = row {
+        r.add(field::SPIN_HITS, 1);
+    }
+    bump(header::RECV_SPIN_HITS, 1);
+}
+
+/// Adds `n` to a process-wide counter of the header (nothing if there is no table).
+#[inline]
+pub fn bump(word: usize, n: u64) {
+    if let Some(t) = table() {
+        t[word].fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The per-reason bucket a meta word counts in, if any (see the module doc).
+fn reason_bucket(m: u64) -> Option<usize> {
+    let (used, transport, _, _, reason) = unmeta(m);
+    if !used {
+        return None;
+    }
+    let code = if transport == Transport::Tcp as u8 {
+        if reason == 0 {
+            return None; // an SDP listener's kernel socket, not a fallback
+        }
+        reason as usize
+    } else {
+        0
+    };
+    (code < header::NREASONS).then_some(header::REASONS + code)
 }
 
 /// Packs the meta word.
@@ -244,6 +312,9 @@ impl Row {
                     w.store(0, Ordering::Relaxed);
                 }
                 words[field::FD].store(fd as u64, Ordering::Relaxed);
+                if let Some(b) = reason_bucket(m) {
+                    t[b].fetch_add(1, Ordering::Relaxed);
+                }
                 HINT.store(i + 1, Ordering::Relaxed);
                 return Some(Row { words });
             }
@@ -261,7 +332,21 @@ impl Row {
     }
 
     pub fn set_meta(&self, transport: Transport, state: u8, role: u8, reason: u16) {
-        self.words[field::META].store(meta(transport, state, role, reason), Ordering::Release);
+        let new = meta(transport, state, role, reason);
+        let old = self.words[field::META].swap(new, Ordering::AcqRel);
+        let (was, now) = (reason_bucket(old), reason_bucket(new));
+        if was != now
+            && let Some(t) = table()
+            && self.is_ours()
+        {
+            // The socket moves to its latest reason: it stays counted once.
+            if let Some(b) = was {
+                t[b].fetch_sub(1, Ordering::Relaxed);
+            }
+            if let Some(b) = now {
+                t[b].fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     pub fn set_fd(&self, fd: i32) {

@@ -106,13 +106,22 @@ enum Command {
     /// Show the sockets that running libsdp processes have offloaded.
     #[command(
         long_about = "Lists, for every process running with libsdp, its stream sockets: transport \
-                      (SDP or TCP), state, bytes and messages each way, credits, and why a socket \
-                      fell back to TCP."
+                      (SDP or TCP), state, bytes and messages each way, credits, sends that waited \
+                      for credits, receives satisfied while busy-polling, ZCopy bytes, and why a \
+                      socket fell back to TCP; then the sockets each process decided by fallback \
+                      reason (since it started, and live) and its busy-poll counters.\n\n\
+                      Columns and counters: docs/OBSERVABILITY.md."
     )]
     Stat {
-        /// One JSON object per socket, one per line.
+        /// One JSON object per socket, one per line, then the summary objects.
         #[arg(long)]
         json: bool,
+        /// Print the listing again every SECONDS seconds, like watch(1).
+        #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86400))]
+        watch: Option<u64>,
+        /// With --watch: stop after N listings.
+        #[arg(long, value_name = "N", requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
     },
 
     /// Compare workloads without and with libsdp, side by side in one run.
@@ -147,7 +156,7 @@ fn main() -> ExitCode {
             addr,
         } => explain::explain(conf.as_deref(), &program, role, &addr),
         Command::Check { file } => check::check(&file),
-        Command::Stat { json } => stat::stat(json),
+        Command::Stat { json, watch, count } => stat::stat(stat::StatOpts { json, watch, count }),
         Command::Bench { quick, conf, only } => {
             match bench::run(&bench::BenchOpts { quick, conf, only }) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -2,13 +2,17 @@
 //! per-process statistics files the library keeps in shared memory (`ops::stats`).
 //!
 //! Files of processes that no longer exist are removed on the way.
+//!
+//! After the sockets comes a summary: how many sockets each process decided, by fallback
+//! reason (since it started, and among the live ones), and the process-wide counters
+//! (busy-poll hits, credit stalls). `--watch N` redraws the whole listing every N seconds.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use ops::stats::{self, Transport, field};
+use ops::stats::{self, Transport, field, header};
 
 /// One socket as `sdp stat` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +31,55 @@ pub struct SocketRow {
     pub msgs_rx: u64,
     pub credits_tx: u64,
     pub posted_rx: u64,
+    /// Sends that found no room and waited for the peer's credits.
+    pub credit_stalls: u64,
+    /// Blocking receives satisfied while busy-polling.
+    pub spin_hits: u64,
+    /// Bytes moved by RDMA (ZCopy) each way; the rest of `bytes_*` went by BCopy.
+    pub zcopy_tx: u64,
+    pub zcopy_rx: u64,
+}
+
+/// One process's header: its counters and its sockets decided, by reason.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ProcessRow {
+    pub pid: u64,
+    pub program: String,
+    pub epoll_spins: u64,
+    pub epoll_spin_hits: u64,
+    pub recv_spins: u64,
+    pub recv_spin_hits: u64,
+    pub credit_stalls: u64,
+    /// Sockets decided since the process started, indexed by reason code (0: offloaded).
+    pub reasons: Vec<u64>,
+}
+
+/// What one statistics file holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStats {
+    pub process: ProcessRow,
+    pub rows: Vec<SocketRow>,
+}
+
+/// The name a reason bucket has in the summary (the offloaded bucket is not a fallback).
+pub fn bucket_name(code: usize) -> &'static str {
+    match code {
+        0 => "offloaded",
+        c => fallback::Reason::from_code(c as u16).map_or("?", fallback::Reason::as_str),
+    }
+}
+
+impl SocketRow {
+    /// The summary bucket this live socket counts in (as the library counts it), if any.
+    pub fn bucket(&self) -> Option<usize> {
+        if self.transport != "tcp" {
+            return Some(0);
+        }
+        fallback::Reason::ALL
+            .iter()
+            .find(|r| r.as_str() == self.reason && r.code() != 0)
+            .map(|r| r.code() as usize)
+    }
 }
 
 fn word(b: &[u8], i: usize) -> u64 {
@@ -35,8 +88,8 @@ fn word(b: &[u8], i: usize) -> u64 {
         .map_or(0, |s| u64::from_ne_bytes(s.try_into().expect("8 bytes")))
 }
 
-/// Parses one statistics file. `None`: not a libsdp statistics file.
-pub fn parse_file(b: &[u8]) -> Option<(u64, String, Vec<SocketRow>)> {
+/// Parses one statistics file. `None`: not a libsdp statistics file (or another version's).
+pub fn parse_file(b: &[u8]) -> Option<FileStats> {
     if b.len() < stats::HEADER_WORDS * 8
         || word(b, 0) != stats::MAGIC
         || word(b, 1) != stats::VERSION
@@ -78,9 +131,26 @@ pub fn parse_file(b: &[u8]) -> Option<(u64, String, Vec<SocketRow>)> {
             msgs_rx: w(field::MSGS_RX),
             credits_tx: w(field::CREDITS_TX),
             posted_rx: w(field::POSTED_RX),
+            credit_stalls: w(field::CREDIT_STALLS),
+            spin_hits: w(field::SPIN_HITS),
+            zcopy_tx: w(field::ZCOPY_TX),
+            zcopy_rx: w(field::ZCOPY_RX),
         });
     }
-    Some((pid, program, rows))
+    let h = |i: usize| word(b, i);
+    let process = ProcessRow {
+        pid,
+        program,
+        epoll_spins: h(header::EPOLL_SPINS),
+        epoll_spin_hits: h(header::EPOLL_SPIN_HITS),
+        recv_spins: h(header::RECV_SPINS),
+        recv_spin_hits: h(header::RECV_SPIN_HITS),
+        credit_stalls: h(header::CREDIT_STALLS),
+        reasons: (0..fallback::Reason::ALL.len())
+            .map(|c| h(header::REASONS + c))
+            .collect(),
+    };
+    Some(FileStats { process, rows })
 }
 
 /// The kernel's 4-tuple of a process's TCP socket, for rows the library leaves without one
@@ -139,10 +209,16 @@ fn alive(pid: u64) -> bool {
 
 /// Every socket of every live libsdp process.
 pub fn collect() -> Vec<SocketRow> {
+    collect_all().0
+}
+
+/// Every socket and every process header of the live libsdp processes.
+pub fn collect_all() -> (Vec<SocketRow>, Vec<ProcessRow>) {
     let mut out = Vec::new();
+    let mut procs = Vec::new();
     let mut tables = HashMap::new();
     let Ok(dir) = std::fs::read_dir(stats::DIR) else {
-        return out;
+        return (out, procs);
     };
     for e in dir.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
@@ -160,8 +236,9 @@ pub fn collect() -> Vec<SocketRow> {
             continue;
         }
         if let Ok(b) = std::fs::read(e.path())
-            && let Some((_, _, rows)) = parse_file(&b)
+            && let Some(FileStats { process, rows }) = parse_file(&b)
         {
+            procs.push(process);
             for mut r in rows {
                 if r.transport == "tcp"
                     && r.local.is_none()
@@ -175,7 +252,8 @@ pub fn collect() -> Vec<SocketRow> {
         }
     }
     out.sort_by_key(|r| (r.pid, r.fd));
-    out
+    procs.sort_by_key(|p| p.pid);
+    (out, procs)
 }
 
 fn addr(a: &Option<SocketAddr>) -> String {
@@ -197,9 +275,17 @@ fn json_str(s: &str) -> String {
     o
 }
 
-pub fn stat(json: bool) -> ExitCode {
+/// How `sdp stat` runs: once, or every `watch` seconds (`count` times, or until interrupted).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StatOpts {
+    pub json: bool,
+    pub watch: Option<u64>,
+    pub count: Option<u64>,
+}
+
+pub fn stat(opts: StatOpts) -> ExitCode {
     // A closed pipe (`sdp stat | head`) ends the listing quietly.
-    match print(json) {
+    match run(opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
@@ -209,14 +295,61 @@ pub fn stat(json: bool) -> ExitCode {
     }
 }
 
-fn print(json: bool) -> std::io::Result<()> {
-    let rows = collect();
-    let mut out = std::io::stdout().lock();
+fn run(opts: StatOpts) -> std::io::Result<()> {
+    let Some(every) = opts.watch else {
+        let mut out = std::io::stdout().lock();
+        return print(&mut out, opts.json);
+    };
+    // LINUX: like watch(1), clear the terminal between listings; a pipe gets them one after
+    // another, each headed by its time.
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let mut n = 0u64;
+    loop {
+        {
+            let mut out = std::io::stdout().lock();
+            if tty && !opts.json {
+                write!(out, "\x1b[H\x1b[2J")?;
+            }
+            if !opts.json {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                writeln!(out, "Every {every}s: sdp stat    (unix time {now})")?;
+                writeln!(out)?;
+            }
+            print(&mut out, opts.json)?;
+            out.flush()?;
+        }
+        n += 1;
+        if opts.count.is_some_and(|c| n >= c) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_secs(every));
+    }
+}
+
+/// Per reason bucket: (sockets decided since the processes started, live sockets now).
+fn totals(rows: &[SocketRow], procs: &[ProcessRow]) -> Vec<(usize, u64, u64)> {
+    (0..fallback::Reason::ALL.len())
+        .map(|c| {
+            let total = procs
+                .iter()
+                .map(|p| p.reasons.get(c).copied().unwrap_or(0))
+                .sum();
+            let live = rows.iter().filter(|r| r.bucket() == Some(c)).count() as u64;
+            (c, total, live)
+        })
+        .filter(|&(_, total, live)| total > 0 || live > 0)
+        .collect()
+}
+
+fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
+    let (rows, procs) = collect_all();
     if json {
         for r in &rows {
             writeln!(
                 out,
-                "{{\"pid\":{},\"program\":{},\"fd\":{},\"role\":\"{}\",\"transport\":\"{}\",\"fallback_reason\":\"{}\",\"local\":{},\"remote\":{},\"bytes_tx\":{},\"bytes_rx\":{},\"msgs_tx\":{},\"msgs_rx\":{},\"credits_tx\":{},\"posted_rx\":{}}}",
+                "{{\"pid\":{},\"program\":{},\"fd\":{},\"role\":\"{}\",\"transport\":\"{}\",\"fallback_reason\":\"{}\",\"local\":{},\"remote\":{},\"bytes_tx\":{},\"bytes_rx\":{},\"msgs_tx\":{},\"msgs_rx\":{},\"credits_tx\":{},\"posted_rx\":{},\"credit_stalls\":{},\"spin_hits\":{},\"zcopy_tx\":{},\"zcopy_rx\":{},\"bcopy_tx\":{},\"bcopy_rx\":{}}}",
                 r.pid,
                 json_str(&r.program),
                 r.fd,
@@ -230,18 +363,51 @@ fn print(json: bool) -> std::io::Result<()> {
                 r.msgs_tx,
                 r.msgs_rx,
                 r.credits_tx,
-                r.posted_rx
+                r.posted_rx,
+                r.credit_stalls,
+                r.spin_hits,
+                r.zcopy_tx,
+                r.zcopy_rx,
+                r.bytes_tx.saturating_sub(r.zcopy_tx),
+                r.bytes_rx.saturating_sub(r.zcopy_rx),
+            )?;
+        }
+        // The summary: one object per process (its counters and decisions by reason), then
+        // one per reason over all processes. None has a "pid" or "fd" key: readers of the
+        // socket lines can tell them apart.
+        for p in &procs {
+            write!(
+                out,
+                "{{\"process\":{},\"program\":{},\"epoll_spins\":{},\"epoll_spin_hits\":{},\"recv_spins\":{},\"recv_spin_hits\":{},\"credit_stalls\":{}",
+                p.pid,
+                json_str(&p.program),
+                p.epoll_spins,
+                p.epoll_spin_hits,
+                p.recv_spins,
+                p.recv_spin_hits,
+                p.credit_stalls
+            )?;
+            for (c, n) in p.reasons.iter().enumerate() {
+                write!(out, ",\"{}\":{n}", bucket_name(c))?;
+            }
+            writeln!(out, "}}")?;
+        }
+        for (c, total, live) in totals(&rows, &procs) {
+            writeln!(
+                out,
+                "{{\"totals\":\"reason\",\"reason\":\"{}\",\"total\":{total},\"live\":{live}}}",
+                bucket_name(c)
             )?;
         }
         return Ok(());
     }
-    if rows.is_empty() {
+    if rows.is_empty() && procs.is_empty() {
         writeln!(out, "no libsdp processes with stream sockets")?;
         return Ok(());
     }
     writeln!(
         out,
-        "{:>7} {:<15} {:>5} {:<6} {:<5} {:<22} {:<22} {:>12} {:>12} {:>9} {:>9} {:>4} {:>4}  REASON",
+        "{:>7} {:<15} {:>5} {:<6} {:<5} {:<22} {:<22} {:>12} {:>12} {:>9} {:>9} {:>4} {:>4} {:>6} {:>6} {:>9} {:>9}  REASON",
         "PID",
         "PROGRAM",
         "FD",
@@ -254,12 +420,16 @@ fn print(json: bool) -> std::io::Result<()> {
         "TX_MSGS",
         "RX_MSGS",
         "CRED",
-        "POST"
+        "POST",
+        "STALLS",
+        "SPINS",
+        "ZC_TX",
+        "ZC_RX"
     )?;
     for r in &rows {
         writeln!(
             out,
-            "{:>7} {:<15} {:>5} {:<6} {:<5} {:<22} {:<22} {:>12} {:>12} {:>9} {:>9} {:>4} {:>4}  {}",
+            "{:>7} {:<15} {:>5} {:<6} {:<5} {:<22} {:<22} {:>12} {:>12} {:>9} {:>9} {:>4} {:>4} {:>6} {:>6} {:>9} {:>9}  {}",
             r.pid,
             r.program,
             r.fd,
@@ -273,7 +443,39 @@ fn print(json: bool) -> std::io::Result<()> {
             r.msgs_rx,
             r.credits_tx,
             r.posted_rx,
+            r.credit_stalls,
+            r.spin_hits,
+            r.zcopy_tx,
+            r.zcopy_rx,
             r.reason
+        )?;
+    }
+    writeln!(out)?;
+    writeln!(out, "SOCKETS BY FALLBACK REASON   TOTAL    LIVE")?;
+    let t = totals(&rows, &procs);
+    if t.is_empty() {
+        writeln!(out, "  (none decided yet)")?;
+    }
+    for (c, total, live) in t {
+        writeln!(out, "  {:<24} {total:>7} {live:>7}", bucket_name(c))?;
+    }
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13}",
+        "PID", "PROGRAM", "EPOLL_SPINS", "EPOLL_HITS", "RECV_SPINS", "RECV_HITS", "CREDIT_STALLS"
+    )?;
+    for p in &procs {
+        writeln!(
+            out,
+            "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13}",
+            p.pid,
+            p.program,
+            p.epoll_spins,
+            p.epoll_spin_hits,
+            p.recv_spins,
+            p.recv_spin_hits,
+            p.credit_stalls
         )?;
     }
     Ok(())
@@ -308,8 +510,11 @@ mod tests {
             put(&mut b, base + field::REMOTE + i, w);
         }
         put(&mut b, base + field::BYTES_TX, 640);
-        let (pid, prog, rows) = parse_file(&b).unwrap();
-        assert_eq!((pid, prog.as_str(), rows.len()), (42, "sockperf", 1));
+        let FileStats { process, rows } = parse_file(&b).unwrap();
+        assert_eq!(
+            (process.pid, process.program.as_str(), rows.len()),
+            (42, "sockperf", 1)
+        );
         assert_eq!(rows[0].transport, "shm");
         assert_eq!(rows[0].remote, Some(a));
         assert_eq!(rows[0].bytes_tx, 640);

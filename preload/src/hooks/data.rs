@@ -32,6 +32,223 @@ fn do_send(fd: c_int, bufs: &[&[u8]], flags: c_int) -> Option<ssize_t> {
     switch_call(Some(-1), || od::send(fd, bufs, flags).map(od::to_c)).flatten()
 }
 
+// ---------------------------------------------------------------------------------------------
+// User memory as the kernel checks it. An offloaded call copies with plain loads and stores,
+// where the kernel would have answered EFAULT (or EINVAL) for a bad pointer or length: these
+// checks give the kernel's answer instead of a crash, with no system call on the data path.
+
+/// LINUX: `access_ok`'s limit, TASK_SIZE_MAX (47-bit user space less its guard page on x86_64;
+/// 48-bit on AArch64). Buffers above it fail at once with EFAULT.
+#[cfg(target_arch = "x86_64")]
+const TASK_SIZE: usize = (1 << 47) - 4096;
+#[cfg(not(target_arch = "x86_64"))]
+const TASK_SIZE: usize = 1 << 48;
+
+/// LINUX: MAX_RW_COUNT, the most one call moves; longer lengths are cut to it.
+const MAX_RW_COUNT: usize = (i32::MAX as usize) & !4095;
+
+/// LINUX: UIO_MAXIOV, the most iovecs one call takes.
+const UIO_MAXIOV: usize = 1024;
+
+/// How the kernel would treat a user buffer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Span {
+    /// Usable (or empty).
+    Good,
+    /// In user space but in the null page, where nothing is mapped: EFAULT when the kernel
+    /// copies, that is after it waited for data (a non-blocking call still gets EAGAIN). A
+    /// pointer into other unmapped memory cannot be told without a system call and is not
+    /// detected.
+    Fault,
+    /// Beyond user space or wrapping around: `access_ok` fails, EFAULT before anything else.
+    Bad,
+}
+
+fn span(p: *const c_void, n: usize) -> Span {
+    let a = p as usize;
+    if n == 0 {
+        Span::Good
+    } else if n > TASK_SIZE || a > TASK_SIZE - n {
+        Span::Bad
+    } else if a < 4096 {
+        Span::Fault
+    } else {
+        Span::Good
+    }
+}
+
+/// Whether the kernel could copy `n` bytes from `p` (no EFAULT).
+pub(crate) fn user_readable(p: *const c_void, n: usize) -> bool {
+    span(p, n) == Span::Good
+}
+
+/// A small structure the kernel copies in or out at once (a msghdr, an int, a sockaddr).
+fn obj_ok<T>(p: *const T) -> bool {
+    span(p.cast(), std::mem::size_of::<T>()) == Span::Good
+}
+
+fn fail(e: c_int) -> ssize_t {
+    od::to_c(Err(e))
+}
+
+/// A receive into a buffer the kernel would fault on: wait for data as the kernel does, then
+/// EFAULT (end of stream, EAGAIN and errors are reported as they are). Nothing is consumed.
+fn recv_fault(fd: c_int, flags: c_int) -> Option<ssize_t> {
+    let mut one = [0u8; 1];
+    match do_recv(fd, &mut [&mut one[..]], flags | libc::MSG_PEEK) {
+        Some(n) if n > 0 => Some(fail(libc::EFAULT)),
+        r => r,
+    }
+}
+
+/// A send from a buffer the kernel would fault on: the connection's errors first (EPIPE on a
+/// shut-down socket), as the kernel checks them before copying, then EFAULT.
+fn send_fault(fd: c_int, flags: c_int) -> Option<ssize_t> {
+    match do_send(fd, &[], flags) {
+        Some(n) if n >= 0 => Some(fail(libc::EFAULT)),
+        r => r,
+    }
+}
+
+/// A receive into one buffer, checked as the kernel checks it (`clamp`: the recv family cuts
+/// the length to MAX_RW_COUNT before checking; read checks the whole length).
+///
+/// # Safety
+/// A `Good` buffer must be writable for its length, as the call's contract says.
+unsafe fn recv_one(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    flags: c_int,
+    clamp: bool,
+) -> Option<ssize_t> {
+    let n = if clamp { n.min(MAX_RW_COUNT) } else { n };
+    match span(buf, n) {
+        Span::Bad => Some(fail(libc::EFAULT)),
+        Span::Fault => recv_fault(fd, flags),
+        Span::Good => do_recv(
+            fd,
+            &mut [unsafe { out_buf(buf, n.min(MAX_RW_COUNT)) }],
+            flags,
+        ),
+    }
+}
+
+/// # Safety
+/// As [`recv_one`], for reading.
+unsafe fn send_one(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    flags: c_int,
+    clamp: bool,
+) -> Option<ssize_t> {
+    let n = if clamp { n.min(MAX_RW_COUNT) } else { n };
+    match span(buf, n) {
+        Span::Bad => Some(fail(libc::EFAULT)),
+        Span::Fault => send_fault(fd, flags),
+        Span::Good => do_send(fd, &[unsafe { in_buf(buf, n.min(MAX_RW_COUNT)) }], flags),
+    }
+}
+
+/// An iovec array after the kernel's checks (`import_iovec`): its segments, and whether one
+/// of them faults at copy time. `Err`: the errno the kernel answers at once.
+///
+/// # Safety
+/// A `Good` array holds `cnt` iovecs.
+unsafe fn iov_check(iov: *const iovec, cnt: usize) -> Result<(Vec<iovec>, bool), c_int> {
+    if cnt > UIO_MAXIOV {
+        return Err(libc::EINVAL);
+    }
+    if cnt == 0 {
+        return Ok((Vec::new(), false));
+    }
+    if span(iov.cast(), cnt * std::mem::size_of::<iovec>()) != Span::Good {
+        return Err(libc::EFAULT);
+    }
+    // SAFETY: checked above that the array is in user space and out of the null page.
+    let v = unsafe { slice::from_raw_parts(iov, cnt) }.to_vec();
+    if v.iter().any(|e| (e.iov_len as isize) < 0) {
+        return Err(libc::EINVAL);
+    }
+    let mut fault = false;
+    let mut total = 0usize;
+    let mut out = Vec::with_capacity(cnt);
+    for e in v {
+        match span(e.iov_base, e.iov_len) {
+            Span::Bad => return Err(libc::EFAULT),
+            Span::Fault => fault = true,
+            Span::Good => {}
+        }
+        let len = e.iov_len.min(MAX_RW_COUNT - total);
+        total += len;
+        out.push(iovec {
+            iov_base: e.iov_base,
+            iov_len: len,
+        });
+    }
+    Ok((out, fault))
+}
+
+/// `readv`/`recvmsg` on an offloaded fd with a checked iovec array. `zero_is_eof`: a read of
+/// zero bytes returns at once (LINUX: `sock_read_iter`), as readv does and recvmsg does not.
+///
+/// # Safety
+/// As `readv(2)`.
+unsafe fn recv_iov(
+    fd: c_int,
+    iov: *const iovec,
+    cnt: usize,
+    flags: c_int,
+    zero_returns: bool,
+) -> Option<ssize_t> {
+    match unsafe { iov_check(iov, cnt) } {
+        Err(e) => Some(fail(e)),
+        Ok((segs, _)) if zero_returns && segs.iter().all(|e| e.iov_len == 0) => Some(0),
+        Ok((_, true)) => recv_fault(fd, flags),
+        Ok((segs, false)) => do_recv(
+            fd,
+            &mut unsafe { iov_mut(segs.as_ptr(), segs.len()) },
+            flags,
+        ),
+    }
+}
+
+/// # Safety
+/// As `writev(2)`.
+unsafe fn send_iov(fd: c_int, iov: *const iovec, cnt: usize, flags: c_int) -> Option<ssize_t> {
+    match unsafe { iov_check(iov, cnt) } {
+        Err(e) => Some(fail(e)),
+        Ok((_, true)) => send_fault(fd, flags),
+        Ok((segs, false)) => do_send(fd, &unsafe { iov_ref(segs.as_ptr(), segs.len()) }, flags),
+    }
+}
+
+/// LINUX: `__copy_msghdr`'s checks of a msghdr the kernel copied in, for a receive (`send`
+/// false) or a send: the name length, the name itself (sends copy it), the control buffer
+/// (sends copy it), the iovec count.
+fn msghdr_check(m: &msghdr, send: bool) -> Result<(), c_int> {
+    if !m.msg_name.is_null() && (m.msg_namelen as c_int) < 0 {
+        return Err(libc::EINVAL);
+    }
+    if send && !m.msg_name.is_null() && m.msg_namelen > 0 {
+        let n = (m.msg_namelen as usize).min(std::mem::size_of::<libc::sockaddr_storage>());
+        if span(m.msg_name, n) != Span::Good {
+            return Err(libc::EFAULT);
+        }
+    }
+    if m.msg_iovlen > UIO_MAXIOV {
+        return Err(libc::EMSGSIZE);
+    }
+    if send && m.msg_controllen > i32::MAX as usize {
+        return Err(libc::ENOBUFS);
+    }
+    if send && span(m.msg_control, m.msg_controllen) != Span::Good {
+        return Err(libc::EFAULT);
+    }
+    Ok(())
+}
+
 /// # Safety
 /// `buf` must be valid for writes of `n` bytes (or n == 0).
 unsafe fn out_buf<'a>(buf: *mut c_void, n: size_t) -> &'a mut [u8] {
@@ -79,7 +296,11 @@ unsafe fn iov_ref<'a>(iov: *const iovec, cnt: usize) -> Vec<&'a [u8]> {
 #[cold]
 #[inline(never)]
 unsafe fn read_offloaded(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
-    match do_recv(fd, &mut [unsafe { out_buf(buf, n) }], 0) {
+    // LINUX: read of zero bytes from a socket returns at once (`sock_read_iter`).
+    if n == 0 {
+        return 0;
+    }
+    match unsafe { recv_one(fd, buf, n, 0, false) } {
         Some(r) => r,
         None => unsafe { real::read(fd, buf, n) },
     }
@@ -105,11 +326,8 @@ pub unsafe extern "C" fn __read_chk(
     n: size_t,
     buflen: size_t,
 ) -> ssize_t {
-    if offloaded(fd)
-        && n <= buflen
-        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], 0)
-    {
-        return r;
+    if offloaded(fd) && n <= buflen {
+        return unsafe { read_offloaded(fd, buf, n) };
     }
     unsafe { real::__read_chk(fd, buf, n, buflen) }
 }
@@ -117,7 +335,7 @@ pub unsafe extern "C" fn __read_chk(
 #[cold]
 #[inline(never)]
 unsafe fn write_offloaded(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
-    match do_send(fd, &[unsafe { in_buf(buf, n) }], 0) {
+    match unsafe { send_one(fd, buf, n, 0, false) } {
         Some(r) => r,
         None => unsafe { real::write(fd, buf, n) },
     }
@@ -139,7 +357,7 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
     if offloaded(fd)
         && cnt >= 0
-        && let Some(r) = do_recv(fd, &mut unsafe { iov_mut(iov, cnt as usize) }, 0)
+        && let Some(r) = unsafe { recv_iov(fd, iov, cnt as usize, 0, true) }
     {
         return r;
     }
@@ -152,7 +370,7 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
     if offloaded(fd)
         && cnt >= 0
-        && let Some(r) = do_send(fd, &unsafe { iov_ref(iov, cnt as usize) }, 0)
+        && let Some(r) = unsafe { send_iov(fd, iov, cnt as usize, 0) }
     {
         return r;
     }
@@ -164,7 +382,7 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t {
     if offloaded(fd)
-        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], flags)
+        && let Some(r) = unsafe { recv_one(fd, buf, n, flags, true) }
     {
         return r;
     }
@@ -183,7 +401,7 @@ pub unsafe extern "C" fn __recv_chk(
 ) -> ssize_t {
     if offloaded(fd)
         && n <= buflen
-        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], flags)
+        && let Some(r) = unsafe { recv_one(fd, buf, n, flags, true) }
     {
         return r;
     }
@@ -191,11 +409,21 @@ pub unsafe extern "C" fn __recv_chk(
 }
 
 /// LINUX: recvfrom on a connected TCP socket leaves the address untouched and reports
-/// length 0.
-unsafe fn no_addr(len: *mut socklen_t) {
-    if !len.is_null() {
-        unsafe { *len = 0 };
+/// length 0 (`move_addr_to_user`); without an address the length is not looked at. A bad or
+/// negative length fails the call after the bytes were received, as in the kernel.
+unsafe fn no_addr(r: ssize_t, addr: *mut sockaddr, len: *mut socklen_t) -> ssize_t {
+    if r < 0 || addr.is_null() {
+        return r;
     }
+    if !obj_ok(len) {
+        return fail(libc::EFAULT);
+    }
+    // SAFETY: checked above.
+    if (unsafe { *len } as c_int) < 0 {
+        return fail(libc::EINVAL);
+    }
+    unsafe { *len = 0 };
+    r
 }
 
 /// # Safety
@@ -210,10 +438,9 @@ pub unsafe extern "C" fn recvfrom(
     len: *mut socklen_t,
 ) -> ssize_t {
     if offloaded(fd)
-        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], flags)
+        && let Some(r) = unsafe { recv_one(fd, buf, n, flags, true) }
     {
-        unsafe { no_addr(len) };
-        return r;
+        return unsafe { no_addr(r, addr, len) };
     }
     unsafe { real::recvfrom(fd, buf, n, flags, addr, len) }
 }
@@ -232,10 +459,9 @@ pub unsafe extern "C" fn __recvfrom_chk(
 ) -> ssize_t {
     if offloaded(fd)
         && n <= buflen
-        && let Some(r) = do_recv(fd, &mut [unsafe { out_buf(buf, n) }], flags)
+        && let Some(r) = unsafe { recv_one(fd, buf, n, flags, true) }
     {
-        unsafe { no_addr(len) };
-        return r;
+        return unsafe { no_addr(r, addr, len) };
     }
     unsafe { real::__recvfrom_chk(fd, buf, n, buflen, flags, addr, len) }
 }
@@ -245,8 +471,17 @@ pub unsafe extern "C" fn __recvfrom_chk(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
     if offloaded(fd) && !msg.is_null() {
+        if !obj_ok(msg) {
+            return fail(libc::EFAULT);
+        }
         let m = unsafe { &mut *msg };
-        if let Some(r) = do_recv(fd, &mut unsafe { iov_mut(m.msg_iov, m.msg_iovlen) }, flags) {
+        if let Err(e) = msghdr_check(m, false) {
+            return fail(e);
+        }
+        if let Some(r) = unsafe { recv_iov(fd, m.msg_iov, m.msg_iovlen, flags, false) } {
+            if r < 0 {
+                return r;
+            }
             m.msg_namelen = 0;
             m.msg_controllen = 0;
             m.msg_flags = 0;
@@ -267,7 +502,24 @@ pub unsafe extern "C" fn recvmmsg(
     timeout: *mut timespec,
 ) -> c_int {
     if offloaded(fd) && !vec.is_null() {
-        let msgs = unsafe { slice::from_raw_parts_mut(vec, vlen as usize) };
+        // LINUX: the timeout is read and checked first; more than UIO_MAXIOV messages are cut.
+        if !timeout.is_null() {
+            if !obj_ok(timeout) {
+                return fail(libc::EFAULT) as c_int;
+            }
+            let t = unsafe { *timeout };
+            if t.tv_sec < 0 || !(0..1_000_000_000).contains(&t.tv_nsec) {
+                return fail(libc::EINVAL) as c_int;
+            }
+        }
+        let vlen = (vlen as usize).min(UIO_MAXIOV);
+        if vlen == 0 {
+            return 0;
+        }
+        if span(vec.cast(), vlen * std::mem::size_of::<mmsghdr>()) != Span::Good {
+            return fail(libc::EFAULT) as c_int;
+        }
+        let msgs = unsafe { slice::from_raw_parts_mut(vec, vlen) };
         let mut done = 0;
         for (i, mm) in msgs.iter_mut().enumerate() {
             // After the first message, never block (as the kernel does without MSG_WAITFORONE
@@ -297,7 +549,7 @@ pub unsafe extern "C" fn recvmmsg(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t {
     if offloaded(fd)
-        && let Some(r) = do_send(fd, &[unsafe { in_buf(buf, n) }], flags)
+        && let Some(r) = unsafe { send_one(fd, buf, n, flags, true) }
     {
         return r;
     }
@@ -315,10 +567,19 @@ pub unsafe extern "C" fn sendto(
     addr: *const sockaddr,
     len: socklen_t,
 ) -> ssize_t {
-    if offloaded(fd)
-        && let Some(r) = do_send(fd, &[unsafe { in_buf(buf, n) }], flags)
-    {
-        return r;
+    if offloaded(fd) {
+        // LINUX: the address is copied in (and checked) before anything, then ignored.
+        if !addr.is_null() {
+            if (len as c_int) < 0 || len as usize > std::mem::size_of::<libc::sockaddr_storage>() {
+                return fail(libc::EINVAL);
+            }
+            if span(addr.cast(), len as usize) != Span::Good {
+                return fail(libc::EFAULT);
+            }
+        }
+        if let Some(r) = unsafe { send_one(fd, buf, n, flags, true) } {
+            return r;
+        }
     }
     unsafe { real::sendto(fd, buf, n, flags, addr, len) }
 }
@@ -328,8 +589,14 @@ pub unsafe extern "C" fn sendto(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
     if offloaded(fd) && !msg.is_null() {
+        if !obj_ok(msg) {
+            return fail(libc::EFAULT);
+        }
         let m = unsafe { &*msg };
-        if let Some(r) = do_send(fd, &unsafe { iov_ref(m.msg_iov, m.msg_iovlen) }, flags) {
+        if let Err(e) = msghdr_check(m, true) {
+            return fail(e);
+        }
+        if let Some(r) = unsafe { send_iov(fd, m.msg_iov, m.msg_iovlen, flags) } {
             return r;
         }
     }
@@ -346,7 +613,14 @@ pub unsafe extern "C" fn sendmmsg(
     flags: c_int,
 ) -> c_int {
     if offloaded(fd) && !vec.is_null() {
-        let msgs = unsafe { slice::from_raw_parts_mut(vec, vlen as usize) };
+        let vlen = (vlen as usize).min(UIO_MAXIOV);
+        if vlen == 0 {
+            return 0;
+        }
+        if span(vec.cast(), vlen * std::mem::size_of::<mmsghdr>()) != Span::Good {
+            return fail(libc::EFAULT) as c_int;
+        }
+        let msgs = unsafe { slice::from_raw_parts_mut(vec, vlen) };
         let mut done = 0;
         for mm in msgs.iter_mut() {
             let r = unsafe { sendmsg(fd, &mm.msg_hdr, flags) };
@@ -416,6 +690,9 @@ pub unsafe extern "C" fn sendfile(
     count: size_t,
 ) -> ssize_t {
     if offloaded(out_fd) {
+        if !offset.is_null() && !obj_ok(offset) {
+            return fail(libc::EFAULT);
+        }
         let off = if offset.is_null() {
             None
         } else {
@@ -436,6 +713,9 @@ pub unsafe extern "C" fn sendfile64(
     count: size_t,
 ) -> ssize_t {
     if offloaded(out_fd) {
+        if !offset.is_null() && !obj_ok(offset) {
+            return fail(libc::EFAULT);
+        }
         let off = if offset.is_null() {
             None
         } else {
@@ -459,6 +739,16 @@ pub unsafe extern "C" fn splice(
     flags: c_uint,
 ) -> ssize_t {
     if offloaded(fd_out) && off_out.is_null() {
+        // LINUX: the offset is read first; then one end must be a pipe, without an offset.
+        if !off_in.is_null() && !obj_ok(off_in) {
+            return fail(libc::EFAULT);
+        }
+        match is_pipe(fd_in) {
+            Err(e) => return fail(e),
+            Ok(false) => return fail(libc::EINVAL),
+            Ok(true) if !off_in.is_null() => return fail(libc::ESPIPE),
+            Ok(true) => {}
+        }
         let off = if off_in.is_null() {
             None
         } else {
@@ -467,6 +757,15 @@ pub unsafe extern "C" fn splice(
         return unsafe { copy_into_offloaded(fd_out, fd_in, off, len) };
     }
     if offloaded(fd_in) && off_in.is_null() {
+        if !off_out.is_null() && !obj_ok(off_out) {
+            return fail(libc::EFAULT);
+        }
+        match is_pipe(fd_out) {
+            Err(e) => return fail(e),
+            Ok(false) => return fail(libc::EINVAL),
+            Ok(true) if !off_out.is_null() => return fail(libc::ESPIPE),
+            Ok(true) => {}
+        }
         let mut buf = vec![0u8; len.min(256 * 1024)];
         let fl = if flags & libc::SPLICE_F_NONBLOCK != 0 {
             libc::MSG_DONTWAIT
@@ -510,6 +809,16 @@ pub unsafe extern "C" fn splice(
     unsafe { real::splice(fd_in, off_in, fd_out, off_out, len, flags) }
 }
 
+/// Whether `fd` is a pipe (splice needs one end to be).
+fn is_pipe(fd: c_int) -> Result<bool, c_int> {
+    // SAFETY: fstat into a zeroed struct on an fd number; a bad fd just fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::syscall(libc::SYS_fstat, fd, &mut st as *mut libc::stat) } < 0 {
+        return Err(ops::sys::errno());
+    }
+    Ok(st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+}
+
 /// The kernel socket to ask for names and most options: the shadow of an offloaded fd.
 fn kernel_socket(fd: c_int) -> c_int {
     if offloaded(fd)
@@ -532,9 +841,9 @@ pub unsafe extern "C" fn getsockopt(
 ) -> c_int {
     if offloaded(fd) && level == libc::SOL_SOCKET {
         if name == libc::SO_ERROR
-            && !val.is_null()
-            && !len.is_null()
-            && unsafe { *len } as usize >= std::mem::size_of::<c_int>()
+            && obj_ok(val.cast::<c_int>())
+            && obj_ok(len)
+            && unsafe { *len } as c_int >= std::mem::size_of::<c_int>() as c_int
             && let Some(Some(e)) = switch_call(None, || od::take_so_error(fd))
         {
             unsafe {
@@ -609,8 +918,13 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
 /// As `ioctl(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn ioctl(fd: c_int, request: c_ulong, arg: c_ulong) -> c_int {
+    let query = request == libc::FIONREAD || request == libc::TIOCOUTQ || request == od::SIOCATMARK;
+    if offloaded(fd) && query && arg != 0 && !obj_ok(arg as *const c_int) {
+        // LINUX: the answer cannot be written: EFAULT.
+        return fail(libc::EFAULT) as c_int;
+    }
     if offloaded(fd)
-        && (request == libc::FIONREAD || request == libc::TIOCOUTQ || request == od::SIOCATMARK)
+        && query
         && arg != 0
         && let Some(Some(r)) = switch_call(None, || od::ioctl_query(fd, request))
     {

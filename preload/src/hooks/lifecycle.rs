@@ -108,7 +108,11 @@ pub unsafe extern "C" fn accept4(
 /// As `connect(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    if is_tracked(fd) {
+    // LINUX: the address is copied in first: a length beyond sockaddr_storage is EINVAL, an
+    // address the kernel cannot read EFAULT, whatever the socket's state. The kernel says so.
+    let sane = (len as usize) <= std::mem::size_of::<libc::sockaddr_storage>()
+        && crate::hooks::data::user_readable(addr.cast(), len as usize);
+    if is_tracked(fd) && sane {
         // SAFETY: the application passes `len` readable bytes at `addr`, as connect requires.
         let to = unsafe { ops::sys::sockaddr_to_std(addr, len) };
         if let Some(Some(rc)) = switch_call(Some(-1), || sw::connect(fd, to)) {

@@ -50,9 +50,15 @@ unsafe fn spin_epoll(epfd: c_int, events: *mut epoll_event, max: c_int, timeout:
     }
     let budget = ops::offload::data::spin_budget();
     let start = std::time::Instant::now();
+    if !budget.is_zero() {
+        ops::stats::bump(ops::stats::header::EPOLL_SPINS, 1);
+    }
     while start.elapsed() < budget {
         crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
         let n = unsafe { crate::real::epoll_wait(epfd, events, max, 0) };
+        if n > 0 {
+            ops::stats::bump(ops::stats::header::EPOLL_SPIN_HITS, 1);
+        }
         if n != 0 {
             return n;
         }
@@ -88,6 +94,11 @@ pub unsafe extern "C" fn epoll_pwait(
     timeout: c_int,
     mask: *const sigset_t,
 ) -> c_int {
+    // LINUX: the signal mask (the kernel's 8-byte sigset) is read before any event is looked
+    // at: one the kernel cannot read fails with EFAULT even when events are ready.
+    if !mask.is_null() && !crate::hooks::data::user_readable(mask.cast(), 8) {
+        return unsafe { crate::real::epoll_pwait(epfd, events, max, timeout, mask) };
+    }
     let n = unsafe { spin_epoll(epfd, events, max, timeout) };
     if n != 0 {
         return n;

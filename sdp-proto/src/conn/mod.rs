@@ -78,6 +78,12 @@ pub struct Stats {
     pub srcavails_sent: u64,
     /// RDMA reads requested.
     pub rdma_reads: u64,
+    /// Stream bytes of our SrcAvails the peer reported read by RDMA (ZCopy; not in
+    /// `bytes_sent`, which counts the bytes that travelled inside messages).
+    pub zcopy_bytes_sent: u64,
+    /// Stream bytes we received by RDMA read of the peer's SrcAvails (ZCopy; also counted in
+    /// `bytes_received`).
+    pub zcopy_bytes_received: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -553,6 +559,7 @@ impl Connection {
                     self.recv.push(bytes, false);
                 }
                 self.stats.bytes_received += want_len as u64;
+                self.stats.zcopy_bytes_received += want_len as u64;
                 let sink = self.sink.as_mut().expect("sink checked above");
                 let (cancelled, done, unreported) =
                     (sink.cancelled, sink.remaining() == 0, sink.unreported);

@@ -248,6 +248,7 @@ impl Connection {
             });
         }
         src.reported += len;
+        self.stats.zcopy_bytes_sent += u64::from(len);
         if src.remaining() == 0 {
             self.finish_src(true);
         } else if !src.cancelled {

@@ -33,14 +33,34 @@ fn is_nonblocking(fd: i32) -> bool {
     fl >= 0 && fl & libc::O_NONBLOCK != 0
 }
 
-/// The busy-poll budget of blocking receives: `LIBSDP_SPIN_US` (default 20 µs, 0 disables).
+/// The busy-poll budget of blocking receives: `LIBSDP_SPIN_US` (default 20 µs, 0 disables,
+/// at most one second). A value that is not a number is reported once and the default used.
 pub fn spin_budget() -> std::time::Duration {
+    const DEFAULT: u64 = 20;
+    const MAX: u64 = 1_000_000;
     static US: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let us = *US.get_or_init(|| {
-        std::env::var("LIBSDP_SPIN_US")
-            .ok()
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(20)
+        let Some(raw) = std::env::var_os("LIBSDP_SPIN_US") else {
+            return DEFAULT;
+        };
+        let text = raw.to_string_lossy();
+        match text.trim().parse::<u64>() {
+            Ok(us) if us <= MAX => us,
+            Ok(_) => {
+                crate::sdp_log!(
+                    crate::log::ERROR,
+                    "LIBSDP_SPIN_US={text:?} is more than {MAX} microseconds; using {MAX}"
+                );
+                MAX
+            }
+            Err(_) => {
+                crate::sdp_log!(
+                    crate::log::ERROR,
+                    "LIBSDP_SPIN_US={text:?} is not a number of microseconds; using {DEFAULT}"
+                );
+                DEFAULT
+            }
+        }
     });
     std::time::Duration::from_micros(us)
 }
@@ -53,6 +73,7 @@ fn spin_for_data(conn: &Arc<Conn>) -> bool {
         return false;
     }
     let start = std::time::Instant::now();
+    crate::stats::bump(crate::stats::header::RECV_SPINS, 1);
     loop {
         {
             let mut g = conn.lock();
@@ -60,6 +81,7 @@ fn spin_for_data(conn: &Arc<Conn>) -> bool {
                 Phase::Offloaded(s) => {
                     s.progress();
                     if s.recv_ready() {
+                        crate::stats::spin_hit(g.row.as_ref());
                         return true;
                     }
                 }
@@ -289,6 +311,7 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
     let dontwait = flags & libc::MSG_DONTWAIT != 0;
     let nosignal = flags & libc::MSG_NOSIGNAL != 0;
     let mut sent = 0usize;
+    let mut stalled = false;
     loop {
         {
             let mut g = conn.lock();
@@ -325,6 +348,9 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
                     if sent >= total {
                         return Some(Ok(sent as isize));
                     }
+                }
+                Err(libc::EAGAIN) if !std::mem::replace(&mut stalled, true) => {
+                    crate::stats::credit_stall(g.row.as_ref())
                 }
                 Err(libc::EAGAIN) => {}
                 Err(e) => {

@@ -631,6 +631,8 @@ impl Inner {
         row.set(stats::field::MSGS_RX, c.msgs_rx);
         row.set(stats::field::CREDITS_TX, c.credits_tx);
         row.set(stats::field::POSTED_RX, c.posted_rx);
+        row.set(stats::field::ZCOPY_TX, c.zcopy_tx);
+        row.set(stats::field::ZCOPY_RX, c.zcopy_rx);
     }
 
     /// Stops the pending-phase watches (the exchange finished or the connection went TCP).

@@ -495,12 +495,14 @@ impl OffloadStream for SdpShm {
     fn counters(&self) -> Counters {
         let s = self.engine.stats();
         Counters {
-            bytes_tx: s.bytes_sent,
+            bytes_tx: s.bytes_sent + s.zcopy_bytes_sent,
             bytes_rx: s.bytes_received,
             msgs_tx: s.messages_sent,
             msgs_rx: s.messages_received,
             credits_tx: self.engine.tx_credits() as u64,
             posted_rx: self.engine.posted_recv_buffers() as u64,
+            zcopy_tx: s.zcopy_bytes_sent,
+            zcopy_rx: s.zcopy_bytes_received,
         }
     }
 }

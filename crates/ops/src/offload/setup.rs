@@ -54,6 +54,7 @@ pub fn record_tcp(fd: i32, role: u8, reason: Reason) {
     // The 4-tuple of a kernel socket is the kernel's: `sdp stat` reads it from procfs when it
     // shows the row, so a TCP connection pays no system call here (pass-through overhead).
     row.set_meta(Transport::Tcp, 1, role, reason.code());
+    crate::log::note_tcp(fd, reason);
     let mut g = TCP_ROWS.lock().unwrap_or_else(|p| p.into_inner());
     g.get_or_insert_with(HashMap::new).insert(fd, row);
 }
@@ -414,7 +415,9 @@ pub fn connect(fd: i32, dst: SocketAddr, decision: Decision) -> ConnectPlan {
         Ok(r) => ConnectPlan::Done(r),
         Err(reason) => match fallback::on_connect_failure(mode(decision), reason) {
             fallback::Action::UseTcp(r) => ConnectPlan::Tcp(r),
-            fallback::Action::Fail(e) => ConnectPlan::Done(Err(e)),
+            fallback::Action::Fail(e) => {
+                ConnectPlan::Done(Err(log::connect_refused(fd, dst, reason, e)))
+            }
         },
     }
 }
@@ -587,6 +590,7 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
             if let Some(t) = token {
                 progress::unregister(t);
             }
+            log::connect_failed(fd, dst, e);
             swap_back(&conn);
             Ok(Err(e))
         }
@@ -747,6 +751,7 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpShm) {
     g.phase = Phase::Offloaded(stream);
     g.watch = watch_peer(conn, peer_bell);
     g.sync();
+    log::resolved(g, None);
 }
 
 fn s_peer_bell(s: &SdpShm) -> i32 {
@@ -995,6 +1000,7 @@ pub fn swap_back_locked(g: &mut Inner) {
     if let Some(r) = &g.row {
         r.set_meta(Transport::Tcp, 1, g.role, Reason::SetupFailed.code());
     }
+    log::resolved(g, Some(Reason::SetupFailed));
 }
 
 // ---------------------------------------------------------------------------------------------

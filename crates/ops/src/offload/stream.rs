@@ -18,6 +18,9 @@ pub struct Counters {
     pub credits_tx: u64,
     /// Receive buffers we have posted.
     pub posted_rx: u64,
+    /// Of the bytes each way, those moved by RDMA (ZCopy) rather than inside messages (BCopy).
+    pub zcopy_tx: u64,
+    pub zcopy_rx: u64,
 }
 
 /// One offloaded byte stream. Every method is non-blocking; the caller holds the
