@@ -87,7 +87,12 @@ fn main() -> ExitCode {
     match res {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rdma-selftest FAILED: {e}");
+            let role = if std::env::args().any(|a| a == "--client") {
+                "client"
+            } else {
+                "server"
+            };
+            eprintln!("rdma-selftest FAILED ({role}): {e}");
             ExitCode::from(1)
         }
     }
@@ -378,6 +383,27 @@ fn run_client(server: &str, bytes: u64, pings: u32) -> R<()> {
     Ok(())
 }
 
+/// The guest's drop and retransmission counters, for a stall report.
+fn counters() -> String {
+    let mut out = String::new();
+    if let Ok(s) = std::fs::read_to_string("/proc/net/softnet_stat") {
+        out += &format!("softnet_stat (processed dropped squeezed ...):\n{s}");
+    }
+    if let Ok(dir) = std::fs::read_dir("/sys/class/infiniband/rxe0/ports/1/hw_counters") {
+        let mut v: Vec<String> = dir
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().into_string().ok()?;
+                let val = std::fs::read_to_string(e.path()).ok()?;
+                Some(format!("{n}={}", val.trim()))
+            })
+            .collect();
+        v.sort();
+        out += &format!("rxe0 counters: {}", v.join(" "));
+    }
+    out
+}
+
 struct Msg {
     kind: u32,
     seq: u64,
@@ -515,7 +541,15 @@ impl Ep {
                 .wait(Duration::from_micros(50), Some(Duration::from_secs(1)))
             {
                 Ok(WaitOutcome::TimedOut) if self.last_progress.elapsed() > STALL => {
-                    return Err(format!("no progress for {} s", STALL.as_secs()));
+                    return Err(format!(
+                        "no progress for {} s: {:?} peer_credits {} to_return {} inbox {}\n{}",
+                        STALL.as_secs(),
+                        self.c,
+                        self.peer_credits,
+                        self.to_return,
+                        self.inbox.len(),
+                        counters()
+                    ));
                 }
                 Ok(_) => return Ok(()),
                 Err(e) => return Err(format!("wait: {e} (wc {:?})", self.c.failed_wc())),

@@ -484,7 +484,11 @@ impl std::fmt::Debug for RdmaConn {
             .field("device", &self.q.dev.name())
             .field("qpn", &self.qp_num())
             .field("rx_posted", &self.rx_posted)
+            .field("rx_delivered", &self.rx_delivered)
             .field("sq_posted", &self.sq_posted)
+            .field("sq_completed", &self.sq_completed)
+            .field("queued", &self.cq.len())
+            .field("peer_gone", &self.peer_gone)
             .field("dead", &self.dead)
             .finish()
     }
