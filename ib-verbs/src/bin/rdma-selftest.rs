@@ -3,18 +3,20 @@
 //! and 256 MiB by RDMA READ of advertised buffers (ZCopy), every byte verified, then a READ of
 //! a revoked key that must fail.
 //!
-//! usage: rdma-selftest [--addr IP] [--bytes N] [--pings N]
+//! usage: rdma-selftest [--addr IP] [--bytes N] [--pings N] [--bootstrap cm|tcp]
+//!   --bootstrap cm (default): rdma_cm REQ/REP in the RDMA_PS_TCP port space;
+//!   --bootstrap tcp: QPN/PSN/GID exchanged over a TCP socket.
 //!   (internal: --client IP:PORT, the second process)
 //! Output: progress lines, then exactly `rdma-selftest ok bcopy_bytes=N zcopy_bytes=M`.
 //! Exit: 0 ok, 77 "no-device" (no usable RDMA device), 1 failure (message on stderr).
 
 use std::collections::VecDeque;
-use std::net::{TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::IntoRawFd;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
-use ib_verbs::rdma::{self, Pending, RdmaConn, RdmaOptions, bootstrap};
+use ib_verbs::rdma::{self, Pending, RdmaConn, RdmaOptions, bootstrap, cm};
 use ib_verbs::sys::Fd;
 use ib_verbs::{
     Access, Completion, Connection, LocalSge, MemKey, Opcode, PostError, RemoteSge, WaitOutcome,
@@ -27,6 +29,8 @@ const ZC_CHUNK: usize = 4 << 20;
 const ZC_BUFS: usize = 2;
 /// No progress for this long = failure (a round trip under emulation is 1–8 ms).
 const STALL: Duration = Duration::from_secs(120);
+/// Connection setup limit.
+const SETUP: Duration = Duration::from_secs(60);
 
 const PING: u32 = 1;
 const PONG: u32 = 2;
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
     let mut bytes: u64 = 256 << 20;
     let mut pings: u32 = 200;
     let mut client: Option<String> = None;
+    let mut use_cm = true;
     let mut i = 1;
     while i < args.len() {
         let v = args.get(i + 1).cloned();
@@ -52,6 +57,7 @@ fn main() -> ExitCode {
             ("--bytes", Some(v)) => bytes = v.parse().unwrap_or(0) / 8 * 8,
             ("--pings", Some(v)) => pings = v.parse().unwrap_or(0),
             ("--client", Some(v)) => client = Some(v),
+            ("--bootstrap", Some(v)) if v == "cm" || v == "tcp" => use_cm = v == "cm",
             (a, _) => {
                 eprintln!(
                     "rdma-selftest: bad argument {a}\nusage: rdma-selftest [--addr IP] [--bytes N] [--pings N]"
@@ -70,7 +76,7 @@ fn main() -> ExitCode {
         }
     };
     let res = match client {
-        Some(server) => run_client(&server, bytes, pings),
+        Some(server) => run_client(&server, bytes, pings, use_cm),
         None => {
             println!(
                 "rdma-selftest: device {} port {} gid_index {} mtu_enum {} limits {:?}",
@@ -81,7 +87,7 @@ fn main() -> ExitCode {
                 dev.limits()
             );
             drop(dev);
-            run_server(&addr, bytes, pings)
+            run_server(&addr, bytes, pings, use_cm)
         }
     };
     match res {
@@ -105,6 +111,18 @@ fn opts() -> RdmaOptions {
         send_depth: 16,
         max_inline: 128,
         allow_peer_read: true,
+    }
+}
+
+fn ep(c: RdmaConn) -> Ep {
+    let credits = c.peer_initial_posts();
+    Ep {
+        c,
+        peer_credits: credits,
+        to_return: 0,
+        inbox: VecDeque::new(),
+        reads: VecDeque::new(),
+        last_progress: Instant::now(),
     }
 }
 
@@ -132,26 +150,52 @@ fn setup(stream: TcpStream, hello: &[u8]) -> R<(Ep, Vec<u8>)> {
 }
 
 /// The parent: listens, starts the client process, serves it.
-fn run_server(addr: &str, bytes: u64, pings: u32) -> R<()> {
-    let l = TcpListener::bind((addr, 0)).map_err(|e| {
-        format!("bind {addr}: {e} (rdma_cm and RoCE need the device's address, not lo)")
-    })?;
-    let port = l.local_addr().map_err(|e| e.to_string())?.port();
+fn run_server(addr: &str, bytes: u64, pings: u32, use_cm: bool) -> R<()> {
+    let ip: std::net::IpAddr = addr
+        .parse()
+        .map_err(|e| format!("bad --addr {addr}: {e}"))?;
+    let (tcp, cm, port) = if use_cm {
+        let l = cm::Listener::bind(SocketAddr::new(ip, 0), 4).map_err(|e| {
+            format!("rdma_cm listen on {addr}: {e} (rdma_cm needs the device's address, not lo)")
+        })?;
+        let port = l.port();
+        (None, Some(l), port)
+    } else {
+        let l = TcpListener::bind((ip, 0)).map_err(|e| format!("bind {addr}: {e}"))?;
+        let port = l.local_addr().map_err(|e| e.to_string())?.port();
+        (Some(l), None, port)
+    };
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mode = if use_cm { "cm" } else { "tcp" };
     let mut child = Command::new(exe)
         .args([
             "--client",
             &format!("{addr}:{port}"),
             "--bytes",
             &bytes.to_string(),
-            "--pings",
-            &pings.to_string(),
         ])
+        .args(["--pings", &pings.to_string(), "--bootstrap", mode])
         .spawn()
         .map_err(|e| format!("spawn client: {e}"))?;
     let res = (|| {
-        let (s, _) = l.accept().map_err(|e| e.to_string())?;
-        let (mut ep, hello) = setup(s, b"rdma-selftest server")?;
+        let (mut ep, hello) = match (&tcp, &cm) {
+            (Some(l), _) => {
+                let (s, _) = l.accept().map_err(|e| e.to_string())?;
+                setup(s, b"rdma-selftest server")?
+            }
+            (_, Some(l)) => {
+                let req = l
+                    .request(SETUP)
+                    .map_err(|e| format!("rdma_cm request: {e}"))?;
+                let hello = req.hello().to_vec();
+                let c = req
+                    .accept(opts(), DEPTH, b"rdma-selftest server", SETUP)
+                    .map_err(|e| format!("rdma_cm accept: {e}"))?;
+                (ep(c), hello)
+            }
+            _ => unreachable!("one listener"),
+        };
+        println!("rdma-selftest: bootstrap {mode}");
         if hello != b"rdma-selftest client" {
             return Err(format!("unexpected hello {hello:?}"));
         }
@@ -283,9 +327,18 @@ fn serve(ep: &mut Ep, bytes: u64, pings: u32) -> R<()> {
     Ok(())
 }
 
-fn run_client(server: &str, bytes: u64, pings: u32) -> R<()> {
-    let s = TcpStream::connect(server).map_err(|e| format!("connect {server}: {e}"))?;
-    let (mut ep, hello) = setup(s, b"rdma-selftest client")?;
+fn run_client(server: &str, bytes: u64, pings: u32, use_cm: bool) -> R<()> {
+    let (mut ep, hello) = if use_cm {
+        let sa: SocketAddr = server
+            .parse()
+            .map_err(|e| format!("bad address {server}: {e}"))?;
+        let (c, hello) = cm::connect(sa, opts(), DEPTH, b"rdma-selftest client", SETUP)
+            .map_err(|e| format!("rdma_cm connect {server}: {e}"))?;
+        (ep(c), hello)
+    } else {
+        let s = TcpStream::connect(server).map_err(|e| format!("connect {server}: {e}"))?;
+        setup(s, b"rdma-selftest client")?
+    };
     if hello != b"rdma-selftest server" {
         return Err(format!("unexpected hello {hello:?}"));
     }

@@ -310,7 +310,7 @@ impl Pending {
         let conn = RdmaConn {
             q,
             epoll,
-            watch: None,
+            watch: Watch::None,
             opts,
             inline,
             send_buf_size: 0,
@@ -360,69 +360,76 @@ impl Pending {
 
     /// Moves the QP to RTR and RTS towards `peer`. `watch` (e.g. the bootstrap socket) is kept:
     /// its end (readable/hang-up) means the peer closed the connection.
-    pub fn connect(
-        mut self,
-        peer: &EndpointInfo,
-        watch: Option<Fd>,
-    ) -> Result<RdmaConn, SetupError> {
+    pub fn connect(self, peer: &EndpointInfo, watch: Option<Fd>) -> Result<RdmaConn, SetupError> {
         let dev = self.conn.q.dev.clone();
         let port = dev.port();
         let lim = dev.limits();
-        if peer.recv_buf_size == 0 || peer.recv_depth == 0 || peer.initial_posts > peer.recv_depth {
-            return Err(SetupError::Peer("bad receive sizes"));
-        }
         if !(1..=5).contains(&peer.mtu) || peer.qpn > 0xff_ffff || peer.psn > 0xff_ffff {
             return Err(SetupError::Peer("bad QP number, PSN or MTU"));
         }
         use b::ibv_qp_attr_mask::*;
         // SAFETY: all-zero is a valid ibv_qp_attr.
-        let mut a: b::ibv_qp_attr = unsafe { std::mem::zeroed() };
-        a.qp_state = b::ibv_qp_state::IBV_QPS_RTR;
-        a.path_mtu = (port.active_mtu).min(peer.mtu as u32);
-        a.dest_qp_num = peer.qpn;
-        a.rq_psn = peer.psn;
-        a.max_dest_rd_atomic = lim.max_qp_rd_atom.clamp(1, 16) as u8;
-        a.min_rnr_timer = 12; // 0.64 ms
-        a.ah_attr.dlid = peer.lid;
-        a.ah_attr.port_num = port.port;
+        let mut rtr: b::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        rtr.qp_state = b::ibv_qp_state::IBV_QPS_RTR;
+        rtr.path_mtu = (port.active_mtu).min(peer.mtu as u32);
+        rtr.dest_qp_num = peer.qpn;
+        rtr.rq_psn = peer.psn;
+        rtr.max_dest_rd_atomic = lim.max_qp_rd_atom.clamp(1, 16) as u8;
+        rtr.min_rnr_timer = 12; // 0.64 ms
+        rtr.ah_attr.dlid = peer.lid;
+        rtr.ah_attr.port_num = port.port;
         if peer.gid != [0; 16] {
-            a.ah_attr.is_global = 1;
-            a.ah_attr.grh.dgid.raw = peer.gid;
-            a.ah_attr.grh.sgid_index = port.gid_index;
-            a.ah_attr.grh.hop_limit = 64;
+            rtr.ah_attr.is_global = 1;
+            rtr.ah_attr.grh.dgid.raw = peer.gid;
+            rtr.ah_attr.grh.sgid_index = port.gid_index;
+            rtr.ah_attr.grh.hop_limit = 64;
         }
-        modify_qp(
-            &self.conn.q,
-            &mut a,
-            IBV_QP_STATE
-                | IBV_QP_AV
-                | IBV_QP_PATH_MTU
-                | IBV_QP_DEST_QPN
-                | IBV_QP_RQ_PSN
-                | IBV_QP_MAX_DEST_RD_ATOMIC
-                | IBV_QP_MIN_RNR_TIMER,
-        )?;
+        let rtr_mask = IBV_QP_STATE
+            | IBV_QP_AV
+            | IBV_QP_PATH_MTU
+            | IBV_QP_DEST_QPN
+            | IBV_QP_RQ_PSN
+            | IBV_QP_MAX_DEST_RD_ATOMIC
+            | IBV_QP_MIN_RNR_TIMER;
         // SAFETY: all-zero is a valid ibv_qp_attr.
-        let mut a: b::ibv_qp_attr = unsafe { std::mem::zeroed() };
-        a.qp_state = b::ibv_qp_state::IBV_QPS_RTS;
-        a.timeout = ACK_TIMEOUT;
-        a.retry_cnt = 7;
-        a.rnr_retry = 7; // infinite: SDP credits are the flow control
-        a.sq_psn = self.psn;
-        a.max_rd_atomic = lim
+        let mut rts: b::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        rts.qp_state = b::ibv_qp_state::IBV_QPS_RTS;
+        rts.timeout = ACK_TIMEOUT;
+        rts.retry_cnt = 7;
+        rts.rnr_retry = 7; // infinite: SDP credits are the flow control
+        rts.sq_psn = self.psn;
+        rts.max_rd_atomic = lim
             .max_qp_init_rd_atom
             .min(peer.responder_resources as u32)
             .clamp(1, 16) as u8;
-        modify_qp(
-            &self.conn.q,
-            &mut a,
-            IBV_QP_STATE
-                | IBV_QP_TIMEOUT
-                | IBV_QP_RETRY_CNT
-                | IBV_QP_RNR_RETRY
-                | IBV_QP_SQ_PSN
-                | IBV_QP_MAX_QP_RD_ATOMIC,
-        )?;
+        let rts_mask = IBV_QP_STATE
+            | IBV_QP_TIMEOUT
+            | IBV_QP_RETRY_CNT
+            | IBV_QP_RNR_RETRY
+            | IBV_QP_SQ_PSN
+            | IBV_QP_MAX_QP_RD_ATOMIC;
+        let watch = match watch {
+            Some(fd) => Watch::Socket(fd),
+            None => Watch::None,
+        };
+        self.finish(peer, (rtr, rtr_mask), (rts, rts_mask), watch)
+    }
+
+    /// Takes the peer's receive sizes from `peer`, moves the QP with the given RTR and RTS
+    /// attributes, and builds the connection.
+    pub(crate) fn finish(
+        mut self,
+        peer: &EndpointInfo,
+        mut rtr: (b::ibv_qp_attr, u32),
+        mut rts: (b::ibv_qp_attr, u32),
+        watch: Watch,
+    ) -> Result<RdmaConn, SetupError> {
+        if peer.recv_buf_size == 0 || peer.recv_depth == 0 || peer.initial_posts > peer.recv_depth {
+            return Err(SetupError::Peer("bad receive sizes"));
+        }
+        let dev = self.conn.q.dev.clone();
+        modify_qp(&self.conn.q, &mut rtr.0, rtr.1)?;
+        modify_qp(&self.conn.q, &mut rts.0, rts.1)?;
         let c = &mut self.conn;
         c.send_buf_size = peer.recv_buf_size;
         c.peer_recv_depth = peer.recv_depth;
@@ -435,11 +442,53 @@ impl Pending {
         )?;
         std::mem::swap(&mut c.q.send, &mut send);
         send.release(&dev);
-        if let Some(w) = &watch {
-            epoll_add(&c.epoll, w.raw()).map_err(SetupError::Sys)?;
+        if let Some(fd) = watch.fd() {
+            epoll_add(&c.epoll, fd).map_err(SetupError::Sys)?;
         }
         c.watch = watch;
         Ok(self.conn)
+    }
+
+    /// Our QP number.
+    pub fn qp_num(&self) -> u32 {
+        self.conn.qp_num()
+    }
+
+    /// The device the QP lives on.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.conn.q.dev
+    }
+}
+
+/// What tells a connection that its peer ended.
+pub(crate) enum Watch {
+    None,
+    /// The bootstrap socket: readable (EOF) once the peer's process closed it.
+    Socket(Fd),
+    /// The rdma_cm id: a DISCONNECTED (or device removal) event on its channel.
+    Cm(super::cm::CmId),
+}
+
+impl Watch {
+    fn fd(&self) -> Option<RawFd> {
+        match self {
+            Watch::None => None,
+            Watch::Socket(fd) => Some(fd.raw()),
+            Watch::Cm(id) => Some(id.fd()),
+        }
+    }
+
+    fn ended(&mut self) -> bool {
+        match self {
+            Watch::None => false,
+            Watch::Socket(w) => {
+                match crate::sys::poll_raw(w.raw(), libc::POLLIN | libc::POLLRDHUP, 0) {
+                    Ok(ev) => ev != 0,
+                    Err(_) => false,
+                }
+            }
+            Watch::Cm(id) => id.disconnected(),
+        }
     }
 }
 
@@ -448,7 +497,7 @@ impl Pending {
 pub struct RdmaConn {
     q: Qp,
     epoll: Fd,
-    watch: Option<Fd>,
+    watch: Watch,
     opts: RdmaOptions,
     inline: u32,
     send_buf_size: u32,
@@ -495,6 +544,15 @@ impl std::fmt::Debug for RdmaConn {
 }
 
 impl RdmaConn {
+    /// Installs the peer-ended signal after the fact (rdma_cm's passive side learns it last).
+    pub(crate) fn with_watch(mut self, watch: Watch) -> Result<RdmaConn, SysError> {
+        if let Some(fd) = watch.fd() {
+            epoll_add(&self.epoll, fd)?;
+        }
+        self.watch = watch;
+        Ok(self)
+    }
+
     /// Our QP number.
     pub fn qp_num(&self) -> u32 {
         // SAFETY: a live QP.
@@ -673,14 +731,6 @@ impl RdmaConn {
                     .checked_add(len)
                     .is_some_and(|end| end <= r.addr + r.len)
         })
-    }
-
-    fn watch_ended(&self) -> bool {
-        let Some(w) = &self.watch else { return false };
-        match crate::sys::poll_raw(w.raw(), libc::POLLIN | libc::POLLRDHUP, 0) {
-            Ok(ev) => ev != 0,
-            Err(_) => false,
-        }
     }
 }
 
@@ -952,7 +1002,7 @@ impl Connection for RdmaConn {
             // once so that destroying the CQ never waits.
             unsafe { (v.ibv_ack_cq_events)(cq, 1) };
         }
-        if !self.peer_gone && self.watch_ended() {
+        if !self.peer_gone && self.watch.ended() {
             self.peer_gone = true;
         }
         match self.dead {

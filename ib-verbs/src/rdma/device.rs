@@ -76,21 +76,30 @@ static CURRENT: Mutex<Weak<Device>> = Mutex::new(Weak::new());
 impl Device {
     /// The process's device: the cached one while its port is ACTIVE, else a fresh discovery.
     pub fn get() -> Result<Arc<Device>, Unavailable> {
+        Device::get_named(None)
+    }
+
+    /// As [`Device::get`], for the device called `name` (None: `LIBSDP_RDMA_DEVICE` or the
+    /// first usable one).
+    pub fn get_named(name: Option<&str>) -> Result<Arc<Device>, Unavailable> {
         let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(d) = cur.upgrade() {
-            if d.port_active() {
+            if d.port_active() && name.is_none_or(|n| n == d.name) {
                 return Ok(d);
             }
         }
-        let d = Arc::new(Device::discover()?);
+        let d = Arc::new(Device::discover(name)?);
         *cur = Arc::downgrade(&d);
         Ok(d)
     }
 
     /// Reads the device list and opens the first usable device.
-    pub fn discover() -> Result<Device, Unavailable> {
+    pub fn discover(name: Option<&str>) -> Result<Device, Unavailable> {
         let verbs = dl::verbs().map_err(Unavailable::Library)?;
-        let wanted = std::env::var(DEVICE_ENV).ok().filter(|s| !s.is_empty());
+        let wanted = match name {
+            Some(n) => Some(n.to_string()),
+            None => std::env::var(DEVICE_ENV).ok().filter(|s| !s.is_empty()),
+        };
         let mut n: c_int = 0;
         // SAFETY: ibv_get_device_list writes the count into `n` and returns a NULL-terminated
         // array (or NULL with errno set: ENOSYS without kernel support).

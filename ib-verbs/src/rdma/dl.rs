@@ -42,19 +42,18 @@ impl std::fmt::Display for LoadError {
     }
 }
 
-macro_rules! verbs_table {
-    ($($name:ident : fn($($arg:ty),*) $(-> $ret:ty)?;)*) => {
-        /// The libibverbs entry points we call (slow path only).
-        #[allow(non_snake_case)]
-        pub(crate) struct Verbs {
+macro_rules! dl_table {
+    ($(#[$m:meta])* $table:ident { $($name:ident : fn($($arg:ty),*) $(-> $ret:ty)?;)* }) => {
+        $(#[$m])*
+        pub(crate) struct $table {
             /// The `dlopen` handle: never closed (the table points into the library).
             _handle: usize,
             $(pub $name: unsafe extern "C" fn($($arg),*) $(-> $ret)?,)*
         }
 
-        impl Verbs {
-            fn resolve(handle: *mut c_void) -> Result<Verbs, LoadError> {
-                Ok(Verbs {
+        impl $table {
+            fn resolve(handle: *mut c_void) -> Result<$table, LoadError> {
+                Ok($table {
                     _handle: handle as usize,
                     $($name: {
                         let name = concat!(stringify!($name), "\0");
@@ -75,7 +74,9 @@ macro_rules! verbs_table {
     };
 }
 
-verbs_table! {
+dl_table! {
+    /// The libibverbs entry points we call (slow path only).
+    Verbs {
     ibv_fork_init: fn() -> c_int;
     ibv_get_device_list: fn(*mut c_int) -> *mut *mut b::ibv_device;
     ibv_free_device_list: fn(*mut *mut b::ibv_device);
@@ -98,17 +99,57 @@ verbs_table! {
     ibv_create_qp: fn(*mut b::ibv_pd, *mut b::ibv_qp_init_attr) -> *mut b::ibv_qp;
     ibv_modify_qp: fn(*mut b::ibv_qp, *mut b::ibv_qp_attr, c_int) -> c_int;
     ibv_destroy_qp: fn(*mut b::ibv_qp) -> c_int;
+    }
+}
+
+dl_table! {
+    /// The librdmacm entry points of the rdma_cm bootstrap (`cm.rs`).
+    Cm {
+    rdma_create_event_channel: fn() -> *mut b::rdma_event_channel;
+    rdma_destroy_event_channel: fn(*mut b::rdma_event_channel);
+    rdma_create_id: fn(*mut b::rdma_event_channel, *mut *mut b::rdma_cm_id, *mut c_void, b::rdma_port_space::Type) -> c_int;
+    rdma_destroy_id: fn(*mut b::rdma_cm_id) -> c_int;
+    rdma_bind_addr: fn(*mut b::rdma_cm_id, *mut libc::sockaddr) -> c_int;
+    rdma_listen: fn(*mut b::rdma_cm_id, c_int) -> c_int;
+    rdma_resolve_addr: fn(*mut b::rdma_cm_id, *mut libc::sockaddr, *mut libc::sockaddr, c_int) -> c_int;
+    rdma_resolve_route: fn(*mut b::rdma_cm_id, c_int) -> c_int;
+    rdma_connect: fn(*mut b::rdma_cm_id, *mut b::rdma_conn_param) -> c_int;
+    rdma_accept: fn(*mut b::rdma_cm_id, *mut b::rdma_conn_param) -> c_int;
+    rdma_reject: fn(*mut b::rdma_cm_id, *const c_void, u8) -> c_int;
+    rdma_establish: fn(*mut b::rdma_cm_id) -> c_int;
+    rdma_disconnect: fn(*mut b::rdma_cm_id) -> c_int;
+    rdma_get_cm_event: fn(*mut b::rdma_event_channel, *mut *mut b::rdma_cm_event) -> c_int;
+    rdma_ack_cm_event: fn(*mut b::rdma_cm_event) -> c_int;
+    rdma_init_qp_attr: fn(*mut b::rdma_cm_id, *mut b::ibv_qp_attr, *mut c_int) -> c_int;
+    rdma_migrate_id: fn(*mut b::rdma_cm_id, *mut b::rdma_event_channel) -> c_int;
+    rdma_get_src_port: fn(*mut b::rdma_cm_id) -> u16;
+    }
 }
 
 // SAFETY: the table holds function pointers into a library that is never unloaded, and
 // libibverbs' functions are thread-safe (rdma-core documents the verbs as MT-safe).
 unsafe impl Send for Verbs {}
 unsafe impl Sync for Verbs {}
+// SAFETY: as for Verbs (librdmacm is MT-safe).
+unsafe impl Send for Cm {}
+unsafe impl Sync for Cm {}
+
+/// The default rdma_cm library (soname).
+pub const LIBRDMACM: &str = "librdmacm.so.1";
 
 /// Opens `name` and resolves the table. `ibv_fork_init` is called at once, before any other
 /// verb of the process and so before the first registration (it must precede registrations;
 /// on kernels with copy-on-fork for pinned pages it does nothing).
 pub(crate) fn load_from(name: &str) -> Result<Verbs, LoadError> {
+    let verbs = Verbs::resolve(open(name)?)?;
+    // SAFETY: ibv_fork_init takes no arguments. Its failure (EINVAL after a registration by
+    // someone else in the process) is not fatal: fork safety is then the kernel's
+    // copy-on-fork, as on every kernel since 5.13.
+    unsafe { (verbs.ibv_fork_init)() };
+    Ok(verbs)
+}
+
+fn open(name: &str) -> Result<*mut c_void, LoadError> {
     let cname = CString::new(name).map_err(|_| LoadError::NoLibrary("NUL in name".into()))?;
     // SAFETY: dlopen with a NUL-terminated name; RTLD_NOW so a missing symbol fails here, not
     // later in a hot path.
@@ -126,12 +167,18 @@ pub(crate) fn load_from(name: &str) -> Result<Verbs, LoadError> {
         };
         return Err(LoadError::NoLibrary(msg));
     }
-    let verbs = Verbs::resolve(handle)?;
-    // SAFETY: ibv_fork_init takes no arguments. Its failure (EINVAL after a registration by
-    // someone else in the process) is not fatal: fork safety is then the kernel's
-    // copy-on-fork, as on every kernel since 5.13.
-    unsafe { (verbs.ibv_fork_init)() };
-    Ok(verbs)
+    Ok(handle)
+}
+
+static CM: OnceLock<Result<Cm, LoadError>> = OnceLock::new();
+
+/// The process's librdmacm, loaded on the first call (after libibverbs, whose
+/// `ibv_fork_init` must come first).
+pub(crate) fn cm() -> Result<&'static Cm, LoadError> {
+    verbs()?;
+    CM.get_or_init(|| Cm::resolve(open(LIBRDMACM)?))
+        .as_ref()
+        .map_err(Clone::clone)
 }
 
 static VERBS: OnceLock<Result<Verbs, LoadError>> = OnceLock::new();

@@ -25,6 +25,7 @@
 #[rustfmt::skip]
 pub mod bindings;
 pub mod bootstrap;
+pub mod cm;
 pub mod conn;
 pub mod device;
 pub mod dl;
