@@ -38,7 +38,6 @@ const DATA: u32 = 3;
 const CREDIT: u32 = 4;
 const SRC_AVAIL: u32 = 5;
 const RD_COMPL: u32 = 6;
-const DONE: u32 = 7;
 
 type R<T> = Result<T, String>;
 
@@ -266,7 +265,7 @@ fn serve(ep: &mut Ep, bytes: u64, pings: u32) -> R<()> {
         let c = ep.read(
             LocalSge {
                 addr: ptr as u64,
-                len: len,
+                len,
                 key: lkey,
             },
             RemoteSge {
@@ -420,20 +419,18 @@ fn run_client(server: &str, bytes: u64, pings: u32, use_cm: bool) -> R<()> {
         &src_avail(src[0].as_ptr() as u64, 4096, keys[0].0),
     )?;
     // Wait for the server to go (its close ends our connection).
-    loop {
-        match ep.recv() {
-            Ok(m) => {
-                return Err(format!(
-                    "unexpected message kind {} after the revoked SrcAvail",
-                    m.kind
-                ));
-            }
-            Err(_) => break,
+    match ep.recv() {
+        Ok(m) => Err(format!(
+            "unexpected message kind {} after the revoked SrcAvail",
+            m.kind
+        )),
+        // The connection ended (the server's QP failed the READ and the server left).
+        Err(e) if e.starts_with("connection:") || e.starts_with("wait:") => {
+            ep.c.deregister(keys[1])
+                .map_err(|e| format!("deregister: {e:?}"))
         }
+        Err(e) => Err(e),
     }
-    let _ = keys.get(1).map(|k| ep.c.deregister(*k));
-    let _ = DONE;
-    Ok(())
 }
 
 /// The guest's drop and retransmission counters, for a stall report.

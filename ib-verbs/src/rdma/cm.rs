@@ -623,9 +623,9 @@ impl Request {
         check("rdma_accept", unsafe { (cm.rdma_accept)(raw, &mut param) })?;
         id.connected = true;
         id.expect(b::rdma_cm_event_type::RDMA_CM_EVENT_ESTABLISHED, deadline)?;
-        Ok(pending_conn
+        pending_conn
             .with_watch(Watch::Cm(id))
-            .map_err(SetupError::Sys)?)
+            .map_err(SetupError::Sys)
     }
 
     /// Refuses the request (the peer sees REJECTED).

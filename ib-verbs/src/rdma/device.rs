@@ -83,10 +83,11 @@ impl Device {
     /// first usable one).
     pub fn get_named(name: Option<&str>) -> Result<Arc<Device>, Unavailable> {
         let mut cur = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = cur.upgrade() {
-            if d.port_active() && name.is_none_or(|n| n == d.name) {
-                return Ok(d);
-            }
+        if let Some(d) = cur.upgrade()
+            && d.port_active()
+            && name.is_none_or(|n| n == d.name)
+        {
+            return Ok(d);
         }
         let d = Arc::new(Device::discover(name)?);
         *cur = Arc::downgrade(&d);
@@ -221,10 +222,10 @@ impl Device {
             return Err(RegError::BadRange);
         }
         let mut cache = self.regs.lock().unwrap_or_else(|e| e.into_inner());
-        if access == Access::LocalWrite {
-            if let Some(r) = cache.share_local(addr as u64, len as u64) {
-                return Ok(r);
-            }
+        if access == Access::LocalWrite
+            && let Some(r) = cache.share_local(addr as u64, len as u64)
+        {
+            return Ok(r);
         }
         let flags = match access {
             Access::LocalWrite => b::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE,
