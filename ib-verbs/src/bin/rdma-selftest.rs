@@ -6,7 +6,11 @@
 //! usage: rdma-selftest [--addr IP] [--bytes N] [--pings N] [--bootstrap cm|tcp]
 //!   --bootstrap cm (default): rdma_cm REQ/REP in the RDMA_PS_TCP port space;
 //!   --bootstrap tcp: QPN/PSN/GID exchanged over a TCP socket.
-//!   (internal: --client IP:PORT, the second process)
+//!   --port P: listen on port P (default: any free port);
+//!   --serve-only: do not start the client process (two hosts: run
+//!   `rdma-selftest --addr A --port P --serve-only` on one and
+//!   `rdma-selftest --client A:P` on the other, with the same --bytes/--pings/--bootstrap).
+//!   --client IP:PORT: be the client (the second process).
 //! Output: progress lines, then exactly `rdma-selftest ok bcopy_bytes=N zcopy_bytes=M`.
 //! Exit: 0 ok, 77 "no-device" (no usable RDMA device), 1 failure (message on stderr).
 
@@ -48,6 +52,8 @@ fn main() -> ExitCode {
     let mut pings: u32 = 200;
     let mut client: Option<String> = None;
     let mut use_cm = true;
+    let mut port: u16 = 0;
+    let mut spawn = true;
     let mut i = 1;
     while i < args.len() {
         let v = args.get(i + 1).cloned();
@@ -56,10 +62,16 @@ fn main() -> ExitCode {
             ("--bytes", Some(v)) => bytes = v.parse().unwrap_or(0) / 8 * 8,
             ("--pings", Some(v)) => pings = v.parse().unwrap_or(0),
             ("--client", Some(v)) => client = Some(v),
+            ("--port", Some(v)) if v.parse::<u16>().is_ok() => port = v.parse().unwrap_or(0),
+            ("--serve-only", _) => {
+                spawn = false;
+                i += 1;
+                continue;
+            }
             ("--bootstrap", Some(v)) if v == "cm" || v == "tcp" => use_cm = v == "cm",
             (a, _) => {
                 eprintln!(
-                    "rdma-selftest: bad argument {a}\nusage: rdma-selftest [--addr IP] [--bytes N] [--pings N]"
+                    "rdma-selftest: bad argument {a}\nusage: rdma-selftest [--addr IP] [--port P] [--bytes N] [--pings N] [--bootstrap cm|tcp] [--serve-only | --client IP:PORT]"
                 );
                 return ExitCode::from(2);
             }
@@ -86,7 +98,7 @@ fn main() -> ExitCode {
                 dev.limits()
             );
             drop(dev);
-            run_server(&addr, bytes, pings, use_cm)
+            run_server(&addr, port, spawn, bytes, pings, use_cm)
         }
     };
     match res {
@@ -149,33 +161,39 @@ fn setup(stream: TcpStream, hello: &[u8]) -> R<(Ep, Vec<u8>)> {
 }
 
 /// The parent: listens, starts the client process, serves it.
-fn run_server(addr: &str, bytes: u64, pings: u32, use_cm: bool) -> R<()> {
+fn run_server(addr: &str, port: u16, spawn: bool, bytes: u64, pings: u32, use_cm: bool) -> R<()> {
     let ip: std::net::IpAddr = addr
         .parse()
         .map_err(|e| format!("bad --addr {addr}: {e}"))?;
     let (tcp, cm, port) = if use_cm {
-        let l = cm::Listener::bind(SocketAddr::new(ip, 0), 4).map_err(|e| {
+        let l = cm::Listener::bind(SocketAddr::new(ip, port), 4).map_err(|e| {
             format!("rdma_cm listen on {addr}: {e} (rdma_cm needs the device's address, not lo)")
         })?;
         let port = l.port();
         (None, Some(l), port)
     } else {
-        let l = TcpListener::bind((ip, 0)).map_err(|e| format!("bind {addr}: {e}"))?;
+        let l = TcpListener::bind((ip, port)).map_err(|e| format!("bind {addr}: {e}"))?;
         let port = l.local_addr().map_err(|e| e.to_string())?.port();
         (Some(l), None, port)
     };
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mode = if use_cm { "cm" } else { "tcp" };
-    let mut child = Command::new(exe)
-        .args([
-            "--client",
-            &format!("{addr}:{port}"),
-            "--bytes",
-            &bytes.to_string(),
-        ])
-        .args(["--pings", &pings.to_string(), "--bootstrap", mode])
-        .spawn()
-        .map_err(|e| format!("spawn client: {e}"))?;
+    println!("rdma-selftest: listening on {addr} port {port} ({mode})");
+    let mut child = if spawn {
+        let c = Command::new(exe)
+            .args([
+                "--client",
+                &format!("{addr}:{port}"),
+                "--bytes",
+                &bytes.to_string(),
+            ])
+            .args(["--pings", &pings.to_string(), "--bootstrap", mode])
+            .spawn()
+            .map_err(|e| format!("spawn client: {e}"))?;
+        Some(c)
+    } else {
+        None
+    };
     let res = (|| {
         let (mut ep, hello) = match (&tcp, &cm) {
             (Some(l), _) => {
@@ -206,6 +224,12 @@ fn run_server(addr: &str, bytes: u64, pings: u32, use_cm: bool) -> R<()> {
         );
         serve(&mut ep, bytes, pings)
     })();
+    let Some(mut child) = child.take() else {
+        return res;
+    };
+    if res.is_err() {
+        let _ = child.kill(); // it would otherwise wait for its own stall limit
+    }
     let st = child.wait().map_err(|e| e.to_string())?;
     res?;
     if !st.success() {
