@@ -557,7 +557,7 @@ impl Request {
     /// Accepts: our QP, `posts` initial receives, `hello` (≤ [`MAX_REP_HELLO`]) in the REP;
     /// returns once the peer's RTU arrived (ESTABLISHED).
     pub fn accept(
-        self,
+        mut self,
         opts: RdmaOptions,
         posts: u32,
         hello: &[u8],
@@ -566,15 +566,16 @@ impl Request {
         let deadline = Instant::now() + timeout;
         let cm = self.cm;
         // The connection gets its own channel, so that its DISCONNECTED event is its own.
-        let ch = CmId::new_channel(cm)?;
+        let ch = CmId::new_channel(cm)?; // on failure, Drop rejects the request
+        let child = std::mem::replace(&mut self.child, ptr::null_mut());
         // SAFETY: a live request id moved to a live channel.
-        if unsafe { (cm.rdma_migrate_id)(self.child, ch) } != 0 {
+        if unsafe { (cm.rdma_migrate_id)(child, ch) } != 0 {
             let e = errno();
             // SAFETY: the channel is empty; the request id is still ours.
             unsafe {
                 (cm.rdma_destroy_event_channel)(ch);
-                (cm.rdma_reject)(self.child, ptr::null(), 0);
-                (cm.rdma_destroy_id)(self.child);
+                (cm.rdma_reject)(child, ptr::null(), 0);
+                (cm.rdma_destroy_id)(child);
             }
             return Err(SetupError::Verbs {
                 op: "rdma_migrate_id",
@@ -584,7 +585,7 @@ impl Request {
         let mut id = CmId {
             cm,
             ch,
-            id: self.child,
+            id: child,
             ended: false,
             connected: false,
         };
@@ -630,7 +631,18 @@ impl Request {
 
     /// Refuses the request (the peer sees REJECTED).
     pub fn reject(self) {
-        // SAFETY: a live, unanswered request id, destroyed once.
+        drop(self); // Drop rejects
+    }
+}
+
+impl Drop for Request {
+    /// A request neither accepted nor rejected is rejected (the peer sees REJECTED at once
+    /// instead of waiting for its CM timeout).
+    fn drop(&mut self) {
+        if self.child.is_null() {
+            return;
+        }
+        // SAFETY: a live, unanswered request id (accept takes it out), destroyed once.
         unsafe {
             (self.cm.rdma_reject)(self.child, ptr::null(), 0);
             (self.cm.rdma_destroy_id)(self.child);
