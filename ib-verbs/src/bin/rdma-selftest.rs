@@ -1,7 +1,8 @@
 //! rdma-selftest: two processes connected by the `rdma` provider over a real device (soft-RoCE
 //! `rxe0` in the test guest). Ping-pong SENDs, then 256 MiB of pattern data by SENDs (BCopy)
 //! and 256 MiB by RDMA READ of advertised buffers (ZCopy), every byte verified, then a READ of
-//! a revoked key that must fail.
+//! a revoked key that must fail; finally a second client is SIGKILLed after its sends completed:
+//! its messages must all arrive, then the connection must end (PeerClosed), not hang.
 //!
 //! usage: rdma-selftest [--addr IP] [--bytes N] [--pings N] [--bootstrap cm|tcp]
 //!   --bootstrap cm (default): rdma_cm REQ/REP in the RDMA_PS_TCP port space;
@@ -10,7 +11,7 @@
 //!   --serve-only: do not start the client process (two hosts: run
 //!   `rdma-selftest --addr A --port P --serve-only` on one and
 //!   `rdma-selftest --client A:P` on the other, with the same --bytes/--pings/--bootstrap).
-//!   --client IP:PORT: be the client (the second process).
+//!   --client IP:PORT: be the client (the second process); with `--die 1`, the dying client.
 //! Output: progress lines, then exactly `rdma-selftest ok bcopy_bytes=N zcopy_bytes=M`.
 //! Exit: 0 ok, 77 "no-device" (no usable RDMA device), 1 failure (message on stderr).
 
@@ -54,6 +55,7 @@ fn main() -> ExitCode {
     let mut use_cm = true;
     let mut port: u16 = 0;
     let mut spawn = true;
+    let mut die = false;
     let mut i = 1;
     while i < args.len() {
         let v = args.get(i + 1).cloned();
@@ -63,6 +65,7 @@ fn main() -> ExitCode {
             ("--pings", Some(v)) => pings = v.parse().unwrap_or(0),
             ("--client", Some(v)) => client = Some(v),
             ("--port", Some(v)) if v.parse::<u16>().is_ok() => port = v.parse().unwrap_or(0),
+            ("--die", Some(_)) => die = true,
             ("--serve-only", _) => {
                 spawn = false;
                 i += 1;
@@ -87,6 +90,7 @@ fn main() -> ExitCode {
         }
     };
     let res = match client {
+        Some(server) if die => run_dying_client(&server, use_cm),
         Some(server) => run_client(&server, bytes, pings, use_cm),
         None => {
             println!(
@@ -133,6 +137,7 @@ fn ep(c: RdmaConn) -> Ep {
         to_return: 0,
         inbox: VecDeque::new(),
         reads: VecDeque::new(),
+        sends_done: 0,
         last_progress: Instant::now(),
     }
 }
@@ -144,20 +149,9 @@ fn setup(stream: TcpStream, hello: &[u8]) -> R<(Ep, Vec<u8>)> {
         p.post_recv(w).map_err(|e| format!("post_recv: {e}"))?;
     }
     let fd = Fd::from_raw(stream.into_raw_fd()).ok_or("bad fd")?;
-    let (c, peer_hello) = bootstrap::exchange(p, fd, hello, Duration::from_secs(60))
-        .map_err(|e| format!("bootstrap: {e}"))?;
-    let credits = c.peer_initial_posts();
-    Ok((
-        Ep {
-            c,
-            peer_credits: credits,
-            to_return: 0,
-            inbox: VecDeque::new(),
-            reads: VecDeque::new(),
-            last_progress: Instant::now(),
-        },
-        peer_hello,
-    ))
+    let (c, peer_hello) =
+        bootstrap::exchange(p, fd, hello, SETUP).map_err(|e| format!("bootstrap: {e}"))?;
+    Ok((ep(c), peer_hello))
 }
 
 /// The parent: listens, starts the client process, serves it.
@@ -195,23 +189,7 @@ fn run_server(addr: &str, port: u16, spawn: bool, bytes: u64, pings: u32, use_cm
         None
     };
     let res = (|| {
-        let (mut ep, hello) = match (&tcp, &cm) {
-            (Some(l), _) => {
-                let (s, _) = l.accept().map_err(|e| e.to_string())?;
-                setup(s, b"rdma-selftest server")?
-            }
-            (_, Some(l)) => {
-                let req = l
-                    .request(SETUP)
-                    .map_err(|e| format!("rdma_cm request: {e}"))?;
-                let hello = req.hello().to_vec();
-                let c = req
-                    .accept(opts(), DEPTH, b"rdma-selftest server", SETUP)
-                    .map_err(|e| format!("rdma_cm accept: {e}"))?;
-                (ep(c), hello)
-            }
-            _ => unreachable!("one listener"),
-        };
+        let (mut ep, hello) = accept_one(&tcp, &cm)?;
         println!("rdma-selftest: bootstrap {mode}");
         if hello != b"rdma-selftest client" {
             return Err(format!("unexpected hello {hello:?}"));
@@ -225,7 +203,9 @@ fn run_server(addr: &str, port: u16, spawn: bool, bytes: u64, pings: u32, use_cm
         serve(&mut ep, bytes, pings)
     })();
     let Some(mut child) = child.take() else {
-        return res;
+        res?;
+        println!("rdma-selftest ok bcopy_bytes={bytes} zcopy_bytes={bytes}");
+        return Ok(());
     };
     if res.is_err() {
         let _ = child.kill(); // it would otherwise wait for its own stall limit
@@ -235,7 +215,122 @@ fn run_server(addr: &str, port: u16, spawn: bool, bytes: u64, pings: u32, use_cm
     if !st.success() {
         return Err(format!("client process failed: {st}"));
     }
+    peer_killed(&tcp, &cm, addr, port, mode)?;
+    println!("rdma-selftest ok bcopy_bytes={bytes} zcopy_bytes={bytes}");
     Ok(())
+}
+
+fn accept_one(tcp: &Option<TcpListener>, cm: &Option<cm::Listener>) -> R<(Ep, Vec<u8>)> {
+    match (tcp, cm) {
+        (Some(l), _) => {
+            let (s, _) = l.accept().map_err(|e| e.to_string())?;
+            setup(s, b"rdma-selftest server")
+        }
+        (_, Some(l)) => {
+            let req = l
+                .request(SETUP)
+                .map_err(|e| format!("rdma_cm request: {e}"))?;
+            let hello = req.hello().to_vec();
+            let c = req
+                .accept(opts(), DEPTH, b"rdma-selftest server", SETUP)
+                .map_err(|e| format!("rdma_cm accept: {e}"))?;
+            Ok((ep(c), hello))
+        }
+        _ => unreachable!("one listener"),
+    }
+}
+
+/// Messages the dying client sends (fewer than its initial credits).
+const DIE_AFTER: u64 = 7;
+const DIE_MSG: usize = 4096;
+
+/// A client that sends `DIE_AFTER` messages, sees them completed, and is SIGKILLed: every
+/// message must arrive, then the connection must end (PeerClosed), not hang.
+fn peer_killed(
+    tcp: &Option<TcpListener>,
+    cm: &Option<cm::Listener>,
+    addr: &str,
+    port: u16,
+    mode: &str,
+) -> R<()> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args([
+            "--client",
+            &format!("{addr}:{port}"),
+            "--bootstrap",
+            mode,
+            "--die",
+            "1",
+        ])
+        .spawn()
+        .map_err(|e| format!("spawn dying client: {e}"))?;
+    let res = (|| {
+        let (mut ep, _) = accept_one(tcp, cm)?;
+        for i in 0..DIE_AFTER {
+            let m = ep.recv()?;
+            expect(&m, DATA)?;
+            if m.seq != i || m.body.len() != DIE_MSG {
+                return Err(format!(
+                    "dying client: message {} of {} bytes, expected {i}",
+                    m.seq,
+                    m.body.len()
+                ));
+            }
+            check_pattern(3, i * DIE_MSG as u64, &m.body)?;
+        }
+        match ep.recv() {
+            Err(e) if e.starts_with("connection: peer closed") => Ok(()),
+            Err(e) => Err(format!("after the peer was killed: {e}")),
+            Ok(m) => Err(format!(
+                "after the peer was killed: message kind {}",
+                m.kind
+            )),
+        }
+    })();
+    if res.is_err() {
+        let _ = child.kill();
+    }
+    let st = child.wait().map_err(|e| e.to_string())?;
+    res?;
+    use std::os::unix::process::ExitStatusExt;
+    if st.signal() != Some(libc::SIGKILL) {
+        return Err(format!("dying client ended with {st}, not SIGKILL"));
+    }
+    println!(
+        "rdma-selftest: peer SIGKILLed after {DIE_AFTER} messages: all delivered, then PeerClosed"
+    );
+    Ok(())
+}
+
+/// The dying client: connect, send, see the sends completed, SIGKILL itself.
+fn run_dying_client(server: &str, use_cm: bool) -> R<()> {
+    let (mut ep, _) = connect(server, use_cm)?;
+    let mut buf = vec![0u8; DIE_MSG];
+    for i in 0..DIE_AFTER {
+        fill_pattern(3, i * DIE_MSG as u64, &mut buf);
+        ep.send(DATA, i, &buf)?;
+    }
+    while ep.sends_done < DIE_AFTER {
+        ep.pump()?;
+    }
+    // SAFETY: kill(2) of our own pid with integer arguments.
+    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    Err("still alive after SIGKILL".into())
+}
+
+fn connect(server: &str, use_cm: bool) -> R<(Ep, Vec<u8>)> {
+    if use_cm {
+        let sa: SocketAddr = server
+            .parse()
+            .map_err(|e| format!("bad address {server}: {e}"))?;
+        let (c, hello) = cm::connect(sa, opts(), DEPTH, b"rdma-selftest client", SETUP)
+            .map_err(|e| format!("rdma_cm connect {server}: {e}"))?;
+        Ok((ep(c), hello))
+    } else {
+        let s = TcpStream::connect(server).map_err(|e| format!("connect {server}: {e}"))?;
+        setup(s, b"rdma-selftest client")
+    }
 }
 
 fn serve(ep: &mut Ep, bytes: u64, pings: u32) -> R<()> {
@@ -346,22 +441,11 @@ fn serve(ep: &mut Ep, bytes: u64, pings: u32) -> R<()> {
         }
         other => return Err(format!("read of a revoked key was not refused: {other:?}")),
     }
-    println!("rdma-selftest ok bcopy_bytes={bytes} zcopy_bytes={bytes}");
     Ok(())
 }
 
 fn run_client(server: &str, bytes: u64, pings: u32, use_cm: bool) -> R<()> {
-    let (mut ep, hello) = if use_cm {
-        let sa: SocketAddr = server
-            .parse()
-            .map_err(|e| format!("bad address {server}: {e}"))?;
-        let (c, hello) = cm::connect(sa, opts(), DEPTH, b"rdma-selftest client", SETUP)
-            .map_err(|e| format!("rdma_cm connect {server}: {e}"))?;
-        (ep(c), hello)
-    } else {
-        let s = TcpStream::connect(server).map_err(|e| format!("connect {server}: {e}"))?;
-        setup(s, b"rdma-selftest client")?
-    };
+    let (mut ep, hello) = connect(server, use_cm)?;
     if hello != b"rdma-selftest server" {
         return Err(format!("unexpected hello {hello:?}"));
     }
@@ -546,6 +630,7 @@ struct Ep {
     to_return: u32,
     inbox: VecDeque<Msg>,
     reads: VecDeque<Completion>,
+    sends_done: u64,
     last_progress: Instant,
 }
 
@@ -658,7 +743,7 @@ impl Ep {
                     }
                 }
                 Opcode::Read => self.reads.push_back(*c),
-                Opcode::Send => {}
+                Opcode::Send => self.sends_done += 1,
             }
         }
         Ok(())
