@@ -6,9 +6,11 @@
 //!   them.
 //! - [`shm`]: same-host soft RC over shared memory (rings in a sealed memfd, bells on the app
 //!   socketpair, `process_vm_readv` for RDMA READ, beacons as abstract AF_UNIX names).
-//! - [`rdma`]: the libibverbs provider, not built yet (issue #7).
+//! - [`rdma`]: the libibverbs provider (RC queue pairs; libibverbs/librdmacm by `dlopen`;
+//!   setup by rdma_cm or a TCP exchange), see docs/RDMA.md.
 //!
-//! `unsafe` lives in [`sys`] (system calls) and `shm::mem` (the shared mapping) only.
+//! `unsafe` lives in [`sys`] (system calls), `shm::mem` (the shared mapping) and the `rdma`
+//! provider's FFI (`rdma::{dl, device, conn, cm, bootstrap}`) only.
 
 pub mod rdma;
 pub mod shm;
