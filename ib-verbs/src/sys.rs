@@ -52,6 +52,9 @@ fn check(op: &'static str, rc: libc::c_long) -> SysResult<libc::c_long> {
 #[derive(Debug)]
 pub struct Fd(RawFd);
 
+/// Where descriptors the library keeps start (as in `ops`), above what programs use.
+pub const INTERNAL_FD_MIN: RawFd = 400;
+
 impl Fd {
     /// Takes ownership of `fd`.
     ///
@@ -63,6 +66,29 @@ impl Fd {
     /// The raw number, still owned by `self`.
     pub fn raw(&self) -> RawFd {
         self.0
+    }
+
+    /// The same open file under a number at or above [`INTERNAL_FD_MIN`], close-on-exec:
+    /// descriptors a connection keeps stay out of the range programs manage themselves
+    /// (`dup2(x, 12)`, closing a range of fds). Keeps the number it has when none is free there
+    /// (a low RLIMIT_NOFILE).
+    pub fn high(self) -> Fd {
+        if self.0 >= INTERNAL_FD_MIN {
+            return self;
+        }
+        // SAFETY: F_DUPFD_CLOEXEC on our own fd.
+        let hi = unsafe {
+            libc::syscall(
+                libc::SYS_fcntl,
+                self.0,
+                libc::F_DUPFD_CLOEXEC,
+                INTERNAL_FD_MIN as libc::c_long,
+            )
+        } as RawFd;
+        if hi < 0 {
+            return self;
+        }
+        Fd(hi) // `self` drops here and closes the low number.
     }
 
     /// Gives up ownership without closing.
@@ -280,7 +306,11 @@ pub fn peer_pidfd(fd: &Fd, pid: i32) -> SysResult<Fd> {
         )
     };
     if rc == 0 && pidfd >= 0 {
-        let got = Fd(pidfd);
+        let low = pidfd < INTERNAL_FD_MIN;
+        let got = Fd(pidfd).high();
+        if low && got.raw() >= INTERNAL_FD_MIN {
+            return Ok(got); // F_DUPFD_CLOEXEC made it close-on-exec
+        }
         // LINUX: the returned pidfd is not O_CLOEXEC on every kernel; make it so.
         // SAFETY: fcntl(F_SETFD) takes an int argument.
         let rc = unsafe {
@@ -296,7 +326,7 @@ pub fn peer_pidfd(fd: &Fd, pid: i32) -> SysResult<Fd> {
     }
     // SAFETY: pidfd_open takes integer arguments; its fds are always O_CLOEXEC.
     let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0 as libc::c_long) };
-    Ok(Fd(check("pidfd_open", rc)? as RawFd))
+    Ok(Fd(check("pidfd_open", rc)? as RawFd).high())
 }
 
 /// Whether the process behind `pidfd` is still running (LINUX: a pidfd polls readable once
@@ -405,7 +435,7 @@ pub fn recv_with_fds(fd: &Fd, buf: &mut [u8], fds: &mut Vec<Fd>) -> SysResult<us
                 let count = data_len / std::mem::size_of::<RawFd>();
                 let data = libc::CMSG_DATA(cmsg) as *const RawFd;
                 for i in 0..count {
-                    got.push(Fd(std::ptr::read_unaligned(data.add(i))));
+                    got.push(Fd(std::ptr::read_unaligned(data.add(i))).high());
                 }
             }
             cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
@@ -542,7 +572,7 @@ pub fn memfd_sealed(name: &[u8], size: usize) -> SysResult<Fd> {
             (libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) as libc::c_long,
         )
     };
-    let fd = Fd(check("memfd_create", rc)? as RawFd);
+    let fd = Fd(check("memfd_create", rc)? as RawFd).high();
     // SAFETY: ftruncate takes integer arguments.
     let rc = unsafe { libc::syscall(libc::SYS_ftruncate, fd.raw(), size as libc::c_long) };
     check("ftruncate", rc)?;
