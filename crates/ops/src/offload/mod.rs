@@ -96,6 +96,8 @@ pub struct Inner {
     pub pending_watch: Vec<u64>,
     /// Role for statistics: 1 client, 2 server.
     pub role: u8,
+    /// The process forked while it held the connection: another process may hold it too.
+    pub forked: bool,
 }
 
 impl Inner {
@@ -138,6 +140,7 @@ impl Inner {
             side_buf: Vec::new(),
             self_ref: std::sync::Weak::new(),
             pending_watch: Vec::new(),
+            forked: false,
             epoll: Vec::new(),
             endpoint: None,
             role,
@@ -182,7 +185,10 @@ pub fn lock_all_for_fork() {
     conns.dedup_by_key(|c| Arc::as_ptr(c) as usize);
     let mut guards = Vec::with_capacity(conns.len());
     for c in &conns {
-        let g = c.lock();
+        let mut g = c.lock();
+        // Parent and child both hold the connection now: a close can no longer tell whether it
+        // is the last one (see `setup::close`).
+        g.forked = true;
         // SAFETY: the guard borrows a mutex inside an `Arc` that `HeldForFork::conns` keeps
         // alive until after the guard is dropped (field order), on this same thread.
         let g: MutexGuard<'static, Inner> = unsafe { std::mem::transmute(g) };

@@ -1219,8 +1219,12 @@ pub fn close(fd: i32) {
         Phase::Offloaded(s) => s.is_current(),
         _ => false,
     };
-    let linger0 = current && linger_zero(g.shadow);
-    if current
+    // Only the last close resets, and after a fork another process may hold the connection:
+    // then its close never resets (and never takes bytes off the ring, which belong to
+    // whichever process reads next).
+    let last = current && !g.forked;
+    let linger0 = last && linger_zero(g.shadow);
+    if last
         && let Phase::Offloaded(s) = &mut g.phase
         && (linger0 || s.unread())
     {
