@@ -1,0 +1,159 @@
+#!/usr/bin/env bash
+# rdma-tests.sh — the tests that need a real RDMA device, run in soft-RoCE guests
+# (scripts/rxe-vm.sh). Run by .ci/run after scripts/test.sh; builds nothing: it uses what
+# `cargo build --release --workspace` / `cargo test --release --workspace` left in target/release.
+#
+#   1 guest  (a) rxe works: ibv_devinfo shows rxe0 PORT_ACTIVE, ibv_rc_pingpong and rping run
+#            (b) target/release/rdma-selftest (our rdma provider) prints its ok line, if built
+#            (c) ib_send_bw over rxe, printed for the record (perftest's exit status is not used:
+#                its server sometimes fails to print a report under emulation)
+#            (e) the in-guest tests of tests/rdma_guest.rs (target/release/deps/rdma_guest-*)
+#   2 guests (d) ibv_rc_pingpong and rping between the guests over their L2 link (RoCEv2),
+#                then rdma-selftest across them when it offers a two-node mode (hook below)
+#
+# Prints one PASS/FAIL line per check and a summary; exits 1 if any check failed.
+# A guest that cannot be booted (no qemu, status 125) is a FAIL, never a silent skip;
+# LIBSDP_SKIP_RXE=1 skips everything (local runs on machines where qemu cannot be installed).
+# env: LIBSDP_RXE_VM_WORK etc. (see scripts/rxe-vm.sh), LIBSDP_RDMA_TESTS_LOG (the guests'
+#      consoles, default target/rdma-tests.log).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+if [ "${LIBSDP_SKIP_RXE:-0}" = 1 ]; then
+  echo "rdma-tests: SKIP all (LIBSDP_SKIP_RXE=1): nothing was tested on RDMA"
+  exit 0
+fi
+LOG=${LIBSDP_RDMA_TESTS_LOG:-$ROOT/target/rdma-tests.log}
+mkdir -p "$(dirname "$LOG")"; : > "$LOG"
+FAILED=0
+say() { echo "rdma-tests: $*"; }
+secs() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}'; }
+
+# ---------------------------------------------------------------------------------------------
+# The guest side, busybox sh. Every check prints "RDMA-TEST PASS|FAIL|INFO name: detail".
+# Every step has a timeout: a hang costs that step, not the whole budget.
+GUEST_LIB='
+pass() { echo "RDMA-TEST PASS $*"; }
+fail() { echo "RDMA-TEST FAIL $*"; FAILS=$((FAILS+1)); }
+info() { echo "RDMA-TEST INFO $*"; }
+FAILS=0
+ip() { /usr/sbin/ip "$@"; }
+SELFTEST=target/release/rdma-selftest
+# run_selftest NAME ARGS...: requires the "rdma-selftest ok" line and exit status 0
+run_selftest() {
+  name=$1; shift
+  timeout 120 "$SELFTEST" "$@" > /tmp/st.out 2>&1; rc=$?
+  sed "s/^/    /" /tmp/st.out
+  ok=$(grep "^rdma-selftest ok" /tmp/st.out | tail -1)
+  if [ $rc -eq 0 ] && [ -n "$ok" ]; then pass "$name: ${ok#rdma-selftest ok }"
+  elif [ $rc -eq 77 ]; then fail "$name: exit 77 (no device) although rxe0 is up"
+  else fail "$name: exit $rc, ok line: ${ok:-missing}"; fi
+}
+'
+
+GUEST_ONE='
+# (a) rxe itself
+if timeout 30 ibv_devinfo -d rxe0 > /tmp/devinfo 2>&1 && grep -q PORT_ACTIVE /tmp/devinfo; then
+  pass "rxe-devinfo: rxe0 $(grep -o "link_layer:.*" /tmp/devinfo | tr -s "\t " " ")"
+else cat /tmp/devinfo; fail "rxe-devinfo: rxe0 missing or not PORT_ACTIVE"; fi
+timeout 60 ibv_rc_pingpong -d rxe0 -g 1 -n 100 > /tmp/pp-server 2>&1 & S=$!
+sleep 0.5
+if timeout 60 ibv_rc_pingpong -d rxe0 -g 1 -n 100 "$RXE_VM_ADDR" > /tmp/pp-client 2>&1 && wait $S; then
+  pass "rxe-rc-pingpong: $(grep iters /tmp/pp-client)"
+else cat /tmp/pp-server /tmp/pp-client; fail "rxe-rc-pingpong"; fi
+timeout 60 rping -s -a "$RXE_VM_ADDR" -C 5 > /tmp/rp-server 2>&1 & S=$!
+sleep 0.5
+if timeout 60 rping -c -a "$RXE_VM_ADDR" -C 5 -v > /tmp/rp-client 2>&1 && wait $S &&
+   [ "$(grep -c "ping data" /tmp/rp-client)" = 5 ]; then
+  pass "rxe-rping: 5 rdma_cm pings"
+else cat /tmp/rp-server /tmp/rp-client; fail "rxe-rping"; fi
+
+# (b) our rdma provider
+if [ -x "$SELFTEST" ]; then run_selftest rdma-selftest
+else info "rdma-selftest: $SELFTEST not built, not run"; fi
+
+# (c) for the record: perftest send bandwidth (exit status not used, see rdma-tests.sh)
+timeout 90 ib_send_bw -d rxe0 -x 1 -F -s 65536 -n 300 > /tmp/bw-server 2>&1 & S=$!
+sleep 1
+timeout 90 ib_send_bw -d rxe0 -x 1 -F -s 65536 -n 300 "$RXE_VM_ADDR" > /tmp/bw-client 2>&1
+wait $S
+line=$(grep -A1 "#bytes" /tmp/bw-client | tail -1 | tr -s " ")
+if [ -n "$line" ]; then info "ib_send_bw: #bytes #iterations BW-peak BW-average[MB/sec] MsgRate[Mpps]:$line"
+else cat /tmp/bw-client; info "ib_send_bw: no report"; fi
+
+# (e) the in-guest Rust tests, newest build of tests/rdma_guest.rs
+T=$(ls -t target/release/deps/rdma_guest-* 2>/dev/null | grep -v "\.d$" | head -1)
+if [ -n "$T" ]; then
+  if timeout 180 "$T" --ignored --test-threads=1 > /tmp/rg.out 2>&1; then
+    pass "rdma_guest.rs: $(grep "^test result" /tmp/rg.out)"
+  else cat /tmp/rg.out; fail "rdma_guest.rs: $(grep "^test result" /tmp/rg.out)"; fi
+else fail "rdma_guest.rs: no target/release/deps/rdma_guest-* (run cargo test --release --workspace first)"; fi
+exit $FAILS
+'
+
+GUEST_TWO='
+# (d) RoCEv2 between two guests over their L2 link; node 2 serves, node 1 connects
+retry() { i=0; while [ $i -lt 40 ]; do "$@" && return 0; sleep 0.5; i=$((i+1)); done; return 1; }
+if [ "$RXE_VM_NODE" = 2 ]; then
+  timeout 60 ibv_rc_pingpong -d rxe0 -g 1 -n 100 > /tmp/pp 2>&1 || { cat /tmp/pp; fail "pair-rc-pingpong (server side)"; }
+  timeout 60 rping -s -a "$RXE_VM_ADDR" -C 5 > /tmp/rp 2>&1 || { cat /tmp/rp; fail "pair-rping (server side)"; }
+else
+  if retry timeout 60 ibv_rc_pingpong -d rxe0 -g 1 -n 100 "$RXE_VM_PEER" > /tmp/pp 2>&1; then
+    pass "pair-rc-pingpong: vm1 -> vm2: $(grep iters /tmp/pp)"
+  else cat /tmp/pp; fail "pair-rc-pingpong: vm1 -> vm2"; fi
+  if retry timeout 60 rping -c -a "$RXE_VM_PEER" -C 5 -v > /tmp/rp 2>&1 &&
+     [ "$(grep -c "ping data" /tmp/rp)" = 5 ]; then pass "pair-rping: vm1 -> vm2, 5 rdma_cm pings"
+  else cat /tmp/rp; fail "pair-rping: vm1 -> vm2"; fi
+fi
+# HOOK rdma-selftest-two-node: rdma-selftest across the two guests. Runs when the binary says
+# (in --help) that it has a two-node mode; the expected CLI is
+#   rdma-selftest --server ADDR   (waits for one client on ADDR, same ok line)
+#   rdma-selftest --client ADDR   (connects to the server at ADDR, same ok line)
+# Adjust here if the provider names its modes differently.
+if [ -x "$SELFTEST" ] && "$SELFTEST" --help 2>&1 | grep -q -- "--server"; then
+  if [ "$RXE_VM_NODE" = 2 ]; then run_selftest "pair-rdma-selftest (server vm2)" --server "$RXE_VM_ADDR"
+  else sleep 2; run_selftest "pair-rdma-selftest (client vm1)" --client "$RXE_VM_PEER"; fi
+elif [ "$RXE_VM_NODE" = 1 ]; then
+  info "pair-rdma-selftest: no two-node mode in $SELFTEST (or not built), not run"
+fi
+exit $FAILS
+'
+
+# ---------------------------------------------------------------------------------------------
+# run_guests NAME RXE-VM-ARGS...: one rxe-vm.sh run, its console in $LOG, its PASS/FAIL lines
+# shown; a boot failure (125) is a FAIL.
+run_guests() {
+  local name=$1 t0 rc; shift
+  t0=$(date +%s.%N)
+  say "$name: booting"
+  echo "===== $name" >> "$LOG"
+  bash scripts/rxe-vm.sh "$@" >> "$LOG" 2>&1; rc=$?
+  # this run's check lines, with the guest that printed them
+  sed -n "/^===== $name\$/,\$p" "$LOG" | grep 'RDMA-TEST ' | sed 's/^\(\[vm[12]\]\) RDMA-TEST \([A-Z]*\) /\2 \1 /; s/^/  /'
+  if [ $rc -eq 125 ]; then
+    say "FAIL $name: the guest did not boot or report a status (see $LOG)"
+    sed -n "/^===== $name\$/,\$p" "$LOG" | tail -20 | sed 's/^/    /'
+    FAILED=$((FAILED+1))
+  elif [ $rc -ne 0 ]; then
+    say "FAIL $name: $rc check(s) failed (guest consoles: $LOG)"
+    FAILED=$((FAILED+1))
+  else
+    say "PASS $name"
+  fi
+  say "$name: $(secs "$t0")s (boot included)"
+}
+
+T0=$(date +%s.%N)
+t=$(date +%s.%N)
+if bash scripts/rxe-vm.sh --prepare >> "$LOG" 2>&1; then
+  say "guest prepared in $(secs "$t")s (qemu install and guest download on first use, cached after)"
+else
+  say "FAIL prepare: cannot install qemu or build the guest (see $LOG); LIBSDP_SKIP_RXE=1 skips"
+  tail -20 "$LOG" | sed 's/^/    /'
+  exit 1
+fi
+run_guests "one-guest" -- "$GUEST_LIB$GUEST_ONE"
+run_guests "two-guests" -2 -- "$GUEST_LIB$GUEST_TWO"
+if [ $FAILED -eq 0 ]; then say "PASS all RDMA tests in $(secs "$T0")s"; exit 0; fi
+say "FAIL: $FAILED of 2 guest runs failed, in $(secs "$T0")s"
+exit 1
