@@ -7,9 +7,10 @@
 #            (b) target/release/rdma-selftest (our rdma provider) prints its ok line, if built
 #            (c) ib_send_bw over rxe, printed for the record (perftest's exit status is not used:
 #                its server sometimes fails to print a report under emulation)
-#            (e) the in-guest tests of tests/rdma_guest.rs (target/release/deps/rdma_guest-*)
+#            (e) the one-guest tests of tests/rdma_guest.rs (target/release/deps/rdma_guest-*)
 #   2 guests (d) ibv_rc_pingpong and rping between the guests over their L2 link (RoCEv2),
 #                then rdma-selftest across them when it offers a two-node mode (hook below)
+#            (e) the two-guest tests of tests/rdma_guest.rs
 #
 # Prints one PASS/FAIL line per check and a summary; exits 1 if any check failed.
 # A guest that cannot be booted (no qemu, status 125) is a FAIL, never a silent skip;
@@ -49,6 +50,19 @@ run_selftest() {
   elif [ $rc -eq 77 ]; then fail "$name: exit 77 (no device) although rxe0 is up"
   else fail "$name: exit $rc, ok line: ${ok:-missing}"; fi
 }
+# run_rust_tests FILTER: the ignored tests of tests/rdma_guest.rs matching FILTER (newest build)
+run_rust_tests() {
+  T=$(ls -t target/release/deps/rdma_guest-* 2>/dev/null | grep -v "\.d$" | head -1)
+  if [ -z "$T" ]; then
+    fail "rdma_guest.rs $1: no target/release/deps/rdma_guest-* (cargo test --release --workspace builds it)"
+    return
+  fi
+  timeout 240 "$T" --ignored --nocapture --test-threads=1 "$1" > /tmp/rg.out 2>&1; rc=$?
+  grep -o "RDMA-TEST .*" /tmp/rg.out
+  result=$(grep "^test result" /tmp/rg.out)
+  if [ $rc -eq 0 ] && echo "$result" | grep -q " [1-9][0-9]* passed"; then pass "rdma_guest.rs $1: $result"
+  else sed "s/^/    /" /tmp/rg.out; fail "rdma_guest.rs $1: exit $rc: ${result:-no result}"; fi
+}
 '
 
 GUEST_ONE='
@@ -81,13 +95,8 @@ line=$(grep -A1 "#bytes" /tmp/bw-client | tail -1 | tr -s " ")
 if [ -n "$line" ]; then info "ib_send_bw: #bytes #iterations BW-peak BW-average[MB/sec] MsgRate[Mpps]:$line"
 else cat /tmp/bw-client; info "ib_send_bw: no report"; fi
 
-# (e) the in-guest Rust tests, newest build of tests/rdma_guest.rs
-T=$(ls -t target/release/deps/rdma_guest-* 2>/dev/null | grep -v "\.d$" | head -1)
-if [ -n "$T" ]; then
-  if timeout 180 "$T" --ignored --test-threads=1 > /tmp/rg.out 2>&1; then
-    pass "rdma_guest.rs: $(grep "^test result" /tmp/rg.out)"
-  else cat /tmp/rg.out; fail "rdma_guest.rs: $(grep "^test result" /tmp/rg.out)"; fi
-else fail "rdma_guest.rs: no target/release/deps/rdma_guest-* (run cargo test --release --workspace first)"; fi
+# (e) the in-guest Rust tests
+run_rust_tests one_guest
 exit $FAILS
 '
 
@@ -116,6 +125,8 @@ if [ -x "$SELFTEST" ] && "$SELFTEST" --help 2>&1 | grep -q -- "--server"; then
 elif [ "$RXE_VM_NODE" = 1 ]; then
   info "pair-rdma-selftest: no two-node mode in $SELFTEST (or not built), not run"
 fi
+# (e) the in-guest Rust tests across the link (both guests run them: vm2 serves, vm1 connects)
+run_rust_tests pair_
 exit $FAILS
 '
 

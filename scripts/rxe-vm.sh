@@ -229,7 +229,7 @@ boot_guest() {
   if [ $PAIR -eq 1 ]; then
     # one unix datagram socket per guest, each sending to the other's: an L2 cable
     net=(-netdev "dgram,id=l0,local.type=unix,local.path=$O/link-$n.sock,remote.type=unix,remote.path=$O/link-$peer.sock"
-         -device "virtio-net-pci,netdev=l0,mac=52:54:00:77:00:0$n")
+         -device "virtio-net-pci,netdev=l0,mac=52:54:00:77:00:0$n,romfile=")   # no iPXE: we boot -kernel
   else
     net=(-nic none)
   fi
