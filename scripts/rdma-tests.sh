@@ -43,7 +43,9 @@ SELFTEST=target/release/rdma-selftest
 # run_selftest NAME ARGS...: requires the "rdma-selftest ok" line and exit status 0
 run_selftest() {
   name=$1; shift
-  timeout 120 "$SELFTEST" "$@" > /tmp/st.out 2>&1; rc=$?
+  t0=$(cut -d" " -f1 /proc/uptime)
+  timeout 300 "$SELFTEST" "$@" > /tmp/st.out 2>&1; rc=$?
+  info "$name: ran $(awk -v a=$t0 -v b=$(cut -d" " -f1 /proc/uptime) "BEGIN {print b - a}")s in the guest"
   sed "s/^/    /" /tmp/st.out
   ok=$(grep "^rdma-selftest ok" /tmp/st.out | tail -1)
   if [ $rc -eq 0 ] && [ -n "$ok" ]; then pass "$name: ${ok#rdma-selftest ok }"

@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use libsdp_suite::{
-    Mode, Proc, StatRow, command, require_tool, run, same_in_both_modes, sdp_stat_of_group,
+    Mode, Proc, StatRow, command, process_group, require_tool, run, same_in_both_modes, sdp_stat,
     wait_listening,
 };
 
@@ -71,11 +71,31 @@ fn show(rows: &[StatRow]) -> String {
 
 /// The rows of process group `pgid` once `done` holds (polled), or the last seen at `within`.
 fn rows_when(pgid: u32, within: Duration, done: impl Fn(&[StatRow]) -> bool) -> Vec<StatRow> {
+    groups_when(&[pgid], within, done).remove(0)
+}
+
+/// The rows of each process group of `pgids` once `done` holds for every one of them (one
+/// `sdp stat` per poll, so that both ends of a connection are seen while it lives), or the
+/// last seen at `within`.
+fn groups_when(
+    pgids: &[u32],
+    within: Duration,
+    done: impl Fn(&[StatRow]) -> bool,
+) -> Vec<Vec<StatRow>> {
     let deadline = Instant::now() + within;
     loop {
-        let rows = sdp_stat_of_group(pgid);
-        if done(&rows) || Instant::now() >= deadline {
-            return rows;
+        let all = sdp_stat();
+        let per: Vec<Vec<StatRow>> = pgids
+            .iter()
+            .map(|g| {
+                all.iter()
+                    .filter(|r| process_group(r.pid) == Some(*g))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        if per.iter().all(|rows| done(rows)) || Instant::now() >= deadline {
+            return per;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -135,8 +155,12 @@ fn one_guest_rxe_present_programs_unchanged_local_peer_rides_shm() {
         wait_listening(&mut server, port);
         let client = Proc::spawn(sockperf_client(mode, &addr, port), "sockperf pp");
         if mode == Mode::Preload {
-            for (side, pgid) in [("client", client.id()), ("server", server.id())] {
-                let rows = rows_when(pgid, Duration::from_secs(30), with_bytes);
+            let both = groups_when(
+                &[client.id(), server.id()],
+                Duration::from_secs(30),
+                with_bytes,
+            );
+            for (side, rows) in ["client", "server"].iter().zip(both) {
                 let c = connections(&rows);
                 assert!(
                     c.len() == 1 && c[0].transport == "shm" && with_bytes(&rows),
