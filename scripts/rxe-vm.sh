@@ -88,6 +88,7 @@ if [ ! -f "$X/.done" ]; then
   (cd "$W/debs" && apt-get download -qq "$KPKG" $GUEST_DEBS 2>&1 | grep -v 'unsandboxed' || true)
   for d in "$W"/debs/*.deb; do dpkg-deb -x "$d" "$X"; done
   ls "$X"/boot/vmlinuz-* >/dev/null 2>&1 || fail_vm "guest kernel download failed"
+  rm -rf "$W/debs"
   touch "$X/.done"
 fi
 KVER=$(ls "$X/lib/modules" | head -1)

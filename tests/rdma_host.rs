@@ -41,7 +41,13 @@ enum Verbs {
 struct Namespace {
     holder: Proc,
     user_ns: bool,
-    _dir: PathBuf,
+    dir: PathBuf,
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Namespace {
@@ -89,7 +95,7 @@ impl Namespace {
         Namespace {
             holder,
             user_ns,
-            _dir: dir,
+            dir,
         }
     }
 
