@@ -40,6 +40,8 @@ info() { echo "RDMA-TEST INFO $*"; }
 FAILS=0
 ip() { /usr/sbin/ip "$@"; }
 SELFTEST=target/release/rdma-selftest
+# retry CMD...: a client, again while its server is not up yet (20 s)
+retry() { i=0; while [ $i -lt 40 ]; do "$@" && return 0; sleep 0.5; i=$((i+1)); done; return 1; }
 # run_selftest NAME ARGS...: requires the "rdma-selftest ok" line and exit status 0
 run_selftest() {
   name=$1; shift
@@ -73,13 +75,11 @@ if timeout 30 ibv_devinfo -d rxe0 > /tmp/devinfo 2>&1 && grep -q PORT_ACTIVE /tm
   pass "rxe-devinfo: rxe0 $(grep -o "link_layer:.*" /tmp/devinfo | tr -s "\t " " ")"
 else cat /tmp/devinfo; fail "rxe-devinfo: rxe0 missing or not PORT_ACTIVE"; fi
 timeout 60 ibv_rc_pingpong -d rxe0 -g 1 -n 100 > /tmp/pp-server 2>&1 & S=$!
-sleep 0.5
-if timeout 60 ibv_rc_pingpong -d rxe0 -g 1 -n 100 "$RXE_VM_ADDR" > /tmp/pp-client 2>&1 && wait $S; then
+if retry timeout 60 ibv_rc_pingpong -d rxe0 -g 1 -n 100 "$RXE_VM_ADDR" > /tmp/pp-client 2>&1 && wait $S; then
   pass "rxe-rc-pingpong: $(grep iters /tmp/pp-client)"
 else cat /tmp/pp-server /tmp/pp-client; fail "rxe-rc-pingpong"; fi
 timeout 60 rping -s -a "$RXE_VM_ADDR" -C 5 > /tmp/rp-server 2>&1 & S=$!
-sleep 0.5
-if timeout 60 rping -c -a "$RXE_VM_ADDR" -C 5 -v > /tmp/rp-client 2>&1 && wait $S &&
+if retry timeout 60 rping -c -a "$RXE_VM_ADDR" -C 5 -v > /tmp/rp-client 2>&1 && wait $S &&
    [ "$(grep -c "ping data" /tmp/rp-client)" = 5 ]; then
   pass "rxe-rping: 5 rdma_cm pings"
 else cat /tmp/rp-server /tmp/rp-client; fail "rxe-rping"; fi
@@ -90,8 +90,11 @@ else info "rdma-selftest: $SELFTEST not built, not run"; fi
 
 # (c) for the record: perftest send bandwidth (exit status not used, see rdma-tests.sh)
 timeout 90 ib_send_bw -d rxe0 -x 1 -F -s 65536 -n 300 > /tmp/bw-server 2>&1 & S=$!
-sleep 1
-timeout 90 ib_send_bw -d rxe0 -x 1 -F -s 65536 -n 300 "$RXE_VM_ADDR" > /tmp/bw-client 2>&1
+i=0; while :; do   # again only while the server is not up: its exit status means little
+  timeout 90 ib_send_bw -d rxe0 -x 1 -F -s 65536 -n 300 "$RXE_VM_ADDR" > /tmp/bw-client 2>&1
+  grep -q "Couldn.t connect" /tmp/bw-client && [ $i -lt 40 ] || break
+  i=$((i+1)); sleep 0.5
+done
 wait $S
 line=$(grep -A1 "#bytes" /tmp/bw-client | tail -1 | tr -s " ")
 if [ -n "$line" ]; then info "ib_send_bw: #bytes #iterations BW-peak BW-average[MB/sec] MsgRate[Mpps]:$line"
@@ -104,7 +107,6 @@ exit $FAILS
 
 GUEST_TWO='
 # (d) RoCEv2 between two guests over their L2 link; node 2 serves, node 1 connects
-retry() { i=0; while [ $i -lt 40 ]; do "$@" && return 0; sleep 0.5; i=$((i+1)); done; return 1; }
 if [ "$RXE_VM_NODE" = 2 ]; then
   timeout 60 ibv_rc_pingpong -d rxe0 -g 1 -n 100 > /tmp/pp 2>&1 || { cat /tmp/pp; fail "pair-rc-pingpong (server side)"; }
   timeout 60 rping -s -a "$RXE_VM_ADDR" -C 5 > /tmp/rp 2>&1 || { cat /tmp/rp; fail "pair-rping (server side)"; }
