@@ -16,7 +16,8 @@
 # A guest that cannot be booted (no qemu, status 125) is a FAIL, never a silent skip;
 # LIBSDP_SKIP_RXE=1 skips everything (local runs on machines where qemu cannot be installed).
 # env: LIBSDP_RXE_VM_WORK etc. (see scripts/rxe-vm.sh), LIBSDP_RDMA_TESTS_LOG (the guests'
-#      consoles, default target/rdma-tests.log).
+#      consoles, default target/rdma-tests.log), LIBSDP_REQUIRE_RDMA=1 (passed to the guests:
+#      tests/rdma_guest.rs then accepts only rdma for the connection between them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -182,6 +183,11 @@ else
   tail -20 "$LOG" | sed 's/^/    /'
   exit 1
 fi
+# the guests see none of this environment: pass on what the in-guest tests read
+REQUIRE_RDMA=0; [ "${LIBSDP_REQUIRE_RDMA:-0}" = 1 ] && REQUIRE_RDMA=1
+GUEST_ENV="export LIBSDP_REQUIRE_RDMA=$REQUIRE_RDMA"
+GUEST_LIB="$GUEST_ENV
+$GUEST_LIB"
 run_guests "one-guest" -- "$GUEST_LIB$GUEST_ONE"
 run_guests "two-guests" -2 -- "$GUEST_LIB$GUEST_TWO"
 if [ $FAILED -eq 0 ]; then say "PASS all RDMA tests in $(secs "$T0")s"; exit 0; fi
