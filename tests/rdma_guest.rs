@@ -1,0 +1,283 @@
+//! Tests that need a real RDMA device: they run inside the soft-RoCE guests of
+//! `scripts/rxe-vm.sh` (rxe0 up, rdma-core installed), started by `scripts/rdma-tests.sh`,
+//! which runs this test executable there with `--ignored`. On an ordinary host they are
+//! ignored (run there with `--ignored` they fail: no guest).
+//!
+//! - `one_guest_*` (one guest): with an RDMA device present and libibverbs loadable, programs
+//!   under the preload start unchanged, and a peer on the same host still rides SDP over shm.
+//! - `pair_*` (two guests, vm1 192.168.77.1 and vm2 192.168.77.2 on one L2 link, rxe0 on each):
+//!   vm2 serves, vm1 connects with unmodified sockperf, with and without the preload. The
+//!   connection must work and behave the same; under the preload it is carried by `rdma` with
+//!   bytes counted on both ends, or, while the library does not route connections to other
+//!   hosts over rdma, by TCP with reason `no-device` (client) / `plain-client` (server).
+//!   `LIBSDP_REQUIRE_RDMA=1` accepts rdma only. Each run prints an `RDMA-TEST INFO` line saying
+//!   which it was (rdma-tests.sh shows them).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use libsdp_suite::{
+    Mode, Proc, StatRow, command, process_group, require_tool, run, same_in_both_modes, sdp_stat,
+    wait_listening,
+};
+
+const T: Duration = Duration::from_secs(120);
+/// vm2's servers: sockperf without the preload, and with it.
+const BASE_PORT: u16 = 17001;
+const PRELOAD_PORT: u16 = 17002;
+
+/// This guest's identity from scripts/rxe-vm.sh: (node, own address, peer address, pair?).
+fn guest() -> (u32, String, String, bool) {
+    let var = |k: &str| {
+        std::env::var(k).unwrap_or_else(|_| {
+            panic!("{k} unset: this test runs in a soft-RoCE guest (scripts/rdma-tests.sh)")
+        })
+    };
+    let node = var("RXE_VM_NODE").parse().expect("RXE_VM_NODE");
+    assert!(
+        std::path::Path::new("/sys/class/infiniband/rxe0").exists(),
+        "no rxe0 in this guest"
+    );
+    (
+        node,
+        var("RXE_VM_ADDR"),
+        var("RXE_VM_PEER"),
+        var("RXE_VM_PAIR") == "1",
+    )
+}
+
+fn connections(rows: &[StatRow]) -> Vec<&StatRow> {
+    rows.iter().filter(|r| r.is_connection()).collect()
+}
+
+fn show(rows: &[StatRow]) -> String {
+    rows.iter()
+        .map(|r| {
+            format!(
+                "  {} fd {} {} {} reason {} {} -> {} tx {} rx {}\n",
+                r.program,
+                r.fd,
+                r.role,
+                r.transport,
+                r.fallback_reason,
+                r.local,
+                r.remote,
+                r.bytes_tx,
+                r.bytes_rx
+            )
+        })
+        .collect()
+}
+
+/// The rows of process group `pgid` once `done` holds (polled), or the last seen at `within`.
+fn rows_when(pgid: u32, within: Duration, done: impl Fn(&[StatRow]) -> bool) -> Vec<StatRow> {
+    groups_when(&[pgid], within, done).remove(0)
+}
+
+/// The rows of each process group of `pgids` once `done` holds for every one of them (one
+/// `sdp stat` per poll, so that both ends of a connection are seen while it lives), or the
+/// last seen at `within`.
+fn groups_when(
+    pgids: &[u32],
+    within: Duration,
+    done: impl Fn(&[StatRow]) -> bool,
+) -> Vec<Vec<StatRow>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let all = sdp_stat();
+        let per: Vec<Vec<StatRow>> = pgids
+            .iter()
+            .map(|g| {
+                all.iter()
+                    .filter(|r| process_group(r.pid) == Some(*g))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        if per.iter().all(|rows| done(rows)) || Instant::now() >= deadline {
+            return per;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn with_bytes(rows: &[StatRow]) -> bool {
+    connections(rows)
+        .iter()
+        .any(|r| r.bytes_tx + r.bytes_rx > 0)
+}
+
+/// The statistics sockperf printed (names, not values), after asserting it succeeded.
+fn sockperf_keys(o: &libsdp_suite::Outcome, what: &str) -> Vec<String> {
+    let keys: Vec<String> = o
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once("--->").map(|(_, r)| r))
+        .filter_map(|r| r.split('=').next())
+        .map(|k| k.trim().to_string())
+        .collect();
+    assert!(
+        o.code == 0 && keys.contains(&"percentile 50.000".to_string()),
+        "{what}: {o:?}"
+    );
+    keys
+}
+
+fn sockperf_client(mode: Mode, addr: &str, port: u16) -> Command {
+    let mut c = command(mode, "sockperf");
+    c.args(["pp", "--tcp", "-i", addr, "-p", &port.to_string()])
+        .args(["-m", "64", "-t", "2", "--dontwarmup"]);
+    c
+}
+
+fn sockperf_server(mode: Mode, addr: &str, port: u16) -> Command {
+    let mut c = command(mode, "sockperf");
+    c.args(["sr", "--tcp", "-i", addr, "-p", &port.to_string()]);
+    c
+}
+
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_rxe_present_programs_unchanged_local_peer_rides_shm() {
+    let (_, addr, _, pair) = guest();
+    assert!(!pair, "a one-guest test");
+    require_tool("sockperf", "sockperf");
+    same_in_both_modes("sh -c with rxe0 present", |mode| {
+        let mut c = command(mode, "sh");
+        c.args(["-c", "echo started \"$0\"; echo to-stderr >&2; exit 3", "x"]);
+        let o = run(c, "sh -c", T);
+        (o.code, o.stdout, o.stderr)
+    });
+    // The address of the guest's own rxe netdev: local, so SDP over shm, device or not.
+    same_in_both_modes("sockperf over the rxe netdev's address", |mode| {
+        let port = 17000;
+        let mut server = Proc::spawn(sockperf_server(mode, &addr, port), "sockperf sr");
+        wait_listening(&mut server, port);
+        let client = Proc::spawn(sockperf_client(mode, &addr, port), "sockperf pp");
+        if mode == Mode::Preload {
+            let both = groups_when(
+                &[client.id(), server.id()],
+                Duration::from_secs(30),
+                with_bytes,
+            );
+            for (side, rows) in ["client", "server"].iter().zip(both) {
+                let c = connections(&rows);
+                assert!(
+                    c.len() == 1 && c[0].transport == "shm" && with_bytes(&rows),
+                    "{side}: want one shm connection with bytes:\n{}",
+                    show(&rows)
+                );
+            }
+        }
+        let client = client.wait(T);
+        server.stop();
+        (client.code, sockperf_keys(&client, "sockperf pp"))
+    });
+}
+
+/// (transport, reason) of the one connection in `rows`; panics on anything else.
+fn the_connection(rows: &[StatRow], side: &str) -> (String, String) {
+    let c = connections(rows);
+    assert_eq!(c.len(), 1, "{side}: want one connection:\n{}", show(rows));
+    (c[0].transport.clone(), c[0].fallback_reason.clone())
+}
+
+/// Checks one end of the cross-guest connection under the preload; returns what carried it.
+fn check_remote_end(side: &str, rows: &[StatRow], tcp_reason: &str) -> String {
+    let (transport, reason) = the_connection(rows, side);
+    let require_rdma = std::env::var("LIBSDP_REQUIRE_RDMA").is_ok_and(|v| v == "1");
+    match (transport.as_str(), reason.as_str()) {
+        ("rdma", "-") => assert!(
+            with_bytes(rows),
+            "{side}: rdma connection counted no bytes:\n{}",
+            show(rows)
+        ),
+        ("tcp", r) if r == tcp_reason && !require_rdma => {}
+        _ => panic!(
+            "{side}: want rdma{} over the link:\n{}",
+            if require_rdma {
+                " (LIBSDP_REQUIRE_RDMA=1)".to_string()
+            } else {
+                format!(", or tcp with reason {tcp_reason}")
+            },
+            show(rows)
+        ),
+    }
+    println!("RDMA-TEST INFO pair-preload-{side}: transport {transport} reason {reason}");
+    transport
+}
+
+#[test]
+#[ignore = "runs in the soft-RoCE guests: scripts/rdma-tests.sh"]
+fn pair_sockperf_across_guests_works_and_preload_uses_rdma_or_records_why_not() {
+    let (node, addr, peer, pair) = guest();
+    assert!(pair, "a two-guest test");
+    require_tool("sockperf", "sockperf");
+    if node == 2 {
+        // The preloaded server first: once the plain one answers, both listen.
+        let mut pre = Proc::spawn(
+            sockperf_server(Mode::Preload, &addr, PRELOAD_PORT),
+            "sockperf sr (preload)",
+        );
+        wait_listening(&mut pre, PRELOAD_PORT);
+        let mut base = Proc::spawn(
+            sockperf_server(Mode::Base, &addr, BASE_PORT),
+            "sockperf sr (plain)",
+        );
+        wait_listening(&mut base, BASE_PORT);
+        // vm1 runs its plain client, then its preloaded one: the preloaded connection coming
+        // and going ends the test.
+        let seen = rows_when(pre.id(), T, |rows| {
+            !connections(rows).is_empty()
+                && connections(rows)
+                    .iter()
+                    .all(|r| r.transport != "rdma" || r.bytes_tx + r.bytes_rx > 0)
+        });
+        assert!(
+            !connections(&seen).is_empty(),
+            "vm1's preloaded client never reached the preloaded server:\n{}",
+            show(&seen)
+        );
+        check_remote_end("server", &seen, "plain-client");
+        let gone = rows_when(pre.id(), T, |rows| connections(rows).is_empty());
+        assert!(
+            connections(&gone).is_empty(),
+            "the connection did not end:\n{}",
+            show(&gone)
+        );
+        assert!(pre.running() && base.running(), "a server died");
+        pre.stop();
+        base.stop();
+        return;
+    }
+    // vm1: wait for vm2's servers (a plain connect to the plain server; the preloaded server
+    // must see only the real client).
+    let deadline = Instant::now() + T;
+    while std::net::TcpStream::connect((peer.as_str(), BASE_PORT)).is_err() {
+        assert!(Instant::now() < deadline, "vm2's servers never listened");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let transport = std::cell::RefCell::new(String::new());
+    same_in_both_modes("sockperf vm1 -> vm2", |mode| {
+        let port = if mode == Mode::Base {
+            BASE_PORT
+        } else {
+            PRELOAD_PORT
+        };
+        let client = Proc::spawn(sockperf_client(mode, &peer, port), "sockperf pp");
+        if mode == Mode::Preload {
+            let rows = rows_when(client.id(), Duration::from_secs(30), |rows| {
+                connections(rows)
+                    .iter()
+                    .any(|r| r.transport != "rdma" || r.bytes_tx + r.bytes_rx > 0)
+            });
+            *transport.borrow_mut() = check_remote_end("client", &rows, "no-device");
+        }
+        let client = client.wait(T);
+        (client.code, sockperf_keys(&client, "sockperf pp"))
+    });
+    assert!(
+        !transport.borrow().is_empty(),
+        "the preloaded run was not checked"
+    );
+}
