@@ -77,12 +77,21 @@ impl SendQueue {
 
     /// Moves the first `n` bytes into `dst`.
     pub(crate) fn take_into(&mut self, dst: &mut [u8], n: usize) {
+        let (a, b) = self.first(n);
+        dst[..a.len()].copy_from_slice(a);
+        dst[a.len()..n].copy_from_slice(b);
+        self.consume(n);
+    }
+
+    /// The first `n` queued bytes, in at most two pieces (the queue is a ring).
+    pub(crate) fn first(&self, n: usize) -> (&[u8], &[u8]) {
         let (a, b) = self.buf.as_slices();
         let from_a = n.min(a.len());
-        dst[..from_a].copy_from_slice(&a[..from_a]);
-        if from_a < n {
-            dst[from_a..n].copy_from_slice(&b[..n - from_a]);
-        }
+        (&a[..from_a], &b[..n - from_a])
+    }
+
+    /// Drops the first `n` queued bytes (sent).
+    pub(crate) fn consume(&mut self, n: usize) {
         self.buf.drain(..n);
         self.head += n as u64;
         while let Some(&u) = self.urgent.front() {

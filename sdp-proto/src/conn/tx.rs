@@ -138,8 +138,42 @@ impl Connection {
         Some(t)
     }
 
-    fn transmit_data(&mut self, buf: &mut [u8]) -> Transmit {
-        let max = (self.send_goal as usize).min(buf.len() - BSDH_LEN);
+    /// As [`poll_transmit`](Self::poll_transmit), but a Data message is handed to `post` as
+    /// pieces (its header, then the payload straight from the send queue) instead of being
+    /// copied into a buffer first: a host whose post copies anyway (into a ring) saves a copy
+    /// of every byte. Other messages are written into `scratch` and handed over whole. `post`
+    /// runs exactly once per `Some`; `max_len` is the largest message the peer takes.
+    pub fn poll_transmit_gather(
+        &mut self,
+        now: Timestamp,
+        max_len: usize,
+        scratch: &mut [u8],
+        post: &mut dyn FnMut(&Transmit, &[&[u8]]),
+    ) -> Option<Transmit> {
+        let data_next = self.state.can_transmit()
+            && self.sends_in_flight < self.config.max_send_wr
+            && max_len > BSDH_LEN
+            && !(self.control.front().is_some() && self.credits.can_send(MessageClass::Control))
+            && self.credits.can_send(MessageClass::Payload)
+            && self.src.is_none()
+            && !self.send.is_empty();
+        if !data_next {
+            let t = self.poll_transmit(now, scratch)?;
+            post(&t, &[&scratch[..t.len]]);
+            return Some(t);
+        }
+        let mut hdr = [0u8; BSDH_LEN];
+        let (t, n) = self.data_header(max_len, &mut hdr);
+        let (a, b) = self.send.first(n);
+        post(&t, &[&hdr, a, b]);
+        self.send.consume(n);
+        Some(t)
+    }
+
+    /// Frames the next Data message's header into `hdr` (a payload of at most `max_len` minus
+    /// the header) and accounts for it; the caller moves the payload's `n` bytes.
+    fn data_header(&mut self, max_len: usize, hdr: &mut [u8]) -> (Transmit, usize) {
+        let max = (self.send_goal as usize).min(max_len - BSDH_LEN);
         let (n, urgent) = self.send.next_chunk(max);
         let flags = if urgent {
             Flags::OOB_PRES.union(Flags::OOB_PEND)
@@ -159,15 +193,23 @@ impl Connection {
             mseq: stamp.mseq,
             mseq_ack: stamp.mseq_ack,
         }
-        .emit(&mut Bsdh::new_unchecked(&mut buf[..BSDH_LEN]));
-        self.send.take_into(&mut buf[BSDH_LEN..len], n);
+        .emit(&mut Bsdh::new_unchecked(&mut hdr[..BSDH_LEN]));
         self.sent_one();
         self.stats.bytes_sent += n as u64;
-        Transmit {
-            len,
-            mid: MessageId::Data,
-            mseq: stamp.mseq,
-            solicited: urgent,
-        }
+        (
+            Transmit {
+                len,
+                mid: MessageId::Data,
+                mseq: stamp.mseq,
+                solicited: urgent,
+            },
+            n,
+        )
+    }
+
+    fn transmit_data(&mut self, buf: &mut [u8]) -> Transmit {
+        let (t, n) = self.data_header(buf.len(), buf);
+        self.send.take_into(&mut buf[BSDH_LEN..t.len], n);
+        t
     }
 }

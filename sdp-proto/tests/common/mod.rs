@@ -127,6 +127,8 @@ impl Default for LinkConfig {
 }
 
 pub struct Sim {
+    /// Messages built so far (every other one through `poll_transmit_gather`).
+    transmits: u64,
     pub now: u64,
     pub sides: [Side; 2],
     /// Per destination side: FIFO of (time, item); times never decrease.
@@ -176,6 +178,7 @@ impl Sim {
         let mut sb = Side::new(b);
         sb.posted = b_posted;
         Sim {
+            transmits: 0,
             now: 0,
             sides: [sa, sb],
             queues: [VecDeque::new(), VecDeque::new()],
@@ -229,10 +232,30 @@ impl Sim {
         }
         loop {
             let mut buf = std::mem::take(&mut self.buf);
-            let t = self.sides[s].conn.poll_transmit(now, &mut buf);
+            // Every other message goes through the gather form, which must frame exactly what
+            // the copying form does.
+            self.transmits += 1;
+            let mut gathered = Vec::new();
+            let t = if self.transmits % 2 == 0 {
+                let max = buf.len();
+                self.sides[s]
+                    .conn
+                    .poll_transmit_gather(now, max, &mut buf, &mut |t, pieces| {
+                        gathered = pieces.concat();
+                        assert_eq!(gathered.len(), t.len, "pieces add up to the message");
+                    })
+            } else {
+                self.sides[s]
+                    .conn
+                    .poll_transmit(now, &mut buf)
+                    .inspect(|t| {
+                        gathered = buf[..t.len].to_vec();
+                    })
+            };
             match t {
                 Some(t) => {
-                    let bytes = buf[..t.len].to_vec();
+                    let bytes = gathered;
+                    assert_eq!(bytes.len(), t.len);
                     self.buf = buf;
                     let side = &mut self.sides[s];
                     side.messages_sent += 1;

@@ -205,16 +205,29 @@ impl SdpShm {
                 }
             }
         }
-        while let Some(tx) = self.engine.poll_transmit(t, &mut self.txbuf) {
-            let wr = self.wr();
-            // Only a message a reader waits for rings the peer's bell (readable means data,
-            // end of stream or an error); a pure credit update wakes only a waiting writer.
-            let quiet =
-                tx.mid == sdp_proto::wire::MessageId::Data && tx.len <= sdp_proto::wire::BSDH_LEN;
-            let posted = if quiet {
-                self.conn.post_send_quiet(wr, &[&self.txbuf[..tx.len]])
-            } else {
-                self.conn.post_send(wr, &[&self.txbuf[..tx.len]])
+        let max_len = self.txbuf.len();
+        loop {
+            self.next_wr += 1;
+            let wr = self.next_wr;
+            let conn = &mut self.conn;
+            let mut posted = Ok(());
+            // Data goes from the engine's send queue straight into the peer's ring.
+            let Some(tx) =
+                self.engine
+                    .poll_transmit_gather(t, max_len, &mut self.txbuf, &mut |tx, pieces| {
+                        // Only a message a reader waits for rings the peer's bell (readable means
+                        // data, end of stream or an error); a pure credit update wakes only a
+                        // waiting writer.
+                        let quiet = tx.mid == sdp_proto::wire::MessageId::Data
+                            && tx.len <= sdp_proto::wire::BSDH_LEN;
+                        posted = if quiet {
+                            conn.post_send_quiet(wr, pieces)
+                        } else {
+                            conn.post_send(wr, pieces)
+                        };
+                    })
+            else {
+                break;
             };
             if posted.is_ok() && tx.mid == sdp_proto::wire::MessageId::DisConn {
                 // The peer's application sees our half-close (RDHUP, then end of stream after
