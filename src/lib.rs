@@ -80,10 +80,23 @@ pub fn command(mode: Mode, program: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(program);
     cmd.env_remove("LD_PRELOAD");
     if mode == Mode::Preload {
-        cmd.env("LD_PRELOAD", libsdp_so());
+        cmd.env("LD_PRELOAD", preload_value());
     }
     cmd.stdin(Stdio::null());
     cmd
+}
+
+/// The `LD_PRELOAD` value of [`Mode::Preload`]: libsdp.so, after `$LIBSDP_PRELOAD_FIRST`
+/// when that is set (scripts/sanitizers.sh puts the AddressSanitizer runtime first there,
+/// which an instrumented libsdp.so needs ahead of it).
+pub fn preload_value() -> std::ffi::OsString {
+    let mut v = std::ffi::OsString::new();
+    if let Some(first) = std::env::var_os("LIBSDP_PRELOAD_FIRST").filter(|f| !f.is_empty()) {
+        v.push(first);
+        v.push(" ");
+    }
+    v.push(libsdp_so());
+    v
 }
 
 /// How a finished program ended and what it printed.

@@ -236,7 +236,7 @@ impl Sim {
             // the copying form does.
             self.transmits += 1;
             let mut gathered = Vec::new();
-            let t = if self.transmits % 2 == 0 {
+            let t = if self.transmits.is_multiple_of(2) {
                 let max = buf.len();
                 self.sides[s]
                     .conn

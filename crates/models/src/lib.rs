@@ -1,0 +1,1 @@
+//! Only tests live here (tests/loom_*.rs); see docs/SANITIZERS.md.
