@@ -1,13 +1,27 @@
-//! sockperf ping-pong latency, 64-byte messages, TCP over loopback.
+//! sockperf ping-pong latency over loopback TCP: 64-byte messages (`sockperf_p50_64`,
+//! `sockperf_p99_64`) and 16 KiB messages (`sockperf_p50_16k`), where the copy of the
+//! message, not the wake-up, starts to weigh.
 
 use std::time::Duration;
 
 use super::proc::{ChildGuard, Leg, wait_listening};
 use super::workloads::Ctx;
 
-/// One repetition: a fresh server on `port`, one client run; returns `[p50, p99]` in microseconds.
-/// Both processes run in `leg` (both preloaded in the libsdp leg) on the same CPU.
+/// One repetition with 64-byte messages: `[p50, p99]` in microseconds.
 pub fn ping_pong_64(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
+    ping_pong(ctx, leg, port, 64)
+}
+
+/// One repetition with 16 KiB messages: `[p50]` in microseconds (its p99 is the machine's
+/// scheduling noise more than libsdp's).
+pub fn ping_pong_16k(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
+    Ok(vec![ping_pong(ctx, leg, port, 16 * 1024)?[0]])
+}
+
+/// One repetition: a fresh server on `port`, one client run with `size`-byte messages;
+/// returns `[p50, p99]` in microseconds. Both processes run in `leg` (both preloaded in the
+/// libsdp leg).
+fn ping_pong(ctx: &Ctx, leg: &Leg, port: u16, size: usize) -> Result<Vec<f64>, String> {
     let port_n = port;
     let port = port.to_string();
     let mut srv = leg.command("sockperf", ctx.server_cpu.or(ctx.cpu));
@@ -17,6 +31,7 @@ pub fn ping_pong_64(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String>
     // sockperf already leaves the first 400 ms of a run out of its statistics; its own
     // warm-up stage only adds a fixed two-second sleep, hence --dontwarmup.
     let secs = if ctx.quick { "1" } else { "3" };
+    let size = size.to_string();
     let mut cli = leg.command("sockperf", ctx.cpu);
     cli.args([
         "pp",
@@ -26,7 +41,7 @@ pub fn ping_pong_64(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String>
         "-p",
         &port,
         "-m",
-        "64",
+        &size,
         "-t",
         secs,
         "--dontwarmup",
