@@ -350,3 +350,33 @@ fn client(port: u16, n: u64) -> Result<(), String> {
     wait_for_exit();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn procfs_kib_fields_are_read_in_bytes() {
+        let p = std::env::temp_dir().join(format!("sdp-idle-{}", std::process::id()));
+        std::fs::write(&p, "Rss:    2200 kB\nPss:     770 kB\nPss_Anon:  1 kB\n").unwrap();
+        let path = p.to_str().unwrap();
+        assert_eq!(kib_field(path, "Pss:"), Ok(770 * 1024));
+        assert!(kib_field(path, "VmPTE:").unwrap_err().contains("no VmPTE:"));
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn growth_counts_every_part_and_may_shrink() {
+        let a = Snapshot {
+            pss: 1000,
+            page_tables: 100,
+            slab: 5000,
+        };
+        let b = Snapshot {
+            pss: 3000,
+            page_tables: 300,
+            slab: 4900,
+        };
+        assert_eq!(b.bytes_since(&a), 2000.0 + 200.0 - 100.0);
+    }
+}

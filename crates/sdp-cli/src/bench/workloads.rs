@@ -137,8 +137,8 @@ impl Ctx {
 /// (1 warm-up + reps) × 2 legs × the duration of one repetition. Measured shares on a
 /// 2-vCPU VM with today's library: sockperf 34 s, iperf3 15 s over TCP (up to 30 s
 /// while SDP streams slower than TCP), pipe_rw and file_rw 8 s, redis 13 s,
-/// setup_rate 10 s (slower connection setup over SDP stretches it); sockperf_16k,
-/// iperf3_8stream and idle_conn_mem: see the commit that added them.
+/// setup_rate 10 s (slower connection setup over SDP stretches it), sockperf_16k 24 s,
+/// iperf3_8stream 25 s, idle_conn_mem 10 s.
 pub static ALL: &[Workload] = &[
     Workload {
         name: "sockperf",
@@ -215,10 +215,7 @@ pub static ALL: &[Workload] = &[
         }],
         // Eight connections share the same bytes as the one-stream run (256 MiB in quick,
         // 1 GiB in full, in all), so a repetition lasts about as long.
-        reps: Reps {
-            quick: 15,
-            full: 60,
-        },
+        reps: Reps { quick: 9, full: 60 },
         warmup: true,
         peers: Some(("iperf3", "iperf3")),
         run: iperf3::eight_streams,
