@@ -1,7 +1,9 @@
 //! Scale: 10,000 concurrent idle SDP connections between two preloaded processes.
 //!
 //! A client (`tests/c/scale/idle_pair.c`) opens the connections to an epoll echo server,
-//! both under the preload with the default policy. The test then checks, in this order:
+//! both under the preload with the default policy, never more than a few ahead of the
+//! server's accepts (libsdp leaves a connection on TCP when its server accepts it more than
+//! 2 s after the connect: a burst is another test's subject). The test then checks, in this order:
 //! every connection is on shm in `sdp stat` in both processes; one byte each way on every
 //! connection arrives intact and shows in the statistics of every row; the memory the
 //! connections cost (both processes' Pss and page tables, and the kernel's slab) stays
@@ -30,13 +32,13 @@ use libsdp_suite::{compile_c, free_port, libsdp_so, sdp_stat};
 
 /// Connections the test asks for.
 const TARGET: u64 = 10_000;
-/// Descriptors one SDP connection holds in one process today (docs/MEMORY.md, "Descriptors").
+/// Descriptors one SDP connection holds in one process today (docs/MEMORY.md, "Per connection, per process").
 const FDS_PER_CONN: u64 = 8;
 /// Descriptors a process needs besides its connections.
 const FD_RESERVE: u64 = 512;
 const PAGE: u64 = 4096;
 
-// Kernel objects, upper bounds per object (docs/MEMORY.md, "Kernel"): what one descriptor
+// Kernel objects, upper bounds per object (docs/MEMORY.md, "The bound for an idle connection"): what one descriptor
 // adds (its `struct file` and its epoll watch), one socket (the protocol sock, its inode and
 // dentry), one other inode (memfd), one mapping (its VMA and chains).
 const KERNEL_PER_FD: u64 = 512;
@@ -46,7 +48,7 @@ const KERNEL_PER_MAPPING: u64 = 512;
 /// The page cache's index of a memfd: at most one radix-tree node (576 bytes) per page.
 const KERNEL_PER_SHM_PAGE: u64 = 640;
 /// Heap bookkeeping of one connection in one process besides its two message buffers and
-/// its ring vectors (docs/MEMORY.md, "Heap").
+/// its ring vectors (docs/MEMORY.md, "The bound for an idle connection").
 const HEAP_BOOKKEEPING: u64 = 16 * 1024;
 /// One statistics row per connection and process.
 const STAT_ROW: u64 = 128;
