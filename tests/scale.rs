@@ -32,15 +32,17 @@ use libsdp_suite::{compile_c, free_port, libsdp_so, sdp_stat};
 
 /// Connections the test asks for.
 const TARGET: u64 = 10_000;
-/// Descriptors one SDP connection holds in one process today (docs/MEMORY.md, "Per connection, per process").
+/// Descriptors one SDP connection holds in one process today (docs/MEMORY.md, "Per
+/// connection, per process").
 const FDS_PER_CONN: u64 = 8;
 /// Descriptors a process needs besides its connections.
 const FD_RESERVE: u64 = 512;
 const PAGE: u64 = 4096;
 
-// Kernel objects, upper bounds per object (docs/MEMORY.md, "The bound for an idle connection"): what one descriptor
-// adds (its `struct file` and its epoll watch), one socket (the protocol sock, its inode and
-// dentry), one other inode (memfd), one mapping (its VMA and chains).
+// Kernel objects, upper bounds per object (docs/MEMORY.md, "The bound for an idle
+// connection"): what one descriptor adds (its `struct file` and its epoll watch), one
+// socket (the protocol sock, its inode and dentry), one other inode (memfd), one mapping
+// (its VMA and chains).
 const KERNEL_PER_FD: u64 = 512;
 const KERNEL_PER_SOCKET: u64 = 4096;
 const KERNEL_PER_INODE: u64 = 2048;
