@@ -602,10 +602,18 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
 /// acceptor that never saw the intent) and goes back to TCP.
 pub const PENDING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The longest a client waits for a server application that has not accepted its connection
+/// yet: below the 30 s after which the server's library forgets the intent.
+const PENDING_ACCEPT_LIMIT: Duration = Duration::from_secs(24);
+
 /// Watches a pending client connection: TCP bytes or a FIN from the server on the shadow (the
-/// server treats the connection as plain TCP), or the timeout, send it back to TCP.
+/// server treats the connection as plain TCP), or the timeout, send it back to TCP. The
+/// timeout counts from the server application's `accept`: while the connection still waits
+/// in the listener's accept queue (a busy server, a burst of connections), the timer is
+/// re-armed, up to [`PENDING_ACCEPT_LIMIT`], as a kernel TCP connection would wait there.
 struct PendingTask {
     conn: Weak<Conn>,
+    started: Instant,
 }
 
 impl Task for PendingTask {
@@ -615,6 +623,14 @@ impl Task for PendingTask {
         };
         let mut g = conn.lock();
         if matches!(g.phase, Phase::Pending { .. }) {
+            if fd == g.timer_fd
+                && self.started.elapsed() < PENDING_ACCEPT_LIMIT
+                && let (Some(local), Some(peer)) = (g.local, g.peer)
+                && sys::tcp_accepted(local, peer) == Some(false)
+            {
+                arm_timer(g.timer_fd, PENDING_TIMEOUT);
+                return;
+            }
             let why = if fd == g.timer_fd {
                 "no SDP exchange in time"
             } else {
@@ -634,6 +650,7 @@ fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> (i32, Vec<u64>) {
     let mut tokens = Vec::new();
     let task: Arc<dyn Task> = Arc::new(PendingTask {
         conn: Arc::downgrade(conn),
+        started: Instant::now(),
     });
     if let Some(t) = progress::register(
         shadow,
@@ -652,32 +669,38 @@ fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> (i32, Vec<u64>) {
     } as i32;
     if tfd >= 0 {
         let tfd = sys::move_high(tfd);
-        let spec = libc::itimerspec {
-            it_interval: libc::timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: libc::timespec {
-                tv_sec: PENDING_TIMEOUT.as_secs() as i64,
-                tv_nsec: PENDING_TIMEOUT.subsec_nanos() as i64,
-            },
-        };
-        // SAFETY: spec is a valid itimerspec.
-        unsafe {
-            libc::syscall(
-                libc::SYS_timerfd_settime,
-                tfd,
-                0,
-                &spec as *const _,
-                std::ptr::null_mut::<libc::itimerspec>(),
-            )
-        };
+        arm_timer(tfd, PENDING_TIMEOUT);
         if let Some(t) = progress::register(tfd, libc::EPOLLIN as u32, task) {
             tokens.push(t);
         }
         return (tfd, tokens);
     }
     (-1, tokens)
+}
+
+/// Arms the one-shot timerfd `tfd` to expire after `after` (re-arming clears an expiry not
+/// read yet).
+fn arm_timer(tfd: i32, after: Duration) {
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: after.as_secs() as i64,
+            tv_nsec: after.subsec_nanos() as i64,
+        },
+    };
+    // SAFETY: spec is a valid itimerspec.
+    unsafe {
+        libc::syscall(
+            libc::SYS_timerfd_settime,
+            tfd,
+            0,
+            &spec as *const _,
+            std::ptr::null_mut::<libc::itimerspec>(),
+        )
+    };
 }
 
 /// The client's half of the exchange, run by the progress thread when the server's library
