@@ -1,10 +1,13 @@
 /* Many idle TCP connections between two processes, driven step by step from stdin, for
  * tests/scale.rs.
  *
- *   idle_pair server PORT N   listens on 127.0.0.1:PORT and serves every connection from one
+ *   idle_pair server PORT N [DELAY_MS]
+ *                             listens on 127.0.0.1:PORT and serves every connection from one
  *                             epoll loop: echoes what it reads, closes on end of stream.
  *                             Prints "accepted N" once N connections are accepted and
  *                             "drained N" once N connections were closed by the client.
+ *                             With DELAY_MS, prints "listening" and accepts nothing for that
+ *                             long (a server slower than its clients).
  *   idle_pair client PORT N   waits for commands on stdin, one per line:
  *                               connect -> opens N connections (blocking connect),
  *                                          prints "connected N"; never more than AHEAD
@@ -69,7 +72,7 @@ static void say(const char *what, long n) {
     fflush(stdout);
 }
 
-static _Noreturn void server(int port, long n) {
+static _Noreturn void server(int port, long n, long delay_ms) {
     int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
     if (l < 0) die("socket", 0);
     int one = 1;
@@ -81,6 +84,10 @@ static _Noreturn void server(int port, long n) {
     if (ep < 0) die("epoll_create1", 0);
     struct epoll_event ev = { .events = EPOLLIN, .data.fd = l };
     if (epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev)) die("epoll_ctl listener", l);
+    if (delay_ms > 0) {
+        say("listening", port);
+        usleep((useconds_t)delay_ms * 1000);
+    }
     long accepted = 0, drained = 0;
     struct epoll_event evs[256];
     for (;;) {
@@ -117,10 +124,12 @@ static _Noreturn void server(int port, long n) {
     }
 }
 
-/* Connections the client may have waiting in the server's accept queue. libsdp gives up
- * the SDP setup of a connection the server has not accepted within 2 s (PENDING_TIMEOUT)
- * and leaves it on TCP, so a client that outruns its server by thousands of connections
- * measures how fast the server accepts, not whether 10,000 connections work. */
+/* Connections the client may have waiting in the server's accept queue. libsdp waits for
+ * a connection's SDP setup a bounded time (PENDING_TIMEOUT after the server's accept, and
+ * until then PENDING_ACCEPT_LIMIT in the accept queue; before that limit existed, 2 s from
+ * the connect) and leaves it on TCP past it, so a client that outruns its server by
+ * thousands of connections measures how fast the server accepts, not whether 10,000
+ * connections work. */
 #define AHEAD 32
 
 /* Length of the accept queue of the listener on port `port`, asked of the kernel by
@@ -216,8 +225,8 @@ static int client(int port, long n) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s server|client PORT N\n", argv[0]);
+    if (argc != 4 && !(argc == 5 && !strcmp(argv[1], "server"))) {
+        fprintf(stderr, "usage: %s server PORT N [DELAY_MS] | client PORT N\n", argv[0]);
         return 2;
     }
     int port = atoi(argv[2]);
@@ -229,7 +238,7 @@ int main(int argc, char **argv) {
     raise_nofile(n);
     /* A write to a connection the peer dropped reports EPIPE here instead of killing. */
     signal(SIGPIPE, SIG_IGN);
-    if (!strcmp(argv[1], "server")) server(port, n);
+    if (!strcmp(argv[1], "server")) server(port, n, argc == 5 ? atol(argv[4]) : 0);
     if (!strcmp(argv[1], "client")) return client(port, n);
     fprintf(stderr, "server or client, not %s\n", argv[1]);
     return 2;
