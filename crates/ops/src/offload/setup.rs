@@ -614,6 +614,9 @@ const PENDING_ACCEPT_LIMIT: Duration = Duration::from_secs(24);
 struct PendingTask {
     conn: Weak<Conn>,
     started: Instant,
+    /// 0: never seen in the accept queue; 1: seen there (the timer was re-armed); 2: seen
+    /// accepted after that, and given one more `PENDING_TIMEOUT` for the exchange.
+    queued: std::sync::atomic::AtomicU8,
 }
 
 impl Task for PendingTask {
@@ -624,12 +627,23 @@ impl Task for PendingTask {
         let mut g = conn.lock();
         if matches!(g.phase, Phase::Pending { .. }) {
             if fd == g.timer_fd
-                && self.started.elapsed() < PENDING_ACCEPT_LIMIT
                 && let (Some(local), Some(peer)) = (g.local, g.peer)
-                && sys::tcp_accepted(local, peer) == Some(false)
             {
-                arm_timer(g.timer_fd, PENDING_TIMEOUT);
-                return;
+                use std::sync::atomic::Ordering::Relaxed;
+                // The server may have accepted just before this expiry: once it has been seen
+                // in the queue, it gets a whole PENDING_TIMEOUT after its accept.
+                let rearm = match sys::tcp_accepted(local, peer) {
+                    Some(false) if self.started.elapsed() < PENDING_ACCEPT_LIMIT => {
+                        self.queued.store(1, Relaxed);
+                        true
+                    }
+                    Some(true) => self.queued.compare_exchange(1, 2, Relaxed, Relaxed).is_ok(),
+                    _ => false,
+                };
+                if rearm {
+                    arm_timer(g.timer_fd, PENDING_TIMEOUT);
+                    return;
+                }
             }
             let why = if fd == g.timer_fd {
                 "no SDP exchange in time"
@@ -651,6 +665,7 @@ fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> (i32, Vec<u64>) {
     let task: Arc<dyn Task> = Arc::new(PendingTask {
         conn: Arc::downgrade(conn),
         started: Instant::now(),
+        queued: std::sync::atomic::AtomicU8::new(0),
     });
     if let Some(t) = progress::register(
         shadow,
