@@ -549,7 +549,7 @@ fn ten_thousand_idle_sdp_connections_work_and_stay_within_the_memory_bound() {
 }
 
 /// A server slower than its clients: it accepts nothing for 3 s after they connected (longer
-/// than libsdp's 2 s wait for the SDP exchange). Over kernel TCP the connections wait in the
+/// than libsdp's 2 s wait for the SDP exchange, which counts from the accept). Over kernel TCP the connections wait in the
 /// accept queue meanwhile; over SDP they must as well, and stay SDP.
 #[test]
 fn connections_a_server_accepts_late_stay_on_sdp() {
@@ -566,7 +566,7 @@ fn connections_a_server_accepts_late_stay_on_sdp() {
     server.expect("accepted", Duration::from_secs(30));
     assert!(
         t.elapsed() > Duration::from_millis(2500),
-        "the server accepted {:?} after the connects, not later than libsdp's 2 s wait \
+        "the server accepted {:?} after the connects, not later than libsdp's 2 s timer \
          (the connects took {connected:?})",
         t.elapsed()
     );

@@ -354,9 +354,9 @@ fn client(port: u16, n: u64) -> Result<(), String> {
     let mut conns = Vec::with_capacity(n as usize);
     let mut b = [0u8; 1];
     // One connection at a time, each with its byte there and back before the next: the
-    // server's accept queue never holds more than one (libsdp gives up the SDP setup of a
-    // connection the server has not accepted within 2 s), and every connection has carried
-    // data before the snapshot.
+    // server's accept queue never holds more than one (libsdp waits for a connection's SDP
+    // setup a bounded time, and a burst would measure how fast the server accepts), and
+    // every connection has carried data before the snapshot.
     for i in 0..n {
         let mut s = TcpStream::connect(addr).map_err(|e| format!("connect {i}: {e}"))?;
         s.write_all(b"i")
