@@ -61,8 +61,10 @@ pub fn per_connection(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, Strin
     std::thread::sleep(Duration::from_millis(200));
     let after = Snapshot::take(&pids)?;
     if let Leg::Libsdp { .. } = leg {
-        // Counted here as well as by the driver's watch, which looks at intervals and might
-        // look only before and after: the connections stay open until this look is done.
+        // Counted here as well as by the driver's watch, which looks at intervals (resting as
+        // long as a look takes) and might look only before and after: the connections stay
+        // open for this look and two looks' time more, a whole cycle of the watch.
+        let look = std::time::Instant::now();
         let on_shm = crate::stat::collect()
             .iter()
             .filter(|r| {
@@ -81,6 +83,7 @@ pub fn per_connection(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, Strin
                 2 * n
             );
         }
+        std::thread::sleep((2 * look.elapsed()).min(Duration::from_secs(3)));
     }
     let _ = client.send("exit");
     let _ = server.send("exit");
