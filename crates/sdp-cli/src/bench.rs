@@ -34,6 +34,7 @@ use std::path::PathBuf;
 
 mod affinity;
 mod fdloop;
+mod idle;
 mod iperf3;
 mod proc;
 mod redis;
@@ -48,7 +49,7 @@ pub use proc::Leg;
 /// Options of `sdp bench`, filled by the command line in `main.rs`.
 #[derive(Debug, Clone, Default)]
 pub struct BenchOpts {
-    /// Short run (under two minutes in all): fewer repetitions, shorter ones.
+    /// Short run (under five minutes in all): fewer repetitions, shorter ones.
     pub quick: bool,
     /// Policy file for the libsdp leg (`LIBSDP_CONFIG_FILE`); default policy if none.
     pub conf: Option<PathBuf>,
@@ -71,6 +72,9 @@ pub fn run(opts: &BenchOpts) -> Result<(), String> {
     }
     if let Some(spec) = std::env::var_os(setup::SETUP_ENV) {
         return setup::child_main(&spec.to_string_lossy());
+    }
+    if let Some(spec) = std::env::var_os(idle::IDLE_ENV) {
+        return idle::child_main(&spec.to_string_lossy());
     }
     let selected: Vec<&workloads::Workload> = workloads::ALL
         .iter()

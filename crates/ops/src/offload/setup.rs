@@ -602,10 +602,21 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
 /// acceptor that never saw the intent) and goes back to TCP.
 pub const PENDING_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The longest a client waits for a server application that has not accepted its connection
+/// yet: below the 30 s after which the server's library forgets the intent.
+const PENDING_ACCEPT_LIMIT: Duration = Duration::from_secs(24);
+
 /// Watches a pending client connection: TCP bytes or a FIN from the server on the shadow (the
-/// server treats the connection as plain TCP), or the timeout, send it back to TCP.
+/// server treats the connection as plain TCP), or the timeout, send it back to TCP. The
+/// timeout counts from the server application's `accept`: while the connection still waits
+/// in the listener's accept queue (a busy server, a burst of connections), the timer is
+/// re-armed, up to [`PENDING_ACCEPT_LIMIT`], as a kernel TCP connection would wait there.
 struct PendingTask {
     conn: Weak<Conn>,
+    started: Instant,
+    /// 0: never seen in the accept queue; 1: seen there (the timer was re-armed); 2: seen
+    /// accepted after that, and given one more `PENDING_TIMEOUT` for the exchange.
+    queued: std::sync::atomic::AtomicU8,
 }
 
 impl Task for PendingTask {
@@ -615,6 +626,32 @@ impl Task for PendingTask {
         };
         let mut g = conn.lock();
         if matches!(g.phase, Phase::Pending { .. }) {
+            if fd == progress::TIMER
+                && let (Some(local), Some(peer)) = (g.local, g.peer)
+            {
+                use std::sync::atomic::Ordering::Relaxed;
+                // The server may have accepted just before this expiry: once it has been seen
+                // in the queue, it gets a whole PENDING_TIMEOUT after its accept.
+                let rearm = match sys::tcp_accepted(local, peer) {
+                    Some(false) if self.started.elapsed() < PENDING_ACCEPT_LIMIT => {
+                        self.queued.store(1, Relaxed);
+                        true
+                    }
+                    Some(true) => self.queued.compare_exchange(1, 2, Relaxed, Relaxed).is_ok(),
+                    _ => false,
+                };
+                if rearm {
+                    let again = Arc::new(PendingTask {
+                        conn: self.conn.clone(),
+                        started: self.started,
+                        queued: std::sync::atomic::AtomicU8::new(self.queued.load(Relaxed)),
+                    });
+                    if let Some(t) = progress::at(Instant::now() + PENDING_TIMEOUT, again) {
+                        g.pending_watch.push(t);
+                    }
+                    return;
+                }
+            }
             let why = if fd == progress::TIMER {
                 "no SDP exchange in time"
             } else {
@@ -634,6 +671,8 @@ fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> Vec<u64> {
     let mut tokens = Vec::new();
     let task: Arc<dyn Task> = Arc::new(PendingTask {
         conn: Arc::downgrade(conn),
+        started: Instant::now(),
+        queued: std::sync::atomic::AtomicU8::new(0),
     });
     if let Some(t) = progress::register(
         shadow,

@@ -1,13 +1,26 @@
-//! iperf3 single-stream TCP throughput over loopback.
+//! iperf3 TCP throughput over loopback: one stream (`iperf3_1stream`) and eight parallel
+//! streams of one client process (`iperf3_8stream`, `-P 8`: eight connections served by one
+//! server thread, as many connections per process scale).
 
 use std::time::Duration;
 
 use super::proc::{ChildGuard, Leg, wait_listening};
 use super::workloads::Ctx;
 
-/// One repetition: a one-shot server (`-1`) and a client with `-J`; returns the
-/// receiver's throughput in Gbit/s. Both processes run in `leg`, on the same CPU.
+/// One repetition of one stream: Gbit/s.
 pub fn one_stream(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
+    transfer(ctx, leg, port, 1)
+}
+
+/// One repetition of eight parallel streams: the sum of their throughput, Gbit/s.
+pub fn eight_streams(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
+    transfer(ctx, leg, port, 8)
+}
+
+/// One repetition: a one-shot server (`-1`) and a client with `-J` and `streams` parallel
+/// connections; returns the receiver's total throughput in Gbit/s. Both processes run in
+/// `leg`. The byte count is for all streams together.
+fn transfer(ctx: &Ctx, leg: &Leg, port: u16, streams: u32) -> Result<Vec<f64>, String> {
     let port_n = port;
     let port = port.to_string();
     let mut srv = leg.command("iperf3", ctx.server_cpu.or(ctx.cpu));
@@ -18,6 +31,9 @@ pub fn one_stream(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
     let bytes = if ctx.quick { "256M" } else { "1G" };
     let mut cli = leg.command("iperf3", ctx.cpu);
     cli.args(["-c", "127.0.0.1", "-p", &port, "-n", bytes, "-J"]);
+    if streams > 1 {
+        cli.args(["-P", &streams.to_string()]);
+    }
     let out = ChildGuard::spawn(cli, "iperf3 client")?.wait_ok(Duration::from_secs(30))?;
     // The one-shot server exits by itself after the test; the guard kills it otherwise.
     let _ = server.wait(Duration::from_secs(5));

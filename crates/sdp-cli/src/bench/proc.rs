@@ -175,6 +175,28 @@ fn tail(s: &str) -> String {
 /// `/proc/net/tcp*` rather than connecting: a probe connection would count as a client
 /// to servers such as `iperf3 -s -1`.
 pub fn wait_listening(server: &mut ChildGuard, port: u16, timeout: Duration) -> Result<(), String> {
+    let what = server.what.clone();
+    wait_listening_while(port, timeout, &what, || server.running())
+}
+
+/// [`wait_listening`] for a child this module did not start, known by its pid.
+pub fn wait_listening_pid(pid: u32, port: u16, timeout: Duration) -> Result<(), String> {
+    let what = format!("process {pid}");
+    wait_listening_while(port, timeout, &what, || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|r| !r.trim_start().starts_with('Z'))
+        })
+    })
+}
+
+fn wait_listening_while(
+    port: u16,
+    timeout: Duration,
+    what: &str,
+    mut running: impl FnMut() -> bool,
+) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let needle = format!(":{port:04X} ");
     loop {
@@ -190,17 +212,11 @@ pub fn wait_listening(server: &mut ChildGuard, port: u16, timeout: Duration) -> 
                 }
             }
         }
-        if !server.running() {
-            return Err(format!(
-                "{} exited before listening on port {port}",
-                server.what
-            ));
+        if !running() {
+            return Err(format!("{what} exited before listening on port {port}"));
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "{} did not listen on port {port} in time",
-                server.what
-            ));
+            return Err(format!("{what} did not listen on port {port} in time"));
         }
         std::thread::sleep(Duration::from_millis(10));
     }

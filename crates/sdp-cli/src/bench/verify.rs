@@ -113,6 +113,7 @@ impl Watch {
                 looks += 1;
                 // One more look after the stop request: short runs get at least one.
                 let last = flag.load(Ordering::Acquire);
+                let look = std::time::Instant::now();
                 for r in crate::stat::collect() {
                     let ours = r.remote.is_some()
                         && [r.local, r.remote]
@@ -133,7 +134,11 @@ impl Watch {
                 if last {
                     break;
                 }
-                std::thread::sleep(POLL);
+                // A look reads every statistics file on the machine in full (2 MiB each):
+                // with many libsdp processes alive it takes longer than POLL, and looking
+                // back to back would take a whole CPU from the measured programs. Rest at
+                // least as long as the look took: the watch keeps half a CPU at most.
+                std::thread::sleep(POLL.max(look.elapsed()));
             }
             (seen.into_values().collect(), looks)
         });

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::proc::Leg;
 use super::verify::Expect;
-use super::{BenchOpts, affinity, fdloop, iperf3, redis, setup, sockperf};
+use super::{BenchOpts, affinity, fdloop, idle, iperf3, redis, setup, sockperf};
 
 /// A metric a workload reports: its `bench <name>` and its unit.
 pub struct Metric {
@@ -133,11 +133,12 @@ impl Ctx {
 
 /// Every workload, in output order.
 ///
-/// Budget of `--quick` (must stay under two minutes in all): roughly
+/// Budget of `--quick` (must stay under five minutes in all): roughly
 /// (1 warm-up + reps) × 2 legs × the duration of one repetition. Measured shares on a
 /// 2-vCPU VM with today's library: sockperf 34 s, iperf3 15 s over TCP (up to 30 s
 /// while SDP streams slower than TCP), pipe_rw and file_rw 8 s, redis 13 s,
-/// setup_rate 10 s (slower connection setup over SDP stretches it).
+/// setup_rate 10 s (slower connection setup over SDP stretches it), sockperf_16k 24 s,
+/// iperf3_8stream 25 s, idle_conn_mem 10 s.
 pub static ALL: &[Workload] = &[
     Workload {
         name: "sockperf",
@@ -165,6 +166,22 @@ pub static ALL: &[Workload] = &[
         run: sockperf::ping_pong_64,
     },
     Workload {
+        name: "sockperf_16k",
+        metrics: &[Metric {
+            name: "sockperf_p50_16k",
+            unit: "us",
+        }],
+        tools: &[Tool {
+            binary: "sockperf",
+            apt_package: "sockperf",
+        }],
+        // As the 64-byte run; a 16 KiB message costs a few microseconds of copying more.
+        reps: Reps { quick: 3, full: 9 },
+        warmup: false,
+        peers: Some(("sockperf", "sockperf")),
+        run: sockperf::ping_pong_16k,
+    },
+    Workload {
         name: "iperf3",
         metrics: &[Metric {
             name: "iperf3_1stream",
@@ -185,6 +202,23 @@ pub static ALL: &[Workload] = &[
         warmup: true,
         peers: Some(("iperf3", "iperf3")),
         run: iperf3::one_stream,
+    },
+    Workload {
+        name: "iperf3_8stream",
+        metrics: &[Metric {
+            name: "iperf3_8stream",
+            unit: "Gbit/s",
+        }],
+        tools: &[Tool {
+            binary: "iperf3",
+            apt_package: "iperf3",
+        }],
+        // Eight connections share the same bytes as the one-stream run (256 MiB in quick,
+        // 1 GiB in full, in all), so a repetition lasts about as long.
+        reps: Reps { quick: 9, full: 60 },
+        warmup: true,
+        peers: Some(("iperf3", "iperf3")),
+        run: iperf3::eight_streams,
     },
     Workload {
         name: "pipe_rw",
@@ -256,5 +290,19 @@ pub static ALL: &[Workload] = &[
         warmup: true,
         peers: Some(("sdp", "sdp")),
         run: setup::rate,
+    },
+    Workload {
+        name: "idle_conn_mem",
+        metrics: &[Metric {
+            name: "idle_conn_mem",
+            unit: "bytes",
+        }],
+        tools: &[],
+        // About 1 s per repetition in quick (1,000 connections set up, one byte each way).
+        // The slab part of the figure is machine-wide: the median of a few damps others' noise.
+        reps: Reps { quick: 3, full: 7 },
+        warmup: false,
+        peers: Some(("sdp", "sdp")),
+        run: idle::per_connection,
     },
 ];
