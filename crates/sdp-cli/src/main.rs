@@ -133,7 +133,7 @@ enum Command {
                       (sockperf, iperf3)."
     )]
     Bench {
-        /// Short run, under two minutes in all.
+        /// Short run, under five minutes in all on an idle machine.
         #[arg(long)]
         quick: bool,
         /// Policy file for the libsdp leg.
