@@ -158,6 +158,49 @@ impl RecvQueue {
 
     /// Appends stream bytes; with `urgent_last`, the last byte is the new urgent byte.
     pub(crate) fn push(&mut self, data: &[u8], urgent_last: bool) {
+        self.before_push(urgent_last);
+        self.buf.extend(data);
+        self.after_push(data.len(), urgent_last);
+    }
+
+    /// As [`push`](Self::push) for `n` bytes that `fill(offset, dst)` writes in place (from
+    /// the host's receive buffer, without a staging copy).
+    pub(crate) fn push_from(
+        &mut self,
+        n: usize,
+        urgent_last: bool,
+        fill: &mut dyn FnMut(usize, &mut [u8]),
+    ) {
+        self.before_push(urgent_last);
+        let start = self.buf.len();
+        self.buf.resize(start + n, 0);
+        let (a, b) = self.buf.as_mut_slices();
+        if start < a.len() {
+            let first = &mut a[start..];
+            let k = first.len();
+            fill(0, first);
+            if k < n {
+                fill(k, &mut b[..n - k]);
+            }
+        } else {
+            let at = start - a.len();
+            fill(0, &mut b[at..at + n]);
+        }
+        self.after_push(n, urgent_last);
+    }
+
+    fn after_push(&mut self, n: usize, urgent_last: bool) {
+        if urgent_last && n > 0 {
+            let byte = self.buf[self.buf.len() - 1];
+            self.mark = Some(UrgentMark {
+                offset: self.end() - 1,
+                byte,
+                taken: false,
+            });
+        }
+    }
+
+    fn before_push(&mut self, urgent_last: bool) {
         if urgent_last
             && !self.oob_inline
             && let Some(old) = self.mark
@@ -171,14 +214,6 @@ impl RecvQueue {
             // the stream instead of being lost.
             self.buf.pop_front();
             self.head += 1;
-        }
-        self.buf.extend(data);
-        if urgent_last && let Some(&byte) = data.last() {
-            self.mark = Some(UrgentMark {
-                offset: self.end() - 1,
-                byte,
-                taken: false,
-            });
         }
     }
 

@@ -6,7 +6,27 @@ use super::zcopy::ZcopySink;
 use super::{Connection, Control, Event, PendingResize, Timer};
 use crate::error::{ConnectionError, HandleError, ProtocolViolation};
 use crate::time::Timestamp;
-use crate::wire::{Body, BsdhRepr, Flags, MessageId, MessageRepr};
+use crate::wire::{BSDH_LEN, Body, Bsdh, BsdhRepr, Flags, MessageId, MessageRepr};
+
+/// A received payload: bytes at hand, or `n` bytes the host copies from offset `at` of its
+/// receive buffer (`handle_message_from`).
+enum Payload<'a> {
+    Bytes(&'a [u8]),
+    From(usize, usize, &'a mut dyn FnMut(usize, &mut [u8])),
+}
+
+impl Payload<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Payload::Bytes(b) => b.len(),
+            Payload::From(n, ..) => *n,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 impl Connection {
     /// One message from a receive completion: exactly the bytes the buffer received.
@@ -32,16 +52,57 @@ impl Connection {
         }
     }
 
-    fn receive(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), ProtocolViolation> {
-        let msg = MessageRepr::parse(bytes).map_err(ProtocolViolation::Malformed)?;
-        let limit = self.rx_limit();
-        if bytes.len() > limit as usize {
-            return Err(ProtocolViolation::TooLong {
-                len: bytes.len(),
-                max: limit,
-            });
+    /// As [`handle_message`](Self::handle_message) for a message of `len` bytes that `read`
+    /// copies out of the host's receive buffer (`read(offset, dst)` fills `dst` with the bytes
+    /// at `offset`). A Data message's payload goes straight into the receive queue, without a
+    /// copy into a staging buffer first; its header is read once, into private memory, before
+    /// it is parsed (a buffer the peer can still write is hostile input). Other messages are
+    /// read whole into `scratch` (at least `len` bytes) and handled as by `handle_message`.
+    pub fn handle_message_from(
+        &mut self,
+        now: Timestamp,
+        len: usize,
+        scratch: &mut [u8],
+        read: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<(), HandleError> {
+        let mut hdr = [0u8; BSDH_LEN];
+        let data = len > BSDH_LEN && len <= self.rx_limit() as usize && {
+            read(0, &mut hdr);
+            matches!(
+                Bsdh::new_checked(&hdr[..]).and_then(|b| BsdhRepr::parse(&b)),
+                Ok(b) if b.mid == MessageId::Data && b.len as usize == len
+            )
+        };
+        if !data {
+            let n = len.min(scratch.len());
+            read(0, &mut scratch[..n]);
+            return self.handle_message(now, &scratch[..n]);
         }
-        self.credits.on_receive(&msg.bsdh)?;
+        let Ok(bsdh) = Bsdh::new_checked(&hdr[..]).and_then(|b| BsdhRepr::parse(&b)) else {
+            unreachable!("parsed above")
+        };
+        match self.state {
+            State::Closed { .. } => return Err(HandleError::Closed),
+            State::HelloSent => return Err(HandleError::InvalidState(self.state.kind())),
+            State::HelloAckSent => self.establish(now),
+            _ => {}
+        }
+        let r = self
+            .receive_header(&bsdh, len)
+            .and_then(|()| self.on_data(&bsdh, Payload::From(len - BSDH_LEN, BSDH_LEN, read)));
+        match r {
+            Ok(()) => Ok(()),
+            Err(v) => Err(self.die(ConnectionError::ProtocolViolation(v), true)),
+        }
+    }
+
+    /// What every received message does before its body: the size limit, credits, counters.
+    fn receive_header(&mut self, bsdh: &BsdhRepr, len: usize) -> Result<(), ProtocolViolation> {
+        let limit = self.rx_limit();
+        if len > limit as usize {
+            return Err(ProtocolViolation::TooLong { len, max: limit });
+        }
+        self.credits.on_receive(bsdh)?;
         self.activity += 1;
         self.stats.messages_received += 1;
         if let Some(r) = self.resize.as_mut() {
@@ -52,9 +113,23 @@ impl Connection {
                 self.push_control(Control::ChRcvBufAck(ack));
             }
         }
+        Ok(())
+    }
+
+    fn receive(&mut self, now: Timestamp, bytes: &[u8]) -> Result<(), ProtocolViolation> {
+        let msg = MessageRepr::parse(bytes).map_err(ProtocolViolation::Malformed)?;
+        self.receive_header(&msg.bsdh, bytes.len())?;
+        self.receive_body(now, msg)
+    }
+
+    fn receive_body(
+        &mut self,
+        now: Timestamp,
+        msg: MessageRepr<'_>,
+    ) -> Result<(), ProtocolViolation> {
         let bsdh = msg.bsdh;
         match msg.body {
-            Body::Data(payload) => self.on_data(&bsdh, payload),
+            Body::Data(payload) => self.on_data(&bsdh, Payload::Bytes(payload)),
             Body::DisConn => self.on_disconn(now),
             Body::AbortConn => {
                 // LINUX: reset whatever the state (MLNX); OPENIB is stricter (§5.2).
@@ -158,13 +233,23 @@ impl Connection {
     }
 
     fn deliver(&mut self, payload: &[u8], urgent_last: bool) {
+        self.deliver_from(Payload::Bytes(payload), urgent_last);
+    }
+
+    fn deliver_from(&mut self, payload: Payload<'_>, urgent_last: bool) {
         self.stats.bytes_received += payload.len() as u64;
-        if !self.shut_rd {
-            self.recv.push(payload, urgent_last);
+        if self.shut_rd {
+            return;
+        }
+        match payload {
+            Payload::Bytes(b) => self.recv.push(b, urgent_last),
+            Payload::From(n, at, read) => self
+                .recv
+                .push_from(n, urgent_last, &mut |off, dst| read(at + off, dst)),
         }
     }
 
-    fn on_data(&mut self, bsdh: &BsdhRepr, payload: &[u8]) -> Result<(), ProtocolViolation> {
+    fn on_data(&mut self, bsdh: &BsdhRepr, payload: Payload<'_>) -> Result<(), ProtocolViolation> {
         let pres = bsdh.flags.contains(Flags::OOB_PRES);
         let pend = bsdh.flags.contains(Flags::OOB_PEND);
         if payload.is_empty() {
@@ -185,7 +270,7 @@ impl Connection {
             self.events.push_back(Event::UrgentPending);
         }
         self.peer_urgent_pending = pend && !pres;
-        self.deliver(payload, pres);
+        self.deliver_from(payload, pres);
         Ok(())
     }
 

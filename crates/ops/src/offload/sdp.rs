@@ -173,15 +173,23 @@ impl SdpShm {
                 match c.opcode {
                     Opcode::Recv if c.status.is_ok() => {
                         let len = (c.byte_len as usize).min(self.rxbuf.len());
-                        match self.conn.recv_data(&c, 0, &mut self.rxbuf[..len]) {
-                            Ok(got) => {
-                                if let Err(sdp_proto::error::HandleError::Fatal(e)) =
-                                    self.engine.handle_message(t, &self.rxbuf[..got])
-                                {
-                                    crate::sdp_log!(crate::log::WARN, "SDP connection ended: {e}");
+                        let conn = &self.conn;
+                        let mut failed = false;
+                        // Data payloads go from the ring straight into the receive queue.
+                        let r = self.engine.handle_message_from(
+                            t,
+                            len,
+                            &mut self.rxbuf,
+                            &mut |off, dst| {
+                                if conn.recv_data(&c, off, dst) != Ok(dst.len()) {
+                                    failed = true;
                                 }
-                            }
-                            Err(_) => self.dead = Some(libc::ECONNRESET),
+                            },
+                        );
+                        if failed {
+                            self.dead = Some(libc::ECONNRESET);
+                        } else if let Err(sdp_proto::error::HandleError::Fatal(e)) = r {
+                            crate::sdp_log!(crate::log::WARN, "SDP connection ended: {e}");
                         }
                     }
                     Opcode::Send => sends += 1,
