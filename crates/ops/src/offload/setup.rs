@@ -476,7 +476,9 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
             }
         }
     }
-    let owner = owner.ok_or(last)?;
+    // An authenticated beacon took the intent (the nonce, not its uid, authenticates the
+    // accepting process later: see `Endpoint::accept`).
+    owner.ok_or(last)?;
 
     let endpoint = Endpoint::bind(&intent).map_err(|_| Reason::SetupFailed)?;
     let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
@@ -553,7 +555,6 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     let task = Arc::new(EndpointTask {
         endpoint,
         intent,
-        server_uid: owner.cred.uid,
         setup: Mutex::new(Some((active, engine, hello))),
         conn: Arc::downgrade(&conn),
         token: Mutex::new(None),
@@ -685,7 +686,6 @@ fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> (i32, Vec<u64>) {
 struct EndpointTask {
     endpoint: Endpoint,
     intent: Intent,
-    server_uid: u32,
     setup: Mutex<Option<(Active, sdp_proto::Connection, Vec<u8>)>>,
     conn: Weak<Conn>,
     token: Mutex<Option<u64>>,
@@ -697,14 +697,13 @@ impl Task for EndpointTask {
             self.done();
             return;
         };
-        let stream =
-            match self
-                .endpoint
-                .accept(&self.intent, self.server_uid, Duration::from_millis(300))
-            {
-                Ok((s, _)) => s,
-                Err(_) => return, // an impostor or a spurious wake: keep waiting
-            };
+        let stream = match self
+            .endpoint
+            .accept(&self.intent, Duration::from_millis(300))
+        {
+            Ok((s, _)) => s,
+            Err(_) => return, // an impostor or a spurious wake: keep waiting
+        };
         let Some((mut active, mut engine, hello)) =
             self.setup.lock().unwrap_or_else(|p| p.into_inner()).take()
         else {
