@@ -515,7 +515,12 @@ impl Inner {
     }
 
     fn sync_out(&mut self, mut want_out: bool) {
-        if !want_out && !self.stuffed {
+        // No room: stuff even when we believe we did already. The peer drains our stuffing when
+        // it gives room; if this sync's progress used that room up before we looked, the app
+        // end is writable with no room left, and a writer that gets EAGAIN now (nginx, edge-
+        // triggered) would wait for an edge that never comes. On an app end still full this
+        // costs one failing send.
+        if !want_out {
             if self.send_watch.is_none() && self.app_int >= 0 {
                 self.send_watch = setup::watch_send(self.self_ref.clone(), self.app_int);
             }
