@@ -369,7 +369,7 @@ fn fcntl(fd: i32, cmd: i32, arg: i64) -> i32 {
 /// the fd's close-on-exec flag and the file's O_NONBLOCK. Returns the shadow (the old object,
 /// moved high).
 fn swap_in(fd: i32, app: i32, nonblock: bool, cloexec: bool) -> Result<i32, i32> {
-    let shadow = fcntl(fd, libc::F_DUPFD_CLOEXEC, sys::INTERNAL_FD_MIN as i64);
+    let shadow = sys::dup_internal(fd);
     if shadow < 0 {
         return Err(sys::errno());
     }
@@ -401,11 +401,7 @@ fn swap_in(fd: i32, app: i32, nonblock: bool, cloexec: bool) -> Result<i32, i32>
 }
 
 fn dup_fd(fd: i32) -> Option<Fd> {
-    Fd::from_raw(fcntl(
-        fd,
-        libc::F_DUPFD_CLOEXEC,
-        sys::INTERNAL_FD_MIN as i64,
-    ))
+    Fd::from_raw(sys::dup_internal(fd))
 }
 
 /// `connect` of a tracked stream socket whose decision is `sdp` or `both`.
