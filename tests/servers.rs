@@ -1101,7 +1101,7 @@ fn iperf3_case(what: &str, extra: &[&str], want: &str) {
             ctx,
             cli,
             "iperf3 -c",
-            1_000_000,
+            100_000,
             ctx.after_accepts(streams + 1),
         );
         let server = server.wait(T);
