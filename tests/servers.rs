@@ -146,18 +146,15 @@ impl Ctx {
         moved >= min_bytes.max(1)
     }
 
-    /// How many connections the server accepted over SDP on the run's port so far (its
-    /// library logs each once the exchange is done).
+    /// How many connections the server has accepted so far: its library logs one decision
+    /// for each once the exchange is over (the run's one server is the only acceptor).
     fn accepted(&self) -> usize {
-        let on_port = format!("on 127.0.0.1:{}", self.port);
         fs::read_to_string(&self.log).map_or(0, |t| {
-            t.lines()
-                .filter(|l| l.contains("SDP over shm") && l.contains(&on_port))
-                .count()
+            t.lines().filter(|l| l.contains(": accept fd ")).count()
         })
     }
 
-    /// A condition for [`run_client`]: `n` more connections accepted over SDP than now.
+    /// A condition for [`run_client`]: `n` more connections accepted than now.
     fn after_accepts(&self, n: usize) -> impl Fn() -> bool + '_ {
         let base = self.accepted();
         move || self.accepted() >= base + n
@@ -517,12 +514,13 @@ fn memcached_serves_its_own_clients_over_sdp() {
         };
         let cp = tool("memccp", &["tiny", "mid", "big"]);
         let cat = tool("memccat", &["tiny", "mid", "big"]);
-        // The load runs for a second or two; frozen once its 4 threads are connected.
+        // The load runs for a second or two; frozen once its loader and 4 threads are
+        // connected.
         let slap = {
             let mut c = ctx.cmd("memcslap");
             c.arg(&servers)
                 .args(["--concurrency=4", "--execute-number=3000", "--test=get"]);
-            run_client(ctx, c, "memcslap", 1, ctx.after_accepts(4))
+            run_client(ctx, c, "memcslap", 1, ctx.after_accepts(5))
         };
         // Which phases ran with how many keys, not how long they took.
         let phases: Vec<String> = slap
@@ -690,7 +688,8 @@ fn nginx_serves_wrk_over_sdp() {
         // A generous timeout: a request in flight while wrk is frozen is no error.
         wrk.args(["-t", "2", "-c", "8", "-d", "2s", "--timeout", "30s"])
             .arg(format!("http://{}/small.txt", ctx.addr()));
-        let w = run_client(ctx, wrk, "wrk", 1, ctx.after_accepts(8));
+        // Its probe connection (see below) and its 8.
+        let w = run_client(ctx, wrk, "wrk", 1, ctx.after_accepts(9));
         let requests: u64 = w
             .stdout
             .lines()
