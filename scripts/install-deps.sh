@@ -16,3 +16,8 @@ if [ -n "$missing" ]; then
 fi
 # The redis package starts a system instance; the tests start their own on their own ports.
 if command -v systemctl >/dev/null 2>&1; then systemctl stop redis-server >/dev/null 2>&1 || true; fi
+# tests/servers.rs starts its own memcached, nginx, postgres and sshd on their own ports; the
+# system instances the packages start are not needed.
+if command -v systemctl >/dev/null 2>&1; then
+  for s in memcached nginx postgresql ssh; do systemctl stop "$s" >/dev/null 2>&1 || true; done
+fi

@@ -180,7 +180,7 @@ fn beacon_owner_authenticated_intent_registered_endpoint_nonce() {
     wait_ready(&mut impostor);
     let server_side =
         std::thread::spawn(move || shm::connect_endpoint(&registered, 0).map(|(s, _)| s));
-    let (stream, cred) = endpoint.accept(&intent, 0, T).unwrap();
+    let (stream, cred) = endpoint.accept(&intent, T).unwrap();
     assert_eq!(cred.uid, 0);
     let server_stream = server_side.join().unwrap().unwrap();
     // The bootstrap runs on the authenticated stream.
@@ -210,7 +210,7 @@ fn endpoint_wrong_nonce_times_out() {
     let t = std::thread::spawn(move || shm::connect_endpoint(&wrong, 0).map(|_| ()));
     assert_eq!(
         endpoint
-            .accept(&intent, 0, Duration::from_millis(300))
+            .accept(&intent, Duration::from_millis(300))
             .unwrap_err(),
         ProbeError::Timeout
     );

@@ -423,6 +423,28 @@ fn bell_rung_only_when_receiver_armed() {
 }
 
 #[test]
+fn disarm_tells_whether_the_peer_took_the_request() {
+    let (mut a, mut b) = pair();
+    assert!(b.arm().unwrap());
+    assert!(!b.disarm(), "nothing sent: the request was still ours");
+    assert!(b.arm().unwrap());
+    a.post_send(1, &[b"one"]).unwrap();
+    assert!(b.disarm(), "the sender took the request and rang");
+    assert_eq!(
+        sys::poll_raw(b.notify_fd(), libc::POLLIN, 0).unwrap() & libc::POLLIN,
+        libc::POLLIN
+    );
+    let mut c = [empty(); 4];
+    assert_eq!(b.poll_cq(&mut c).unwrap(), 1);
+    b.ack_notify().unwrap();
+    // Withdrawn: the next message does not ring.
+    assert!(b.arm().unwrap());
+    assert!(!b.disarm());
+    a.post_send(2, &[b"two"]).unwrap();
+    assert_eq!(sys::poll_raw(b.notify_fd(), libc::POLLIN, 0).unwrap(), 0);
+}
+
+#[test]
 fn sender_blocked_on_credits_woken_by_repost() {
     let (mut a, mut b) = pair();
     for i in 0..4 {

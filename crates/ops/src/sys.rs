@@ -132,6 +132,21 @@ pub fn move_high(fd: i32) -> i32 {
     hi
 }
 
+/// A close-on-exec duplicate of `fd` for the library's own use, numbered at least
+/// [`INTERNAL_FD_MIN`] when the fd limit allows it, else the lowest free number (memcached
+/// `-c 64` lowers RLIMIT_NOFILE to 64: a minimum of 400 would fail every SDP connection).
+/// -1 with errno set on failure.
+pub fn dup_internal(fd: i32) -> i32 {
+    // SAFETY: F_DUPFD_CLOEXEC on an fd number with an integer argument.
+    let hi = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_MIN) }
+        as i32;
+    if hi >= 0 || errno() != libc::EINVAL {
+        return hi;
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, 0) as i32 }
+}
+
 pub fn close(fd: i32) {
     // SAFETY: closing an fd the caller owns.
     unsafe { libc::syscall(libc::SYS_close, fd) };

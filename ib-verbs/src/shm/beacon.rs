@@ -11,8 +11,10 @@
 //! - **Endpoint** `libsdp/c/<client addr:port>/<server addr:port>`: bound by the client before
 //!   its TCP connect. At `accept` the server connects to it ([`connect_endpoint`]), checks the
 //!   uid behind it is the uid that registered the intent, and sends the nonce; the client
-//!   ([`Endpoint::accept`]) takes only a connection from the beacon owner's uid that presents
-//!   the nonce. The bootstrap of `bootstrap.rs` then runs on that stream.
+//!   ([`Endpoint::accept`]) takes only a connection that presents the nonce. The nonce went to
+//!   the authenticated beacon alone; whoever holds it is the beacon owner or a process it
+//!   forked (a prefork worker, often under a less privileged uid than the master that
+//!   listened). The bootstrap of `bootstrap.rs` then runs on that stream.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -406,21 +408,20 @@ impl Endpoint {
         self.fd.raw()
     }
 
-    /// Waits for the server: a connection from `server_uid` presenting `intent.nonce`.
-    /// Impostors (other uid, wrong nonce) are dropped and waiting goes on until `timeout`.
-    pub fn accept(
-        &self,
-        intent: &Intent,
-        server_uid: u32,
-        timeout: Duration,
-    ) -> Result<(Fd, PeerCred), ProbeError> {
+    /// Waits for the server: a connection presenting `intent.nonce`. Impostors (a wrong
+    /// nonce, or none within half a second) are dropped and waiting goes on until `timeout`.
+    ///
+    /// The uid behind the connection is not checked: the nonce reached only the beacon, whose
+    /// owner the probe authenticated, and the processes that own the listener with it. A
+    /// prefork server's worker that accepts may run as another uid than the master that
+    /// listened (nginx and apache masters run as root, their workers as `nobody`; the master
+    /// may even have exited after daemonizing), and it holds the nonce through the intent
+    /// table the master shared with it.
+    pub fn accept(&self, intent: &Intent, timeout: Duration) -> Result<(Fd, PeerCred), ProbeError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(stream) = sys::accept(&self.fd)? {
                 let cred = sys::peer_cred(&stream)?;
-                if cred.uid != server_uid {
-                    continue;
-                }
                 let mut n = [0u8; NONCE_LEN];
                 let per_try = deadline.min(Instant::now() + Duration::from_millis(500));
                 if read_exact_deadline(&stream, &mut n, per_try).is_ok() && n == intent.nonce {

@@ -106,6 +106,8 @@ pub struct ShmConn {
     tx_produced: u64,
     peer_posted_seen: u64,
     peer_posted_reported: u64,
+    /// The message number our last `arm` asked to be rung for (0: not armed).
+    armed_target: u32,
 
     cq: VecDeque<Completion>,
     local_regs: Vec<Option<Reg>>,
@@ -157,6 +159,7 @@ impl ShmConn {
             tx_produced: 0,
             peer_posted_seen: 0,
             peer_posted_reported: 0,
+            armed_target: 0,
             cq: VecDeque::with_capacity(p.send_depth as usize),
             local_regs: vec![None; LOCAL_KEYS],
             remote_regs: vec![None; KEYS],
@@ -327,7 +330,13 @@ impl ShmConn {
 
     /// Rings the peer's bell if it asked for it. Called after a SeqCst fence that follows our
     /// publishing store.
-    fn ring_peer(&mut self) {
+    /// Rings the peer's bell if it asked for it: for a message (`data`), only if the peer
+    /// armed for a message number we have now published. A reader that took the message
+    /// before we looked (busy-polling) and armed again for the next one must not get a bell
+    /// byte for it: its app end would poll readable with nothing to read, and a program that
+    /// trusts level-triggered readiness (wrk) takes the EAGAIN for an error. Credits
+    /// (`data == false`) wake any armed peer.
+    fn ring_peer(&mut self, data: bool) {
         if self.peer_bell_shut {
             return;
         }
@@ -337,7 +346,15 @@ impl ShmConn {
             .u32_at(Layout::ring_always(self.peer()))
             .load(Ordering::Relaxed)
             != 0;
-        if (flag.load(Ordering::Relaxed) != 0 && flag.swap(0, Ordering::AcqRel) != 0) || always {
+        let armed = flag.load(Ordering::Relaxed);
+        // Message numbers compare modulo 2^32.
+        let due = armed != 0 && (!data || (self.tx_produced as u32).wrapping_sub(armed) < 1 << 31);
+        if (due
+            && flag
+                .compare_exchange(armed, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok())
+            || always
+        {
             match sys::send_byte(self.peer_bell.raw()) {
                 Ok(_) => {}
                 // LINUX: EPIPE/ECONNRESET: every holder of the peer's app end closed it.
@@ -409,7 +426,7 @@ impl ShmConn {
             .store(self.tx_produced, Ordering::Release);
         fence(Ordering::SeqCst);
         if wake_reader {
-            self.ring_peer();
+            self.ring_peer(true);
         }
         self.drain_peer();
         self.push_cq(Completion {
@@ -512,6 +529,19 @@ impl ShmConn {
             .u32_at(Layout::want_bell(self.side))
             .load(Ordering::Acquire)
             == 0
+    }
+
+    /// Withdraws the request of the last `arm`. Returns `true` when the peer took it first:
+    /// its bell byte is on our app end, or on its way (it sends right after taking it).
+    pub fn disarm(&mut self) -> bool {
+        let target = std::mem::take(&mut self.armed_target);
+        if target == 0 {
+            return false;
+        }
+        self.map
+            .u32_at(Layout::want_bell(self.side))
+            .compare_exchange(target, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
     }
 
     /// Ends the stream of bell bytes to the peer: its app end reads end of stream (and polls
@@ -643,7 +673,7 @@ impl Connection for ShmConn {
             .store(self.rx_posted, Ordering::Release);
         fence(Ordering::SeqCst);
         if self.ring_on_post_recv {
-            self.ring_peer();
+            self.ring_peer(false);
         }
         self.drain_peer();
         Ok(())
@@ -863,9 +893,16 @@ impl Connection for ShmConn {
         if self.dead.is_some() || self.peer_gone {
             return Ok(false);
         }
+        // Ring for the next message we have not consumed (never 0, which means "not armed";
+        // at the wrap, one number early: at worst one bell byte too many).
+        let target = match (self.rx_consumed as u32).wrapping_add(1) {
+            0 => u32::MAX,
+            t => t,
+        };
+        self.armed_target = target;
         self.map
             .u32_at(Layout::want_bell(self.side))
-            .store(1, Ordering::SeqCst);
+            .store(target, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         Ok(!self.has_work())
     }

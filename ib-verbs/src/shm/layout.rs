@@ -11,7 +11,8 @@
 //! 64            +---- side 0 (active) block, written by side 0 --------------------+
 //!   +0          | rx_posted   u64  buffers side 0 ever posted in its receive ring  |
 //!   +64         | tx_produced u64  messages side 0 ever wrote into side 1's ring    |
-//!   +128        | want_bell   u32  side 0 may sleep: ring its bell (peer clears)   |
+//!   +128        | want_bell   u32  side 0 may sleep: 0, or the number of the message |
+//!               |                  to ring its bell for (the peer clears it)       |
 //!   +192        | want_drain  u32  side 0 is out of room: drain its bell end when  |
 //!               |                  giving it credits (peer clears)                 |
 //!   +256        | key table: KEYS x { key u64, addr u64, len u64, pad u64 }        |

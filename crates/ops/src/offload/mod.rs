@@ -407,21 +407,37 @@ fn raise_sigurg(app_int: i32) {
 }
 
 /// Reads and discards everything queued on `fd` without blocking.
-fn drain(fd: i32) {
+/// Reads and discards everything queued on `fd`; returns how many bytes.
+fn drain(fd: i32) -> usize {
     let mut scratch = [0u8; 4096];
+    let mut total = 0;
     loop {
         let n = raw_recv(fd, &mut scratch, libc::MSG_DONTWAIT);
         if n <= 0 {
             if n < 0 && crate::sys::errno() == libc::EINTR {
                 continue;
             }
-            return;
+            return total;
         }
+        total += n as usize;
         if (n as usize) < scratch.len() {
             // A short read of a stream socket took everything that was queued.
-            return;
+            return total;
         }
     }
+}
+
+/// Waits (briefly: the peer sends it right after deciding to) for a bell byte on `fd` and
+/// drains it. Returns the bytes drained; 0 if none came (the peer died meanwhile).
+fn wait_and_drain(fd: i32) -> usize {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::syscall(libc::SYS_poll, &mut p as *mut libc::pollfd, 1, 100) };
+    if n > 0 { drain(fd) } else { 0 }
 }
 
 impl Inner {
@@ -504,14 +520,20 @@ impl Inner {
 
     fn sync_in(&mut self, mut want_in: bool) {
         if !want_in {
-            // Clear: drain, then ask the peer for a bell, then look again (the eventcount).
-            // Bytes may be there from our own ring or from the peer's since we last armed.
-            let rang = match &self.phase {
-                Phase::Offloaded(s) => self.armed && (s.bell_rang() || self.every_arrival),
+            // Clear: withdraw our request for a bell, drain, ask again, then look again (the
+            // eventcount). Bytes may be there from our own ring or from the peer's since we
+            // last armed. A peer that took the request (it rings once, for a message we may
+            // have consumed already by polling) sends its byte right after: wait for it, or it
+            // would make the app end readable with nothing to read.
+            let rang = match &mut self.phase {
+                Phase::Offloaded(s) => self.armed && s.disarm_recv(),
                 _ => false,
             };
-            if self.bytes_in || rang {
-                drain(self.app_int);
+            if (self.every_arrival && self.armed) || self.bytes_in || rang {
+                let want = usize::from(self.bytes_in) + usize::from(rang);
+                if drain(self.app_int) < want && rang && !self.every_arrival {
+                    wait_and_drain(self.app_int);
+                }
                 self.bytes_in = false;
             }
             self.armed = true;
@@ -537,7 +559,12 @@ impl Inner {
     }
 
     fn sync_out(&mut self, mut want_out: bool) {
-        if !want_out && !self.stuffed {
+        // No room: stuff even when we believe we did already. The peer drains our stuffing when
+        // it gives room; if this sync's progress used that room up before we looked, the app
+        // end is writable with no room left, and a writer that gets EAGAIN now (nginx, edge-
+        // triggered) would wait for an edge that never comes. On an app end still full this
+        // costs one failing send.
+        if !want_out {
             if self.send_watch.is_none() && self.app_int >= 0 {
                 self.send_watch = setup::watch_send(self.self_ref.clone(), self.app_int);
             }

@@ -481,8 +481,8 @@ impl OffloadStream for SdpShm {
         matches!(self.conn.arm(), Ok(true))
     }
 
-    fn bell_rang(&self) -> bool {
-        self.conn.rang_since_arm()
+    fn disarm_recv(&mut self) -> bool {
+        self.conn.disarm()
     }
 
     fn arm_send(&mut self) -> bool {

@@ -370,7 +370,7 @@ fn fcntl(fd: i32, cmd: i32, arg: i64) -> i32 {
 /// the fd's close-on-exec flag and the file's O_NONBLOCK. Returns the shadow (the old object,
 /// moved high).
 fn swap_in(fd: i32, app: i32, nonblock: bool, cloexec: bool) -> Result<i32, i32> {
-    let shadow = fcntl(fd, libc::F_DUPFD_CLOEXEC, sys::INTERNAL_FD_MIN as i64);
+    let shadow = sys::dup_internal(fd);
     if shadow < 0 {
         return Err(sys::errno());
     }
@@ -402,11 +402,7 @@ fn swap_in(fd: i32, app: i32, nonblock: bool, cloexec: bool) -> Result<i32, i32>
 }
 
 fn dup_fd(fd: i32) -> Option<Fd> {
-    Fd::from_raw(fcntl(
-        fd,
-        libc::F_DUPFD_CLOEXEC,
-        sys::INTERNAL_FD_MIN as i64,
-    ))
+    Fd::from_raw(sys::dup_internal(fd))
 }
 
 /// `connect` of a tracked stream socket whose decision is `sdp` or `both`.
@@ -479,7 +475,9 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
             }
         }
     }
-    let owner = owner.ok_or(last)?;
+    // An authenticated beacon took the intent (the nonce, not its uid, authenticates the
+    // accepting process later: see `Endpoint::accept`).
+    owner.ok_or(last)?;
 
     let endpoint = Endpoint::bind(&intent).map_err(|_| Reason::SetupFailed)?;
     let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
@@ -556,7 +554,6 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     let task = Arc::new(EndpointTask {
         endpoint,
         intent,
-        server_uid: owner.cred.uid,
         setup: Mutex::new(Some((active, engine, hello))),
         conn: Arc::downgrade(&conn),
         token: Mutex::new(None),
@@ -692,7 +689,6 @@ fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> Vec<u64> {
 struct EndpointTask {
     endpoint: Endpoint,
     intent: Intent,
-    server_uid: u32,
     setup: Mutex<Option<(Active, sdp_proto::Connection, Vec<u8>)>>,
     conn: Weak<Conn>,
     token: Mutex<Option<u64>>,
@@ -704,14 +700,13 @@ impl Task for EndpointTask {
             self.done();
             return;
         };
-        let stream =
-            match self
-                .endpoint
-                .accept(&self.intent, self.server_uid, Duration::from_millis(300))
-            {
-                Ok((s, _)) => s,
-                Err(_) => return, // an impostor or a spurious wake: keep waiting
-            };
+        let stream = match self
+            .endpoint
+            .accept(&self.intent, Duration::from_millis(300))
+        {
+            Ok((s, _)) => s,
+            Err(_) => return, // an impostor or a spurious wake: keep waiting
+        };
         let Some((mut active, mut engine, hello)) =
             self.setup.lock().unwrap_or_else(|p| p.into_inner()).take()
         else {

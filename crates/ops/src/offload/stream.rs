@@ -88,8 +88,9 @@ pub trait OffloadStream: Send {
     /// something arrived meanwhile (do not sleep: progress again).
     fn arm_recv(&mut self) -> bool;
 
-    /// Whether the peer may have written bell bytes since the last `arm_recv`.
-    fn bell_rang(&self) -> bool;
+    /// Withdraws the request of the last `arm_recv`. `true`: the peer took it first, and its
+    /// bell byte is on our app end or on its way.
+    fn disarm_recv(&mut self) -> bool;
 
     /// Asks the peer to make our app end writable (drain our stuffing) when it gives room.
     /// Returns `false` when room came meanwhile.
