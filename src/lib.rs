@@ -252,7 +252,9 @@ pub fn free_port() -> u16 {
         *x ^= *x << 13;
         *x ^= *x >> 7;
         *x ^= *x << 17;
-        let port = 20_000 + (*x % 30_000) as u16;
+        // Below the kernel's ephemeral range (32768-60999 by default), so that no client's
+        // connect can have taken the port between this check and the server's bind.
+        let port = 20_000 + (*x % 12_000) as u16;
         if given.contains(&port) {
             continue;
         }
@@ -261,7 +263,7 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no free TCP port between 20000 and 50000");
+    panic!("no free TCP port between 20000 and 32000");
 }
 
 /// Waits until something listens on TCP `port`, looking at `/proc/net/tcp*` (a probe
