@@ -1050,12 +1050,13 @@ fn iperf3_runs_over_sdp() {
     let mut server = libsdp_suite::Proc::spawn(srv, "iperf3 -s");
     libsdp_suite::wait_listening(&mut server, port);
     let mut cli = command(Mode::Preload, "iperf3");
-    cli.args(["-c", "127.0.0.1", "-p", &p, "-t", "1"]);
+    // The run outlasts the window: a loaded machine takes seconds to list the statistics.
+    cli.args(["-c", "127.0.0.1", "-p", &p, "-t", "4"]);
     let client = libsdp_suite::Proc::spawn(cli, "iperf3 -c");
     wait_for_shm(
         "iperf3",
         &[server.id(), client.id()],
-        Duration::from_secs(3),
+        Duration::from_secs(4),
     );
     let out = client.wait(T);
     let srv_out = server.wait(T);
@@ -1089,14 +1090,15 @@ fn python_http_server_and_curl_run_over_sdp() {
     let mut server = libsdp_suite::Proc::spawn(srv, "python3 -m http.server");
     libsdp_suite::wait_listening(&mut server, port);
     let mut curl = command(Mode::Preload, "curl");
-    curl.args(["-s", "-S", "--limit-rate", "600k", "-o", "/dev/null"])
+    // About five seconds of transfer: longer than the window below.
+    curl.args(["-s", "-S", "--limit-rate", "300k", "-o", "/dev/null"])
         .args(["-w", "%{http_code} %{size_download}"])
         .arg(format!("http://127.0.0.1:{port}/big.bin"));
     let client = libsdp_suite::Proc::spawn(curl, "curl");
     wait_for_shm(
         "http.server + curl",
         &[server.id(), client.id()],
-        Duration::from_secs(2),
+        Duration::from_secs(4),
     );
     let out = client.wait(T);
     server.stop();
