@@ -145,7 +145,10 @@ impl SdpShm {
                 self.dead.get_or_insert(libc::EIO);
             }
             _ => {
-                crate::sdp_log!(crate::log::WARN, "shm transport failed: {e}");
+                // The transport repeats its verdict on every later call: said once.
+                if self.dead.is_none() {
+                    crate::sdp_log!(crate::log::WARN, "shm transport failed: {e}");
+                }
                 self.dead.get_or_insert(libc::ECONNRESET);
                 let _ = self
                     .engine
@@ -243,7 +246,9 @@ impl SdpShm {
                 self.conn.shutdown_peer_bell();
             }
             if let Err(e) = posted {
-                crate::sdp_log!(crate::log::WARN, "post_send failed: {e}");
+                if self.dead.is_none() {
+                    crate::sdp_log!(crate::log::WARN, "post_send failed: {e}");
+                }
                 if let ib_verbs::PostError::Dead(d) = e {
                     self.transport_died(d);
                 }
