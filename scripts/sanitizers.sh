@@ -158,6 +158,7 @@ while kill -0 "$CLI" 2>/dev/null; do
 import json, sys
 pids = {int(p) for p in sys.argv[1:]}
 rows = [json.loads(l) for l in sys.stdin if l.strip()]
+rows = [r for r in rows if "fd" in r]  # per-process summaries have no fd
 conns = [r for r in rows if r["pid"] in pids and r["remote"] not in ("", "-")]
 ok = len(conns) >= 2 and all(r["transport"] == "shm" for r in conns) \
     and all(r["bytes_tx"] > 0 and r["bytes_rx"] > 0 for r in conns)

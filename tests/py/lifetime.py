@@ -12,7 +12,7 @@ SDP, CASE = sys.argv[1], sys.argv[2]
 def on_shm():
     out = subprocess.run([SDP, "stat", "--json"], capture_output=True, text=True).stdout
     rows = [json.loads(l) for l in out.splitlines() if l.strip()]
-    return any(r["pid"] == os.getpid() and r["transport"] == "shm" for r in rows)
+    return any(r.get("pid") == os.getpid() and r.get("transport") == "shm" for r in rows)
 
 
 def pair():
