@@ -1007,7 +1007,21 @@ pub fn swap_back_locked(g: &mut Inner) {
             )
         };
     }
-    let mut off = 0;
+    // LINUX: a connection reset by the server (its listener closed, its process killed)
+    // reports ECONNRESET to the application's next call; sending the buffered bytes now
+    // would consume that error, so a reset shadow keeps them (TCP discards them too).
+    let mut pfd = libc::pollfd {
+        fd: g.shadow,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    unsafe { libc::syscall(libc::SYS_poll, &mut pfd as *mut libc::pollfd, 1, 0) };
+    let mut off = if pfd.revents & libc::POLLERR != 0 {
+        buf.len()
+    } else {
+        0
+    };
     while off < buf.len() {
         // SAFETY: a valid slice; MSG_NOSIGNAL: a broken TCP connection surfaces later.
         let n = unsafe {
