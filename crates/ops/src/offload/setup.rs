@@ -210,14 +210,29 @@ fn is_local(ip: IpAddr) -> bool {
         return is_local(IpAddr::V4(v4));
     }
     static CACHE: Mutex<Option<(Instant, Vec<IpAddr>)>> = Mutex::new(None);
-    let mut g = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    let fresh = g
-        .as_ref()
-        .is_some_and(|(t, _)| t.elapsed() < Duration::from_secs(2));
-    if !fresh {
-        *g = Some((Instant::now(), local_addrs()));
+    if let Some(g) = try_lock(&CACHE)
+        && let Some((t, v)) = g.as_ref()
+        && t.elapsed() < Duration::from_secs(2)
+    {
+        return v.contains(&ip);
     }
-    g.as_ref().is_some_and(|(_, v)| v.contains(&ip))
+    let v = local_addrs();
+    let local = v.contains(&ip);
+    if let Some(mut g) = try_lock(&CACHE) {
+        *g = Some((Instant::now(), v));
+    }
+    local
+}
+
+/// A cache's lock, never waited for. INVARIANT: a fork while another thread holds such a lock
+/// leaves it locked forever in the child, whose connects must still work (uncached); and the
+/// slow lookups a cache saves (getifaddrs, procfs) run outside the lock.
+fn try_lock<T>(m: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 fn local_addrs() -> Vec<IpAddr> {
@@ -254,16 +269,18 @@ fn local_addrs() -> Vec<IpAddr> {
 fn listener_uids(addr: &SocketAddr) -> Vec<u32> {
     type Cache = HashMap<SocketAddr, (Instant, Vec<u32>)>;
     static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
-    let mut g = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    let m = g.get_or_insert_with(HashMap::new);
-    if let Some((t, v)) = m.get(addr)
+    if let Some(g) = try_lock(&CACHE)
+        && let Some((t, v)) = g.as_ref().and_then(|m| m.get(addr))
         && t.elapsed() < Duration::from_secs(1)
         && !v.is_empty()
     {
         return v.clone();
     }
     let v = ib_verbs::shm::beacon::tcp_listener_uids(addr);
-    m.insert(*addr, (Instant::now(), v.clone()));
+    if let Some(mut g) = try_lock(&CACHE) {
+        g.get_or_insert_with(HashMap::new)
+            .insert(*addr, (Instant::now(), v.clone()));
+    }
     v
 }
 
