@@ -828,8 +828,15 @@ impl Task for PeerTask {
         if !g.is_current() {
             return; // the process that serves the connection now sees it too
         }
+        let mut reset = false;
         if let Phase::Offloaded(s) = &mut g.phase {
             s.peer_gone();
+            reset = s.error() == Some(libc::ECONNRESET);
+        }
+        if reset && g.app_int >= 0 {
+            // LINUX: a reset TCP socket polls HUP (both directions are shut).
+            // SAFETY: our own copy of the app end.
+            unsafe { libc::syscall(libc::SYS_shutdown, g.app_int, libc::SHUT_WR) };
         }
         g.sync();
     }
