@@ -52,6 +52,8 @@ fn server() -> (Proc, u16) {
 /// A client that stops at its `SYNC` line with its connections open.
 struct Client {
     child: Child,
+    /// How long it may take to reach its sync point, and to exit after it.
+    limit: Duration,
     lines: mpsc::Receiver<String>,
     stdout: String,
 }
@@ -75,6 +77,7 @@ impl Client {
         });
         Client {
             child,
+            limit: T,
             lines,
             stdout: String::new(),
         }
@@ -82,7 +85,7 @@ impl Client {
 
     /// Reads up to the `SYNC` line (or the end): what it printed so far.
     fn until_sync(&mut self) -> &str {
-        let deadline = Instant::now() + T;
+        let deadline = Instant::now() + self.limit;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
@@ -107,7 +110,7 @@ impl Client {
         if let Some(mut stdin) = self.child.stdin.take() {
             let _ = stdin.write_all(b"\n");
         }
-        let deadline = Instant::now() + T;
+        let deadline = Instant::now() + self.limit;
         loop {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
                 while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
@@ -287,6 +290,8 @@ fn churn(n: u64) {
     latency(port, "before churn");
     let base = fds_of(srv.id());
     let mut c = Client::spawn(load(&[s("churn"), s(port), s(n)]));
+    // At least 100 connections a second, even on a busy machine.
+    c.limit = Duration::from_secs(60 + n / 100);
     let out = c.until_sync().to_string();
     assert_line(&out, &format!("short connections: {n} echoed, 0 failed"));
     // Every 1000th connection is still open: a sample of the churn, all SDP.
