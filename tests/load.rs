@@ -105,11 +105,16 @@ impl Client {
         }
     }
 
-    /// Releases it from `SYNC` and waits for a clean exit.
-    fn finish(mut self) -> String {
+    /// Releases it from `SYNC`.
+    fn release(&mut self) {
         if let Some(mut stdin) = self.child.stdin.take() {
             let _ = stdin.write_all(b"\n");
         }
+    }
+
+    /// Releases it from `SYNC` and waits for a clean exit.
+    fn finish(mut self) -> String {
+        self.release();
         let deadline = Instant::now() + self.limit;
         loop {
             if let Some(st) = self.child.try_wait().expect("try_wait") {
@@ -160,14 +165,19 @@ fn server_back_to(pid: u32, base: usize) -> usize {
 }
 
 /// Connection rows on shm with bytes: at least `n` of them; the others (at most 5%) TCP with
-/// the reason `setup-failed`. On a machine whose CPU is taken by other work an SDP exchange
-/// may exceed its 2 s budget; the connection then continues on TCP (the designed fallback),
-/// which the test tolerates only as a small, reported minority.
+/// a reason load explains: `setup-failed` (on a machine whose CPU is taken by other work an
+/// SDP exchange may exceed its 2 s budget) or `exhausted` (libsdp binds the client socket
+/// before connecting to learn its 4-tuple, and under a sustained churn bind may find no
+/// ephemeral port free of TIME_WAIT sockets where a plain connect would reuse one). The
+/// connection then continues on TCP (the designed fallback), which the test tolerates only as
+/// a small, reported minority.
 fn assert_all_shm(what: &str, rows: &[StatRow], n: usize) {
     let c: Vec<&StatRow> = rows.iter().filter(|r| r.is_connection()).collect();
     let not: Vec<&&StatRow> = c.iter().filter(|r| r.transport != "shm").collect();
     assert!(
-        not.iter().all(|r| r.fallback_reason == "setup-failed") && not.len() * 20 <= c.len(),
+        not.iter()
+            .all(|r| r.fallback_reason == "setup-failed" || r.fallback_reason == "exhausted")
+            && not.len() * 20 <= c.len(),
         "{what}: {} of {} connections not on shm, e.g. {:?}",
         not.len(),
         c.len(),
@@ -175,9 +185,12 @@ fn assert_all_shm(what: &str, rows: &[StatRow], n: usize) {
     );
     if !not.is_empty() {
         eprintln!(
-            "load: {what}: {} of {} connections fell back to TCP (setup-failed: exchange over its time budget)",
+            "load: {what}: {} of {} connections fell back to TCP, reasons {:?}",
             not.len(),
-            c.len()
+            c.len(),
+            not.iter()
+                .map(|r| r.fallback_reason.as_str())
+                .collect::<Vec<_>>()
         );
     }
     let shm = c.len() - not.len();
@@ -229,6 +242,18 @@ fn connections_that_fit() -> u64 {
     };
     // SAFETY: getrlimit fills the struct we pass.
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
+    let want = TARGET * FDS_PER_CONN + FD_RESERVE;
+    if r.rlim_max < want {
+        // Root may raise its hard limit (the programs started from here inherit it).
+        let raised = libc::rlimit {
+            rlim_cur: r.rlim_cur,
+            rlim_max: want,
+        };
+        // SAFETY: setrlimit reads the struct we pass; failing leaves the limit as it was.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            r.rlim_max = want;
+        }
+    }
     let fit = (r.rlim_max.saturating_sub(FD_RESERVE)) / FDS_PER_CONN;
     if fit < TARGET {
         eprintln!(
@@ -242,10 +267,10 @@ fn connections_that_fit() -> u64 {
 #[test]
 fn ten_thousand_connections_with_traffic_through_one_epoll_server() {
     let _one = exclusive();
+    let total = connections_that_fit();
     let (srv, port) = server();
     let unloaded = latency(port, "unloaded");
     let base = fds_of(srv.id());
-    let total = connections_that_fit();
     let clients = 4u64;
     let each = total / clients;
     let mut cs: Vec<Client> = (0..clients)
@@ -264,7 +289,11 @@ fn ten_thousand_connections_with_traffic_through_one_epoll_server() {
         let rows = sdp_stat_of_group(c.child.id());
         assert_all_shm("client", &rows, each as usize);
     }
-    // Latency on a fresh connection while the others are open and 64 threads push records.
+    // Latency on a fresh connection while the others are open, the clients make their round
+    // trips on all of them again, and 64 threads push records.
+    for c in &mut cs {
+        c.release();
+    }
     let busy = Client::spawn(load(&[s("threads"), s(port)]));
     let loaded = latency(port, "loaded");
     drop(busy);
@@ -273,7 +302,11 @@ fn ten_thousand_connections_with_traffic_through_one_epoll_server() {
         each * clients
     );
     for c in cs {
-        c.finish();
+        let out = c.finish();
+        assert_line(
+            &out,
+            &format!("round trips after the sync: {} of {}", 3 * each, 3 * each),
+        );
     }
     let left = server_back_to(srv.id(), base);
     assert!(
