@@ -218,13 +218,13 @@ const KNOWN: &[(&str, &str, &str)] = &[
 
 /// Compares the TCP and SDP outputs line by line (allowing only [`KNOWN`] differences);
 /// returns the differences seen.
-fn compare(what: &str, tcp: &str, sdp: &str) -> Vec<&'static str> {
+fn compare(what: &str, tcp: &str, sdp: &str, sdp_err: &str) -> Vec<&'static str> {
     let t: Vec<&str> = tcp.lines().collect();
     let s: Vec<&str> = sdp.lines().collect();
     assert_eq!(
         t.len(),
         s.len(),
-        "{what}: SDP (right) printed a different number of lines than TCP (left):\n--- TCP\n{tcp}--- SDP\n{sdp}"
+        "{what}: SDP (right) printed a different number of lines than TCP (left):\n--- TCP\n{tcp}--- SDP\n{sdp}--- SDP stderr\n{sdp_err}"
     );
     let mut seen = Vec::new();
     for (a, b) in t.iter().zip(&s) {
@@ -240,7 +240,7 @@ fn compare(what: &str, tcp: &str, sdp: &str) -> Vec<&'static str> {
         match known {
             Some((_, _, why)) => seen.push(*why),
             None => panic!(
-                "{what}: SDP differs from kernel TCP:\n  TCP: {a}\n  SDP: {b}\n--- TCP\n{tcp}--- SDP\n{sdp}"
+                "{what}: SDP differs from kernel TCP:\n  TCP: {a}\n  SDP: {b}\n--- TCP\n{tcp}--- SDP\n{sdp}--- SDP stderr\n{sdp_err}"
             ),
         }
     }
@@ -287,7 +287,7 @@ fn fault(case: &str) -> (String, Vec<Vec<StatRow>>) {
             "{what}: the survivor leaked over SDP:\n{sout}\n{serr}"
         );
     }
-    for why in compare(&what, &tout, &sout) {
+    for why in compare(&what, &tout, &sout, &serr) {
         eprintln!("{what}: known difference from TCP: {why}");
     }
     (sout, rows.split_off(1))

@@ -833,12 +833,13 @@ impl Task for PeerTask {
             s.peer_gone();
             reset = s.error() == Some(libc::ECONNRESET);
         }
+        // The app end's readiness first: a poller woken by the HUP below must find OUT too.
+        g.sync();
         if reset && g.app_int >= 0 {
             // LINUX: a reset TCP socket polls HUP (both directions are shut).
             // SAFETY: our own copy of the app end.
             unsafe { libc::syscall(libc::SYS_shutdown, g.app_int, libc::SHUT_WR) };
         }
-        g.sync();
     }
 }
 
