@@ -39,8 +39,26 @@ extern "C" fn child() {
     ib_verbs::sys::forget_pid();
     HELD.with(|h| h.borrow_mut().take());
     crate::offload::unlock_all_after_fork();
+    leave_pending_to_parent();
     crate::progress::resume();
     crate::progress::after_fork_child();
+}
+
+/// A connection still pending at the fork (another thread connected after `prepare` resolved
+/// the pending ones) is the parent's to complete: the child's progress thread must not answer
+/// its exchange. If it did, the child's copy would take the SDP connection while the
+/// parent's copy went back to TCP after its timeout, and the parent would wait forever for
+/// replies that went over SDP to the child. Runs before the child's progress thread
+/// re-registers the parent's watches; the child's copy falls back to TCP on its own timer.
+fn leave_pending_to_parent() {
+    for (_, conn) in crate::offload::snapshot() {
+        let mut g = conn.lock();
+        if matches!(g.phase, crate::offload::Phase::Pending { .. })
+            && let Some(t) = g.endpoint.take()
+        {
+            crate::progress::unregister(t);
+        }
+    }
 }
 
 pub fn register_handlers() {

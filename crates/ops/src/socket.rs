@@ -187,7 +187,9 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> bool {
 /// Before the real `close` of a tracked fd.
 pub fn close(fd: i32) {
     let m = fdtable::get(fd);
-    if m.has(Meta::OFFLOADED) {
+    // A connection that went back to TCP (`setup::swap_back`) is no longer OFFLOADED but
+    // still holds its private app end, bell end and shadow until its last close.
+    if m.has(Meta::OFFLOADED) || crate::offload::lookup(fd).is_some() {
         crate::offload::setup::close(fd);
     } else {
         crate::offload::setup::forget_tcp(fd);

@@ -433,8 +433,8 @@ pub fn take_so_error(fd: i32) -> Option<i32> {
     if e != 0 {
         return Some(e);
     }
-    match &g.phase {
-        Phase::Offloaded(s) => Some(s.error().unwrap_or(0)),
+    match &mut g.phase {
+        Phase::Offloaded(s) => Some(s.take_error().unwrap_or(0)),
         _ => Some(0),
     }
 }

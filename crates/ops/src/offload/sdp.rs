@@ -71,6 +71,8 @@ pub struct SdpShm {
     reset_seen: bool,
     /// The transport died (hostile peer, system error).
     dead: Option<Errno>,
+    /// The peer went while our bytes waited for its window: one ECONNRESET to report.
+    reset_pending: bool,
     /// The peer announced urgent data (SIGURG to raise).
     urgent: bool,
 }
@@ -105,6 +107,7 @@ impl SdpShm {
             reset_pending: false,
             reset_seen: false,
             dead: None,
+            reset_pending: false,
             urgent: false,
         };
         if s.engine.role() == sdp_proto::Role::Passive {
@@ -396,6 +399,9 @@ impl OffloadStream for SdpShm {
         if let Some(e) = self.dead {
             return Err(e);
         }
+        if matches!(first_err, None | Some(0)) && std::mem::take(&mut self.reset_pending) {
+            return Err(libc::ECONNRESET);
+        }
         match first_err {
             None | Some(0) => Ok(0),
             Some(e) => Err(e),
@@ -467,6 +473,11 @@ impl OffloadStream for SdpShm {
         if !self.peer_gone {
             // Whatever the peer sent before it went is still in our ring.
             self.poll_completions();
+            // LINUX: a TCP peer that dies with bytes unread resets the connection (its kernel
+            // answers with RST): the next call reports ECONNRESET once, then EPIPE/end of
+            // stream. Bytes still queued here for lack of the peer's credits mean that its
+            // window was full of bytes its application had not read.
+            self.reset_pending = self.engine.send_queued() > 0;
             self.peer_gone = true;
             let _ = self.engine.handle_cm_disconnected(now());
         }
@@ -480,6 +491,13 @@ impl OffloadStream for SdpShm {
             return Some(libc::ECONNRESET);
         }
         self.engine.error().map(|e| self.conn_errno(&e))
+    }
+
+    fn take_error(&mut self) -> Option<Errno> {
+        if std::mem::take(&mut self.reset_pending) {
+            return Some(libc::ECONNRESET);
+        }
+        self.error()
     }
 
     fn arm_recv(&mut self) -> bool {

@@ -211,14 +211,29 @@ fn is_local(ip: IpAddr) -> bool {
         return is_local(IpAddr::V4(v4));
     }
     static CACHE: Mutex<Option<(Instant, Vec<IpAddr>)>> = Mutex::new(None);
-    let mut g = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    let fresh = g
-        .as_ref()
-        .is_some_and(|(t, _)| t.elapsed() < Duration::from_secs(2));
-    if !fresh {
-        *g = Some((Instant::now(), local_addrs()));
+    if let Some(g) = try_lock(&CACHE)
+        && let Some((t, v)) = g.as_ref()
+        && t.elapsed() < Duration::from_secs(2)
+    {
+        return v.contains(&ip);
     }
-    g.as_ref().is_some_and(|(_, v)| v.contains(&ip))
+    let v = local_addrs();
+    let local = v.contains(&ip);
+    if let Some(mut g) = try_lock(&CACHE) {
+        *g = Some((Instant::now(), v));
+    }
+    local
+}
+
+/// A cache's lock, never waited for. INVARIANT: a fork while another thread holds such a lock
+/// leaves it locked forever in the child, whose connects must still work (uncached); and the
+/// slow lookups a cache saves (getifaddrs, procfs) run outside the lock.
+fn try_lock<T>(m: &Mutex<T>) -> Option<std::sync::MutexGuard<'_, T>> {
+    match m.try_lock() {
+        Ok(g) => Some(g),
+        Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
 }
 
 fn local_addrs() -> Vec<IpAddr> {
@@ -255,16 +270,18 @@ fn local_addrs() -> Vec<IpAddr> {
 fn listener_uids(addr: &SocketAddr) -> Vec<u32> {
     type Cache = HashMap<SocketAddr, (Instant, Vec<u32>)>;
     static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
-    let mut g = CACHE.lock().unwrap_or_else(|p| p.into_inner());
-    let m = g.get_or_insert_with(HashMap::new);
-    if let Some((t, v)) = m.get(addr)
+    if let Some(g) = try_lock(&CACHE)
+        && let Some((t, v)) = g.as_ref().and_then(|m| m.get(addr))
         && t.elapsed() < Duration::from_secs(1)
         && !v.is_empty()
     {
         return v.clone();
     }
     let v = ib_verbs::shm::beacon::tcp_listener_uids(addr);
-    m.insert(*addr, (Instant::now(), v.clone()));
+    if let Some(mut g) = try_lock(&CACHE) {
+        g.get_or_insert_with(HashMap::new)
+            .insert(*addr, (Instant::now(), v.clone()));
+    }
     v
 }
 
@@ -814,10 +831,18 @@ impl Task for PeerTask {
         if !g.is_current() {
             return; // the process that serves the connection now sees it too
         }
+        let mut reset = false;
         if let Phase::Offloaded(s) = &mut g.phase {
             s.peer_gone();
+            reset = s.error() == Some(libc::ECONNRESET);
         }
+        // The app end's readiness first: a poller woken by the HUP below must find OUT too.
         g.sync();
+        if reset && g.app_int >= 0 {
+            // LINUX: a reset TCP socket polls HUP (both directions are shut).
+            // SAFETY: our own copy of the app end.
+            unsafe { libc::syscall(libc::SYS_shutdown, g.app_int, libc::SHUT_WR) };
+        }
     }
 }
 
@@ -1010,7 +1035,21 @@ pub fn swap_back_locked(g: &mut Inner) {
             )
         };
     }
-    let mut off = 0;
+    // LINUX: a connection reset by the server (its listener closed, its process killed)
+    // reports ECONNRESET to the application's next call; sending the buffered bytes now
+    // would consume that error, so a reset shadow keeps them (TCP discards them too).
+    let mut pfd = libc::pollfd {
+        fd: g.shadow,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    unsafe { libc::syscall(libc::SYS_poll, &mut pfd as *mut libc::pollfd, 1, 0) };
+    let mut off = if pfd.revents & libc::POLLERR != 0 {
+        buf.len()
+    } else {
+        0
+    };
     while off < buf.len() {
         // SAFETY: a valid slice; MSG_NOSIGNAL: a broken TCP connection surfaces later.
         let n = unsafe {

@@ -84,6 +84,11 @@ pub trait OffloadStream: Send {
     /// The error a socket call must report now (ECONNRESET, EPIPE, ...), if any.
     fn error(&self) -> Option<Errno>;
 
+    /// [`error`](Self::error) for `SO_ERROR`, which clears a one-shot error (a reset).
+    fn take_error(&mut self) -> Option<Errno> {
+        self.error()
+    }
+
     /// Asks the peer to make our app end readable at its next message. Returns `false` when
     /// something arrived meanwhile (do not sleep: progress again).
     fn arm_recv(&mut self) -> bool;
