@@ -65,14 +65,13 @@ pub struct SdpShm {
     next_wr: u64,
     /// The peer's process released the connection (its bell end hung up).
     peer_gone: bool,
-    /// The peer reset the connection and no call has reported it yet.
+    /// The peer reset the connection (its abort, or it went while our bytes waited for its
+    /// window) and no call has reported it yet: one ECONNRESET to report.
     reset_pending: bool,
     /// The peer reset the connection.
     reset_seen: bool,
     /// The transport died (hostile peer, system error).
     dead: Option<Errno>,
-    /// The peer went while our bytes waited for its window: one ECONNRESET to report.
-    reset_pending: bool,
     /// The peer announced urgent data (SIGURG to raise).
     urgent: bool,
 }
@@ -107,7 +106,6 @@ impl SdpShm {
             reset_pending: false,
             reset_seen: false,
             dead: None,
-            reset_pending: false,
             urgent: false,
         };
         if s.engine.role() == sdp_proto::Role::Passive {
@@ -477,7 +475,7 @@ impl OffloadStream for SdpShm {
             // answers with RST): the next call reports ECONNRESET once, then EPIPE/end of
             // stream. Bytes still queued here for lack of the peer's credits mean that its
             // window was full of bytes its application had not read.
-            self.reset_pending = self.engine.send_queued() > 0;
+            self.reset_pending |= self.engine.send_queued() > 0;
             self.peer_gone = true;
             let _ = self.engine.handle_cm_disconnected(now());
         }

@@ -1190,13 +1190,14 @@ fn server_exchange(
         }
     }
     let ack = engine.hello_ack();
-    // The server does not wait for the client's Ready: the client uses the rings as soon as
-    // the Answer reaches it, and if it cannot (a failed mmap), it releases its end, which this
-    // side sees as the peer's reset. Waiting would cost every connection a round trip between
-    // the two processes for a failure that only resource exhaustion causes.
+    // The server waits for the client's Ready: a client that fails after the Answer (its mmap
+    // fails when its address space is exhausted) goes back to TCP, and only the Ready tells
+    // the server to do the same. `Accepting::finish_unconfirmed` saves that round trip, but
+    // then such a client and its server wait for each other forever (tests/faults.rs,
+    // address_space_nearly_exhausted).
     let shm = accepting
         .send_answer(&stream, &ack)
-        .and_then(|_| accepting.finish_unconfirmed())
+        .and_then(|_| accepting.finish(&stream))
         .map_err(|_| {
             sys::close(app);
             sys::close(bell);
