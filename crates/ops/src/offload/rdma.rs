@@ -76,8 +76,9 @@ fn options() -> RdmaOptions {
     let c = sdp::config();
     RdmaOptions {
         recv_buf_size: c.recv_buffer_size,
-        recv_depth: u32::from(c.recv_buffers).max(16),
-        send_depth: 64,
+        recv_depth: u32::from(c.recv_buffers).max(64),
+        // Sends in flight are bounded by the peer's credits (≤ its receive depth).
+        send_depth: 128,
         allow_peer_read: false,
         ..RdmaOptions::default()
     }
@@ -168,6 +169,9 @@ struct Waiting {
 static REQUESTS: Mutex<Vec<Waiting>> = Mutex::new(Vec::new());
 
 struct ListenTask {
+    /// The process that made the listener: only it takes requests (a forked acceptor sees
+    /// plain TCP, and its rdma client falls back after the pending timeout).
+    owner: i32,
     /// The lock also serializes drains (the progress thread and `accept` inline).
     listener: Mutex<Listener>,
     port: u16,
@@ -239,6 +243,7 @@ pub fn on_listen(fd: i32, addr: SocketAddr) {
     let lfd = listener.fd();
     let task = Arc::new(ListenTask {
         listener: Mutex::new(listener),
+        owner: ib_verbs::sys::getpid(),
         port: addr.port(),
     });
     if let Some(token) = progress::register(lfd, libc::EPOLLIN as u32, task.clone()) {
@@ -282,7 +287,12 @@ fn drain_listeners_inline() {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .as_ref()
-        .map(|m| m.values().map(|(_, t)| Arc::clone(t)).collect())
+        .map(|m| {
+            m.values()
+                .filter(|(_, t)| t.owner == ib_verbs::sys::getpid())
+                .map(|(_, t)| Arc::clone(t))
+                .collect()
+        })
         .unwrap_or_default();
     for t in tasks {
         t.drain();
