@@ -34,7 +34,7 @@ use ib_verbs::rdma::{RdmaConn, RdmaOptions};
 use ib_verbs::{Completion, ConnError, Connection, Opcode};
 use sdp_proto::Event;
 use sdp_proto::error::{RecvError, SendError, UrgentError};
-use sdp_proto::wire::{HelloRepr, IpAddrs, Version};
+use sdp_proto::wire::{HelloAckRepr, HelloRepr, IpAddrs, Version};
 
 use super::data::CResult;
 use super::sdp::{self, errno_of, now};
@@ -131,6 +131,39 @@ pub fn expand(
         ext_max_adverts: 0,
     };
     Some((u16_at(0), h.to_bytes()))
+}
+
+/// Bytes of the REP hello: Bufs u16 | version u8 | ipv_cap u8 | max_adverts u8 |
+/// act_rcv_sz u32 (LE). A HelloAck is 196 bytes, the whole REP; ours carries a header too.
+pub const COMPACT_ACK_LEN: usize = 9;
+
+/// The engine's HelloAck in compact form.
+pub fn compact_ack(ack: &[u8]) -> Option<[u8; COMPACT_ACK_LEN]> {
+    let h = HelloAckRepr::parse_bytes(ack).ok()?;
+    let mut o = [0u8; COMPACT_ACK_LEN];
+    o[0..2].copy_from_slice(&h.bufs.to_le_bytes());
+    o[2] = h.version.0;
+    o[3] = h.ipv_cap;
+    o[4] = h.max_adverts;
+    o[5..9].copy_from_slice(&h.act_rcv_sz.to_le_bytes());
+    Some(o)
+}
+
+/// The full HelloAck from its compact form (the engine validates the fields).
+pub fn expand_ack(c: &[u8]) -> Option<[u8; sdp_proto::wire::HELLO_ACK_LEN]> {
+    if c.len() != COMPACT_ACK_LEN {
+        return None;
+    }
+    Some(
+        HelloAckRepr {
+            bufs: u16::from_le_bytes([c[0], c[1]]),
+            version: Version(c[2]),
+            ipv_cap: c[3],
+            max_adverts: c[4],
+            act_rcv_sz: u32::from_le_bytes(c[5..9].try_into().expect("4 bytes")),
+        }
+        .to_bytes(),
+    )
 }
 
 fn ip_addrs(src: IpAddr, dst: IpAddr) -> IpAddrs {
@@ -340,7 +373,7 @@ fn server_setup(
     while let Some(p) = engine.poll_post_recv() {
         posts += p.count;
     }
-    let ack = engine.hello_ack();
+    let ack = compact_ack(&engine.hello_ack()).ok_or(Reason::SetupFailed)?;
     let rc = req
         .accept(options(), posts, &ack, setup::EXCHANGE_TIMEOUT)
         .map_err(|e| {
@@ -554,6 +587,8 @@ impl Task for ConnectTask {
             .and_then(|_| cm.finish())
             .map_err(|e| (e.to_string(), Reason::NoBeacon))
             .and_then(|(rc, ack)| {
+                let ack = expand_ack(&ack)
+                    .ok_or_else(|| ("malformed HelloAck".to_string(), Reason::SetupFailed))?;
                 engine
                     .handle_hello_ack(now(), &ack)
                     .map_err(|e| (format!("{e:?}"), Reason::SetupFailed))?;
@@ -1147,6 +1182,27 @@ mod tests {
         bad[6] = 0; // max_adverts 0: the engine refuses it
         let (_, h) = expand(&bad, src, dst).unwrap();
         assert!(sdp_proto::Connection::accept(sdp::config(), now(), &h).is_err());
+    }
+
+    #[test]
+    fn compact_hello_ack_round_trips_and_fits_a_rep() {
+        const { assert!(COMPACT_ACK_LEN <= ib_verbs::rdma::cm::MAX_REP_HELLO) };
+        let src: IpAddr = "192.168.77.1".parse().unwrap();
+        let dst: IpAddr = "192.168.77.2".parse().unwrap();
+        let mut a = sdp_proto::Connection::connect(sdp::config(), now(), ip_addrs(src, dst), 1);
+        while a.poll_post_recv().is_some() {}
+        let mut p = sdp_proto::Connection::accept(sdp::config(), now(), &a.hello()).unwrap();
+        while p.poll_post_recv().is_some() {}
+        let ack = p.hello_ack();
+        let c = compact_ack(&ack).expect("engine HelloAck parses");
+        let full = expand_ack(&c).expect("expands");
+        assert_eq!(
+            full[..],
+            ack[..],
+            "the client sees the server's HelloAck exactly"
+        );
+        assert!(a.handle_hello_ack(now(), &full).is_ok());
+        assert!(expand_ack(&c[1..]).is_none(), "short");
     }
 
     #[test]
