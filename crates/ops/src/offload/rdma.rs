@@ -709,6 +709,10 @@ pub struct SdpRdma {
     dead: Option<Errno>,
     urgent: bool,
     every_arrival: bool,
+    /// Lengths of the SENDs posted and not completed, oldest first (completions come in
+    /// posting order), and their sum: bytes that die with the QP if it is destroyed now.
+    inflight: std::collections::VecDeque<u32>,
+    inflight_bytes: usize,
 }
 
 impl SdpRdma {
@@ -736,6 +740,8 @@ impl SdpRdma {
             dead: None,
             urgent: false,
             every_arrival: false,
+            inflight: std::collections::VecDeque::new(),
+            inflight_bytes: 0,
         };
         if s.engine.role() == sdp_proto::Role::Passive {
             // rdma_cm's ESTABLISHED came before the connection was handed over.
@@ -823,7 +829,12 @@ impl SdpRdma {
                             Err(_) => self.dead = Some(libc::ECONNRESET),
                         }
                     }
-                    Opcode::Send => sends += 1,
+                    Opcode::Send => {
+                        sends += 1;
+                        if let Some(l) = self.inflight.pop_front() {
+                            self.inflight_bytes -= l as usize;
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -845,7 +856,12 @@ impl SdpRdma {
         }
         while let Some(tx) = self.engine.poll_transmit(t, &mut self.txbuf) {
             let wr = self.wr();
-            if let Err(e) = self.conn.post_send(wr, &[&self.txbuf[..tx.len]]) {
+            let posted = self.conn.post_send(wr, &[&self.txbuf[..tx.len]]);
+            if posted.is_ok() {
+                self.inflight.push_back(tx.len as u32);
+                self.inflight_bytes += tx.len;
+            }
+            if let Err(e) = posted {
                 sdp_log!(log::WARN, "post_send failed: {e}");
                 if let ib_verbs::PostError::Dead(d) = e {
                     self.transport_died(d);
@@ -1039,7 +1055,12 @@ impl OffloadStream for SdpRdma {
     }
 
     fn send_queued(&self) -> usize {
-        self.engine.send_queued()
+        // Posted SENDs count until their completion (the peer's adapter acknowledged them):
+        // a close that drops the QP before that loses them, so close lingers while they fly.
+        if self.dead.is_some() || self.peer_gone {
+            return self.engine.send_queued();
+        }
+        self.engine.send_queued() + self.inflight_bytes
     }
 
     fn urgent_ready(&self) -> bool {
@@ -1139,13 +1160,13 @@ impl OffloadStream for SdpRdma {
     fn flush(&mut self, budget: Duration) {
         let end = Instant::now() + budget;
         while self.mine()
-            && self.engine.send_queued() > 0
+            && self.send_queued() > 0
             && self.dead.is_none()
             && !self.peer_gone
             && Instant::now() < end
         {
             self.progress();
-            if self.engine.send_queued() == 0 {
+            if self.send_queued() == 0 {
                 break;
             }
             let _ = self
