@@ -258,6 +258,12 @@ type Listeners = HashMap<i32, (u64, Arc<ListenTask>)>;
 static LISTENERS: Mutex<Option<Listeners>> = Mutex::new(None);
 static ANY_LISTENER: AtomicBool = AtomicBool::new(false);
 
+/// Whether this process made an rdma_cm listener (one load: `accept` asks first).
+#[inline]
+pub fn listening() -> bool {
+    ANY_LISTENER.load(Ordering::Acquire)
+}
+
 /// `listen` with a server decision other than `tcp` on a host with RDMA: the rdma_cm listener.
 pub fn on_listen(fd: i32, addr: SocketAddr) {
     if !enabled() {

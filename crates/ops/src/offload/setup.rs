@@ -1045,7 +1045,8 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
     let (local, peer) = (normalize(local), normalize(peer));
     // A client on another host that sent an rdma_cm request for this connection (only when
     // this process listens with rdma_cm, i.e. has a device).
-    if !is_local(peer.ip())
+    if super::rdma::listening()
+        && !is_local(peer.ip())
         && let Some(r) = super::rdma::accept(fd, flags, local, peer)
     {
         if let Err(reason) = r {
