@@ -16,8 +16,9 @@
 # A guest that cannot be booted (no qemu, status 125) is a FAIL, never a silent skip;
 # LIBSDP_SKIP_RXE=1 skips everything (local runs on machines where qemu cannot be installed).
 # env: LIBSDP_RXE_VM_WORK etc. (see scripts/rxe-vm.sh), LIBSDP_RDMA_TESTS_LOG (the guests'
-#      consoles, default target/rdma-tests.log), LIBSDP_REQUIRE_RDMA=1 (passed to the guests:
-#      tests/rdma_guest.rs then accepts only rdma for the connection between them).
+#      consoles, default target/rdma-tests.log), LIBSDP_REQUIRE_RDMA (default 1, passed to the
+#      guests: tests/rdma_guest.rs accepts only rdma for the connection between them; 0 also
+#      accepts a TCP fallback with its reason).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -184,7 +185,7 @@ else
   exit 1
 fi
 # the guests see none of this environment: pass on what the in-guest tests read
-REQUIRE_RDMA=0; [ "${LIBSDP_REQUIRE_RDMA:-0}" = 1 ] && REQUIRE_RDMA=1
+REQUIRE_RDMA=1; [ "${LIBSDP_REQUIRE_RDMA:-1}" = 0 ] && REQUIRE_RDMA=0
 GUEST_ENV="export LIBSDP_REQUIRE_RDMA=$REQUIRE_RDMA"
 GUEST_LIB="$GUEST_ENV
 $GUEST_LIB"

@@ -415,60 +415,175 @@ pub fn connect(
     timeout: Duration,
 ) -> Result<(RdmaConn, Vec<u8>), SetupError> {
     let deadline = Instant::now() + timeout;
-    let mut id = CmId::create()?;
-    let (mut dst, _) = sockaddr(addr);
-    let ms = timeout.as_millis().clamp(1, 60_000) as c_int;
-    // SAFETY: live id; the destination address outlives the call.
-    check("rdma_resolve_addr", unsafe {
-        (id.cm.rdma_resolve_addr)(
-            id.id,
-            ptr::null_mut(),
-            (&mut dst as *mut libc::sockaddr_storage).cast(),
-            ms,
-        )
-    })?;
-    id.expect(b::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED, deadline)?;
-    // SAFETY: live id with a resolved address.
-    check("rdma_resolve_route", unsafe {
-        (id.cm.rdma_resolve_route)(id.id, ms)
-    })?;
-    id.expect(
-        b::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED,
-        deadline,
-    )?;
-    let dev = id.device()?;
-    let mut p = Pending::on(dev.clone(), opts)?;
-    for w in 0..posts as u64 {
-        p.post_recv(w)
-            .map_err(|_| SetupError::BadOptions("more initial posts than recv_depth"))?;
+    let mut c = Connecting::resolve(addr, timeout)?;
+    c.request(opts, posts, hello)?;
+    while !c.poll()? {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(SetupError::Timeout);
+        }
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        match crate::sys::poll_raw(c.fd(), libc::POLLIN, ms) {
+            Ok(_) => {}
+            Err(e) if e.errno == libc::EINTR => {}
+            Err(e) => return Err(SetupError::Sys(e)),
+        }
     }
-    let pd = encode(&p, hello, MAX_REQ_HELLO)?;
-    let mut param = conn_param(&dev, &pd, p.qp_num());
-    // SAFETY: live id; `param` and the private data it points to outlive the call.
-    check("rdma_connect", unsafe {
-        (id.cm.rdma_connect)(id.id, &mut param)
-    })?;
-    let (t, status, data, peer_resp) = id.next_event(deadline, |ev| {
-        // SAFETY: a connection event's `conn` member is the active one.
-        let resp = unsafe { ev.param.conn.responder_resources };
-        (ev.event, ev.status, private(ev), resp)
-    })?;
-    if t != b::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_RESPONSE {
-        return Err(event_error(t, status));
+    c.finish()
+}
+
+/// An active setup in steps, for a caller that must not block while the peer decides (`ops`:
+/// the REP comes only when the server application accepts): [`Connecting::resolve`] (address
+/// and route, blocking up to its timeout), [`Connecting::request`] (QP, receives, REQ), then
+/// [`Connecting::poll`] whenever [`Connecting::fd`] is readable until it says the REP arrived,
+/// then [`Connecting::finish`] (RTR, RTS, RTU). Dropping it abandons the setup (the kernel
+/// rejects or disconnects for us).
+pub struct Connecting {
+    id: CmId,
+    p: Option<Pending>,
+    dev: Option<Arc<Device>>,
+    /// Our responder resources and initiator depth, as sent in the REQ.
+    rd: (u8, u8),
+    /// The REP's private data and responder resources.
+    rep: Option<(Vec<u8>, u8)>,
+}
+
+impl Connecting {
+    /// Resolves the address and route of `addr` (blocking, at most `timeout`).
+    pub fn resolve(addr: SocketAddr, timeout: Duration) -> Result<Connecting, SetupError> {
+        let deadline = Instant::now() + timeout;
+        let id = CmId::create()?;
+        let (mut dst, _) = sockaddr(addr);
+        let ms = timeout.as_millis().clamp(1, 60_000) as c_int;
+        // SAFETY: live id; the destination address outlives the call.
+        check("rdma_resolve_addr", unsafe {
+            (id.cm.rdma_resolve_addr)(
+                id.id,
+                ptr::null_mut(),
+                (&mut dst as *mut libc::sockaddr_storage).cast(),
+                ms,
+            )
+        })?;
+        id.expect(b::rdma_cm_event_type::RDMA_CM_EVENT_ADDR_RESOLVED, deadline)?;
+        // SAFETY: live id with a resolved address.
+        check("rdma_resolve_route", unsafe {
+            (id.cm.rdma_resolve_route)(id.id, ms)
+        })?;
+        id.expect(
+            b::rdma_cm_event_type::RDMA_CM_EVENT_ROUTE_RESOLVED,
+            deadline,
+        )?;
+        Ok(Connecting {
+            id,
+            p: None,
+            dev: None,
+            rd: (0, 0),
+            rep: None,
+        })
     }
-    id.connected = true;
-    let (peer, peer_hello) = decode(&data)?;
-    let rtr = id.qp_attrs(b::ibv_qp_state::IBV_QPS_RTR, param.responder_resources)?;
-    let rts = id.qp_attrs(
-        b::ibv_qp_state::IBV_QPS_RTS,
-        param.initiator_depth.min(peer_resp.max(1)),
-    )?;
-    let cm = id.cm;
-    let raw = id.id;
-    let conn = p.finish(&peer, rtr, rts, Watch::Cm(id))?;
-    // SAFETY: the id lives in the connection; RTU after our QP is in RTS.
-    check("rdma_establish", unsafe { (cm.rdma_establish)(raw) })?;
-    Ok((conn, peer_hello))
+
+    /// The local address rdma_cm chose for the route (the source IP on the device).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        // SAFETY: a live id whose address is resolved; the union is read as bytes.
+        unsafe { addr_at((&raw const (*self.id.id).route.addr.__bindgen_anon_1).cast()) }
+    }
+
+    /// Creates our QP, posts `posts` receives and sends the REQ with `hello`
+    /// (≤ [`MAX_REQ_HELLO`]).
+    pub fn request(
+        &mut self,
+        opts: RdmaOptions,
+        posts: u32,
+        hello: &[u8],
+    ) -> Result<(), SetupError> {
+        let dev = self.id.device()?;
+        let mut p = Pending::on(dev.clone(), opts)?;
+        for w in 0..posts as u64 {
+            p.post_recv(w)
+                .map_err(|_| SetupError::BadOptions("more initial posts than recv_depth"))?;
+        }
+        let pd = encode(&p, hello, MAX_REQ_HELLO)?;
+        let mut param = conn_param(&dev, &pd, p.qp_num());
+        // SAFETY: live id; `param` and the private data it points to outlive the call.
+        check("rdma_connect", unsafe {
+            (self.id.cm.rdma_connect)(self.id.id, &mut param)
+        })?;
+        self.rd = (param.responder_resources, param.initiator_depth);
+        self.p = Some(p);
+        self.dev = Some(dev);
+        Ok(())
+    }
+
+    /// The event channel's descriptor (readable when the REP, a REJECT or an error came).
+    pub fn fd(&self) -> i32 {
+        self.id.fd()
+    }
+
+    /// Takes the next event without blocking: `Ok(true)` once the REP arrived (call
+    /// [`Connecting::finish`]), `Ok(false)` when nothing came yet, an error for a REJECT
+    /// (no listener there, or the peer refused), an unreachable peer or a CM timeout.
+    pub fn poll(&mut self) -> Result<bool, SetupError> {
+        if self.rep.is_some() {
+            return Ok(true);
+        }
+        let r = self.id.next_event(Instant::now(), |ev| {
+            // SAFETY: a connection event's `conn` member is the active one.
+            let resp = unsafe { ev.param.conn.responder_resources };
+            (ev.event, ev.status, private(ev), resp)
+        });
+        let (t, status, data, resp) = match r {
+            Ok(x) => x,
+            Err(SetupError::Timeout) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if t != b::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_RESPONSE {
+            return Err(event_error(t, status));
+        }
+        self.id.connected = true;
+        self.rep = Some((data, resp));
+        Ok(true)
+    }
+
+    /// After the REP: our QP to RTR and RTS, the RTU; the connection and the peer's hello.
+    pub fn finish(mut self) -> Result<(RdmaConn, Vec<u8>), SetupError> {
+        let (Some((data, peer_resp)), Some(p)) = (self.rep.take(), self.p.take()) else {
+            return Err(SetupError::Peer("finish before the REP"));
+        };
+        let (peer, peer_hello) = decode(&data)?;
+        let rtr = self.id.qp_attrs(b::ibv_qp_state::IBV_QPS_RTR, self.rd.0)?;
+        let rts = self.id.qp_attrs(
+            b::ibv_qp_state::IBV_QPS_RTS,
+            self.rd.1.min(peer_resp.max(1)),
+        )?;
+        let cm = self.id.cm;
+        let raw = self.id.id;
+        let conn = p.finish(&peer, rtr, rts, Watch::Cm(self.id))?;
+        // SAFETY: the id lives in the connection; RTU after our QP is in RTS.
+        check("rdma_establish", unsafe { (cm.rdma_establish)(raw) })?;
+        Ok((conn, peer_hello))
+    }
+}
+
+/// A `sockaddr_in` / `sockaddr_in6` at `p` (as rdma_cm stores them), if it is one.
+///
+/// # Safety
+/// `p` must point to at least a `sockaddr_storage`'s worth of readable bytes.
+unsafe fn addr_at(p: *const u8) -> Option<SocketAddr> {
+    // SAFETY: the caller guarantees the bytes are readable.
+    let b = unsafe { std::slice::from_raw_parts(p, 28) };
+    let family = u16::from_ne_bytes([b[0], b[1]]) as i32;
+    let port = u16::from_be_bytes([b[2], b[3]]);
+    match family {
+        libc::AF_INET => Some(SocketAddr::new(
+            std::net::Ipv4Addr::new(b[4], b[5], b[6], b[7]).into(),
+            port,
+        )),
+        libc::AF_INET6 => {
+            let o: [u8; 16] = b[8..24].try_into().expect("16 bytes");
+            Some(SocketAddr::new(std::net::Ipv6Addr::from(o).into(), port))
+        }
+        _ => None,
+    }
 }
 
 /// A listening rdma_cm id.
@@ -509,6 +624,21 @@ impl Listener {
     pub fn port(&self) -> u16 {
         // SAFETY: a bound id; the port comes back in network order.
         u16::from_be(unsafe { (self.id.cm.rdma_get_src_port)(self.id.id) })
+    }
+
+    /// The event channel's descriptor (readable when a request may be waiting).
+    pub fn fd(&self) -> i32 {
+        self.id.fd()
+    }
+
+    /// The next connection request if one is waiting (never blocks). A malformed request is
+    /// rejected and reported as an error; call again for the next.
+    pub fn try_request(&self) -> Result<Option<Request>, SetupError> {
+        match self.request(Duration::ZERO) {
+            Ok(r) => Ok(Some(r)),
+            Err(SetupError::Timeout) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Waits for the next connection request.
@@ -552,6 +682,12 @@ impl Request {
     /// The peer's hello bytes.
     pub fn hello(&self) -> &[u8] {
         &self.hello
+    }
+
+    /// The address the request came from.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        // SAFETY: a live request id; its route's destination is the requesting peer.
+        unsafe { addr_at((&raw const (*self.child).route.addr.__bindgen_anon_2).cast()) }
     }
 
     /// Accepts: our QP, `posts` initial receives, `hello` (≤ [`MAX_REP_HELLO`]) in the REP;

@@ -19,6 +19,7 @@
 pub mod data;
 pub mod exec;
 pub mod intents;
+pub mod rdma;
 pub mod sdp;
 pub mod setup;
 pub mod stream;
@@ -649,7 +650,11 @@ impl Inner {
                 std::mem::forget(old);
             }
             let fd = self.app_fds.first().copied().unwrap_or(-1);
-            self.row = Row::claim(fd, stats::Transport::Shm, self.role);
+            let t = match &self.phase {
+                Phase::Offloaded(s) => s.transport(),
+                _ => stats::Transport::Shm,
+            };
+            self.row = Row::claim(fd, t, self.role);
             if let Some(r) = &self.row {
                 r.set_addrs(self.local, self.peer);
             }

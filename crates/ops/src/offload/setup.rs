@@ -29,7 +29,7 @@ use crate::stats::{Row, Transport};
 use crate::{log, sdp_log, sys};
 
 /// How long a bootstrap step may wait for the other library (never for the application).
-const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn shm_options() -> ShmOptions {
     let c = sdp::config();
@@ -182,6 +182,7 @@ pub fn on_listen(fd: i32, decision: Decision) {
             "listen fd {fd} {addr}: no beacon of ours: {e}"
         ),
     }
+    super::rdma::on_listen(fd, normalize(addr));
     record_tcp(fd, 2, Reason::Offloaded);
 }
 
@@ -195,6 +196,7 @@ pub fn on_listener_close(fd: i32) {
     if let Some(t) = token {
         progress::unregister(t);
     }
+    super::rdma::on_listener_close(fd);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,14 +331,14 @@ pub enum ConnectPlan {
     Done(CResult),
 }
 
-fn raw_connect(fd: i32, dst: &SocketAddr) -> Result<(), i32> {
+pub(super) fn raw_connect(fd: i32, dst: &SocketAddr) -> Result<(), i32> {
     let (ss, len) = sockaddr_of(dst);
     // SAFETY: ss holds a sockaddr of `len` bytes.
     let rc = unsafe { libc::syscall(libc::SYS_connect, fd, &ss as *const _, len) };
     if rc == 0 { Ok(()) } else { Err(sys::errno()) }
 }
 
-fn raw_bind(fd: i32, a: &SocketAddr) -> Result<(), i32> {
+pub(super) fn raw_bind(fd: i32, a: &SocketAddr) -> Result<(), i32> {
     let (ss, len) = sockaddr_of(a);
     // SAFETY: as in raw_connect.
     let rc = unsafe { libc::syscall(libc::SYS_bind, fd, &ss as *const _, len) };
@@ -378,7 +380,7 @@ fn sockaddr_of(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (ss, len as libc::socklen_t)
 }
 
-fn fcntl(fd: i32, cmd: i32, arg: i64) -> i32 {
+pub(super) fn fcntl(fd: i32, cmd: i32, arg: i64) -> i32 {
     // SAFETY: fcntl on an fd number with an integer argument.
     unsafe { libc::syscall(libc::SYS_fcntl, fd, cmd, arg) as i32 }
 }
@@ -386,7 +388,7 @@ fn fcntl(fd: i32, cmd: i32, arg: i64) -> i32 {
 /// Moves the fd number `fd` from its current kernel object onto the app end `app`, keeping
 /// the fd's close-on-exec flag and the file's O_NONBLOCK. Returns the shadow (the old object,
 /// moved high).
-fn swap_in(fd: i32, app: i32, nonblock: bool, cloexec: bool) -> Result<i32, i32> {
+pub(super) fn swap_in(fd: i32, app: i32, nonblock: bool, cloexec: bool) -> Result<i32, i32> {
     let shadow = sys::dup_internal(fd);
     if shadow < 0 {
         return Err(sys::errno());
@@ -445,6 +447,11 @@ fn mode(d: Decision) -> fallback::Mode {
 
 fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult, Reason> {
     if !is_local(dst.ip()) {
+        // Another host: SDP over rdma when this process has a device (never on a host
+        // without one: the gate does not even load libibverbs there).
+        if super::rdma::enabled() {
+            return super::rdma::try_connect(fd, dst);
+        }
         return Err(Reason::NoDevice);
     }
     // Learn the 4-tuple before the connect: bind to the destination's own address (the source
@@ -681,7 +688,7 @@ impl Task for PendingTask {
     }
 }
 
-fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> Vec<u64> {
+pub(super) fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> Vec<u64> {
     let mut tokens = Vec::new();
     let task: Arc<dyn Task> = Arc::new(PendingTask {
         conn: Arc::downgrade(conn),
@@ -971,6 +978,11 @@ pub fn swap_back(conn: &Arc<Conn>) {
 
 /// [`swap_back`] with the lock held.
 pub fn swap_back_locked(g: &mut Inner) {
+    swap_back_because(g, Reason::SetupFailed);
+}
+
+/// [`swap_back_locked`], recording `reason` (the rdma setup: no listener there is `no-beacon`).
+pub fn swap_back_because(g: &mut Inner, reason: Reason) {
     if let Some(t) = g.endpoint.take() {
         progress::unregister(t);
     }
@@ -1071,9 +1083,9 @@ pub fn swap_back_locked(g: &mut Inner) {
     // Wake any thread blocked on the old app end: it retries and finds TCP.
     g.signal_eof();
     if let Some(r) = &g.row {
-        r.set_meta(Transport::Tcp, 1, g.role, Reason::SetupFailed.code());
+        r.set_meta(Transport::Tcp, 1, g.role, reason.code());
     }
-    log::resolved(g, Some(Reason::SetupFailed));
+    log::resolved(g, Some(reason));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1104,6 +1116,21 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
         return AcceptOutcome::Keep;
     };
     let (local, peer) = (normalize(local), normalize(peer));
+    // A client on another host that sent an rdma_cm request for this connection (only when
+    // this process listens with rdma_cm, i.e. has a device).
+    if super::rdma::listening()
+        && !is_local(peer.ip())
+        && let Some(r) = super::rdma::accept(fd, flags, local, peer)
+    {
+        if let Err(reason) = r {
+            sdp_log!(
+                log::WARN,
+                "accept fd {fd} from {peer}: rdma setup failed ({reason}), TCP"
+            );
+            record_tcp(fd, 2, reason);
+        }
+        return AcceptOutcome::Keep;
+    }
     let mut found = super::intents::take(peer, local.port(), normalize);
     if found.is_none() {
         drain_beacons_inline();

@@ -1,0 +1,1243 @@
+//! SDP between hosts over the `rdma` transport (`ib_verbs::rdma`): issue #7 item 3.
+//!
+//! Everything here is gated: it runs only when [`enabled`] (an RDMA device with an ACTIVE port
+//! in this process, checked at most every 2 s) and the destination is not on this host. A host
+//! without RDMA never loads libibverbs from here and behaves exactly as before.
+//!
+//! - `listen`: besides the shm beacon, an rdma_cm listener on the same IP and port
+//!   (RDMA_PS_TCP); the progress thread takes its connection requests into a table.
+//! - `connect`: rdma_cm address and route resolution (short timeout), the TCP socket bound to
+//!   the source address rdma_cm chose, a REQ whose private data carries the client's TCP port
+//!   and a compact SDP Hello (the full Hello does not fit the 36 bytes of a REQ); then the fd is
+//!   swapped onto an app end, **pending** as for shm, and the real TCP connect is made on the
+//!   shadow. The REP (the server application accepted) completes the connection on the
+//!   progress thread; a REJECT (no libsdp listener there), an error or the pending timeout
+//!   sends it back to TCP.
+//! - `accept`: the request whose peer IP and client TCP port match the accepted TCP
+//!   connection is accepted with the HelloAck in the REP, and the fd is swapped onto an app end.
+//!   No request: TCP, as for a plain client.
+//! - Readiness: the peer cannot ring our bell, so the progress thread watches the connection's
+//!   notify fd (completion channel + rdma_cm channel) and `sync`s, which self-rings the app end.
+//! - Fork: the QP belongs to the process that made it. A process forked from the owner that
+//!   uses the connection gets EIO (one log line), and never destroys the owner's verbs objects.
+
+use std::collections::HashMap;
+use std::mem::ManuallyDrop;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use fallback::Reason;
+use ib_verbs::rdma::cm::{Connecting, Listener, Request};
+use ib_verbs::rdma::{RdmaConn, RdmaOptions};
+use ib_verbs::{Completion, ConnError, Connection, Opcode};
+use sdp_proto::Event;
+use sdp_proto::error::{RecvError, SendError, UrgentError};
+use sdp_proto::wire::{HelloAckRepr, HelloRepr, IpAddrs, Version};
+
+use super::data::CResult;
+use super::sdp::{self, errno_of, now};
+use super::setup;
+use super::stream::{Counters, Errno, OffloadStream};
+use super::{Conn, Inner, Phase, bind_fd, new_pair};
+use crate::progress::{self, Task};
+use crate::stats::{Row, Transport};
+use crate::{log, sdp_log, sys};
+
+/// How long address and route resolution may block `connect`.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A connection request no `accept` took within this is rejected.
+const REQUEST_TTL: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------------
+// The gate.
+
+/// Whether this process can use RDMA now. Cheap on a host without RDMA: no
+/// `/sys/class/infiniband` entry means no device, without loading libibverbs. The answer is
+/// kept 2 s (devices may appear or go away).
+pub fn enabled() -> bool {
+    static CACHE: Mutex<Option<(Instant, bool)>> = Mutex::new(None);
+    let mut g = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((t, v)) = *g
+        && t.elapsed() < Duration::from_secs(2)
+    {
+        return v;
+    }
+    let any_dev = std::fs::read_dir("/sys/class/infiniband")
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false);
+    let v = any_dev && ib_verbs::rdma::available();
+    *g = Some((Instant::now(), v));
+    v
+}
+
+fn options() -> RdmaOptions {
+    let c = sdp::config();
+    RdmaOptions {
+        recv_buf_size: c.recv_buffer_size,
+        recv_depth: u32::from(c.recv_buffers).max(64),
+        // Sends in flight are bounded by the peer's credits (≤ its receive depth).
+        send_depth: 128,
+        allow_peer_read: false,
+        ..RdmaOptions::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The compact Hello carried in a REQ.
+
+/// Bytes of the REQ hello: client TCP port u16 | Bufs u16 | version u8 | cap u8 |
+/// max_adverts u8 | des_rem_rcv_sz u32 | local_rcv_sz u32 | SDP local port u16 (LE).
+/// The addresses of the full Hello are the connection's own, known to both sides.
+pub const COMPACT_LEN: usize = 17;
+
+/// The engine's Hello in compact form, with the client's TCP port.
+pub fn compact(hello: &[u8], tcp_port: u16) -> Option<[u8; COMPACT_LEN]> {
+    let h = HelloRepr::parse_bytes(hello).ok()?;
+    let mut o = [0u8; COMPACT_LEN];
+    o[0..2].copy_from_slice(&tcp_port.to_le_bytes());
+    o[2..4].copy_from_slice(&h.bufs.to_le_bytes());
+    o[4] = h.version.0;
+    o[5] = h.cap;
+    o[6] = h.max_adverts;
+    o[7..11].copy_from_slice(&h.des_rem_rcv_sz.to_le_bytes());
+    o[11..15].copy_from_slice(&h.local_rcv_sz.to_le_bytes());
+    o[15..17].copy_from_slice(&h.local_port.to_le_bytes());
+    Some(o)
+}
+
+/// The client's TCP port and the full Hello rebuilt with the connection's addresses; `None`
+/// for a malformed record (the engine validates the fields).
+pub fn expand(
+    c: &[u8],
+    src: IpAddr,
+    dst: IpAddr,
+) -> Option<(u16, [u8; sdp_proto::wire::HELLO_LEN])> {
+    if c.len() != COMPACT_LEN {
+        return None;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([c[o], c[o + 1]]);
+    let u32_at = |o: usize| u32::from_le_bytes(c[o..o + 4].try_into().expect("4 bytes"));
+    let h = HelloRepr {
+        bufs: u16_at(2),
+        version: Version(c[4]),
+        cap: c[5],
+        max_adverts: c[6],
+        des_rem_rcv_sz: u32_at(7),
+        local_rcv_sz: u32_at(11),
+        local_port: u16_at(15),
+        addrs: ip_addrs(src, dst),
+        ext_max_adverts: 0,
+    };
+    Some((u16_at(0), h.to_bytes()))
+}
+
+/// Bytes of the REP hello: Bufs u16 | version u8 | ipv_cap u8 | max_adverts u8 |
+/// act_rcv_sz u32 (LE). A HelloAck is 196 bytes, the whole REP; ours carries a header too.
+pub const COMPACT_ACK_LEN: usize = 9;
+
+/// The engine's HelloAck in compact form.
+pub fn compact_ack(ack: &[u8]) -> Option<[u8; COMPACT_ACK_LEN]> {
+    let h = HelloAckRepr::parse_bytes(ack).ok()?;
+    let mut o = [0u8; COMPACT_ACK_LEN];
+    o[0..2].copy_from_slice(&h.bufs.to_le_bytes());
+    o[2] = h.version.0;
+    o[3] = h.ipv_cap;
+    o[4] = h.max_adverts;
+    o[5..9].copy_from_slice(&h.act_rcv_sz.to_le_bytes());
+    Some(o)
+}
+
+/// The full HelloAck from its compact form (the engine validates the fields).
+pub fn expand_ack(c: &[u8]) -> Option<[u8; sdp_proto::wire::HELLO_ACK_LEN]> {
+    if c.len() != COMPACT_ACK_LEN {
+        return None;
+    }
+    Some(
+        HelloAckRepr {
+            bufs: u16::from_le_bytes([c[0], c[1]]),
+            version: Version(c[2]),
+            ipv_cap: c[3],
+            max_adverts: c[4],
+            act_rcv_sz: u32::from_le_bytes(c[5..9].try_into().expect("4 bytes")),
+        }
+        .to_bytes(),
+    )
+}
+
+fn ip_addrs(src: IpAddr, dst: IpAddr) -> IpAddrs {
+    let v6 = |a: IpAddr| match a {
+        IpAddr::V6(v) => v,
+        IpAddr::V4(v) => v.to_ipv6_mapped(),
+    };
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => IpAddrs::V4 { src: s, dst: d },
+        (s, d) => IpAddrs::V6 {
+            src: v6(s),
+            dst: v6(d),
+        },
+    }
+}
+
+fn canon(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v) => v.to_ipv4_mapped().map_or(IpAddr::V6(v), IpAddr::V4),
+        v => v,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server side: listeners and their requests.
+
+struct Waiting {
+    at: Instant,
+    peer_ip: IpAddr,
+    tcp_port: u16,
+    /// The rdma_cm listener's port (the TCP listener's).
+    port: u16,
+    req: Request,
+}
+
+static REQUESTS: Mutex<Vec<Waiting>> = Mutex::new(Vec::new());
+
+struct ListenTask {
+    /// The process that made the listener: only it takes requests (a forked acceptor sees
+    /// plain TCP, and its rdma client falls back after the pending timeout).
+    owner: i32,
+    /// The lock also serializes drains (the progress thread and `accept` inline).
+    listener: Mutex<Listener>,
+    port: u16,
+}
+
+impl ListenTask {
+    fn drain(&self) {
+        let listener = self.listener.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let req = match listener.try_request() {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    sdp_log!(log::WARN, "rdma_cm request refused: {e}");
+                    continue;
+                }
+            };
+            let (Some(peer), Some(tcp_port)) = (
+                req.peer_addr(),
+                (req.hello().len() == COMPACT_LEN)
+                    .then(|| u16::from_le_bytes([req.hello()[0], req.hello()[1]])),
+            ) else {
+                continue; // dropped: rejected
+            };
+            let mut g = REQUESTS.lock().unwrap_or_else(|p| p.into_inner());
+            let ip = canon(peer.ip());
+            // An older request for the same client socket is stale (its client gave up).
+            g.retain(|w| {
+                w.at.elapsed() < REQUEST_TTL && !(w.peer_ip == ip && w.tcp_port == tcp_port)
+            });
+            g.push(Waiting {
+                at: Instant::now(),
+                peer_ip: ip,
+                tcp_port,
+                port: self.port,
+                req,
+            });
+        }
+    }
+}
+
+impl Task for ListenTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        self.drain();
+    }
+}
+
+/// Per listening fd: the progress registration and the task.
+type Listeners = HashMap<i32, (u64, Arc<ListenTask>)>;
+
+static LISTENERS: Mutex<Option<Listeners>> = Mutex::new(None);
+static ANY_LISTENER: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process made an rdma_cm listener (one load: `accept` asks first).
+#[inline]
+pub fn listening() -> bool {
+    ANY_LISTENER.load(Ordering::Acquire)
+}
+
+/// `listen` with a server decision other than `tcp` on a host with RDMA: the rdma_cm listener.
+pub fn on_listen(fd: i32, addr: SocketAddr) {
+    if !enabled() {
+        return;
+    }
+    let listener = match Listener::bind(addr, 128) {
+        Ok(l) => l,
+        Err(e) => {
+            sdp_log!(
+                log::DECISION,
+                "listen fd {fd} {addr}: no rdma_cm listener: {e}"
+            );
+            return;
+        }
+    };
+    let lfd = listener.fd();
+    let task = Arc::new(ListenTask {
+        listener: Mutex::new(listener),
+        owner: ib_verbs::sys::getpid(),
+        port: addr.port(),
+    });
+    if let Some(token) = progress::register(lfd, libc::EPOLLIN as u32, task.clone()) {
+        LISTENERS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(HashMap::new)
+            .insert(fd, (token, task));
+        ANY_LISTENER.store(true, Ordering::Release);
+        sdp_log!(log::DECISION, "listen fd {fd} {addr}: rdma_cm listener");
+    }
+}
+
+/// The listening fd is closed: its rdma_cm listener goes with it.
+pub fn on_listener_close(fd: i32) {
+    if !ANY_LISTENER.load(Ordering::Acquire) {
+        return;
+    }
+    let t = LISTENERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_mut()
+        .and_then(|m| m.remove(&fd));
+    if let Some((token, _)) = t {
+        progress::unregister(token);
+    }
+}
+
+fn take_request(peer: SocketAddr, port: u16) -> Option<Waiting> {
+    let mut g = REQUESTS.lock().unwrap_or_else(|p| p.into_inner());
+    g.retain(|w| w.at.elapsed() < REQUEST_TTL);
+    let ip = canon(peer.ip());
+    let i = g
+        .iter()
+        .rposition(|w| w.peer_ip == ip && w.tcp_port == peer.port() && w.port == port)?;
+    Some(g.swap_remove(i))
+}
+
+fn drain_listeners_inline() {
+    let tasks: Vec<Arc<ListenTask>> = LISTENERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .as_ref()
+        .map(|m| {
+            m.values()
+                .filter(|(_, t)| t.owner == ib_verbs::sys::getpid())
+                .map(|(_, t)| Arc::clone(t))
+                .collect()
+        })
+        .unwrap_or_default();
+    for t in tasks {
+        t.drain();
+    }
+}
+
+/// `accept` of a connection from another host: `None` when no rdma_cm request matches it
+/// (the caller goes on as before), else the outcome of the rdma setup.
+pub fn accept(
+    fd: i32,
+    flags: i32,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> Option<Result<(), Reason>> {
+    if !ANY_LISTENER.load(Ordering::Acquire) {
+        return None;
+    }
+    // The client sends its REQ before its TCP SYN, but the two travel apart: look again
+    // briefly before concluding that this is a plain client.
+    let deadline = Instant::now() + Duration::from_millis(50);
+    let w = loop {
+        drain_listeners_inline();
+        if let Some(w) = take_request(peer, local.port()) {
+            break w;
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    Some(server_setup(fd, flags, local, peer, w.req))
+}
+
+fn server_setup(
+    fd: i32,
+    flags: i32,
+    local: SocketAddr,
+    peer: SocketAddr,
+    req: Request,
+) -> Result<(), Reason> {
+    let (_, hello) = expand(req.hello(), peer.ip(), local.ip()).ok_or(Reason::SetupFailed)?;
+    let mut engine = sdp_proto::Connection::accept(sdp::config(), now(), &hello)
+        .map_err(|_| Reason::SetupFailed)?;
+    let mut posts = 0u32;
+    while let Some(p) = engine.poll_post_recv() {
+        posts += p.count;
+    }
+    let ack = compact_ack(&engine.hello_ack()).ok_or(Reason::SetupFailed)?;
+    let rc = req
+        .accept(options(), posts, &ack, setup::EXCHANGE_TIMEOUT)
+        .map_err(|e| {
+            sdp_log!(log::WARN, "rdma_cm accept from {peer} failed: {e}");
+            Reason::SetupFailed
+        })?;
+    let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
+    let shadow = setup::swap_in(
+        fd,
+        app,
+        flags & libc::SOCK_NONBLOCK != 0,
+        flags & libc::SOCK_CLOEXEC != 0,
+    )
+    .map_err(|_| {
+        sys::close(app);
+        sys::close(bell);
+        Reason::Exhausted
+    })?;
+    let s = SdpRdma::new(engine, rc);
+    let flag = Arc::clone(&s.notified);
+    let nfd = s.conn.notify_fd();
+    let row = Row::claim(fd, Transport::Rdma, 2);
+    if let Some(r) = &row {
+        r.set_addrs(Some(local), Some(peer));
+    }
+    let conn = Conn::new(Inner::new(
+        Phase::Offloaded(Box::new(s)),
+        shadow,
+        app,
+        bell,
+        fd,
+        Some(local),
+        Some(peer),
+        row,
+        2,
+    ));
+    bind_fd(fd, &conn);
+    let stray = setup::watch_stray(&conn, bell);
+    let watch = watch_notify(&conn, nfd, flag);
+    let mut g = conn.lock();
+    g.stray = stray;
+    g.watch = watch;
+    g.sync();
+    sdp_log!(
+        log::DECISION,
+        "accept fd {fd} from {peer} on {local}: SDP over rdma"
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side.
+
+/// `connect` to an address of another host: the rdma_cm REQ, then the pending phase as for
+/// shm. An error is the fallback reason.
+pub fn try_connect(fd: i32, dst: SocketAddr) -> Result<CResult, Reason> {
+    let mut cm = Connecting::resolve(dst, RESOLVE_TIMEOUT).map_err(|e| {
+        sdp_log!(log::DECISION, "connect to {dst}: no rdma route: {e}");
+        Reason::NoDevice
+    })?;
+    let src = cm.local_addr().ok_or(Reason::NoDevice)?;
+    // The TCP socket leaves from the address rdma_cm chose, so that the server can match the
+    // request with the accepted connection by (address, port).
+    let mut local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
+    if local.port() == 0 {
+        let want = match (dst, local) {
+            (SocketAddr::V4(_), SocketAddr::V6(_)) => SocketAddr::new(
+                IpAddr::V6(match src.ip() {
+                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                    IpAddr::V6(v6) => v6,
+                }),
+                0,
+            ),
+            _ => SocketAddr::new(src.ip(), 0),
+        };
+        setup::raw_bind(fd, &want).map_err(|_| Reason::Exhausted)?;
+        local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
+    }
+    let client = if local.ip().is_unspecified() {
+        SocketAddr::new(src.ip(), local.port())
+    } else {
+        SocketAddr::new(canon(local.ip()), local.port())
+    };
+    let mut engine = sdp_proto::Connection::connect(
+        sdp::config(),
+        now(),
+        ip_addrs(client.ip(), dst.ip()),
+        client.port(),
+    );
+    let mut posts = 0u32;
+    while let Some(p) = engine.poll_post_recv() {
+        posts += p.count;
+    }
+    let hello = engine.hello();
+    let compact = compact(&hello, client.port()).ok_or(Reason::SetupFailed)?;
+    cm.request(options(), posts, &compact).map_err(|e| {
+        sdp_log!(log::WARN, "connect to {dst}: rdma_cm REQ failed: {e}");
+        Reason::SetupFailed
+    })?;
+    let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
+    let nonblock = setup::fcntl(fd, libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
+    let cloexec = setup::fcntl(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0;
+    let shadow = match setup::swap_in(fd, app, nonblock, cloexec) {
+        Ok(s) => s,
+        Err(_) => {
+            sys::close(app);
+            sys::close(bell);
+            return Err(Reason::Exhausted);
+        }
+    };
+    let row = Row::claim(fd, Transport::Rdma, 1);
+    if let Some(r) = &row {
+        r.set_addrs(Some(client), Some(dst));
+    }
+    let conn = Conn::new(Inner::new(
+        Phase::Pending {
+            sendbuf: Vec::new(),
+            shut_wr: false,
+        },
+        shadow,
+        app,
+        bell,
+        fd,
+        Some(client),
+        Some(dst),
+        row,
+        1,
+    ));
+    bind_fd(fd, &conn);
+    let stray = setup::watch_stray(&conn, bell);
+    conn.lock().stray = stray;
+    let cfd = cm.fd();
+    let task = Arc::new(ConnectTask {
+        setup: Mutex::new(Some((cm, engine))),
+        conn: Arc::downgrade(&conn),
+        token: Mutex::new(None),
+    });
+    let token = progress::register(cfd, libc::EPOLLIN as u32, task.clone());
+    *task.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+    conn.lock().endpoint = token;
+
+    let result = setup::raw_connect(shadow, &dst);
+    if matches!(result, Ok(()) | Err(libc::EINPROGRESS)) {
+        let pending_watch = setup::watch_pending(&conn, shadow);
+        let mut g = conn.lock();
+        if matches!(g.phase, Phase::Pending { .. }) {
+            g.pending_watch = pending_watch;
+        } else {
+            for t in pending_watch {
+                progress::unregister(t);
+            }
+        }
+    }
+    match result {
+        Ok(()) => Ok(Ok(0)),
+        Err(libc::EINPROGRESS) => {
+            conn.lock().connect_in_progress = true;
+            Ok(Err(libc::EINPROGRESS))
+        }
+        Err(e) => {
+            task.done();
+            log::connect_failed(fd, dst, e);
+            setup::swap_back(&conn);
+            Ok(Err(e))
+        }
+    }
+}
+
+/// The client's rdma_cm channel: the REP (the server accepted), or a REJECT / error.
+struct ConnectTask {
+    setup: Mutex<Option<(Connecting, sdp_proto::Connection)>>,
+    conn: Weak<Conn>,
+    token: Mutex<Option<u64>>,
+}
+
+impl ConnectTask {
+    fn done(&self) {
+        if let Some(t) = self.token.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            progress::unregister(t);
+        }
+    }
+}
+
+impl Task for ConnectTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        let Some(conn) = self.conn.upgrade() else {
+            self.done();
+            return;
+        };
+        let mut slot = self.setup.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((cm, _)) = slot.as_mut() else {
+            return;
+        };
+        let polled = cm.poll();
+        if let Ok(false) = polled {
+            return;
+        }
+        let Some((cm, mut engine)) = slot.take() else {
+            return;
+        };
+        drop(slot);
+        self.done();
+        // INVARIANT: as for shm, only a still-pending connection completes the setup, under
+        // its lock (a fork or a fallback never sees it half done).
+        let mut g = conn.lock();
+        if !matches!(g.phase, Phase::Pending { .. }) {
+            return; // dropping `cm` abandons the setup
+        }
+        g.endpoint = None;
+        let result = polled
+            .and_then(|_| cm.finish())
+            .map_err(|e| (e.to_string(), Reason::NoBeacon))
+            .and_then(|(rc, ack)| {
+                let ack = expand_ack(&ack)
+                    .ok_or_else(|| ("malformed HelloAck".to_string(), Reason::SetupFailed))?;
+                engine
+                    .handle_hello_ack(now(), &ack)
+                    .map_err(|e| (format!("{e:?}"), Reason::SetupFailed))?;
+                Ok(rc)
+            });
+        match result {
+            Ok(rc) => become_offloaded(&conn, &mut g, SdpRdma::new(engine, rc)),
+            Err((e, reason)) => {
+                sdp_log!(
+                    log::DECISION,
+                    "rdma setup to {:?} ended ({e}); connection continues over TCP",
+                    g.peer
+                );
+                setup::swap_back_because(&mut g, reason);
+            }
+        }
+    }
+}
+
+/// Pending → offloaded over rdma: the bytes the application already sent go first.
+fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpRdma) {
+    let flag = Arc::clone(&s.notified);
+    let nfd = s.conn.notify_fd();
+    let (buf, shut) = match std::mem::replace(&mut g.phase, Phase::Tcp) {
+        Phase::Pending { sendbuf, shut_wr } => (sendbuf, shut_wr),
+        other => {
+            g.phase = other;
+            return;
+        }
+    };
+    let mut stream: Box<dyn OffloadStream> = Box::new(s);
+    let mut off = 0;
+    while off < buf.len() {
+        match stream.send(&[&buf[off..]], false) {
+            Ok(n) if n > 0 => off += n,
+            _ => break,
+        }
+    }
+    if off < buf.len() {
+        g.side_buf.extend_from_slice(&buf[off..]);
+    }
+    g.clear_pending_watch();
+    if shut {
+        stream.shutdown_write();
+    }
+    if g.every_arrival {
+        stream.set_every_arrival(true);
+    }
+    g.phase = Phase::Offloaded(stream);
+    g.watch = watch_notify(conn, nfd, flag);
+    g.sync();
+    log::resolved(g, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Readiness: the progress thread services the notify fd.
+
+struct NotifyTask {
+    conn: Weak<Conn>,
+    flag: Arc<AtomicBool>,
+}
+
+impl Task for NotifyTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        let Some(conn) = self.conn.upgrade() else {
+            return;
+        };
+        let mut g = conn.lock();
+        self.flag.store(true, Ordering::Release);
+        let before = match &g.phase {
+            Phase::Offloaded(s) if s.is_current() => s.counters().msgs_rx,
+            _ => return,
+        };
+        g.sync();
+        let (after, dead) = match &g.phase {
+            Phase::Offloaded(s) => (s.counters().msgs_rx, s.error().is_some()),
+            _ => return,
+        };
+        if after > before && g.every_arrival && g.bytes_in {
+            // LINUX: edge-triggered epoll reports every arrival: one more byte, one more edge.
+            super::raw_send(g.own_bell, &[1], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+        }
+        if dead && let Some(t) = g.watch.take() {
+            // A dead QP's channel may stay readable: stop watching it.
+            progress::unregister(t);
+        }
+    }
+}
+
+fn watch_notify(conn: &Arc<Conn>, nfd: i32, flag: Arc<AtomicBool>) -> Option<u64> {
+    progress::register(
+        nfd,
+        libc::EPOLLIN as u32,
+        Arc::new(NotifyTask {
+            conn: Arc::downgrade(conn),
+            flag,
+        }),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stream.
+
+/// SDP over an RC queue pair: `sdp-proto`'s engine joined to an [`RdmaConn`]. The same glue
+/// as `SdpShm` minus what only shared memory has (bells the peer rings, ring ownership).
+pub struct SdpRdma {
+    engine: sdp_proto::Connection,
+    /// Not dropped in a process other than its owner (see [`Drop`]).
+    conn: ManuallyDrop<RdmaConn>,
+    owner: i32,
+    /// The progress thread saw the notify fd readable: acknowledge it at the next progress.
+    notified: Arc<AtomicBool>,
+    txbuf: Vec<u8>,
+    rxbuf: Vec<u8>,
+    cq: Vec<Completion>,
+    next_wr: u64,
+    peer_gone: bool,
+    dead: Option<Errno>,
+    urgent: bool,
+    every_arrival: bool,
+    /// Lengths of the SENDs posted and not completed, oldest first (completions come in
+    /// posting order), and their sum: bytes that die with the QP if it is destroyed now.
+    inflight: std::collections::VecDeque<u32>,
+    inflight_bytes: usize,
+}
+
+impl SdpRdma {
+    pub fn new(engine: sdp_proto::Connection, conn: RdmaConn) -> SdpRdma {
+        let attrs = conn.attrs();
+        let mut s = SdpRdma {
+            engine,
+            txbuf: vec![0; attrs.send_buf_size.max(64) as usize],
+            rxbuf: vec![0; attrs.recv_buf_size.max(64) as usize],
+            conn: ManuallyDrop::new(conn),
+            owner: ib_verbs::sys::getpid(),
+            notified: Arc::new(AtomicBool::new(false)),
+            cq: vec![
+                Completion {
+                    wr_id: 0,
+                    opcode: Opcode::Send,
+                    status: Ok(()),
+                    byte_len: 0,
+                    buf_index: 0
+                };
+                32
+            ],
+            next_wr: 1 << 32,
+            peer_gone: false,
+            dead: None,
+            urgent: false,
+            every_arrival: false,
+            inflight: std::collections::VecDeque::new(),
+            inflight_bytes: 0,
+        };
+        if s.engine.role() == sdp_proto::Role::Passive {
+            // rdma_cm's ESTABLISHED came before the connection was handed over.
+            let _ = s.engine.handle_established(now());
+        }
+        s.drain_outputs();
+        s
+    }
+
+    fn mine(&self) -> bool {
+        ib_verbs::sys::getpid() == self.owner
+    }
+
+    /// A process forked from the owner touched the connection: EIO, never the owner's QP.
+    fn check_owner(&mut self) -> bool {
+        if self.mine() {
+            return true;
+        }
+        if self.dead.is_none() {
+            sdp_log!(
+                log::ERROR,
+                "an SDP connection over rdma was used by a process forked from its owner: its queue pair belongs to the owner; it fails here with EIO"
+            );
+            self.dead = Some(libc::EIO);
+        }
+        false
+    }
+
+    fn wr(&mut self) -> u64 {
+        self.next_wr += 1;
+        self.next_wr
+    }
+
+    fn transport_died(&mut self, e: ConnError) {
+        let t = now();
+        match e {
+            ConnError::PeerClosed | ConnError::PeerAborted => {
+                self.peer_gone = true;
+                let _ = self.engine.handle_cm_disconnected(t);
+            }
+            _ => {
+                sdp_log!(log::WARN, "rdma transport failed: {e}");
+                self.dead.get_or_insert(libc::ECONNRESET);
+                let _ = self
+                    .engine
+                    .handle_transport_error(t, sdp_proto::error::TransportFailure::Fatal);
+            }
+        }
+    }
+
+    fn poll_completions(&mut self) {
+        if self.notified.swap(false, Ordering::AcqRel)
+            && let Err(e) = self.conn.ack_notify()
+        {
+            self.transport_died(e);
+        }
+        loop {
+            let n = match self.conn.poll_cq(&mut self.cq) {
+                Ok(n) => n,
+                Err(e) => {
+                    if !self.peer_gone || !matches!(e, ConnError::PeerClosed) {
+                        self.transport_died(e);
+                    }
+                    return;
+                }
+            };
+            if n == 0 {
+                return;
+            }
+            let t = now();
+            let mut sends = 0;
+            for i in 0..n {
+                let c = self.cq[i];
+                match c.opcode {
+                    Opcode::Recv if c.status.is_ok() => {
+                        let len = (c.byte_len as usize).min(self.rxbuf.len());
+                        match self.conn.recv_data(&c, 0, &mut self.rxbuf[..len]) {
+                            Ok(got) => {
+                                if let Err(sdp_proto::error::HandleError::Fatal(e)) =
+                                    self.engine.handle_message(t, &self.rxbuf[..got])
+                                {
+                                    sdp_log!(log::WARN, "SDP connection ended: {e}");
+                                }
+                            }
+                            Err(_) => self.dead = Some(libc::ECONNRESET),
+                        }
+                    }
+                    Opcode::Send => {
+                        sends += 1;
+                        if let Some(l) = self.inflight.pop_front() {
+                            self.inflight_bytes -= l as usize;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if sends > 0 {
+                let _ = self.engine.handle_send_complete(t, sends);
+            }
+        }
+    }
+
+    fn drain_outputs(&mut self) {
+        let t = now();
+        while let Some(p) = self.engine.poll_post_recv() {
+            for _ in 0..p.count {
+                let wr = self.wr();
+                if self.conn.post_recv(wr).is_err() {
+                    break;
+                }
+            }
+        }
+        while let Some(tx) = self.engine.poll_transmit(t, &mut self.txbuf) {
+            let wr = self.wr();
+            let posted = self.conn.post_send(wr, &[&self.txbuf[..tx.len]]);
+            if posted.is_ok() {
+                self.inflight.push_back(tx.len as u32);
+                self.inflight_bytes += tx.len;
+            }
+            if let Err(e) = posted {
+                sdp_log!(log::WARN, "post_send failed: {e}");
+                if let ib_verbs::PostError::Dead(d) = e {
+                    self.transport_died(d);
+                }
+                break;
+            }
+        }
+        while let Some(ev) = self.engine.poll_event() {
+            match ev {
+                // rdma_cm's DREQ goes when the connection is dropped (the last close); the
+                // engine's teardown needs no more from the transport here.
+                Event::Disconnect { .. } => {
+                    let _ = self.engine.handle_cm_disconnected(t);
+                }
+                Event::UrgentPending => self.urgent = true,
+                Event::RdmaRead(r) => {
+                    let _ = self.engine.handle_rdma_read_complete(
+                        t,
+                        r.id,
+                        Err(sdp_proto::conn::RdmaReadFailure::Unsupported),
+                    );
+                }
+                _ => {}
+            }
+        }
+        if let Some(deadline) = self.engine.poll_timeout()
+            && deadline <= t
+        {
+            self.engine.handle_timeout(t);
+        }
+    }
+
+    fn conn_errno(&self, e: &sdp_proto::ConnectionError) -> Errno {
+        if self.peer_gone {
+            return libc::EPIPE;
+        }
+        errno_of(e.io_kind())
+    }
+}
+
+impl Drop for SdpRdma {
+    fn drop(&mut self) {
+        if self.mine() {
+            // SAFETY: dropped once, here, in the process that created the verbs objects.
+            unsafe { ManuallyDrop::drop(&mut self.conn) };
+        }
+        // Elsewhere (a fork child) the QP, CQ and rdma_cm id are the owner's: leak our copy.
+    }
+}
+
+impl OffloadStream for SdpRdma {
+    fn transport(&self) -> Transport {
+        Transport::Rdma
+    }
+
+    fn progress(&mut self) {
+        if !self.check_owner() {
+            return;
+        }
+        self.poll_completions();
+        self.drain_outputs();
+        if self.every_arrival {
+            // Every arrival must reach the progress thread (see `NotifyTask`).
+            while matches!(self.conn.arm(), Ok(false)) {
+                self.poll_completions();
+                self.drain_outputs();
+            }
+        }
+    }
+
+    fn send(&mut self, data: &[&[u8]], oob: bool) -> Result<usize, Errno> {
+        if !self.check_owner() {
+            return Err(libc::EIO);
+        }
+        if let Some(e) = self.dead {
+            return Err(e);
+        }
+        let t = now();
+        let mut n = 0;
+        for (i, b) in data.iter().enumerate() {
+            let last = i + 1 == data.len();
+            let r = if oob && last {
+                self.engine.send_urgent(t, b)
+            } else {
+                self.engine.send(t, b)
+            };
+            match r {
+                Ok(k) => {
+                    n += k;
+                    if k < b.len() {
+                        break;
+                    }
+                }
+                Err(SendError::WouldBlock) => break,
+                Err(_) if n > 0 => break,
+                Err(SendError::NotConnected) => return Err(libc::ENOTCONN),
+                Err(SendError::Shutdown) => return Err(libc::EPIPE),
+                Err(SendError::Closed(e)) => return Err(self.conn_errno(&e)),
+            }
+        }
+        self.drain_outputs();
+        if n == 0 && data.iter().any(|b| !b.is_empty()) {
+            return Err(libc::EAGAIN);
+        }
+        Ok(n)
+    }
+
+    fn recv(&mut self, out: &mut [&mut [u8]], peek: bool) -> Result<usize, Errno> {
+        if !self.check_owner() {
+            return Err(libc::EIO);
+        }
+        let t = now();
+        let mut n = 0;
+        let mut first_err = None;
+        for b in out.iter_mut() {
+            if b.is_empty() {
+                continue;
+            }
+            match self.engine.recv(t, b, peek) {
+                Ok(0) => break,
+                Ok(k) => {
+                    n += k;
+                    if peek || k < b.len() {
+                        break;
+                    }
+                }
+                Err(RecvError::WouldBlock) => {
+                    first_err = Some(libc::EAGAIN);
+                    break;
+                }
+                Err(RecvError::NotConnected) => {
+                    first_err = Some(libc::ENOTCONN);
+                    break;
+                }
+                Err(RecvError::Closed(e)) => {
+                    first_err = Some(if self.peer_gone {
+                        0
+                    } else {
+                        self.conn_errno(&e)
+                    });
+                    break;
+                }
+            }
+        }
+        if n > 0 {
+            self.drain_outputs();
+            return Ok(n);
+        }
+        if let Some(e) = self.dead {
+            return Err(e);
+        }
+        match first_err {
+            None | Some(0) => Ok(0),
+            Some(e) => Err(e),
+        }
+    }
+
+    fn recv_oob(&mut self, peek: bool) -> Result<u8, Errno> {
+        if !self.check_owner() {
+            return Err(libc::EIO);
+        }
+        match self.engine.recv_urgent(now(), peek) {
+            Ok(b) => Ok(b),
+            Err(UrgentError::Invalid) => Err(libc::EINVAL),
+            Err(UrgentError::WouldBlock) => Err(libc::EAGAIN),
+            Err(UrgentError::Closed(e)) => Err(self.conn_errno(&e)),
+        }
+    }
+
+    fn has_work(&mut self) -> bool {
+        self.mine() && (self.notified.load(Ordering::Acquire) || self.conn.has_work())
+    }
+
+    fn recv_ready(&self) -> bool {
+        let r = self.engine.readiness();
+        r.readable || r.error || self.dead.is_some() || self.peer_gone
+    }
+
+    fn read_closed(&self) -> bool {
+        let r = self.engine.readiness();
+        r.read_closed || r.error || self.dead.is_some() || self.peer_gone
+    }
+
+    fn send_ready(&self) -> bool {
+        let r = self.engine.readiness();
+        r.writable || r.error || self.dead.is_some() || self.peer_gone
+    }
+
+    fn recv_queued(&self) -> usize {
+        self.engine.recv_available()
+    }
+
+    fn send_queued(&self) -> usize {
+        // Posted SENDs count until their completion (the peer's adapter acknowledged them):
+        // a close that drops the QP before that loses them, so close lingers while they fly.
+        if self.dead.is_some() || self.peer_gone {
+            return self.engine.send_queued();
+        }
+        self.engine.send_queued() + self.inflight_bytes
+    }
+
+    fn urgent_ready(&self) -> bool {
+        self.engine.readiness().urgent
+    }
+
+    fn at_mark(&self) -> bool {
+        self.engine.at_mark()
+    }
+
+    fn shutdown_write(&mut self) {
+        if !self.check_owner() {
+            return;
+        }
+        let _ = self
+            .engine
+            .shutdown(now(), sdp_proto::conn::Shutdown::Write);
+        self.drain_outputs();
+    }
+
+    fn abort(&mut self) {
+        if !self.check_owner() {
+            return;
+        }
+        self.engine.abort(now());
+        self.drain_outputs();
+    }
+
+    fn unread(&mut self) -> bool {
+        self.progress();
+        self.engine.recv_available() > 0
+    }
+
+    fn peer_gone(&mut self) {
+        if !self.peer_gone {
+            self.poll_completions();
+            self.peer_gone = true;
+            let _ = self.engine.handle_cm_disconnected(now());
+        }
+    }
+
+    fn error(&self) -> Option<Errno> {
+        if let Some(e) = self.dead {
+            return Some(e);
+        }
+        self.engine.error().map(|e| self.conn_errno(&e))
+    }
+
+    fn arm_recv(&mut self) -> bool {
+        !self.mine() || matches!(self.conn.arm(), Ok(true))
+    }
+
+    fn disarm_recv(&mut self) -> bool {
+        // Only we ring our bell (`Inner::self_ring`, recorded in `Inner::bytes_in`): no peer
+        // byte can be on its way.
+        false
+    }
+
+    fn arm_send(&mut self) -> bool {
+        // Credits come in messages: the same completion event wakes the progress thread.
+        !self.mine() || matches!(self.conn.arm(), Ok(true))
+    }
+
+    fn counters(&self) -> Counters {
+        let s = self.engine.stats();
+        Counters {
+            bytes_tx: s.bytes_sent + s.zcopy_bytes_sent,
+            bytes_rx: s.bytes_received,
+            msgs_tx: s.messages_sent,
+            msgs_rx: s.messages_received,
+            credits_tx: self.engine.tx_credits() as u64,
+            posted_rx: self.engine.posted_recv_buffers() as u64,
+            zcopy_tx: s.zcopy_bytes_sent,
+            zcopy_rx: s.zcopy_bytes_received,
+        }
+    }
+
+    fn is_current(&self) -> bool {
+        self.mine()
+    }
+
+    fn set_every_arrival(&mut self, on: bool) {
+        self.every_arrival = on;
+    }
+
+    fn owner_generation(&self) -> u64 {
+        self.owner as u64
+    }
+
+    fn take_urgent(&mut self) -> bool {
+        std::mem::take(&mut self.urgent)
+    }
+
+    fn fds(&self) -> Vec<i32> {
+        vec![self.conn.notify_fd()]
+    }
+
+    fn flush(&mut self, budget: Duration) {
+        let end = Instant::now() + budget;
+        while self.mine()
+            && self.send_queued() > 0
+            && self.dead.is_none()
+            && !self.peer_gone
+            && Instant::now() < end
+        {
+            self.progress();
+            if self.send_queued() == 0 {
+                break;
+            }
+            let _ = self
+                .conn
+                .wait(Duration::from_micros(50), Some(Duration::from_millis(10)));
+            self.notified.store(true, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_hello_round_trips_and_fits_a_req() {
+        const { assert!(COMPACT_LEN <= ib_verbs::rdma::cm::MAX_REQ_HELLO) };
+        let src: IpAddr = "192.168.77.1".parse().unwrap();
+        let dst: IpAddr = "192.168.77.2".parse().unwrap();
+        let mut e = sdp_proto::Connection::connect(sdp::config(), now(), ip_addrs(src, dst), 40000);
+        while e.poll_post_recv().is_some() {}
+        let hello = e.hello();
+        let c = compact(&hello, 40001).expect("engine hello parses");
+        let (port, full) = expand(&c, src, dst).expect("expands");
+        assert_eq!(port, 40001);
+        assert_eq!(
+            full[..],
+            hello[..],
+            "the server sees the client's Hello exactly"
+        );
+        assert!(sdp_proto::Connection::accept(sdp::config(), now(), &full).is_ok());
+        assert!(expand(&c[..COMPACT_LEN - 1], src, dst).is_none(), "short");
+        let mut bad = c;
+        bad[6] = 0; // max_adverts 0: the engine refuses it
+        let (_, h) = expand(&bad, src, dst).unwrap();
+        assert!(sdp_proto::Connection::accept(sdp::config(), now(), &h).is_err());
+    }
+
+    #[test]
+    fn compact_hello_ack_round_trips_and_fits_a_rep() {
+        const { assert!(COMPACT_ACK_LEN <= ib_verbs::rdma::cm::MAX_REP_HELLO) };
+        let src: IpAddr = "192.168.77.1".parse().unwrap();
+        let dst: IpAddr = "192.168.77.2".parse().unwrap();
+        let mut a = sdp_proto::Connection::connect(sdp::config(), now(), ip_addrs(src, dst), 1);
+        while a.poll_post_recv().is_some() {}
+        let mut p = sdp_proto::Connection::accept(sdp::config(), now(), &a.hello()).unwrap();
+        while p.poll_post_recv().is_some() {}
+        let ack = p.hello_ack();
+        let c = compact_ack(&ack).expect("engine HelloAck parses");
+        let full = expand_ack(&c).expect("expands");
+        assert_eq!(
+            full[..],
+            ack[..],
+            "the client sees the server's HelloAck exactly"
+        );
+        assert!(a.handle_hello_ack(now(), &full).is_ok());
+        assert!(expand_ack(&c[1..]).is_none(), "short");
+    }
+
+    #[test]
+    fn the_gate_is_closed_without_a_device() {
+        // This host has no RDMA device: nothing here may run (CI and the development host).
+        if std::fs::read_dir("/sys/class/infiniband").map_or(true, |mut d| d.next().is_none()) {
+            assert!(!enabled());
+        }
+    }
+}
