@@ -435,6 +435,27 @@ fn json_string(s: &str) -> Option<(String, &str)> {
     None
 }
 
+/// `rows`, one line each, for failure messages.
+pub fn show_rows(rows: &[StatRow]) -> String {
+    rows.iter()
+        .map(|r| {
+            format!(
+                "  pid {} {} fd {} {} {} reason {} {} -> {} tx {} rx {}\n",
+                r.pid,
+                r.program,
+                r.fd,
+                r.role,
+                r.transport,
+                r.fallback_reason,
+                r.local,
+                r.remote,
+                r.bytes_tx,
+                r.bytes_rx
+            )
+        })
+        .collect()
+}
+
 /// Every row `sdp stat --json` reports now.
 pub fn sdp_stat() -> Vec<StatRow> {
     let o = Command::new(sdp_tool())

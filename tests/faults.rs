@@ -154,30 +154,10 @@ impl Drop for Synced {
     }
 }
 
-fn show(rows: &[StatRow]) -> String {
-    rows.iter()
-        .map(|r| {
-            format!(
-                "  pid {} {} fd {} {} {} reason {} {} -> {} tx {} rx {}\n",
-                r.pid,
-                r.program,
-                r.fd,
-                r.role,
-                r.transport,
-                r.fallback_reason,
-                r.local,
-                r.remote,
-                r.bytes_tx,
-                r.bytes_rx
-            )
-        })
-        .collect()
-}
-
 /// SDP carried the bytes: at least `conns` connection rows, all on `shm`, with bytes.
 fn assert_offloaded(what: &str, rows: &[StatRow], conns: usize) {
     let c: Vec<&StatRow> = rows.iter().filter(|r| r.is_connection()).collect();
-    let all = show(rows);
+    let all = libsdp_suite::show_rows(rows);
     assert!(
         c.len() >= conns,
         "{what}: sdp stat shows {} connections, want at least {conns}:\n{all}",
@@ -501,13 +481,13 @@ fn shm_or_reason(what: &str, rows: &[StatRow], at_least: usize) -> (usize, usize
         c.len() >= at_least,
         "{what}: {} connections in sdp stat, want {at_least}:\n{}",
         c.len(),
-        show(rows)
+        libsdp_suite::show_rows(rows)
     );
     for r in &c {
         assert!(
             r.transport == "shm" || !r.fallback_reason.is_empty() && r.fallback_reason != "-",
             "{what}: a TCP connection without a fallback reason:\n{}",
-            show(rows)
+            libsdp_suite::show_rows(rows)
         );
     }
     let shm = c.iter().filter(|r| r.transport == "shm").count();

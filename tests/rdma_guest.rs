@@ -50,25 +50,6 @@ fn connections(rows: &[StatRow]) -> Vec<&StatRow> {
     rows.iter().filter(|r| r.is_connection()).collect()
 }
 
-fn show(rows: &[StatRow]) -> String {
-    rows.iter()
-        .map(|r| {
-            format!(
-                "  {} fd {} {} {} reason {} {} -> {} tx {} rx {}\n",
-                r.program,
-                r.fd,
-                r.role,
-                r.transport,
-                r.fallback_reason,
-                r.local,
-                r.remote,
-                r.bytes_tx,
-                r.bytes_rx
-            )
-        })
-        .collect()
-}
-
 /// The rows of process group `pgid` once `done` holds (polled), or the last seen at `within`.
 fn rows_when(pgid: u32, within: Duration, done: impl Fn(&[StatRow]) -> bool) -> Vec<StatRow> {
     groups_when(&[pgid], within, done).remove(0)
@@ -165,7 +146,7 @@ fn one_guest_rxe_present_programs_unchanged_local_peer_rides_shm() {
                 assert!(
                     c.len() == 1 && c[0].transport == "shm" && with_bytes(&rows),
                     "{side}: want one shm connection with bytes:\n{}",
-                    show(&rows)
+                    libsdp_suite::show_rows(&rows)
                 );
             }
         }
@@ -178,7 +159,12 @@ fn one_guest_rxe_present_programs_unchanged_local_peer_rides_shm() {
 /// (transport, reason) of the one connection in `rows`; panics on anything else.
 fn the_connection(rows: &[StatRow], side: &str) -> (String, String) {
     let c = connections(rows);
-    assert_eq!(c.len(), 1, "{side}: want one connection:\n{}", show(rows));
+    assert_eq!(
+        c.len(),
+        1,
+        "{side}: want one connection:\n{}",
+        libsdp_suite::show_rows(rows)
+    );
     (c[0].transport.clone(), c[0].fallback_reason.clone())
 }
 
@@ -190,7 +176,7 @@ fn check_remote_end(side: &str, rows: &[StatRow], tcp_reason: &str) -> String {
         ("rdma", "-") => assert!(
             with_bytes(rows),
             "{side}: rdma connection counted no bytes:\n{}",
-            show(rows)
+            libsdp_suite::show_rows(rows)
         ),
         ("tcp", r) if r == tcp_reason && !require_rdma => {}
         _ => panic!(
@@ -200,7 +186,7 @@ fn check_remote_end(side: &str, rows: &[StatRow], tcp_reason: &str) -> String {
             } else {
                 format!(", or tcp with reason {tcp_reason}")
             },
-            show(rows)
+            libsdp_suite::show_rows(rows)
         ),
     }
     println!("RDMA-TEST INFO pair-preload-{side}: transport {transport} reason {reason}");
@@ -236,14 +222,14 @@ fn pair_sockperf_across_guests_works_and_preload_uses_rdma_or_records_why_not() 
         assert!(
             !connections(&seen).is_empty(),
             "vm1's preloaded client never reached the preloaded server:\n{}",
-            show(&seen)
+            libsdp_suite::show_rows(&seen)
         );
         check_remote_end("server", &seen, "plain-client");
         let gone = rows_when(pre.id(), T, |rows| connections(rows).is_empty());
         assert!(
             connections(&gone).is_empty(),
             "the connection did not end:\n{}",
-            show(&gone)
+            libsdp_suite::show_rows(&gone)
         );
         assert!(pre.running() && base.running(), "a server died");
         pre.stop();

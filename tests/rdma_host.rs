@@ -297,29 +297,15 @@ fn sockperf_ping_pong(ns: &Namespace, mode: Mode, addr: &str, want_bytes: bool) 
     }
 }
 
-fn show(rows: &[StatRow]) -> String {
-    rows.iter()
-        .map(|r| {
-            format!(
-                "  {} fd {} {} {} reason {} {} -> {} tx {} rx {}\n",
-                r.program,
-                r.fd,
-                r.role,
-                r.transport,
-                r.fallback_reason,
-                r.local,
-                r.remote,
-                r.bytes_tx,
-                r.bytes_rx
-            )
-        })
-        .collect()
-}
-
 /// The one connection of `rows` as (role, transport, reason).
 fn one(rows: &[StatRow], what: &str) -> (String, String, String) {
     let c = connections(rows);
-    assert_eq!(c.len(), 1, "{what}: want one connection:\n{}", show(rows));
+    assert_eq!(
+        c.len(),
+        1,
+        "{what}: want one connection:\n{}",
+        libsdp_suite::show_rows(rows)
+    );
     (
         c[0].role.clone(),
         c[0].transport.clone(),
@@ -355,14 +341,14 @@ fn remote_peer_is_tcp_with_no_device(ns: &Namespace) {
                 client,
                 ("client".into(), "tcp".into(), "no-device".into()),
                 "client rows:\n{}",
-                show(&run.client_rows)
+                libsdp_suite::show_rows(&run.client_rows)
             );
             let server = one(&run.server_rows, "server");
             assert_eq!(
                 server,
                 ("server".into(), "tcp".into(), "plain-client".into()),
                 "server rows:\n{}",
-                show(&run.server_rows)
+                libsdp_suite::show_rows(&run.server_rows)
             );
         }
         run.client
@@ -378,7 +364,7 @@ fn local_peer_rides_shm(ns: &Namespace) {
         assert!(
             c.len() == 1 && c[0].transport == "shm" && c[0].bytes_tx + c[0].bytes_rx > 0,
             "{side}: want one shm connection with bytes:\n{}",
-            show(rows)
+            libsdp_suite::show_rows(rows)
         );
     }
 }

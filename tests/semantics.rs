@@ -175,32 +175,11 @@ impl Drop for Synced {
     }
 }
 
-/// The connection rows of `rows`, printed for failure messages.
-fn show(rows: &[StatRow]) -> String {
-    rows.iter()
-        .map(|r| {
-            format!(
-                "  pid {} {} fd {} {} {} reason {} {} -> {} tx {} rx {}\n",
-                r.pid,
-                r.program,
-                r.fd,
-                r.role,
-                r.transport,
-                r.fallback_reason,
-                r.local,
-                r.remote,
-                r.bytes_tx,
-                r.bytes_rx
-            )
-        })
-        .collect()
-}
-
 /// SDP carried the bytes: at least `conns` connection rows, every one on `shm`, at least
 /// `conns` of them with bytes counted.
 fn assert_offloaded(what: &str, rows: &[StatRow], conns: usize) {
     let c: Vec<&StatRow> = rows.iter().filter(|r| r.is_connection()).collect();
-    let all = show(rows);
+    let all = libsdp_suite::show_rows(rows);
     assert!(
         c.len() >= conns,
         "{what}: sdp stat shows {} connections, want at least {conns}:\n{all}",
@@ -801,10 +780,15 @@ fn one_connection(what: &str, rows: &[StatRow], role: &str, remote: Option<&str>
         c.len(),
         1,
         "{what}: want one {role} connection:\n{}",
-        show(rows)
+        libsdp_suite::show_rows(rows)
     );
     if let Some(want) = remote {
-        assert_eq!(c[0].remote, want, "{what}: remote address:\n{}", show(rows));
+        assert_eq!(
+            c[0].remote,
+            want,
+            "{what}: remote address:\n{}",
+            libsdp_suite::show_rows(rows)
+        );
     }
     c[0].clone()
 }
@@ -838,7 +822,7 @@ fn libsdp_client_to_plain_server_is_tcp_with_reason_no_beacon() {
         ),
         ("tcp", "no-beacon", "client"),
         "{}",
-        show(&rows)
+        libsdp_suite::show_rows(&rows)
     );
 }
 
@@ -864,7 +848,7 @@ fn plain_client_to_libsdp_server_is_tcp_with_reason_plain_client() {
         ),
         ("tcp", "plain-client", "server"),
         "{}",
-        show(&rows)
+        libsdp_suite::show_rows(&rows)
     );
 }
 
@@ -922,7 +906,7 @@ fn use_tcp_policy_keeps_both_ends_on_tcp_with_reason_policy() {
             (r.transport.as_str(), r.fallback_reason.as_str()),
             ("tcp", "policy"),
             "{side}: {}",
-            show(rows)
+            libsdp_suite::show_rows(rows)
         );
     }
 }
@@ -987,7 +971,7 @@ fn wait_for_shm(what: &str, groups: &[u32], limit: Duration) -> Vec<StatRow> {
         assert!(
             conns.iter().all(|r| r.transport == "shm"),
             "{what}: a connection fell back to TCP:\n{}",
-            show(&rows)
+            libsdp_suite::show_rows(&rows)
         );
         let pids_with_bytes = |g: u32| {
             conns.iter().any(|r| {
@@ -1000,7 +984,7 @@ fn wait_for_shm(what: &str, groups: &[u32], limit: Duration) -> Vec<StatRow> {
         assert!(
             Instant::now() < deadline,
             "{what}: no SDP connection with bytes seen within {limit:?}:\n{}",
-            show(&rows)
+            libsdp_suite::show_rows(&rows)
         );
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -307,26 +307,6 @@ fn tcp_then_sdp<R: PartialEq + std::fmt::Debug>(
     )
 }
 
-fn show(rows: &[StatRow]) -> String {
-    rows.iter()
-        .map(|r| {
-            format!(
-                "  pid {} {} fd {} {} {} reason {} {} -> {} tx {} rx {}\n",
-                r.pid,
-                r.program,
-                r.fd,
-                r.role,
-                r.transport,
-                r.fallback_reason,
-                r.local,
-                r.remote,
-                r.bytes_tx,
-                r.bytes_rx
-            )
-        })
-        .collect()
-}
-
 impl Evidence {
     /// SDP carried the run: every sampled connection on the port is on shm; the `server`
     /// program's connections and each client program's counted at least the given bytes
@@ -341,7 +321,7 @@ impl Evidence {
         closed_before_accept: usize,
     ) {
         let conns: Vec<&StatRow> = self.rows.iter().filter(|r| r.is_connection()).collect();
-        let all = show(&self.rows);
+        let all = libsdp_suite::show_rows(&self.rows);
         assert!(
             !conns.is_empty(),
             "{what}: sdp stat never showed a connection on port {}",
@@ -785,7 +765,7 @@ fn python_asyncio_streams_echo_over_sdp() {
                     .count(),
                 2 * CONNS,
                 "at SYNC each connection's two ends must be on shm with the echo counted:\n{}",
-                show(&at_sync)
+                libsdp_suite::show_rows(&at_sync)
             );
         }
         (status.code(), printed, server.code)
