@@ -29,11 +29,19 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 pub const MAGIC: u64 = 0x7473_5f70_6473_626c; // "lbsdp_st"
-pub const VERSION: u64 = 2;
+pub const VERSION: u64 = 3;
 pub const HEADER_WORDS: usize = 64;
 pub const SLOT_WORDS: usize = 24;
 pub const NSLOTS: usize = 16384;
-pub const FILE_BYTES: usize = (HEADER_WORDS + NSLOTS * SLOT_WORDS) * 8;
+/// Sockets on kernel TCP get a compact row (meta and fd: the kernel has the rest, which
+/// `sdp stat` reads from procfs), after the full rows: a program that libsdp leaves on TCP
+/// pays 16 bytes of statistics per socket, not a whole row.
+pub const TCP_WORDS: usize = 2;
+pub const NTCP: usize = 16384;
+/// Header word holding the number of compact rows.
+pub const HEADER_NTCP: usize = 12;
+pub const TCP_BASE: usize = HEADER_WORDS + NSLOTS * SLOT_WORDS;
+pub const FILE_BYTES: usize = (TCP_BASE + NTCP * TCP_WORDS) * 8;
 
 /// The directory and name pattern `sdp stat` scans.
 pub const DIR: &str = "/dev/shm";
@@ -189,6 +197,7 @@ pub fn decode_addr(w: [u64; 3]) -> Option<SocketAddr> {
 
 /// Where the next free-row search starts (rows are claimed and freed in roughly FIFO order).
 static HINT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static TCP_HINT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static TABLE: AtomicPtr<AtomicU64> = AtomicPtr::new(std::ptr::null_mut());
 static OWNER: AtomicU64 = AtomicU64::new(0);
 
@@ -247,6 +256,7 @@ fn create(pid: u64) -> Option<*mut AtomicU64> {
     header[1].store(VERSION, Ordering::Relaxed);
     header[2].store(pid, Ordering::Relaxed);
     header[3].store(NSLOTS as u64, Ordering::Relaxed);
+    header[HEADER_NTCP].store(NTCP as u64, Ordering::Relaxed);
     let prog = crate::state::try_globals()
         .map(|g| g.program.clone())
         .unwrap_or_default();
@@ -299,15 +309,20 @@ impl Row {
     pub fn claim(fd: i32, transport: Transport, role: u8) -> Option<Row> {
         let t = table()?;
         let m = meta(transport, 0, role, 0);
-        let start = HINT.load(Ordering::Relaxed);
-        for k in 0..NSLOTS {
-            let i = (start + k) % NSLOTS;
-            let base = HEADER_WORDS + i * SLOT_WORDS;
+        let (hint, first, n, width) = if transport == Transport::Tcp {
+            (&TCP_HINT, TCP_BASE, NTCP, TCP_WORDS)
+        } else {
+            (&HINT, HEADER_WORDS, NSLOTS, SLOT_WORDS)
+        };
+        let start = hint.load(Ordering::Relaxed);
+        for k in 0..n {
+            let i = (start + k) % n;
+            let base = first + i * width;
             if t[base]
                 .compare_exchange(0, m, Ordering::AcqRel, Ordering::Relaxed)
                 .is_ok()
             {
-                let words = &t[base..base + SLOT_WORDS];
+                let words = &t[base..base + width];
                 for w in &words[1..] {
                     w.store(0, Ordering::Relaxed);
                 }
@@ -315,7 +330,7 @@ impl Row {
                 if let Some(b) = reason_bucket(m) {
                     t[b].fetch_add(1, Ordering::Relaxed);
                 }
-                HINT.store(i + 1, Ordering::Relaxed);
+                hint.store(i + 1, Ordering::Relaxed);
                 return Some(Row { words });
             }
         }
@@ -354,6 +369,9 @@ impl Row {
     }
 
     pub fn set_addrs(&self, local: Option<SocketAddr>, remote: Option<SocketAddr>) {
+        if self.words.len() < SLOT_WORDS {
+            return; // a compact (TCP) row: the kernel has the 4-tuple
+        }
         for (off, a) in [(field::LOCAL, local), (field::REMOTE, remote)] {
             for (i, w) in encode_addr(a).into_iter().enumerate() {
                 self.words[off + i].store(w, Ordering::Relaxed);
@@ -363,12 +381,16 @@ impl Row {
 
     #[inline]
     pub fn add(&self, field: usize, n: u64) {
-        self.words[field].fetch_add(n, Ordering::Relaxed);
+        if let Some(w) = self.words.get(field) {
+            w.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     #[inline]
     pub fn set(&self, field: usize, v: u64) {
-        self.words[field].store(v, Ordering::Relaxed);
+        if let Some(w) = self.words.get(field) {
+            w.store(v, Ordering::Relaxed);
+        }
     }
 }
 

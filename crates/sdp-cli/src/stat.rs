@@ -137,6 +137,40 @@ pub fn parse_file(b: &[u8]) -> Option<FileStats> {
             zcopy_rx: w(field::ZCOPY_RX),
         });
     }
+    // Compact rows of sockets on kernel TCP: meta and fd (the 4-tuple comes from procfs).
+    let ntcp = (word(b, stats::HEADER_NTCP) as usize)
+        .min((b.len() / 8).saturating_sub(stats::TCP_BASE) / stats::TCP_WORDS);
+    for i in 0..ntcp {
+        let base = stats::TCP_BASE + i * stats::TCP_WORDS;
+        let (used, transport, _state, role, reason) = stats::unmeta(word(b, base + field::META));
+        if !used {
+            continue;
+        }
+        rows.push(SocketRow {
+            pid,
+            program: program.clone(),
+            fd: word(b, base + field::FD) as i32 as i64,
+            role: match role {
+                1 => "client",
+                2 => "server",
+                _ => "-",
+            },
+            transport: Transport::from_u8(transport).map_or("?", Transport::as_str),
+            reason: fallback::Reason::from_code(reason).map_or("?", fallback::Reason::as_str),
+            local: None,
+            remote: None,
+            bytes_tx: 0,
+            bytes_rx: 0,
+            msgs_tx: 0,
+            msgs_rx: 0,
+            credits_tx: 0,
+            posted_rx: 0,
+            credit_stalls: 0,
+            spin_hits: 0,
+            zcopy_tx: 0,
+            zcopy_rx: 0,
+        });
+    }
     let h = |i: usize| word(b, i);
     let process = ProcessRow {
         pid,

@@ -44,7 +44,9 @@ fn shm_options() -> ShmOptions {
 // ---------------------------------------------------------------------------------------------
 // Statistics rows of sockets that stay on TCP (offloaded ones own theirs in `Inner`).
 
-static TCP_ROWS: Mutex<Option<HashMap<i32, Row>>> = Mutex::new(None);
+/// Indexed by fd (descriptors are small and dense): a program that stays on TCP pays a slot
+/// of 16 bytes per descriptor, not a hash table entry per socket.
+static TCP_ROWS: Mutex<Vec<Option<Row>>> = Mutex::new(Vec::new());
 
 /// Records a stream socket that is (or stays) on kernel TCP, with the reason.
 pub fn record_tcp(fd: i32, role: u8, reason: Reason) {
@@ -55,14 +57,18 @@ pub fn record_tcp(fd: i32, role: u8, reason: Reason) {
     // shows the row, so a TCP connection pays no system call here (pass-through overhead).
     row.set_meta(Transport::Tcp, 1, role, reason.code());
     crate::log::note_tcp(fd, reason);
+    let Ok(i) = usize::try_from(fd) else { return };
     let mut g = TCP_ROWS.lock().unwrap_or_else(|p| p.into_inner());
-    g.get_or_insert_with(HashMap::new).insert(fd, row);
+    if g.len() <= i {
+        g.resize_with(i + 1, || None);
+    }
+    g[i] = Some(row);
 }
 
 pub fn forget_tcp(fd: i32) {
+    let Ok(i) = usize::try_from(fd) else { return };
     let mut g = TCP_ROWS.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(m) = g.as_mut()
-        && let Some(row) = m.remove(&fd)
+    if let Some(row) = g.get_mut(i).and_then(Option::take)
         && !row.is_ours()
     {
         // A row inherited across fork is the parent's to free.

@@ -40,7 +40,8 @@ const FDS_PER_CONN: u64 = 10;
 
 /// One repetition: bytes per idle connection.
 pub fn per_connection(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
-    let wanted: u64 = if ctx.quick { 1000 } else { 2000 };
+    // The slab part is machine-wide: more connections make others' noise a smaller share.
+    let wanted: u64 = if ctx.quick { 2000 } else { 4000 };
     let n = wanted.min(fd_room() / FDS_PER_CONN);
     if n < 100 {
         return Err(format!(
@@ -87,6 +88,15 @@ pub fn per_connection(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, Strin
     }
     let _ = client.send("exit");
     let _ = server.send("exit");
+    // SDP_BENCH_IDLE_PARTS=1: the three parts of the figure, per connection, on stderr.
+    if std::env::var_os("SDP_BENCH_IDLE_PARTS").is_some() {
+        eprintln!(
+            "sdp bench: idle_conn_mem ({leg}) per connection: pss {:.0} page tables {:.0} slab {:.0}",
+            (after.pss as f64 - before.pss as f64) / n as f64,
+            (after.page_tables as f64 - before.page_tables as f64) / n as f64,
+            (after.slab as f64 - before.slab as f64) / n as f64
+        );
+    }
     Ok(vec![after.bytes_since(&before) / n as f64])
 }
 

@@ -298,9 +298,9 @@ pub static ALL: &[Workload] = &[
             unit: "bytes",
         }],
         tools: &[],
-        // About 1 s per repetition in quick (1,000 connections set up, one byte each way).
+        // About 2 s per repetition in quick (2,000 connections set up, one byte each way).
         // The slab part of the figure is machine-wide: the median of a few damps others' noise.
-        reps: Reps { quick: 3, full: 7 },
+        reps: Reps { quick: 5, full: 7 },
         warmup: false,
         peers: Some(("sdp", "sdp")),
         run: idle::per_connection,
