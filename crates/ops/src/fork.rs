@@ -2,8 +2,8 @@
 //!
 //! A fork copies one thread. So that the child never inherits a lock held by a thread that does
 //! not exist there, `prepare` waits for the progress thread to finish the task it is running
-//! (and keeps it from starting another) and takes the connection registry's lock; `parent`
-//! and `child` release both. The child rebuilds its progress thread lazily.
+//! (and keeps it from starting another) and takes the connections' locks, the registry's and
+//! the progress state's; `parent` and `child` release them. The child rebuilds its progress thread lazily.
 
 use std::cell::RefCell;
 use std::sync::Once;
@@ -18,6 +18,7 @@ type RegistryGuard = std::sync::RwLockWriteGuard<
 thread_local! {
     // The handlers of one fork run on the forking thread, in order prepare → parent|child.
     static HELD: RefCell<Option<RegistryGuard>> = const { RefCell::new(None) };
+    static HELD_PROGRESS: RefCell<Option<crate::progress::ForkGuard>> = const { RefCell::new(None) };
 }
 
 extern "C" fn prepare() {
@@ -26,9 +27,12 @@ extern "C" fn prepare() {
     crate::offload::lock_all_for_fork();
     let g = crate::offload::fork_prepare();
     HELD.with(|h| *h.borrow_mut() = Some(g));
+    let p = crate::progress::lock_for_fork();
+    HELD_PROGRESS.with(|h| *h.borrow_mut() = Some(p));
 }
 
 extern "C" fn parent() {
+    HELD_PROGRESS.with(|h| h.borrow_mut().take());
     HELD.with(|h| h.borrow_mut().take());
     crate::offload::unlock_all_after_fork();
     crate::progress::resume();
@@ -37,6 +41,7 @@ extern "C" fn parent() {
 extern "C" fn child() {
     // Before anything asks for our pid: the cache still holds the parent's.
     ib_verbs::sys::forget_pid();
+    HELD_PROGRESS.with(|h| h.borrow_mut().take());
     HELD.with(|h| h.borrow_mut().take());
     crate::offload::unlock_all_after_fork();
     leave_pending_to_parent();

@@ -78,6 +78,18 @@ fn lock() -> std::sync::MutexGuard<'static, Option<Progress>> {
     STATE.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The progress state's lock, held by the forking thread from fork `prepare` to `parent` /
+/// `child`: a child must not inherit it held by a thread that does not exist there (its first
+/// `register` or `unregister` would wait forever). Taken last in `prepare` (after the
+/// connections' locks, as every other holder of both takes them).
+pub struct ForkGuard {
+    _g: std::sync::MutexGuard<'static, Option<Progress>>,
+}
+
+pub fn lock_for_fork() -> ForkGuard {
+    ForkGuard { _g: lock() }
+}
+
 fn epoll_add(epfd: i32, fd: i32, events: u32, token: u64) -> bool {
     let mut ev = libc::epoll_event { events, u64: token };
     // SAFETY: ev is a valid epoll_event; epfd and fd are fds of this process.
