@@ -587,29 +587,6 @@ fn bootstrap_reject_carries_private_data() {
 }
 
 #[test]
-fn bootstrap_passive_need_not_wait_for_ready() {
-    // The passive side returns right after its Answer and closes the stream before the active
-    // side has read it; it sends first, into a ring the active side has not mapped yet.
-    let (sa, sp) = sys::socketpair_stream().unwrap();
-    let mut a = Active::new(small()).unwrap();
-    a.post_recv(1).unwrap();
-    a.send_offer(&sa, b"hello").unwrap();
-    let offer = shm::Passive::recv_offer(&sp, T).unwrap();
-    let mut acc = offer.accept(small()).unwrap();
-    acc.post_recv(1).unwrap();
-    acc.send_answer(&sp, b"hello-ack").unwrap();
-    let mut cp = acc.finish_unconfirmed().unwrap();
-    drop(sp);
-    assert!(!cp.attrs().peer_can_read, "no verdict was waited for");
-    send_blocking(&mut cp, b"server speaks first", T).unwrap();
-    let (mut ca, ack) = a.finish(&sa).unwrap();
-    assert_eq!(ack, b"hello-ack");
-    assert_eq!(recv_one(&mut ca, T).unwrap(), b"server speaks first");
-    send_blocking(&mut ca, b"client answers", T).unwrap();
-    assert_eq!(recv_one(&mut cp, T).unwrap(), b"client answers");
-}
-
-#[test]
 fn abort_reaches_the_peer_after_what_was_sent_before() {
     let (mut a, mut b) = pair();
     send_blocking(&mut a, b"before the reset", T).unwrap();

@@ -382,9 +382,7 @@ impl Active {
         let can_read_peer = Probe::peer_readable(cred.pid, probe_addr, probe_cookie);
         let mut w = Writer::new(KIND_READY);
         w.u8(can_read_peer as u8);
-        // A passive side that did not wait for Ready ([`Accepting::finish_unconfirmed`]) may
-        // have closed the stream already: the connection stands either way.
-        let _ = send_frame(stream, w.finish(), &[]);
+        send_frame(stream, w.finish(), &[])?;
         let conn = ShmConn::new(Parts {
             map,
             memfd,
@@ -398,7 +396,6 @@ impl Active {
             peer_can_read,
             send_depth: self.opts.send_depth,
             initial_posts: self.posts,
-            probe: None,
         })
         .map_err(BootError::Post)?;
         Ok((conn, private))
@@ -587,22 +584,7 @@ impl Accepting {
         let mut r = Reader(&body);
         let peer_can_read = r.u8()? == 1;
         r.end()?;
-        self.into_conn(peer_can_read, None)
-    }
-
-    /// Returns the connection at once, without waiting for Ready: the active side maps the
-    /// memfd and uses the rings when the Answer reaches it, and a failure there surfaces as the
-    /// peer's end of the connection. Saves the setup a round trip between the two processes.
-    /// The peer's verdict on reading our memory is unknown: we report that it cannot.
-    pub fn finish_unconfirmed(mut self) -> Result<ShmConn, BootError> {
-        if self.bell_end.is_some() {
-            return Err(BootError::Malformed("answer not sent"));
-        }
-        let probe = std::mem::replace(&mut self.probe, Probe::new(0));
-        self.into_conn(false, Some(probe))
-    }
-
-    fn into_conn(self, peer_can_read: bool, probe: Option<Probe>) -> Result<ShmConn, BootError> {
+        let _ = &self.probe; // kept alive until the peer probed it
         ShmConn::new(Parts {
             map: self.map,
             memfd: self.memfd,
@@ -616,7 +598,6 @@ impl Accepting {
             peer_can_read,
             send_depth: self.opts.send_depth,
             initial_posts: self.posts,
-            probe,
         })
         .map_err(BootError::Post)
     }

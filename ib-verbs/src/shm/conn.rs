@@ -73,9 +73,6 @@ pub(crate) struct Parts {
     pub peer_can_read: bool,
     pub send_depth: u32,
     pub initial_posts: Vec<WrId>,
-    /// Our memory the peer reads to learn whether it may read us (kept while it may still
-    /// look: a side that does not wait for the peer's verdict keeps it for the connection).
-    pub probe: Option<super::mem::Probe>,
 }
 
 /// One established `shm` connection. Dropping it closes the peer's bell end: the peer sees
@@ -92,7 +89,6 @@ pub struct ShmConn {
     can_read_peer: bool,
     peer_can_read: bool,
     send_depth: u32,
-    _probe: Option<super::mem::Probe>,
 
     // Our receive ring (the peer writes it).
     rx_posted: u64,
@@ -151,7 +147,6 @@ impl ShmConn {
             can_read_peer: p.can_read_peer,
             peer_can_read: p.peer_can_read,
             send_depth: p.send_depth,
-            _probe: p.probe,
             rx_posted: 0,
             rx_consumed: 0,
             rx_wr: vec![0; depth],

@@ -1225,9 +1225,8 @@ fn server_exchange(
     let ack = engine.hello_ack();
     // The server waits for the client's Ready: a client that fails after the Answer (its mmap
     // fails when its address space is exhausted) goes back to TCP, and only the Ready tells
-    // the server to do the same. `Accepting::finish_unconfirmed` saves that round trip, but
-    // then such a client and its server wait for each other forever (tests/faults.rs,
-    // address_space_nearly_exhausted).
+    // the server to do the same. Not waiting saves a round trip, but then such a client and
+    // its server wait for each other forever (tests/faults.rs, address_space_nearly_exhausted).
     let shm = accepting
         .send_answer(&stream, &ack)
         .and_then(|_| accepting.finish(&stream))
