@@ -63,7 +63,7 @@ run_rust_tests() {
     fail "rdma_guest.rs $1: no target/release/deps/rdma_guest-* (cargo test --release --workspace builds it)"
     return
   fi
-  timeout 240 "$T" --ignored --nocapture --test-threads=1 "$1" > /tmp/rg.out 2>&1; rc=$?
+  timeout 420 "$T" --ignored --nocapture --test-threads=1 "$1" > /tmp/rg.out 2>&1; rc=$?
   grep -o "RDMA-TEST .*" /tmp/rg.out
   result=$(grep "^test result" /tmp/rg.out)
   if [ $rc -eq 0 ] && echo "$result" | grep -q " [1-9][0-9]* passed"; then pass "rdma_guest.rs $1: $result"

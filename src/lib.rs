@@ -364,6 +364,10 @@ pub struct StatRow {
     pub bytes_rx: u64,
     pub msgs_tx: u64,
     pub msgs_rx: u64,
+    /// Of the bytes each way, those moved by RDMA READ (ZCopy); the rest travelled inside
+    /// messages (BCopy).
+    pub zcopy_tx: u64,
+    pub zcopy_rx: u64,
 }
 
 impl StatRow {
@@ -399,6 +403,8 @@ impl StatRow {
                 "bytes_rx" => row.bytes_rx = value.parse().ok()?,
                 "msgs_tx" => row.msgs_tx = value.parse().ok()?,
                 "msgs_rx" => row.msgs_rx = value.parse().ok()?,
+                "zcopy_tx" => row.zcopy_tx = value.parse().ok()?,
+                "zcopy_rx" => row.zcopy_rx = value.parse().ok()?,
                 _ => {}
             }
             rest = after.trim_start();

@@ -25,11 +25,13 @@
 #[rustfmt::skip]
 pub mod bindings;
 pub mod bootstrap;
+pub mod buf;
 pub mod cm;
 pub mod conn;
 pub mod device;
 pub mod dl;
 
+pub use buf::DmaBuf;
 pub use conn::{EndpointInfo, Pending, RdmaConn, RdmaOptions};
 pub use device::{DEVICE_ENV, Device, DeviceLimits, PortInfo};
 

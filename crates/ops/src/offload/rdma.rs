@@ -30,11 +30,12 @@ use std::time::{Duration, Instant};
 
 use fallback::Reason;
 use ib_verbs::rdma::cm::{Connecting, Listener, Request};
-use ib_verbs::rdma::{RdmaConn, RdmaOptions};
-use ib_verbs::{Completion, ConnError, Connection, Opcode};
-use sdp_proto::Event;
+use ib_verbs::rdma::{DmaBuf, RdmaConn, RdmaOptions};
+use ib_verbs::{Access, Completion, ConnError, Connection, LocalSge, MemKey, Opcode, RemoteSge};
+use sdp_proto::conn::{RdmaRead, RdmaReadFailure, ZcopyId};
 use sdp_proto::error::{RecvError, SendError, UrgentError};
 use sdp_proto::wire::{HelloAckRepr, HelloRepr, IpAddrs, Version};
+use sdp_proto::{Config, Event};
 
 use super::data::CResult;
 use super::sdp::{self, errno_of, now};
@@ -49,6 +50,12 @@ use crate::{log, sdp_log, sys};
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(1);
 /// A connection request no `accept` took within this is rejected.
 const REQUEST_TTL: Duration = Duration::from_secs(10);
+/// A send call of at least this many bytes goes by ZCopy: copied once into the connection's
+/// registered staging buffer, offered by a SrcAvail, RDMA-read by the peer (LINUX
+/// `sdp_zcopy_thresh`: 64 KiB). Smaller ones travel inside messages (BCopy).
+pub const ZCOPY_THRESHOLD: usize = 64 * 1024;
+/// The staging buffer: the most one SrcAvail offers.
+const ZCOPY_STAGE: usize = 1 << 20;
 
 // ---------------------------------------------------------------------------------------------
 // The gate.
@@ -72,6 +79,30 @@ pub fn enabled() -> bool {
     v
 }
 
+/// `LIBSDP_TRANSPORT=rdma`: connections to this host's own addresses also go over rdma
+/// (when this process has a device), not shm. For measuring and testing the rdma transport
+/// on one host (two processes on one soft-RoCE device); both ends need it, and the address
+/// must be one rdma_cm resolves to the device (not loopback). Unset or `shm`: shm.
+pub fn local_wanted() -> bool {
+    static WANT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WANT.get_or_init(|| {
+        let Some(raw) = std::env::var_os("LIBSDP_TRANSPORT") else {
+            return false;
+        };
+        match raw.to_string_lossy().trim() {
+            "rdma" => true,
+            "shm" | "" => false,
+            other => {
+                sdp_log!(
+                    log::ERROR,
+                    "LIBSDP_TRANSPORT={other:?} is neither rdma nor shm; using shm on this host"
+                );
+                false
+            }
+        }
+    })
+}
+
 fn options() -> RdmaOptions {
     let c = sdp::config();
     RdmaOptions {
@@ -79,8 +110,19 @@ fn options() -> RdmaOptions {
         recv_depth: u32::from(c.recv_buffers).max(64),
         // Sends in flight are bounded by the peer's credits (≤ its receive depth).
         send_depth: 128,
-        allow_peer_read: false,
+        // ZCopy: the peer RDMA-reads what our SrcAvails offer.
+        allow_peer_read: true,
         ..RdmaOptions::default()
+    }
+}
+
+/// The engine configuration over rdma: the same-host one with ZCopy on both ways (the
+/// transport can read the peer's memory; a peer that cannot answers SendSM and gets BCopy).
+pub fn engine_config() -> Config {
+    Config {
+        zcopy_recv: true,
+        zcopy_send: true,
+        ..sdp::config()
     }
 }
 
@@ -373,7 +415,7 @@ fn server_setup(
     req: Request,
 ) -> Result<(), Reason> {
     let (_, hello) = expand(req.hello(), peer.ip(), local.ip()).ok_or(Reason::SetupFailed)?;
-    let mut engine = sdp_proto::Connection::accept(sdp::config(), now(), &hello)
+    let mut engine = sdp_proto::Connection::accept(engine_config(), now(), &hello)
         .map_err(|_| Reason::SetupFailed)?;
     let mut posts = 0u32;
     while let Some(p) = engine.poll_post_recv() {
@@ -464,7 +506,7 @@ pub fn try_connect(fd: i32, dst: SocketAddr) -> Result<CResult, Reason> {
         SocketAddr::new(canon(local.ip()), local.port())
     };
     let mut engine = sdp_proto::Connection::connect(
-        sdp::config(),
+        engine_config(),
         now(),
         ip_addrs(client.ip(), dst.ip()),
         client.port(),
@@ -719,6 +761,18 @@ pub struct SdpRdma {
     /// posting order), and their sum: bytes that die with the QP if it is destroyed now.
     inflight: std::collections::VecDeque<u32>,
     inflight_bytes: usize,
+    /// ZCopy sink (SDP-WIRE.md §8): the destination of our RDMA READs of the peer's
+    /// SrcAvails, mapped and registered at the first one.
+    sink: Option<(DmaBuf, MemKey)>,
+    /// The RDMA READ in flight: (work request, the engine's id, bytes).
+    reading: Option<(u64, u64, u32)>,
+    /// ZCopy source: a large send is copied here and offered by one SrcAvail.
+    stage: Option<DmaBuf>,
+    /// The SrcAvail outstanding: its id, its key (revoked when it finishes) and its bytes. No
+    /// other byte may be queued meanwhile (a refused or cancelled offer is resent first).
+    offered: Option<(ZcopyId, MemKey, usize)>,
+    /// Bytes of `stage` a refused or cancelled SrcAvail left, to send by BCopy before any other.
+    resend: std::ops::Range<usize>,
 }
 
 impl SdpRdma {
@@ -748,6 +802,11 @@ impl SdpRdma {
             every_arrival: false,
             inflight: std::collections::VecDeque::new(),
             inflight_bytes: 0,
+            sink: None,
+            reading: None,
+            stage: None,
+            offered: None,
+            resend: 0..0,
         };
         if s.engine.role() == sdp_proto::Role::Passive {
             // rdma_cm's ESTABLISHED came before the connection was handed over.
@@ -841,6 +900,7 @@ impl SdpRdma {
                             self.inflight_bytes -= l as usize;
                         }
                     }
+                    Opcode::Read => self.read_done(c),
                     _ => {}
                 }
             }
@@ -851,7 +911,15 @@ impl SdpRdma {
     }
 
     fn drain_outputs(&mut self) {
+        // An event may queue more work (a read done, a refused offer resent): again until quiet.
+        while self.drain_once() {}
+    }
+
+    /// Posts what the engine has for the transport and acts on its events; whether any event
+    /// came.
+    fn drain_once(&mut self) -> bool {
         let t = now();
+        let mut events = false;
         while let Some(p) = self.engine.poll_post_recv() {
             for _ in 0..p.count {
                 let wr = self.wr();
@@ -876,6 +944,7 @@ impl SdpRdma {
             }
         }
         while let Some(ev) = self.engine.poll_event() {
+            events = true;
             match ev {
                 // rdma_cm's DREQ goes when the connection is dropped (the last close); the
                 // engine's teardown needs no more from the transport here.
@@ -883,13 +952,12 @@ impl SdpRdma {
                     let _ = self.engine.handle_cm_disconnected(t);
                 }
                 Event::UrgentPending => self.urgent = true,
-                Event::RdmaRead(r) => {
-                    let _ = self.engine.handle_rdma_read_complete(
-                        t,
-                        r.id,
-                        Err(sdp_proto::conn::RdmaReadFailure::Unsupported),
-                    );
-                }
+                Event::RdmaRead(r) => self.start_read(r),
+                Event::ZcopySendFinished {
+                    id,
+                    sent,
+                    completed,
+                } => self.offer_finished(id, sent, completed),
                 _ => {}
             }
         }
@@ -897,7 +965,170 @@ impl SdpRdma {
             && deadline <= t
         {
             self.engine.handle_timeout(t);
+            events = true;
         }
+        if !self.resend.is_empty() {
+            self.push_resend();
+        }
+        events
+    }
+
+    // -- ZCopy (SDP-WIRE.md §8) ----------------------------------------------------------------
+
+    /// The peer offered bytes (SrcAvail): RDMA-read them into the sink. Anything that keeps
+    /// us from reading is reported as `Unsupported`: the engine answers SendSM and the peer
+    /// sends them by BCopy.
+    fn start_read(&mut self, r: RdmaRead) {
+        let t = now();
+        if self.sink.is_none() {
+            let chunk = engine_config().rdma_read_chunk as usize;
+            self.sink = DmaBuf::new(chunk).and_then(|mut b| {
+                // SAFETY: the sink is mapped until the connection is dropped, after the
+                // connection that holds its key; only a RDMA READ writes it while registered,
+                // and we read it only after that read completed.
+                let key = unsafe {
+                    self.conn
+                        .register(b.as_mut_ptr(), b.len(), Access::LocalWrite)
+                };
+                key.ok().map(|k| (b, k))
+            });
+        }
+        let posted = match &self.sink {
+            Some((buf, key)) if r.len as usize <= buf.len() => {
+                self.next_wr += 1;
+                let wr = self.next_wr;
+                let local = LocalSge {
+                    addr: buf.addr(),
+                    len: buf.len() as u32,
+                    key: *key,
+                };
+                let remote = RemoteSge {
+                    addr: r.remote_addr,
+                    len: r.len,
+                    key: MemKey(r.rkey),
+                };
+                self.conn.post_read(wr, local, remote).map(|()| wr)
+            }
+            _ => Err(ib_verbs::PostError::ZcopyUnavailable),
+        };
+        match posted {
+            Ok(wr) => self.reading = Some((wr, r.id, r.len)),
+            Err(e) => {
+                sdp_log!(
+                    log::DECISION,
+                    "RDMA READ of a SrcAvail not posted ({e}): SendSM"
+                );
+                let failure = match e {
+                    ib_verbs::PostError::Dead(d) => {
+                        self.transport_died(d);
+                        RdmaReadFailure::Fatal
+                    }
+                    _ => RdmaReadFailure::Unsupported,
+                };
+                let _ = self.engine.handle_rdma_read_complete(t, r.id, Err(failure));
+            }
+        }
+    }
+
+    /// A RDMA READ completed: its bytes go to the engine (which sends RdmaRdCompl).
+    fn read_done(&mut self, c: Completion) {
+        let Some((wr, id, len)) = self.reading else {
+            return;
+        };
+        if wr != c.wr_id {
+            return;
+        }
+        self.reading = None;
+        let t = now();
+        let result = match (&self.sink, c.status) {
+            (Some((buf, _)), Ok(())) => Ok(&buf.as_slice()[..len as usize]),
+            _ => Err(RdmaReadFailure::Fatal),
+        };
+        if let Err(sdp_proto::error::HandleError::Fatal(e)) =
+            self.engine.handle_rdma_read_complete(t, id, result)
+        {
+            sdp_log!(log::WARN, "SDP connection ended at a RDMA READ: {e}");
+        }
+    }
+
+    /// Offers a send of at least [`ZCOPY_THRESHOLD`] bytes by SrcAvail; the bytes taken, or
+    /// `None` to send by BCopy (too small, the engine is busy, no memory or registration).
+    fn try_offer(&mut self, data: &[&[u8]]) -> Option<usize> {
+        let total: usize = data.iter().map(|b| b.len()).sum();
+        if total < ZCOPY_THRESHOLD || self.offered.is_some() || !self.resend.is_empty() {
+            return None;
+        }
+        let len = total.min(ZCOPY_STAGE);
+        if !self.engine.zcopy_possible(len) {
+            return None;
+        }
+        if self.stage.is_none() {
+            self.stage = DmaBuf::new(ZCOPY_STAGE);
+        }
+        let stage = self.stage.as_mut()?;
+        let out = stage.as_mut_slice();
+        let mut at = 0;
+        for b in data {
+            let k = b.len().min(len - at);
+            out[at..at + k].copy_from_slice(&b[..k]);
+            at += k;
+            if at == len {
+                break;
+            }
+        }
+        // SAFETY: the staging buffer is mapped until the connection is dropped, after the
+        // connection holding its keys, and is not written while an offer names it (`offered`);
+        // the peer may read these bytes: they are the stream's own.
+        let key = unsafe {
+            self.conn
+                .register(stage.as_mut_ptr(), len, Access::RemoteRead)
+                .ok()?
+        };
+        match self
+            .engine
+            .send_zcopy(now(), &stage.as_slice()[..len], key.0, stage.addr())
+        {
+            Ok(id) => {
+                self.offered = Some((id, key, len));
+                Some(len)
+            }
+            Err(_) => {
+                let _ = self.conn.deregister(key);
+                None
+            }
+        }
+    }
+
+    /// Our SrcAvail is over: revoke its key; what the peer did not take goes by BCopy first.
+    fn offer_finished(&mut self, id: ZcopyId, sent: u32, completed: bool) {
+        let Some((want, key, len)) = self.offered else {
+            return;
+        };
+        if want != id {
+            return;
+        }
+        self.offered = None;
+        let _ = self.conn.deregister(key);
+        if !completed {
+            self.resend = (sent as usize).min(len)..len;
+            self.push_resend();
+        }
+    }
+
+    /// Queues what is left of a refused offer; whether nothing is left.
+    fn push_resend(&mut self) -> bool {
+        let t = now();
+        while !self.resend.is_empty() {
+            let Some(stage) = &self.stage else {
+                self.resend = 0..0;
+                break;
+            };
+            match self.engine.send(t, &stage.as_slice()[self.resend.clone()]) {
+                Ok(k) => self.resend.start += k,
+                Err(_) => break,
+            }
+        }
+        self.resend.is_empty()
     }
 
     fn conn_errno(&self, e: &sdp_proto::ConnectionError) -> Errno {
@@ -944,6 +1175,23 @@ impl OffloadStream for SdpRdma {
         }
         if let Some(e) = self.dead {
             return Err(e);
+        }
+        if data.iter().all(|b| b.is_empty()) {
+            return Ok(0);
+        }
+        if self.offered.is_some() || !self.push_resend() {
+            // Our SrcAvail is outstanding or its remainder waits: nothing may go before it.
+            self.drain_outputs();
+            if let Some(e) = self.error() {
+                return Err(e);
+            }
+            if self.offered.is_some() || !self.resend.is_empty() {
+                return Err(libc::EAGAIN);
+            }
+        }
+        if !oob && let Some(n) = self.try_offer(data) {
+            self.drain_outputs();
+            return Ok(n);
         }
         let t = now();
         let mut n = 0;
@@ -1053,7 +1301,10 @@ impl OffloadStream for SdpRdma {
 
     fn send_ready(&self) -> bool {
         let r = self.engine.readiness();
-        r.writable || r.error || self.dead.is_some() || self.peer_gone
+        (r.writable && self.offered.is_none() && self.resend.is_empty())
+            || r.error
+            || self.dead.is_some()
+            || self.peer_gone
     }
 
     fn recv_queued(&self) -> usize {
@@ -1066,7 +1317,8 @@ impl OffloadStream for SdpRdma {
         if self.dead.is_some() || self.peer_gone {
             return self.engine.send_queued();
         }
-        self.engine.send_queued() + self.inflight_bytes
+        let offer = self.offered.map_or(0, |(_, _, len)| len) + self.resend.len();
+        self.engine.send_queued() + self.inflight_bytes + offer
     }
 
     fn urgent_ready(&self) -> bool {

@@ -452,8 +452,8 @@ fn mode(d: Decision) -> fallback::Mode {
 }
 
 fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult, Reason> {
-    if !is_local(dst.ip()) {
-        // Another host: SDP over rdma when this process has a device (never on a host
+    if !is_local(dst.ip()) || (super::rdma::local_wanted() && super::rdma::enabled()) {
+        // Another host (or this one with LIBSDP_TRANSPORT=rdma): SDP over rdma when this process has a device (never on a host
         // without one: the gate does not even load libibverbs there).
         if super::rdma::enabled() {
             return super::rdma::try_connect(fd, dst);
@@ -1125,7 +1125,7 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
     // A client on another host that sent an rdma_cm request for this connection (only when
     // this process listens with rdma_cm, i.e. has a device).
     if super::rdma::listening()
-        && !is_local(peer.ip())
+        && (!is_local(peer.ip()) || super::rdma::local_wanted())
         && let Some(r) = super::rdma::accept(fd, flags, local, peer)
     {
         if let Err(reason) = r {

@@ -1,0 +1,162 @@
+//! A plain std networking program for the transport tests (it knows nothing of libsdp): one
+//! client streams a known pattern to one server in writes of many sizes, the server checks
+//! every byte and answers with its verdict.
+//!
+//! ```text
+//! stream_check serve ADDR PORT [--hold FILE]   accept one connection, check it, answer
+//! stream_check send ADDR PORT BYTES [--hold FILE]
+//! ```
+//!
+//! The client writes BYTES bytes in writes cycling through sizes from 1 byte to 1 MiB (small
+//! ones travel inside SDP messages, those of 64 KiB and more are ZCopy candidates), half-closes,
+//! and prints the server's verdict line (`ok BYTES` or `mismatch at OFFSET`). With `--hold`
+//! it then writes that line to FILE and keeps the connection open until FILE is removed (a test
+//! reads `sdp stat` meanwhile); a server given the same FILE keeps its end open until the
+//! client wrote FILE and FILE was removed. Exit status 0 only for `ok` (the client: with the
+//! byte count sent).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::time::Duration;
+
+/// The pattern's period: a prime, so that no write size lines up with it.
+const PERIOD: usize = 1_048_573;
+
+/// Write sizes, in turn.
+const SIZES: [usize; 10] = [
+    1,
+    100,
+    4096,
+    65536,
+    1 << 20,
+    3000,
+    300_000,
+    17,
+    131_072,
+    40_000,
+];
+
+fn pattern() -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..PERIOD)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The pattern's bytes `at..at + out.len()`.
+fn fill(pat: &[u8], at: u64, out: &mut [u8]) {
+    let mut i = (at % PERIOD as u64) as usize;
+    let mut done = 0;
+    while done < out.len() {
+        let k = (PERIOD - i).min(out.len() - done);
+        out[done..done + k].copy_from_slice(&pat[i..i + k]);
+        done += k;
+        i = 0;
+    }
+}
+
+fn serve(addr: &str, port: &str, hold: Option<&str>) -> i32 {
+    let l = TcpListener::bind(format!("{addr}:{port}")).expect("bind");
+    println!("listening");
+    let (mut s, _) = l.accept().expect("accept");
+    let pat = pattern();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut want = vec![0u8; 1 << 20];
+    let mut at: u64 = 0;
+    let mut bad = None;
+    loop {
+        let n = match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("read: {e}"),
+        };
+        if bad.is_none() {
+            fill(&pat, at, &mut want[..n]);
+            if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
+                bad = Some(at + i as u64);
+            }
+        }
+        at += n as u64;
+    }
+    let verdict = match bad {
+        None => format!("ok {at}\n"),
+        Some(o) => format!("mismatch at {o} of {at}\n"),
+    };
+    print!("{verdict}");
+    s.write_all(verdict.as_bytes()).expect("answer");
+    if let Some(f) = hold {
+        let f = std::path::Path::new(f);
+        while !f.exists() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        while f.exists() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    i32::from(bad.is_some())
+}
+
+fn send(addr: &str, port: &str, bytes: u64, hold: Option<&str>) -> i32 {
+    // Again while refused, for a minute: the server may be on another host, not up yet.
+    let start = std::time::Instant::now();
+    let mut s = loop {
+        match TcpStream::connect(format!("{addr}:{port}")) {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && start.elapsed() < Duration::from_secs(60) =>
+            {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    let pat = pattern();
+    let mut chunk = vec![0u8; 1 << 20];
+    let (mut at, mut writes, mut large) = (0u64, 0u64, 0u64);
+    while at < bytes {
+        let n = (SIZES[writes as usize % SIZES.len()] as u64).min(bytes - at) as usize;
+        fill(&pat, at, &mut chunk[..n]);
+        s.write_all(&chunk[..n]).expect("write");
+        at += n as u64;
+        writes += 1;
+        large += u64::from(n >= 65536);
+    }
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    println!("sent {at} bytes in {writes} writes, {large} of them of 64 KiB or more");
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line).expect("verdict");
+    print!("server: {line}");
+    if let Some(f) = hold {
+        std::fs::write(f, &line).expect("hold file");
+        while std::path::Path::new(f).exists() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    i32::from(line.trim() != format!("ok {bytes}"))
+}
+
+fn main() {
+    let a: Vec<String> = std::env::args().collect();
+    let code = match a.iter().map(String::as_str).collect::<Vec<_>>()[1..] {
+        ["serve", addr, port] => serve(addr, port, None),
+        ["serve", addr, port, "--hold", f] => serve(addr, port, Some(f)),
+        ["send", addr, port, n] => send(addr, port, n.parse().expect("BYTES"), None),
+        ["send", addr, port, n, "--hold", f] => {
+            send(addr, port, n.parse().expect("BYTES"), Some(f))
+        }
+        _ => {
+            eprintln!(
+                "usage: stream_check serve ADDR PORT [--hold FILE] | send ADDR PORT BYTES [--hold FILE]"
+            );
+            2
+        }
+    };
+    std::process::exit(code);
+}
