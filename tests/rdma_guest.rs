@@ -253,6 +253,76 @@ fn one_guest_sdp_over_rxe_moves_256_mib_by_bcopy_and_zcopy() {
     );
 }
 
+/// Descriptors of `pid` that are verbs event files (`anon_inode:[infinibandevent]`): the async
+/// event fds of the verbs contexts (ours and librdmacm's own) and the completion channels.
+fn verbs_event_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| l.to_string_lossy().contains("infinibandevent"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// iperf3 with four parallel streams over SDP on rxe0 in one guest (`LIBSDP_TRANSPORT=rdma`):
+/// it works, all five connections (control and data) of each end are `rdma` with bytes, and
+/// each process has ONE completion channel for all of them (DESIGN §5): its verbs event files
+/// are the two contexts' async fds and that channel (3), not one channel per connection (7).
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_iperf3_parallel_streams_over_rdma_share_one_completion_channel() {
+    let (_, addr, _, pair) = guest();
+    assert!(!pair, "a one-guest test");
+    require_tool("iperf3", "iperf3");
+    let port = 17020u16;
+    let mut srv = command(Mode::Preload, "iperf3");
+    srv.args(["-s", "-1", "-B", &addr, "-p", &port.to_string()])
+        .env("LIBSDP_TRANSPORT", "rdma");
+    let mut server = Proc::spawn(srv, "iperf3 -s");
+    wait_listening(&mut server, port);
+    let mut cli = command(Mode::Preload, "iperf3");
+    cli.args(["-c", &addr, "-p", &port.to_string(), "-P", "4", "-t", "4"])
+        .env("LIBSDP_TRANSPORT", "rdma");
+    let client = Proc::spawn(cli, "iperf3 -c -P 4");
+    let busy = |rows: &[StatRow]| {
+        let c = connections(rows);
+        c.len() == 5
+            && c.iter()
+                .all(|r| r.transport == "rdma" && r.bytes_tx + r.bytes_rx > 0)
+    };
+    let both = groups_when(&[client.id(), server.id()], Duration::from_secs(60), busy);
+    let fds = [verbs_event_fds(client.id()), verbs_event_fds(server.id())];
+    let (c, s) = (client.wait(T), server.wait(T));
+    assert!(
+        c.code == 0 && s.code == 0 && c.stdout.contains("[SUM]"),
+        "iperf3 failed:\nclient: {c:?}\nserver: {s:?}"
+    );
+    for (side, rows) in ["client", "server"].iter().zip(&both) {
+        assert!(
+            busy(rows),
+            "{side}: want 5 rdma connections with bytes:\n{}",
+            libsdp_suite::show_rows(rows)
+        );
+    }
+    assert!(
+        fds.iter().all(|&n| (1..=3).contains(&n)),
+        "verbs event files (2 async fds + completion channels) per process with 5 connections: client {}, server {}: want at most 3",
+        fds[0],
+        fds[1]
+    );
+    let sum = c
+        .stdout
+        .lines()
+        .filter(|l| l.contains("[SUM]"))
+        .last()
+        .unwrap_or("");
+    println!(
+        "RDMA-TEST INFO iperf3-P4-over-rdma: 5 rdma connections per side, verbs event fds {fds:?}; {}",
+        sum.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+}
+
 /// ZCopy over the RoCEv2 link: vm1 sends 32 MiB to vm2 with `stream_check` under the preload;
 /// vm2's server checks every byte. Both ends `rdma`, with BCopy and ZCopy bytes each.
 #[test]

@@ -126,6 +126,8 @@ fn opts() -> RdmaOptions {
         send_depth: 16,
         max_inline: 128,
         allow_peer_read: true,
+        // One connection per process, waited on with `Connection::wait`: a channel of its own.
+        shared_channel: false,
     }
 }
 

@@ -13,10 +13,12 @@
 //! - Credits: verbs cannot see the peer's posted receives, so `post_send` never returns
 //!   `NoCredit`: SDP's own credits (BSDH) are the flow control, as in kernel SDP. The QP is
 //!   built with `rnr_retry = 7` (retry forever), so a miscount stalls instead of failing.
-//! - Notification: one completion channel per connection (simplest first; see RDMA.md); the
-//!   notify fd is an epoll set holding the channel's fd and the bootstrap socket, whose end
-//!   means the peer closed (the shm bell's role). `arm` = `req_notify_cq` then a re-poll
-//!   (drain → arm → drain).
+//! - Notification: with `RdmaOptions::shared_channel` (libsdp's connections) every CQ reports
+//!   to the process's one completion channel ([`Device::channel_fd`], served by the progress
+//!   thread with [`Device::take_cq_events`]) and the notify fd holds only the peer-ended
+//!   signal (the rdma_cm id or the bootstrap socket). Without it (rdma-selftest) the
+//!   connection has a channel of its own and the notify fd is an epoll set of both.
+//!   `arm` = `req_notify_cq` then a re-poll (drain → arm → drain).
 //!
 //! Hot path: `post_send`, `post_recv`, `poll_cq` and `req_notify_cq` are called through the
 //! context's provider table (`qp->context->ops.post_send`, ...), as verbs.h's inline functions
@@ -50,6 +52,9 @@ pub struct RdmaOptions {
     pub max_inline: u32,
     /// Let the peer RDMA READ our `RemoteRead` registrations.
     pub allow_peer_read: bool,
+    /// Report completions on the device's shared channel (one per process) under
+    /// [`RdmaConn::event_id`] instead of a channel of the connection's own.
+    pub shared_channel: bool,
 }
 
 impl Default for RdmaOptions {
@@ -60,9 +65,13 @@ impl Default for RdmaOptions {
             send_depth: 32,
             max_inline: 128,
             allow_peer_read: true,
+            shared_channel: false,
         }
     }
 }
+
+/// The CQ context of connections on the shared channel: unique per connection in a process.
+static NEXT_EVENT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// What the peer needs from us to connect its QP to ours (carried by the bootstrap).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -159,7 +168,10 @@ impl Slab {
 /// The verbs objects of one connection, destroyed in dependency order.
 struct Qp {
     dev: Arc<Device>,
+    /// A channel of the connection's own (null on the shared channel).
     channel: *mut b::ibv_comp_channel,
+    /// The CQ context on the shared channel (0: own channel).
+    event_id: u64,
     cq: *mut b::ibv_cq,
     qp: *mut b::ibv_qp,
     recv: Slab,
@@ -229,26 +241,38 @@ impl Pending {
         let mut q = Qp {
             dev: dev.clone(),
             channel: ptr::null_mut(),
+            event_id: 0,
             cq: ptr::null_mut(),
             qp: ptr::null_mut(),
             recv,
             send,
         };
-        // SAFETY: live context.
-        q.channel = unsafe { (v.ibv_create_comp_channel)(dev.ctx) };
-        if q.channel.is_null() {
-            return Err(SetupError::Verbs {
+        let (channel, own_fd) = if opts.shared_channel {
+            let ch = dev.channel().map_err(|errno| SetupError::Verbs {
                 op: "ibv_create_comp_channel",
-                errno: last_errno(),
-            });
-        }
-        // SAFETY: the channel is live; its fd is ours to make non-blocking (ack_notify must
-        // never block in ibv_get_cq_event).
-        let chan_fd = unsafe { (*q.channel).fd };
-        set_nonblock(chan_fd).map_err(SetupError::Sys)?;
+                errno,
+            })?;
+            q.event_id = NEXT_EVENT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (ch.0, None)
+        } else {
+            // SAFETY: live context.
+            q.channel = unsafe { (v.ibv_create_comp_channel)(dev.ctx) };
+            if q.channel.is_null() {
+                return Err(SetupError::Verbs {
+                    op: "ibv_create_comp_channel",
+                    errno: last_errno(),
+                });
+            }
+            // SAFETY: the channel is live; its fd is ours to make non-blocking (ack_notify
+            // must never block in ibv_get_cq_event).
+            let chan_fd = unsafe { (*q.channel).fd };
+            set_nonblock(chan_fd).map_err(SetupError::Sys)?;
+            (q.channel, Some(chan_fd))
+        };
         let cqe = (opts.recv_depth + opts.send_depth).min(lim.max_cqe) as i32;
-        // SAFETY: live context and channel.
-        q.cq = unsafe { (v.ibv_create_cq)(dev.ctx, cqe, ptr::null_mut(), q.channel, 0) };
+        // SAFETY: live context and channel; the context pointer is an opaque integer to
+        // libibverbs, handed back by ibv_get_cq_event.
+        q.cq = unsafe { (v.ibv_create_cq)(dev.ctx, cqe, q.event_id as *mut c_void, channel, 0) };
         if q.cq.is_null() {
             return Err(SetupError::Verbs {
                 op: "ibv_create_cq",
@@ -304,7 +328,9 @@ impl Pending {
         )?;
 
         let epoll = epoll_create().map_err(SetupError::Sys)?;
-        epoll_add(&epoll, chan_fd).map_err(SetupError::Sys)?;
+        if let Some(fd) = own_fd {
+            epoll_add(&epoll, fd).map_err(SetupError::Sys)?;
+        }
         let psn = (crate::sys::random_u64().map_err(SetupError::Sys)? & 0xff_ffff) as u32;
         let depth = opts.recv_depth as usize;
         let conn = RdmaConn {
@@ -551,6 +577,11 @@ impl RdmaConn {
         }
         self.watch = watch;
         Ok(self)
+    }
+
+    /// The connection's name in [`Device::take_cq_events`] (0 with a channel of its own).
+    pub fn event_id(&self) -> u64 {
+        self.q.event_id
     }
 
     /// Our QP number.
@@ -989,7 +1020,8 @@ impl Connection for RdmaConn {
 
     fn ack_notify(&mut self) -> Result<(), ConnError> {
         let v = self.q.dev.verbs;
-        loop {
+        // On the shared channel, events are the progress thread's (Device::take_cq_events).
+        while !self.q.channel.is_null() {
             let mut cq: *mut b::ibv_cq = ptr::null_mut();
             let mut ctx: *mut c_void = ptr::null_mut();
             // SAFETY: live channel whose fd is non-blocking: returns -1 (EAGAIN) when empty.

@@ -13,7 +13,8 @@
 
 use std::collections::HashMap;
 use std::ffi::{CStr, c_int, c_void};
-use std::sync::{Arc, Mutex, Weak};
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use super::Unavailable;
 use super::bindings as b;
@@ -54,7 +55,17 @@ pub struct Device {
     port: PortInfo,
     limits: DeviceLimits,
     regs: Mutex<RegCache>,
+    /// The process's completion channel on this device, made at first need (see
+    /// [`Device::channel_fd`]); `Err` holds the errno of a failed creation.
+    channel: OnceLock<Result<ChanPtr, i32>>,
 }
+
+/// `ibv_comp_channel *`, shared by every CQ made with `RdmaOptions::shared_channel`.
+#[derive(Clone, Copy)]
+pub(crate) struct ChanPtr(pub(crate) *mut b::ibv_comp_channel);
+// SAFETY: a completion channel may be used from any thread (verbs are MT-safe).
+unsafe impl Send for ChanPtr {}
+unsafe impl Sync for ChanPtr {}
 
 // SAFETY: libibverbs objects may be used from any thread (the verbs are MT-safe); the cache is
 // behind a mutex and the rest is immutable after `open`.
@@ -185,7 +196,60 @@ impl Device {
                 max_qp_rd_atom: attr.max_qp_rd_atom.max(0) as u32,
             },
             regs: Mutex::new(RegCache::default()),
+            channel: OnceLock::new(),
         })
+    }
+
+    /// The process's completion channel on this device (DESIGN §5: one per process, served by
+    /// the progress thread), created at the first call, non-blocking; `Err(errno)` if it
+    /// cannot be made.
+    pub(crate) fn channel(&self) -> Result<ChanPtr, i32> {
+        *self.channel.get_or_init(|| {
+            // SAFETY: live context.
+            let ch = unsafe { (self.verbs.ibv_create_comp_channel)(self.ctx) };
+            if ch.is_null() {
+                return Err(last_errno());
+            }
+            // SAFETY: a live channel; its fd is ours to make non-blocking (take_cq_events must
+            // never block in ibv_get_cq_event).
+            let fd = unsafe { (*ch).fd };
+            // SAFETY: fcntl on a descriptor we own.
+            unsafe {
+                let fl = libc::fcntl(fd, libc::F_GETFL);
+                libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK);
+            }
+            Ok(ChanPtr(ch))
+        })
+    }
+
+    /// The descriptor of the process's completion channel: readable when a CQ made with
+    /// `RdmaOptions::shared_channel` and armed has a completion. Serve it with
+    /// [`Device::take_cq_events`].
+    pub fn channel_fd(&self) -> Option<RawFd> {
+        // SAFETY: a live channel (it lives as long as the device).
+        self.channel().ok().map(|c| unsafe { (*c.0).fd })
+    }
+
+    /// Takes every pending completion event of the shared channel, acknowledges it at once (so
+    /// that destroying its CQ never waits), then reports the CQ's connection
+    /// ([`crate::rdma::RdmaConn::event_id`]) to `f`. Returns how many.
+    pub fn take_cq_events(&self, mut f: impl FnMut(u64)) -> usize {
+        let Ok(ch) = self.channel() else {
+            return 0;
+        };
+        let mut n = 0;
+        loop {
+            let mut cq: *mut b::ibv_cq = std::ptr::null_mut();
+            let mut ctx: *mut c_void = std::ptr::null_mut();
+            // SAFETY: a live, non-blocking channel: -1 (EAGAIN) when empty.
+            if unsafe { (self.verbs.ibv_get_cq_event)(ch.0, &mut cq, &mut ctx) } != 0 {
+                return n;
+            }
+            // SAFETY: the event names a CQ of this channel, live until acknowledged.
+            unsafe { (self.verbs.ibv_ack_cq_events)(cq, 1) };
+            n += 1;
+            f(ctx as u64);
+        }
     }
 
     /// The device's name (`rxe0`).
@@ -310,6 +374,11 @@ impl Drop for Device {
         let cache = std::mem::take(self.regs.get_mut().unwrap_or_else(|e| e.into_inner()));
         for (_, e) in cache.mrs {
             self.dereg(e.mr);
+        }
+        if let Some(Ok(ch)) = self.channel.get() {
+            // SAFETY: every CQ on the channel belonged to a connection holding an Arc of this
+            // device, so all are destroyed.
+            unsafe { (self.verbs.ibv_destroy_comp_channel)(ch.0) };
         }
         // SAFETY: every QP/CQ/MR of this PD and context belongs to a connection holding an
         // Arc of this device, so none is left; the PD and context are ours.

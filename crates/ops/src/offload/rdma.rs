@@ -112,6 +112,7 @@ fn options() -> RdmaOptions {
         send_depth: 128,
         // ZCopy: the peer RDMA-reads what our SrcAvails offer.
         allow_peer_read: true,
+        shared_channel: true,
         ..RdmaOptions::default()
     }
 }
@@ -441,8 +442,7 @@ fn server_setup(
         Reason::Exhausted
     })?;
     let s = SdpRdma::new(engine, rc);
-    let flag = Arc::clone(&s.notified);
-    let nfd = s.conn.notify_fd();
+    let notify = Notify::of(&s);
     let row = Row::claim(fd, Transport::Rdma, 2);
     if let Some(r) = &row {
         r.set_addrs(Some(local), Some(peer));
@@ -460,7 +460,7 @@ fn server_setup(
     ));
     bind_fd(fd, &conn);
     let stray = setup::watch_stray(&conn, bell);
-    let watch = watch_notify(&conn, nfd, flag);
+    let watch = watch_notify(&conn, notify);
     let mut g = conn.lock();
     g.stray = stray;
     g.watch = watch;
@@ -658,8 +658,7 @@ impl Task for ConnectTask {
 
 /// Pending → offloaded over rdma: the bytes the application already sent go first.
 fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpRdma) {
-    let flag = Arc::clone(&s.notified);
-    let nfd = s.conn.notify_fd();
+    let notify = Notify::of(&s);
     let (buf, shut) = match std::mem::replace(&mut g.phase, Phase::Tcp) {
         Phase::Pending { sendbuf, shut_wr } => (sendbuf, shut_wr),
         other => {
@@ -686,7 +685,7 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpRdma) {
         stream.set_every_arrival(true);
     }
     g.phase = Phase::Offloaded(stream);
-    g.watch = watch_notify(conn, nfd, flag);
+    g.watch = watch_notify(conn, notify);
     g.sync();
     log::resolved(g, None);
 }
@@ -701,40 +700,153 @@ struct NotifyTask {
 
 impl Task for NotifyTask {
     fn on_event(&self, _fd: i32, _events: u32) {
-        let Some(conn) = self.conn.upgrade() else {
-            return;
-        };
-        let mut g = conn.lock();
-        self.flag.store(true, Ordering::Release);
-        let before = match &g.phase {
-            Phase::Offloaded(s) if s.is_current() => s.counters().msgs_rx,
-            _ => return,
-        };
-        g.sync();
-        let (after, dead) = match &g.phase {
-            Phase::Offloaded(s) => (s.counters().msgs_rx, s.error().is_some()),
-            _ => return,
-        };
-        if after > before && g.every_arrival && g.bytes_in {
-            // LINUX: edge-triggered epoll reports every arrival: one more byte, one more edge.
-            super::raw_send(g.own_bell, &[1], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
-        }
-        if dead && let Some(t) = g.watch.take() {
-            // A dead QP's channel may stay readable: stop watching it.
-            progress::unregister(t);
+        notified(&self.conn, &self.flag);
+    }
+}
+
+/// The connection needs attention (a completion, or its rdma_cm id has an event): progress it
+/// and bring its app end up to date.
+fn notified(conn: &Weak<Conn>, flag: &AtomicBool) {
+    let Some(conn) = conn.upgrade() else {
+        return;
+    };
+    let mut g = conn.lock();
+    flag.store(true, Ordering::Release);
+    let before = match &g.phase {
+        Phase::Offloaded(s) if s.is_current() => s.counters().msgs_rx,
+        _ => return,
+    };
+    g.sync();
+    let (after, dead) = match &g.phase {
+        Phase::Offloaded(s) => (s.counters().msgs_rx, s.error().is_some()),
+        _ => return,
+    };
+    if after > before && g.every_arrival && g.bytes_in {
+        // LINUX: edge-triggered epoll reports every arrival: one more byte, one more edge.
+        super::raw_send(g.own_bell, &[1], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+    }
+    if dead && let Some(t) = g.watch.take() {
+        // A dead QP's rdma_cm id may stay readable: stop watching it.
+        progress::unregister(t);
+    }
+}
+
+/// What the progress thread needs to serve a connection: its notify fd (the rdma_cm id), the
+/// flag `SdpRdma::poll_completions` acknowledges, and its name on the process's completion
+/// channel.
+struct Notify {
+    fd: i32,
+    flag: Arc<AtomicBool>,
+    event_id: u64,
+    device: Arc<ib_verbs::rdma::Device>,
+}
+
+impl Notify {
+    fn of(s: &SdpRdma) -> Notify {
+        Notify {
+            fd: s.conn.notify_fd(),
+            flag: Arc::clone(&s.notified),
+            event_id: s.conn.event_id(),
+            device: Arc::clone(s.conn.device()),
         }
     }
 }
 
-fn watch_notify(conn: &Arc<Conn>, nfd: i32, flag: Arc<AtomicBool>) -> Option<u64> {
+/// Registers the connection with the progress thread: its rdma_cm events on its notify fd, its
+/// completions through the process's channel (before the first `arm`, so none is missed).
+fn watch_notify(conn: &Arc<Conn>, n: Notify) -> Option<u64> {
+    channel::serve(&n.device);
+    channel::add(n.event_id, Arc::downgrade(conn), Arc::clone(&n.flag));
     progress::register(
-        nfd,
+        n.fd,
         libc::EPOLLIN as u32,
         Arc::new(NotifyTask {
             conn: Arc::downgrade(conn),
-            flag,
+            flag: n.flag,
         }),
     )
+}
+
+/// The process's completion channel (DESIGN §5): every CQ of our connections reports to one
+/// channel per device, which one progress task serves; an event names its connection by
+/// `RdmaConn::event_id`.
+mod channel {
+    use super::*;
+    use ib_verbs::rdma::Device;
+
+    type Waiters = HashMap<u64, (Weak<Conn>, Arc<AtomicBool>)>;
+    static WAITERS: Mutex<Option<Waiters>> = Mutex::new(None);
+    /// Devices whose channel has a progress task (in this process).
+    static SERVED: Mutex<Vec<(i32, Weak<Device>)>> = Mutex::new(Vec::new());
+
+    struct ChannelTask {
+        dev: Weak<Device>,
+        owner: i32,
+        token: Mutex<Option<u64>>,
+    }
+
+    impl Task for ChannelTask {
+        fn on_event(&self, _fd: i32, _events: u32) {
+            let dev = self.dev.upgrade();
+            let Some(dev) = dev.filter(|_| ib_verbs::sys::getpid() == self.owner) else {
+                // The device is gone, or this is a fork child: the channel (shared with the
+                // parent) is the owner's to drain.
+                if let Some(t) = self.token.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    progress::unregister(t);
+                }
+                return;
+            };
+            let mut ids = Vec::new();
+            dev.take_cq_events(|id| ids.push(id));
+            for id in ids {
+                let w = WAITERS
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_ref()
+                    .and_then(|m| m.get(&id).cloned());
+                if let Some((conn, flag)) = w {
+                    notified(&conn, &flag);
+                }
+            }
+        }
+    }
+
+    /// Makes sure the progress thread serves `dev`'s channel in this process.
+    pub(super) fn serve(dev: &Arc<Device>) {
+        let pid = ib_verbs::sys::getpid();
+        let mut served = SERVED.lock().unwrap_or_else(|p| p.into_inner());
+        served.retain(|(p, d)| *p == pid && d.strong_count() > 0);
+        if served
+            .iter()
+            .any(|(_, d)| d.upgrade().is_some_and(|d| Arc::ptr_eq(&d, dev)))
+        {
+            return;
+        }
+        let Some(fd) = dev.channel_fd() else {
+            return;
+        };
+        let task = Arc::new(ChannelTask {
+            dev: Arc::downgrade(dev),
+            owner: pid,
+            token: Mutex::new(None),
+        });
+        let token = progress::register(fd, libc::EPOLLIN as u32, task.clone());
+        *task.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+        served.push((pid, Arc::downgrade(dev)));
+    }
+
+    pub(super) fn add(id: u64, conn: Weak<Conn>, flag: Arc<AtomicBool>) {
+        let mut g = WAITERS.lock().unwrap_or_else(|p| p.into_inner());
+        let m = g.get_or_insert_with(HashMap::new);
+        m.retain(|_, (c, _)| c.strong_count() > 0);
+        m.insert(id, (conn, flag));
+    }
+
+    pub(super) fn remove(id: u64) {
+        if let Some(m) = WAITERS.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            m.remove(&id);
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1142,6 +1254,7 @@ impl SdpRdma {
 impl Drop for SdpRdma {
     fn drop(&mut self) {
         if self.mine() {
+            channel::remove(self.conn.event_id());
             // SAFETY: dropped once, here, in the process that created the verbs objects.
             unsafe { ManuallyDrop::drop(&mut self.conn) };
         }
