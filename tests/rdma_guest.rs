@@ -314,8 +314,7 @@ fn one_guest_iperf3_parallel_streams_over_rdma_share_one_completion_channel() {
     let sum = c
         .stdout
         .lines()
-        .filter(|l| l.contains("[SUM]"))
-        .last()
+        .rfind(|l| l.contains("[SUM]"))
         .unwrap_or("");
     println!(
         "RDMA-TEST INFO iperf3-P4-over-rdma: 5 rdma connections per side, verbs event fds {fds:?}; {}",
