@@ -8,7 +8,7 @@
 //! Timings (connect rates, ping-pong p50/p99 without and with the load) are printed on
 //! stderr, never asserted: the CPU is shared. docs/FAULTS.md records measured figures; the
 //! latency target under load (within 2x of the unloaded figures) is `sdp bench`'s
-//! `loaded_p50`/`loaded_p99`.
+//! `loaded_p50_64`/`loaded_p99_64`.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
