@@ -36,6 +36,7 @@ mod affinity;
 mod fdloop;
 mod idle;
 mod iperf3;
+mod loaded;
 mod proc;
 mod redis;
 mod setup;
@@ -75,6 +76,9 @@ pub fn run(opts: &BenchOpts) -> Result<(), String> {
     }
     if let Some(spec) = std::env::var_os(idle::IDLE_ENV) {
         return idle::child_main(&spec.to_string_lossy());
+    }
+    if let Some(spec) = std::env::var_os(loaded::LOADED_ENV) {
+        return loaded::child_main(&spec.to_string_lossy());
     }
     let selected: Vec<&workloads::Workload> = workloads::ALL
         .iter()

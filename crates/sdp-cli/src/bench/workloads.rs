@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::proc::Leg;
 use super::verify::Expect;
-use super::{BenchOpts, affinity, fdloop, idle, iperf3, redis, setup, sockperf};
+use super::{BenchOpts, affinity, fdloop, idle, iperf3, loaded, redis, setup, sockperf};
 
 /// A metric a workload reports: its `bench <name>` and its unit.
 pub struct Metric {
@@ -138,7 +138,7 @@ impl Ctx {
 /// 2-vCPU VM with today's library: sockperf 34 s, iperf3 15 s over TCP (up to 30 s
 /// while SDP streams slower than TCP), pipe_rw and file_rw 8 s, redis 13 s,
 /// setup_rate 10 s (slower connection setup over SDP stretches it), sockperf_16k 24 s,
-/// iperf3_8stream 25 s, idle_conn_mem 10 s.
+/// iperf3_8stream 25 s, idle_conn_mem 10 s, loaded 20 s.
 pub static ALL: &[Workload] = &[
     Workload {
         name: "sockperf",
@@ -304,5 +304,25 @@ pub static ALL: &[Workload] = &[
         warmup: false,
         peers: Some(("sdp", "sdp")),
         run: idle::per_connection,
+    },
+    Workload {
+        name: "loaded",
+        metrics: &[
+            Metric {
+                name: "loaded_p50_64",
+                unit: "x_unloaded",
+            },
+            Metric {
+                name: "loaded_p99_64",
+                unit: "x_unloaded",
+            },
+        ],
+        tools: &[],
+        // About 1.5 s per repetition in quick (a thousand connections set up, two ping-pong
+        // runs of 10,000 round trips).
+        reps: Reps { quick: 5, full: 9 },
+        warmup: true,
+        peers: Some(("sdp", "sdp")),
+        run: loaded::p50_p99,
     },
 ];
