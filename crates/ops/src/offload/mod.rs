@@ -19,6 +19,7 @@
 pub mod data;
 pub mod exec;
 pub mod intents;
+pub mod keepalive;
 pub mod rdma;
 pub mod sdp;
 pub mod setup;
