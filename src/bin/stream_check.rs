@@ -5,6 +5,8 @@
 //! ```text
 //! stream_check serve ADDR PORT [--hold FILE]   accept one connection, check it, answer
 //! stream_check send ADDR PORT BYTES [--hold FILE]
+//! stream_check idle ADDR PORT --keepalive SECS
+//! stream_check quiet ADDR PORT SECS
 //! ```
 //!
 //! The client writes BYTES bytes in writes cycling through sizes from 1 byte to 1 MiB (small
@@ -14,6 +16,13 @@
 //! reads `sdp stat` meanwhile); a server given the same FILE keeps its end open until the
 //! client wrote FILE and FILE was removed. Exit status 0 only for `ok` (the client: with the
 //! byte count sent).
+//!
+//! Keepalive: `idle` connects, sets SO_KEEPALIVE, TCP_KEEPIDLE=SECS, TCP_KEEPINTVL=1 and
+//! TCP_KEEPCNT=2, prints `connected`, blocks in one `read` and prints how it ended:
+//! `ended: bytes N TEXT`, `ended: eof` or `ended: error ENAME` (exit 0; 3 when it could not
+//! connect or set the options). `quiet` accepts one connection, prints `accepted`, stays silent
+//! SECS seconds (the client idles past its keepalive time), then writes `hello` and waits for
+//! the client to close.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -142,6 +151,88 @@ fn send(addr: &str, port: &str, bytes: u64, hold: Option<&str>) -> i32 {
     i32::from(line.trim() != format!("ok {bytes}"))
 }
 
+/// The client with keepalive on: one blocking read, reported.
+fn idle(addr: &str, port: &str, secs: i32) -> i32 {
+    let start = std::time::Instant::now();
+    let mut s = loop {
+        match TcpStream::connect(format!("{addr}:{port}")) {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && start.elapsed() < Duration::from_secs(60) =>
+            {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => {
+                eprintln!("connect: {e}");
+                return 3;
+            }
+        }
+    };
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    for (level, name, v) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2),
+    ] {
+        // SAFETY: an int option of our own socket, from a valid pointer.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &v as *const i32 as *const libc::c_void,
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            eprintln!("setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+            return 3;
+        }
+    }
+    println!("connected");
+    let mut buf = [0u8; 256];
+    let ended = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "eof".to_string(),
+            Ok(n) => {
+                break format!("bytes {n} {}", String::from_utf8_lossy(&buf[..n]).trim());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break format!("error {}", errno_name(e.raw_os_error().unwrap_or(0))),
+        }
+    };
+    println!("ended: {ended}");
+    0
+}
+
+fn errno_name(e: i32) -> String {
+    match e {
+        libc::ETIMEDOUT => "ETIMEDOUT".into(),
+        libc::ECONNRESET => "ECONNRESET".into(),
+        libc::EPIPE => "EPIPE".into(),
+        libc::EHOSTUNREACH => "EHOSTUNREACH".into(),
+        libc::EIO => "EIO".into(),
+        e => format!("errno{e}"),
+    }
+}
+
+/// The server of `idle`: silent for `secs`, then one line.
+fn quiet(addr: &str, port: &str, secs: u64) -> i32 {
+    let l = TcpListener::bind(format!("{addr}:{port}")).expect("bind");
+    println!("listening");
+    let (mut s, _) = l.accept().expect("accept");
+    println!("accepted");
+    std::thread::sleep(Duration::from_secs(secs));
+    s.write_all(b"hello\n").expect("write");
+    let mut buf = [0u8; 64];
+    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    println!("done");
+    0
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let code = match a.iter().map(String::as_str).collect::<Vec<_>>()[1..] {
@@ -151,9 +242,13 @@ fn main() {
         ["send", addr, port, n, "--hold", f] => {
             send(addr, port, n.parse().expect("BYTES"), Some(f))
         }
+        ["idle", addr, port, "--keepalive", secs] => {
+            idle(addr, port, secs.parse().expect("SECS"))
+        }
+        ["quiet", addr, port, secs] => quiet(addr, port, secs.parse().expect("SECS")),
         _ => {
             eprintln!(
-                "usage: stream_check serve ADDR PORT [--hold FILE] | send ADDR PORT BYTES [--hold FILE]"
+                "usage: stream_check serve ADDR PORT [--hold FILE] | send ADDR PORT BYTES [--hold FILE] | idle ADDR PORT --keepalive SECS | quiet ADDR PORT SECS"
             );
             2
         }
