@@ -857,7 +857,11 @@ fn established_set_keepalive_none_stops_timer() {
 fn hello_sent_set_keepalive_armed_at_establish() {
     let mut o = One::active(Config::default());
     o.c.set_keepalive(o.now, Some(std::time::Duration::from_secs(3)));
-    assert_eq!(o.c.poll_timeout(), None, "nothing to probe before the HelloAck");
+    assert_eq!(
+        o.c.poll_timeout(),
+        None,
+        "nothing to probe before the HelloAck"
+    );
     o.now = o.now + std::time::Duration::from_secs(1);
     o.c.handle_hello_ack(o.now, &hello_ack(8, 0x22, 1)).unwrap();
     assert_eq!(
@@ -872,10 +876,15 @@ fn established_keepalive_probe_failed_times_out() {
     o.c.set_keepalive(o.now, Some(std::time::Duration::from_secs(1)));
     o.advance(1.0);
     assert_eq!(probes(&o.events()), 1);
-    let r = o.c.handle_transport_error(o.now, TransportFailure::Keepalive);
+    let r =
+        o.c.handle_transport_error(o.now, TransportFailure::Keepalive);
     let e = ConnectionError::Transport(TransportFailure::Keepalive);
     assert_eq!(r, Err(HandleError::Fatal(e)));
-    assert_eq!(e.io_kind(), std::io::ErrorKind::TimedOut, "ETIMEDOUT, as TCP");
+    assert_eq!(
+        e.io_kind(),
+        std::io::ErrorKind::TimedOut,
+        "ETIMEDOUT, as TCP"
+    );
     assert_eq!(o.c.state(), StateKind::Closed);
     assert_eq!(o.c.poll_timeout(), None);
     o.c.set_keepalive(o.now, Some(std::time::Duration::from_secs(1)));

@@ -188,7 +188,10 @@ fn idle(addr: &str, port: &str, secs: i32) -> i32 {
             )
         };
         if rc != 0 {
-            eprintln!("setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+            eprintln!(
+                "setsockopt({level}, {name}): {}",
+                std::io::Error::last_os_error()
+            );
             return 3;
         }
     }
@@ -242,9 +245,7 @@ fn main() {
         ["send", addr, port, n, "--hold", f] => {
             send(addr, port, n.parse().expect("BYTES"), Some(f))
         }
-        ["idle", addr, port, "--keepalive", secs] => {
-            idle(addr, port, secs.parse().expect("SECS"))
-        }
+        ["idle", addr, port, "--keepalive", secs] => idle(addr, port, secs.parse().expect("SECS")),
         ["quiet", addr, port, secs] => quiet(addr, port, secs.parse().expect("SECS")),
         _ => {
             eprintln!(

@@ -110,7 +110,11 @@ mod tests {
             .ok()
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map_or(DEFAULT_IDLE, Duration::from_secs);
-        assert_eq!(of_socket(fd), Some(sysctl), "the kernel's default idle time");
+        assert_eq!(
+            of_socket(fd),
+            Some(sysctl),
+            "the kernel's default idle time"
+        );
         set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
         assert_eq!(of_socket(fd), Some(Duration::from_secs(5)));
         set(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0);
