@@ -555,6 +555,72 @@ fn rendezvous(node: u32, addr: &str, peer: &str, port: u16) {
     }
 }
 
+/// SO_KEEPALIVE set on a listener reaches the rdma connections it accepts (the accepted
+/// shadow inherits it): in one guest (`LIBSDP_TRANSPORT=rdma` on both ends), a server whose
+/// listener has keepalive idle 1 s and a client without keepalive: while the server is silent,
+/// rxe0 carries packets (the server's probes and their acknowledgements; nothing else moves)
+/// and no SDP message; then the server's line arrives.
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_keepalive_inherited_from_listener_probes_idle_peer() {
+    let (_, addr, _, pair) = guest();
+    assert!(!pair, "a one-guest test");
+    let port = 17050u16;
+    let prog = built("stream_check");
+    let mut srv = command(Mode::Preload, &prog);
+    srv.args(["quiet", &addr, &port.to_string(), "12", "--keepalive", "1"])
+        .env("LIBSDP_TRANSPORT", "rdma");
+    let mut server = Proc::spawn(srv, "stream_check quiet --keepalive 1");
+    wait_listening(&mut server, port);
+    let mut cli = command(Mode::Preload, &prog);
+    cli.args(["idle", &addr, &port.to_string(), "--keepalive", "0"])
+        .env("LIBSDP_TRANSPORT", "rdma");
+    let client = Proc::spawn(cli, "stream_check idle (no keepalive)");
+    let one_rdma = |rows: &[StatRow]| {
+        let c = connections(rows);
+        c.len() == 1 && c[0].transport == "rdma"
+    };
+    let ids = [client.id(), server.id()];
+    let before = groups_when(&ids, Duration::from_secs(30), one_rdma);
+    let pkts_before = rxe_sent_pkts();
+    std::thread::sleep(Duration::from_secs(4));
+    let pkts_after = rxe_sent_pkts();
+    let after = groups_when(&ids, Duration::from_secs(30), one_rdma);
+    let (c, s) = (client.wait(T), server.wait(T));
+    for (i, side) in ["client", "server"].iter().enumerate() {
+        let show = format!(
+            "before:
+{}after:
+{}",
+            libsdp_suite::show_rows(&before[i]),
+            libsdp_suite::show_rows(&after[i])
+        );
+        assert!(
+            one_rdma(&before[i]) && one_rdma(&after[i]),
+            "{side}: want one rdma connection:
+{show}"
+        );
+        let (b, a) = (connections(&before[i])[0], connections(&after[i])[0]);
+        assert!(
+            (b.msgs_tx, b.msgs_rx) == (a.msgs_tx, a.msgs_rx),
+            "{side}: no SDP message may move while idle:
+{show}"
+        );
+    }
+    assert!(
+        pkts_after > pkts_before,
+        "the server's inherited keepalive (idle 1 s) sent no probe in 4 s: rxe0 sent_pkts {pkts_before} -> {pkts_after}"
+    );
+    assert!(
+        c.code == 0 && c.stdout.contains("ended: bytes 6 hello") && s.code == 0,
+        "client: {c:?}\nserver: {s:?}"
+    );
+    println!(
+        "RDMA-TEST INFO keepalive-inherited: accepted rdma connection probes with the listener's keepalive: {} rxe0 packets in 4 s idle, no SDP message; then data flowed",
+        pkts_after - pkts_before
+    );
+}
+
 /// Keepalive on an idle rdma connection whose peer is alive: vm1's client (SO_KEEPALIVE,
 /// TCP_KEEPIDLE 1 s) idles while vm2's server stays silent for 15 s, then reads the server's
 /// line: the probes (rxe0 packets while no SDP message moves) neither disturb the peer nor end
