@@ -3,7 +3,7 @@
 //! every byte and answers with its verdict.
 //!
 //! ```text
-//! stream_check serve ADDR PORT [--hold FILE]   accept one connection, check it, answer
+//! stream_check serve ADDR PORT [--fork] [--hold FILE]   accept one connection, check it, answer
 //! stream_check send ADDR PORT BYTES [--hold FILE]
 //! ```
 //!
@@ -13,7 +13,8 @@
 //! it then writes that line to FILE and keeps the connection open until FILE is removed (a test
 //! reads `sdp stat` meanwhile); a server given the same FILE keeps its end open until the
 //! client wrote FILE and FILE was removed. Exit status 0 only for `ok` (the client: with the
-//! byte count sent).
+//! byte count sent). With `--fork` the server listens, then a forked child accepts and serves
+//! while the listening parent waits for it (a prefork server's shape).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -60,9 +61,24 @@ fn fill(pat: &[u8], at: u64, out: &mut [u8]) {
     }
 }
 
-fn serve(addr: &str, port: &str, hold: Option<&str>) -> i32 {
+fn serve(addr: &str, port: &str, fork: bool, hold: Option<&str>) -> i32 {
     let l = TcpListener::bind(format!("{addr}:{port}")).expect("bind");
     println!("listening");
+    if fork {
+        // SAFETY: the process has no other thread; the child only uses its own copies.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid > 0 {
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            return if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                1
+            };
+        }
+    }
     let (mut s, _) = l.accept().expect("accept");
     let pat = pattern();
     let mut buf = vec![0u8; 1 << 20];
@@ -144,16 +160,19 @@ fn send(addr: &str, port: &str, bytes: u64, hold: Option<&str>) -> i32 {
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
-    let code = match a.iter().map(String::as_str).collect::<Vec<_>>()[1..] {
-        ["serve", addr, port] => serve(addr, port, None),
-        ["serve", addr, port, "--hold", f] => serve(addr, port, Some(f)),
+    let v: Vec<&str> = a.iter().map(String::as_str).collect();
+    let fork = v.contains(&"--fork");
+    let v: Vec<&str> = v.into_iter().filter(|x| *x != "--fork").collect();
+    let code = match v[1..] {
+        ["serve", addr, port] => serve(addr, port, fork, None),
+        ["serve", addr, port, "--hold", f] => serve(addr, port, fork, Some(f)),
         ["send", addr, port, n] => send(addr, port, n.parse().expect("BYTES"), None),
         ["send", addr, port, n, "--hold", f] => {
             send(addr, port, n.parse().expect("BYTES"), Some(f))
         }
         _ => {
             eprintln!(
-                "usage: stream_check serve ADDR PORT [--hold FILE] | send ADDR PORT BYTES [--hold FILE]"
+                "usage: stream_check serve ADDR PORT [--fork] [--hold FILE] | send ADDR PORT BYTES [--hold FILE]"
             );
             2
         }

@@ -71,6 +71,9 @@ pub enum SetupError {
     /// The bootstrap socket ended before the exchange finished.
     PeerClosed,
     Timeout,
+    /// The listener's process sent us to the rdma_cm port of the process that accepted our
+    /// TCP connection (a prefork server's worker), on the same address.
+    Redirect(u16),
 }
 
 impl std::fmt::Display for SetupError {
@@ -83,6 +86,7 @@ impl std::fmt::Display for SetupError {
             SetupError::Peer(s) => write!(f, "bad peer: {s}"),
             SetupError::PeerClosed => write!(f, "peer closed the bootstrap socket"),
             SetupError::Timeout => write!(f, "bootstrap timed out"),
+            SetupError::Redirect(p) => write!(f, "redirected to rdma_cm port {p}"),
         }
     }
 }

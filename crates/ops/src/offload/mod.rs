@@ -18,6 +18,7 @@
 
 pub mod data;
 pub mod exec;
+pub mod handoff;
 pub mod intents;
 pub mod rdma;
 pub mod sdp;
