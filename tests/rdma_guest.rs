@@ -348,7 +348,8 @@ fn one_guest_iperf3_parallel_streams_over_rdma_share_one_completion_channel() {
 }
 
 /// ZCopy over the RoCEv2 link: vm1 sends 32 MiB to vm2 with `stream_check` under the preload;
-/// vm2's server checks every byte. Both ends `rdma`, with BCopy and ZCopy bytes each.
+/// vm2's server checks every byte. Both ends `rdma`, with BCopy and ZCopy bytes each. vm2's
+/// server is a prefork one (a forked child accepts): the client is redirected to the child.
 #[test]
 #[ignore = "runs in the soft-RoCE guests: scripts/rdma-tests.sh"]
 fn pair_stream_across_guests_bcopy_and_zcopy() {
@@ -373,8 +374,9 @@ fn pair_stream_across_guests_bcopy_and_zcopy() {
     };
     if node == 2 {
         let mut srv = command(Mode::Preload, &prog);
-        srv.args(["serve", &addr, &port.to_string(), "--hold", hold]);
+        srv.args(["serve", &addr, &port.to_string(), "--hold", hold, "--fork"]);
         let mut server = Proc::spawn(srv, "stream_check serve");
+        let listener = server.id();
         wait_listening(&mut server, port);
         // vm1 starts its client once this plain listener answers: the server (and its rdma_cm
         // listener, made right after its kernel listen) is up by then.
@@ -395,6 +397,11 @@ fn pair_stream_across_guests_bcopy_and_zcopy() {
         let c = connections(&rows);
         let (bytes, zcopy) = c.first().map_or((0, 0), |r| (r.bytes_rx, r.zcopy_rx));
         check("server", &rows, bytes, zcopy);
+        assert!(
+            c.first().is_some_and(|r| r.pid != listener),
+            "the connection must be the forked worker's:\n{}",
+            libsdp_suite::show_rows(&rows)
+        );
         return;
     }
     let deadline = Instant::now() + T;
