@@ -20,6 +20,7 @@ pub mod data;
 pub mod exec;
 pub mod handoff;
 pub mod intents;
+pub mod lazy;
 pub mod rdma;
 pub mod sdp;
 pub mod setup;
@@ -67,6 +68,9 @@ pub struct Inner {
     pub stuffed: bool,
     /// We asked the peer for a bell since the last drain.
     pub armed: bool,
+    /// The peer took our request for a bell while we found its message by polling: its byte
+    /// is on its way (no need to ring ourselves; drain it when the data is consumed).
+    pub owed: bool,
     /// Our bell end was shut for writing: the app end reads end of stream after the bytes.
     pub eof_signalled: bool,
     pub shut_rd: bool,
@@ -128,6 +132,7 @@ impl Inner {
             bytes_in: false,
             stuffed: false,
             armed: false,
+            owed: false,
             eof_signalled: false,
             shut_rd: false,
             so_error: 0,
@@ -236,6 +241,17 @@ pub fn unbind_fd(fd: i32) -> Option<Arc<Conn>> {
     let last = inner.app_fds.is_empty();
     drop(inner);
     last.then_some(conn)
+}
+
+/// The (events, data) with which epoll set `epfd` watches offloaded `fd`, as the application
+/// registered it.
+pub fn epoll_registration(epfd: i32, fd: i32) -> Option<(u32, u64)> {
+    let conn = lookup(fd)?;
+    let g = conn.lock();
+    g.epoll
+        .iter()
+        .find(|r| r.0 == epfd && r.1 == fd)
+        .map(|r| (r.2, r.3))
 }
 
 /// Remembers an application's `epoll_ctl` on an offloaded fd.
@@ -530,7 +546,7 @@ impl Inner {
             let rang = match &mut self.phase {
                 Phase::Offloaded(s) => self.armed && s.disarm_recv(),
                 _ => false,
-            };
+            } || std::mem::take(&mut self.owed);
             if (self.every_arrival && self.armed) || self.bytes_in || rang {
                 let want = usize::from(self.bytes_in) + usize::from(rang);
                 if drain(self.app_int) < want && rang && !self.every_arrival {
@@ -546,7 +562,21 @@ impl Inner {
                 want_in = s.recv_ready();
             }
         }
-        if want_in && !self.bytes_in {
+        if want_in && !self.bytes_in && !self.owed {
+            // Data we found by polling, with our request for a bell still out: if the peer
+            // took it, its byte makes the app end readable (one system call less than ringing
+            // ourselves too, on every request-response message).
+            if self.armed
+                && !self.every_arrival
+                && let Phase::Offloaded(s) = &mut self.phase
+            {
+                // Withdrawn, or taken by the peer.
+                self.armed = false;
+                if s.disarm_recv() {
+                    self.owed = true;
+                    return;
+                }
+            }
             self.self_ring();
         }
     }
