@@ -67,7 +67,8 @@ pub unsafe extern "C" fn epoll_ctl(
 /// Busy-polls an epoll set that watches offloaded connections for a short budget before
 /// sleeping (see `ops::offload::data` for the budget). Returns the events found, or 0.
 unsafe fn spin_epoll(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: c_int) -> c_int {
-    if timeout == 0 || !ops::offload::epoll_has_offloaded(epfd) {
+    let spin = ops::offload::epoll_spin(epfd);
+    if timeout == 0 || spin == ops::offload::Spin::No {
         return 0;
     }
     let budget = ops::offload::data::spin_budget();
@@ -76,7 +77,9 @@ unsafe fn spin_epoll(epfd: c_int, events: *mut epoll_event, max: c_int, timeout:
         ops::stats::bump(ops::stats::header::EPOLL_SPINS, 1);
     }
     while start.elapsed() < budget {
-        crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
+        if spin == ops::offload::Spin::Rings {
+            crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
+        }
         let n = unsafe { crate::real::epoll_wait(epfd, events, max, 0) };
         if n > 0 {
             ops::stats::bump(ops::stats::header::EPOLL_SPIN_HITS, 1);

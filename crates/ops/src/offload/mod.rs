@@ -309,21 +309,34 @@ pub fn note_epoll(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
 static WATCHED: RwLock<Option<HashMap<i32, Vec<std::sync::Weak<Conn>>>>> = RwLock::new(None);
 static ANY_WATCHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether `epoll_wait` on `epfd` should busy-poll: it watches offloaded connections.
-#[inline]
-pub fn epoll_has_offloaded(epfd: i32) -> bool {
-    if !ANY_WATCHED.load(std::sync::atomic::Ordering::Acquire) {
-        return false;
-    }
-    let g = WATCHED.read().unwrap_or_else(|p| p.into_inner());
-    // Busy-polling pays for a few latency-bound connections; a set of many is a busy server
-    // whose next event is never far, and spinning over all of them costs more than it saves.
-    g.as_ref()
-        .and_then(|m| m.get(&epfd))
-        .is_some_and(|l| !l.is_empty() && l.len() <= SPIN_MAX_CONNS)
+/// How `epoll_wait` on a set busy-polls before sleeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spin {
+    /// No offloaded connection in the set: straight to the kernel.
+    No,
+    /// A few: poll their rings, then the set without sleeping.
+    Rings,
+    /// Many (a busy server): only the set without sleeping. Polling every ring costs more than
+    /// it saves, but a bell that lands while we spin is caught without a sleep and a wake-up
+    /// (which is what a loaded server's latency was made of).
+    Kernel,
 }
 
-/// The most offloaded connections an epoll set may watch for `epoll_wait` to busy-poll.
+/// How `epoll_wait` on `epfd` should busy-poll (see [`Spin`]).
+#[inline]
+pub fn epoll_spin(epfd: i32) -> Spin {
+    if !ANY_WATCHED.load(std::sync::atomic::Ordering::Acquire) {
+        return Spin::No;
+    }
+    let g = WATCHED.read().unwrap_or_else(|p| p.into_inner());
+    match g.as_ref().and_then(|m| m.get(&epfd)).map_or(0, Vec::len) {
+        0 => Spin::No,
+        n if n <= SPIN_MAX_CONNS => Spin::Rings,
+        _ => Spin::Kernel,
+    }
+}
+
+/// The most offloaded connections an epoll set may watch for `epoll_wait` to poll their rings.
 const SPIN_MAX_CONNS: usize = 4;
 
 /// One busy-poll round over the offloaded connections of `epfd`: moves what arrived and makes
