@@ -347,6 +347,46 @@ fn one_guest_iperf3_parallel_streams_over_rdma_share_one_completion_channel() {
     );
 }
 
+/// A preloaded client of a plain server (no libsdp there) over rdma: the kernel's CM rejects
+/// its REQ (no capability record), the connection goes on over TCP with reason `no-beacon`,
+/// and that answer is cached for the address and port: iperf3's second connection (control,
+/// then data) goes to TCP without asking again (one rdma attempt in the log, two decisions).
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_plain_server_rejects_and_the_answer_is_cached() {
+    let (_, addr, _, pair) = guest();
+    assert!(!pair, "a one-guest test");
+    require_tool("iperf3", "iperf3");
+    let port = 17040u16;
+    let mut srv = command(Mode::Base, "iperf3");
+    srv.args(["-s", "-1", "-B", &addr, "-p", &port.to_string()]);
+    let mut server = Proc::spawn(srv, "plain iperf3 -s");
+    wait_listening(&mut server, port);
+    let conf = "/tmp/plain-server-log.conf";
+    std::fs::write(conf, "log min-level 4 destination stderr\n").expect("conf");
+    let mut cli = command(Mode::Preload, "iperf3");
+    cli.args(["-c", &addr, "-p", &port.to_string(), "-t", "1"])
+        .env("LIBSDP_TRANSPORT", "rdma")
+        .env("LIBSDP_CONFIG_FILE", conf);
+    let c = Proc::spawn(cli, "preloaded iperf3 -c").wait(T);
+    let s = server.wait(T);
+    assert!(c.code == 0 && s.code == 0, "client: {c:?}\nserver: {s:?}");
+    let tried = c.stderr.matches("rdma setup to").count();
+    let decided = c
+        .stderr
+        .lines()
+        .filter(|l| l.contains("role=client") && l.contains("reason=no-beacon"))
+        .count();
+    assert!(
+        tried == 1 && decided >= 2,
+        "want one rdma attempt (rejected) and at least two client connections on TCP with reason no-beacon, got {tried} and {decided}:\n{}",
+        c.stderr
+    );
+    println!(
+        "RDMA-TEST INFO plain-server: REQ rejected once, {decided} connections on TCP (no-beacon), the second without asking"
+    );
+}
+
 /// ZCopy over the RoCEv2 link: vm1 sends 32 MiB to vm2 with `stream_check` under the preload;
 /// vm2's server checks every byte. Both ends `rdma`, with BCopy and ZCopy bytes each. vm2's
 /// server is a prefork one (a forked child accepts): the client is redirected to the child.

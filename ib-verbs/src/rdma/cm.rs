@@ -385,6 +385,20 @@ fn redirect_record(port: u16) -> [u8; 7] {
     [m[0], m[1], m[2], m[3], VERSION, p[0], p[1]]
 }
 
+/// The capability record of a REJECT from a libsdp listener that refuses this request (it
+/// expired, or was malformed): the peer runs libsdp there, this connection goes on over TCP.
+/// A REJECT without it comes from the kernel's CM: no libsdp listener on that port.
+const CAPABILITY_MAGIC: [u8; 4] = *b"SDPc";
+
+fn capability_record() -> [u8; 5] {
+    let m = CAPABILITY_MAGIC;
+    [m[0], m[1], m[2], m[3], VERSION]
+}
+
+fn capability_of(d: &[u8]) -> bool {
+    d.len() >= 5 && d[..4] == CAPABILITY_MAGIC && d[4] == VERSION
+}
+
 /// The port of a redirect record (a REJECT's private data may be padded with zeros).
 fn redirect_of(d: &[u8]) -> Option<u16> {
     if d.len() < 7 || d[..4] != REDIRECT_MAGIC || d[4] != VERSION {
@@ -553,10 +567,13 @@ impl Connecting {
             Err(SetupError::Timeout) => return Ok(false),
             Err(e) => return Err(e),
         };
-        if t == b::rdma_cm_event_type::RDMA_CM_EVENT_REJECTED
-            && let Some(port) = redirect_of(&data)
-        {
-            return Err(SetupError::Redirect(port));
+        if t == b::rdma_cm_event_type::RDMA_CM_EVENT_REJECTED {
+            if let Some(port) = redirect_of(&data) {
+                return Err(SetupError::Redirect(port));
+            }
+            if capability_of(&data) {
+                return Err(SetupError::Refused);
+            }
         }
         if t != b::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_RESPONSE {
             return Err(event_error(t, status));
@@ -688,9 +705,11 @@ impl Listener {
                     responder_resources,
                 }),
                 Err(e) => {
-                    // SAFETY: an unanswered request id: reject and destroy it.
+                    let pd = capability_record();
+                    // SAFETY: an unanswered request id: reject and destroy it; the private
+                    // data outlives the call.
                     unsafe {
-                        (self.id.cm.rdma_reject)(child, ptr::null(), 0);
+                        (self.id.cm.rdma_reject)(child, pd.as_ptr().cast(), pd.len() as u8);
                         (self.id.cm.rdma_destroy_id)(child);
                     }
                     Err(e)
@@ -814,9 +833,11 @@ impl Drop for Request {
         if self.child.is_null() {
             return;
         }
-        // SAFETY: a live, unanswered request id (accept takes it out), destroyed once.
+        let pd = capability_record();
+        // SAFETY: a live, unanswered request id (accept takes it out), destroyed once; the
+        // private data outlives the call.
         unsafe {
-            (self.cm.rdma_reject)(self.child, ptr::null(), 0);
+            (self.cm.rdma_reject)(self.child, pd.as_ptr().cast(), pd.len() as u8);
             (self.cm.rdma_destroy_id)(self.child);
         }
     }
@@ -838,6 +859,11 @@ mod tests {
         let mut other = r.clone();
         other[4] = VERSION.wrapping_add(1);
         assert_eq!(redirect_of(&other), None);
+        let mut c = capability_record().to_vec();
+        assert!(capability_of(&c) && redirect_of(&c).is_none() && !capability_of(&r));
+        c.resize(148, 0);
+        assert!(capability_of(&c));
+        assert!(!capability_of(&[0; 148]));
         other = r.clone();
         other[0] = b'X';
         assert_eq!(redirect_of(&other), None);

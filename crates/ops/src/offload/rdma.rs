@@ -680,7 +680,35 @@ fn server_setup(
 
 /// `connect` to an address of another host: the rdma_cm REQ, then the pending phase as for
 /// shm. An error is the fallback reason.
+/// Destinations whose last REQ the kernel's CM rejected (no libsdp listener there), and when:
+/// for [`PLAIN_TTL`] their connections go straight to TCP (DESIGN §4's negative answer, cached
+/// per address and port). A libsdp listener that refuses a request says so (a capability
+/// record in the REJECT): that is not cached.
+static PLAIN: Mutex<Vec<(SocketAddr, Instant)>> = Mutex::new(Vec::new());
+const PLAIN_TTL: Duration = Duration::from_secs(1);
+
+fn known_plain(dst: SocketAddr) -> bool {
+    // Never waited for: a fork child may inherit it locked (then it asks again).
+    let Ok(mut g) = PLAIN.try_lock() else {
+        return false;
+    };
+    g.retain(|(_, t)| t.elapsed() < PLAIN_TTL);
+    g.iter().any(|(d, _)| *d == dst)
+}
+
+fn note_plain(dst: SocketAddr) {
+    if let Ok(mut g) = PLAIN.try_lock() {
+        g.retain(|(d, t)| t.elapsed() < PLAIN_TTL && *d != dst);
+        if g.len() < 4096 {
+            g.push((dst, Instant::now()));
+        }
+    }
+}
+
 pub fn try_connect(fd: i32, dst: SocketAddr) -> Result<CResult, Reason> {
+    if known_plain(dst) {
+        return Err(Reason::NoBeacon);
+    }
     let mut cm = Connecting::resolve(dst, RESOLVE_TIMEOUT).map_err(|e| {
         sdp_log!(log::DECISION, "connect to {dst}: no rdma route: {e}");
         Reason::NoDevice
@@ -891,7 +919,19 @@ impl Task for ConnectTask {
         g.endpoint = None;
         let result = polled
             .and_then(|_| cm.finish())
-            .map_err(|e| (e.to_string(), Reason::NoBeacon))
+            .map_err(|e| {
+                let reason = match e {
+                    // A libsdp listener there refused this request.
+                    ib_verbs::rdma::SetupError::Refused => Reason::SetupFailed,
+                    // The kernel's CM: nobody listens with rdma_cm on that port.
+                    ib_verbs::rdma::SetupError::Peer("connection rejected") => {
+                        note_plain(self.dst);
+                        Reason::NoBeacon
+                    }
+                    _ => Reason::NoBeacon,
+                };
+                (e.to_string(), reason)
+            })
             .and_then(|(rc, ack)| {
                 let ack = expand_ack(&ack)
                     .ok_or_else(|| ("malformed HelloAck".to_string(), Reason::SetupFailed))?;
