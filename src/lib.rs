@@ -482,6 +482,27 @@ pub fn sdp_stat() -> Vec<StatRow> {
         .collect()
 }
 
+/// The sum of a per-process counter of `sdp stat --json` (`"epoll_ctl_saved"`, ...) over the
+/// live processes of process group `pgid`.
+pub fn process_counter_of_group(pgid: u32, key: &str) -> u64 {
+    let o = Command::new(sdp_tool())
+        .args(["stat", "--json"])
+        .env_remove("LD_PRELOAD")
+        .output()
+        .expect("run sdp stat --json");
+    let field = |l: &str, k: &str| -> Option<u64> {
+        let at = l.find(&format!("\"{k}\":"))? + k.len() + 3;
+        let end = l[at..].find([',', '}']).map_or(l.len(), |e| at + e);
+        l[at..end].trim().parse().ok()
+    };
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter(|l| l.starts_with("{\"process\":"))
+        .filter(|l| field(l, "process").and_then(|p| process_group(p as u32)) == Some(pgid))
+        .filter_map(|l| field(l, key))
+        .sum()
+}
+
 /// The process group of `pid` (from /proc), if it is alive.
 pub fn process_group(pid: u32) -> Option<u32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

@@ -168,39 +168,36 @@ fn built(name: &str) -> std::path::PathBuf {
     p
 }
 
-/// The acceptance run of the rdma transport in one guest: 256 MiB from one process to
-/// another over SDP on rxe0 (`LIBSDP_TRANSPORT=rdma` on both ends, so the same host does not
-/// take shm), with `stream_check` (src/bin/stream_check.rs), a plain std program whose server
-/// checks every byte against the pattern. Its writes of under 64 KiB travel inside SDP
-/// messages (BCopy), the larger ones are copied once into a registered buffer that a SrcAvail
-/// offers and the receiver RDMA-reads (ZCopy): both ends must be `rdma`, the counts exact, and
-/// both kinds non-zero on both ends.
-#[test]
-#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
-fn one_guest_sdp_over_rxe_moves_256_mib_by_bcopy_and_zcopy() {
+/// One `stream_check` run over SDP on rxe0 in this guest (`LIBSDP_TRANSPORT=rdma` on both
+/// ends, so the same host does not take shm): the client sends `bytes`, the server checks
+/// every byte; `fork`: the server accepts in a forked child. Both must succeed and each end
+/// must be one `rdma` connection with the exact byte count. Returns the client's and the
+/// server's rows, the server's listening pid and the seconds the transfer took.
+fn stream_over_rdma(port: u16, bytes: u64, fork: bool) -> (StatRow, StatRow, u32, f64) {
     let (_, addr, _, pair) = guest();
     assert!(!pair, "a one-guest test");
-    const BYTES: u64 = 256 << 20;
-    let port = 17010u16;
-    let hold = "/tmp/stream-check-hold";
-    let _ = std::fs::remove_file(hold);
+    let hold = format!("/tmp/stream-check-hold-{port}");
+    let _ = std::fs::remove_file(&hold);
     let prog = built("stream_check");
     let mut srv = command(Mode::Preload, &prog);
-    srv.args(["serve", &addr, &port.to_string(), "--hold", hold])
+    srv.args(["serve", &addr, &port.to_string(), "--hold", &hold])
         .env("LIBSDP_TRANSPORT", "rdma");
+    if fork {
+        srv.arg("--fork");
+    }
     let mut server = Proc::spawn(srv, "stream_check serve");
     wait_listening(&mut server, port);
     let mut cli = command(Mode::Preload, &prog);
-    cli.args(["send", &addr, &port.to_string(), &BYTES.to_string()])
-        .args(["--hold", hold])
+    cli.args(["send", &addr, &port.to_string(), &bytes.to_string()])
+        .args(["--hold", &hold])
         .env("LIBSDP_TRANSPORT", "rdma");
     let t0 = Instant::now();
     let mut client = Proc::spawn(cli, "stream_check send");
     // The client writes the verdict to `hold` and both keep the connection open until it goes.
-    while !std::path::Path::new(hold).exists() {
+    while !std::path::Path::new(&hold).exists() {
         if !client.running() || !server.running() || t0.elapsed() > Duration::from_secs(200) {
-            let _ = std::fs::write(hold, "");
-            let _ = std::fs::remove_file(hold);
+            let _ = std::fs::write(&hold, "");
+            let _ = std::fs::remove_file(&hold);
             let (c, s) = (client.wait(T), server.wait(T));
             panic!(
                 "no verdict after {:?}:\nclient: {c:?}\nserver: {s:?}",
@@ -210,16 +207,17 @@ fn one_guest_sdp_over_rxe_moves_256_mib_by_bcopy_and_zcopy() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let secs = t0.elapsed().as_secs_f64();
-    let verdict = std::fs::read_to_string(hold).unwrap_or_default();
+    let verdict = std::fs::read_to_string(&hold).unwrap_or_default();
     let both = groups_when(
         &[client.id(), server.id()],
         Duration::from_secs(10),
         |rows| connections(rows).len() == 1,
     );
-    std::fs::remove_file(hold).expect("remove the hold file");
+    std::fs::remove_file(&hold).expect("remove the hold file");
+    let listener = server.id();
     let (c, s) = (client.wait(T), server.wait(T));
     assert!(
-        verdict.trim() == format!("ok {BYTES}") && c.code == 0 && s.code == 0,
+        verdict.trim() == format!("ok {bytes}") && c.code == 0 && s.code == 0,
         "verdict {verdict:?}\nclient: {c:?}\nserver: {s:?}"
     );
     let row = |side: &str, rows: &[StatRow]| -> StatRow {
@@ -232,24 +230,51 @@ fn one_guest_sdp_over_rxe_moves_256_mib_by_bcopy_and_zcopy() {
         conns[0].clone()
     };
     let (tx, rx) = (row("client", &both[0]), row("server", &both[1]));
-    let show = format!(
-        "client:\n{}server:\n{}",
+    assert!(
+        tx.bytes_tx == bytes && rx.bytes_rx == bytes,
+        "byte counts:\nclient:\n{}server:\n{}",
         libsdp_suite::show_rows(&both[0]),
         libsdp_suite::show_rows(&both[1])
     );
-    assert!(
-        tx.bytes_tx == BYTES && rx.bytes_rx == BYTES,
-        "byte counts:\n{show}"
-    );
+    (tx, rx, listener, secs)
+}
+
+/// The acceptance run of the rdma transport in one guest: 256 MiB from one process to
+/// another over SDP on rxe0. The client's writes of under 64 KiB travel inside SDP messages
+/// (BCopy), the larger ones are copied once into a registered buffer that a SrcAvail offers
+/// and the receiver RDMA-reads (ZCopy): both kinds non-zero, the same seen from both ends.
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_sdp_over_rxe_moves_256_mib_by_bcopy_and_zcopy() {
+    const BYTES: u64 = 256 << 20;
+    let (tx, rx, _, secs) = stream_over_rdma(17010, BYTES, false);
     assert!(
         tx.zcopy_tx > 0 && tx.zcopy_tx < BYTES && rx.zcopy_rx == tx.zcopy_tx,
-        "ZCopy and BCopy must both carry bytes, the same seen from both ends:\n{show}"
+        "ZCopy and BCopy must both carry bytes, the same seen from both ends: client {tx:?}, server {rx:?}"
     );
     println!(
         "RDMA-TEST INFO sdp-over-rxe: 256 MiB between two processes in {secs:.1} s ({:.1} MB/s): BCopy {} B, ZCopy {} B, every byte checked",
         BYTES as f64 / secs / 1e6,
         BYTES - tx.zcopy_tx,
         tx.zcopy_tx
+    );
+}
+
+/// A prefork server over rdma (DESIGN §4's rendezvous for the accepting process): the
+/// listening process holds the client's rdma_cm request, a forked child accepts the TCP
+/// connection, and the client is redirected to the child's own rdma_cm listener. The child's
+/// connection must be `rdma` (not a TCP fallback after the client's pending timeout).
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_prefork_worker_takes_its_rdma_client_by_redirect() {
+    let (_, rx, listener, secs) = stream_over_rdma(17012, 8 << 20, true);
+    assert_ne!(
+        rx.pid, listener,
+        "the connection must be the forked worker's, not the listener's"
+    );
+    println!(
+        "RDMA-TEST INFO prefork-over-rdma: the worker (pid {}, forked from {listener}) took its client over rdma by redirect; 8 MiB checked in {secs:.1} s",
+        rx.pid
     );
 }
 
@@ -322,8 +347,49 @@ fn one_guest_iperf3_parallel_streams_over_rdma_share_one_completion_channel() {
     );
 }
 
+/// A preloaded client of a plain server (no libsdp there) over rdma: the kernel's CM rejects
+/// its REQ (no capability record), the connection goes on over TCP with reason `no-beacon`,
+/// and that answer is cached for the address and port: iperf3's second connection (control,
+/// then data) goes to TCP without asking again (one rdma attempt in the log, two decisions).
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_plain_server_rejects_and_the_answer_is_cached() {
+    let (_, addr, _, pair) = guest();
+    assert!(!pair, "a one-guest test");
+    require_tool("iperf3", "iperf3");
+    let port = 17040u16;
+    let mut srv = command(Mode::Base, "iperf3");
+    srv.args(["-s", "-1", "-B", &addr, "-p", &port.to_string()]);
+    let mut server = Proc::spawn(srv, "plain iperf3 -s");
+    wait_listening(&mut server, port);
+    let conf = "/tmp/plain-server-log.conf";
+    std::fs::write(conf, "log min-level 4 destination stderr\n").expect("conf");
+    let mut cli = command(Mode::Preload, "iperf3");
+    cli.args(["-c", &addr, "-p", &port.to_string(), "-t", "1"])
+        .env("LIBSDP_TRANSPORT", "rdma")
+        .env("LIBSDP_CONFIG_FILE", conf);
+    let c = Proc::spawn(cli, "preloaded iperf3 -c").wait(T);
+    let s = server.wait(T);
+    assert!(c.code == 0 && s.code == 0, "client: {c:?}\nserver: {s:?}");
+    let tried = c.stderr.matches("rdma setup to").count();
+    let decided = c
+        .stderr
+        .lines()
+        .filter(|l| l.contains("role=client") && l.contains("reason=no-beacon"))
+        .count();
+    assert!(
+        tried == 1 && decided >= 2,
+        "want one rdma attempt (rejected) and at least two client connections on TCP with reason no-beacon, got {tried} and {decided}:\n{}",
+        c.stderr
+    );
+    println!(
+        "RDMA-TEST INFO plain-server: REQ rejected once, {decided} connections on TCP (no-beacon), the second without asking"
+    );
+}
+
 /// ZCopy over the RoCEv2 link: vm1 sends 32 MiB to vm2 with `stream_check` under the preload;
-/// vm2's server checks every byte. Both ends `rdma`, with BCopy and ZCopy bytes each.
+/// vm2's server checks every byte. Both ends `rdma`, with BCopy and ZCopy bytes each. vm2's
+/// server is a prefork one (a forked child accepts): the client is redirected to the child.
 #[test]
 #[ignore = "runs in the soft-RoCE guests: scripts/rdma-tests.sh"]
 fn pair_stream_across_guests_bcopy_and_zcopy() {
@@ -348,8 +414,9 @@ fn pair_stream_across_guests_bcopy_and_zcopy() {
     };
     if node == 2 {
         let mut srv = command(Mode::Preload, &prog);
-        srv.args(["serve", &addr, &port.to_string(), "--hold", hold]);
+        srv.args(["serve", &addr, &port.to_string(), "--hold", hold, "--fork"]);
         let mut server = Proc::spawn(srv, "stream_check serve");
+        let listener = server.id();
         wait_listening(&mut server, port);
         // vm1 starts its client once this plain listener answers: the server (and its rdma_cm
         // listener, made right after its kernel listen) is up by then.
@@ -370,6 +437,11 @@ fn pair_stream_across_guests_bcopy_and_zcopy() {
         let c = connections(&rows);
         let (bytes, zcopy) = c.first().map_or((0, 0), |r| (r.bytes_rx, r.zcopy_rx));
         check("server", &rows, bytes, zcopy);
+        assert!(
+            c.first().is_some_and(|r| r.pid != listener),
+            "the connection must be the forked worker's:\n{}",
+            libsdp_suite::show_rows(&rows)
+        );
         return;
     }
     let deadline = Instant::now() + T;

@@ -200,6 +200,11 @@ fn assert_offloaded(what: &str, rows: &[StatRow], conns: usize) {
 /// code 0, and `conns` SDP connections with bytes at the sync point of the SDP run.
 /// Returns what the program printed.
 fn semantics(prog: &str, case: &str, conns: usize) -> String {
+    semantics_at_sync(prog, case, conns, |_| {})
+}
+
+/// [`semantics`], also calling `at_sync` with the SDP run's process group at its SYNC point.
+fn semantics_at_sync(prog: &str, case: &str, conns: usize, mut at_sync: impl FnMut(u32)) -> String {
     let exe = program(prog);
     let what = format!("{prog} {case}");
     let tcp = Synced::spawn(
@@ -220,7 +225,10 @@ fn semantics(prog: &str, case: &str, conns: usize) -> String {
         },
         &what,
     )
-    .finish(|pgid| rows = Some(sdp_stat_of_group(pgid)));
+    .finish(|pgid| {
+        rows = Some(sdp_stat_of_group(pgid));
+        at_sync(pgid);
+    });
     assert_eq!(
         tcp, sdp,
         "{what}: SDP (right) behaved differently from kernel TCP (left)"
@@ -330,6 +338,38 @@ fn epoll_oneshot() {
 fn epoll_exclusive() {
     let out = semantics("readiness", "epoll_exclusive", 2);
     assert_lines(&out, &["MOD exclusive: -1 EINVAL", "woken: 1"]);
+}
+
+/// Event loops that delete and re-add a connection around every message (redis-benchmark):
+/// the library makes fewer `epoll_ctl` calls in the kernel (`ops::offload::lazy`), and every
+/// answer stays the kernel's. Under SDP the process counted the calls it did not make.
+#[test]
+fn epoll_reregister_pattern() {
+    let mut saved = 0;
+    let out = semantics_at_sync("readiness", "epoll_reregister", 2, |pgid| {
+        saved = libsdp_suite::process_counter_of_group(pgid, "epoll_ctl_saved");
+    });
+    // 3 identical MODs, and at least the 100 DEL+ADD pairs made as one MOD each.
+    assert!(
+        saved >= 103,
+        "epoll_ctl calls not made in the kernel: {saved}, want at least 103"
+    );
+    assert_lines(
+        &out,
+        &[
+            "readable: 1",
+            "after DEL: 0",
+            "MOD after DEL: -1 No such file or directory",
+            "added back for OUT: 1 OUT",
+            "ADD twice: -1 EEXIST",
+            "after identical MODs: 1 OUT",
+            "100 DEL+ADD: same answers",
+            "other thread after DEL: 0",
+            "waiter while deleting, then data: 0",
+            "child after DEL: 0",
+            "after DEL and close of a dup: 0",
+        ],
+    );
 }
 
 #[test]

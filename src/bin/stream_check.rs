@@ -3,7 +3,7 @@
 //! every byte and answers with its verdict.
 //!
 //! ```text
-//! stream_check serve ADDR PORT [--hold FILE]   accept one connection, check it, answer
+//! stream_check serve ADDR PORT [--fork] [--hold FILE]   accept one connection, check it, answer
 //! stream_check send ADDR PORT BYTES [--hold FILE]
 //! stream_check idle ADDR PORT --keepalive SECS
 //! stream_check quiet ADDR PORT SECS [--keepalive SECS]
@@ -15,7 +15,8 @@
 //! it then writes that line to FILE and keeps the connection open until FILE is removed (a test
 //! reads `sdp stat` meanwhile); a server given the same FILE keeps its end open until the
 //! client wrote FILE and FILE was removed. Exit status 0 only for `ok` (the client: with the
-//! byte count sent).
+//! byte count sent). With `--fork` the server listens, then a forked child accepts and serves
+//! while the listening parent waits for it (a prefork server's shape).
 //!
 //! Keepalive: `idle` connects, sets SO_KEEPALIVE, TCP_KEEPIDLE=SECS, TCP_KEEPINTVL=1 and
 //! TCP_KEEPCNT=2 (none of them for SECS 0), prints `connected`, blocks in one `read` and prints
@@ -70,9 +71,24 @@ fn fill(pat: &[u8], at: u64, out: &mut [u8]) {
     }
 }
 
-fn serve(addr: &str, port: &str, hold: Option<&str>) -> i32 {
+fn serve(addr: &str, port: &str, fork: bool, hold: Option<&str>) -> i32 {
     let l = TcpListener::bind(format!("{addr}:{port}")).expect("bind");
     println!("listening");
+    if fork {
+        // SAFETY: the process has no other thread; the child only uses its own copies.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork");
+        if pid > 0 {
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            return if libc::WIFEXITED(status) {
+                libc::WEXITSTATUS(status)
+            } else {
+                1
+            };
+        }
+    }
     let (mut s, _) = l.accept().expect("accept");
     let pat = pattern();
     let mut buf = vec![0u8; 1 << 20];
@@ -285,9 +301,12 @@ fn quiet(addr: &str, port: &str, secs: u64, keepalive: Option<i32>) -> i32 {
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
-    let code = match a.iter().map(String::as_str).collect::<Vec<_>>()[1..] {
-        ["serve", addr, port] => serve(addr, port, None),
-        ["serve", addr, port, "--hold", f] => serve(addr, port, Some(f)),
+    let v: Vec<&str> = a.iter().map(String::as_str).collect();
+    let fork = v.contains(&"--fork");
+    let v: Vec<&str> = v.into_iter().filter(|x| *x != "--fork").collect();
+    let code = match v[1..] {
+        ["serve", addr, port] => serve(addr, port, fork, None),
+        ["serve", addr, port, "--hold", f] => serve(addr, port, fork, Some(f)),
         ["send", addr, port, n] => send(addr, port, n.parse().expect("BYTES"), None),
         ["send", addr, port, n, "--hold", f] => {
             send(addr, port, n.parse().expect("BYTES"), Some(f))
@@ -302,7 +321,7 @@ fn main() {
         ),
         _ => {
             eprintln!(
-                "usage: stream_check serve ADDR PORT [--hold FILE] | send ADDR PORT BYTES [--hold FILE] | idle ADDR PORT --keepalive SECS | quiet ADDR PORT SECS [--keepalive SECS]"
+                "usage: stream_check serve ADDR PORT [--fork] [--hold FILE] | send ADDR PORT BYTES [--hold FILE] | idle ADDR PORT --keepalive SECS | quiet ADDR PORT SECS [--keepalive SECS]"
             );
             2
         }

@@ -22,6 +22,8 @@ thread_local! {
 }
 
 extern "C" fn prepare() {
+    // The child shares the epoll sets: no DEL may stay deferred across the fork.
+    crate::offload::lazy::flush();
     crate::offload::setup::resolve_pending_before_fork();
     crate::progress::pause();
     crate::offload::lock_all_for_fork();

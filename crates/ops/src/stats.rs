@@ -99,6 +99,8 @@ pub mod header {
     pub const RECV_SPINS: usize = 18;
     pub const RECV_SPIN_HITS: usize = 19;
     pub const CREDIT_STALLS: usize = 20;
+    /// `epoll_ctl` calls of the application not made in the kernel (`offload::lazy`).
+    pub const EPOLL_CTL_SAVED: usize = 21;
     /// `REASONS + code`: sockets decided with that fallback reason (code 0: offloaded).
     pub const REASONS: usize = 32;
     pub const NREASONS: usize = 32;

@@ -50,6 +50,7 @@ pub struct ProcessRow {
     pub recv_spins: u64,
     pub recv_spin_hits: u64,
     pub credit_stalls: u64,
+    pub epoll_ctl_saved: u64,
     /// Sockets decided since the process started, indexed by reason code (0: offloaded).
     pub reasons: Vec<u64>,
 }
@@ -180,6 +181,7 @@ pub fn parse_file(b: &[u8]) -> Option<FileStats> {
         recv_spins: h(header::RECV_SPINS),
         recv_spin_hits: h(header::RECV_SPIN_HITS),
         credit_stalls: h(header::CREDIT_STALLS),
+        epoll_ctl_saved: h(header::EPOLL_CTL_SAVED),
         reasons: (0..fallback::Reason::ALL.len())
             .map(|c| h(header::REASONS + c))
             .collect(),
@@ -412,14 +414,15 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
         for p in &procs {
             write!(
                 out,
-                "{{\"process\":{},\"program\":{},\"epoll_spins\":{},\"epoll_spin_hits\":{},\"recv_spins\":{},\"recv_spin_hits\":{},\"credit_stalls\":{}",
+                "{{\"process\":{},\"program\":{},\"epoll_spins\":{},\"epoll_spin_hits\":{},\"recv_spins\":{},\"recv_spin_hits\":{},\"credit_stalls\":{},\"epoll_ctl_saved\":{}",
                 p.pid,
                 json_str(&p.program),
                 p.epoll_spins,
                 p.epoll_spin_hits,
                 p.recv_spins,
                 p.recv_spin_hits,
-                p.credit_stalls
+                p.credit_stalls,
+                p.epoll_ctl_saved
             )?;
             for (c, n) in p.reasons.iter().enumerate() {
                 write!(out, ",\"{}\":{n}", bucket_name(c))?;
@@ -496,20 +499,28 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13}",
-        "PID", "PROGRAM", "EPOLL_SPINS", "EPOLL_HITS", "RECV_SPINS", "RECV_HITS", "CREDIT_STALLS"
+        "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15}",
+        "PID",
+        "PROGRAM",
+        "EPOLL_SPINS",
+        "EPOLL_HITS",
+        "RECV_SPINS",
+        "RECV_HITS",
+        "CREDIT_STALLS",
+        "EPOLL_CTL_SAVED"
     )?;
     for p in &procs {
         writeln!(
             out,
-            "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13}",
+            "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15}",
             p.pid,
             p.program,
             p.epoll_spins,
             p.epoll_spin_hits,
             p.recv_spins,
             p.recv_spin_hits,
-            p.credit_stalls
+            p.credit_stalls,
+            p.epoll_ctl_saved
         )?;
     }
     Ok(())

@@ -376,6 +376,37 @@ pub fn decode(d: &[u8]) -> Result<(EndpointInfo, Vec<u8>), SetupError> {
     Ok((info, d[HEADER..HEADER + hello_len].to_vec()))
 }
 
+/// The private data of a REJECT that sends the client elsewhere: magic, version, port (LE).
+const REDIRECT_MAGIC: [u8; 4] = *b"SDPr";
+
+fn redirect_record(port: u16) -> [u8; 7] {
+    let p = port.to_le_bytes();
+    let m = REDIRECT_MAGIC;
+    [m[0], m[1], m[2], m[3], VERSION, p[0], p[1]]
+}
+
+/// The capability record of a REJECT from a libsdp listener that refuses this request (it
+/// expired, or was malformed): the peer runs libsdp there, this connection goes on over TCP.
+/// A REJECT without it comes from the kernel's CM: no libsdp listener on that port.
+const CAPABILITY_MAGIC: [u8; 4] = *b"SDPc";
+
+fn capability_record() -> [u8; 5] {
+    let m = CAPABILITY_MAGIC;
+    [m[0], m[1], m[2], m[3], VERSION]
+}
+
+fn capability_of(d: &[u8]) -> bool {
+    d.len() >= 5 && d[..4] == CAPABILITY_MAGIC && d[4] == VERSION
+}
+
+/// The port of a redirect record (a REJECT's private data may be padded with zeros).
+fn redirect_of(d: &[u8]) -> Option<u16> {
+    if d.len() < 7 || d[..4] != REDIRECT_MAGIC || d[4] != VERSION {
+        return None;
+    }
+    Some(u16::from_le_bytes([d[5], d[6]])).filter(|&p| p != 0)
+}
+
 fn private(ev: &b::rdma_cm_event) -> Vec<u8> {
     // SAFETY: for connection events the `conn` member is the active one; its private data
     // (pointer, length) is valid until the event is acknowledged, and is copied out here.
@@ -539,6 +570,14 @@ impl Connecting {
             Err(SetupError::Timeout) => return Ok(false),
             Err(e) => return Err(e),
         };
+        if t == b::rdma_cm_event_type::RDMA_CM_EVENT_REJECTED {
+            if let Some(port) = redirect_of(&data) {
+                return Err(SetupError::Redirect(port));
+            }
+            if capability_of(&data) {
+                return Err(SetupError::Refused);
+            }
+        }
         if t != b::rdma_cm_event_type::RDMA_CM_EVENT_CONNECT_RESPONSE {
             return Err(event_error(t, status));
         }
@@ -669,9 +708,11 @@ impl Listener {
                     responder_resources,
                 }),
                 Err(e) => {
-                    // SAFETY: an unanswered request id: reject and destroy it.
+                    let pd = capability_record();
+                    // SAFETY: an unanswered request id: reject and destroy it; the private
+                    // data outlives the call.
                     unsafe {
-                        (self.id.cm.rdma_reject)(child, ptr::null(), 0);
+                        (self.id.cm.rdma_reject)(child, pd.as_ptr().cast(), pd.len() as u8);
                         (self.id.cm.rdma_destroy_id)(child);
                     }
                     Err(e)
@@ -772,6 +813,20 @@ impl Request {
     pub fn reject(self) {
         drop(self); // Drop rejects
     }
+
+    /// Refuses the request with a redirect: the peer's [`Connecting::poll`] reports
+    /// [`SetupError::Redirect`] with `port` (the rdma_cm port, on the same address, of the
+    /// process that accepted the peer's TCP connection).
+    pub fn redirect(mut self, port: u16) {
+        let pd = redirect_record(port);
+        // SAFETY: a live, unanswered request id, destroyed once; the private data outlives
+        // the call.
+        unsafe {
+            (self.cm.rdma_reject)(self.child, pd.as_ptr().cast(), pd.len() as u8);
+            (self.cm.rdma_destroy_id)(self.child);
+        }
+        self.child = ptr::null_mut();
+    }
 }
 
 impl Drop for Request {
@@ -781,9 +836,11 @@ impl Drop for Request {
         if self.child.is_null() {
             return;
         }
-        // SAFETY: a live, unanswered request id (accept takes it out), destroyed once.
+        let pd = capability_record();
+        // SAFETY: a live, unanswered request id (accept takes it out), destroyed once; the
+        // private data outlives the call.
         unsafe {
-            (self.cm.rdma_reject)(self.child, ptr::null(), 0);
+            (self.cm.rdma_reject)(self.child, pd.as_ptr().cast(), pd.len() as u8);
             (self.cm.rdma_destroy_id)(self.child);
         }
     }
@@ -792,6 +849,28 @@ impl Drop for Request {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn redirect_records_round_trip_and_others_are_not_redirects() {
+        let mut r = redirect_record(40123).to_vec();
+        assert_eq!(redirect_of(&r), Some(40123));
+        r.resize(148, 0); // as an IB CM REJ pads it
+        assert_eq!(redirect_of(&r), Some(40123));
+        assert_eq!(redirect_of(&redirect_record(0)), None);
+        assert_eq!(redirect_of(&[]), None);
+        assert_eq!(redirect_of(&r[..6]), None);
+        let mut other = r.clone();
+        other[4] = VERSION.wrapping_add(1);
+        assert_eq!(redirect_of(&other), None);
+        let mut c = capability_record().to_vec();
+        assert!(capability_of(&c) && redirect_of(&c).is_none() && !capability_of(&r));
+        c.resize(148, 0);
+        assert!(capability_of(&c));
+        assert!(!capability_of(&[0; 148]));
+        other = r.clone();
+        other[0] = b'X';
+        assert_eq!(redirect_of(&other), None);
+    }
 
     #[test]
     fn private_data_hostile_fields_are_refused() {

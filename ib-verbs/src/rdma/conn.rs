@@ -32,6 +32,7 @@ use std::sync::Arc;
 
 use super::SetupError;
 use super::bindings as b;
+use super::buf::DmaBuf;
 use super::device::{Device, Reg};
 use crate::sys::{Fd, SysError};
 use crate::transport::{
@@ -101,51 +102,40 @@ const POLL_BATCH: usize = 16;
 const ACK_TIMEOUT: u8 = 18;
 
 /// An anonymous private mapping registered as one MR (page aligned, so `ibv_fork_init`'s
-/// `MADV_DONTFORK` never covers unrelated heap memory).
+/// `MADV_DONTFORK` never covers unrelated heap memory). The mapping goes when the slab is
+/// dropped, after [`Slab::release`] deregistered it.
 struct Slab {
+    /// Held for its `Drop` (the munmap).
+    _map: DmaBuf,
     base: *mut u8,
-    len: usize,
     mr: *mut b::ibv_mr,
 }
 
 impl Slab {
     fn new(dev: &Device, len: usize, what: &'static str) -> Result<Slab, SetupError> {
-        let len = len.max(1).next_multiple_of(4096);
-        // SAFETY: anonymous private mapping, no file; checked for MAP_FAILED below.
-        let base = unsafe {
-            libc::mmap(
-                ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(SetupError::Verbs {
-                op: "mmap",
-                errno: last_errno(),
-            });
-        }
+        let mut buf = DmaBuf::new(len).ok_or_else(|| SetupError::Verbs {
+            op: "mmap",
+            errno: last_errno(),
+        })?;
+        let base = buf.as_mut_ptr();
         // SAFETY: the mapping is ours for the slab's life, valid for reads and writes.
         let mr = unsafe {
             (dev.verbs.ibv_reg_mr)(
                 dev.pd,
-                base,
-                len,
+                base.cast(),
+                buf.len(),
                 b::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE as i32,
             )
         };
         if mr.is_null() {
-            let errno = last_errno();
-            // SAFETY: unmapping the mapping made above, referenced by no one.
-            unsafe { libc::munmap(base, len) };
-            return Err(SetupError::Verbs { op: what, errno });
+            return Err(SetupError::Verbs {
+                op: what,
+                errno: last_errno(),
+            });
         }
         Ok(Slab {
-            base: base.cast(),
-            len,
+            _map: buf,
+            base,
             mr,
         })
     }
@@ -156,12 +146,13 @@ impl Slab {
     }
 
     fn release(&mut self, dev: &Device) {
-        // SAFETY: the MR and mapping are ours; no work request uses them any more (the QP was
-        // destroyed first).
-        unsafe {
-            (dev.verbs.ibv_dereg_mr)(self.mr);
-            libc::munmap(self.base.cast(), self.len);
+        if self.mr.is_null() {
+            return;
         }
+        // SAFETY: the MR is ours; no work request uses it any more (the QP was destroyed
+        // first).
+        unsafe { (dev.verbs.ibv_dereg_mr)(self.mr) };
+        self.mr = ptr::null_mut();
     }
 }
 

@@ -71,6 +71,12 @@ pub enum SetupError {
     /// The bootstrap socket ended before the exchange finished.
     PeerClosed,
     Timeout,
+    /// The listener's process sent us to the rdma_cm port of the process that accepted our
+    /// TCP connection (a prefork server's worker), on the same address.
+    Redirect(u16),
+    /// A libsdp listener refused the request (its capability record in the REJECT): the peer
+    /// runs libsdp, this connection goes on over TCP.
+    Refused,
 }
 
 impl std::fmt::Display for SetupError {
@@ -83,6 +89,8 @@ impl std::fmt::Display for SetupError {
             SetupError::Peer(s) => write!(f, "bad peer: {s}"),
             SetupError::PeerClosed => write!(f, "peer closed the bootstrap socket"),
             SetupError::Timeout => write!(f, "bootstrap timed out"),
+            SetupError::Redirect(p) => write!(f, "redirected to rdma_cm port {p}"),
+            SetupError::Refused => write!(f, "refused by the libsdp listener"),
         }
     }
 }

@@ -126,6 +126,9 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 /// As `close(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if ops::offload::lazy::pending() {
+        ops::offload::lazy::flush_fd(fd);
+    }
     if is_tracked(fd) {
         switch(|| sw::close(fd));
     }
@@ -150,6 +153,9 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
 /// As `dup2(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    if ops::offload::lazy::pending() {
+        ops::offload::lazy::flush_fd(new);
+    }
     after_dup(old, unsafe { real::dup2(old, new) })
 }
 
@@ -157,6 +163,9 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 /// As `dup3(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    if ops::offload::lazy::pending() {
+        ops::offload::lazy::flush_fd(new);
+    }
     after_dup(old, unsafe { real::dup3(old, new, flags) })
 }
 

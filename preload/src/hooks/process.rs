@@ -13,6 +13,7 @@ passthrough! {
 /// Offloaded sockets that survive the exec are handed to a relay first (see
 /// `ops::offload::exec`).
 fn before_exec() {
+    ops::offload::lazy::flush();
     crate::guard::switch(ops::offload::exec::before_exec);
 }
 

@@ -13,7 +13,6 @@ passthrough! {
     fn __ppoll_chk(fds: *mut pollfd, nfds: nfds_t, timeout: *const timespec, mask: *const sigset_t, fdslen: size_t) -> c_int;
     fn epoll_create(size: c_int) -> c_int;
     fn epoll_create1(flags: c_int) -> c_int;
-    fn epoll_pwait2(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: *const timespec, mask: *const sigset_t) -> c_int;
 }
 
 /// Registrations of offloaded fds are remembered, so that an fd swapped back to its kernel TCP
@@ -28,9 +27,32 @@ pub unsafe extern "C" fn epoll_ctl(
     fd: c_int,
     event: *mut epoll_event,
 ) -> c_int {
-    let rc = unsafe { crate::real::epoll_ctl(epfd, op, fd, event) };
     const BOTH: u64 = ops::fdtable::Meta::TRACKED | ops::fdtable::Meta::OFFLOADED;
-    if rc == 0 && ops::fdtable::raw(fd) & BOTH == BOTH {
+    let offloaded = ops::fdtable::raw(fd) & BOTH == BOTH;
+    if offloaded || ops::offload::lazy::pending() {
+        // Fewer system calls for event loops that re-register a connection around every
+        // message (`ops::offload::lazy`); only with an event we may read.
+        let size = std::mem::size_of::<epoll_event>();
+        if event.is_null() || crate::hooks::data::user_readable(event.cast(), size) {
+            // SAFETY: NULL or readable, checked above.
+            let ev = (!event.is_null()).then(|| unsafe { std::ptr::read_unaligned(event) });
+            let done = crate::guard::switch(|| {
+                let registered = if offloaded {
+                    ops::offload::epoll_registration(epfd, fd)
+                } else {
+                    None
+                };
+                let rc = ops::offload::lazy::ctl(epfd, op, fd, ev, registered)?;
+                ops::offload::note_epoll(epfd, op, fd, ev);
+                Some(rc)
+            });
+            if let Some(Some(rc)) = done {
+                return rc;
+            }
+        }
+    }
+    let rc = unsafe { crate::real::epoll_ctl(epfd, op, fd, event) };
+    if rc == 0 && offloaded {
         // SAFETY: the kernel accepted `event` for ADD/MOD, so it is readable.
         let ev = if event.is_null() {
             None
@@ -45,7 +67,8 @@ pub unsafe extern "C" fn epoll_ctl(
 /// Busy-polls an epoll set that watches offloaded connections for a short budget before
 /// sleeping (see `ops::offload::data` for the budget). Returns the events found, or 0.
 unsafe fn spin_epoll(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: c_int) -> c_int {
-    if timeout == 0 || !ops::offload::epoll_has_offloaded(epfd) {
+    let spin = ops::offload::epoll_spin(epfd);
+    if timeout == 0 || spin == ops::offload::Spin::No {
         return 0;
     }
     let budget = ops::offload::data::spin_budget();
@@ -54,7 +77,9 @@ unsafe fn spin_epoll(epfd: c_int, events: *mut epoll_event, max: c_int, timeout:
         ops::stats::bump(ops::stats::header::EPOLL_SPINS, 1);
     }
     while start.elapsed() < budget {
-        crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
+        if spin == ops::offload::Spin::Rings {
+            crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
+        }
         let n = unsafe { crate::real::epoll_wait(epfd, events, max, 0) };
         if n > 0 {
             ops::stats::bump(ops::stats::header::EPOLL_SPIN_HITS, 1);
@@ -77,11 +102,33 @@ pub unsafe extern "C" fn epoll_wait(
     max: c_int,
     timeout: c_int,
 ) -> c_int {
-    let n = unsafe { spin_epoll(epfd, events, max, timeout) };
-    if n != 0 {
-        return n;
+    ops::offload::lazy::enter(epfd);
+    let mut n = unsafe { spin_epoll(epfd, events, max, timeout) };
+    if n == 0 {
+        n = unsafe { crate::real::epoll_wait(epfd, events, max, timeout) };
     }
-    unsafe { crate::real::epoll_wait(epfd, events, max, timeout) }
+    let errno = ops::sys::errno();
+    ops::offload::lazy::leave(epfd);
+    ops::sys::set_errno(errno);
+    n
+}
+
+/// # Safety
+/// As `epoll_pwait2(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: *const timespec,
+    mask: *const sigset_t,
+) -> c_int {
+    ops::offload::lazy::enter(epfd);
+    let n = unsafe { crate::real::epoll_pwait2(epfd, events, max, timeout, mask) };
+    let errno = ops::sys::errno();
+    ops::offload::lazy::leave(epfd);
+    ops::sys::set_errno(errno);
+    n
 }
 
 /// # Safety
@@ -96,12 +143,16 @@ pub unsafe extern "C" fn epoll_pwait(
 ) -> c_int {
     // LINUX: the signal mask (the kernel's 8-byte sigset) is read before any event is looked
     // at: one the kernel cannot read fails with EFAULT even when events are ready.
-    if !mask.is_null() && !crate::hooks::data::user_readable(mask.cast(), 8) {
-        return unsafe { crate::real::epoll_pwait(epfd, events, max, timeout, mask) };
+    ops::offload::lazy::enter(epfd);
+    let mut n = 0;
+    if mask.is_null() || crate::hooks::data::user_readable(mask.cast(), 8) {
+        n = unsafe { spin_epoll(epfd, events, max, timeout) };
     }
-    let n = unsafe { spin_epoll(epfd, events, max, timeout) };
-    if n != 0 {
-        return n;
+    if n == 0 {
+        n = unsafe { crate::real::epoll_pwait(epfd, events, max, timeout, mask) };
     }
-    unsafe { crate::real::epoll_pwait(epfd, events, max, timeout, mask) }
+    let errno = ops::sys::errno();
+    ops::offload::lazy::leave(epfd);
+    ops::sys::set_errno(errno);
+    n
 }

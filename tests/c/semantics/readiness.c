@@ -245,6 +245,101 @@ static void c_epoll_nested(void) {
     printf("drained: outer %d inner %d\n", ewait(outer, 0), ewait(inner, 0));
 }
 
+struct dwait {
+    int ep;
+    int ms;
+    int n;
+};
+
+static void *dwait_fn(void *p) {
+    struct dwait *w = p;
+    struct epoll_event ev;
+    w->n = epoll_wait(w->ep, &ev, 1, w->ms);
+    return NULL;
+}
+
+/* The event-loop pattern of redis-benchmark and hiredis: a connection deleted from the set
+ * and added back with other events around every message, identical MODs, and a DEL that must
+ * hold at once for another thread, a fork child and a closed descriptor. */
+static void c_epoll_reregister(void) {
+    fresh_pair(&C, &S);
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    struct epoll_event e = {.events = EPOLLIN, .data.fd = S};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, S, &e) == 0);
+    write_all(C, "abc", 3);
+    printf("readable: %d\n", ewait(ep, 1000));
+    CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, S, NULL) == 0);
+    printf("after DEL: %d\n", ewait(ep, 0));
+    errno = 0;
+    int r = epoll_ctl(ep, EPOLL_CTL_MOD, S, &e);
+    printf("MOD after DEL: %d %s\n", r, en(errno));
+    CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, S, NULL) < 0);
+    e.events = EPOLLOUT;
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, S, &e) == 0);
+    struct epoll_event got;
+    int n = epoll_wait(ep, &got, 1, 1000);
+    printf("added back for OUT: %d %s\n", n, pollstr(got.events));
+    errno = 0;
+    r = epoll_ctl(ep, EPOLL_CTL_ADD, S, &e);
+    printf("ADD twice: %d %s\n", r, en(errno));
+    for (int i = 0; i < 3; i++) {
+        CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, S, &e) == 0);
+    }
+    n = epoll_wait(ep, &got, 1, 0);
+    printf("after identical MODs: %d %s\n", n, pollstr(got.events));
+    /* DEL + ADD(IN) many times, as an event loop does: always the same answer. */
+    int same = 1;
+    for (int i = 0; i < 100; i++) {
+        CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, S, NULL) == 0);
+        e.events = (i & 1) ? EPOLLOUT : EPOLLIN;
+        CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, S, &e) == 0);
+        n = epoll_wait(ep, &got, 1, 0);
+        same &= n == 1 && got.events == e.events;
+    }
+    printf("100 DEL+ADD: %s\n", same ? "same answers" : "different");
+    /* A DEL, then another thread waits: nothing for the deleted fd. */
+    CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, S, NULL) == 0);
+    struct dwait w = {.ep = ep, .ms = 100};
+    pthread_t t = spawn(dwait_fn, &w);
+    pthread_join(t, NULL);
+    printf("other thread after DEL: %d\n", w.n);
+    /* A thread waiting while this one deletes, then data: nothing. */
+    e.events = EPOLLIN;
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, S, &e) == 0);
+    char b[8];
+    printf("read: %s\n", res(read(S, b, sizeof b)));
+    struct dwait w2 = {.ep = ep, .ms = 300};
+    t = spawn(dwait_fn, &w2);
+    sleep_ms(50);
+    CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, S, NULL) == 0);
+    write_all(C, "x", 1);
+    pthread_join(t, NULL);
+    printf("waiter while deleting, then data: %d\n", w2.n);
+    /* A DEL, then fork: the child's wait on the shared set finds nothing. */
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, S, &e) == 0);
+    CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, S, NULL) == 0);
+    fflush(stdout);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        printf("child after DEL: %d\n", ewait(ep, 100));
+        fflush(stdout);
+        _exit(0);
+    }
+    int st;
+    CHECK(waitpid(pid, &st, 0) == pid);
+    /* A DEL, then a close of another descriptor of the same socket: nothing either. */
+    int d = dup(S);
+    CHECK(d >= 0);
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, d, &e) == 0);
+    CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, d, NULL) == 0);
+    CHECK(close(d) == 0);
+    printf("after DEL and close of a dup: %d\n", ewait(ep, 0));
+    sync_point();
+    printf("read: %s\n", res(read(S, b, sizeof b)));
+}
+
 struct reader {
     int fd;
     size_t want;
@@ -387,6 +482,7 @@ int main(int argc, char **argv) {
         {"epoll_oneshot", c_epoll_oneshot},
         {"epoll_exclusive", c_epoll_exclusive},
         {"epoll_nested", c_epoll_nested},
+        {"epoll_reregister", c_epoll_reregister},
         {"blocking", c_blocking},
         {"timeouts", c_timeouts},
         {"eintr", c_eintr},

@@ -18,8 +18,10 @@
 
 pub mod data;
 pub mod exec;
+pub mod handoff;
 pub mod intents;
 pub mod keepalive;
+pub mod lazy;
 pub mod rdma;
 pub mod sdp;
 pub mod setup;
@@ -67,6 +69,9 @@ pub struct Inner {
     pub stuffed: bool,
     /// We asked the peer for a bell since the last drain.
     pub armed: bool,
+    /// The peer took our request for a bell while we found its message by polling: its byte
+    /// is on its way (no need to ring ourselves; drain it when the data is consumed).
+    pub owed: bool,
     /// Our bell end was shut for writing: the app end reads end of stream after the bytes.
     pub eof_signalled: bool,
     pub shut_rd: bool,
@@ -128,6 +133,7 @@ impl Inner {
             bytes_in: false,
             stuffed: false,
             armed: false,
+            owed: false,
             eof_signalled: false,
             shut_rd: false,
             so_error: 0,
@@ -238,6 +244,17 @@ pub fn unbind_fd(fd: i32) -> Option<Arc<Conn>> {
     last.then_some(conn)
 }
 
+/// The (events, data) with which epoll set `epfd` watches offloaded `fd`, as the application
+/// registered it.
+pub fn epoll_registration(epfd: i32, fd: i32) -> Option<(u32, u64)> {
+    let conn = lookup(fd)?;
+    let g = conn.lock();
+    g.epoll
+        .iter()
+        .find(|r| r.0 == epfd && r.1 == fd)
+        .map(|r| (r.2, r.3))
+}
+
 /// Remembers an application's `epoll_ctl` on an offloaded fd.
 pub fn note_epoll(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
     let Some(conn) = lookup(fd) else { return };
@@ -293,21 +310,34 @@ pub fn note_epoll(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
 static WATCHED: RwLock<Option<HashMap<i32, Vec<std::sync::Weak<Conn>>>>> = RwLock::new(None);
 static ANY_WATCHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Whether `epoll_wait` on `epfd` should busy-poll: it watches offloaded connections.
-#[inline]
-pub fn epoll_has_offloaded(epfd: i32) -> bool {
-    if !ANY_WATCHED.load(std::sync::atomic::Ordering::Acquire) {
-        return false;
-    }
-    let g = WATCHED.read().unwrap_or_else(|p| p.into_inner());
-    // Busy-polling pays for a few latency-bound connections; a set of many is a busy server
-    // whose next event is never far, and spinning over all of them costs more than it saves.
-    g.as_ref()
-        .and_then(|m| m.get(&epfd))
-        .is_some_and(|l| !l.is_empty() && l.len() <= SPIN_MAX_CONNS)
+/// How `epoll_wait` on a set busy-polls before sleeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Spin {
+    /// No offloaded connection in the set: straight to the kernel.
+    No,
+    /// A few: poll their rings, then the set without sleeping.
+    Rings,
+    /// Many (a busy server): only the set without sleeping. Polling every ring costs more than
+    /// it saves, but a bell that lands while we spin is caught without a sleep and a wake-up
+    /// (which is what a loaded server's latency was made of).
+    Kernel,
 }
 
-/// The most offloaded connections an epoll set may watch for `epoll_wait` to busy-poll.
+/// How `epoll_wait` on `epfd` should busy-poll (see [`Spin`]).
+#[inline]
+pub fn epoll_spin(epfd: i32) -> Spin {
+    if !ANY_WATCHED.load(std::sync::atomic::Ordering::Acquire) {
+        return Spin::No;
+    }
+    let g = WATCHED.read().unwrap_or_else(|p| p.into_inner());
+    match g.as_ref().and_then(|m| m.get(&epfd)).map_or(0, Vec::len) {
+        0 => Spin::No,
+        n if n <= SPIN_MAX_CONNS => Spin::Rings,
+        _ => Spin::Kernel,
+    }
+}
+
+/// The most offloaded connections an epoll set may watch for `epoll_wait` to poll their rings.
 const SPIN_MAX_CONNS: usize = 4;
 
 /// One busy-poll round over the offloaded connections of `epfd`: moves what arrived and makes
@@ -530,7 +560,7 @@ impl Inner {
             let rang = match &mut self.phase {
                 Phase::Offloaded(s) => self.armed && s.disarm_recv(),
                 _ => false,
-            };
+            } || std::mem::take(&mut self.owed);
             if (self.every_arrival && self.armed) || self.bytes_in || rang {
                 let want = usize::from(self.bytes_in) + usize::from(rang);
                 if drain(self.app_int) < want && rang && !self.every_arrival {
@@ -546,7 +576,21 @@ impl Inner {
                 want_in = s.recv_ready();
             }
         }
-        if want_in && !self.bytes_in {
+        if want_in && !self.bytes_in && !self.owed {
+            // Data we found by polling, with our request for a bell still out: if the peer
+            // took it, its byte makes the app end readable (one system call less than ringing
+            // ourselves too, on every request-response message).
+            if self.armed
+                && !self.every_arrival
+                && let Phase::Offloaded(s) = &mut self.phase
+            {
+                // Withdrawn, or taken by the peer.
+                self.armed = false;
+                if s.disarm_recv() {
+                    self.owed = true;
+                    return;
+                }
+            }
             self.self_ring();
         }
     }

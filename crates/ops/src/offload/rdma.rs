@@ -38,6 +38,7 @@ use sdp_proto::wire::{HelloAckRepr, HelloRepr, IpAddrs, Version};
 use sdp_proto::{Config, Event};
 
 use super::data::CResult;
+use super::handoff;
 use super::sdp::{self, errno_of, now};
 use super::setup;
 use super::stream::{Counters, Errno, OffloadStream};
@@ -234,6 +235,9 @@ fn canon(ip: IpAddr) -> IpAddr {
 // Server side: listeners and their requests.
 
 struct Waiting {
+    /// The process whose listener took the request: only it may answer (a fork child's copy
+    /// of the table is never answered nor dropped there, see [`prune`]).
+    pid: i32,
     at: Instant,
     peer_ip: IpAddr,
     tcp_port: u16,
@@ -244,6 +248,35 @@ struct Waiting {
 
 static REQUESTS: Mutex<Vec<Waiting>> = Mutex::new(Vec::new());
 
+impl Waiting {
+    fn key(&self) -> handoff::Key {
+        handoff::Key {
+            ip: self.peer_ip,
+            client_port: self.tcp_port,
+            listen_port: self.port,
+        }
+    }
+}
+
+/// Drops expired requests (rejecting them, and withdrawing their handoff records) and forgets,
+/// without touching them, those another process took (copies inherited across fork: their
+/// rdma_cm ids are the listener's process's).
+fn prune(g: &mut Vec<Waiting>, also: impl Fn(&Waiting) -> bool) {
+    let me = ib_verbs::sys::getpid();
+    let mut i = 0;
+    while i < g.len() {
+        let w = &g[i];
+        if w.pid != me {
+            std::mem::forget(g.swap_remove(i));
+        } else if w.at.elapsed() >= REQUEST_TTL || also(w) {
+            let w = g.swap_remove(i);
+            handoff::release(w.key());
+        } else {
+            i += 1;
+        }
+    }
+}
+
 struct ListenTask {
     /// The process that made the listener: only it takes requests (a forked acceptor sees
     /// plain TCP, and its rdma client falls back after the pending timeout).
@@ -251,6 +284,20 @@ struct ListenTask {
     /// The lock also serializes drains (the progress thread and `accept` inline).
     listener: Mutex<Listener>,
     port: u16,
+    /// The progress registration (a fork child drops it: see `on_event`).
+    token: Mutex<Option<u64>>,
+}
+
+/// In a fork child, the progress thread watches the fds inherited from the parent, whose
+/// events are the parent's to take: a task of the parent's stops being watched there.
+fn leave_to_owner(owner: i32, token: &Mutex<Option<u64>>) -> bool {
+    if ib_verbs::sys::getpid() == owner {
+        return false;
+    }
+    if let Some(t) = token.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        progress::unregister(t);
+    }
+    true
 }
 
 impl ListenTask {
@@ -275,24 +322,128 @@ impl ListenTask {
             let mut g = REQUESTS.lock().unwrap_or_else(|p| p.into_inner());
             let ip = canon(peer.ip());
             // An older request for the same client socket is stale (its client gave up).
-            g.retain(|w| {
-                w.at.elapsed() < REQUEST_TTL && !(w.peer_ip == ip && w.tcp_port == tcp_port)
-            });
-            g.push(Waiting {
+            prune(&mut g, |w| w.peer_ip == ip && w.tcp_port == tcp_port);
+            let w = Waiting {
+                pid: self.owner,
                 at: Instant::now(),
                 peer_ip: ip,
                 tcp_port,
                 port: self.port,
                 req,
-            });
+            };
+            // A forked worker may be the one that accepts the TCP connection.
+            handoff::hold(w.key());
+            g.push(w);
         }
     }
 }
 
 impl Task for ListenTask {
     fn on_event(&self, _fd: i32, _events: u32) {
-        self.drain();
+        // The listener's requests are its process's to take.
+        if !leave_to_owner(self.owner, &self.token) {
+            self.drain();
+        }
     }
+}
+
+/// The listener's process: a worker asked for redirects (`handoff`).
+struct RedirectTask {
+    owner: i32,
+    token: Mutex<Option<u64>>,
+}
+
+impl Task for RedirectTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        if leave_to_owner(self.owner, &self.token) {
+            return;
+        }
+        for (k, port) in handoff::take_redirects() {
+            let w = {
+                let mut g = REQUESTS.lock().unwrap_or_else(|p| p.into_inner());
+                prune(&mut g, |_| false);
+                g.iter()
+                    .position(|w| w.key() == k)
+                    .map(|i| g.swap_remove(i))
+            };
+            match w {
+                Some(w) => {
+                    sdp_log!(
+                        log::DECISION,
+                        "rdma_cm request from {}:{} for port {}: accepted by another process, redirected to rdma_cm port {port}",
+                        k.ip,
+                        k.client_port,
+                        k.listen_port
+                    );
+                    w.req.redirect(port);
+                }
+                None => sdp_log!(
+                    log::DECISION,
+                    "redirect of {}:{} to port {port}: the request is gone (expired)",
+                    k.ip,
+                    k.client_port
+                ),
+            }
+        }
+    }
+}
+
+/// Makes sure this process serves redirect asks of its workers (once per process).
+fn serve_redirects() {
+    static SERVED_BY: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+    let me = ib_verbs::sys::getpid();
+    if SERVED_BY.swap(me, Ordering::AcqRel) == me {
+        return;
+    }
+    if let Some(efd) = handoff::init() {
+        let task = Arc::new(RedirectTask {
+            owner: me,
+            token: Mutex::new(None),
+        });
+        let token = progress::register(efd, libc::EPOLLIN as u32, task.clone());
+        *task.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+    }
+}
+
+/// A worker's own rdma_cm listener on `ip` (any port), made at its first redirected client:
+/// the port the listener's process redirects that worker's clients to.
+fn redirect_listener(ip: IpAddr) -> Option<u16> {
+    type Ports = Vec<(i32, IpAddr, u16)>;
+    static PORTS: Mutex<Ports> = Mutex::new(Vec::new());
+    let me = ib_verbs::sys::getpid();
+    let mut g = PORTS.lock().unwrap_or_else(|p| p.into_inner());
+    g.retain(|(pid, _, _)| *pid == me);
+    if let Some((_, _, p)) = g.iter().find(|(_, i, _)| *i == ip) {
+        return Some(*p);
+    }
+    let listener = match Listener::bind(SocketAddr::new(ip, 0), 128) {
+        Ok(l) => l,
+        Err(e) => {
+            sdp_log!(log::WARN, "no rdma_cm listener of this worker on {ip}: {e}");
+            return None;
+        }
+    };
+    let port = listener.port();
+    let lfd = listener.fd();
+    let task = Arc::new(ListenTask {
+        listener: Mutex::new(listener),
+        owner: me,
+        port,
+        token: Mutex::new(None),
+    });
+    let token = progress::register(lfd, libc::EPOLLIN as u32, task.clone())?;
+    *task.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token);
+    LISTENERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(-i32::from(port) - 1, (token, task));
+    g.push((me, ip, port));
+    sdp_log!(
+        log::DECISION,
+        "rdma_cm listener of this worker on {ip} port {port} (clients redirected here)"
+    );
+    Some(port)
 }
 
 /// Per listening fd: the progress registration and the task.
@@ -322,13 +473,16 @@ pub fn on_listen(fd: i32, addr: SocketAddr) {
             return;
         }
     };
+    serve_redirects();
     let lfd = listener.fd();
     let task = Arc::new(ListenTask {
         listener: Mutex::new(listener),
         owner: ib_verbs::sys::getpid(),
         port: addr.port(),
+        token: Mutex::new(None),
     });
     if let Some(token) = progress::register(lfd, libc::EPOLLIN as u32, task.clone()) {
+        *task.token.lock().unwrap_or_else(|p| p.into_inner()) = Some(token);
         LISTENERS
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -356,12 +510,20 @@ pub fn on_listener_close(fd: i32) {
 
 fn take_request(peer: SocketAddr, port: u16) -> Option<Waiting> {
     let mut g = REQUESTS.lock().unwrap_or_else(|p| p.into_inner());
-    g.retain(|w| w.at.elapsed() < REQUEST_TTL);
+    prune(&mut g, |_| false);
     let ip = canon(peer.ip());
     let i = g
         .iter()
         .rposition(|w| w.peer_ip == ip && w.tcp_port == peer.port() && w.port == port)?;
-    Some(g.swap_remove(i))
+    let w = g.swap_remove(i);
+    if !handoff::release(w.key()) {
+        // A worker claimed it meanwhile: the redirect is on its way; this process must not
+        // also answer. (A TCP connection is accepted once, so this is a client reusing its
+        // port within the request's lifetime.)
+        g.push(w);
+        return None;
+    }
+    Some(w)
 }
 
 fn drain_listeners_inline() {
@@ -394,11 +556,21 @@ pub fn accept(
     }
     // The client sends its REQ before its TCP SYN, but the two travel apart: look again
     // briefly before concluding that this is a plain client.
+    let key = handoff::Key {
+        ip: canon(peer.ip()),
+        client_port: peer.port(),
+        listen_port: local.port(),
+    };
     let deadline = Instant::now() + Duration::from_millis(50);
     let w = loop {
         drain_listeners_inline();
         if let Some(w) = take_request(peer, local.port()) {
             break w;
+        }
+        if handoff::held(key) {
+            // The listening process holds the request: this process (a worker) accepted the
+            // TCP connection. Have the client redirected to a listener of ours.
+            return worker_accept(fd, flags, local, peer, key);
         }
         if Instant::now() >= deadline {
             return None;
@@ -406,6 +578,37 @@ pub fn accept(
         std::thread::sleep(Duration::from_millis(1));
     };
     Some(server_setup(fd, flags, local, peer, w.req))
+}
+
+/// `accept` in a process other than the listener's, of a client whose request the listener's
+/// process holds: the redirect, then the client's REQ to our own listener (within the setup
+/// exchange's time; otherwise TCP, as the client's own timeout also gives).
+fn worker_accept(
+    fd: i32,
+    flags: i32,
+    local: SocketAddr,
+    peer: SocketAddr,
+    key: handoff::Key,
+) -> Option<Result<(), Reason>> {
+    let port = redirect_listener(local.ip())?;
+    if !handoff::claim(key, port) {
+        return None;
+    }
+    let deadline = Instant::now() + setup::EXCHANGE_TIMEOUT;
+    loop {
+        drain_listeners_inline();
+        if let Some(w) = take_request(peer, port) {
+            return Some(server_setup(fd, flags, local, peer, w.req));
+        }
+        if Instant::now() >= deadline {
+            sdp_log!(
+                log::DECISION,
+                "accept fd {fd} from {peer}: the redirected rdma_cm request did not come; TCP"
+            );
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 fn server_setup(
@@ -479,7 +682,35 @@ fn server_setup(
 
 /// `connect` to an address of another host: the rdma_cm REQ, then the pending phase as for
 /// shm. An error is the fallback reason.
+/// Destinations whose last REQ the kernel's CM rejected (no libsdp listener there), and when:
+/// for [`PLAIN_TTL`] their connections go straight to TCP (DESIGN §4's negative answer, cached
+/// per address and port). A libsdp listener that refuses a request says so (a capability
+/// record in the REJECT): that is not cached.
+static PLAIN: Mutex<Vec<(SocketAddr, Instant)>> = Mutex::new(Vec::new());
+const PLAIN_TTL: Duration = Duration::from_secs(1);
+
+fn known_plain(dst: SocketAddr) -> bool {
+    // Never waited for: a fork child may inherit it locked (then it asks again).
+    let Ok(mut g) = PLAIN.try_lock() else {
+        return false;
+    };
+    g.retain(|(_, t)| t.elapsed() < PLAIN_TTL);
+    g.iter().any(|(d, _)| *d == dst)
+}
+
+fn note_plain(dst: SocketAddr) {
+    if let Ok(mut g) = PLAIN.try_lock() {
+        g.retain(|(d, t)| t.elapsed() < PLAIN_TTL && *d != dst);
+        if g.len() < 4096 {
+            g.push((dst, Instant::now()));
+        }
+    }
+}
+
 pub fn try_connect(fd: i32, dst: SocketAddr) -> Result<CResult, Reason> {
+    if known_plain(dst) {
+        return Err(Reason::NoBeacon);
+    }
     let mut cm = Connecting::resolve(dst, RESOLVE_TIMEOUT).map_err(|e| {
         sdp_log!(log::DECISION, "connect to {dst}: no rdma route: {e}");
         Reason::NoDevice
@@ -560,6 +791,10 @@ pub fn try_connect(fd: i32, dst: SocketAddr) -> Result<CResult, Reason> {
         setup: Mutex::new(Some((cm, engine))),
         conn: Arc::downgrade(&conn),
         token: Mutex::new(None),
+        dst,
+        posts,
+        hello: compact,
+        redirected: AtomicBool::new(false),
     });
     let token = progress::register(cfd, libc::EPOLLIN as u32, task.clone());
     *task.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
@@ -597,6 +832,12 @@ struct ConnectTask {
     setup: Mutex<Option<(Connecting, sdp_proto::Connection)>>,
     conn: Weak<Conn>,
     token: Mutex<Option<u64>>,
+    /// What a redirected REQ repeats: the destination, the initial receives and the hello.
+    dst: SocketAddr,
+    posts: u32,
+    hello: [u8; COMPACT_LEN],
+    /// A redirect was followed already (one is all a listener's process may send).
+    redirected: AtomicBool,
 }
 
 impl ConnectTask {
@@ -621,6 +862,51 @@ impl Task for ConnectTask {
         if let Ok(false) = polled {
             return;
         }
+        if let Err(ib_verbs::rdma::SetupError::Redirect(port)) = polled
+            && !self.redirected.swap(true, Ordering::AcqRel)
+        {
+            // The process that accepted our TCP connection listens on `port`: the REQ again,
+            // there, and wait on the new id.
+            let to = SocketAddr::new(self.dst.ip(), port);
+            let again = Connecting::resolve(to, RESOLVE_TIMEOUT).and_then(|mut c| {
+                c.request(options(), self.posts, &self.hello)?;
+                Ok(c)
+            });
+            match again {
+                Ok(c) => {
+                    sdp_log!(log::DECISION, "connect to {}: redirected to {to}", self.dst);
+                    let fd = c.fd();
+                    if let Some((old, _)) = slot.as_mut() {
+                        *old = c;
+                    }
+                    drop(slot);
+                    self.done();
+                    // `self` is owned by the progress registry: register a twin holding the
+                    // setup (this one is unregistered).
+                    let setup = self.setup.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    let twin = Arc::new(ConnectTask {
+                        setup: Mutex::new(setup),
+                        conn: self.conn.clone(),
+                        token: Mutex::new(None),
+                        dst: self.dst,
+                        posts: self.posts,
+                        hello: self.hello,
+                        redirected: AtomicBool::new(true),
+                    });
+                    let token = progress::register(fd, libc::EPOLLIN as u32, twin.clone());
+                    *twin.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
+                    conn.lock().endpoint = token;
+                    return;
+                }
+                Err(e) => {
+                    sdp_log!(
+                        log::DECISION,
+                        "connect to {}: redirect to {to} failed: {e}",
+                        self.dst
+                    );
+                }
+            }
+        }
         let Some((cm, mut engine)) = slot.take() else {
             return;
         };
@@ -635,7 +921,19 @@ impl Task for ConnectTask {
         g.endpoint = None;
         let result = polled
             .and_then(|_| cm.finish())
-            .map_err(|e| (e.to_string(), Reason::NoBeacon))
+            .map_err(|e| {
+                let reason = match e {
+                    // A libsdp listener there refused this request.
+                    ib_verbs::rdma::SetupError::Refused => Reason::SetupFailed,
+                    // The kernel's CM: nobody listens with rdma_cm on that port.
+                    ib_verbs::rdma::SetupError::Peer("connection rejected") => {
+                        note_plain(self.dst);
+                        Reason::NoBeacon
+                    }
+                    _ => Reason::NoBeacon,
+                };
+                (e.to_string(), reason)
+            })
             .and_then(|(rc, ack)| {
                 let ack = expand_ack(&ack)
                     .ok_or_else(|| ("malformed HelloAck".to_string(), Reason::SetupFailed))?;

@@ -989,6 +989,9 @@ pub fn swap_back_locked(g: &mut Inner) {
 
 /// [`swap_back_locked`], recording `reason` (the rdma setup: no listener there is `no-beacon`).
 pub fn swap_back_because(g: &mut Inner, reason: Reason) {
+    for &fd in &g.app_fds {
+        super::lazy::flush_fd(fd);
+    }
     if let Some(t) = g.endpoint.take() {
         progress::unregister(t);
     }
