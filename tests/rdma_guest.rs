@@ -661,22 +661,18 @@ fn one_guest_keepalive_inherited_from_listener_probes_idle_peer() {
     let (c, s) = (client.wait(T), server.wait(T));
     for (i, side) in ["client", "server"].iter().enumerate() {
         let show = format!(
-            "before:
-{}after:
-{}",
+            "before:\n{}after:\n{}",
             libsdp_suite::show_rows(&before[i]),
             libsdp_suite::show_rows(&after[i])
         );
         assert!(
             one_rdma(&before[i]) && one_rdma(&after[i]),
-            "{side}: want one rdma connection:
-{show}"
+            "{side}: want one rdma connection:\n{show}client: {c:?}\nserver: {s:?}"
         );
         let (b, a) = (connections(&before[i])[0], connections(&after[i])[0]);
         assert!(
             (b.msgs_tx, b.msgs_rx) == (a.msgs_tx, a.msgs_rx),
-            "{side}: no SDP message may move while idle:
-{show}"
+            "{side}: no SDP message may move while idle:\n{show}"
         );
     }
     assert!(
@@ -746,7 +742,7 @@ fn pair_keepalive_idle_past_idle_time_peer_alive_connection_survives() {
     );
     assert!(
         idle_row(&before) && idle_row(&after),
-        "want one rdma connection:\n{show}"
+        "want one rdma connection:\n{show}client: {c:?}"
     );
     let (b, a) = (connections(&before)[0], connections(&after)[0]);
     assert!(
