@@ -465,7 +465,8 @@ impl Lines {
         use std::io::{BufRead, Read};
         use std::os::unix::process::CommandExt;
         use std::process::Stdio;
-        cmd.stdout(Stdio::piped())
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
         let mut child = cmd
@@ -529,6 +530,14 @@ impl Lines {
                 ),
             }
         }
+    }
+
+    /// One line on its stdin.
+    fn go(&mut self) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"go\n").expect("write to stdin");
+        stdin.flush().expect("flush stdin");
     }
 
     fn kill(&mut self) {
@@ -636,8 +645,9 @@ fn fault_round(mode: Mode, addr: &str, port: u16, scenarios: &[&str]) -> Vec<Str
         c
     };
     let p = port.to_string();
-    let mut server = Lines::spawn(cmd(&["serve", addr, &p]), "fault_peer serve");
+    let mut server = Lines::spawn(cmd(&["serve", addr, &p, "--gate"]), "fault_peer serve");
     server.expect("listening", T);
+    server.go();
     let good = run(cmd(&["client", addr, &p, "g"]), "fault_peer client g", T);
     assert!(
         good.code == 0 && good.stdout.contains("good: pong"),
@@ -651,9 +661,25 @@ fn fault_round(mode: Mode, addr: &str, port: u16, scenarios: &[&str]) -> Vec<Str
     let baseline = held_when(server.id(), None, Duration::from_secs(20));
     let mut seen = Vec::new();
     for s in scenarios {
+        // `C`: the victim dies between its connect and the survivor's accept.
+        let before_accept = *s == "C";
+        if !before_accept {
+            server.go();
+        }
         let mut victim = Lines::spawn(cmd(&["client", addr, &p, s]), "fault_peer client");
         victim.expect("ready", T);
-        if mode == Mode::Preload {
+        if mode == Mode::Preload && before_accept {
+            // Nothing moved yet: the victim's connection must be on its way to rdma (pending).
+            let rows = rows_when(victim.id(), Duration::from_secs(30), |r| {
+                !connections(r).is_empty()
+            });
+            assert!(
+                !connections(&rows).is_empty()
+                    && connections(&rows).iter().all(|r| r.transport == "rdma"),
+                "scenario C: the victim's connection is not on its way to rdma:\n{}",
+                libsdp_suite::show_rows(&rows)
+            );
+        } else if mode == Mode::Preload {
             let both = groups_when(&[server.id(), victim.id()], Duration::from_secs(30), |r| {
                 with_bytes(r)
             });
@@ -671,7 +697,11 @@ fn fault_round(mode: Mode, addr: &str, port: u16, scenarios: &[&str]) -> Vec<Str
         std::thread::sleep(Duration::from_millis(if fill { 2000 } else { 300 }));
         victim.kill();
         let t0 = Instant::now();
-        let end = server.expect(&format!("end {s}:"), Duration::from_secs(90));
+        if before_accept {
+            server.go();
+        }
+        let tag = if before_accept { "-" } else { s };
+        let end = server.expect(&format!("end {tag}:"), Duration::from_secs(90));
         let took = t0.elapsed();
         let after = held_when(server.id(), Some(&baseline), Duration::from_secs(30));
         assert_eq!(
@@ -749,4 +779,77 @@ fn one_guest_faults_peer_killed_in_bulk_transfer_survivor_ends_as_over_tcp_and_l
 #[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
 fn one_guest_faults_peer_killed_while_survivor_blocks_ends_as_over_tcp_and_leaks_nothing() {
     faults_like_tcp(17022, &["B", "O", "R", "P", "E"]);
+}
+
+/// The survivor is a client whose server (a victim that listens and never accepts) is killed
+/// while the client is connected and not accepted, 3 bytes written, blocked in `read`.
+/// Returns its `end` line; asserts that it holds no verbs object afterwards.
+fn pending_round(mode: Mode, addr: &str, port: u16) -> String {
+    let prog = built("fault_peer");
+    let cmd = |args: &[&str]| {
+        let mut c = command(mode, &prog);
+        c.args(args);
+        if mode == Mode::Preload {
+            c.env("LIBSDP_TRANSPORT", "rdma");
+        }
+        c
+    };
+    let p = port.to_string();
+    let mut victim = Lines::spawn(cmd(&["listen", addr, &p]), "fault_peer listen");
+    victim.expect("listening", T);
+    let mut client = Lines::spawn(cmd(&["pending", addr, &p]), "fault_peer pending");
+    client.expect("connected", T);
+    if mode == Mode::Preload {
+        let rows = rows_when(client.id(), Duration::from_secs(30), |r| {
+            !connections(r).is_empty()
+        });
+        // Pending: the REQ is out, no byte moved yet.
+        assert!(
+            !connections(&rows).is_empty()
+                && connections(&rows).iter().all(|r| r.transport == "rdma"),
+            "pending: the client's connection is not on its way to rdma:\n{}",
+            libsdp_suite::show_rows(&rows)
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    victim.kill();
+    let t0 = Instant::now();
+    let end = client.expect("end pending:", Duration::from_secs(90));
+    let took = t0.elapsed();
+    // The connection is closed: no queue pair, completion queue, registration or cm id of it
+    // may remain (the process's device and PD may).
+    let none = |h: &Held| h.verbs.iter().all(|(k, n)| *n == 0 || matches!(*k, "pd"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut h = held(client.id());
+    while !none(&h) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+        h = held(client.id());
+    }
+    assert!(
+        none(&h),
+        "pending ({mode:?}): the client still holds verbs objects after its connection ended: {h:?}"
+    );
+    println!(
+        "RDMA-TEST INFO faults-pending-{}: survivor: {} ({:.1} s after the kill); holds: {h:?}",
+        if mode == Mode::Preload { "rdma" } else { "tcp" },
+        end.trim_start_matches("end "),
+        took.as_secs_f64()
+    );
+    end
+}
+
+/// A peer SIGKILLed during connect: a client killed between its connect and the server's
+/// accept (the server survives, then accepts), and a server killed while its client is
+/// connected but not accepted (the client survives, blocked in `read`).
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_faults_peer_killed_during_connect_survivor_ends_as_over_tcp_and_leaks_nothing() {
+    faults_like_tcp(17024, &["C"]);
+    let (_, addr, _, _) = guest();
+    let tcp = pending_round(Mode::Base, &addr, 17026);
+    let rdma = pending_round(Mode::Preload, &addr, 17027);
+    assert_eq!(
+        tcp, rdma,
+        "the pending client ended differently over SDP on rdma (right) than over kernel TCP (left)"
+    );
 }

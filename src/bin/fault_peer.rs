@@ -4,9 +4,17 @@
 //! kills with SIGKILL.
 //!
 //! ```text
-//! fault_peer serve ADDR PORT          serve connections one at a time, forever
+//! fault_peer serve ADDR PORT [--gate]  serve connections one at a time, forever
 //! fault_peer client ADDR PORT SCENARIO
+//! fault_peer listen ADDR PORT           listen and never accept (a victim)
+//! fault_peer pending ADDR PORT          connect to it, write 3 bytes, blocked in read
 //! ```
+//!
+//! With `--gate` the server reads a line from stdin before each `accept` (the harness kills a
+//! client between its connect and the accept: scenario `C`, whose client connects, prints
+//! `ready` and sends nothing; the server then prints `end -: accept ok, read WHAT`).
+//! `pending`, the survivor of a listener killed before it accepted, prints `connected`, then
+//! `end pending: read WHAT, read WHAT, write WHAT`, and exits when stdin closes.
 //!
 //! The client connects, sends the scenario letter, reads the server's `k` and then acts:
 //!
@@ -115,8 +123,9 @@ fn one_read(s: &mut TcpStream) -> String {
 
 fn serve_one(s: &mut TcpStream) -> String {
     let mut cmd = [0u8; 1];
-    if let Err(e) = s.read_exact(&mut cmd) {
-        return format!("? no scenario: {e}");
+    match s.read(&mut cmd) {
+        Ok(1) => {}
+        r => return format!("-: accept ok, read {}", what(&r)),
     }
     if s.write_all(b"k").is_err() {
         return format!("{}: ack failed", cmd[0] as char);
@@ -209,10 +218,16 @@ fn serve_one(s: &mut TcpStream) -> String {
     format!("{}: {end}", cmd[0] as char)
 }
 
-fn serve(addr: &str, port: &str) -> i32 {
+fn serve(addr: &str, port: &str, gate: bool) -> i32 {
     let l = TcpListener::bind(format!("{addr}:{port}")).expect("bind");
     println!("listening");
     loop {
+        if gate {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).unwrap_or(0) == 0 {
+                return 0;
+            }
+        }
         let (mut s, _) = match l.accept() {
             Ok(c) => c,
             Err(e) => {
@@ -228,6 +243,15 @@ fn serve(addr: &str, port: &str) -> i32 {
 
 fn client(addr: &str, port: &str, scenario: &str) -> i32 {
     let mut s = TcpStream::connect(format!("{addr}:{port}")).expect("connect");
+    if scenario == "C" {
+        // Killed before the server accepts: nothing written (it would die with a pending SDP
+        // connection's buffer, docs/FAULTS.md).
+        println!("ready");
+        let _ = std::io::stdout().flush();
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
     s.write_all(scenario.as_bytes()).expect("scenario");
     let mut k = [0u8; 1];
     s.read_exact(&mut k).expect("the server's k");
@@ -285,13 +309,44 @@ fn client(addr: &str, port: &str, scenario: &str) -> i32 {
     }
 }
 
+fn listen_only(addr: &str, port: &str) -> i32 {
+    let _l = TcpListener::bind(format!("{addr}:{port}")).expect("bind");
+    println!("listening");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn pending(addr: &str, port: &str) -> i32 {
+    let mut s = TcpStream::connect(format!("{addr}:{port}")).expect("connect");
+    s.write_all(b"abc").expect("write 3 bytes");
+    println!("connected");
+    let _ = std::io::stdout().flush();
+    let first = one_read(&mut s);
+    let again = one_read(&mut s);
+    println!(
+        "end pending: read {first}, read {again}, write {}",
+        what(&s.write(b"x"))
+    );
+    drop(s);
+    let _ = std::io::stdout().flush();
+    let mut rest = String::new();
+    let _ = std::io::stdin().read_to_string(&mut rest);
+    0
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let code = match a.iter().map(String::as_str).collect::<Vec<_>>()[1..] {
-        ["serve", addr, port] => serve(addr, port),
+        ["serve", addr, port] => serve(addr, port, false),
+        ["serve", addr, port, "--gate"] => serve(addr, port, true),
+        ["listen", addr, port] => listen_only(addr, port),
+        ["pending", addr, port] => pending(addr, port),
         ["client", addr, port, scenario] => client(addr, port, scenario),
         _ => {
-            eprintln!("usage: fault_peer serve ADDR PORT | client ADDR PORT g|S|W|B|O|R|P|E");
+            eprintln!(
+                "usage: fault_peer serve ADDR PORT [--gate] | client ADDR PORT g|S|W|B|O|R|P|E|C | listen ADDR PORT | pending ADDR PORT"
+            );
             2
         }
     };
