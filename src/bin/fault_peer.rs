@@ -29,7 +29,8 @@
 //! | `P` | idles | blocked in `poll(POLLIN\|POLLRDHUP)`, then reads |
 //! | `E` | idles | blocked in `epoll_wait(EPOLLIN\|EPOLLRDHUP)`, then reads |
 //!
-//! The client prints `ready` once the connection is in the state the harness kills it in
+//! The client prints `connected` once its `connect` returned (the harness lets a gated server
+//! accept only then) and `ready` once the connection is in the state the harness kills it in
 //! (bulk: after 1 MiB moved). After each connection the server prints one line
 //! `end SCENARIO: WHAT` naming what its calls returned (never a count that depends on
 //! timing), e.g. `end S: read eof, read eof` or `end W: write ECONNRESET, write EPIPE`, then
@@ -243,6 +244,8 @@ fn serve(addr: &str, port: &str, gate: bool) -> i32 {
 
 fn client(addr: &str, port: &str, scenario: &str) -> i32 {
     let mut s = TcpStream::connect(format!("{addr}:{port}")).expect("connect");
+    println!("connected");
+    let _ = std::io::stdout().flush();
     if scenario == "C" {
         // Killed before the server accepts: nothing written (it would die with a pending SDP
         // connection's buffer, docs/FAULTS.md).
