@@ -701,9 +701,11 @@ fn fault_round(mode: Mode, addr: &str, port: u16, scenarios: &[&str]) -> Vec<Str
                 server.stderr()
             );
         }
-        // The write scenario: let the survivor fill the buffers and block.
-        let fill = matches!(*s, "B" | "O");
-        std::thread::sleep(Duration::from_millis(if fill { 2000 } else { 300 }));
+        // The write scenarios: let the survivor fill the buffers and block (`O` says when).
+        if *s == "O" {
+            server.expect("filled", T);
+        }
+        std::thread::sleep(Duration::from_millis(if *s == "B" { 2000 } else { 300 }));
         victim.kill();
         let t0 = Instant::now();
         if before_accept {

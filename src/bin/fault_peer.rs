@@ -24,7 +24,7 @@
 //! | `S` | writes 1000 B and 100 KiB writes forever (bulk sender) | reads until end or error |
 //! | `W` | reads forever (bulk receiver) | writes 1000 B and 100 KiB writes until error |
 //! | `B` | never reads | writes until error (blocked on full buffers) |
-//! | `O` | never reads | fills the buffers (non-blocking), blocked in `poll(POLLOUT)`, polls again 200 ms later, then `SO_ERROR` and a write |
+//! | `O` | never reads | fills the buffers (non-blocking, until no room for 1 s), prints `filled`, blocked in `poll(POLLOUT)`, polls again 200 ms later, then `SO_ERROR` and a write |
 //! | `R` | idles | blocked in `read` |
 //! | `P` | idles | blocked in `poll(POLLIN\|POLLRDHUP)`, then reads |
 //! | `E` | idles | blocked in `epoll_wait(EPOLLIN\|EPOLLRDHUP)`, then reads |
@@ -152,18 +152,30 @@ fn serve_one(s: &mut TcpStream) -> String {
         b'O' => {
             s.set_nonblocking(true).expect("non-blocking");
             let buf = vec![0x5au8; BULK[1]];
-            let full = loop {
-                match s.write(&buf) {
-                    Ok(n) if n > 0 => continue,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    r => break what(&r),
-                }
-            };
             let mut p = libc::pollfd {
                 fd,
                 events: libc::POLLOUT,
                 revents: 0,
             };
+            // Full: EAGAIN, and no room for a second. (Over rdma a large write is one
+            // SrcAvail, and the next one waits for the peer to read it: EAGAIN, then room
+            // again as soon as the peer's adapter took it, as from a small send buffer.)
+            let full = loop {
+                let r = loop {
+                    match s.write(&buf) {
+                        Ok(n) if n > 0 => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        r => break what(&r),
+                    }
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                if r != "EAGAIN" || unsafe { libc::poll(&mut p, 1, 1000) } == 0 {
+                    break r;
+                }
+            };
+            // The harness kills the victim once it read this.
+            println!("filled");
+            let _ = std::io::stdout().flush();
             // SAFETY: one valid pollfd for the duration of the call.
             let n = unsafe { libc::poll(&mut p, 1, WAIT_MS) };
             let first = events(p.revents as u32);
