@@ -1014,15 +1014,26 @@ fn notified(conn: &Weak<Conn>, flag: &AtomicBool) {
     };
     let mut g = conn.lock();
     flag.store(true, Ordering::Release);
-    let before = match &g.phase {
-        Phase::Offloaded(s) if s.is_current() => s.counters().msgs_rx,
+    let (before, was_reset) = match &g.phase {
+        Phase::Offloaded(s) if s.is_current() => {
+            (s.counters().msgs_rx, s.error() == Some(libc::ECONNRESET))
+        }
         _ => return,
     };
     g.sync();
-    let (after, dead) = match &g.phase {
-        Phase::Offloaded(s) => (s.counters().msgs_rx, s.error().is_some()),
+    let (after, dead, reset) = match &g.phase {
+        Phase::Offloaded(s) => (
+            s.counters().msgs_rx,
+            s.error().is_some(),
+            s.error() == Some(libc::ECONNRESET),
+        ),
         _ => return,
     };
+    if reset && !was_reset && g.app_int >= 0 {
+        // LINUX: a reset TCP socket polls HUP (both directions are shut), as over shm.
+        // SAFETY: our own copy of the app end.
+        unsafe { libc::syscall(libc::SYS_shutdown, g.app_int, libc::SHUT_WR) };
+    }
     if after > before && g.every_arrival && g.bytes_in {
         // LINUX: edge-triggered epoll reports every arrival: one more byte, one more edge.
         super::raw_send(g.own_bell, &[1], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
@@ -1172,6 +1183,9 @@ pub struct SdpRdma {
     cq: Vec<Completion>,
     next_wr: u64,
     peer_gone: bool,
+    /// The peer went while our bytes waited for it (its application had not read what it was
+    /// sent) and no call has reported it yet: one ECONNRESET to report, as after TCP's RST.
+    reset_pending: bool,
     dead: Option<Errno>,
     urgent: bool,
     every_arrival: bool,
@@ -1245,6 +1259,7 @@ impl SdpRdma {
             ],
             next_wr: 1 << 32,
             peer_gone: false,
+            reset_pending: false,
             dead: None,
             urgent: false,
             every_arrival: false,
@@ -1297,7 +1312,7 @@ impl SdpRdma {
         let t = now();
         match e {
             ConnError::PeerClosed | ConnError::PeerAborted => {
-                self.peer_gone = true;
+                self.mark_peer_gone();
                 let _ = self.engine.handle_cm_disconnected(t);
             }
             _ => {
@@ -1307,6 +1322,19 @@ impl SdpRdma {
                     .engine
                     .handle_transport_error(t, sdp_proto::error::TransportFailure::Fatal);
             }
+        }
+    }
+
+    /// The peer's end (rdma_cm DISCONNECTED: its close, or its death). LINUX: a TCP peer that
+    /// goes with bytes unread resets the connection (its kernel answers with RST): the next
+    /// call reports ECONNRESET once, then EPIPE / end of stream. Bytes still queued here for
+    /// lack of its credits, or offered by a SrcAvail it never read, mean that its application
+    /// had not read what it was sent (the rule `SdpShm::peer_gone` applies over shm).
+    fn mark_peer_gone(&mut self) {
+        if !self.peer_gone {
+            self.reset_pending |=
+                self.engine.send_queued() > 0 || self.offered.is_some() || !self.resend.is_empty();
+            self.peer_gone = true;
         }
     }
 
@@ -1684,6 +1712,9 @@ impl OffloadStream for SdpRdma {
         if let Some(e) = self.dead {
             return Err(e);
         }
+        if std::mem::take(&mut self.reset_pending) {
+            return Err(libc::ECONNRESET);
+        }
         if data.iter().all(|b| b.is_empty()) {
             return Ok(0);
         }
@@ -1758,6 +1789,10 @@ impl OffloadStream for SdpRdma {
                     first_err = Some(libc::ENOTCONN);
                     break;
                 }
+                Err(RecvError::Closed(_)) if std::mem::take(&mut self.reset_pending) => {
+                    first_err = Some(libc::ECONNRESET);
+                    break;
+                }
                 Err(RecvError::Closed(e)) => {
                     first_err = Some(if self.peer_gone {
                         0
@@ -1774,6 +1809,9 @@ impl OffloadStream for SdpRdma {
         }
         if let Some(e) = self.dead {
             return Err(e);
+        }
+        if matches!(first_err, None | Some(0)) && std::mem::take(&mut self.reset_pending) {
+            return Err(libc::ECONNRESET);
         }
         match first_err {
             None | Some(0) => Ok(0),
@@ -1863,7 +1901,7 @@ impl OffloadStream for SdpRdma {
     fn peer_gone(&mut self) {
         if !self.peer_gone {
             self.poll_completions();
-            self.peer_gone = true;
+            self.mark_peer_gone();
             let _ = self.engine.handle_cm_disconnected(now());
         }
     }
@@ -1872,7 +1910,17 @@ impl OffloadStream for SdpRdma {
         if let Some(e) = self.dead {
             return Some(e);
         }
+        if self.reset_pending {
+            return Some(libc::ECONNRESET);
+        }
         self.engine.error().map(|e| self.conn_errno(&e))
+    }
+
+    fn take_error(&mut self) -> Option<Errno> {
+        if std::mem::take(&mut self.reset_pending) {
+            return Some(libc::ECONNRESET);
+        }
+        self.error()
     }
 
     fn arm_recv(&mut self) -> bool {
