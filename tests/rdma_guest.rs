@@ -592,6 +592,284 @@ fn pair_sockperf_across_guests_works_and_preload_uses_rdma_or_records_why_not() 
     );
 }
 
+// -- Keepalive (SDP-WIRE.md §5.4): a zero-length RDMA WRITE when idle ---------------------------
+
+/// Whether this host has an established TCP connection to remote `port` whose keepalive
+/// timer is armed (`/proc/net/tcp`'s `tr` field 2): the application's SO_KEEPALIVE reached the
+/// kernel socket (under the preload: the shadow).
+fn keepalive_armed_to(port: u16) -> bool {
+    let needle = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/tcp").is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 5 && f[2].ends_with(&needle) && f[3] == "01" && f[5].starts_with("02:")
+        })
+    })
+}
+
+/// Packets rxe0 sent (its hardware counter): the probes are packets but no SDP message.
+fn rxe_sent_pkts() -> u64 {
+    let p = "/sys/class/infiniband/rxe0/ports/1/hw_counters/sent_pkts";
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{p}: {e}"))
+        .trim()
+        .parse()
+        .expect("sent_pkts")
+}
+
+/// vm2 waits until vm1 connects to `port` on it (a plain marker); vm1 connects.
+fn rendezvous(node: u32, addr: &str, peer: &str, port: u16) {
+    if node == 2 {
+        let l = std::net::TcpListener::bind((addr, port)).expect("marker");
+        let _ = l.accept().expect("marker accept");
+        return;
+    }
+    let deadline = Instant::now() + T;
+    while std::net::TcpStream::connect((peer, port)).is_err() {
+        assert!(Instant::now() < deadline, "vm2 never listened on {port}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// SO_KEEPALIVE set on a listener reaches the rdma connections it accepts (the accepted
+/// shadow inherits it): in one guest (`LIBSDP_TRANSPORT=rdma` on both ends), a server whose
+/// listener has keepalive idle 1 s and a client without keepalive: while the server is silent,
+/// rxe0 carries packets (the server's probes and their acknowledgements; nothing else moves)
+/// and no SDP message; then the server's line arrives.
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_keepalive_inherited_from_listener_probes_idle_peer() {
+    let (_, addr, _, pair) = guest();
+    assert!(!pair, "a one-guest test");
+    let port = 17050u16;
+    let prog = built("stream_check");
+    let mut srv = command(Mode::Preload, &prog);
+    srv.args(["quiet", &addr, &port.to_string(), "12", "--keepalive", "1"])
+        .env("LIBSDP_TRANSPORT", "rdma");
+    let mut server = Proc::spawn(srv, "stream_check quiet --keepalive 1");
+    wait_listening(&mut server, port);
+    let mut cli = command(Mode::Preload, &prog);
+    cli.args(["idle", &addr, &port.to_string(), "--keepalive", "0"])
+        .env("LIBSDP_TRANSPORT", "rdma");
+    let client = Proc::spawn(cli, "stream_check idle (no keepalive)");
+    let one_rdma = |rows: &[StatRow]| {
+        let c = connections(rows);
+        c.len() == 1 && c[0].transport == "rdma"
+    };
+    let ids = [client.id(), server.id()];
+    let before = groups_when(&ids, Duration::from_secs(30), one_rdma);
+    let pkts_before = rxe_sent_pkts();
+    std::thread::sleep(Duration::from_secs(4));
+    let pkts_after = rxe_sent_pkts();
+    let after = groups_when(&ids, Duration::from_secs(30), one_rdma);
+    let (c, s) = (client.wait(T), server.wait(T));
+    for (i, side) in ["client", "server"].iter().enumerate() {
+        let show = format!(
+            "before:\n{}after:\n{}",
+            libsdp_suite::show_rows(&before[i]),
+            libsdp_suite::show_rows(&after[i])
+        );
+        assert!(
+            one_rdma(&before[i]) && one_rdma(&after[i]),
+            "{side}: want one rdma connection:\n{show}client: {c:?}\nserver: {s:?}"
+        );
+        let (b, a) = (connections(&before[i])[0], connections(&after[i])[0]);
+        assert!(
+            (b.msgs_tx, b.msgs_rx) == (a.msgs_tx, a.msgs_rx),
+            "{side}: no SDP message may move while idle:\n{show}"
+        );
+    }
+    assert!(
+        pkts_after > pkts_before,
+        "the server's inherited keepalive (idle 1 s) sent no probe in 4 s: rxe0 sent_pkts {pkts_before} -> {pkts_after}"
+    );
+    assert!(
+        c.code == 0 && c.stdout.contains("ended: bytes 6 hello") && s.code == 0,
+        "client: {c:?}\nserver: {s:?}"
+    );
+    println!(
+        "RDMA-TEST INFO keepalive-inherited: accepted rdma connection probes with the listener's keepalive: {} rxe0 packets in 4 s idle, no SDP message; then data flowed",
+        pkts_after - pkts_before
+    );
+}
+
+/// Keepalive on an idle rdma connection whose peer is alive: vm1's client (SO_KEEPALIVE,
+/// TCP_KEEPIDLE 1 s) idles while vm2's server stays silent for 15 s, then reads the server's
+/// line: the probes (rxe0 packets while no SDP message moves) neither disturb the peer nor end
+/// the connection.
+#[test]
+#[ignore = "runs in the soft-RoCE guests: scripts/rdma-tests.sh"]
+fn pair_keepalive_idle_past_idle_time_peer_alive_connection_survives() {
+    let (node, addr, peer, pair) = guest();
+    assert!(pair, "a two-guest test");
+    let port = 17030u16;
+    let prog = built("stream_check");
+    if node == 2 {
+        let mut srv = command(Mode::Preload, &prog);
+        srv.args(["quiet", &addr, &port.to_string(), "15"]);
+        let mut server = Proc::spawn(srv, "stream_check quiet");
+        wait_listening(&mut server, port);
+        rendezvous(node, &addr, &peer, port + 1);
+        let s = server.wait(T);
+        assert!(
+            s.code == 0 && s.stdout.contains("accepted") && s.stdout.contains("done"),
+            "server: {s:?}"
+        );
+        return;
+    }
+    rendezvous(node, &addr, &peer, port + 1);
+    let mut cli = command(Mode::Preload, &prog);
+    cli.args(["idle", &peer, &port.to_string(), "--keepalive", "1"]);
+    let mut client = Proc::spawn(cli, "stream_check idle");
+    let idle_row = |rows: &[StatRow]| {
+        let c = connections(rows);
+        c.len() == 1 && c[0].transport == "rdma"
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !keepalive_armed_to(port) {
+        assert!(
+            client.running() && Instant::now() < deadline,
+            "the client's SO_KEEPALIVE never reached its socket"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before = rows_when(client.id(), Duration::from_secs(30), idle_row);
+    let pkts_before = rxe_sent_pkts();
+    std::thread::sleep(Duration::from_secs(5));
+    let pkts_after = rxe_sent_pkts();
+    let after = rows_when(client.id(), Duration::from_secs(30), idle_row);
+    let c = client.wait(T);
+    let show = format!(
+        "before:\n{}after:\n{}",
+        libsdp_suite::show_rows(&before),
+        libsdp_suite::show_rows(&after)
+    );
+    assert!(
+        idle_row(&before) && idle_row(&after),
+        "want one rdma connection:\n{show}client: {c:?}"
+    );
+    let (b, a) = (connections(&before)[0], connections(&after)[0]);
+    assert!(
+        (b.msgs_tx, b.msgs_rx) == (a.msgs_tx, a.msgs_rx),
+        "no SDP message may move while idle (probes are none; the server is silent 15 s):\n{show}"
+    );
+    assert!(
+        pkts_after > pkts_before,
+        "idle 5 s with a 1 s keepalive: rxe0 sent no packet (no probe): {pkts_before} -> {pkts_after}"
+    );
+    assert!(
+        c.code == 0 && c.stdout.contains("ended: bytes 6 hello"),
+        "after the idle period the server's line must arrive: {c:?}"
+    );
+    println!(
+        "RDMA-TEST INFO pair-keepalive-alive: rdma connection idle 5 s with keepalive 1 s: {} rxe0 packets sent, no SDP message; then data flowed",
+        pkts_after - pkts_before
+    );
+}
+
+/// Keepalive finds a dead peer (runs last of the `pair_*` tests: vm2 takes its link down).
+/// vm1 holds two idle connections to vm2 with SO_KEEPALIVE, TCP_KEEPIDLE 1 s, TCP_KEEPINTVL
+/// 1 s, TCP_KEEPCNT 2: one plain TCP, one over SDP/rdma (preload). vm2 then goes unreachable
+/// (`ip link set eth0 down`: rxe0 answers nothing more; a stopped process would not do, the
+/// kernel's rxe still acknowledges RDMA WRITEs). Both blocked reads must end with the same
+/// errno, ETIMEDOUT: TCP's after its probes, SDP's when the zero-length RDMA WRITE exhausts
+/// the RC retries. Both connections share the one link-down.
+#[test]
+#[ignore = "runs in the soft-RoCE guests: scripts/rdma-tests.sh"]
+fn pair_zz_keepalive_peer_unreachable_read_times_out_as_tcp() {
+    let (node, addr, peer, pair) = guest();
+    assert!(pair, "a two-guest test");
+    let (tcp_port, sdp_port) = (17040u16, 17041u16);
+    let prog = built("stream_check");
+    if node == 2 {
+        let server = |mode, port: u16| {
+            let mut c = command(mode, &prog);
+            c.args(["quiet", &addr, &port.to_string(), "600"]);
+            let mut p = Proc::spawn(c, "stream_check quiet");
+            wait_listening(&mut p, port);
+            p
+        };
+        let plain = server(Mode::Base, tcp_port);
+        let pre = server(Mode::Preload, sdp_port);
+        rendezvous(node, &addr, &peer, sdp_port + 1); // vm1 may connect
+        rendezvous(node, &addr, &peer, sdp_port + 2); // vm1's clients idle with keepalive
+        let rows = rows_when(pre.id(), Duration::from_secs(30), |rows| {
+            connections(rows).len() == 1
+        });
+        let c = connections(&rows);
+        assert!(
+            c.len() == 1 && c[0].transport == "rdma",
+            "server: want one rdma connection:\n{}",
+            libsdp_suite::show_rows(&rows)
+        );
+        let down = Command::new("ip")
+            .args(["link", "set", "eth0", "down"])
+            .status()
+            .expect("ip link");
+        assert!(down.success(), "ip link set eth0 down: {down}");
+        println!("RDMA-TEST INFO pair-keepalive-dead: vm2's eth0 down");
+        // Nothing reaches vm1 any more: the servers may go (their FIN and DREQ are lost).
+        drop(plain);
+        drop(pre);
+        return;
+    }
+    rendezvous(node, &addr, &peer, sdp_port + 1);
+    let client = |mode, port: u16| {
+        let mut c = command(mode, &prog);
+        c.args(["idle", &peer, &port.to_string(), "--keepalive", "1"]);
+        Proc::spawn(c, "stream_check idle")
+    };
+    let mut plain = client(Mode::Base, tcp_port);
+    let mut pre = client(Mode::Preload, sdp_port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(keepalive_armed_to(tcp_port) && keepalive_armed_to(sdp_port)) {
+        assert!(
+            plain.running() && pre.running() && Instant::now() < deadline,
+            "the clients' SO_KEEPALIVE never reached their sockets"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rows = rows_when(pre.id(), Duration::from_secs(30), |rows| {
+        connections(rows).len() == 1
+    });
+    let (transport, _) = the_connection(&rows, "client");
+    assert_eq!(
+        transport,
+        "rdma",
+        "want the connection over rdma:\n{}",
+        libsdp_suite::show_rows(&rows)
+    );
+    rendezvous(node, &addr, &peer, sdp_port + 2);
+    let t0 = Instant::now();
+    // Generous: TCP needs idle + 2 probes (~3 s); the RC retries of the probe ~10 s.
+    let limit = Duration::from_secs(90);
+    let tcp = plain.wait(limit);
+    let tcp_secs = t0.elapsed().as_secs_f64();
+    let sdp = pre.wait(limit);
+    let sdp_secs = t0.elapsed().as_secs_f64();
+    let ended = |o: &libsdp_suite::Outcome| {
+        o.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("ended: "))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        tcp.code == 0 && ended(&tcp) == "error ETIMEDOUT",
+        "plain TCP with keepalive, peer unreachable: {tcp:?}"
+    );
+    assert!(
+        sdp.code == 0 && ended(&sdp) == ended(&tcp),
+        "SDP over rdma must end as TCP did ({}): {sdp:?}",
+        ended(&tcp)
+    );
+    println!(
+        "RDMA-TEST INFO pair-keepalive-dead: peer unreachable: TCP read ended {} after {tcp_secs:.1} s, SDP/rdma read ended {} after {sdp_secs:.1} s",
+        ended(&tcp),
+        ended(&sdp)
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Faults over rdma (issue #8 item 1, the rdma part; docs/FAULTS.md "Faults over rdma").
 

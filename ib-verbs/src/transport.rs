@@ -71,6 +71,9 @@ pub enum Opcode {
     Send,
     Recv,
     Read,
+    /// A zero-length RDMA WRITE: the SDP keepalive probe (SDP-WIRE.md §5.4). It moves no
+    /// byte and the peer's application sees nothing; only its completion matters.
+    Write,
 }
 
 /// Why a work request completed in error.
@@ -84,6 +87,9 @@ pub enum WcError {
     /// RDMA READ: the kernel refused or faulted the copy (the peer's memory was unmapped, or
     /// the peer exited during the read).
     RemoteAccess,
+    /// The peer's adapter never acknowledged the work request (RC retry exceeded): the peer
+    /// is unreachable or gone. Reported for a keepalive probe (`Opcode::Write`).
+    Unanswered,
 }
 
 /// A work completion.

@@ -52,6 +52,9 @@ impl ConnectionError {
             ConnectionError::PeerAborted => ErrorKind::ConnectionReset,
             ConnectionError::LocallyAborted => ErrorKind::ConnectionAborted,
             ConnectionError::TimedOut(_) => ErrorKind::TimedOut,
+            // LINUX: a TCP connection whose keepalive probes go unanswered fails with
+            // ETIMEDOUT; an unanswered SDP probe (RC retry exceeded) is the same condition.
+            ConnectionError::Transport(TransportFailure::Keepalive) => ErrorKind::TimedOut,
             ConnectionError::Transport(_) => ErrorKind::ConnectionReset,
             ConnectionError::ProtocolViolation(_) => ErrorKind::ConnectionReset,
         }

@@ -801,3 +801,92 @@ fn established_peer_starved_credit_update_sent() {
     assert_eq!(sent[0].1.len(), 16, "an empty Data is a pure credit update");
     assert!(sent[0].0.bufs >= 14);
 }
+
+// -- SO_KEEPALIVE set at run time (SDP-WIRE.md §5.4) ------------------------------------------
+
+fn probes(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| **e == Event::KeepaliveProbe)
+        .count()
+}
+
+#[test]
+fn established_set_keepalive_idle_probes_each_idle_period() {
+    let mut o = One::established();
+    assert_eq!(o.c.poll_timeout(), None, "keepalive is off by default");
+    o.c.set_keepalive(o.now, Some(std::time::Duration::from_secs(2)));
+    assert_eq!(o.c.keepalive(), Some(std::time::Duration::from_secs(2)));
+    assert_eq!(
+        o.c.poll_timeout(),
+        Some(o.now + std::time::Duration::from_secs(2))
+    );
+    o.advance(1.0);
+    assert_eq!(probes(&o.events()), 0, "not idle for a whole period yet");
+    o.advance(1.0);
+    assert_eq!(probes(&o.events()), 1, "idle for the idle time: one probe");
+    assert!(o.sent().is_empty(), "a probe is no SDP message");
+    o.advance(2.0);
+    assert_eq!(probes(&o.events()), 1, "still idle: probes again");
+    assert_eq!(o.c.state(), StateKind::Established);
+}
+
+#[test]
+fn established_keepalive_traffic_in_period_no_probe() {
+    let mut o = One::established();
+    o.c.set_keepalive(o.now, Some(std::time::Duration::from_secs(2)));
+    o.advance(1.0);
+    o.data(b"x").unwrap();
+    o.advance(1.0);
+    assert_eq!(probes(&o.events()), 0, "a message moved: not idle");
+    o.advance(2.0);
+    assert_eq!(probes(&o.events()), 1);
+}
+
+#[test]
+fn established_set_keepalive_none_stops_timer() {
+    let mut o = One::established();
+    o.c.set_keepalive(o.now, Some(std::time::Duration::from_secs(2)));
+    o.c.set_keepalive(o.now, None);
+    assert_eq!(o.c.poll_timeout(), None);
+    o.advance(10.0);
+    assert_eq!(probes(&o.events()), 0);
+}
+
+#[test]
+fn hello_sent_set_keepalive_armed_at_establish() {
+    let mut o = One::active(Config::default());
+    o.c.set_keepalive(o.now, Some(std::time::Duration::from_secs(3)));
+    assert_eq!(
+        o.c.poll_timeout(),
+        None,
+        "nothing to probe before the HelloAck"
+    );
+    o.now = o.now + std::time::Duration::from_secs(1);
+    o.c.handle_hello_ack(o.now, &hello_ack(8, 0x22, 1)).unwrap();
+    assert_eq!(
+        o.c.poll_timeout(),
+        Some(o.now + std::time::Duration::from_secs(3))
+    );
+}
+
+#[test]
+fn established_keepalive_probe_failed_times_out() {
+    let mut o = One::established();
+    o.c.set_keepalive(o.now, Some(std::time::Duration::from_secs(1)));
+    o.advance(1.0);
+    assert_eq!(probes(&o.events()), 1);
+    let r =
+        o.c.handle_transport_error(o.now, TransportFailure::Keepalive);
+    let e = ConnectionError::Transport(TransportFailure::Keepalive);
+    assert_eq!(r, Err(HandleError::Fatal(e)));
+    assert_eq!(
+        e.io_kind(),
+        std::io::ErrorKind::TimedOut,
+        "ETIMEDOUT, as TCP"
+    );
+    assert_eq!(o.c.state(), StateKind::Closed);
+    assert_eq!(o.c.poll_timeout(), None);
+    o.c.set_keepalive(o.now, Some(std::time::Duration::from_secs(1)));
+    assert_eq!(o.c.poll_timeout(), None, "a closed connection arms nothing");
+}

@@ -5,6 +5,8 @@
 //! ```text
 //! stream_check serve ADDR PORT [--fork] [--hold FILE]   accept one connection, check it, answer
 //! stream_check send ADDR PORT BYTES [--hold FILE]
+//! stream_check idle ADDR PORT --keepalive SECS
+//! stream_check quiet ADDR PORT SECS [--keepalive SECS]
 //! ```
 //!
 //! The client writes BYTES bytes in writes cycling through sizes from 1 byte to 1 MiB (small
@@ -15,6 +17,14 @@
 //! client wrote FILE and FILE was removed. Exit status 0 only for `ok` (the client: with the
 //! byte count sent). With `--fork` the server listens, then a forked child accepts and serves
 //! while the listening parent waits for it (a prefork server's shape).
+//!
+//! Keepalive: `idle` connects, sets SO_KEEPALIVE, TCP_KEEPIDLE=SECS, TCP_KEEPINTVL=1 and
+//! TCP_KEEPCNT=2 (none of them for SECS 0), prints `connected`, blocks in one `read` and prints
+//! how it ended: `ended: bytes N TEXT`, `ended: eof` or `ended: error ENAME` (exit 0; 3 when it
+//! could not connect or set the options). `quiet` accepts one connection, prints `accepted`,
+//! stays silent SECS seconds (the client idles past its keepalive time), then writes `hello`
+//! and waits for the client to close; with `--keepalive` the same options are set on its
+//! listener before `listen`, for the accepted socket to inherit.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -158,6 +168,137 @@ fn send(addr: &str, port: &str, bytes: u64, hold: Option<&str>) -> i32 {
     i32::from(line.trim() != format!("ok {bytes}"))
 }
 
+/// The client with keepalive on: one blocking read, reported.
+fn idle(addr: &str, port: &str, secs: i32) -> i32 {
+    let start = std::time::Instant::now();
+    let mut s = loop {
+        match TcpStream::connect(format!("{addr}:{port}")) {
+            Ok(s) => break s,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && start.elapsed() < Duration::from_secs(60) =>
+            {
+                std::thread::sleep(Duration::from_millis(200))
+            }
+            Err(e) => {
+                eprintln!("connect: {e}");
+                return 3;
+            }
+        }
+    };
+    use std::os::fd::AsRawFd;
+    if secs > 0
+        && let Err(e) = set_keepalive(s.as_raw_fd(), secs)
+    {
+        eprintln!("{e}");
+        return 3;
+    }
+    println!("connected");
+    let mut buf = [0u8; 256];
+    let ended = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "eof".to_string(),
+            Ok(n) => {
+                break format!("bytes {n} {}", String::from_utf8_lossy(&buf[..n]).trim());
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => break format!("error {}", errno_name(e.raw_os_error().unwrap_or(0))),
+        }
+    };
+    println!("ended: {ended}");
+    0
+}
+
+/// SO_KEEPALIVE on, TCP_KEEPIDLE `secs`, TCP_KEEPINTVL 1, TCP_KEEPCNT 2.
+fn set_keepalive(fd: i32, secs: i32) -> Result<(), String> {
+    for (level, name, v) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, secs),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 2),
+    ] {
+        // SAFETY: an int option of our own socket, from a valid pointer.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &v as *const i32 as *const libc::c_void,
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(format!(
+                "setsockopt({level}, {name}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An IPv4 listener with keepalive set before `listen` (std binds and listens in one call).
+fn keepalive_listener(addr: &str, port: &str, secs: i32) -> TcpListener {
+    use std::os::fd::FromRawFd;
+    let ip: std::net::Ipv4Addr = addr.parse().expect("IPv4 ADDR");
+    let port: u16 = port.parse().expect("PORT");
+    // SAFETY: plain socket calls on a socket we own; `sa` is a valid sockaddr_in.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        set_keepalive(fd, secs).expect("keepalive on the listener");
+        let one: i32 = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            &one as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(ip).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = libc::bind(fd, &sa as *const _ as *const libc::sockaddr, len);
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::listen(fd, 16), 0, "listen");
+        TcpListener::from_raw_fd(fd)
+    }
+}
+
+fn errno_name(e: i32) -> String {
+    match e {
+        libc::ETIMEDOUT => "ETIMEDOUT".into(),
+        libc::ECONNRESET => "ECONNRESET".into(),
+        libc::EPIPE => "EPIPE".into(),
+        libc::EHOSTUNREACH => "EHOSTUNREACH".into(),
+        libc::EIO => "EIO".into(),
+        e => format!("errno{e}"),
+    }
+}
+
+/// The server of `idle`: silent for `secs`, then one line.
+fn quiet(addr: &str, port: &str, secs: u64, keepalive: Option<i32>) -> i32 {
+    let l = match keepalive {
+        Some(k) => keepalive_listener(addr, port, k),
+        None => TcpListener::bind(format!("{addr}:{port}")).expect("bind"),
+    };
+    println!("listening");
+    let (mut s, _) = l.accept().expect("accept");
+    println!("accepted");
+    std::thread::sleep(Duration::from_secs(secs));
+    s.write_all(b"hello\n").expect("write");
+    let mut buf = [0u8; 64];
+    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
+    println!("done");
+    0
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let v: Vec<&str> = a.iter().map(String::as_str).collect();
@@ -170,9 +311,17 @@ fn main() {
         ["send", addr, port, n, "--hold", f] => {
             send(addr, port, n.parse().expect("BYTES"), Some(f))
         }
+        ["idle", addr, port, "--keepalive", secs] => idle(addr, port, secs.parse().expect("SECS")),
+        ["quiet", addr, port, secs] => quiet(addr, port, secs.parse().expect("SECS"), None),
+        ["quiet", addr, port, secs, "--keepalive", k] => quiet(
+            addr,
+            port,
+            secs.parse().expect("SECS"),
+            Some(k.parse().expect("SECS")),
+        ),
         _ => {
             eprintln!(
-                "usage: stream_check serve ADDR PORT [--fork] [--hold FILE] | send ADDR PORT BYTES [--hold FILE]"
+                "usage: stream_check serve ADDR PORT [--fork] [--hold FILE] | send ADDR PORT BYTES [--hold FILE] | idle ADDR PORT --keepalive SECS | quiet ADDR PORT SECS [--keepalive SECS]"
             );
             2
         }

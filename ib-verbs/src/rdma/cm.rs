@@ -429,7 +429,10 @@ fn conn_param(dev: &Device, pd: &[u8], qpn: u32) -> b::rdma_conn_param {
         responder_resources: lim.max_qp_rd_atom.clamp(1, 16) as u8,
         initiator_depth: lim.max_qp_init_rd_atom.clamp(1, 16) as u8,
         flow_control: 0,
-        retry_count: 7,
+        // MLNX's value (SDP-WIRE.md §2.1). Not 7: soft-RoCE treats a retry count of 7 as
+        // "retry forever" (hardware does not), so a peer that vanished would never show as
+        // retry exceeded there, and the keepalive probe (§5.4) could not find it.
+        retry_count: 5,
         rnr_retry_count: 7,
         srq: 0,
         qp_num: qpn,

@@ -306,11 +306,16 @@ impl Pending {
         a.qp_state = b::ibv_qp_state::IBV_QPS_INIT;
         a.pkey_index = 0;
         a.port_num = port.port;
-        a.qp_access_flags = if opts.allow_peer_read {
-            b::ibv_access_flags::IBV_ACCESS_REMOTE_READ
-        } else {
-            0
-        };
+        // REMOTE_WRITE: the peer's keepalive probe is a zero-length RDMA WRITE, which an RC
+        // responder without it NAKs (a fatal error for the prober). No registration of ours
+        // grants remote write, so no byte of our memory can be written through it (as
+        // rdma_cm's own QPs, which always carry it).
+        a.qp_access_flags = b::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE
+            | if opts.allow_peer_read {
+                b::ibv_access_flags::IBV_ACCESS_REMOTE_READ
+            } else {
+                0
+            };
         use b::ibv_qp_attr_mask::*;
         modify_qp(
             &q,
@@ -606,6 +611,38 @@ impl RdmaConn {
         self.last_wc
     }
 
+    /// Posts the SDP keepalive probe (SDP-WIRE.md §5.4, LINUX `sdp_post_keepalive`): a
+    /// signaled zero-length `IBV_WR_RDMA_WRITE` with no scatter entry and remote address and
+    /// key 0 (a zero-byte RDMA op checks neither). The peer's application sees nothing; its
+    /// adapter acknowledges. It completes as [`Opcode::Write`] (never a send: it uses no SDP
+    /// credit); a peer that does not answer makes it fail with [`WcError::Unanswered`] after
+    /// the QP's retries, and the connection is dead.
+    pub fn post_keepalive(&mut self, wr_id: WrId) -> Result<(), PostError> {
+        self.check_alive()?;
+        if self.peer_gone {
+            return Err(PostError::Dead(self.kill(ConnError::PeerClosed)));
+        }
+        let depth = self.opts.send_depth as u64;
+        if self.sq_posted - self.sq_completed >= depth {
+            return Err(PostError::QueueFull);
+        }
+        let slot = (self.sq_posted % depth) as usize;
+        // SAFETY: all-zero is a valid ibv_send_wr (no SGE list, remote address and key 0).
+        let mut wr: b::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = self.sq_posted;
+        wr.num_sge = 0;
+        wr.opcode = b::ibv_wr_opcode::IBV_WR_RDMA_WRITE;
+        wr.send_flags = b::ibv_send_flags::IBV_SEND_SIGNALED;
+        wr.wr.rdma = b::ibv_send_wr__bindgen_ty_2__bindgen_ty_1 {
+            remote_addr: 0,
+            rkey: 0,
+        };
+        self.post_send_wr(&mut wr)?;
+        self.sq_meta[slot] = (wr_id, Opcode::Write, 0);
+        self.sq_posted += 1;
+        Ok(())
+    }
+
     fn check_alive(&self) -> Result<(), ConnError> {
         match self.dead {
             Some(e) => Err(e),
@@ -708,6 +745,19 @@ impl RdmaConn {
             wc.status,
             IBV_WC_REM_ACCESS_ERR | IBV_WC_REM_INV_REQ_ERR | IBV_WC_REM_OP_ERR
         );
+        if opcode == Opcode::Write
+            && matches!(wc.status, IBV_WC_RETRY_EXC_ERR | IBV_WC_RNR_RETRY_EXC_ERR)
+        {
+            // The keepalive probe went unanswered: reported as its own error completion, ahead
+            // of the flushes, so that the consumer can tell a dead peer found by keepalive.
+            self.cq.push_back(Completion {
+                wr_id,
+                opcode,
+                status: Err(WcError::Unanswered),
+                byte_len: 0,
+                buf_index: slot as u32,
+            });
+        }
         if opcode == Opcode::Read && remote && self.dead.is_none() {
             // A remote access error moves the RC QP to the error state: fatal, and reported
             // as the read's error completion first (as the shm provider does).

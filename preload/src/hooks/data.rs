@@ -880,7 +880,12 @@ pub unsafe extern "C" fn setsockopt(
             }
             return rc;
         }
-        return unsafe { real::setsockopt(shadow, level, name, val, len) };
+        let rc = unsafe { real::setsockopt(shadow, level, name, val, len) };
+        if rc == 0 && ops::offload::keepalive::is_keepalive_option(level, name) {
+            // The stream probes its peer itself: it reads the shadow's settings back.
+            crate::guard::switch(|| ops::offload::keepalive::option_set(fd, level, name));
+        }
+        return rc;
     }
     unsafe { real::setsockopt(fd, level, name, val, len) }
 }

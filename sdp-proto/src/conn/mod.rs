@@ -481,6 +481,25 @@ impl Connection {
         }
     }
 
+    /// SO_KEEPALIVE changed at run time: `Some(idle)` (TCP_KEEPIDLE) arms the keepalive timer
+    /// `idle` from now, `None` stops it (SDP-WIRE.md §5.4). Idleness is measured from this
+    /// call: a probe goes only if no message moved either way during a whole period. Before
+    /// the connection is established it only records the setting (establishing arms it);
+    /// once it can no longer transmit, nothing is armed.
+    pub fn set_keepalive(&mut self, now: Timestamp, idle: Option<core::time::Duration>) {
+        self.config.keepalive = idle;
+        self.keepalive_seen = self.activity;
+        match idle {
+            Some(k) if self.state.can_transmit() => self.timers.set(Timer::Keepalive, now + k),
+            _ => self.timers.stop(Timer::Keepalive),
+        }
+    }
+
+    /// The SO_KEEPALIVE idle time in force (`None`: off).
+    pub fn keepalive(&self) -> Option<core::time::Duration> {
+        self.config.keepalive
+    }
+
     /// The next deadline to call `handle_timeout` at.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         self.timers.next()

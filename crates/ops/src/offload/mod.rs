@@ -20,6 +20,7 @@ pub mod data;
 pub mod exec;
 pub mod handoff;
 pub mod intents;
+pub mod keepalive;
 pub mod lazy;
 pub mod rdma;
 pub mod sdp;

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::mem::ManuallyDrop;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use fallback::Reason;
@@ -33,7 +33,7 @@ use ib_verbs::rdma::cm::{Connecting, Listener, Request};
 use ib_verbs::rdma::{DmaBuf, RdmaConn, RdmaOptions};
 use ib_verbs::{Access, Completion, ConnError, Connection, LocalSge, MemKey, Opcode, RemoteSge};
 use sdp_proto::conn::{RdmaRead, RdmaReadFailure, ZcopyId};
-use sdp_proto::error::{RecvError, SendError, UrgentError};
+use sdp_proto::error::{RecvError, SendError, TransportFailure, UrgentError};
 use sdp_proto::wire::{HelloAckRepr, HelloRepr, IpAddrs, Version};
 use sdp_proto::{Config, Event};
 
@@ -668,6 +668,8 @@ fn server_setup(
     g.stray = stray;
     g.watch = watch;
     g.sync();
+    // SO_KEEPALIVE inherited from the listener is on the accepted shadow.
+    super::keepalive::apply(&mut g);
     sdp_log!(
         log::DECISION,
         "accept fd {fd} from {peer} on {local}: SDP over rdma"
@@ -985,6 +987,8 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpRdma) {
     g.phase = Phase::Offloaded(stream);
     g.watch = watch_notify(conn, notify);
     g.sync();
+    // SO_KEEPALIVE set before connect is on the shadow.
+    super::keepalive::apply(g);
     log::resolved(g, None);
 }
 
@@ -1048,11 +1052,14 @@ struct Notify {
     flag: Arc<AtomicBool>,
     event_id: u64,
     device: Arc<ib_verbs::rdma::Device>,
+    /// Where the stream's engine timer finds its connection.
+    home: Arc<OnceLock<Weak<Conn>>>,
 }
 
 impl Notify {
     fn of(s: &SdpRdma) -> Notify {
         Notify {
+            home: Arc::clone(&s.timer.home),
             fd: s.conn.notify_fd(),
             flag: Arc::clone(&s.notified),
             event_id: s.conn.event_id(),
@@ -1064,6 +1071,7 @@ impl Notify {
 /// Registers the connection with the progress thread: its rdma_cm events on its notify fd, its
 /// completions through the process's channel (before the first `arm`, so none is missed).
 fn watch_notify(conn: &Arc<Conn>, n: Notify) -> Option<u64> {
+    let _ = n.home.set(Arc::downgrade(conn));
     channel::serve(&n.device);
     channel::add(n.event_id, Arc::downgrade(conn), Arc::clone(&n.flag));
     progress::register(
@@ -1197,6 +1205,36 @@ pub struct SdpRdma {
     offered: Option<(ZcopyId, MemKey, usize)>,
     /// Bytes of `stage` a refused or cancelled SrcAvail left, to send by BCopy before any other.
     resend: std::ops::Range<usize>,
+    /// Wakes the connection at the engine's next deadline (keepalive, SrcAvail, close).
+    timer: EngineTimer,
+}
+
+/// The engine's timers must fire while nothing else moves the connection (an idle
+/// connection with SO_KEEPALIVE): one progress-thread one-shot at the engine's next deadline,
+/// at most one pending per connection.
+#[derive(Default)]
+struct EngineTimer {
+    /// The connection, once the progress thread serves it (`watch_notify`).
+    home: Arc<OnceLock<Weak<Conn>>>,
+    /// The pending one-shot: the engine deadline it serves, when it runs, its token.
+    pending: Option<(sdp_proto::Timestamp, Instant, u64)>,
+}
+
+struct EngineTimerTask {
+    conn: Weak<Conn>,
+}
+
+impl Task for EngineTimerTask {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        let Some(conn) = self.conn.upgrade() else {
+            return;
+        };
+        let mut g = conn.lock();
+        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+            // Progress runs the expired timers and sets the next one-shot.
+            g.sync();
+        }
+    }
 }
 
 impl SdpRdma {
@@ -1232,6 +1270,7 @@ impl SdpRdma {
             stage: None,
             offered: None,
             resend: 0..0,
+            timer: EngineTimer::default(),
         };
         if s.engine.role() == sdp_proto::Role::Passive {
             // rdma_cm's ESTABLISHED came before the connection was handed over.
@@ -1266,6 +1305,10 @@ impl SdpRdma {
     }
 
     fn transport_died(&mut self, e: ConnError) {
+        if self.dead.is_some() && self.engine.error().is_some() {
+            // Already dead of a named cause (an unanswered keepalive): the QP's end follows.
+            return;
+        }
         let t = now();
         match e {
             ConnError::PeerClosed | ConnError::PeerAborted => {
@@ -1339,6 +1382,7 @@ impl SdpRdma {
                         }
                     }
                     Opcode::Read => self.read_done(c),
+                    Opcode::Write if c.status.is_err() => self.keepalive_failed(),
                     _ => {}
                 }
             }
@@ -1396,6 +1440,7 @@ impl SdpRdma {
                     sent,
                     completed,
                 } => self.offer_finished(id, sent, completed),
+                Event::KeepaliveProbe => self.probe(),
                 _ => {}
             }
         }
@@ -1569,6 +1614,54 @@ impl SdpRdma {
         self.resend.is_empty()
     }
 
+    // -- Keepalive (SDP-WIRE.md §5.4) -------------------------------------------------------------
+
+    /// Idle for the keepalive time: a zero-length RDMA WRITE the peer's adapter acknowledges
+    /// (its application sees nothing).
+    fn probe(&mut self) {
+        let wr = self.wr();
+        match self.conn.post_keepalive(wr) {
+            Ok(()) => {}
+            Err(ib_verbs::PostError::Dead(d)) => self.transport_died(d),
+            // A full send queue is work in flight: not idle; the next period probes.
+            Err(e) => sdp_log!(log::DECISION, "keepalive probe not posted: {e}"),
+        }
+    }
+
+    /// The probe went unanswered (RC retry exceeded): the peer is gone. LINUX: TCP gives
+    /// ETIMEDOUT when its keepalive probes go unanswered.
+    fn keepalive_failed(&mut self) {
+        sdp_log!(
+            log::WARN,
+            "SDP keepalive probe unanswered: the peer is unreachable; connection timed out"
+        );
+        self.dead.get_or_insert(libc::ETIMEDOUT);
+        let _ = self
+            .engine
+            .handle_transport_error(now(), TransportFailure::Keepalive);
+    }
+
+    /// Makes sure the progress thread runs the connection at the engine's next deadline.
+    fn schedule_timer(&mut self) {
+        let deadline = self.engine.poll_timeout();
+        if let Some((at, when, token)) = self.timer.pending {
+            let fired = when <= Instant::now();
+            if !fired && deadline.is_some_and(|d| at <= d) {
+                return; // one as early is pending: it reschedules when it runs
+            }
+            progress::unregister(token);
+            self.timer.pending = None;
+        }
+        let (Some(d), Some(home)) = (deadline, self.timer.home.get()) else {
+            return;
+        };
+        // The engine's clock is the coarse monotonic one: a few ms late rather than early
+        // (a one-shot that finds nothing expired would only be set again).
+        let when = Instant::now() + d.saturating_since(now()) + Duration::from_millis(5);
+        let task = Arc::new(EngineTimerTask { conn: home.clone() });
+        self.timer.pending = progress::at(when, task).map(|token| (d, when, token));
+    }
+
     fn conn_errno(&self, e: &sdp_proto::ConnectionError) -> Errno {
         if self.peer_gone {
             return libc::EPIPE;
@@ -1580,6 +1673,9 @@ impl SdpRdma {
 impl Drop for SdpRdma {
     fn drop(&mut self) {
         if self.mine() {
+            if let Some((_, _, token)) = self.timer.pending.take() {
+                progress::unregister(token);
+            }
             channel::remove(self.conn.event_id());
             // SAFETY: dropped once, here, in the process that created the verbs objects.
             unsafe { ManuallyDrop::drop(&mut self.conn) };
@@ -1606,6 +1702,7 @@ impl OffloadStream for SdpRdma {
                 self.drain_outputs();
             }
         }
+        self.schedule_timer();
     }
 
     fn send(&mut self, data: &[&[u8]], oob: bool) -> Result<usize, Errno> {
@@ -1873,6 +1970,12 @@ impl OffloadStream for SdpRdma {
 
     fn fds(&self) -> Vec<i32> {
         vec![self.conn.notify_fd()]
+    }
+
+    fn set_keepalive(&mut self, idle: Option<Duration>) {
+        if self.check_owner() {
+            self.engine.set_keepalive(now(), idle);
+        }
     }
 
     fn flush(&mut self, budget: Duration) {

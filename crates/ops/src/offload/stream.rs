@@ -121,4 +121,9 @@ pub trait OffloadStream: Send {
 
     /// Delivers queued sends, waiting at most `budget` (a closing socket's linger).
     fn flush(&mut self, budget: std::time::Duration);
+
+    /// SO_KEEPALIVE changed (read back from the shadow TCP socket): `Some(idle)` is on with
+    /// TCP_KEEPIDLE, `None` off. Only a transport that can probe its peer acts on it (`rdma`,
+    /// SDP-WIRE.md §5.4); on the same host (`shm`) the peer's end is seen without probing.
+    fn set_keepalive(&mut self, _idle: Option<std::time::Duration>) {}
 }

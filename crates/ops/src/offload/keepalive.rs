@@ -1,0 +1,134 @@
+//! SO_KEEPALIVE for offloaded connections (SDP-WIRE.md §5.4, issue #7).
+//!
+//! Socket options of an offloaded fd are set on its shadow TCP socket (the preload's
+//! `setsockopt` hook), so the shadow is where the application's keepalive settings live: after
+//! SO_KEEPALIVE or a TCP_KEEP* option changes there, and when a connection becomes offloaded
+//! (options set before `connect`, or inherited by an accepted socket from its listener), they
+//! are read back and handed to the stream. TCP_KEEPINTVL and TCP_KEEPCNT have no SDP
+//! counterpart: one probe is sent, and the RC transport's own retries decide (see
+//! docs/RDMA.md, "Keepalive").
+
+use std::time::Duration;
+
+use super::{Inner, Phase, lookup};
+
+/// LINUX: `TCP_KEEPIDLE` when never set (`net.ipv4.tcp_keepalive_time`'s default, 2 h).
+const DEFAULT_IDLE: Duration = Duration::from_secs(7200);
+
+/// Whether `(level, name)` is an option that decides keepalive.
+pub fn is_keepalive_option(level: i32, name: i32) -> bool {
+    (level == libc::SOL_SOCKET && name == libc::SO_KEEPALIVE)
+        || (level == libc::IPPROTO_TCP
+            && matches!(
+                name,
+                libc::TCP_KEEPIDLE | libc::TCP_KEEPINTVL | libc::TCP_KEEPCNT
+            ))
+}
+
+fn int_option(fd: i32, level: i32, name: i32) -> Option<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid for writes of an int option.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_getsockopt,
+            fd,
+            level,
+            name,
+            &mut v as *mut libc::c_int,
+            &mut len as *mut libc::socklen_t,
+        )
+    };
+    (rc == 0).then_some(v)
+}
+
+/// The keepalive setting of TCP socket `fd`: `Some(TCP_KEEPIDLE)` when SO_KEEPALIVE is on.
+pub fn of_socket(fd: i32) -> Option<Duration> {
+    if fd < 0 || int_option(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE)? == 0 {
+        return None;
+    }
+    Some(
+        int_option(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE)
+            .filter(|&s| s > 0)
+            .map_or(DEFAULT_IDLE, |s| Duration::from_secs(s as u64)),
+    )
+}
+
+/// Hands the shadow's keepalive setting to the offloaded stream (with the lock held). Does
+/// nothing for a connection that is not offloaded or is served by another process.
+pub fn apply(g: &mut Inner) {
+    if !g.is_current() {
+        return;
+    }
+    let idle = of_socket(g.shadow);
+    if let Phase::Offloaded(s) = &mut g.phase {
+        s.set_keepalive(idle);
+        g.sync();
+    }
+}
+
+/// The application set `(level, name)` on offloaded fd `fd` (on its shadow, successfully).
+pub fn option_set(fd: i32, level: i32, name: i32) {
+    if !is_keepalive_option(level, name) {
+        return;
+    }
+    if let Some(conn) = lookup(fd) {
+        apply(&mut conn.lock());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp_socket() -> i32 {
+        // SAFETY: plain socket(2).
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }
+    }
+
+    fn set(fd: i32, level: i32, name: i32, v: i32) {
+        // SAFETY: an int option from a valid pointer.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                name,
+                &v as *const i32 as *const libc::c_void,
+                std::mem::size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+    }
+
+    #[test]
+    fn socket_keepalive_off_on_idle_read_back() {
+        let fd = tcp_socket();
+        assert!(fd >= 0);
+        assert_eq!(of_socket(fd), None, "off by default");
+        set(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1);
+        let sysctl = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_keepalive_time")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map_or(DEFAULT_IDLE, Duration::from_secs);
+        assert_eq!(
+            of_socket(fd),
+            Some(sysctl),
+            "the kernel's default idle time"
+        );
+        set(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 5);
+        assert_eq!(of_socket(fd), Some(Duration::from_secs(5)));
+        set(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 0);
+        assert_eq!(of_socket(fd), None);
+        crate::sys::close(fd);
+        assert_eq!(of_socket(-1), None);
+    }
+
+    #[test]
+    fn keepalive_options_recognised_others_not() {
+        assert!(is_keepalive_option(libc::SOL_SOCKET, libc::SO_KEEPALIVE));
+        assert!(is_keepalive_option(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE));
+        assert!(is_keepalive_option(libc::IPPROTO_TCP, libc::TCP_KEEPCNT));
+        assert!(!is_keepalive_option(libc::SOL_SOCKET, libc::SO_RCVBUF));
+        assert!(!is_keepalive_option(libc::IPPROTO_TCP, libc::TCP_NODELAY));
+    }
+}
