@@ -185,6 +185,19 @@ fn write_all(fd: &Fd, b: &[u8]) -> Result<(), ProbeError> {
 /// exact address or on the wildcard of its family (or the IPv6 wildcard, which also takes IPv4
 /// unless V6ONLY), read from `/proc/net/tcp` and `/proc/net/tcp6`.
 pub fn tcp_listener_uids(addr: &SocketAddr) -> Vec<u32> {
+    // The kernel's own answer, listeners only (cheap at any number of connections); procfs
+    // where sock_diag is not there.
+    if let (Ok(v4), Ok(v6)) = (
+        sys::tcp_listeners(libc::AF_INET, addr.port()),
+        sys::tcp_listeners(libc::AF_INET6, addr.port()),
+    ) {
+        return v4
+            .into_iter()
+            .chain(v6)
+            .filter(|&(ip, _)| listener_covers(ip, addr))
+            .map(|(_, uid)| uid)
+            .collect();
+    }
     let mut uids = Vec::new();
     for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
         if let Ok(text) = sys::read_small_file(path, 16 << 20) {
@@ -218,19 +231,23 @@ pub fn parse_proc_net_tcp(text: &str, v6: bool, addr: &SocketAddr) -> Vec<u32> {
         let Some(ip) = parse_hex_ip(ip_hex, v6) else {
             continue;
         };
-        let matches = match (ip, addr.ip()) {
-            (IpAddr::V4(l), IpAddr::V4(a)) => l.is_unspecified() || l == a,
-            (IpAddr::V6(l), IpAddr::V6(a)) => l.is_unspecified() || l == a,
-            (IpAddr::V6(l), IpAddr::V4(a)) => l.is_unspecified() || l.to_ipv4_mapped() == Some(a),
-            (IpAddr::V4(_), IpAddr::V6(a)) => {
-                a.to_ipv4_mapped().is_some_and(|m| ip == IpAddr::V4(m))
-            }
-        };
-        if matches && let Ok(uid) = cols[7].parse::<u32>() {
+        if listener_covers(ip, addr)
+            && let Ok(uid) = cols[7].parse::<u32>()
+        {
             out.push(uid);
         }
     }
     out
+}
+
+/// Whether a listener bound to `ip` (on the port of `addr`) takes connections to `addr`.
+fn listener_covers(ip: IpAddr, addr: &SocketAddr) -> bool {
+    match (ip, addr.ip()) {
+        (IpAddr::V4(l), IpAddr::V4(a)) => l.is_unspecified() || l == a,
+        (IpAddr::V6(l), IpAddr::V6(a)) => l.is_unspecified() || l == a,
+        (IpAddr::V6(l), IpAddr::V4(a)) => l.is_unspecified() || l.to_ipv4_mapped() == Some(a),
+        (IpAddr::V4(_), IpAddr::V6(a)) => a.to_ipv4_mapped().is_some_and(|m| ip == IpAddr::V4(m)),
+    }
 }
 
 /// LINUX: procfs prints addresses as 32-bit words in host byte order.
@@ -495,5 +512,25 @@ mod tests {
         let t6 = "hdr\n   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 0 0 0 42 0 5\n";
         assert_eq!(parse_proc_net_tcp(t6, true, &b), vec![42]);
         assert_eq!(beacon_name(&b), b"libsdp/b/127.0.0.1:80".to_vec());
+    }
+
+    #[test]
+    fn sock_diag_listeners_agree_with_procfs() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let v4 = sys::tcp_listeners(libc::AF_INET, addr.port()).expect("sock_diag");
+        assert_eq!(v4, vec![(addr.ip(), sys::getuid())]);
+        let mut procfs = Vec::new();
+        for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+            let text = sys::read_small_file(path, 16 << 20).unwrap();
+            procfs.extend(parse_proc_net_tcp(
+                &String::from_utf8_lossy(&text),
+                v6,
+                &addr,
+            ));
+        }
+        assert_eq!(tcp_listener_uids(&addr), procfs);
+        drop(l);
+        assert!(tcp_listener_uids(&addr).is_empty());
     }
 }
