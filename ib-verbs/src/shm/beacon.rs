@@ -24,6 +24,10 @@ use crate::sys::{self, Fd, PeerCred, SysError};
 /// Bytes of a per-connection nonce.
 pub const NONCE_LEN: usize = 16;
 
+/// Most bytes a client may send after its intent (its bootstrap Offer, see
+/// [`crate::shm::Active::early_offer`]); the beacon's owner keeps them with the intent.
+pub const MAX_EXTRA: usize = 318;
+
 fn fmt_addr(a: &SocketAddr) -> String {
     match a {
         SocketAddr::V4(v) => format!("{}:{}", v.ip(), v.port()),
@@ -317,12 +321,22 @@ impl Visitor {
         self.cred
     }
 
-    /// Reads the client's intent without answering yet: the owner records it (so that its
-    /// `accept` finds it) before [`Visitor::reply`] lets the client go on to its TCP connect.
-    pub fn read_intent(&self, timeout: Duration) -> Result<Intent, ProbeError> {
-        let mut b = [0u8; INTENT_LEN];
-        read_exact_deadline(&self.stream, &mut b, Instant::now() + timeout)?;
-        Intent::decode(&b).ok_or(ProbeError::Protocol("malformed intent"))
+    /// Reads the client's intent and the bytes that follow it (its Offer; empty for a bare
+    /// probe) without answering yet: the owner records them (so that its `accept` finds them)
+    /// before [`Visitor::reply`] lets the client go on to its TCP connect.
+    pub fn read_intent(&self, timeout: Duration) -> Result<(Intent, Vec<u8>), ProbeError> {
+        let deadline = Instant::now() + timeout;
+        let mut b = [0u8; INTENT_LEN + 2];
+        read_exact_deadline(&self.stream, &mut b, deadline)?;
+        let intent =
+            Intent::decode(&b[..INTENT_LEN]).ok_or(ProbeError::Protocol("malformed intent"))?;
+        let n = u16::from_le_bytes([b[INTENT_LEN], b[INTENT_LEN + 1]]) as usize;
+        if n > MAX_EXTRA {
+            return Err(ProbeError::Protocol("intent extra too long"));
+        }
+        let mut extra = vec![0u8; n];
+        read_exact_deadline(&self.stream, &mut extra, deadline)?;
+        Ok((intent, extra))
     }
 
     /// Answers a read intent (`accept = false`: decline, stay TCP).
@@ -332,10 +346,8 @@ impl Visitor {
 
     /// Reads the client's intent and answers it (`accept = false`: decline, stay TCP).
     pub fn answer(self, accept: bool, timeout: Duration) -> Result<Intent, ProbeError> {
-        let mut b = [0u8; INTENT_LEN];
-        read_exact_deadline(&self.stream, &mut b, Instant::now() + timeout)?;
-        let intent = Intent::decode(&b).ok_or(ProbeError::Protocol("malformed intent"))?;
-        write_all(&self.stream, &[if accept { b'Y' } else { b'N' }])?;
+        let (intent, _) = self.read_intent(timeout)?;
+        self.reply(accept)?;
         Ok(intent)
     }
 }
@@ -358,7 +370,9 @@ pub fn probe_with(
     timeout: Duration,
     listener_uids: &[u32],
 ) -> Result<BeaconOwner, ProbeError> {
-    let (stream, owner) = send_intent(intent, listener_uids)?;
+    let link = BeaconLink::open(&intent.server, listener_uids)?;
+    link.register(intent, &[])?;
+    let (stream, owner) = (link.stream, link.owner);
     let mut a = [0u8; 1];
     read_exact_deadline(&stream, &mut a, Instant::now() + timeout)?;
     match a[0] {
@@ -368,35 +382,66 @@ pub fn probe_with(
     }
 }
 
-/// Connects to the beacon of `intent.server`, authenticates its owner against the kernel
-/// listener's uids, and sends the intent.
-fn send_intent(intent: &Intent, listener_uids: &[u32]) -> Result<(Fd, BeaconOwner), ProbeError> {
-    let stream = match sys::connect_abstract(&beacon_name(&intent.server)) {
-        Ok(s) => s,
-        Err(e) if e.errno == libc::ECONNREFUSED || e.errno == libc::ENOENT => {
-            return Err(ProbeError::NoBeacon);
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let cred = sys::peer_cred(&stream)?;
-    if listener_uids.is_empty() {
-        return Err(ProbeError::NoKernelListener);
-    }
-    if !listener_uids.contains(&cred.uid) {
-        return Err(ProbeError::OwnerMismatch {
-            beacon_uid: cred.uid,
-        });
-    }
-    write_all(&stream, &intent.encode())?;
-    Ok((stream, BeaconOwner { cred }))
+/// A client's connection to an authenticated beacon, before it registers its intent.
+#[derive(Debug)]
+pub struct BeaconLink {
+    stream: Fd,
+    owner: BeaconOwner,
 }
 
-/// Like [`probe_with`] without waiting for the answer: the intent is queued on the beacon
-/// connection before the caller's TCP connect, so an accepting owner that drains its beacon
-/// before looking the intent up always finds it. Saves a round trip per connection; a decline
-/// is then not learnt here (the client's pending exchange times out into TCP).
+impl BeaconLink {
+    /// Connects to the beacon of `server` and authenticates its owner against the kernel
+    /// listener's uids. Nothing is sent yet: a caller learns that a beacon is there before it
+    /// prepares what it registers.
+    pub fn open(server: &SocketAddr, listener_uids: &[u32]) -> Result<BeaconLink, ProbeError> {
+        let stream = match sys::connect_abstract(&beacon_name(server)) {
+            Ok(s) => s,
+            Err(e) if e.errno == libc::ECONNREFUSED || e.errno == libc::ENOENT => {
+                return Err(ProbeError::NoBeacon);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let cred = sys::peer_cred(&stream)?;
+        if listener_uids.is_empty() {
+            return Err(ProbeError::NoKernelListener);
+        }
+        if !listener_uids.contains(&cred.uid) {
+            return Err(ProbeError::OwnerMismatch {
+                beacon_uid: cred.uid,
+            });
+        }
+        Ok(BeaconLink {
+            stream,
+            owner: BeaconOwner { cred },
+        })
+    }
+
+    /// The authenticated owner.
+    pub fn owner(&self) -> BeaconOwner {
+        self.owner
+    }
+
+    /// Sends `intent` and `extra` (at most [`MAX_EXTRA`] bytes: the client's Offer) in one
+    /// write, without waiting for the answer: they are queued on the beacon connection before
+    /// the caller's TCP connect, so an accepting owner that drains its beacon before looking
+    /// the intent up always finds them. A decline is then not learnt here (the client's
+    /// pending exchange times out into TCP).
+    pub fn register(&self, intent: &Intent, extra: &[u8]) -> Result<(), ProbeError> {
+        if extra.len() > MAX_EXTRA {
+            return Err(ProbeError::Protocol("intent extra too long"));
+        }
+        let mut b = intent.encode();
+        b.extend_from_slice(&(extra.len() as u16).to_le_bytes());
+        b.extend_from_slice(extra);
+        write_all(&self.stream, &b)
+    }
+}
+
+/// [`BeaconLink::open`] and [`BeaconLink::register`] with nothing after the intent.
 pub fn register_intent(intent: &Intent, listener_uids: &[u32]) -> Result<BeaconOwner, ProbeError> {
-    send_intent(intent, listener_uids).map(|(_, owner)| owner)
+    let link = BeaconLink::open(&intent.server, listener_uids)?;
+    link.register(intent, &[])?;
+    Ok(link.owner)
 }
 
 /// Whether the client of this 4-tuple bound its endpoint (it is an SDP client whose intent

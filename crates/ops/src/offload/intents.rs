@@ -6,7 +6,8 @@
 //! first `listen`, before the workers are forked, and inherited by them.
 //!
 //! ```text
-//! slot (72 bytes): state u32 | uid u32 | stamp u64 (seconds) | intent 54 bytes in 7 words
+//! slot (392 bytes): state u32 | uid u32 | stamp u64 (seconds) | intent 54 bytes in 7 words
+//!                   | extra: length u16 + up to 318 bytes (the client's Offer) in 40 words
 //! state: 0 free, 1 being written or taken, 2 ready
 //! ```
 //! Writers claim a free slot with a compare-and-swap 0→1 and publish with a Release store of 2;
@@ -20,6 +21,8 @@ use ib_verbs::shm::Intent;
 
 const SLOTS: usize = 4096;
 const WORDS: usize = 7;
+/// Words of the bytes that came after the intent (length and bytes).
+const EXTRA_WORDS: usize = (2 + ib_verbs::shm::beacon::MAX_EXTRA).div_ceil(8);
 /// Intents older than this are stale (the client gave up, or went TCP after its timeout).
 const TTL_SECS: u64 = 30;
 
@@ -29,6 +32,7 @@ struct Slot {
     uid: AtomicU32,
     stamp: AtomicU64,
     words: [AtomicU64; WORDS],
+    extra: [AtomicU64; EXTRA_WORDS],
 }
 
 struct Table {
@@ -92,6 +96,24 @@ fn unpack(w: &[u64; WORDS]) -> Option<Intent> {
     Intent::decode(&b)
 }
 
+fn pack_extra(extra: &[u8]) -> [u64; EXTRA_WORDS] {
+    let mut b = [0u8; EXTRA_WORDS * 8];
+    let n = extra.len().min(ib_verbs::shm::beacon::MAX_EXTRA);
+    b[..2].copy_from_slice(&(n as u16).to_le_bytes());
+    b[2..2 + n].copy_from_slice(&extra[..n]);
+    let mut w = [0u64; EXTRA_WORDS];
+    for (i, chunk) in b.chunks(8).enumerate() {
+        w[i] = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+    }
+    w
+}
+
+fn unpack_extra(w: &[u64; EXTRA_WORDS]) -> Vec<u8> {
+    let b: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let n = (u16::from_le_bytes([b[0], b[1]]) as usize).min(ib_verbs::shm::beacon::MAX_EXTRA);
+    b[2..2 + n].to_vec()
+}
+
 fn intent_len() -> usize {
     let any: SocketAddr = "0.0.0.0:0".parse().expect("literal");
     Intent {
@@ -103,11 +125,16 @@ fn intent_len() -> usize {
     .len()
 }
 
-/// Records an intent (its client uid from the beacon's SO_PEERCRED).
-pub fn insert(intent: &Intent, uid: u32) -> bool {
+/// Records an intent (its client uid from the beacon's SO_PEERCRED) and the bytes that came
+/// after it (the client's Offer; at most `MAX_EXTRA`, more are refused).
+pub fn insert(intent: &Intent, extra: &[u8], uid: u32) -> bool {
     let Some(t) = table() else { return false };
+    if extra.len() > ib_verbs::shm::beacon::MAX_EXTRA {
+        return false;
+    }
     let now = now_secs();
     let words = pack(intent);
+    let extra = pack_extra(extra);
     let start = (intent.client.port() as usize).wrapping_mul(2654435761) % SLOTS;
     for k in 0..SLOTS {
         let s = &t.slots[(start + k) % SLOTS];
@@ -125,6 +152,9 @@ pub fn insert(intent: &Intent, uid: u32) -> bool {
         for (d, v) in s.words.iter().zip(words) {
             d.store(v, Ordering::Relaxed);
         }
+        for (d, v) in s.extra.iter().zip(extra) {
+            d.store(v, Ordering::Relaxed);
+        }
         s.uid.store(uid, Ordering::Relaxed);
         s.stamp.store(now, Ordering::Relaxed);
         s.state.store(2, Ordering::Release);
@@ -133,12 +163,13 @@ pub fn insert(intent: &Intent, uid: u32) -> bool {
     false
 }
 
-/// Takes the intent of the connection from `client` to our `port`, if one was recorded.
+/// Takes the intent of the connection from `client` to our `port`, if one was recorded: the
+/// intent, the client's uid and the bytes that came after the intent.
 pub fn take(
     client: SocketAddr,
     port: u16,
     normalize: impl Fn(SocketAddr) -> SocketAddr,
-) -> Option<(Intent, u32)> {
+) -> Option<(Intent, u32, Vec<u8>)> {
     let t = table()?;
     let now = now_secs();
     let start = (client.port() as usize).wrapping_mul(2654435761) % SLOTS;
@@ -167,9 +198,13 @@ pub fn take(
         for (d, v) in w.iter_mut().zip(&s.words) {
             *d = v.load(Ordering::Relaxed);
         }
+        let mut x = [0u64; EXTRA_WORDS];
+        for (d, v) in x.iter_mut().zip(&s.extra) {
+            *d = v.load(Ordering::Relaxed);
+        }
         s.state.store(0, Ordering::Release);
         let intent = unpack(&w)?;
-        return fresh.then_some((intent, uid));
+        return fresh.then(|| (intent, uid, unpack_extra(&x)));
     }
     None
 }
@@ -197,9 +232,17 @@ mod tests {
             server: "127.0.0.1:8080".parse().unwrap(),
             nonce: [9; 16],
         };
-        assert!(insert(&i, 1000));
+        let offer = vec![5u8; ib_verbs::shm::beacon::MAX_EXTRA];
+        assert!(insert(&i, &offer, 1000));
         assert_eq!(take(i.client, 8081, |a| a), None);
-        assert_eq!(take(i.client, 8080, |a| a), Some((i, 1000)));
+        assert_eq!(take(i.client, 8080, |a| a), Some((i, 1000, offer)));
         assert_eq!(take(i.client, 8080, |a| a), None);
+        assert!(!insert(
+            &i,
+            &[0; ib_verbs::shm::beacon::MAX_EXTRA + 1],
+            1000
+        ));
+        assert!(insert(&i, &[], 1000));
+        assert_eq!(take(i.client, 8080, |a| a), Some((i, 1000, Vec::new())));
     }
 }
