@@ -6,10 +6,13 @@
 //! first `listen`, before the workers are forked, and inherited by them.
 //!
 //! ```text
-//! slot (392 bytes): state u32 | uid u32 | stamp u64 (seconds) | intent 54 bytes in 7 words
-//!                   | extra: length u16 + up to 318 bytes (the client's Offer) in 40 words
+//! slot (72 bytes): state u32 | uid u32 | stamp u64 (seconds) | intent 54 bytes in 7 words
 //! state: 0 free, 1 being written or taken, 2 ready
+//! extra of slot i (320 bytes, after all the slots): length u16 + up to 318 bytes (the
+//!                  client's Offer) in 40 words, owned with slot i
 //! ```
+//! The extras are apart from the slots so that a lookup, which walks slots, stays on 72-byte
+//! strides (a plain TCP client's lookup walks them all).
 //! Writers claim a free slot with a compare-and-swap 0→1 and publish with a Release store of 2;
 //! a taker claims a ready slot 2→1, copies it and frees it: a slot is never read half-written.
 
@@ -32,11 +35,13 @@ struct Slot {
     uid: AtomicU32,
     stamp: AtomicU64,
     words: [AtomicU64; WORDS],
-    extra: [AtomicU64; EXTRA_WORDS],
 }
+
+type Extra = [AtomicU64; EXTRA_WORDS];
 
 struct Table {
     slots: &'static [Slot],
+    extras: &'static [Extra],
 }
 
 static TABLE: OnceLock<Option<Table>> = OnceLock::new();
@@ -54,7 +59,7 @@ fn now_secs() -> u64 {
 /// Creates the shared table (call at `listen`, before a prefork server forks its workers).
 pub fn init() {
     TABLE.get_or_init(|| {
-        let len = SLOTS * std::mem::size_of::<Slot>();
+        let len = SLOTS * (std::mem::size_of::<Slot>() + std::mem::size_of::<Extra>());
         // SAFETY: an anonymous shared mapping; zero-filled memory is a valid table of free slots.
         let p = unsafe {
             libc::mmap(
@@ -69,9 +74,18 @@ pub fn init() {
         if p == libc::MAP_FAILED {
             return None;
         }
-        // SAFETY: the mapping is `len` bytes, page aligned, never unmapped; Slot is all atomics.
-        let slots = unsafe { std::slice::from_raw_parts(p as *const Slot, SLOTS) };
-        Some(Table { slots })
+        // SAFETY: the mapping is `len` bytes, page aligned, never unmapped; Slot and Extra are
+        // all atomics (8-aligned: the extras start at SLOTS * 72 bytes).
+        let (slots, extras) = unsafe {
+            (
+                std::slice::from_raw_parts(p as *const Slot, SLOTS),
+                std::slice::from_raw_parts(
+                    (p as *const u8).add(SLOTS * std::mem::size_of::<Slot>()) as *const Extra,
+                    SLOTS,
+                ),
+            )
+        };
+        Some(Table { slots, extras })
     });
 }
 
@@ -137,7 +151,8 @@ pub fn insert(intent: &Intent, extra: &[u8], uid: u32) -> bool {
     let extra = pack_extra(extra);
     let start = (intent.client.port() as usize).wrapping_mul(2654435761) % SLOTS;
     for k in 0..SLOTS {
-        let s = &t.slots[(start + k) % SLOTS];
+        let i = (start + k) % SLOTS;
+        let s = &t.slots[i];
         let st = s.state.load(Ordering::Acquire);
         // A free slot, or a stale ready one, may be (re)used.
         let reusable =
@@ -152,7 +167,7 @@ pub fn insert(intent: &Intent, extra: &[u8], uid: u32) -> bool {
         for (d, v) in s.words.iter().zip(words) {
             d.store(v, Ordering::Relaxed);
         }
-        for (d, v) in s.extra.iter().zip(extra) {
+        for (d, v) in t.extras[i].iter().zip(extra) {
             d.store(v, Ordering::Relaxed);
         }
         s.uid.store(uid, Ordering::Relaxed);
@@ -174,7 +189,8 @@ pub fn take(
     let now = now_secs();
     let start = (client.port() as usize).wrapping_mul(2654435761) % SLOTS;
     for k in 0..SLOTS {
-        let s = &t.slots[(start + k) % SLOTS];
+        let i = (start + k) % SLOTS;
+        let s = &t.slots[i];
         if s.state.load(Ordering::Acquire) != 2 {
             continue;
         }
@@ -199,7 +215,7 @@ pub fn take(
             *d = v.load(Ordering::Relaxed);
         }
         let mut x = [0u64; EXTRA_WORDS];
-        for (d, v) in x.iter_mut().zip(&s.extra) {
+        for (d, v) in x.iter_mut().zip(&t.extras[i]) {
             *d = v.load(Ordering::Relaxed);
         }
         s.state.store(0, Ordering::Release);
@@ -216,6 +232,8 @@ mod tests {
     #[test]
     fn an_intent_fits_its_slot_and_round_trips() {
         assert!(intent_len() <= WORDS * 8);
+        // A lookup walks slots: they stay small, the Offers live apart.
+        assert_eq!(std::mem::size_of::<Slot>(), 72);
         let i = Intent {
             client: "[2001:db8::1]:40000".parse().unwrap(),
             server: "127.0.0.1:80".parse().unwrap(),
