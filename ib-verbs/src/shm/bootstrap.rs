@@ -277,11 +277,14 @@ fn check_bell(fd: &Fd) -> Result<(), BootError> {
 #[derive(Debug)]
 pub struct Active {
     opts: ShmOptions,
-    app_end: Fd,
+    /// None until [`Active::attach_pair`] (an [`Active::unpaired`] side).
+    app_end: Option<Fd>,
     bell_end: Option<Fd>,
     posts: Vec<WrId>,
     probe: Probe,
     cookie: u64,
+    /// The Offer was made (sent, or handed out by [`Active::early_offer`]).
+    offered: bool,
     /// The Offer went out through the beacon ([`Active::early_offer`]): the bell end goes
     /// with the Ready.
     early: bool,
@@ -297,6 +300,15 @@ impl Active {
     /// notification fd, `bell_end` is sent to the peer (the caller may keep a duplicate of
     /// it, e.g. to make its app end readable itself).
     pub fn with_pair(opts: ShmOptions, app_end: Fd, bell_end: Fd) -> Result<Active, BootError> {
+        let mut a = Active::unpaired(opts)?;
+        a.attach_pair(app_end, bell_end)?;
+        Ok(a)
+    }
+
+    /// An active side without its app socketpair yet: enough to make the early Offer
+    /// ([`Active::early_offer`]) before any descriptor is spent on the connection;
+    /// [`Active::attach_pair`] before [`Active::finish`].
+    pub fn unpaired(opts: ShmOptions) -> Result<Active, BootError> {
         RingShape {
             depth: opts.recv_depth,
             buf_size: opts.recv_buf_size,
@@ -306,13 +318,24 @@ impl Active {
         let cookie = sys::random_u64()?;
         Ok(Active {
             opts,
-            app_end,
-            bell_end: Some(bell_end),
+            app_end: None,
+            bell_end: None,
             posts: Vec::new(),
             probe: Probe::new(cookie),
             cookie,
+            offered: false,
             early: false,
         })
+    }
+
+    /// Gives an [`Active::unpaired`] side its app socketpair (see [`Active::with_pair`]).
+    pub fn attach_pair(&mut self, app_end: Fd, bell_end: Fd) -> Result<(), BootError> {
+        if self.app_end.is_some() || (self.offered && !self.early) {
+            return Err(BootError::Malformed("app socketpair already given"));
+        }
+        self.app_end = Some(app_end);
+        self.bell_end = Some(bell_end);
+        Ok(())
     }
 
     /// Posts an initial receive buffer (counted in the Offer as the peer's initial credits).
@@ -339,10 +362,14 @@ impl Active {
     /// Sends the Offer with `private` (the SDP Hello) and our bell end, then closes our copy
     /// of the bell end.
     pub fn send_offer(&mut self, stream: &Fd, private: &[u8]) -> Result<(), BootError> {
-        if self.bell_end.is_none() || self.early {
+        if self.offered {
             return Err(BootError::Malformed("offer already sent"));
         }
+        if self.bell_end.is_none() {
+            return Err(BootError::Malformed("no app socketpair"));
+        }
         let mut w = self.offer_frame(private)?;
+        self.offered = true;
         let bell = self.bell_end.take().expect("checked above");
         send_frame(stream, w.finish(), &[bell.raw()])
         // `bell` drops here: the peer now holds the only copy.
@@ -352,10 +379,11 @@ impl Active {
     /// intent through the beacon (no descriptor: our bell end goes with the Ready, once the
     /// server proved the nonce). Call after the initial posts; then [`Active::finish`].
     pub fn early_offer(&mut self, private: &[u8]) -> Result<Vec<u8>, BootError> {
-        if self.bell_end.is_none() || self.early {
+        if self.offered {
             return Err(BootError::Malformed("offer already sent"));
         }
         let mut w = self.offer_frame(private)?;
+        self.offered = true;
         self.early = true;
         Ok(w.finish()[HDR..].to_vec())
     }
@@ -363,8 +391,11 @@ impl Active {
     /// Waits for the Answer, maps the memfd, probes, sends Ready. Returns the connection and
     /// the peer's private data (the SDP HelloAck).
     pub fn finish(mut self, stream: &Fd) -> Result<(ShmConn, Vec<u8>), BootError> {
-        if self.bell_end.is_some() != self.early {
+        if !self.offered {
             return Err(BootError::Malformed("offer not sent"));
+        }
+        if self.app_end.is_none() || self.bell_end.is_some() != self.early {
+            return Err(BootError::Malformed("no app socketpair"));
         }
         let (kind, body, mut fds) = recv_frame(stream, self.opts.timeout)?;
         let mut r = Reader(&body);
@@ -422,7 +453,7 @@ impl Active {
             memfd,
             side: 0,
             layout,
-            app_end: self.app_end,
+            app_end: self.app_end.take().expect("checked above"),
             peer_bell,
             cred,
             pidfd,
@@ -716,11 +747,14 @@ pub fn pair_early(
     posts: (u32, u32),
 ) -> Result<(ShmConn, ShmConn), BootError> {
     let (sa, sp) = sys::socketpair_stream()?;
-    let mut a = Active::new(active)?;
+    // As libsdp does: the Offer is made before the app socketpair exists.
+    let mut a = Active::unpaired(active)?;
     for i in 0..posts.0 {
         a.post_recv(i as WrId)?;
     }
     let body = a.early_offer(b"hello")?;
+    let (app_end, bell_end) = sys::socketpair_stream()?;
+    a.attach_pair(app_end, bell_end)?;
     let offer = Passive::offer_from_body(&body)?;
     assert_eq!(offer.private_data(), b"hello");
     let mut p = offer.accept(passive)?;

@@ -484,42 +484,12 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     };
     let intent = Intent::new(client, dst).map_err(|_| Reason::Exhausted)?;
 
-    // Discovery: the first beacon that answers for the destination.
-    let uids = listener_uids(&dst);
-    let mut last = Reason::NoBeacon;
-    let mut link = None;
-    for cand in beacon_candidates(dst) {
-        match BeaconLink::open(&cand, &uids) {
-            Ok(l) => {
-                link = Some((l, cand));
-                break;
-            }
-            Err(ib_verbs::shm::ProbeError::NoBeacon) => {}
-            Err(e) => {
-                last = probe_reason(&e);
-                break;
-            }
-        }
-    }
-    // An authenticated beacon: it takes the intent below (the nonce, not its uid,
-    // authenticates the accepting process later: see `Endpoint::accept`).
-    let (link, beacon_addr) = link.ok_or(last)?;
-
-    let endpoint = Endpoint::bind(&intent).map_err(|_| Reason::SetupFailed)?;
-    let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
-    let (Some(app_dup), Some(bell_dup)) = (dup_fd(app), dup_fd(bell)) else {
-        sys::close(app);
-        sys::close(bell);
-        return Err(Reason::Exhausted);
-    };
-    let mut active = match Active::with_pair(shm_options(), app_dup, bell_dup) {
-        Ok(a) => a,
-        Err(_) => {
-            sys::close(app);
-            sys::close(bell);
-            return Err(Reason::Exhausted);
-        }
-    };
+    // The Offer (no descriptor yet) is made first, so that it goes with the intent the instant
+    // we reach a beacon: its owner's progress thread, woken by our connect, then finds both at
+    // once (it neither waits for them nor holds the visitor's descriptor meanwhile). The
+    // server answers as soon as it reaches our endpoint (one round trip fewer than an Offer on
+    // the endpoint stream); our bell end follows with the Ready.
+    let mut active = Active::unpaired(shm_options()).map_err(|_| Reason::Exhausted)?;
     let addrs = match (client.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => sdp_proto::wire::IpAddrs::V4 { src: s, dst: d },
         (s, d) => sdp_proto::wire::IpAddrs::V6 {
@@ -542,22 +512,51 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
             let _ = active.post_recv(wr);
         }
     }
-    // The Offer goes with the intent (one round trip fewer: the server answers as soon as it
-    // reaches our endpoint); our bell end follows with the Ready.
-    let probe_intent = Intent {
-        server: beacon_addr,
-        ..intent
-    };
-    let registered = match active.early_offer(&engine.hello()) {
-        Ok(offer) => link
-            .register(&probe_intent, &offer)
-            .map_err(|e| probe_reason(&e)),
-        Err(_) => Err(Reason::SetupFailed),
-    };
-    if let Err(reason) = registered {
+    let offer = active
+        .early_offer(&engine.hello())
+        .map_err(|_| Reason::SetupFailed)?;
+
+    // Discovery: the first beacon that answers for the destination takes the intent.
+    let uids = listener_uids(&dst);
+    let mut last = Reason::NoBeacon;
+    let mut registered = false;
+    for cand in beacon_candidates(dst) {
+        match BeaconLink::open(&cand, &uids) {
+            Ok(link) => {
+                let probe_intent = Intent {
+                    server: cand,
+                    ..intent
+                };
+                match link.register(&probe_intent, &offer) {
+                    Ok(()) => registered = true,
+                    Err(e) => last = probe_reason(&e),
+                }
+                break;
+            }
+            Err(ib_verbs::shm::ProbeError::NoBeacon) => {}
+            Err(e) => {
+                last = probe_reason(&e);
+                break;
+            }
+        }
+    }
+    // An authenticated beacon took the intent (the nonce, not its uid, authenticates the
+    // accepting process later: see `Endpoint::accept`).
+    if !registered {
+        return Err(last);
+    }
+
+    let endpoint = Endpoint::bind(&intent).map_err(|_| Reason::SetupFailed)?;
+    let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
+    let (Some(app_dup), Some(bell_dup)) = (dup_fd(app), dup_fd(bell)) else {
         sys::close(app);
         sys::close(bell);
-        return Err(reason);
+        return Err(Reason::Exhausted);
+    };
+    if active.attach_pair(app_dup, bell_dup).is_err() {
+        sys::close(app);
+        sys::close(bell);
+        return Err(Reason::Exhausted);
     }
 
     // The swap: from here the fd is the app end; the TCP socket is the shadow.
