@@ -578,7 +578,7 @@ fn bootstrap_reject_carries_private_data() {
     let mut a = Active::new(small()).unwrap();
     a.send_offer(&sa, b"hello").unwrap();
     let offer = shm::Passive::recv_offer(&sp, T).unwrap();
-    assert_eq!(offer.peer_cred().pid, std::process::id() as i32);
+    assert_eq!(offer.peer_cred().unwrap().pid, std::process::id() as i32);
     offer.reject(&sp, b"policy: tcp").unwrap();
     assert_eq!(
         a.finish(&sa).unwrap_err(),

@@ -24,6 +24,10 @@ use crate::sys::{self, Fd, PeerCred, SysError};
 /// Bytes of a per-connection nonce.
 pub const NONCE_LEN: usize = 16;
 
+/// Most bytes a client may send after its intent (its bootstrap Offer, see
+/// [`crate::shm::Active::early_offer`]); the beacon's owner keeps them with the intent.
+pub const MAX_EXTRA: usize = 318;
+
 fn fmt_addr(a: &SocketAddr) -> String {
     match a {
         SocketAddr::V4(v) => format!("{}:{}", v.ip(), v.port()),
@@ -185,6 +189,19 @@ fn write_all(fd: &Fd, b: &[u8]) -> Result<(), ProbeError> {
 /// exact address or on the wildcard of its family (or the IPv6 wildcard, which also takes IPv4
 /// unless V6ONLY), read from `/proc/net/tcp` and `/proc/net/tcp6`.
 pub fn tcp_listener_uids(addr: &SocketAddr) -> Vec<u32> {
+    // The kernel's own answer, listeners only (cheap at any number of connections); procfs
+    // where sock_diag is not there.
+    if let (Ok(v4), Ok(v6)) = (
+        sys::tcp_listeners(libc::AF_INET, addr.port()),
+        sys::tcp_listeners(libc::AF_INET6, addr.port()),
+    ) {
+        return v4
+            .into_iter()
+            .chain(v6)
+            .filter(|&(ip, _)| listener_covers(ip, addr))
+            .map(|(_, uid)| uid)
+            .collect();
+    }
     let mut uids = Vec::new();
     for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
         if let Ok(text) = sys::read_small_file(path, 16 << 20) {
@@ -218,19 +235,23 @@ pub fn parse_proc_net_tcp(text: &str, v6: bool, addr: &SocketAddr) -> Vec<u32> {
         let Some(ip) = parse_hex_ip(ip_hex, v6) else {
             continue;
         };
-        let matches = match (ip, addr.ip()) {
-            (IpAddr::V4(l), IpAddr::V4(a)) => l.is_unspecified() || l == a,
-            (IpAddr::V6(l), IpAddr::V6(a)) => l.is_unspecified() || l == a,
-            (IpAddr::V6(l), IpAddr::V4(a)) => l.is_unspecified() || l.to_ipv4_mapped() == Some(a),
-            (IpAddr::V4(_), IpAddr::V6(a)) => {
-                a.to_ipv4_mapped().is_some_and(|m| ip == IpAddr::V4(m))
-            }
-        };
-        if matches && let Ok(uid) = cols[7].parse::<u32>() {
+        if listener_covers(ip, addr)
+            && let Ok(uid) = cols[7].parse::<u32>()
+        {
             out.push(uid);
         }
     }
     out
+}
+
+/// Whether a listener bound to `ip` (on the port of `addr`) takes connections to `addr`.
+fn listener_covers(ip: IpAddr, addr: &SocketAddr) -> bool {
+    match (ip, addr.ip()) {
+        (IpAddr::V4(l), IpAddr::V4(a)) => l.is_unspecified() || l == a,
+        (IpAddr::V6(l), IpAddr::V6(a)) => l.is_unspecified() || l == a,
+        (IpAddr::V6(l), IpAddr::V4(a)) => l.is_unspecified() || l.to_ipv4_mapped() == Some(a),
+        (IpAddr::V4(_), IpAddr::V6(a)) => a.to_ipv4_mapped().is_some_and(|m| ip == IpAddr::V4(m)),
+    }
 }
 
 /// LINUX: procfs prints addresses as 32-bit words in host byte order.
@@ -300,12 +321,22 @@ impl Visitor {
         self.cred
     }
 
-    /// Reads the client's intent without answering yet: the owner records it (so that its
-    /// `accept` finds it) before [`Visitor::reply`] lets the client go on to its TCP connect.
-    pub fn read_intent(&self, timeout: Duration) -> Result<Intent, ProbeError> {
-        let mut b = [0u8; INTENT_LEN];
-        read_exact_deadline(&self.stream, &mut b, Instant::now() + timeout)?;
-        Intent::decode(&b).ok_or(ProbeError::Protocol("malformed intent"))
+    /// Reads the client's intent and the bytes that follow it (its Offer; empty for a bare
+    /// probe) without answering yet: the owner records them (so that its `accept` finds them)
+    /// before [`Visitor::reply`] lets the client go on to its TCP connect.
+    pub fn read_intent(&self, timeout: Duration) -> Result<(Intent, Vec<u8>), ProbeError> {
+        let deadline = Instant::now() + timeout;
+        let mut b = [0u8; INTENT_LEN + 2];
+        read_exact_deadline(&self.stream, &mut b, deadline)?;
+        let intent =
+            Intent::decode(&b[..INTENT_LEN]).ok_or(ProbeError::Protocol("malformed intent"))?;
+        let n = u16::from_le_bytes([b[INTENT_LEN], b[INTENT_LEN + 1]]) as usize;
+        if n > MAX_EXTRA {
+            return Err(ProbeError::Protocol("intent extra too long"));
+        }
+        let mut extra = vec![0u8; n];
+        read_exact_deadline(&self.stream, &mut extra, deadline)?;
+        Ok((intent, extra))
     }
 
     /// Answers a read intent (`accept = false`: decline, stay TCP).
@@ -315,10 +346,8 @@ impl Visitor {
 
     /// Reads the client's intent and answers it (`accept = false`: decline, stay TCP).
     pub fn answer(self, accept: bool, timeout: Duration) -> Result<Intent, ProbeError> {
-        let mut b = [0u8; INTENT_LEN];
-        read_exact_deadline(&self.stream, &mut b, Instant::now() + timeout)?;
-        let intent = Intent::decode(&b).ok_or(ProbeError::Protocol("malformed intent"))?;
-        write_all(&self.stream, &[if accept { b'Y' } else { b'N' }])?;
+        let (intent, _) = self.read_intent(timeout)?;
+        self.reply(accept)?;
         Ok(intent)
     }
 }
@@ -341,7 +370,9 @@ pub fn probe_with(
     timeout: Duration,
     listener_uids: &[u32],
 ) -> Result<BeaconOwner, ProbeError> {
-    let (stream, owner) = send_intent(intent, listener_uids)?;
+    let link = BeaconLink::open(&intent.server, listener_uids)?;
+    link.register(intent, &[])?;
+    let (stream, owner) = (link.stream, link.owner);
     let mut a = [0u8; 1];
     read_exact_deadline(&stream, &mut a, Instant::now() + timeout)?;
     match a[0] {
@@ -351,35 +382,66 @@ pub fn probe_with(
     }
 }
 
-/// Connects to the beacon of `intent.server`, authenticates its owner against the kernel
-/// listener's uids, and sends the intent.
-fn send_intent(intent: &Intent, listener_uids: &[u32]) -> Result<(Fd, BeaconOwner), ProbeError> {
-    let stream = match sys::connect_abstract(&beacon_name(&intent.server)) {
-        Ok(s) => s,
-        Err(e) if e.errno == libc::ECONNREFUSED || e.errno == libc::ENOENT => {
-            return Err(ProbeError::NoBeacon);
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let cred = sys::peer_cred(&stream)?;
-    if listener_uids.is_empty() {
-        return Err(ProbeError::NoKernelListener);
-    }
-    if !listener_uids.contains(&cred.uid) {
-        return Err(ProbeError::OwnerMismatch {
-            beacon_uid: cred.uid,
-        });
-    }
-    write_all(&stream, &intent.encode())?;
-    Ok((stream, BeaconOwner { cred }))
+/// A client's connection to an authenticated beacon, before it registers its intent.
+#[derive(Debug)]
+pub struct BeaconLink {
+    stream: Fd,
+    owner: BeaconOwner,
 }
 
-/// Like [`probe_with`] without waiting for the answer: the intent is queued on the beacon
-/// connection before the caller's TCP connect, so an accepting owner that drains its beacon
-/// before looking the intent up always finds it. Saves a round trip per connection; a decline
-/// is then not learnt here (the client's pending exchange times out into TCP).
+impl BeaconLink {
+    /// Connects to the beacon of `server` and authenticates its owner against the kernel
+    /// listener's uids. Nothing is sent yet: a caller learns that a beacon is there before it
+    /// prepares what it registers.
+    pub fn open(server: &SocketAddr, listener_uids: &[u32]) -> Result<BeaconLink, ProbeError> {
+        let stream = match sys::connect_abstract(&beacon_name(server)) {
+            Ok(s) => s,
+            Err(e) if e.errno == libc::ECONNREFUSED || e.errno == libc::ENOENT => {
+                return Err(ProbeError::NoBeacon);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let cred = sys::peer_cred(&stream)?;
+        if listener_uids.is_empty() {
+            return Err(ProbeError::NoKernelListener);
+        }
+        if !listener_uids.contains(&cred.uid) {
+            return Err(ProbeError::OwnerMismatch {
+                beacon_uid: cred.uid,
+            });
+        }
+        Ok(BeaconLink {
+            stream,
+            owner: BeaconOwner { cred },
+        })
+    }
+
+    /// The authenticated owner.
+    pub fn owner(&self) -> BeaconOwner {
+        self.owner
+    }
+
+    /// Sends `intent` and `extra` (at most [`MAX_EXTRA`] bytes: the client's Offer) in one
+    /// write, without waiting for the answer: they are queued on the beacon connection before
+    /// the caller's TCP connect, so an accepting owner that drains its beacon before looking
+    /// the intent up always finds them. A decline is then not learnt here (the client's
+    /// pending exchange times out into TCP).
+    pub fn register(&self, intent: &Intent, extra: &[u8]) -> Result<(), ProbeError> {
+        if extra.len() > MAX_EXTRA {
+            return Err(ProbeError::Protocol("intent extra too long"));
+        }
+        let mut b = intent.encode();
+        b.extend_from_slice(&(extra.len() as u16).to_le_bytes());
+        b.extend_from_slice(extra);
+        write_all(&self.stream, &b)
+    }
+}
+
+/// [`BeaconLink::open`] and [`BeaconLink::register`] with nothing after the intent.
 pub fn register_intent(intent: &Intent, listener_uids: &[u32]) -> Result<BeaconOwner, ProbeError> {
-    send_intent(intent, listener_uids).map(|(_, owner)| owner)
+    let link = BeaconLink::open(&intent.server, listener_uids)?;
+    link.register(intent, &[])?;
+    Ok(link.owner)
 }
 
 /// Whether the client of this 4-tuple bound its endpoint (it is an SDP client whose intent
@@ -495,5 +557,25 @@ mod tests {
         let t6 = "hdr\n   0: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 0 0 0 42 0 5\n";
         assert_eq!(parse_proc_net_tcp(t6, true, &b), vec![42]);
         assert_eq!(beacon_name(&b), b"libsdp/b/127.0.0.1:80".to_vec());
+    }
+
+    #[test]
+    fn sock_diag_listeners_agree_with_procfs() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let v4 = sys::tcp_listeners(libc::AF_INET, addr.port()).expect("sock_diag");
+        assert_eq!(v4, vec![(addr.ip(), sys::getuid())]);
+        let mut procfs = Vec::new();
+        for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+            let text = sys::read_small_file(path, 16 << 20).unwrap();
+            procfs.extend(parse_proc_net_tcp(
+                &String::from_utf8_lossy(&text),
+                v6,
+                &addr,
+            ));
+        }
+        assert_eq!(tcp_listener_uids(&addr), procfs);
+        drop(l);
+        assert!(tcp_listener_uids(&addr).is_empty());
     }
 }

@@ -15,6 +15,11 @@
 //!   ── Ready{can_read_you} ──────────────────────────────────────────────────▶ finish
 //! ```
 //!
+//! The early variant (what libsdp's connections use): the client sends the Offer's body with
+//! its intent, through the beacon ([`Active::early_offer`], [`Passive::offer_from_body`]);
+//! the server answers as soon as it has connected to the client's endpoint and presented the
+//! nonce, and the client's bell end travels with the Ready. One round trip fewer.
+//!
 //! Each side sends its *own* bell end and closes its copy, so the peer is the only holder:
 //! the kernel's reference count then reports the peer's last close or death on our app end.
 //! Frames: `b"SDPs"`, kind u8, version u8, reserved u16, body length u32 (little-endian: the
@@ -35,6 +40,10 @@ const FRAME_MAGIC: &[u8; 4] = b"SDPs";
 const VERSION: u8 = 1;
 const HDR: usize = 12;
 const MAX_BODY: usize = 1024;
+
+/// The early Offer's body (five fixed fields, the private data's length and the private
+/// data) fits what a beacon takes after an intent.
+const _: () = assert!(4 + 4 + 4 + 8 + 8 + 2 + MAX_PRIVATE <= super::beacon::MAX_EXTRA);
 
 const KIND_OFFER: u8 = 1;
 const KIND_ANSWER: u8 = 2;
@@ -268,11 +277,17 @@ fn check_bell(fd: &Fd) -> Result<(), BootError> {
 #[derive(Debug)]
 pub struct Active {
     opts: ShmOptions,
-    app_end: Fd,
+    /// None until [`Active::attach_pair`] (an [`Active::unpaired`] side).
+    app_end: Option<Fd>,
     bell_end: Option<Fd>,
     posts: Vec<WrId>,
     probe: Probe,
     cookie: u64,
+    /// The Offer was made (sent, or handed out by [`Active::early_offer`]).
+    offered: bool,
+    /// The Offer went out through the beacon ([`Active::early_offer`]): the bell end goes
+    /// with the Ready.
+    early: bool,
 }
 
 impl Active {
@@ -285,6 +300,15 @@ impl Active {
     /// notification fd, `bell_end` is sent to the peer (the caller may keep a duplicate of
     /// it, e.g. to make its app end readable itself).
     pub fn with_pair(opts: ShmOptions, app_end: Fd, bell_end: Fd) -> Result<Active, BootError> {
+        let mut a = Active::unpaired(opts)?;
+        a.attach_pair(app_end, bell_end)?;
+        Ok(a)
+    }
+
+    /// An active side without its app socketpair yet: enough to make the early Offer
+    /// ([`Active::early_offer`]) before any descriptor is spent on the connection;
+    /// [`Active::attach_pair`] before [`Active::finish`].
+    pub fn unpaired(opts: ShmOptions) -> Result<Active, BootError> {
         RingShape {
             depth: opts.recv_depth,
             buf_size: opts.recv_buf_size,
@@ -294,12 +318,24 @@ impl Active {
         let cookie = sys::random_u64()?;
         Ok(Active {
             opts,
-            app_end,
-            bell_end: Some(bell_end),
+            app_end: None,
+            bell_end: None,
             posts: Vec::new(),
             probe: Probe::new(cookie),
             cookie,
+            offered: false,
+            early: false,
         })
+    }
+
+    /// Gives an [`Active::unpaired`] side its app socketpair (see [`Active::with_pair`]).
+    pub fn attach_pair(&mut self, app_end: Fd, bell_end: Fd) -> Result<(), BootError> {
+        if self.app_end.is_some() || (self.offered && !self.early) {
+            return Err(BootError::Malformed("app socketpair already given"));
+        }
+        self.app_end = Some(app_end);
+        self.bell_end = Some(bell_end);
+        Ok(())
     }
 
     /// Posts an initial receive buffer (counted in the Offer as the peer's initial credits).
@@ -311,14 +347,8 @@ impl Active {
         Ok(())
     }
 
-    /// Sends the Offer with `private` (the SDP Hello) and our bell end, then closes our copy
-    /// of the bell end.
-    pub fn send_offer(&mut self, stream: &Fd, private: &[u8]) -> Result<(), BootError> {
+    fn offer_frame(&self, private: &[u8]) -> Result<Writer, BootError> {
         check_private(private)?;
-        let bell = self
-            .bell_end
-            .take()
-            .ok_or(BootError::Malformed("offer already sent"))?;
         let mut w = Writer::new(KIND_OFFER);
         w.u32(self.opts.recv_depth)
             .u32(self.opts.recv_buf_size)
@@ -326,15 +356,46 @@ impl Active {
             .u64(self.probe.addr())
             .u64(self.cookie)
             .bytes(private);
+        Ok(w)
+    }
+
+    /// Sends the Offer with `private` (the SDP Hello) and our bell end, then closes our copy
+    /// of the bell end.
+    pub fn send_offer(&mut self, stream: &Fd, private: &[u8]) -> Result<(), BootError> {
+        if self.offered {
+            return Err(BootError::Malformed("offer already sent"));
+        }
+        if self.bell_end.is_none() {
+            return Err(BootError::Malformed("no app socketpair"));
+        }
+        let mut w = self.offer_frame(private)?;
+        self.offered = true;
+        let bell = self.bell_end.take().expect("checked above");
         send_frame(stream, w.finish(), &[bell.raw()])
         // `bell` drops here: the peer now holds the only copy.
     }
 
+    /// The Offer's body with `private` (the SDP Hello), for the client to send with its
+    /// intent through the beacon (no descriptor: our bell end goes with the Ready, once the
+    /// server proved the nonce). Call after the initial posts; then [`Active::finish`].
+    pub fn early_offer(&mut self, private: &[u8]) -> Result<Vec<u8>, BootError> {
+        if self.offered {
+            return Err(BootError::Malformed("offer already sent"));
+        }
+        let mut w = self.offer_frame(private)?;
+        self.offered = true;
+        self.early = true;
+        Ok(w.finish()[HDR..].to_vec())
+    }
+
     /// Waits for the Answer, maps the memfd, probes, sends Ready. Returns the connection and
     /// the peer's private data (the SDP HelloAck).
-    pub fn finish(self, stream: &Fd) -> Result<(ShmConn, Vec<u8>), BootError> {
-        if self.bell_end.is_some() {
+    pub fn finish(mut self, stream: &Fd) -> Result<(ShmConn, Vec<u8>), BootError> {
+        if !self.offered {
             return Err(BootError::Malformed("offer not sent"));
+        }
+        if self.app_end.is_none() || self.bell_end.is_some() != self.early {
+            return Err(BootError::Malformed("no app socketpair"));
         }
         let (kind, body, mut fds) = recv_frame(stream, self.opts.timeout)?;
         let mut r = Reader(&body);
@@ -382,13 +443,17 @@ impl Active {
         let can_read_peer = Probe::peer_readable(cred.pid, probe_addr, probe_cookie);
         let mut w = Writer::new(KIND_READY);
         w.u8(can_read_peer as u8);
-        send_frame(stream, w.finish(), &[])?;
+        // Early: our bell end goes now (and our copy is closed: the peer holds the only one).
+        let bell = self.bell_end.take();
+        let fds: Vec<i32> = bell.iter().map(Fd::raw).collect();
+        send_frame(stream, w.finish(), &fds)?;
+        drop(bell);
         let conn = ShmConn::new(Parts {
             map,
             memfd,
             side: 0,
             layout,
-            app_end: self.app_end,
+            app_end: self.app_end.take().expect("checked above"),
             peer_bell,
             cred,
             pidfd,
@@ -412,7 +477,26 @@ impl Passive {
         if kind != KIND_OFFER {
             return Err(BootError::Malformed("expected Offer"));
         }
-        let mut r = Reader(&body);
+        if fds.len() != 1 {
+            return Err(BootError::Malformed("Offer must carry one bell"));
+        }
+        let peer_bell = fds.pop().expect("one fd");
+        check_bell(&peer_bell)?;
+        let mut offer = Self::parse_offer(&body, Some(peer_bell))?;
+        offer.identify(stream)?;
+        Ok(offer)
+    }
+
+    /// The Offer of the early variant: its body came with the client's intent (see
+    /// [`Active::early_offer`]). The server prepares the connection from it before it even
+    /// reaches the client's endpoint, then names the peer with [`Accepting::identify`] on
+    /// that stream before it answers. The client's bell end comes with its Ready.
+    pub fn offer_from_body(body: &[u8]) -> Result<Offer, BootError> {
+        Self::parse_offer(body, None)
+    }
+
+    fn parse_offer(body: &[u8], peer_bell: Option<Fd>) -> Result<Offer, BootError> {
+        let mut r = Reader(body);
         let shape = RingShape {
             depth: r.u32()?,
             buf_size: r.u32()?,
@@ -427,22 +511,16 @@ impl Passive {
         if posted > shape.depth {
             return Err(BootError::BadParams("initial posts exceed depth"));
         }
-        if fds.len() != 1 {
-            return Err(BootError::Malformed("Offer must carry one bell"));
-        }
-        let peer_bell = fds.pop().expect("one fd");
-        check_bell(&peer_bell)?;
-        let cred = sys::peer_cred(stream)?;
-        let pidfd = sys::peer_pidfd(stream, cred.pid).ok();
-        let can_read_peer = Probe::peer_readable(cred.pid, probe_addr, probe_cookie);
         Ok(Offer {
             shape,
             posted,
             private,
             peer_bell,
-            cred,
-            pidfd,
-            can_read_peer,
+            cred: None,
+            pidfd: None,
+            can_read_peer: false,
+            probe_addr,
+            probe_cookie,
         })
     }
 }
@@ -453,10 +531,14 @@ pub struct Offer {
     shape: RingShape,
     posted: u32,
     private: Vec<u8>,
-    peer_bell: Fd,
-    cred: PeerCred,
+    /// None in the early variant until the Ready brings it.
+    peer_bell: Option<Fd>,
+    /// The peer behind the stream, once identified (see [`Accepting::identify`]).
+    cred: Option<PeerCred>,
     pidfd: Option<Fd>,
     can_read_peer: bool,
+    probe_addr: u64,
+    probe_cookie: u64,
 }
 
 impl Offer {
@@ -465,9 +547,20 @@ impl Offer {
         &self.private
     }
 
-    /// The active side's credentials, from the kernel.
-    pub fn peer_cred(&self) -> PeerCred {
+    /// The active side's credentials, from the kernel (None: an early Offer whose peer is
+    /// not identified yet).
+    pub fn peer_cred(&self) -> Option<PeerCred> {
         self.cred
+    }
+
+    /// Names the peer behind `stream` (the connection the bootstrap runs on): its
+    /// credentials, a pidfd, and whether we may read its memory.
+    fn identify(&mut self, stream: &Fd) -> Result<(), BootError> {
+        let cred = sys::peer_cred(stream)?;
+        self.pidfd = sys::peer_pidfd(stream, cred.pid).ok();
+        self.can_read_peer = Probe::peer_readable(cred.pid, self.probe_addr, self.probe_cookie);
+        self.cred = Some(cred);
+        Ok(())
     }
 
     /// The active side's receive buffer size and depth.
@@ -539,6 +632,12 @@ pub struct Accepting {
 }
 
 impl Accepting {
+    /// The early variant: names the peer behind `stream`, the connection to the client's
+    /// endpoint that presented the nonce, before [`Accepting::send_answer`].
+    pub fn identify(&mut self, stream: &Fd) -> Result<(), BootError> {
+        self.offer.identify(stream)
+    }
+
     /// Posts an initial receive buffer (the peer's initial credits).
     pub fn post_recv(&mut self, wr_id: WrId) -> Result<(), BootError> {
         if self.posts.len() >= self.opts.recv_depth as usize {
@@ -556,6 +655,9 @@ impl Accepting {
     /// Sends the Answer with `private` (the SDP HelloAck), the memfd and our bell end.
     pub fn send_answer(&mut self, stream: &Fd, private: &[u8]) -> Result<(), BootError> {
         check_private(private)?;
+        if self.offer.cred.is_none() {
+            return Err(BootError::Malformed("peer not identified"));
+        }
         let bell = self
             .bell_end
             .take()
@@ -577,13 +679,20 @@ impl Accepting {
         if self.bell_end.is_some() {
             return Err(BootError::Malformed("answer not sent"));
         }
-        let (kind, body, fds) = recv_frame(stream, self.opts.timeout)?;
-        if kind != KIND_READY || !fds.is_empty() {
+        let (kind, body, mut fds) = recv_frame(stream, self.opts.timeout)?;
+        // The early variant's Ready carries the client's bell end, and only that one does.
+        let bells = usize::from(self.offer.peer_bell.is_none());
+        if kind != KIND_READY || fds.len() != bells {
             return Err(BootError::Malformed("expected Ready"));
         }
         let mut r = Reader(&body);
         let peer_can_read = r.u8()? == 1;
         r.end()?;
+        let peer_bell = match (self.offer.peer_bell, fds.pop()) {
+            (Some(b), None) | (None, Some(b)) => b,
+            _ => return Err(BootError::Malformed("expected Ready")),
+        };
+        check_bell(&peer_bell)?;
         let _ = &self.probe; // kept alive until the peer probed it
         ShmConn::new(Parts {
             map: self.map,
@@ -591,8 +700,11 @@ impl Accepting {
             side: 1,
             layout: self.layout,
             app_end: self.app_end,
-            peer_bell: self.offer.peer_bell,
-            cred: self.offer.cred,
+            peer_bell,
+            cred: self
+                .offer
+                .cred
+                .ok_or(BootError::Malformed("peer not identified"))?,
             pidfd: self.offer.pidfd,
             can_read_peer: self.offer.can_read_peer,
             peer_can_read,
@@ -627,9 +739,81 @@ pub fn pair(
     Ok((ca, cp))
 }
 
+/// [`pair`] in the early variant: the Offer's body goes outside the stream (as through a
+/// beacon) and the active side's bell end with the Ready.
+pub fn pair_early(
+    active: ShmOptions,
+    passive: ShmOptions,
+    posts: (u32, u32),
+) -> Result<(ShmConn, ShmConn), BootError> {
+    let (sa, sp) = sys::socketpair_stream()?;
+    // As libsdp does: the Offer is made before the app socketpair exists.
+    let mut a = Active::unpaired(active)?;
+    for i in 0..posts.0 {
+        a.post_recv(i as WrId)?;
+    }
+    let body = a.early_offer(b"hello")?;
+    let (app_end, bell_end) = sys::socketpair_stream()?;
+    a.attach_pair(app_end, bell_end)?;
+    let offer = Passive::offer_from_body(&body)?;
+    assert_eq!(offer.private_data(), b"hello");
+    let mut p = offer.accept(passive)?;
+    for i in 0..posts.1 {
+        p.post_recv(i as WrId)?;
+    }
+    if p.send_answer(&sp, b"hello-ack") != Err(BootError::Malformed("peer not identified")) {
+        return Err(BootError::Malformed("answered an unidentified peer"));
+    }
+    p.identify(&sp)?;
+    p.send_answer(&sp, b"hello-ack")?;
+    let (ca, ack) = a.finish(&sa)?;
+    assert_eq!(ack, b"hello-ack");
+    let cp = p.finish(&sp)?;
+    Ok((ca, cp))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn early_variant_connects_and_carries_bytes_both_ways() {
+        use crate::transport::{Connection, Opcode};
+        let o = ShmOptions::default();
+        let (mut a, mut p) = pair_early(o, o, (4, 4)).unwrap();
+        fn one_way(tx: &mut ShmConn, rx: &mut ShmConn) {
+            tx.post_send(9, &[b"ping"]).unwrap();
+            for _ in 0..1000 {
+                let mut c = [crate::transport::Completion {
+                    wr_id: 0,
+                    opcode: Opcode::Send,
+                    status: Ok(()),
+                    byte_len: 0,
+                    buf_index: 0,
+                }; 4];
+                let n = rx.poll_cq(&mut c).unwrap();
+                if let Some(c) = c[..n].iter().find(|c| c.opcode == Opcode::Recv) {
+                    assert_eq!(c.byte_len, 4);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            panic!("nothing received");
+        }
+        one_way(&mut a, &mut p);
+        one_way(&mut p, &mut a);
+    }
+
+    #[test]
+    fn early_offer_then_send_offer_refused() {
+        let mut a = Active::new(ShmOptions::default()).unwrap();
+        a.early_offer(b"x").unwrap();
+        let (s, _p) = sys::socketpair_stream().unwrap();
+        assert_eq!(
+            a.send_offer(&s, b"x"),
+            Err(BootError::Malformed("offer already sent"))
+        );
+    }
 
     #[test]
     fn frame_header_roundtrip_and_garbage_rejected() {

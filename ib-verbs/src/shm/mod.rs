@@ -13,7 +13,7 @@ pub mod layout;
 mod mem;
 
 pub use beacon::{
-    Beacon, BeaconOwner, Endpoint, Intent, ProbeError, Visitor, connect_endpoint, probe,
+    Beacon, BeaconLink, BeaconOwner, Endpoint, Intent, ProbeError, Visitor, connect_endpoint, probe,
 };
 pub use bootstrap::{Accepting, Active, BootError, MAX_PRIVATE, Offer, Passive, ShmOptions, pair};
 pub use conn::ShmConn;

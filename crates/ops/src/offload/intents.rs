@@ -8,7 +8,11 @@
 //! ```text
 //! slot (72 bytes): state u32 | uid u32 | stamp u64 (seconds) | intent 54 bytes in 7 words
 //! state: 0 free, 1 being written or taken, 2 ready
+//! extra of slot i (320 bytes, after all the slots): length u16 + up to 318 bytes (the
+//!                  client's Offer) in 40 words, owned with slot i
 //! ```
+//! The extras are apart from the slots so that a lookup, which walks slots, stays on 72-byte
+//! strides (a plain TCP client's lookup walks them all).
 //! Writers claim a free slot with a compare-and-swap 0→1 and publish with a Release store of 2;
 //! a taker claims a ready slot 2→1, copies it and frees it: a slot is never read half-written.
 
@@ -20,6 +24,8 @@ use ib_verbs::shm::Intent;
 
 const SLOTS: usize = 4096;
 const WORDS: usize = 7;
+/// Words of the bytes that came after the intent (length and bytes).
+const EXTRA_WORDS: usize = (2 + ib_verbs::shm::beacon::MAX_EXTRA).div_ceil(8);
 /// Intents older than this are stale (the client gave up, or went TCP after its timeout).
 const TTL_SECS: u64 = 30;
 
@@ -31,8 +37,11 @@ struct Slot {
     words: [AtomicU64; WORDS],
 }
 
+type Extra = [AtomicU64; EXTRA_WORDS];
+
 struct Table {
     slots: &'static [Slot],
+    extras: &'static [Extra],
 }
 
 static TABLE: OnceLock<Option<Table>> = OnceLock::new();
@@ -50,7 +59,7 @@ fn now_secs() -> u64 {
 /// Creates the shared table (call at `listen`, before a prefork server forks its workers).
 pub fn init() {
     TABLE.get_or_init(|| {
-        let len = SLOTS * std::mem::size_of::<Slot>();
+        let len = SLOTS * (std::mem::size_of::<Slot>() + std::mem::size_of::<Extra>());
         // SAFETY: an anonymous shared mapping; zero-filled memory is a valid table of free slots.
         let p = unsafe {
             libc::mmap(
@@ -65,9 +74,18 @@ pub fn init() {
         if p == libc::MAP_FAILED {
             return None;
         }
-        // SAFETY: the mapping is `len` bytes, page aligned, never unmapped; Slot is all atomics.
-        let slots = unsafe { std::slice::from_raw_parts(p as *const Slot, SLOTS) };
-        Some(Table { slots })
+        // SAFETY: the mapping is `len` bytes, page aligned, never unmapped; Slot and Extra are
+        // all atomics (8-aligned: the extras start at SLOTS * 72 bytes).
+        let (slots, extras) = unsafe {
+            (
+                std::slice::from_raw_parts(p as *const Slot, SLOTS),
+                std::slice::from_raw_parts(
+                    (p as *const u8).add(SLOTS * std::mem::size_of::<Slot>()) as *const Extra,
+                    SLOTS,
+                ),
+            )
+        };
+        Some(Table { slots, extras })
     });
 }
 
@@ -92,6 +110,24 @@ fn unpack(w: &[u64; WORDS]) -> Option<Intent> {
     Intent::decode(&b)
 }
 
+fn pack_extra(extra: &[u8]) -> [u64; EXTRA_WORDS] {
+    let mut b = [0u8; EXTRA_WORDS * 8];
+    let n = extra.len().min(ib_verbs::shm::beacon::MAX_EXTRA);
+    b[..2].copy_from_slice(&(n as u16).to_le_bytes());
+    b[2..2 + n].copy_from_slice(&extra[..n]);
+    let mut w = [0u64; EXTRA_WORDS];
+    for (i, chunk) in b.chunks(8).enumerate() {
+        w[i] = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+    }
+    w
+}
+
+fn unpack_extra(w: &[u64; EXTRA_WORDS]) -> Vec<u8> {
+    let b: Vec<u8> = w.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let n = (u16::from_le_bytes([b[0], b[1]]) as usize).min(ib_verbs::shm::beacon::MAX_EXTRA);
+    b[2..2 + n].to_vec()
+}
+
 fn intent_len() -> usize {
     let any: SocketAddr = "0.0.0.0:0".parse().expect("literal");
     Intent {
@@ -103,14 +139,20 @@ fn intent_len() -> usize {
     .len()
 }
 
-/// Records an intent (its client uid from the beacon's SO_PEERCRED).
-pub fn insert(intent: &Intent, uid: u32) -> bool {
+/// Records an intent (its client uid from the beacon's SO_PEERCRED) and the bytes that came
+/// after it (the client's Offer; at most `MAX_EXTRA`, more are refused).
+pub fn insert(intent: &Intent, extra: &[u8], uid: u32) -> bool {
     let Some(t) = table() else { return false };
+    if extra.len() > ib_verbs::shm::beacon::MAX_EXTRA {
+        return false;
+    }
     let now = now_secs();
     let words = pack(intent);
+    let extra = pack_extra(extra);
     let start = (intent.client.port() as usize).wrapping_mul(2654435761) % SLOTS;
     for k in 0..SLOTS {
-        let s = &t.slots[(start + k) % SLOTS];
+        let i = (start + k) % SLOTS;
+        let s = &t.slots[i];
         let st = s.state.load(Ordering::Acquire);
         // A free slot, or a stale ready one, may be (re)used.
         let reusable =
@@ -125,6 +167,9 @@ pub fn insert(intent: &Intent, uid: u32) -> bool {
         for (d, v) in s.words.iter().zip(words) {
             d.store(v, Ordering::Relaxed);
         }
+        for (d, v) in t.extras[i].iter().zip(extra) {
+            d.store(v, Ordering::Relaxed);
+        }
         s.uid.store(uid, Ordering::Relaxed);
         s.stamp.store(now, Ordering::Relaxed);
         s.state.store(2, Ordering::Release);
@@ -133,17 +178,19 @@ pub fn insert(intent: &Intent, uid: u32) -> bool {
     false
 }
 
-/// Takes the intent of the connection from `client` to our `port`, if one was recorded.
+/// Takes the intent of the connection from `client` to our `port`, if one was recorded: the
+/// intent, the client's uid and the bytes that came after the intent.
 pub fn take(
     client: SocketAddr,
     port: u16,
     normalize: impl Fn(SocketAddr) -> SocketAddr,
-) -> Option<(Intent, u32)> {
+) -> Option<(Intent, u32, Vec<u8>)> {
     let t = table()?;
     let now = now_secs();
     let start = (client.port() as usize).wrapping_mul(2654435761) % SLOTS;
     for k in 0..SLOTS {
-        let s = &t.slots[(start + k) % SLOTS];
+        let i = (start + k) % SLOTS;
+        let s = &t.slots[i];
         if s.state.load(Ordering::Acquire) != 2 {
             continue;
         }
@@ -167,9 +214,13 @@ pub fn take(
         for (d, v) in w.iter_mut().zip(&s.words) {
             *d = v.load(Ordering::Relaxed);
         }
+        let mut x = [0u64; EXTRA_WORDS];
+        for (d, v) in x.iter_mut().zip(&t.extras[i]) {
+            *d = v.load(Ordering::Relaxed);
+        }
         s.state.store(0, Ordering::Release);
         let intent = unpack(&w)?;
-        return fresh.then_some((intent, uid));
+        return fresh.then(|| (intent, uid, unpack_extra(&x)));
     }
     None
 }
@@ -181,6 +232,8 @@ mod tests {
     #[test]
     fn an_intent_fits_its_slot_and_round_trips() {
         assert!(intent_len() <= WORDS * 8);
+        // A lookup walks slots: they stay small, the Offers live apart.
+        assert_eq!(std::mem::size_of::<Slot>(), 72);
         let i = Intent {
             client: "[2001:db8::1]:40000".parse().unwrap(),
             server: "127.0.0.1:80".parse().unwrap(),
@@ -197,9 +250,17 @@ mod tests {
             server: "127.0.0.1:8080".parse().unwrap(),
             nonce: [9; 16],
         };
-        assert!(insert(&i, 1000));
+        let offer = vec![5u8; ib_verbs::shm::beacon::MAX_EXTRA];
+        assert!(insert(&i, &offer, 1000));
         assert_eq!(take(i.client, 8081, |a| a), None);
-        assert_eq!(take(i.client, 8080, |a| a), Some((i, 1000)));
+        assert_eq!(take(i.client, 8080, |a| a), Some((i, 1000, offer)));
         assert_eq!(take(i.client, 8080, |a| a), None);
+        assert!(!insert(
+            &i,
+            &[0; ib_verbs::shm::beacon::MAX_EXTRA + 1],
+            1000
+        ));
+        assert!(insert(&i, &[], 1000));
+        assert_eq!(take(i.client, 8080, |a| a), Some((i, 1000, Vec::new())));
     }
 }

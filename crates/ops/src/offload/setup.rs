@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fallback::Reason;
-use ib_verbs::shm::{Active, Beacon, Endpoint, Intent, Passive, ShmOptions};
+use ib_verbs::shm::{Active, Beacon, BeaconLink, Endpoint, Intent, Passive, ShmOptions};
 use ib_verbs::sys::Fd;
 
 use super::data::CResult;
@@ -123,10 +123,10 @@ impl BeaconTask {
         let _g = DRAINING.lock().unwrap_or_else(|p| p.into_inner());
         while let Ok(Some(visitor)) = self.beacon.accept() {
             let uid = visitor.cred().uid;
-            if let Ok(intent) = visitor.read_intent(read_timeout) {
+            if let Ok((intent, offer)) = visitor.read_intent(read_timeout) {
                 // INVARIANT: the intent is recorded before the client hears "yes" (a client
                 // that waits for it connects only after).
-                let recorded = super::intents::insert(&intent, uid);
+                let recorded = super::intents::insert(&intent, &offer, uid);
                 // A full table: decline (the client stays TCP) rather than strand it pending.
                 let _ = visitor.reply(recorded);
             }
@@ -484,46 +484,12 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     };
     let intent = Intent::new(client, dst).map_err(|_| Reason::Exhausted)?;
 
-    // Discovery: the first beacon that answers for the destination.
-    let uids = listener_uids(&dst);
-    let mut last = Reason::NoBeacon;
-    let mut owner = None;
-    for cand in beacon_candidates(dst) {
-        let probe_intent = Intent {
-            server: cand,
-            ..intent
-        };
-        match ib_verbs::shm::beacon::register_intent(&probe_intent, &uids) {
-            Ok(o) => {
-                owner = Some(o);
-                break;
-            }
-            Err(ib_verbs::shm::ProbeError::NoBeacon) => {}
-            Err(e) => {
-                last = probe_reason(&e);
-                break;
-            }
-        }
-    }
-    // An authenticated beacon took the intent (the nonce, not its uid, authenticates the
-    // accepting process later: see `Endpoint::accept`).
-    owner.ok_or(last)?;
-
-    let endpoint = Endpoint::bind(&intent).map_err(|_| Reason::SetupFailed)?;
-    let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
-    let (Some(app_dup), Some(bell_dup)) = (dup_fd(app), dup_fd(bell)) else {
-        sys::close(app);
-        sys::close(bell);
-        return Err(Reason::Exhausted);
-    };
-    let mut active = match Active::with_pair(shm_options(), app_dup, bell_dup) {
-        Ok(a) => a,
-        Err(_) => {
-            sys::close(app);
-            sys::close(bell);
-            return Err(Reason::Exhausted);
-        }
-    };
+    // The Offer (no descriptor yet) is made first, so that it goes with the intent the instant
+    // we reach a beacon: its owner's progress thread, woken by our connect, then finds both at
+    // once (it neither waits for them nor holds the visitor's descriptor meanwhile). The
+    // server answers as soon as it reaches our endpoint (one round trip fewer than an Offer on
+    // the endpoint stream); our bell end follows with the Ready.
+    let mut active = Active::unpaired(shm_options()).map_err(|_| Reason::Exhausted)?;
     let addrs = match (client.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => sdp_proto::wire::IpAddrs::V4 { src: s, dst: d },
         (s, d) => sdp_proto::wire::IpAddrs::V6 {
@@ -546,7 +512,52 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
             let _ = active.post_recv(wr);
         }
     }
-    let hello = engine.hello().to_vec();
+    let offer = active
+        .early_offer(&engine.hello())
+        .map_err(|_| Reason::SetupFailed)?;
+
+    // Discovery: the first beacon that answers for the destination takes the intent.
+    let uids = listener_uids(&dst);
+    let mut last = Reason::NoBeacon;
+    let mut registered = false;
+    for cand in beacon_candidates(dst) {
+        match BeaconLink::open(&cand, &uids) {
+            Ok(link) => {
+                let probe_intent = Intent {
+                    server: cand,
+                    ..intent
+                };
+                match link.register(&probe_intent, &offer) {
+                    Ok(()) => registered = true,
+                    Err(e) => last = probe_reason(&e),
+                }
+                break;
+            }
+            Err(ib_verbs::shm::ProbeError::NoBeacon) => {}
+            Err(e) => {
+                last = probe_reason(&e);
+                break;
+            }
+        }
+    }
+    // An authenticated beacon took the intent (the nonce, not its uid, authenticates the
+    // accepting process later: see `Endpoint::accept`).
+    if !registered {
+        return Err(last);
+    }
+
+    let endpoint = Endpoint::bind(&intent).map_err(|_| Reason::SetupFailed)?;
+    let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
+    let (Some(app_dup), Some(bell_dup)) = (dup_fd(app), dup_fd(bell)) else {
+        sys::close(app);
+        sys::close(bell);
+        return Err(Reason::Exhausted);
+    };
+    if active.attach_pair(app_dup, bell_dup).is_err() {
+        sys::close(app);
+        sys::close(bell);
+        return Err(Reason::Exhausted);
+    }
 
     // The swap: from here the fd is the app end; the TCP socket is the shadow.
     let nonblock = fcntl(fd, libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
@@ -584,7 +595,7 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     let task = Arc::new(EndpointTask {
         endpoint,
         intent,
-        setup: Mutex::new(Some((active, engine, hello))),
+        setup: Mutex::new(Some((active, engine))),
         conn: Arc::downgrade(&conn),
         token: Mutex::new(None),
     });
@@ -719,7 +730,7 @@ pub(super) fn watch_pending(conn: &Arc<Conn>, shadow: i32) -> Vec<u64> {
 struct EndpointTask {
     endpoint: Endpoint,
     intent: Intent,
-    setup: Mutex<Option<(Active, sdp_proto::Connection, Vec<u8>)>>,
+    setup: Mutex<Option<(Active, sdp_proto::Connection)>>,
     conn: Weak<Conn>,
     token: Mutex<Option<u64>>,
 }
@@ -737,7 +748,7 @@ impl Task for EndpointTask {
             Ok((s, _)) => s,
             Err(_) => return, // an impostor or a spurious wake: keep waiting
         };
-        let Some((mut active, mut engine, hello)) =
+        let Some((active, mut engine)) =
             self.setup.lock().unwrap_or_else(|p| p.into_inner()).take()
         else {
             return;
@@ -753,8 +764,7 @@ impl Task for EndpointTask {
         }
         g.endpoint = None;
         let result = active
-            .send_offer(&stream, &hello)
-            .and_then(|_| active.finish(&stream))
+            .finish(&stream)
             .map_err(|e| e.to_string())
             .and_then(|(shm, ack)| {
                 engine
@@ -1155,7 +1165,7 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
             found = super::intents::take(peer, local.port(), normalize);
         }
     }
-    let Some((mut intent, uid)) = found else {
+    let Some((mut intent, uid, offer)) = found else {
         if !fallback::server_accepts_plain_client(mode(decision)) {
             return AcceptOutcome::Refuse;
         }
@@ -1167,7 +1177,7 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
         return AcceptOutcome::Keep;
     };
     intent.server = local;
-    match server_exchange(fd, &intent, uid, flags, local, peer) {
+    match server_exchange(fd, &intent, uid, &offer, flags, local, peer) {
         Ok(()) => {
             sdp_log!(
                 log::DECISION,
@@ -1186,21 +1196,39 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
     }
 }
 
+/// `offer`: the Offer's body that came with the intent (the early variant); empty: the
+/// client sends its Offer on the endpoint stream.
 fn server_exchange(
     fd: i32,
     intent: &Intent,
     uid: u32,
+    offer: &[u8],
     flags: i32,
     local: SocketAddr,
     peer: SocketAddr,
 ) -> Result<(), Reason> {
-    let (stream, _) = ib_verbs::shm::connect_endpoint(intent, uid).map_err(|e| probe_reason(&e))?;
-    let offer = Passive::recv_offer(&stream, EXCHANGE_TIMEOUT).map_err(|_| Reason::SetupFailed)?;
+    let endpoint = || ib_verbs::shm::connect_endpoint(intent, uid).map_err(|e| probe_reason(&e));
+    // The early variant (the Offer came with the intent): everything is prepared before we
+    // reach the client's endpoint, so that the Answer follows the nonce at once and the
+    // client's progress thread finds both when it wakes.
+    let mut stream = None;
+    let offer = if offer.is_empty() {
+        let (s, _) = endpoint()?;
+        let o = Passive::recv_offer(&s, EXCHANGE_TIMEOUT);
+        stream = Some(s);
+        o
+    } else {
+        Passive::offer_from_body(offer)
+    }
+    .map_err(|_| Reason::SetupFailed)?;
     let mut engine =
         match sdp_proto::Connection::accept(sdp::config(), sdp::now(), offer.private_data()) {
             Ok(e) => e,
             Err(_) => {
-                let _ = offer.reject(&stream, &[]);
+                // A reject sends the client back to TCP at once (not after its timeout).
+                if let Ok(s) = stream.map(Ok).unwrap_or_else(|| endpoint().map(|(s, _)| s)) {
+                    let _ = offer.reject(&s, &[]);
+                }
                 return Err(Reason::SetupFailed);
             }
         };
@@ -1226,6 +1254,22 @@ fn server_exchange(
         }
     }
     let ack = engine.hello_ack();
+    let stream = match stream {
+        Some(s) => s,
+        None => match endpoint().and_then(|(s, _)| {
+            accepting
+                .identify(&s)
+                .map(|_| s)
+                .map_err(|_| Reason::SetupFailed)
+        }) {
+            Ok(s) => s,
+            Err(reason) => {
+                sys::close(app);
+                sys::close(bell);
+                return Err(reason);
+            }
+        },
+    };
     // The server waits for the client's Ready: a client that fails after the Answer (its mmap
     // fails when its address space is exhausted) goes back to TCP, and only the Ready tells
     // the server to do the same. Not waiting saves a round trip, but then such a client and
