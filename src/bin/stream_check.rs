@@ -160,7 +160,10 @@ fn send(addr: &str, port: &str, bytes: u64, hold: Option<&str>) -> i32 {
     BufReader::new(&s).read_line(&mut line).expect("verdict");
     print!("server: {line}");
     if let Some(f) = hold {
-        std::fs::write(f, &line).expect("hold file");
+        // Written whole, then renamed into place: whoever sees FILE reads the whole verdict.
+        let tmp = format!("{f}.tmp");
+        std::fs::write(&tmp, &line).expect("hold file");
+        std::fs::rename(&tmp, f).expect("hold file");
         while std::path::Path::new(f).exists() {
             std::thread::sleep(Duration::from_millis(50));
         }
