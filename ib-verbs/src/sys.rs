@@ -740,6 +740,32 @@ pub fn read_small_file(path: &str, limit: usize) -> SysResult<Vec<u8>> {
 /// included, and a host that sets up thousands of connections a second keeps tens of
 /// thousands of those: reading it took milliseconds of CPU each time.
 pub fn tcp_listeners(family: i32, port: u16) -> SysResult<Vec<(std::net::IpAddr, u32)>> {
+    const TCP_LISTEN: u32 = 10;
+    Ok(tcp_sockets(family, 1 << TCP_LISTEN, port)?
+        .into_iter()
+        .filter(|s| s.state == TCP_LISTEN as u8 && s.local.port() == port)
+        .map(|s| (s.local.ip(), s.uid))
+        .collect())
+}
+
+/// A TCP socket as sock_diag reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    /// The kernel's TCP state (1 ESTABLISHED … 10 LISTEN).
+    pub state: u8,
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    pub uid: u32,
+    pub inode: u32,
+}
+
+/// The TCP sockets of this network namespace in the states of `states` (a bit per state), of
+/// one address family (`AF_INET` or `AF_INET6`); `port` non-zero: the kernel keeps only those
+/// with that local port (a hint: callers still check).
+///
+/// LINUX: sock_diag formats nothing and skips the states not asked for; `/proc/net/tcp`
+/// prints every socket, TIME_WAIT ones included.
+pub fn tcp_sockets(family: i32, states: u32, port: u16) -> SysResult<Vec<TcpSocket>> {
     #[repr(C)]
     #[derive(Clone, Copy)]
     struct SockId {
@@ -775,7 +801,6 @@ pub fn tcp_listeners(family: i32, port: u16) -> SysResult<Vec<(std::net::IpAddr,
     }
     const NETLINK_SOCK_DIAG: i32 = 4;
     const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    const TCP_LISTEN: u32 = 10;
     let req = Req {
         nlh: libc::nlmsghdr {
             nlmsg_len: std::mem::size_of::<Req>() as u32,
@@ -788,7 +813,7 @@ pub fn tcp_listeners(family: i32, port: u16) -> SysResult<Vec<(std::net::IpAddr,
         protocol: libc::IPPROTO_TCP as u8,
         ext: 0,
         pad: 0,
-        states: 1 << TCP_LISTEN,
+        states,
         id: SockId {
             sport: port.to_be(),
             dport: 0,
@@ -880,16 +905,22 @@ pub fn tcp_listeners(family: i32, port: u16) -> SysResult<Vec<(std::net::IpAddr,
                     // SAFETY: the message holds a whole `Msg` after its header (checked).
                     let m: Msg =
                         unsafe { std::ptr::read_unaligned(bytes.add(off + hdr) as *const Msg) };
-                    if u32::from(m.state) == TCP_LISTEN && u16::from_be(m.id.sport) == port {
-                        let ip: std::net::IpAddr = if i32::from(m.family) == libc::AF_INET {
+                    let ip = |b: &[u8; 16]| -> std::net::IpAddr {
+                        if i32::from(m.family) == libc::AF_INET {
                             let mut a = [0u8; 4];
-                            a.copy_from_slice(&m.id.src[..4]);
+                            a.copy_from_slice(&b[..4]);
                             std::net::Ipv4Addr::from(a).into()
                         } else {
-                            std::net::Ipv6Addr::from(m.id.src).into()
-                        };
-                        out.push((ip, m.uid));
-                    }
+                            std::net::Ipv6Addr::from(*b).into()
+                        }
+                    };
+                    out.push(TcpSocket {
+                        state: m.state,
+                        local: std::net::SocketAddr::new(ip(&m.id.src), u16::from_be(m.id.sport)),
+                        remote: std::net::SocketAddr::new(ip(&m.id.dst), u16::from_be(m.id.dport)),
+                        uid: m.uid,
+                        inode: m.inode,
+                    });
                 }
                 _ => {}
             }

@@ -191,17 +191,43 @@ pub fn parse_file(b: &[u8]) -> Option<FileStats> {
 
 /// The kernel's 4-tuple of a process's TCP socket, for rows the library leaves without one
 /// (sockets that stay on kernel TCP): fd → socket inode → /proc/<pid>/net/tcp{,6}.
-fn kernel_addrs(
-    pid: u64,
-    fd: i64,
-    tables: &mut HashMap<(u64, bool), String>,
-) -> Option<(SocketAddr, SocketAddr)> {
+/// What one `collect` learned of the kernel's TCP sockets: this namespace's by inode (one
+/// sock_diag dump, TIME_WAIT left out), and the procfs tables of processes whose sockets the
+/// dump did not have (another network namespace).
+#[derive(Default)]
+struct KernelTables {
+    diag: Option<HashMap<u32, (SocketAddr, SocketAddr)>>,
+    procfs: HashMap<(u64, bool), String>,
+}
+
+fn kernel_addrs(pid: u64, fd: i64, tables: &mut KernelTables) -> Option<(SocketAddr, SocketAddr)> {
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
     let link = link.to_string_lossy();
     let inode = link
         .strip_prefix("socket:[")?
         .strip_suffix(']')?
         .to_string();
+    let diag = tables.diag.get_or_insert_with(|| {
+        // Every state but TIME_WAIT (6), which has no descriptor: a busy host keeps tens of
+        // thousands of those, and procfs formats each one (tens of milliseconds a look).
+        let states = ((1u32 << 13) - 2) & !(1 << 6);
+        let canon = |a: SocketAddr| match a.ip() {
+            std::net::IpAddr::V6(v) => v
+                .to_ipv4_mapped()
+                .map_or(a, |v4| SocketAddr::new(v4.into(), a.port())),
+            _ => a,
+        };
+        [libc::AF_INET, libc::AF_INET6]
+            .iter()
+            .filter_map(|&f| ib_verbs::sys::tcp_sockets(f, states, 0).ok())
+            .flatten()
+            .map(|s| (s.inode, (canon(s.local), canon(s.remote))))
+            .collect()
+    });
+    if let Some(a) = inode.parse::<u32>().ok().and_then(|i| diag.get(&i)) {
+        return Some(*a);
+    }
+    let tables = &mut tables.procfs;
     for (file, v6) in [("tcp", false), ("tcp6", true)] {
         // One read of each table per process and listing, however many rows need it.
         let text = tables.entry((pid, v6)).or_insert_with(|| {
@@ -252,7 +278,7 @@ pub fn collect() -> Vec<SocketRow> {
 pub fn collect_all() -> (Vec<SocketRow>, Vec<ProcessRow>) {
     let mut out = Vec::new();
     let mut procs = Vec::new();
-    let mut tables = HashMap::new();
+    let mut tables = KernelTables::default();
     let Ok(dir) = std::fs::read_dir(stats::DIR) else {
         return (out, procs);
     };

@@ -332,7 +332,12 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
                                 break;
                             }
                         }
-                        Ok(n)
+                        // No room before the peer accepted: a stall for credits as well.
+                        if n == 0 && rest.iter().any(|b| !b.is_empty()) {
+                            Err(libc::EAGAIN)
+                        } else {
+                            Ok(n)
+                        }
                     }
                 }
                 Phase::Offloaded(s) => {
