@@ -766,16 +766,72 @@ pub struct TcpSocket {
 /// LINUX: sock_diag formats nothing and skips the states not asked for; `/proc/net/tcp`
 /// prints every socket, TIME_WAIT ones included.
 pub fn tcp_sockets(family: i32, states: u32, port: u16) -> SysResult<Vec<TcpSocket>> {
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct SockId {
-        sport: u16,
-        dport: u16,
-        src: [u8; 16],
-        dst: [u8; 16],
-        ifindex: u32,
-        cookie: [u32; 2],
+    let mut id = DiagId::any();
+    id.sport = port.to_be();
+    sock_diag(family, states, id, true)
+}
+
+/// The one TCP socket whose local address is `local` and remote `remote` (a server's socket of
+/// a connection: local = server), if the kernel has it. A connection still in its listener's
+/// accept queue has no `struct socket` yet: its inode is 0.
+pub fn tcp_socket(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<TcpSocket> {
+    let bytes = |a: std::net::SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(v) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v.octets());
+            b
+        }
+        std::net::IpAddr::V6(v) => v.octets(),
+    };
+    let family = match (local, remote) {
+        (std::net::SocketAddr::V4(_), std::net::SocketAddr::V4(_)) => libc::AF_INET,
+        (std::net::SocketAddr::V6(_), std::net::SocketAddr::V6(_)) => libc::AF_INET6,
+        _ => return None,
+    };
+    let id = DiagId {
+        sport: local.port().to_be(),
+        dport: remote.port().to_be(),
+        src: bytes(local),
+        dst: bytes(remote),
+        ifindex: 0,
+        cookie: [!0, !0],
+    };
+    // LINUX: the lookup demultiplexes like a packet: with no such connection it answers with
+    // the listener of the port.
+    sock_diag(family, !0, id, false)
+        .ok()?
+        .into_iter()
+        .find(|s| s.local == local && s.remote == remote)
+}
+
+/// `inet_diag_sockid`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DiagId {
+    sport: u16,
+    dport: u16,
+    src: [u8; 16],
+    dst: [u8; 16],
+    ifindex: u32,
+    cookie: [u32; 2],
+}
+
+impl DiagId {
+    fn any() -> DiagId {
+        DiagId {
+            sport: 0,
+            dport: 0,
+            src: [0; 16],
+            dst: [0; 16],
+            ifindex: 0,
+            cookie: [!0, !0],
+        }
     }
+}
+
+/// One sock_diag request for TCP sockets: a dump (`dump`) of the states in `states`, or the
+/// exact lookup of `id`.
+fn sock_diag(family: i32, states: u32, id: DiagId, dump: bool) -> SysResult<Vec<TcpSocket>> {
     #[repr(C)]
     struct Req {
         nlh: libc::nlmsghdr,
@@ -784,7 +840,7 @@ pub fn tcp_sockets(family: i32, states: u32, port: u16) -> SysResult<Vec<TcpSock
         ext: u8,
         pad: u8,
         states: u32,
-        id: SockId,
+        id: DiagId,
     }
     #[repr(C)]
     struct Msg {
@@ -792,7 +848,7 @@ pub fn tcp_sockets(family: i32, states: u32, port: u16) -> SysResult<Vec<TcpSock
         state: u8,
         timer: u8,
         retrans: u8,
-        id: SockId,
+        id: DiagId,
         expires: u32,
         rqueue: u32,
         wqueue: u32,
@@ -805,7 +861,11 @@ pub fn tcp_sockets(family: i32, states: u32, port: u16) -> SysResult<Vec<TcpSock
         nlh: libc::nlmsghdr {
             nlmsg_len: std::mem::size_of::<Req>() as u32,
             nlmsg_type: SOCK_DIAG_BY_FAMILY,
-            nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+            nlmsg_flags: if dump {
+                (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16
+            } else {
+                libc::NLM_F_REQUEST as u16
+            },
             nlmsg_seq: 1,
             nlmsg_pid: 0,
         },
@@ -814,14 +874,7 @@ pub fn tcp_sockets(family: i32, states: u32, port: u16) -> SysResult<Vec<TcpSock
         ext: 0,
         pad: 0,
         states,
-        id: SockId {
-            sport: port.to_be(),
-            dport: 0,
-            src: [0; 16],
-            dst: [0; 16],
-            ifindex: 0,
-            cookie: [!0, !0],
-        },
+        id,
     };
     // SAFETY: a netlink socket of our own (closed by `Fd`); `req` is plain memory of the size
     // passed.
@@ -926,6 +979,10 @@ pub fn tcp_sockets(family: i32, states: u32, port: u16) -> SysResult<Vec<TcpSock
             }
             off += (len + 3) & !3;
         }
+        if !dump {
+            // An exact lookup is answered by one message (or an error), without NLMSG_DONE.
+            return Ok(out);
+        }
     }
 }
 
@@ -960,4 +1017,32 @@ pub fn getpid() -> i32 {
 pub fn getuid() -> u32 {
     // SAFETY: getuid has no preconditions.
     unsafe { libc::getuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn sock_diag_sees_a_connection_queued_then_accepted() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let server = l.local_addr().expect("addr");
+        let c = TcpStream::connect(server).expect("connect");
+        let client = c.local_addr().expect("addr");
+        // In the accept queue: the server's socket exists without a `struct socket`.
+        let queued = tcp_socket(server, client).expect("the server's socket");
+        assert_eq!(
+            (queued.local, queued.remote, queued.inode),
+            (server, client, 0)
+        );
+        let (_s, _) = l.accept().expect("accept");
+        assert_ne!(tcp_socket(server, client).expect("accepted").inode, 0);
+        // The client's side, and a dump that finds both and the listener.
+        assert_eq!(tcp_socket(client, server).expect("client").remote, server);
+        let all = tcp_sockets(libc::AF_INET, !0, 0).expect("dump");
+        assert!(all.iter().any(|s| s.local == server && s.state == 10));
+        assert!(all.iter().any(|s| s.local == client && s.remote == server));
+        assert_eq!(tcp_socket(server, "127.0.0.1:1".parse().unwrap()), None);
+    }
 }

@@ -159,122 +159,33 @@ pub fn close(fd: i32) {
 /// LINUX: asks sock_diag for the one server-side socket of the 4-tuple; a connection not yet
 /// accepted has no `struct socket`, which sock_diag reports as inode 0.
 pub fn tcp_accepted(client: SocketAddr, server: SocketAddr) -> Option<bool> {
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct SockId {
-        sport: u16,
-        dport: u16,
-        src: [u8; 16],
-        dst: [u8; 16],
-        ifindex: u32,
-        cookie: [u32; 2],
-    }
-    #[repr(C)]
-    struct Req {
-        nlh: libc::nlmsghdr,
-        family: u8,
-        protocol: u8,
-        ext: u8,
-        pad: u8,
-        states: u32,
-        id: SockId,
-    }
-    #[repr(C)]
-    struct Msg {
-        family: u8,
-        state: u8,
-        timer: u8,
-        retrans: u8,
-        id: SockId,
-        expires: u32,
-        rqueue: u32,
-        wqueue: u32,
-        uid: u32,
-        inode: u32,
-    }
-    const NETLINK_SOCK_DIAG: i32 = 4;
-    const SOCK_DIAG_BY_FAMILY: u16 = 20;
-    let (family, src, dst) = match (server, client) {
-        (SocketAddr::V4(s), SocketAddr::V4(c)) => {
-            let mut a = [0u8; 16];
-            let mut b = [0u8; 16];
-            a[..4].copy_from_slice(&s.ip().octets());
-            b[..4].copy_from_slice(&c.ip().octets());
-            (libc::AF_INET, a, b)
-        }
-        (SocketAddr::V6(s), SocketAddr::V6(c)) => {
-            (libc::AF_INET6, s.ip().octets(), c.ip().octets())
-        }
-        _ => return None,
+    ib_verbs::sys::tcp_socket(server, client).map(|s| s.inode != 0)
+}
+
+/// Seconds of the monotonic clock (coarse ages of shared-table entries).
+pub fn now_secs() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    let req = Req {
-        nlh: libc::nlmsghdr {
-            nlmsg_len: std::mem::size_of::<Req>() as u32,
-            nlmsg_type: SOCK_DIAG_BY_FAMILY,
-            nlmsg_flags: libc::NLM_F_REQUEST as u16,
-            nlmsg_seq: 1,
-            nlmsg_pid: 0,
-        },
-        family: family as u8,
-        protocol: libc::IPPROTO_TCP as u8,
-        ext: 0,
-        pad: 0,
-        states: !0,
-        id: SockId {
-            // The server's socket: local = server, remote = client.
-            sport: server.port().to_be(),
-            dport: client.port().to_be(),
-            src,
-            dst,
-            ifindex: 0,
-            cookie: [!0, !0],
-        },
+    // SAFETY: ts is a valid timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64
+}
+
+/// A zero-filled anonymous mapping of `len` bytes shared with the fork children made after
+/// it (the tables prefork workers inherit), never unmapped; `None` if the kernel refuses.
+pub fn shared_zeroed(len: usize) -> Option<*mut u8> {
+    // SAFETY: an anonymous shared mapping, no file; MAP_FAILED is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
     };
-    // SAFETY: a netlink socket of our own, closed below; `req` and `buf` are plain memory of
-    // the sizes passed; the answer is read as `Msg` only after checking its type and length.
-    unsafe {
-        let fd = libc::syscall(
-            libc::SYS_socket,
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        ) as i32;
-        if fd < 0 {
-            return None;
-        }
-        let sent = libc::syscall(
-            libc::SYS_sendto,
-            fd,
-            &req as *const Req,
-            std::mem::size_of::<Req>(),
-            0,
-            std::ptr::null::<libc::sockaddr>(),
-            0,
-        );
-        let mut buf = [0u64; 128];
-        let got = if sent == std::mem::size_of::<Req>() as i64 {
-            libc::syscall(
-                libc::SYS_recvfrom,
-                fd,
-                buf.as_mut_ptr(),
-                std::mem::size_of_val(&buf),
-                0,
-                std::ptr::null_mut::<libc::sockaddr>(),
-                std::ptr::null_mut::<libc::socklen_t>(),
-            )
-        } else {
-            -1
-        };
-        close(fd);
-        let hdr = std::mem::size_of::<libc::nlmsghdr>();
-        if got < (hdr + std::mem::size_of::<Msg>()) as i64 {
-            return None; // an error message (no such socket) or nothing
-        }
-        let nlh = &*(buf.as_ptr() as *const libc::nlmsghdr);
-        if nlh.nlmsg_type != SOCK_DIAG_BY_FAMILY {
-            return None;
-        }
-        let msg = &*((buf.as_ptr() as *const u8).add(hdr) as *const Msg);
-        Some(msg.inode != 0)
-    }
+    (p != libc::MAP_FAILED).then_some(p.cast())
 }

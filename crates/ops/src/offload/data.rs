@@ -353,6 +353,10 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
                     if sent >= total {
                         return Some(Ok(sent as isize));
                     }
+                    // The rest found no room: the call waits for credits (or returns short).
+                    if !std::mem::replace(&mut stalled, true) {
+                        crate::stats::credit_stall(g.row.as_ref())
+                    }
                 }
                 Err(libc::EAGAIN) if !std::mem::replace(&mut stalled, true) => {
                     crate::stats::credit_stall(g.row.as_ref())

@@ -59,15 +59,7 @@ pub struct Key {
     pub listen_port: u16,
 }
 
-fn now_secs() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64
-}
+use crate::sys::now_secs;
 
 fn ip_words(ip: IpAddr) -> [u64; 2] {
     let v6 = match ip {
@@ -95,26 +87,14 @@ pub fn init() -> Option<i32> {
     TABLE
         .get_or_init(|| {
             let len = SLOTS * std::mem::size_of::<Slot>();
-            // SAFETY: an anonymous shared mapping; zero-filled memory is a table of free slots.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                    -1,
-                    0,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                return None;
-            }
+            // Zero-filled memory is a table of free slots.
+            let p = crate::sys::shared_zeroed(len)?;
             // SAFETY: plain system call; non-blocking so that draining never blocks, and
             // inherited across fork (the workers ring it) but not exec.
             let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
             if efd < 0 {
                 // SAFETY: the mapping made above, referenced by no one.
-                unsafe { libc::munmap(p, len) };
+                unsafe { libc::munmap(p.cast(), len) };
                 return None;
             }
             let efd = crate::sys::move_high(efd);

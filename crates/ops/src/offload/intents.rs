@@ -46,34 +46,14 @@ struct Table {
 
 static TABLE: OnceLock<Option<Table>> = OnceLock::new();
 
-fn now_secs() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: ts is a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64
-}
+use crate::sys::now_secs;
 
 /// Creates the shared table (call at `listen`, before a prefork server forks its workers).
 pub fn init() {
     TABLE.get_or_init(|| {
         let len = SLOTS * (std::mem::size_of::<Slot>() + std::mem::size_of::<Extra>());
-        // SAFETY: an anonymous shared mapping; zero-filled memory is a valid table of free slots.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
+        // Zero-filled memory is a valid table of free slots.
+        let p = crate::sys::shared_zeroed(len)?;
         // SAFETY: the mapping is `len` bytes, page aligned, never unmapped; Slot and Extra are
         // all atomics (8-aligned: the extras start at SLOTS * 72 bytes).
         let (slots, extras) = unsafe {
