@@ -755,37 +755,7 @@ pub fn try_connect(fd: i32, dst: SocketAddr) -> Result<CResult, Reason> {
         Reason::SetupFailed
     })?;
     let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
-    let nonblock = setup::fcntl(fd, libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
-    let cloexec = setup::fcntl(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0;
-    let shadow = match setup::swap_in(fd, app, nonblock, cloexec) {
-        Ok(s) => s,
-        Err(_) => {
-            sys::close(app);
-            sys::close(bell);
-            return Err(Reason::Exhausted);
-        }
-    };
-    let row = Row::claim(fd, Transport::Rdma, 1);
-    if let Some(r) = &row {
-        r.set_addrs(Some(client), Some(dst));
-    }
-    let conn = Conn::new(Inner::new(
-        Phase::Pending {
-            sendbuf: Vec::new(),
-            shut_wr: false,
-        },
-        shadow,
-        app,
-        bell,
-        fd,
-        Some(client),
-        Some(dst),
-        row,
-        1,
-    ));
-    bind_fd(fd, &conn);
-    let stray = setup::watch_stray(&conn, bell);
-    conn.lock().stray = stray;
+    let (conn, shadow) = setup::pending_client(fd, app, bell, client, dst, Transport::Rdma)?;
     let cfd = cm.fd();
     let task = Arc::new(ConnectTask {
         setup: Mutex::new(Some((cm, engine))),
@@ -1476,10 +1446,9 @@ impl SdpRdma {
                 key.ok().map(|k| (b, k))
             });
         }
+        let wr = self.wr();
         let posted = match &self.sink {
             Some((buf, key)) if r.len as usize <= buf.len() => {
-                self.next_wr += 1;
-                let wr = self.next_wr;
                 let local = LocalSge {
                     addr: buf.addr(),
                     len: buf.len() as u32,

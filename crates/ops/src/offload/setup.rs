@@ -386,6 +386,50 @@ fn sockaddr_of(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     (ss, len as libc::socklen_t)
 }
 
+/// A client's connect going offloaded: the fd is swapped onto the app end of (`app`, `bell`)
+/// and the connection, **pending** until the transport's exchange finishes, is registered
+/// with its statistics row and its stray-byte watch. Returns it and the shadow (the TCP
+/// socket, to connect). On failure both ends are closed and the fd is untouched.
+pub(super) fn pending_client(
+    fd: i32,
+    app: i32,
+    bell: i32,
+    client: SocketAddr,
+    dst: SocketAddr,
+    transport: Transport,
+) -> Result<(Arc<Conn>, i32), Reason> {
+    // The swap: from here the fd is the app end; the TCP socket is the shadow.
+    let nonblock = fcntl(fd, libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
+    let cloexec = fcntl(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0;
+    let Ok(shadow) = swap_in(fd, app, nonblock, cloexec) else {
+        sys::close(app);
+        sys::close(bell);
+        return Err(Reason::Exhausted);
+    };
+    let row = Row::claim(fd, transport, 1);
+    if let Some(r) = &row {
+        r.set_addrs(Some(client), Some(dst));
+    }
+    let conn = Conn::new(Inner::new(
+        Phase::Pending {
+            sendbuf: Vec::new(),
+            shut_wr: false,
+        },
+        shadow,
+        app,
+        bell,
+        fd,
+        Some(client),
+        Some(dst),
+        row,
+        1,
+    ));
+    bind_fd(fd, &conn);
+    let stray = watch_stray(&conn, bell);
+    conn.lock().stray = stray;
+    Ok((conn, shadow))
+}
+
 pub(super) fn fcntl(fd: i32, cmd: i32, arg: i64) -> i32 {
     // SAFETY: fcntl on an fd number with an integer argument.
     unsafe { libc::syscall(libc::SYS_fcntl, fd, cmd, arg) as i32 }
@@ -559,38 +603,7 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         return Err(Reason::Exhausted);
     }
 
-    // The swap: from here the fd is the app end; the TCP socket is the shadow.
-    let nonblock = fcntl(fd, libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
-    let cloexec = fcntl(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0;
-    let shadow = match swap_in(fd, app, nonblock, cloexec) {
-        Ok(s) => s,
-        Err(_) => {
-            sys::close(app);
-            sys::close(bell);
-            return Err(Reason::Exhausted);
-        }
-    };
-    let row = Row::claim(fd, Transport::Shm, 1);
-    if let Some(r) = &row {
-        r.set_addrs(Some(client), Some(dst));
-    }
-    let conn = Conn::new(Inner::new(
-        Phase::Pending {
-            sendbuf: Vec::new(),
-            shut_wr: false,
-        },
-        shadow,
-        app,
-        bell,
-        fd,
-        Some(client),
-        Some(dst),
-        row,
-        1,
-    ));
-    bind_fd(fd, &conn);
-    let stray = watch_stray(&conn, bell);
-    conn.lock().stray = stray;
+    let (conn, shadow) = pending_client(fd, app, bell, client, dst, Transport::Shm)?;
     let efd = endpoint.fd();
     let task = Arc::new(EndpointTask {
         endpoint,
