@@ -1132,3 +1132,154 @@ fn python_http_server_and_curl_run_over_sdp() {
         "{out:?}"
     );
 }
+
+/// The argument of the first `call(` on an strace line as a number (the fd).
+fn traced_fd(line: &str, call: &str) -> Option<i32> {
+    line.split(&format!("{call}("))
+        .nth(1)?
+        .split(',')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `listen` on a bound socket publishes the beacon BEFORE the kernel listens: a client that
+/// connects the moment the port listens (it polled for it) must find SDP there, not fall back
+/// with `no-beacon`. strace shows the order of the calls: the beacon's bind and listen on its
+/// abstract AF_UNIX name come before the listen of the TCP socket.
+#[test]
+fn listen_sets_up_sdp_before_the_kernel_listens() {
+    let strace = require_tool("strace", "strace");
+    let port = free_port();
+    let trace = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("listen-order-{port}.strace"));
+    let mut preload = std::ffi::OsString::from("LD_PRELOAD=");
+    preload.push(libsdp_suite::preload_value());
+    let mut c = command(Mode::Base, strace);
+    c.args(["-f", "-e", "trace=bind,listen", "-o"])
+        .arg(&trace)
+        .arg("-E")
+        .arg(preload)
+        .args(["python3", "-c"])
+        .arg(
+            "import socket, sys\n\
+             s = socket.socket()\n\
+             s.bind(('127.0.0.1', int(sys.argv[1])))\n\
+             s.listen(8)\n\
+             print('listening')\n",
+        )
+        .arg(port.to_string());
+    let o = libsdp_suite::run(c, "strace python3 listen", T);
+    assert!(o.code == 0 && o.stdout == "listening\n", "{o:?}");
+    let text = std::fs::read_to_string(&trace).expect("read the strace output");
+    let _ = std::fs::remove_file(&trace);
+    let lines: Vec<&str> = text.lines().collect();
+    let at = |pred: &dyn Fn(&str) -> bool, from: usize| -> Option<usize> {
+        (from..lines.len()).find(|&i| pred(lines[i]))
+    };
+    let tcp_bind = at(
+        &|l| l.contains("bind(") && l.contains(&format!("htons({port})")),
+        0,
+    )
+    .unwrap_or_else(|| panic!("no bind of the TCP socket to port {port}:\n{text}"));
+    let tcp_fd = traced_fd(lines[tcp_bind], "bind").expect("the TCP socket's fd");
+    let tcp_listen = at(&|l| l.contains(&format!("listen({tcp_fd}, 8)")), tcp_bind)
+        .unwrap_or_else(|| panic!("no listen({tcp_fd}, 8):\n{text}"));
+    let beacon = format!("libsdp/b/127.0.0.1:{port}\"");
+    let beacon_bind = at(&|l| l.contains("bind(") && l.contains(&beacon), 0)
+        .unwrap_or_else(|| panic!("no bind of the beacon {beacon}:\n{text}"));
+    let beacon_fd = traced_fd(lines[beacon_bind], "bind").expect("the beacon's fd");
+    let beacon_listen = at(
+        &|l| l.contains(&format!("listen({beacon_fd}, ")),
+        beacon_bind,
+    )
+    .unwrap_or_else(|| panic!("no listen of the beacon fd {beacon_fd}:\n{text}"));
+    assert!(
+        beacon_listen < tcp_listen,
+        "the beacon must listen before the TCP socket does:\n{text}"
+    );
+}
+
+/// A `listen` the kernel refuses (EADDRINUSE: another socket listens on the port first)
+/// leaves nothing of what was set up for it: the program sees the kernel's error, `sdp stat`
+/// lists no listener of it, no beacon is left for the port, and a libsdp client of the plain
+/// server that did get the port goes straight to TCP (`no-beacon`), without waiting on a
+/// beacon nobody answers behind.
+#[test]
+fn refused_listen_leaves_no_beacon_and_no_listener_row() {
+    let port = free_port();
+    let mut failing = command(Mode::Preload, "python3");
+    failing
+        .arg("-c")
+        .arg(
+            "import errno, socket, sys\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('127.0.0.1', int(sys.argv[1])))\n\
+             print('bound', flush=True)\n\
+             sys.stdin.readline()\n\
+             try:\n    s.listen(8)\n    print('listened', flush=True)\n\
+             except OSError as e:\n    print('listen:', errno.errorcode[e.errno], flush=True)\n\
+             print('SYNC', flush=True)\n\
+             sys.stdin.readline()\n",
+        )
+        .arg(port.to_string());
+    let mut failing = Synced::spawn(failing, "python3 listen (refused)");
+    failing.expect_line("bound");
+    let mut plain = command(Mode::Base, "python3");
+    plain
+        .arg("-c")
+        .arg(
+            "import socket, sys\n\
+             s = socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             s.bind(('127.0.0.1', int(sys.argv[1])))\n\
+             s.listen(8)\n\
+             print('listening', flush=True)\n\
+             c, _ = s.accept()\n\
+             c.sendall(c.recv(100))\n\
+             c.close()\n",
+        )
+        .arg(port.to_string());
+    let mut plain = Synced::spawn(plain, "python3 plain server");
+    plain.expect_line("listening");
+    failing.release();
+    assert!(
+        failing.until_sync(Instant::now() + T),
+        "{}",
+        failing.stdout
+    );
+    assert!(
+        failing.stdout.ends_with("listen: EADDRINUSE\nSYNC\n"),
+        "{}",
+        failing.stdout
+    );
+    let rows = sdp_stat_of_group(failing.pid());
+    assert!(
+        rows.is_empty(),
+        "the refused listener must not be listed:\n{}",
+        libsdp_suite::show_rows(&rows)
+    );
+    let beacon = format!("@libsdp/b/127.0.0.1:{port}");
+    let unix = std::fs::read_to_string("/proc/net/unix").expect("/proc/net/unix");
+    assert!(
+        !unix.lines().any(|l| l.ends_with(&beacon)),
+        "a beacon is left for the refused listen:\n{unix}"
+    );
+    let mut rows = Vec::new();
+    let client = policy_client(Mode::Preload, None, port, "hello", true)
+        .finish(|g| rows = sdp_stat_of_group(g));
+    assert_eq!(client.stdout, "client got: hello\nSYNC\n", "{client:?}");
+    let r = one_connection("client of the plain server", &rows, "client", None);
+    assert_eq!(
+        (r.transport.as_str(), r.fallback_reason.as_str()),
+        ("tcp", "no-beacon"),
+        "{}",
+        libsdp_suite::show_rows(&rows)
+    );
+    let plain = plain.finish(|_| {});
+    assert_eq!(plain.code, 0, "{plain:?}");
+    failing.release();
+    let failing = failing.finish(|_| {});
+    assert_eq!(failing.code, 0, "{failing:?}");
+}

@@ -89,6 +89,10 @@ impl Meta {
         Meta(self.0 | flag)
     }
 
+    pub fn without(self, flag: u64) -> Meta {
+        Meta(self.0 & !flag)
+    }
+
     /// The policy decision recorded for this socket (0 = none yet, see [`Decision`]).
     pub fn decision(self) -> Option<Decision> {
         Decision::from_bits((self.0 >> Self::DECISION_SHIFT) & 0x3)

@@ -162,7 +162,40 @@ pub fn connect(fd: i32, addr: Option<SocketAddr>) -> Option<isize> {
     None
 }
 
-/// After a successful `listen`: the decision, then the beacon if SDP is allowed.
+/// What the `listen` hook does around the kernel's call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenPlan {
+    /// The socket listens already (a new backlog): nothing to set up.
+    Again,
+    /// The decision is made and, if SDP is allowed, the beacon and the rdma_cm listener are
+    /// up: the kernel's call follows, and [`listen_failed`] if it fails.
+    Ready,
+    /// Not bound to a port yet (the kernel picks one): [`listen`] after a successful call.
+    After,
+}
+
+/// Before the kernel's `listen` of a tracked socket. A socket bound to a port gets its beacon
+/// and rdma_cm listener first: a client may connect the moment the kernel listens (it polled
+/// for the port), and must find them then, not a kernel CM's REJECT that sends it to TCP.
+pub fn listen_plan(fd: i32) -> ListenPlan {
+    if fdtable::get(fd).has(Meta::LISTENING) {
+        return ListenPlan::Again;
+    }
+    if !crate::sys::sockname(fd).is_some_and(|a| a.port() != 0) {
+        return ListenPlan::After;
+    }
+    listen(fd);
+    ListenPlan::Ready
+}
+
+/// The kernel refused the `listen` that [`listen_plan`] prepared: nothing of it stays.
+pub fn listen_failed(fd: i32) {
+    crate::offload::setup::forget_tcp(fd);
+    crate::offload::setup::on_listener_close(fd);
+    fdtable::update(fd, |m| m.without(Meta::LISTENING));
+}
+
+/// A listening socket: the decision, then the beacon if SDP is allowed.
 pub fn listen(fd: i32) {
     let d = on_listen(fd);
     crate::offload::setup::on_listen(fd, d);

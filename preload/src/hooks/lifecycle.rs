@@ -56,9 +56,20 @@ pub unsafe extern "C" fn bind(fd: c_int, addr: *const sockaddr, len: socklen_t) 
 /// As `listen(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn listen(fd: c_int, backlog: c_int) -> c_int {
+    let plan = if is_tracked(fd) {
+        switch(|| sw::listen_plan(fd))
+    } else {
+        None
+    };
     let rc = unsafe { real::listen(fd, backlog) };
-    if rc == 0 && is_tracked(fd) {
-        switch(|| sw::listen(fd));
+    match plan {
+        Some(sw::ListenPlan::Ready) if rc != 0 => {
+            switch(|| sw::listen_failed(fd));
+        }
+        Some(sw::ListenPlan::After) if rc == 0 => {
+            switch(|| sw::listen(fd));
+        }
+        _ => {}
     }
     rc
 }
