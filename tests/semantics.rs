@@ -1244,11 +1244,7 @@ fn refused_listen_leaves_no_beacon_and_no_listener_row() {
     let mut plain = Synced::spawn(plain, "python3 plain server");
     plain.expect_line("listening");
     failing.release();
-    assert!(
-        failing.until_sync(Instant::now() + T),
-        "{}",
-        failing.stdout
-    );
+    assert!(failing.until_sync(Instant::now() + T), "{}", failing.stdout);
     assert!(
         failing.stdout.ends_with("listen: EADDRINUSE\nSYNC\n"),
         "{}",

@@ -181,7 +181,7 @@ pub fn listen_plan(fd: i32) -> ListenPlan {
     if fdtable::get(fd).has(Meta::LISTENING) {
         return ListenPlan::Again;
     }
-    if !crate::sys::sockname(fd).is_some_and(|a| a.port() != 0) {
+    if crate::sys::sockname(fd).is_none_or(|a| a.port() == 0) {
         return ListenPlan::After;
     }
     listen(fd);

@@ -26,6 +26,8 @@ pub mod rdma;
 pub mod sdp;
 pub mod setup;
 pub mod stream;
+#[cfg(test)]
+mod sync_tests;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -497,14 +499,30 @@ impl Inner {
             Phase::Pending { sendbuf, .. } => (false, sendbuf.len() < PENDING_SNDBUF, self.shut_rd),
             Phase::Tcp => return,
         };
+        // Arming can find completions and progress the connection: what one direction's
+        // arm progressed may change the other direction's readiness, which was computed before
+        // it. Look again, or a writer waits for room that came (a ZCopy offer finished while
+        // the receive side armed) with the CQ armed and no completion ever to come.
+        let mut want_out = want_out;
         if rdhup {
             // LINUX: a TCP socket whose peer half-closed polls IN|RDHUP and reads 0 after the
             // data; shutting our bell end for writing gives the app end exactly that.
             self.signal_eof();
-        } else {
-            self.sync_in(want_in);
+        } else if self.sync_in(want_in)
+            && let Phase::Offloaded(s) = &self.phase
+        {
+            want_out = s.send_ready();
         }
-        self.sync_out(want_out);
+        if self.sync_out(want_out)
+            && !rdhup
+            && let Phase::Offloaded(s) = &self.phase
+        {
+            if s.read_closed() {
+                self.signal_eof();
+            } else if s.recv_ready() && !self.bytes_in && !self.owed {
+                self.sync_in(true);
+            }
+        }
         self.sync_flush_timer();
         self.publish_stats();
     }
@@ -550,7 +568,9 @@ impl Inner {
         }
     }
 
-    fn sync_in(&mut self, mut want_in: bool) {
+    /// The app end's readability; whether arming progressed the connection.
+    fn sync_in(&mut self, mut want_in: bool) -> bool {
+        let mut progressed = false;
         if !want_in {
             // Clear: withdraw our request for a bell, drain, ask again, then look again (the
             // eventcount). Bytes may be there from our own ring or from the peer's since we
@@ -574,6 +594,7 @@ impl Inner {
             {
                 s.progress();
                 want_in = s.recv_ready();
+                progressed = true;
             }
         }
         if want_in && !self.bytes_in && !self.owed {
@@ -588,11 +609,12 @@ impl Inner {
                 self.armed = false;
                 if s.disarm_recv() {
                     self.owed = true;
-                    return;
+                    return progressed;
                 }
             }
             self.self_ring();
         }
+        progressed
     }
 
     fn self_ring(&mut self) {
@@ -604,7 +626,9 @@ impl Inner {
         }
     }
 
-    fn sync_out(&mut self, mut want_out: bool) {
+    /// The app end's writability; whether arming progressed the connection.
+    fn sync_out(&mut self, mut want_out: bool) -> bool {
+        let mut progressed = false;
         // No room: stuff even when we believe we did already. The peer drains our stuffing when
         // it gives room; if this sync's progress used that room up before we looked, the app
         // end is writable with no room left, and a writer that gets EAGAIN now (nginx, edge-
@@ -620,12 +644,14 @@ impl Inner {
             {
                 s.progress();
                 want_out = s.send_ready();
+                progressed = true;
             }
         }
         if want_out && self.stuffed {
             drain(self.own_bell);
             self.stuffed = false;
         }
+        progressed
     }
 
     /// Fills the app end's send direction so that it polls not-writable.

@@ -1541,6 +1541,7 @@ impl SdpRdma {
             .send_zcopy(now(), &stage.as_slice()[..len], key.0, stage.addr())
         {
             Ok(id) => {
+                sdp_log!(log::TRACE, "zcopy offer {id:?} {len} B");
                 self.offered = Some((id, key, len));
                 Some(len)
             }
@@ -1553,6 +1554,10 @@ impl SdpRdma {
 
     /// Our SrcAvail is over: revoke its key; what the peer did not take goes by BCopy first.
     fn offer_finished(&mut self, id: ZcopyId, sent: u32, completed: bool) {
+        sdp_log!(
+            log::TRACE,
+            "zcopy offer {id:?} finished: sent {sent} completed {completed}"
+        );
         let Some((want, key, len)) = self.offered else {
             return;
         };
