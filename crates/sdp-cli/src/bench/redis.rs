@@ -31,8 +31,10 @@ pub fn get_set(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, String> {
     ]);
     let mut server = ChildGuard::spawn(srv, "redis-server")?;
     wait_listening(&mut server, port, Duration::from_secs(10))?;
-    // About 0.2 s per test and leg in quick on this VM's loopback.
-    let requests = if ctx.quick { "20000" } else { "100000" };
+    // redis-benchmark's own default, in quick too: a run of 20,000 lasted 0.2 s, and the
+    // setup of the 50 connections and their first requests weighed on it (SDP read 1.19-1.29x
+    // in quick against 1.40-1.52x in full runs of the same build). About 1 s per test and leg.
+    let requests = "100000";
     let mut cli = leg.command("redis-benchmark", ctx.cpu);
     cli.args([
         "-h",

@@ -136,7 +136,7 @@ impl Ctx {
 /// Budget of `--quick` (must stay under five minutes in all): roughly
 /// (1 warm-up + reps) × 2 legs × the duration of one repetition. Measured shares on a
 /// 2-vCPU VM with today's library: sockperf 34 s, iperf3 15 s over TCP (up to 30 s
-/// while SDP streams slower than TCP), pipe_rw and file_rw 8 s, redis 13 s,
+/// while SDP streams slower than TCP), pipe_rw and file_rw 8 s, redis 35 s,
 /// setup_rate 10 s (slower connection setup over SDP stretches it), sockperf_16k 24 s,
 /// iperf3_8stream 25 s, idle_conn_mem 10 s, loaded 20 s.
 pub static ALL: &[Workload] = &[
@@ -272,7 +272,7 @@ pub static ALL: &[Workload] = &[
                 apt_package: "redis-tools",
             },
         ],
-        // About 0.6 s per repetition in quick (server start, 20,000 SETs and GETs).
+        // About 2 s per repetition (server start, 100,000 SETs and GETs).
         reps: Reps { quick: 7, full: 11 },
         warmup: true,
         peers: Some(("redis-server", "redis-benchmark")),
