@@ -73,7 +73,8 @@ run_rust_tests() {
   else
     sed "s/^/    /" /tmp/rg.out
     # The panics again as check lines: a CI log cut to its check lines still says why.
-    grep -A3 "panicked at" /tmp/rg.out | head -40 | while IFS= read -r l; do info "rdma_guest.rs $1 panic: $l"; done
+    grep -A4 "panicked at" /tmp/rg.out | grep -v -E "^ *[0-9]+: |^ +at |^stack backtrace|^note: |^--$" |
+      head -40 | while IFS= read -r l; do info "rdma_guest.rs $1 panic: $l"; done
     fail "rdma_guest.rs $1: exit $rc: ${result:-no result}"
   fi
 }
