@@ -228,6 +228,188 @@ fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
     })
 }
 
+/// A started process in its own group whose stdout is read line by line, so that a test can
+/// act at its `SYNC` lines (and release it with a byte on stdin). Killed with its group when
+/// dropped. Every wait ends after `timeout` with a panic that shows what it printed.
+pub struct Synced {
+    child: Child,
+    what: String,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// What it printed so far, a line each.
+    pub stdout: String,
+    err: Option<JoinHandle<String>>,
+    timeout: Duration,
+}
+
+impl Synced {
+    pub fn spawn(mut cmd: Command, what: &str, timeout: Duration) -> Synced {
+        use std::io::BufRead;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+        let out = child.stdout.take().expect("stdout");
+        let mut err = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let err = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Synced {
+            child,
+            what: what.to_string(),
+            lines,
+            stdout: String::new(),
+            err: Some(err),
+            timeout,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The next line, kept in `stdout`; `None` at the end of output. Panics at `deadline`.
+    fn next_line(&mut self, deadline: Instant, waiting_for: &str) -> Option<String> {
+        use std::sync::mpsc::RecvTimeoutError;
+        let left = deadline.saturating_duration_since(Instant::now());
+        match self.lines.recv_timeout(left) {
+            Ok(line) => {
+                self.stdout.push_str(&line);
+                self.stdout.push('\n');
+                Some(line)
+            }
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => panic!(
+                "{} hung: no {waiting_for} within {:?}; printed so far:\n{}",
+                self.what, self.timeout, self.stdout
+            ),
+        }
+    }
+
+    /// Reads lines until the next `SYNC` (true) or the end of stdout (false).
+    pub fn until_sync(&mut self, deadline: Instant) -> bool {
+        while let Some(line) = self.next_line(deadline, "SYNC or exit") {
+            if line == "SYNC" {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Reads lines until `want` (panics at the end of output or after the timeout).
+    pub fn expect_line(&mut self, want: &str) {
+        let deadline = Instant::now() + self.timeout;
+        let what = format!("line {want:?}");
+        loop {
+            match self.next_line(deadline, &what) {
+                Some(line) if line == want => return,
+                Some(_) => {}
+                None => panic!(
+                    "{}: no line {want:?} before the end of output; printed:\n{}",
+                    self.what, self.stdout
+                ),
+            }
+        }
+    }
+
+    /// A byte on its stdin: what a process waiting at `SYNC` reads to go on.
+    pub fn release(&mut self) {
+        use std::io::Write;
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = stdin.write_all(b"\n");
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Runs to the end; `at_sync(n, pgid)` at the n-th `SYNC` (from 0), before releasing it.
+    pub fn finish(mut self, mut at_sync: impl FnMut(usize, u32)) -> Outcome {
+        let deadline = Instant::now() + self.timeout;
+        let mut n = 0;
+        while self.until_sync(deadline) {
+            at_sync(n, self.pid());
+            n += 1;
+            self.release();
+        }
+        drop(self.child.stdin.take());
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} hung: did not exit within {:?}; printed:\n{}",
+                self.what,
+                self.timeout,
+                self.stdout
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        kill_group(self.pid());
+        let stderr = self
+            .err
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
+        Outcome {
+            code: status
+                .code()
+                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            stdout: std::mem::take(&mut self.stdout),
+            stderr,
+        }
+    }
+}
+
+impl Drop for Synced {
+    fn drop(&mut self) {
+        kill_group(self.pid());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGKILL to a process group a harness created (pgid == its first child's pid).
+pub fn kill_group(pgid: u32) {
+    // SAFETY: kill(2) on a process group of ours; a stale group is ESRCH, harmless.
+    unsafe {
+        libc::kill(-(pgid as libc::pid_t), libc::SIGKILL);
+    }
+}
+
+/// SDP carried the bytes: at least `conns` connection rows, every one on `shm`, at least
+/// `conns` of them with bytes counted.
+pub fn assert_offloaded(what: &str, rows: &[StatRow], conns: usize) {
+    let c: Vec<&StatRow> = rows.iter().filter(|r| r.is_connection()).collect();
+    let all = show_rows(rows);
+    assert!(
+        c.len() >= conns,
+        "{what}: sdp stat shows {} connections, want at least {conns}:\n{all}",
+        c.len()
+    );
+    assert!(
+        c.iter().all(|r| r.transport == "shm"),
+        "{what}: a connection is not on SDP (shm):\n{all}"
+    );
+    let moved = c.iter().filter(|r| r.bytes_tx + r.bytes_rx > 0).count();
+    assert!(
+        moved >= conns,
+        "{what}: only {moved} SDP connections counted bytes, want {conns}:\n{all}"
+    );
+}
+
 /// Runs `cmd` to completion (at most `timeout`) and returns its outcome.
 pub fn run(cmd: Command, what: &str, timeout: Duration) -> Outcome {
     Proc::spawn(cmd, what).wait(timeout)

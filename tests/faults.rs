@@ -12,166 +12,19 @@
 //! listed in [`KNOWN`] with the reason, and are printed when they occur. At the program's
 //! first `SYNC` `sdp stat` must show the survivor/victim pair on `shm` with bytes counted.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use libsdp_suite::{Mode, StatRow, command, compile_c, free_port, sdp_stat_of_group};
+use libsdp_suite::{
+    Mode, Outcome, StatRow, Synced, assert_offloaded, command, compile_c, free_port,
+    sdp_stat_of_group,
+};
 
 const T: Duration = Duration::from_secs(90);
 
 fn program() -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/faults/faults.c");
     compile_c(&src, Path::new(env!("CARGO_TARGET_TMPDIR")))
-}
-
-/// A process in its own group, stdout read line by line so that the harness can act at its
-/// `SYNC` lines (and release it with a byte on stdin). Killed with its group when dropped.
-struct Synced {
-    child: Child,
-    what: String,
-    lines: mpsc::Receiver<String>,
-    stdout: String,
-    err: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Synced {
-    fn spawn(mut cmd: Command, what: &str) -> Synced {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let out = child.stdout.take().expect("stdout");
-        let mut err = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let err = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut err, &mut s);
-            s
-        });
-        Synced {
-            child,
-            what: what.to_string(),
-            lines,
-            stdout: String::new(),
-            err: Some(err),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Reads lines until the next `SYNC` (true) or the end of stdout (false).
-    fn until_sync(&mut self, deadline: Instant) -> bool {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.stdout.push_str(&line);
-                    self.stdout.push('\n');
-                    if line == "SYNC" {
-                        return true;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
-                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
-                    "{} hung: no SYNC or exit within {T:?}; printed so far:\n{}",
-                    self.what, self.stdout
-                ),
-            }
-        }
-    }
-
-    fn release(&mut self) {
-        if let Some(stdin) = self.child.stdin.as_mut() {
-            let _ = stdin.write_all(b"\n");
-            let _ = stdin.flush();
-        }
-    }
-
-    /// Runs to the end; `at_sync(n, pgid)` at the n-th `SYNC`. Returns (code, stdout, stderr).
-    fn finish(mut self, mut at_sync: impl FnMut(usize, u32)) -> (i32, String, String) {
-        let deadline = Instant::now() + T;
-        let mut n = 0;
-        while self.until_sync(deadline) {
-            at_sync(n, self.pid());
-            n += 1;
-            self.release();
-        }
-        drop(self.child.stdin.take());
-        let status = loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} hung: did not exit within {T:?}; printed:\n{}",
-                self.what,
-                self.stdout
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        kill_group(self.pid());
-        let stderr = self
-            .err
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
-        let code = status
-            .code()
-            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-        (code, std::mem::take(&mut self.stdout), stderr)
-    }
-}
-
-fn kill_group(pgid: u32) {
-    // SAFETY: kill(2) on the process group this harness created (pgid == the child's pid).
-    unsafe {
-        libc::kill(-(pgid as libc::pid_t), libc::SIGKILL);
-    }
-}
-
-impl Drop for Synced {
-    fn drop(&mut self) {
-        kill_group(self.pid());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// SDP carried the bytes: at least `conns` connection rows, all on `shm`, with bytes.
-fn assert_offloaded(what: &str, rows: &[StatRow], conns: usize) {
-    let c: Vec<&StatRow> = rows.iter().filter(|r| r.is_connection()).collect();
-    let all = libsdp_suite::show_rows(rows);
-    assert!(
-        c.len() >= conns,
-        "{what}: sdp stat shows {} connections, want at least {conns}:\n{all}",
-        c.len()
-    );
-    assert!(
-        c.iter().all(|r| r.transport == "shm"),
-        "{what}: a connection is not on SDP (shm):\n{all}"
-    );
-    let moved = c.iter().filter(|r| r.bytes_tx + r.bytes_rx > 0).count();
-    assert!(
-        moved >= conns,
-        "{what}: only {moved} SDP connections counted bytes, want {conns}:\n{all}"
-    );
 }
 
 /// Where SDP over shm cannot give what kernel TCP gives, as (TCP line, SDP line), and why.
@@ -243,17 +96,25 @@ fn fault(case: &str) -> (String, Vec<Vec<StatRow>>) {
     let run = |mode: Mode, rows: &mut Vec<Vec<StatRow>>| {
         let mut c = command(mode, &exe);
         c.arg(case).env_remove("LIBSDP_CONFIG_FILE");
-        Synced::spawn(c, &what).finish(|_, pgid| {
+        Synced::spawn(c, &what, T).finish(|_, pgid| {
             if mode == Mode::Preload {
                 rows.push(sdp_stat_of_group(pgid));
             }
         })
     };
     let mut none = Vec::new();
-    let (tc, tout, terr) = run(Mode::Base, &mut none);
+    let Outcome {
+        code: tc,
+        stdout: tout,
+        stderr: terr,
+    } = run(Mode::Base, &mut none);
     assert_eq!(tc, 0, "{what} over TCP: exit {tc}\n{tout}\n{terr}");
     let mut rows = Vec::new();
-    let (sc, sout, serr) = run(Mode::Preload, &mut rows);
+    let Outcome {
+        code: sc,
+        stdout: sout,
+        stderr: serr,
+    } = run(Mode::Preload, &mut rows);
     assert_eq!(sc, 0, "{what} over SDP: exit {sc}\n{sout}\n{serr}");
     let first = rows
         .first()
@@ -538,13 +399,17 @@ fn conf_client(conf: &Path, port: u16, rounds: u32) -> Synced {
     let mut c = command(Mode::Preload, program());
     c.args(["client", &port.to_string(), &rounds.to_string()])
         .env("LIBSDP_CONFIG_FILE", conf);
-    Synced::spawn(c, "faults client")
+    Synced::spawn(c, "faults client", T)
 }
 
 /// Runs a client to its sync point and returns its connection row, then lets it finish.
 fn client_row(conf: &Path, port: u16) -> (StatRow, String, String) {
     let mut row = None;
-    let (code, out, err) = conf_client(conf, port, 2).finish(|_, pgid| {
+    let Outcome {
+        code,
+        stdout: out,
+        stderr: err,
+    } = conf_client(conf, port, 2).finish(|_, pgid| {
         row = sdp_stat_of_group(pgid)
             .into_iter()
             .find(|r| r.is_connection());
@@ -587,7 +452,11 @@ fn policy_file_replaced_while_programs_run() {
     let long = conf_client(&conf, port, 60);
     let mut long_row = None;
     let long = std::thread::spawn(move || {
-        let (code, out, err) = long.finish(|_, pgid| {
+        let Outcome {
+            code,
+            stdout: out,
+            stderr: err,
+        } = long.finish(|_, pgid| {
             long_row = sdp_stat_of_group(pgid)
                 .into_iter()
                 .find(|r| r.is_connection());

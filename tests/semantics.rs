@@ -14,15 +14,12 @@
 //! SIMPLE_LIBSDP) and unmodified programs (sockperf, iperf3, http.server + curl) close the
 //! file; they assert transports and reason codes the same way.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use libsdp_suite::{
-    Mode, Outcome, StatRow, command, compile_c, free_port, require_tool, sdp_stat_of_group,
+    Mode, StatRow, Synced, assert_offloaded, command, compile_c, free_port, require_tool,
+    sdp_stat_of_group,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -46,156 +43,6 @@ fn policy(rules: &str) -> PathBuf {
     p
 }
 
-/// A started process in its own group whose stdout is read line by line, so that the
-/// harness can act at its `SYNC` lines. Killed with its group when dropped.
-struct Synced {
-    child: Child,
-    what: String,
-    lines: mpsc::Receiver<String>,
-    stdout: String,
-    err: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Synced {
-    fn spawn(mut cmd: Command, what: &str) -> Synced {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let out = child.stdout.take().expect("stdout");
-        let mut err = child.stderr.take().expect("stderr");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let err = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut err, &mut s);
-            s
-        });
-        Synced {
-            child,
-            what: what.to_string(),
-            lines,
-            stdout: String::new(),
-            err: Some(err),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Reads lines until the next `SYNC` (true) or the end of stdout (false).
-    fn until_sync(&mut self, deadline: Instant) -> bool {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.stdout.push_str(&line);
-                    self.stdout.push('\n');
-                    if line == "SYNC" {
-                        return true;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => return false,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    panic!(
-                        "{} did not reach SYNC or exit within {T:?}; printed so far:\n{}",
-                        self.what, self.stdout
-                    )
-                }
-            }
-        }
-    }
-
-    fn release(&mut self) {
-        if let Some(stdin) = self.child.stdin.as_mut() {
-            let _ = stdin.write_all(b"\n");
-            let _ = stdin.flush();
-        }
-    }
-
-    /// Runs to the end; `at_sync` is called at every `SYNC` with the process group.
-    fn finish(mut self, mut at_sync: impl FnMut(u32)) -> Outcome {
-        let deadline = Instant::now() + T;
-        while self.until_sync(deadline) {
-            at_sync(self.pid());
-            self.release();
-        }
-        drop(self.child.stdin.take());
-        let status = loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {T:?}; printed:\n{}",
-                self.what,
-                self.stdout
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        kill_group(self.pid());
-        let stderr = self
-            .err
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
-        Outcome {
-            code: status
-                .code()
-                .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
-            stdout: std::mem::take(&mut self.stdout),
-            stderr,
-        }
-    }
-}
-
-fn kill_group(pgid: u32) {
-    // SAFETY: kill(2) on the process group this harness created (pgid == the child's pid).
-    unsafe {
-        libc::kill(-(pgid as libc::pid_t), libc::SIGKILL);
-    }
-}
-
-impl Drop for Synced {
-    fn drop(&mut self) {
-        kill_group(self.pid());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// SDP carried the bytes: at least `conns` connection rows, every one on `shm`, at least
-/// `conns` of them with bytes counted.
-fn assert_offloaded(what: &str, rows: &[StatRow], conns: usize) {
-    let c: Vec<&StatRow> = rows.iter().filter(|r| r.is_connection()).collect();
-    let all = libsdp_suite::show_rows(rows);
-    assert!(
-        c.len() >= conns,
-        "{what}: sdp stat shows {} connections, want at least {conns}:\n{all}",
-        c.len()
-    );
-    assert!(
-        c.iter().all(|r| r.transport == "shm"),
-        "{what}: a connection is not on SDP (shm):\n{all}"
-    );
-    let moved = c.iter().filter(|r| r.bytes_tx + r.bytes_rx > 0).count();
-    assert!(
-        moved >= conns,
-        "{what}: only {moved} SDP connections counted bytes, want {conns}:\n{all}"
-    );
-}
-
 /// Runs `<prog> <case>` over kernel TCP and over SDP; asserts the same output and exit
 /// code 0, and `conns` SDP connections with bytes at the sync point of the SDP run.
 /// Returns what the program printed.
@@ -214,8 +61,9 @@ fn semantics_at_sync(prog: &str, case: &str, conns: usize, mut at_sync: impl FnM
             c
         },
         &what,
+        T,
     )
-    .finish(|_| {});
+    .finish(|_, _| {});
     let mut rows = None;
     let sdp = Synced::spawn(
         {
@@ -224,8 +72,9 @@ fn semantics_at_sync(prog: &str, case: &str, conns: usize, mut at_sync: impl FnM
             c
         },
         &what,
+        T,
     )
-    .finish(|pgid| {
+    .finish(|_, pgid| {
         rows = Some(sdp_stat_of_group(pgid));
         at_sync(pgid);
     });
@@ -761,29 +610,6 @@ fn two_hundred_concurrent_connections_echo() {
 // ---------------------------------------------------------------------------------------------
 // Policy and fallback, with reason codes.
 
-impl Synced {
-    /// Reads lines until `want` (panics at the end of output or after `T`).
-    fn expect_line(&mut self, want: &str) {
-        let deadline = Instant::now() + T;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.stdout.push_str(&line);
-                    self.stdout.push('\n');
-                    if line == want {
-                        return;
-                    }
-                }
-                Err(e) => panic!(
-                    "{}: no line {want:?} ({e:?}); printed:\n{}",
-                    self.what, self.stdout
-                ),
-            }
-        }
-    }
-}
-
 /// `policy server PORT COUNT sync|nosync` in `mode`, with `conf` as its policy file.
 fn policy_server(mode: Mode, conf: Option<&Path>, port: u16, count: u32, sync: bool) -> Synced {
     let mut c = command(mode, program("policy"));
@@ -792,7 +618,7 @@ fn policy_server(mode: Mode, conf: Option<&Path>, port: u16, count: u32, sync: b
     if let Some(p) = conf {
         c.env("LIBSDP_CONFIG_FILE", p);
     }
-    let mut s = Synced::spawn(c, "policy server");
+    let mut s = Synced::spawn(c, "policy server", T);
     s.expect_line("listening");
     s
 }
@@ -804,7 +630,7 @@ fn policy_client(mode: Mode, conf: Option<&Path>, port: u16, msg: &str, sync: bo
     if let Some(p) = conf {
         c.env("LIBSDP_CONFIG_FILE", p);
     }
-    Synced::spawn(c, "policy client")
+    Synced::spawn(c, "policy client", T)
 }
 
 /// The single connection row of a group's statistics: the one `client` row of a client
@@ -839,8 +665,8 @@ fn libsdp_client_to_plain_server_is_tcp_with_reason_no_beacon() {
     let server = policy_server(Mode::Base, None, port, 1, false);
     let mut rows = Vec::new();
     let client = policy_client(Mode::Preload, None, port, "hello", true)
-        .finish(|g| rows = sdp_stat_of_group(g));
-    let server = server.finish(|_| {});
+        .finish(|_, g| rows = sdp_stat_of_group(g));
+    let server = server.finish(|_, _| {});
     assert_eq!(client.stdout, "client got: hello\nSYNC\n", "{client:?}");
     assert_eq!(client.code, 0);
     assert_eq!(
@@ -872,8 +698,8 @@ fn plain_client_to_libsdp_server_is_tcp_with_reason_plain_client() {
     let server = policy_server(Mode::Preload, None, port, 1, true);
     let client = policy_client(Mode::Base, None, port, "hello", false);
     let mut rows = Vec::new();
-    let server = server.finish(|g| rows = sdp_stat_of_group(g));
-    let client = client.finish(|_| {});
+    let server = server.finish(|_, g| rows = sdp_stat_of_group(g));
+    let client = client.finish(|_, _| {});
     assert_eq!(client.stdout, "client got: hello\n");
     assert_eq!(
         server.stdout,
@@ -904,15 +730,15 @@ fn use_sdp_server_refuses_a_plain_client() {
     let server = policy_server(Mode::Preload, Some(&conf), port, 1, true);
     let mut probe = command(Mode::Base, program("policy"));
     probe.args(["probe", &port.to_string()]);
-    let probe = Synced::spawn(probe, "plain probe").finish(|_| {});
+    let probe = Synced::spawn(probe, "plain probe", T).finish(|_, _| {});
     assert_eq!(
         probe.stdout, "connect: 0\npoll within 2 s: IN RDHUP\nrecv: 0\nsend: 1\n",
         "{probe:?}"
     );
     let client = policy_client(Mode::Preload, None, port, "sdp", false);
     let mut rows = Vec::new();
-    let server = server.finish(|g| rows = sdp_stat_of_group(g));
-    let client = client.finish(|_| {});
+    let server = server.finish(|_, g| rows = sdp_stat_of_group(g));
+    let client = client.finish(|_, _| {});
     assert_eq!(client.stdout, "client got: sdp\n");
     assert_eq!(
         server.stdout, "listening\naccepted 1\nechoed: sdp\nSYNC\nend of stream: 0\n",
@@ -928,9 +754,9 @@ fn use_tcp_policy_keeps_both_ends_on_tcp_with_reason_policy() {
     let server = policy_server(Mode::Preload, Some(&conf), port, 1, true);
     let mut crows = Vec::new();
     let client = policy_client(Mode::Preload, Some(&conf), port, "hello", true)
-        .finish(|g| crows = sdp_stat_of_group(g));
+        .finish(|_, g| crows = sdp_stat_of_group(g));
     let mut srows = Vec::new();
-    let server = server.finish(|g| srows = sdp_stat_of_group(g));
+    let server = server.finish(|_, g| srows = sdp_stat_of_group(g));
     assert_eq!(client.stdout, "client got: hello\nSYNC\n");
     assert_eq!(
         server.stdout,
@@ -964,7 +790,7 @@ fn family_case(fam: &str, env: &[(&str, &str)], conf: Option<&Path>) {
                 c.env("LIBSDP_CONFIG_FILE", p);
             }
         }
-        Synced::spawn(c, "policy family").finish(|g| *rows = sdp_stat_of_group(g))
+        Synced::spawn(c, "policy family", T).finish(|_, g| *rows = sdp_stat_of_group(g))
     };
     let (mut r0, mut rows) = (Vec::new(), Vec::new());
     let tcp = run(Mode::Base, &mut r0);
@@ -1224,7 +1050,7 @@ fn refused_listen_leaves_no_beacon_and_no_listener_row() {
              sys.stdin.readline()\n",
         )
         .arg(port.to_string());
-    let mut failing = Synced::spawn(failing, "python3 listen (refused)");
+    let mut failing = Synced::spawn(failing, "python3 listen (refused)", T);
     failing.expect_line("bound");
     let mut plain = command(Mode::Base, "python3");
     plain
@@ -1241,7 +1067,7 @@ fn refused_listen_leaves_no_beacon_and_no_listener_row() {
              c.close()\n",
         )
         .arg(port.to_string());
-    let mut plain = Synced::spawn(plain, "python3 plain server");
+    let mut plain = Synced::spawn(plain, "python3 plain server", T);
     plain.expect_line("listening");
     failing.release();
     assert!(failing.until_sync(Instant::now() + T), "{}", failing.stdout);
@@ -1264,7 +1090,7 @@ fn refused_listen_leaves_no_beacon_and_no_listener_row() {
     );
     let mut rows = Vec::new();
     let client = policy_client(Mode::Preload, None, port, "hello", true)
-        .finish(|g| rows = sdp_stat_of_group(g));
+        .finish(|_, g| rows = sdp_stat_of_group(g));
     assert_eq!(client.stdout, "client got: hello\nSYNC\n", "{client:?}");
     let r = one_connection("client of the plain server", &rows, "client", None);
     assert_eq!(
@@ -1273,9 +1099,9 @@ fn refused_listen_leaves_no_beacon_and_no_listener_row() {
         "{}",
         libsdp_suite::show_rows(&rows)
     );
-    let plain = plain.finish(|_| {});
+    let plain = plain.finish(|_, _| {});
     assert_eq!(plain.code, 0, "{plain:?}");
     failing.release();
-    let failing = failing.finish(|_| {});
+    let failing = failing.finish(|_, _| {});
     assert_eq!(failing.code, 0, "{failing:?}");
 }
