@@ -33,13 +33,13 @@ use ib_verbs::rdma::cm::{Connecting, Listener, Request};
 use ib_verbs::rdma::{DmaBuf, RdmaConn, RdmaOptions};
 use ib_verbs::{Access, Completion, ConnError, Connection, LocalSge, MemKey, Opcode, RemoteSge};
 use sdp_proto::conn::{RdmaRead, RdmaReadFailure, ZcopyId};
-use sdp_proto::error::{RecvError, SendError, TransportFailure, UrgentError};
+use sdp_proto::error::{SendError, TransportFailure, UrgentError};
 use sdp_proto::wire::{HelloAckRepr, HelloRepr, IpAddrs, Version};
 use sdp_proto::{Config, Event};
 
 use super::data::CResult;
 use super::handoff;
-use super::sdp::{self, errno_of, now};
+use super::sdp::{self, engine_recv, errno_of, now};
 use super::setup;
 use super::stream::{Counters, Errno, OffloadStream};
 use super::{Conn, Inner, Phase, bind_fd, new_pair};
@@ -929,32 +929,9 @@ impl Task for ConnectTask {
 /// Pending → offloaded over rdma: the bytes the application already sent go first.
 fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpRdma) {
     let notify = Notify::of(&s);
-    let (buf, shut) = match std::mem::replace(&mut g.phase, Phase::Tcp) {
-        Phase::Pending { sendbuf, shut_wr } => (sendbuf, shut_wr),
-        other => {
-            g.phase = other;
-            return;
-        }
-    };
-    let mut stream: Box<dyn OffloadStream> = Box::new(s);
-    let mut off = 0;
-    while off < buf.len() {
-        match stream.send(&[&buf[off..]], false) {
-            Ok(n) if n > 0 => off += n,
-            _ => break,
-        }
+    if !setup::install_stream(g, Box::new(s)) {
+        return;
     }
-    if off < buf.len() {
-        g.side_buf.extend_from_slice(&buf[off..]);
-    }
-    g.clear_pending_watch();
-    if shut {
-        stream.shutdown_write();
-    }
-    if g.every_arrival {
-        stream.set_every_arrival(true);
-    }
-    g.phase = Phase::Offloaded(stream);
     g.watch = watch_notify(conn, notify);
     g.sync();
     // SO_KEEPALIVE set before connect is on the shadow.
@@ -1740,57 +1717,18 @@ impl OffloadStream for SdpRdma {
         if !self.check_owner() {
             return Err(libc::EIO);
         }
-        let t = now();
-        let mut n = 0;
-        let mut first_err = None;
-        for b in out.iter_mut() {
-            if b.is_empty() {
-                continue;
-            }
-            match self.engine.recv(t, b, peek) {
-                Ok(0) => break,
-                Ok(k) => {
-                    n += k;
-                    if peek || k < b.len() {
-                        break;
-                    }
-                }
-                Err(RecvError::WouldBlock) => {
-                    first_err = Some(libc::EAGAIN);
-                    break;
-                }
-                Err(RecvError::NotConnected) => {
-                    first_err = Some(libc::ENOTCONN);
-                    break;
-                }
-                Err(RecvError::Closed(_)) if std::mem::take(&mut self.reset_pending) => {
-                    first_err = Some(libc::ECONNRESET);
-                    break;
-                }
-                Err(RecvError::Closed(e)) => {
-                    first_err = Some(if self.peer_gone {
-                        0
-                    } else {
-                        self.conn_errno(&e)
-                    });
-                    break;
-                }
-            }
-        }
-        if n > 0 {
+        let r = engine_recv(
+            &mut self.engine,
+            out,
+            peek,
+            &mut self.reset_pending,
+            self.peer_gone,
+            self.dead,
+        );
+        if matches!(r, Ok(n) if n > 0) {
             self.drain_outputs();
-            return Ok(n);
         }
-        if let Some(e) = self.dead {
-            return Err(e);
-        }
-        if matches!(first_err, None | Some(0)) && std::mem::take(&mut self.reset_pending) {
-            return Err(libc::ECONNRESET);
-        }
-        match first_err {
-            None | Some(0) => Ok(0),
-            Some(e) => Err(e),
-        }
+        r
     }
 
     fn recv_oob(&mut self, peek: bool) -> Result<u8, Errno> {

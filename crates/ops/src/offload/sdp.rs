@@ -31,6 +31,69 @@ pub fn errno_of(kind: ErrorKind) -> Errno {
     }
 }
 
+/// The receive calls of an SDP stream: the engine's bytes into `out` (MSG_PEEK with `peek`),
+/// then the stream's errors as TCP reports them. A peer that went (`peer_gone`) is end of
+/// stream, or one ECONNRESET first when it left our bytes unread (`reset_pending`, taken);
+/// `dead`: the transport failed. The caller drains the engine's outputs after bytes were read
+/// (a credit update may be due).
+pub(crate) fn engine_recv(
+    engine: &mut sdp_proto::Connection,
+    out: &mut [&mut [u8]],
+    peek: bool,
+    reset_pending: &mut bool,
+    peer_gone: bool,
+    dead: Option<Errno>,
+) -> Result<usize, Errno> {
+    let t = now();
+    let mut n = 0;
+    let mut first_err = None;
+    for b in out.iter_mut() {
+        if b.is_empty() {
+            continue;
+        }
+        match engine.recv(t, b, peek) {
+            Ok(0) => break,
+            Ok(k) => {
+                n += k;
+                if peek || k < b.len() {
+                    break;
+                }
+            }
+            Err(RecvError::WouldBlock) => {
+                first_err = Some(libc::EAGAIN);
+                break;
+            }
+            Err(RecvError::NotConnected) => {
+                first_err = Some(libc::ENOTCONN);
+                break;
+            }
+            Err(RecvError::Closed(_)) if std::mem::take(reset_pending) => {
+                first_err = Some(libc::ECONNRESET);
+                break;
+            }
+            Err(RecvError::Closed(e)) => {
+                // LINUX: a TCP peer that exits closes its socket: its reader sees end of
+                // stream.
+                first_err = Some(if peer_gone { 0 } else { errno_of(e.io_kind()) });
+                break;
+            }
+        }
+    }
+    if n > 0 {
+        return Ok(n);
+    }
+    if let Some(e) = dead {
+        return Err(e);
+    }
+    if matches!(first_err, None | Some(0)) && std::mem::take(reset_pending) {
+        return Err(libc::ECONNRESET);
+    }
+    match first_err {
+        None | Some(0) => Ok(0),
+        Some(e) => Err(e),
+    }
+}
+
 /// The engine's clock: the kernel's coarse monotonic clock, in nanoseconds.
 ///
 /// Every timer of the engine counts seconds (SrcAvail, FIN_WAIT, TIME_WAIT), and the clock is
@@ -353,57 +416,18 @@ impl OffloadStream for SdpShm {
     }
 
     fn recv(&mut self, out: &mut [&mut [u8]], peek: bool) -> Result<usize, Errno> {
-        let t = now();
-        let mut n = 0;
-        let mut first_err = None;
-        for b in out.iter_mut() {
-            if b.is_empty() {
-                continue;
-            }
-            match self.engine.recv(t, b, peek) {
-                Ok(0) => break,
-                Ok(k) => {
-                    n += k;
-                    if peek || k < b.len() {
-                        break;
-                    }
-                }
-                Err(RecvError::WouldBlock) => {
-                    first_err = Some(libc::EAGAIN);
-                    break;
-                }
-                Err(RecvError::NotConnected) => {
-                    first_err = Some(libc::ENOTCONN);
-                    break;
-                }
-                Err(RecvError::Closed(_)) if std::mem::take(&mut self.reset_pending) => {
-                    first_err = Some(libc::ECONNRESET);
-                    break;
-                }
-                Err(RecvError::Closed(e)) => {
-                    first_err = Some(if self.peer_gone {
-                        0
-                    } else {
-                        self.conn_errno(&e)
-                    });
-                    break;
-                }
-            }
-        }
-        if n > 0 {
+        let r = engine_recv(
+            &mut self.engine,
+            out,
+            peek,
+            &mut self.reset_pending,
+            self.peer_gone,
+            self.dead,
+        );
+        if matches!(r, Ok(n) if n > 0) {
             self.drain_outputs();
-            return Ok(n);
         }
-        if let Some(e) = self.dead {
-            return Err(e);
-        }
-        if matches!(first_err, None | Some(0)) && std::mem::take(&mut self.reset_pending) {
-            return Err(libc::ECONNRESET);
-        }
-        match first_err {
-            None | Some(0) => Ok(0),
-            Some(e) => Err(e),
-        }
+        r
     }
 
     fn recv_oob(&mut self, peek: bool) -> Result<u8, Errno> {

@@ -809,14 +809,29 @@ impl EndpointTask {
 /// Pending → offloaded: the bytes the application already sent go first.
 fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpShm) {
     let peer_bell = s_peer_bell(&s);
+    if !install_stream(g, Box::new(s)) {
+        return;
+    }
+    g.watch = watch_peer(conn, peer_bell);
+    g.sync();
+    log::resolved(g, None);
+}
+
+/// Pending → offloaded, for every transport: the stream takes the connection, the bytes the
+/// application sent while pending go first (what the engine does not take at once waits in
+/// `side_buf` for the next sync), and a shutdown made while pending follows them. `false`
+/// (the stream dropped): the connection was no longer pending.
+pub(super) fn install_stream(
+    g: &mut Inner,
+    mut stream: Box<dyn super::stream::OffloadStream>,
+) -> bool {
     let (buf, shut) = match std::mem::replace(&mut g.phase, Phase::Tcp) {
         Phase::Pending { sendbuf, shut_wr } => (sendbuf, shut_wr),
         other => {
             g.phase = other;
-            return;
+            return false;
         }
     };
-    let mut stream: Box<dyn super::stream::OffloadStream> = Box::new(s);
     let mut off = 0;
     while off < buf.len() {
         match stream.send(&[&buf[off..]], false) {
@@ -825,7 +840,6 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpShm) {
         }
     }
     if off < buf.len() {
-        // More than the engine takes at once: the rest goes first at the next sync.
         g.side_buf.extend_from_slice(&buf[off..]);
     }
     g.clear_pending_watch();
@@ -836,9 +850,7 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpShm) {
         stream.set_every_arrival(true);
     }
     g.phase = Phase::Offloaded(stream);
-    g.watch = watch_peer(conn, peer_bell);
-    g.sync();
-    log::resolved(g, None);
+    true
 }
 
 fn s_peer_bell(s: &SdpShm) -> i32 {
