@@ -499,19 +499,16 @@ impl Inner {
             Phase::Pending { sendbuf, .. } => (false, sendbuf.len() < PENDING_SNDBUF, self.shut_rd),
             Phase::Tcp => return,
         };
-        // Arming can find completions and progress the connection: what one direction's
-        // arm progressed may change the other direction's readiness, which was computed before
-        // it. Look again, or a writer waits for room that came (a ZCopy offer finished while
-        // the receive side armed) with the CQ armed and no completion ever to come.
-        let mut want_out = want_out;
+        // Arming can find completions and progress the connection, which may change the other
+        // direction's readiness, computed before: `sync_out` looks at the room again after it
+        // armed (a ZCopy offer finished while the receive side armed), and the receive side
+        // is looked at again below when the send side's arm progressed.
         if rdhup {
             // LINUX: a TCP socket whose peer half-closed polls IN|RDHUP and reads 0 after the
             // data; shutting our bell end for writing gives the app end exactly that.
             self.signal_eof();
-        } else if self.sync_in(want_in)
-            && let Phase::Offloaded(s) = &self.phase
-        {
-            want_out = s.send_ready();
+        } else {
+            self.sync_in(want_in);
         }
         if self.sync_out(want_out)
             && !rdhup
@@ -568,9 +565,7 @@ impl Inner {
         }
     }
 
-    /// The app end's readability; whether arming progressed the connection.
-    fn sync_in(&mut self, mut want_in: bool) -> bool {
-        let mut progressed = false;
+    fn sync_in(&mut self, mut want_in: bool) {
         if !want_in {
             // Clear: withdraw our request for a bell, drain, ask again, then look again (the
             // eventcount). Bytes may be there from our own ring or from the peer's since we
@@ -594,7 +589,6 @@ impl Inner {
             {
                 s.progress();
                 want_in = s.recv_ready();
-                progressed = true;
             }
         }
         if want_in && !self.bytes_in && !self.owed {
@@ -609,12 +603,11 @@ impl Inner {
                 self.armed = false;
                 if s.disarm_recv() {
                     self.owed = true;
-                    return progressed;
+                    return;
                 }
             }
             self.self_ring();
         }
-        progressed
     }
 
     fn self_ring(&mut self) {
@@ -639,12 +632,16 @@ impl Inner {
                 self.send_watch = setup::watch_send(self.self_ref.clone(), self.app_int);
             }
             self.stuff();
-            if let Phase::Offloaded(s) = &mut self.phase
-                && !s.arm_send()
-            {
-                s.progress();
+            if let Phase::Offloaded(s) = &mut self.phase {
+                if !s.arm_send() {
+                    s.progress();
+                    progressed = true;
+                }
+                // Armed now: room that came before (this sync's receive-side arm progressed
+                // the connection) is seen here, room that comes later wakes us. Stuffed first
+                // either way, so that a writer that got EAGAIN (edge-triggered: nginx) gets
+                // its EPOLLOUT edge when we drain.
                 want_out = s.send_ready();
-                progressed = true;
             }
         }
         if want_out && self.stuffed {

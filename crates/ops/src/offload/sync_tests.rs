@@ -204,3 +204,44 @@ fn data_found_while_the_send_side_arms_makes_the_app_end_readable() {
     );
     close(&inner, app);
 }
+
+/// A writer that got EAGAIN and waits edge-triggered (nginx) must get an EPOLLOUT edge when
+/// room comes, also when the room is found by this sync's receive-side arm: the app end is
+/// stuffed and drained (a transition the kernel reports), never just left writable.
+#[test]
+fn room_found_while_the_receive_side_arms_is_an_edge_for_an_edge_triggered_writer() {
+    let (mut inner, app, script) = connection();
+    // SAFETY: plain epoll calls on fds of ours; `ev` is valid for reads and writes.
+    let ready = |ep: i32| unsafe {
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        let n = libc::epoll_wait(ep, &mut ev, 1, 0);
+        n == 1 && ev.events & libc::EPOLLOUT as u32 != 0
+    };
+    // SAFETY: as above.
+    let ep = unsafe { libc::epoll_create1(0) };
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLOUT | libc::EPOLLET) as u32,
+        u64: 1,
+    };
+    // SAFETY: as above.
+    assert_eq!(
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, app, &mut ev) },
+        0
+    );
+    assert!(ready(ep), "the first edge: writable");
+    assert!(
+        !ready(ep),
+        "edge-triggered: no second report without a change"
+    );
+    // The writer's send found no room (EAGAIN); its sync's receive-side arm finds the
+    // completion that gives room.
+    script.lock().unwrap().extend([Found::Room]);
+    inner.sync();
+    assert!(
+        ready(ep),
+        "room came: the edge-triggered writer must get an EPOLLOUT edge"
+    );
+    // SAFETY: our own fd.
+    unsafe { libc::close(ep) };
+    close(&inner, app);
+}
