@@ -28,7 +28,7 @@ use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::Duration;
 
-use super::proc::{Leg, wait_listening_pid};
+use super::proc::{Leg, fd_room, raise_nofile, wait_listening_pid};
 use super::workloads::Ctx;
 
 /// Environment variable that turns `sdp bench` into one end of the idle-connection pair.
@@ -98,35 +98,6 @@ pub fn per_connection(ctx: &Ctx, leg: &Leg, port: u16) -> Result<Vec<f64>, Strin
         );
     }
     Ok(vec![after.bytes_since(&before) / n as f64])
-}
-
-/// File descriptors the children may open: the hard RLIMIT_NOFILE (they raise their soft
-/// limit to it), less what a process holds anyway.
-fn fd_room() -> u64 {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into `rl`, which lives on this frame.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
-        return 1024;
-    }
-    rl.rlim_max.saturating_sub(256)
-}
-
-/// Raises the soft RLIMIT_NOFILE to the hard one.
-fn raise_nofile() {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write one rlimit on this frame.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
-            rl.rlim_cur = rl.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
-        }
-    }
 }
 
 /// Memory of the two processes and the kernel at one instant, in bytes.

@@ -27,7 +27,7 @@ use std::process::{Child, Stdio};
 use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
-use super::proc::{ChildGuard, Leg, wait_listening};
+use super::proc::{ChildGuard, Leg, fd_room, raise_nofile, wait_listening};
 use super::workloads::Ctx;
 
 /// Environment variable that turns `sdp bench` into one of the processes of this workload.
@@ -187,34 +187,6 @@ pub fn child_main(spec: &str) -> Result<(), String> {
         println!("error: {e}");
     }
     result
-}
-
-/// File descriptors a child may open: the hard RLIMIT_NOFILE (it raises its soft limit to
-/// it), less what a process holds anyway.
-fn fd_room() -> u64 {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into `rl`, which lives on this frame.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } != 0 {
-        return 1024;
-    }
-    rl.rlim_max.saturating_sub(256)
-}
-
-fn raise_nofile() {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write one rlimit on this frame.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
-            rl.rlim_cur = rl.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
-        }
-    }
 }
 
 fn last_err(what: &str) -> String {
