@@ -128,21 +128,24 @@ fn serve(addr: &str, port: &str, fork: bool, hold: Option<&str>) -> i32 {
     i32::from(bad.is_some())
 }
 
-fn send(addr: &str, port: &str, bytes: u64, hold: Option<&str>) -> i32 {
-    // Again while refused, for a minute: the server may be on another host, not up yet.
+/// Connects, again while refused for a minute: the server may be on another host, not up yet.
+fn connect_retrying(addr: &str, port: &str) -> std::io::Result<TcpStream> {
     let start = std::time::Instant::now();
-    let mut s = loop {
+    loop {
         match TcpStream::connect(format!("{addr}:{port}")) {
-            Ok(s) => break s,
             Err(e)
                 if e.kind() == std::io::ErrorKind::ConnectionRefused
                     && start.elapsed() < Duration::from_secs(60) =>
             {
                 std::thread::sleep(Duration::from_millis(200))
             }
-            Err(e) => panic!("connect: {e}"),
+            r => return r,
         }
-    };
+    }
+}
+
+fn send(addr: &str, port: &str, bytes: u64, hold: Option<&str>) -> i32 {
+    let mut s = connect_retrying(addr, port).unwrap_or_else(|e| panic!("connect: {e}"));
     let pat = pattern();
     let mut chunk = vec![0u8; 1 << 20];
     let (mut at, mut writes, mut large) = (0u64, 0u64, 0u64);
@@ -173,20 +176,11 @@ fn send(addr: &str, port: &str, bytes: u64, hold: Option<&str>) -> i32 {
 
 /// The client with keepalive on: one blocking read, reported.
 fn idle(addr: &str, port: &str, secs: i32) -> i32 {
-    let start = std::time::Instant::now();
-    let mut s = loop {
-        match TcpStream::connect(format!("{addr}:{port}")) {
-            Ok(s) => break s,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::ConnectionRefused
-                    && start.elapsed() < Duration::from_secs(60) =>
-            {
-                std::thread::sleep(Duration::from_millis(200))
-            }
-            Err(e) => {
-                eprintln!("connect: {e}");
-                return 3;
-            }
+    let mut s = match connect_retrying(addr, port) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("connect: {e}");
+            return 3;
         }
     };
     use std::os::fd::AsRawFd;
