@@ -6,7 +6,10 @@
 //! ```text
 //! fault_peer serve ADDR PORT [--gate]  serve connections one at a time, forever
 //! fault_peer client ADDR PORT SCENARIO
-//! fault_peer listen ADDR PORT           listen and never accept (a victim)
+//! fault_peer listen ADDR PORT [--close-on-go]
+//!                                       listen and never accept (a victim); with
+//!                                       --close-on-go, close the listener after a line
+//!                                       on stdin (prints `closed`) and live on
 //! fault_peer pending ADDR PORT          connect to it, write 3 bytes, blocked in read
 //! ```
 //!
@@ -324,9 +327,19 @@ fn client(addr: &str, port: &str, scenario: &str) -> i32 {
     }
 }
 
-fn listen_only(addr: &str, port: &str) -> i32 {
-    let _l = TcpListener::bind(format!("{addr}:{port}")).expect("bind");
+fn listen_only(addr: &str, port: &str, close_on_go: bool) -> i32 {
+    let l = TcpListener::bind(format!("{addr}:{port}")).expect("bind");
     println!("listening");
+    let _ = std::io::stdout().flush();
+    if close_on_go {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        drop(l);
+        println!("closed");
+        let _ = std::io::stdout().flush();
+    } else {
+        std::mem::forget(l);
+    }
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -355,12 +368,13 @@ fn main() {
     let code = match a.iter().map(String::as_str).collect::<Vec<_>>()[1..] {
         ["serve", addr, port] => serve(addr, port, false),
         ["serve", addr, port, "--gate"] => serve(addr, port, true),
-        ["listen", addr, port] => listen_only(addr, port),
+        ["listen", addr, port] => listen_only(addr, port, false),
+        ["listen", addr, port, "--close-on-go"] => listen_only(addr, port, true),
         ["pending", addr, port] => pending(addr, port),
         ["client", addr, port, scenario] => client(addr, port, scenario),
         _ => {
             eprintln!(
-                "usage: fault_peer serve ADDR PORT [--gate] | client ADDR PORT g|S|W|B|O|R|P|E|C | listen ADDR PORT | pending ADDR PORT"
+                "usage: fault_peer serve ADDR PORT [--gate] | client ADDR PORT g|S|W|B|O|R|P|E|C | listen ADDR PORT [--close-on-go] | pending ADDR PORT"
             );
             2
         }

@@ -751,10 +751,12 @@ impl Request {
         // SAFETY: a live request id moved to a live channel.
         if unsafe { (cm.rdma_migrate_id)(child, ch) } != 0 {
             let e = errno();
-            // SAFETY: the channel is empty; the request id is still ours.
+            let pd = capability_record();
+            // SAFETY: the channel is empty; the request id is still ours; the private data
+            // outlives the call.
             unsafe {
                 (cm.rdma_destroy_event_channel)(ch);
-                (cm.rdma_reject)(child, ptr::null(), 0);
+                (cm.rdma_reject)(child, pd.as_ptr().cast(), pd.len() as u8);
                 (cm.rdma_destroy_id)(child);
             }
             return Err(SetupError::Verbs {
@@ -769,37 +771,41 @@ impl Request {
             ended: false,
             connected: false,
         };
-        let reject = |id: &CmId| {
-            // SAFETY: a live, unanswered request id.
-            unsafe { (cm.rdma_reject)(id.id, ptr::null(), 0) };
+        // Any failure before our REP (resources this process cannot have: no locked memory
+        // left for the registrations, no queue pair) refuses with the capability record, so
+        // that the client records `setup-failed` (libsdp is here) instead of taking the REJECT
+        // for a host without libsdp's and caching that.
+        let refuse = |id: &CmId, e: SetupError| {
+            let pd = capability_record();
+            // SAFETY: a live, unanswered request id; the private data outlives the call.
+            unsafe { (cm.rdma_reject)(id.id, pd.as_ptr().cast(), pd.len() as u8) };
+            e
         };
-        let dev = match id.device() {
-            Ok(d) => d,
-            Err(e) => {
-                reject(&id);
-                return Err(e);
-            }
-        };
-        let mut p = match Pending::on(dev.clone(), opts) {
-            Ok(p) => p,
-            Err(e) => {
-                reject(&id);
-                return Err(e);
-            }
-        };
+        let dev = id.device().map_err(|e| refuse(&id, e))?;
+        let mut p = Pending::on(dev.clone(), opts).map_err(|e| refuse(&id, e))?;
         for w in 0..posts as u64 {
-            p.post_recv(w)
-                .map_err(|_| SetupError::BadOptions("more initial posts than recv_depth"))?;
+            p.post_recv(w).map_err(|_| {
+                refuse(
+                    &id,
+                    SetupError::BadOptions("more initial posts than recv_depth"),
+                )
+            })?;
         }
-        let pd = encode(&p, hello, MAX_REP_HELLO)?;
+        let pd = encode(&p, hello, MAX_REP_HELLO).map_err(|e| refuse(&id, e))?;
         let mut param = conn_param(&dev, &pd, p.qp_num());
         param.responder_resources = param.responder_resources.min(self.initiator_depth.max(1));
         param.initiator_depth = param.initiator_depth.min(self.responder_resources.max(1));
-        let rtr = id.qp_attrs(b::ibv_qp_state::IBV_QPS_RTR, param.responder_resources)?;
-        let rts = id.qp_attrs(b::ibv_qp_state::IBV_QPS_RTS, param.initiator_depth)?;
+        let rtr = id
+            .qp_attrs(b::ibv_qp_state::IBV_QPS_RTR, param.responder_resources)
+            .map_err(|e| refuse(&id, e))?;
+        let rts = id
+            .qp_attrs(b::ibv_qp_state::IBV_QPS_RTS, param.initiator_depth)
+            .map_err(|e| refuse(&id, e))?;
         let raw = id.id;
         // Our QP must be able to receive before the REP leaves: RTR/RTS first, then accept.
-        let pending_conn = p.finish(&self.peer, rtr, rts, Watch::None)?;
+        let pending_conn = p
+            .finish(&self.peer, rtr, rts, Watch::None)
+            .map_err(|e| refuse(&id, e))?;
         // SAFETY: live request id; `param` and its private data outlive the call.
         check("rdma_accept", unsafe { (cm.rdma_accept)(raw, &mut param) })?;
         id.connected = true;
