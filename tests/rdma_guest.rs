@@ -1685,6 +1685,83 @@ fn one_guest_faults_memory_lock_limit_connection_goes_tcp_with_its_reason() {
     }
 }
 
+/// The roles swapped: the client survives its server, a victim SIGKILLed during a bulk
+/// transfer (`S`: the victim sends, `W`: it receives) or while the client blocks in `read`
+/// (`R`). Returns the client's `end` line; asserts it came in bounded time and that the client
+/// holds no verbs object of the connection afterwards.
+fn client_survivor_round(mode: Mode, addr: &str, port: u16, scenario: &str) -> String {
+    let p = port.to_string();
+    let mut victim = Lines::spawn(
+        fault_peer(mode, &["vserve", addr, &p, scenario, "--gate"]),
+        "fault_peer vserve",
+    );
+    victim.expect("listening", T);
+    let mut client = Lines::spawn(
+        fault_peer(mode, &["survive", addr, &p]),
+        "fault_peer survive",
+    );
+    client.expect("connected", T);
+    accept_when_connected(&mut victim);
+    victim.expect("ready", T);
+    if mode == Mode::Preload {
+        let ok = |r: &[StatRow]| {
+            let c = connections(r);
+            !c.is_empty() && c.iter().all(|r| r.transport == "rdma") && with_bytes(r)
+        };
+        let both = groups_when(&[client.id(), victim.id()], Duration::from_secs(30), ok);
+        assert!(
+            ok(&both[0]) && ok(&both[1]),
+            "scenario {scenario}, client survivor: want the connection on rdma with bytes at both ends before the kill:\nclient:\n{}server:\n{}",
+            libsdp_suite::show_rows(&both[0]),
+            libsdp_suite::show_rows(&both[1]),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    victim.kill();
+    let t0 = Instant::now();
+    let end = client.expect(&format!("end {scenario}:"), Duration::from_secs(90));
+    let took = t0.elapsed();
+    let h = held_without_connection_objects(client.id());
+    // Its only connection ended: no socket may remain (app end, shadow, bells are sockets;
+    // what libsdp keeps per process, the verbs and rdma_cm device files, an epoll set, the
+    // statistics file, is not).
+    let sockets = std::fs::read_dir(format!("/proc/{}/fd", client.id()))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|t| t.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(usize::MAX);
+    assert!(
+        no_connection_objects(&h) && sockets == 0,
+        "scenario {scenario} ({mode:?}): the surviving client still holds verbs objects or {sockets} sockets of its connection: {h:?}"
+    );
+    println!(
+        "RDMA-TEST INFO faults-client-{scenario}-{}: survivor: {} ({:.1} s after the kill); no socket left; holds: {h:?}",
+        if mode == Mode::Preload { "rdma" } else { "tcp" },
+        end.trim_start_matches("end "),
+        took.as_secs_f64()
+    );
+    end
+}
+
+/// A server SIGKILLed during a bulk transfer (as the sender and as the receiver) and while
+/// its client blocks in `read`: the client survives and ends as over kernel TCP.
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_faults_server_killed_client_survivor_ends_as_over_tcp_and_leaks_nothing() {
+    let (_, addr, _, pair) = guest();
+    assert!(!pair, "a one-guest test");
+    let mut tcp = Vec::new();
+    let mut rdma = Vec::new();
+    for (i, s) in ["S", "W", "R"].iter().enumerate() {
+        let port = 17033 + 2 * i as u16;
+        tcp.push(client_survivor_round(Mode::Base, &addr, port, s));
+        rdma.push(client_survivor_round(Mode::Preload, &addr, port + 1, s));
+    }
+    same_ends(&tcp, &rdma);
+}
+
 /// A listener closed with a pending connection: the server (alive) closes its listening
 /// socket while a client is connected and not accepted, 3 bytes written, blocked in `read`.
 /// The client ends as over kernel TCP (the reset of a connection dropped from the accept

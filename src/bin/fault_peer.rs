@@ -11,6 +11,11 @@
 //!                                       --close-on-go, close the listener after a line
 //!                                       on stdin (prints `closed`) and live on
 //! fault_peer pending ADDR PORT          connect to it, write 3 bytes, blocked in read
+//! fault_peer vserve ADDR PORT SCENARIO [--gate]
+//!                                       the victim as the server: accept one connection
+//!                                       and play the client's part of SCENARIO
+//! fault_peer survive ADDR PORT          the survivor as the client: connect and play the
+//!                                       server's part, print `end ...`, wait for stdin
 //! ```
 //!
 //! With `--gate` the server reads a line from stdin before each `accept` (the harness kills a
@@ -258,9 +263,43 @@ fn serve(addr: &str, port: &str, gate: bool) -> i32 {
 }
 
 fn client(addr: &str, port: &str, scenario: &str) -> i32 {
+    let s = TcpStream::connect(format!("{addr}:{port}")).expect("connect");
+    println!("connected");
+    let _ = std::io::stdout().flush();
+    victim(s, scenario)
+}
+
+/// The victim of the roles swapped: accepts one connection (after a line on stdin when
+/// `gate`) and plays the client's part of `scenario` on it.
+fn victim_server(addr: &str, port: &str, scenario: &str, gate: bool) -> i32 {
+    let l = TcpListener::bind(format!("{addr}:{port}")).expect("bind");
+    println!("listening");
+    let _ = std::io::stdout().flush();
+    if gate {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
+    let (s, _) = l.accept().expect("accept");
+    victim(s, scenario)
+}
+
+/// The survivor of the roles swapped: connects and plays the server's part; prints its end
+/// and lives until stdin closes (the harness counts what it holds afterwards).
+fn survivor_client(addr: &str, port: &str) -> i32 {
     let mut s = TcpStream::connect(format!("{addr}:{port}")).expect("connect");
     println!("connected");
     let _ = std::io::stdout().flush();
+    let line = serve_one(&mut s);
+    drop(s);
+    println!("end {line}");
+    let _ = std::io::stdout().flush();
+    let mut rest = String::new();
+    let _ = std::io::stdin().read_to_string(&mut rest);
+    0
+}
+
+/// The victim's part of `scenario` on a connected stream (see the table above).
+fn victim(mut s: TcpStream, scenario: &str) -> i32 {
     if scenario == "C" {
         // Killed before the server accepts: nothing written (it would die with a pending SDP
         // connection's buffer, docs/FAULTS.md).
@@ -372,9 +411,12 @@ fn main() {
         ["listen", addr, port, "--close-on-go"] => listen_only(addr, port, true),
         ["pending", addr, port] => pending(addr, port),
         ["client", addr, port, scenario] => client(addr, port, scenario),
+        ["vserve", addr, port, scenario] => victim_server(addr, port, scenario, false),
+        ["vserve", addr, port, scenario, "--gate"] => victim_server(addr, port, scenario, true),
+        ["survive", addr, port] => survivor_client(addr, port),
         _ => {
             eprintln!(
-                "usage: fault_peer serve ADDR PORT [--gate] | client ADDR PORT g|S|W|B|O|R|P|E|C | listen ADDR PORT [--close-on-go] | pending ADDR PORT"
+                "usage: fault_peer serve ADDR PORT [--gate] | client ADDR PORT g|S|W|B|O|R|P|E|C | listen ADDR PORT [--close-on-go] | pending ADDR PORT | vserve ADDR PORT SCENARIO [--gate] | survive ADDR PORT"
             );
             2
         }
