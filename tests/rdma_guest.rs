@@ -1057,6 +1057,30 @@ fn held_when(pid: u32, want: Option<&Held>, within: Duration) -> Held {
     }
 }
 
+/// Prints a survivor's `end` line for `what` in the `RDMA-TEST INFO` form, `took` after `since`,
+/// with what it holds; returns the line.
+fn survived(
+    what: &str,
+    mode: Mode,
+    end: String,
+    took: Duration,
+    since: &str,
+    holds: &str,
+) -> String {
+    println!(
+        "RDMA-TEST INFO faults-{what}-{}: survivor: {} ({:.1} s after {since}); {holds}",
+        leg(mode),
+        end.trim_start_matches("end "),
+        took.as_secs_f64()
+    );
+    end
+}
+
+/// The name of a leg in the `RDMA-TEST INFO` lines.
+fn leg(mode: Mode) -> &'static str {
+    if mode == Mode::Preload { "rdma" } else { "tcp" }
+}
+
 /// The `fault_peer` command line in `mode` (preload: SDP over rdma, also between two
 /// processes of one guest).
 fn fault_peer(mode: Mode, args: &[&str]) -> Command {
@@ -1299,18 +1323,20 @@ fn fault_round(
             after, baseline,
             "scenario {s} ({mode:?}): the survivor holds other than before the faulty connection (right: the baseline)"
         );
-        println!(
-            "RDMA-TEST INFO faults-{}{s}-{}: survivor: {} ({:.1} s after the kill); holds as before: {after:?}",
-            if matches!(victims, Victims::There(_)) {
-                "pair-"
-            } else {
-                ""
-            },
-            if mode == Mode::Preload { "rdma" } else { "tcp" },
-            end.trim_start_matches("end "),
-            took.as_secs_f64()
-        );
-        seen.push(end);
+        let pair = if matches!(victims, Victims::There(_)) {
+            "pair-"
+        } else {
+            ""
+        };
+        let what = format!("{pair}{s}");
+        seen.push(survived(
+            &what,
+            mode,
+            end,
+            took,
+            "the kill",
+            &format!("holds as before: {after:?}"),
+        ));
     }
     assert!(server_alive(&mut server), "the survivor died");
     seen
@@ -1554,16 +1580,17 @@ fn pending_round(mode: Mode, addr: &str, port: u16, how: ServerEnd) -> String {
         );
         println!(
             "RDMA-TEST INFO faults-{what}-{}: server after the close: {server:?} (listening: {listening:?})",
-            if mode == Mode::Preload { "rdma" } else { "tcp" },
+            leg(mode),
         );
     }
-    println!(
-        "RDMA-TEST INFO faults-{what}-{}: survivor: {} ({:.1} s after the server's end); holds: {h:?}",
-        if mode == Mode::Preload { "rdma" } else { "tcp" },
-        end.trim_start_matches("end "),
-        took.as_secs_f64()
-    );
-    end
+    survived(
+        what,
+        mode,
+        end,
+        took,
+        "the server's end",
+        &format!("holds: {h:?}"),
+    )
 }
 
 /// A peer SIGKILLed during connect: a client killed between its connect and the server's
@@ -1736,13 +1763,14 @@ fn client_survivor_round(mode: Mode, addr: &str, port: u16, scenario: &str) -> S
         no_connection_objects(&h) && sockets == 0,
         "scenario {scenario} ({mode:?}): the surviving client still holds verbs objects or {sockets} sockets of its connection: {h:?}"
     );
-    println!(
-        "RDMA-TEST INFO faults-client-{scenario}-{}: survivor: {} ({:.1} s after the kill); no socket left; holds: {h:?}",
-        if mode == Mode::Preload { "rdma" } else { "tcp" },
-        end.trim_start_matches("end "),
-        took.as_secs_f64()
-    );
-    end
+    survived(
+        &format!("client-{scenario}"),
+        mode,
+        end,
+        took,
+        "the kill",
+        &format!("no socket left; holds: {h:?}"),
+    )
 }
 
 /// A server SIGKILLed during a bulk transfer (as the sender and as the receiver) and while
