@@ -371,6 +371,71 @@ fn rlimit_nofile_low_connect_and_accept_still_work() {
     shm_or_reason("nofile", &rows[0], 5);
 }
 
+/// A program whose first stream socket comes with no descriptor to spare (RLIMIT_NOFILE):
+/// the library cannot read its policy file then, and must try again at the next socket rather
+/// than keep the whole process on TCP. `fault_peer nofile` makes a good exchange with room for
+/// 0..24 descriptors (its first socket at room 0), against `fault_peer serve`: the steps as
+/// over kernel TCP, every connection on shm or TCP with a reason, and some on shm (before the
+/// fix: all TCP, reason `policy`).
+#[test]
+fn first_socket_without_a_spare_descriptor_leaves_sdp_on() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let exe = env!("CARGO_BIN_EXE_fault_peer");
+    let mut steps = Vec::new();
+    for mode in [Mode::Base, Mode::Preload] {
+        let port = free_port().to_string();
+        let spawn = |args: &[&str]| {
+            let mut c = command(mode, exe);
+            c.args(args)
+                .env_remove("LIBSDP_CONFIG_FILE")
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped());
+            let mut child = c.spawn().expect("fault_peer");
+            let out = BufReader::new(child.stdout.take().expect("stdout")).lines();
+            (child, out)
+        };
+        let (mut server, mut sout) = spawn(&["serve", "127.0.0.1", &port]);
+        assert_eq!(
+            sout.next().and_then(Result::ok).as_deref(),
+            Some("listening")
+        );
+        let (mut client, cout) = spawn(&["nofile", "127.0.0.1", &port]);
+        let lines: Vec<String> = cout
+            .map_while(Result::ok)
+            .take_while(|l| l != "held")
+            .collect();
+        let rows: Vec<StatRow> = libsdp_suite::sdp_stat()
+            .into_iter()
+            .filter(|r| r.pid == client.id())
+            .collect();
+        let _ = client.kill();
+        let _ = client.wait();
+        let _ = server.kill();
+        let _ = server.wait();
+        if mode == Mode::Preload {
+            let all = libsdp_suite::show_rows(&rows);
+            // A row per connection from room 5 up at least: with less room even the statistics
+            // file may not open (that connection then has no row; it is TCP). Those that did
+            // not fit SDP's descriptors are `exhausted`, without addresses.
+            assert!(
+                rows.len() >= 5
+                    && rows.iter().any(|r| r.transport == "shm")
+                    && rows.iter().all(|r| r.transport == "shm"
+                        || !matches!(r.fallback_reason.as_str(), "" | "-" | "policy")),
+                "want 5 to 24 connections, each on shm or TCP with a reason (not the policy), some on shm:\n{all}"
+            );
+            eprintln!("nofile from the first socket:\n{all}");
+        }
+        assert_eq!(lines.len(), 25, "{mode:?}: the client's steps: {lines:?}");
+        steps.push(lines);
+    }
+    assert_eq!(
+        steps[0], steps[1],
+        "the client's steps differ under the preload (right) from kernel TCP (left)"
+    );
+}
+
 #[test]
 fn rlimit_memlock_zero() {
     let (out, rows) = fault("memlock_zero");

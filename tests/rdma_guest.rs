@@ -1790,6 +1790,78 @@ fn one_guest_faults_server_killed_client_survivor_ends_as_over_tcp_and_leaks_not
     same_ends(&tcp, &rdma);
 }
 
+/// RLIMIT_NOFILE exhausted over rdma: a client (`fault_peer nofile`) makes a good exchange on
+/// a fresh connection with room for 0 to 24 more descriptors, against a server with the normal
+/// limit. Each step must give what it gives over kernel TCP (room 0: the socket cannot be
+/// made), and every connection made must be on rdma or on TCP with its reason in `sdp stat`
+/// (the setup takes more descriptors than TCP: those that do not fit are TCP, with no errno
+/// TCP would not give). The server serves on and holds afterwards what it held before.
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_faults_descriptor_limit_connections_work_on_rdma_or_tcp_with_a_reason() {
+    let (_, addr, _, pair) = guest();
+    assert!(!pair, "a one-guest test");
+    let mut lines = Vec::new();
+    for (mode, port) in [(Mode::Base, 17044u16), (Mode::Preload, 17045u16)] {
+        let p = port.to_string();
+        let mut server = Lines::spawn(fault_peer(mode, &["serve", &addr, &p]), "fault_peer serve");
+        server.expect("listening", T);
+        let mut client = Lines::spawn(
+            fault_peer(mode, &["nofile", &addr, &p]),
+            "fault_peer nofile",
+        );
+        let steps: Vec<String> = (0..=24)
+            .map(|room| client.expect(&format!("room for {room}:"), T))
+            .collect();
+        client.expect("held", T);
+        if mode == Mode::Preload {
+            // Every row, not only those with addresses: a connection that did not fit SDP's
+            // descriptors is `exhausted` without them. A row per connection from room 5 up at
+            // least (with less room even the statistics file may not open).
+            let rows = rows_when(client.id(), Duration::from_secs(10), |r| {
+                r.iter()
+                    .any(|r| r.transport == "rdma" && with_bytes(std::slice::from_ref(r)))
+            });
+            let c: Vec<&StatRow> = rows.iter().collect();
+            // Before the fix in ops::state, a first socket with no descriptor to spare for
+            // reading the policy file left every socket of the process TCP (`policy`).
+            assert!(
+                c.len() >= 5
+                    && c.iter().any(|r| r.transport == "rdma")
+                    && c.iter().all(|r| r.transport == "rdma" && with_bytes(&rows)
+                        || r.transport == "tcp"
+                            && !matches!(r.fallback_reason.as_str(), "" | "-" | "policy")),
+                "want 5 to 24 connections, each on rdma or on TCP with a reason (not the policy), some on rdma:\n{}",
+                libsdp_suite::show_rows(&rows)
+            );
+            let rdma = c.iter().filter(|r| r.transport == "rdma").count();
+            let reasons: Vec<&str> = c
+                .iter()
+                .filter(|r| r.transport == "tcp")
+                .map(|r| r.fallback_reason.as_str())
+                .collect();
+            println!(
+                "RDMA-TEST INFO faults-nofile: {rdma} of {} connection rows on rdma, TCP reasons {reasons:?}; steps {steps:?}",
+                c.len()
+            );
+        }
+        drop(client);
+        for _ in 0..24 {
+            let end = server.expect("end ", T);
+            assert_eq!(
+                end, "end g: exchanged, read eof",
+                "the server's end of a good exchange"
+            );
+        }
+        assert!(server_alive(&mut server), "the server died");
+        lines.push(steps);
+    }
+    assert_eq!(
+        lines[0], lines[1],
+        "the client's steps differ over SDP on rdma (right) from kernel TCP (left)"
+    );
+}
+
 /// A listener closed with a pending connection: the server (alive) closes its listening
 /// socket while a client is connected and not accepted, 3 bytes written, blocked in `read`.
 /// The client ends as over kernel TCP (the reset of a connection dropped from the accept

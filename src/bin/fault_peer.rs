@@ -16,6 +16,9 @@
 //!                                       and play the client's part of SCENARIO
 //! fault_peer survive ADDR PORT          the survivor as the client: connect and play the
 //!                                       server's part, print `end ...`, wait for stdin
+//! fault_peer nofile ADDR PORT           good exchanges with room for 0..24 descriptors
+//!                                       (RLIMIT_NOFILE), one line each, then `held` and
+//!                                       the connections stay open until stdin closes
 //! ```
 //!
 //! With `--gate` the server reads a line from stdin before each `accept` (the harness kills a
@@ -298,6 +301,80 @@ fn survivor_client(addr: &str, port: &str) -> i32 {
     0
 }
 
+/// The lowest descriptor number free now (the next one a call would get).
+fn lowest_free_fd() -> i32 {
+    // SAFETY: dup of stdin and close of the copy: no memory involved.
+    unsafe {
+        let t = libc::dup(0);
+        assert!(t >= 0, "dup");
+        libc::close(t);
+        t
+    }
+}
+
+/// The `g` exchange of a client on a fresh connection made while the process has room for
+/// `room` more descriptors only: one line naming what each step gave.
+fn good_with_room(addr: &str, port: &str, room: i32) -> (String, Option<TcpStream>) {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut old), 0);
+        let r = libc::rlimit {
+            rlim_cur: (lowest_free_fd() + room) as libc::rlim_t,
+            rlim_max: old.rlim_max,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0);
+    }
+    let r = TcpStream::connect(format!("{addr}:{port}"));
+    // SAFETY: as above.
+    unsafe { assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &old), 0) };
+    let mut s = match r {
+        Ok(s) => s,
+        Err(e) => {
+            return (format!("room for {room}: connect {}", what(&Err(e))), None);
+        }
+    };
+    let mut k = [0u8; 1];
+    let mut pong = [0u8; 4];
+    let ok = s.write_all(b"g").is_ok()
+        && s.read_exact(&mut k).is_ok()
+        && s.write_all(b"ping").is_ok()
+        && s.read_exact(&mut pong).is_ok()
+        && &pong == b"pong"
+        // The server serves one connection at a time: half-close, and read its end, so that
+        // it goes on to the next one while this one stays open here.
+        && s.shutdown(Shutdown::Write).is_ok()
+        && s.read(&mut k).is_ok_and(|n| n == 0);
+    (
+        format!(
+            "room for {room}: connect ok, exchange {}",
+            if ok { "ok" } else { "failed" }
+        ),
+        Some(s),
+    )
+}
+
+/// Good exchanges with room for 0..=[`NOFILE_ROOMS`] descriptors, the connections kept open
+/// (half-open: the server reads to the end) until stdin closes, so that the harness can read
+/// `sdp stat`.
+fn nofile(addr: &str, port: &str) -> i32 {
+    const NOFILE_ROOMS: i32 = 24;
+    let mut keep = Vec::new();
+    for room in 0..=NOFILE_ROOMS {
+        let (line, s) = good_with_room(addr, port, room);
+        println!("{line}");
+        keep.extend(s);
+    }
+    println!("held");
+    let _ = std::io::stdout().flush();
+    let mut rest = String::new();
+    let _ = std::io::stdin().read_to_string(&mut rest);
+    0
+}
+
 /// The victim's part of `scenario` on a connected stream (see the table above).
 fn victim(mut s: TcpStream, scenario: &str) -> i32 {
     if scenario == "C" {
@@ -414,9 +491,10 @@ fn main() {
         ["vserve", addr, port, scenario] => victim_server(addr, port, scenario, false),
         ["vserve", addr, port, scenario, "--gate"] => victim_server(addr, port, scenario, true),
         ["survive", addr, port] => survivor_client(addr, port),
+        ["nofile", addr, port] => nofile(addr, port),
         _ => {
             eprintln!(
-                "usage: fault_peer serve ADDR PORT [--gate] | client ADDR PORT g|S|W|B|O|R|P|E|C | listen ADDR PORT [--close-on-go] | pending ADDR PORT | vserve ADDR PORT SCENARIO [--gate] | survive ADDR PORT"
+                "usage: fault_peer serve ADDR PORT [--gate] | client ADDR PORT g|S|W|B|O|R|P|E|C | listen ADDR PORT [--close-on-go] | pending ADDR PORT | vserve ADDR PORT SCENARIO [--gate] | survive ADDR PORT | nofile ADDR PORT"
             );
             2
         }

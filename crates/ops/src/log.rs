@@ -298,7 +298,7 @@ fn last_tcp(fd: i32) -> Reason {
     }
 }
 
-fn errno_name(e: i32) -> &'static str {
+pub(crate) fn errno_name(e: i32) -> &'static str {
     match e {
         libc::ECONNREFUSED => "ECONNREFUSED",
         libc::ENETUNREACH => "ENETUNREACH",

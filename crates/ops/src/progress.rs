@@ -143,10 +143,24 @@ fn ensure(p: &mut Option<Progress>) -> Option<&mut Progress> {
             .stack_size(256 * 1024)
             .spawn(move || run(epfd));
         if spawned.is_err() {
+            // No thread, no set: the next call tries again (a set nobody waits on would take
+            // registrations that never run).
+            *p = None;
+            // SAFETY: closing the set made above, which no thread uses.
+            unsafe { libc::syscall(libc::SYS_close, epfd) };
             return None;
         }
     }
     p.as_mut()
+}
+
+/// Whether this process has its progress thread (started now if need be). A connection must
+/// not become SDP without it: its exchange, its peer's end and its timers all run there, and
+/// with no descriptor left for the thread's epoll set (RLIMIT_NOFILE) a pending connection
+/// waited for an answer nobody would read, for ever.
+pub fn ready() -> bool {
+    let mut g = lock();
+    ensure(&mut g).is_some()
 }
 
 /// Watches `fd` for `events` (epoll flags) and runs `task` when they fire. Returns a token for

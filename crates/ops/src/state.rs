@@ -17,10 +17,28 @@ pub struct Globals {
 }
 
 static GLOBALS: OnceLock<Globals> = OnceLock::new();
+/// What the calls get while the policy cannot be read for want of a resource (see [`init`]).
+static PASS_THROUGH: OnceLock<Globals> = OnceLock::new();
+static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The process state, initialising it on first use.
 pub fn globals() -> &'static Globals {
-    GLOBALS.get_or_init(init)
+    if let Some(g) = GLOBALS.get() {
+        return g;
+    }
+    let _once = INIT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(g) = GLOBALS.get() {
+        return g;
+    }
+    match init() {
+        Some(g) => GLOBALS.get_or_init(|| g),
+        // Not now: this call passes through, and the next stream socket tries again.
+        None => PASS_THROUGH.get_or_init(|| Globals {
+            active: false,
+            policy: conf::Policy::tcp_only(),
+            program: program_name(),
+        }),
+    }
 }
 
 /// The state if it was already built; never initialises.
@@ -49,7 +67,11 @@ fn env(name: &str) -> Option<String> {
     std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
 }
 
-fn init() -> Globals {
+/// Builds the state. `None`: the policy file could not be read for want of a resource (no
+/// descriptor left, no memory): a program whose first stream socket comes at such a moment
+/// must not stay TCP for the rest of its life (it did: the error made the policy TCP-only
+/// for good), so nothing is fixed yet and the next socket tries again.
+fn init() -> Option<Globals> {
     std::panic::set_hook(Box::new(|info| {
         sdp_log!(log::ERROR, "internal error, call failed with EIO: {info}");
     }));
@@ -70,13 +92,32 @@ fn init() -> Globals {
     let act = conf::activation(env, loaded_by);
     let program = program_name();
     if !act.active {
-        return Globals {
+        return Some(Globals {
             active: false,
             policy: conf::Policy::tcp_only(),
             program,
-        };
+        });
     }
-    let resolved = conf::Policy::resolve(&act, |p| std::fs::read_to_string(p));
+    let transient = std::cell::Cell::new(None);
+    let resolved = conf::Policy::resolve(&act, |p| {
+        let r = std::fs::read_to_string(p);
+        if let Err(e) = &r
+            && let Some(
+                errno @ (libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EINTR | libc::EAGAIN),
+            ) = e.raw_os_error()
+        {
+            transient.set(Some(errno));
+        }
+        r
+    });
+    if let Some(errno) = transient.get() {
+        sdp_log!(
+            log::WARN,
+            "cannot read the policy file now ({}); this socket stays TCP, the next one tries again",
+            crate::log::errno_name(errno)
+        );
+        return None;
+    }
     if let Some(e) = &resolved.error {
         // Fail open: a broken policy must never break the program; one error, then TCP.
         sdp_log!(
@@ -92,11 +133,11 @@ fn init() -> Globals {
     crate::fork::register_handlers();
     // SAFETY: registering a plain function for normal process exit.
     unsafe { libc::atexit(crate::offload::setup::flush_at_exit) };
-    Globals {
+    Some(Globals {
         active: true,
         policy,
         program,
-    }
+    })
 }
 
 /// The first line of a multi-line error, with a count of the rest.

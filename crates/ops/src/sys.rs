@@ -118,6 +118,31 @@ pub unsafe fn sockaddr_to_std(
 /// numbers to be theirs (`dup2(x, 3)`, shells' redirections, select's 1024 limit).
 pub const INTERNAL_FD_MIN: i32 = 400;
 
+/// Whether `n` more descriptors could be opened now (RLIMIT_NOFILE): opens that many (an
+/// epoll set and copies of it) and closes them again.
+pub fn descriptors_free(n: usize) -> bool {
+    // SAFETY: plain system calls on descriptors made and closed here.
+    unsafe {
+        let first = libc::syscall(libc::SYS_epoll_create1, libc::EPOLL_CLOEXEC) as i32;
+        if first < 0 {
+            return false;
+        }
+        let mut held = vec![first];
+        while held.len() < n {
+            let fd = libc::syscall(libc::SYS_fcntl, first, libc::F_DUPFD_CLOEXEC, 0) as i32;
+            if fd < 0 {
+                break;
+            }
+            held.push(fd);
+        }
+        let enough = held.len() >= n;
+        for fd in held {
+            libc::syscall(libc::SYS_close, fd);
+        }
+        enough
+    }
+}
+
 /// Moves an internal fd above [`INTERNAL_FD_MIN`], close-on-exec; returns the new number (or
 /// the old one if the fd limit does not allow it).
 pub fn move_high(fd: i32) -> i32 {

@@ -61,23 +61,60 @@ const ZCOPY_STAGE: usize = 1 << 20;
 // ---------------------------------------------------------------------------------------------
 // The gate.
 
+/// Whether this process can use RDMA now (see [`availability`]).
+pub fn enabled() -> bool {
+    availability() == Availability::Yes
+}
+
+/// What [`availability`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Availability {
+    Yes,
+    /// No device (or no libibverbs, or no active port).
+    No,
+    /// Not with the descriptors this process has left: asking now would give a wrong "no".
+    NotNow,
+}
+
+/// Descriptors the discovery must find free before it asks: libibverbs reads its provider
+/// files, sysfs and the device nodes once per process (its first device list), and one read
+/// refused for want of a descriptor leaves the provider unloaded, so the device missing, for
+/// the rest of the process.
+const DISCOVERY_FDS: usize = 16;
+
 /// Whether this process can use RDMA now. Cheap on a host without RDMA: no
 /// `/sys/class/infiniband` entry means no device, without loading libibverbs. The answer is
-/// kept 2 s (devices may appear or go away).
-pub fn enabled() -> bool {
+/// kept 2 s (devices may appear or go away); [`Availability::NotNow`] (RLIMIT_NOFILE nearly
+/// reached) is not kept: the next connection asks again.
+pub fn availability() -> Availability {
     static CACHE: Mutex<Option<(Instant, bool)>> = Mutex::new(None);
     let mut g = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((t, v)) = *g
         && t.elapsed() < Duration::from_secs(2)
     {
-        return v;
+        return if v {
+            Availability::Yes
+        } else {
+            Availability::No
+        };
     }
-    let any_dev = std::fs::read_dir("/sys/class/infiniband")
-        .map(|mut d| d.next().is_some())
-        .unwrap_or(false);
+    let any_dev = match std::fs::read_dir("/sys/class/infiniband") {
+        Ok(mut d) => d.next().is_some(),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            return Availability::NotNow;
+        }
+        Err(_) => false,
+    };
+    if any_dev && !sys::descriptors_free(DISCOVERY_FDS) {
+        return Availability::NotNow;
+    }
     let v = any_dev && ib_verbs::rdma::available();
     *g = Some((Instant::now(), v));
-    v
+    if v {
+        Availability::Yes
+    } else {
+        Availability::No
+    }
 }
 
 /// `LIBSDP_TRANSPORT=rdma`: connections to this host's own addresses also go over rdma

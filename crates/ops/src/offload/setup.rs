@@ -496,13 +496,20 @@ fn mode(d: Decision) -> fallback::Mode {
 }
 
 fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult, Reason> {
-    if !is_local(dst.ip()) || (super::rdma::local_wanted() && super::rdma::enabled()) {
-        // Another host (or this one with LIBSDP_TRANSPORT=rdma): SDP over rdma when this process has a device (never on a host
-        // without one: the gate does not even load libibverbs there).
-        if super::rdma::enabled() {
-            return super::rdma::try_connect(fd, dst);
+    if !progress::ready() {
+        return Err(Reason::Exhausted);
+    }
+    if !is_local(dst.ip()) || super::rdma::local_wanted() {
+        // Another host (or this one with LIBSDP_TRANSPORT=rdma): SDP over rdma when this
+        // process has a device (never on a host without one: the gate does not even load
+        // libibverbs there). This host without a device: shm.
+        use super::rdma::Availability;
+        match super::rdma::availability() {
+            Availability::Yes => return super::rdma::try_connect(fd, dst),
+            Availability::NotNow => return Err(Reason::Exhausted),
+            Availability::No if !is_local(dst.ip()) => return Err(Reason::NoDevice),
+            Availability::No => {}
         }
-        return Err(Reason::NoDevice);
     }
     // Learn the 4-tuple before the connect: bind to the destination's own address (the source
     // the kernel would pick for a local destination) if the program did not bind.
@@ -1159,6 +1166,12 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
     let (Some(local), Some(peer)) = (sys::sockname(fd), peername(fd)) else {
         return AcceptOutcome::Keep;
     };
+    if !progress::ready() {
+        // No progress thread (no descriptor left for it): TCP, as for any exhausted resource;
+        // an SDP client goes back to TCP when we speak TCP, or after its pending timeout.
+        record_tcp(fd, 2, Reason::Exhausted);
+        return AcceptOutcome::Keep;
+    }
     let (local, peer) = (normalize(local), normalize(peer));
     // A client on another host that sent an rdma_cm request for this connection (only when
     // this process listens with rdma_cm, i.e. has a device).
