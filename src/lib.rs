@@ -693,6 +693,38 @@ pub fn process_group(pid: u32) -> Option<u32> {
     after.split_whitespace().nth(2)?.parse().ok()
 }
 
+/// The rows of each process group of `pgids` once `done` holds for every one of them (one
+/// `sdp stat` per poll, so that both ends of a connection are seen while it lives), or the
+/// last seen at `within`.
+pub fn groups_when(
+    pgids: &[u32],
+    within: Duration,
+    done: impl Fn(&[StatRow]) -> bool,
+) -> Vec<Vec<StatRow>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let all = sdp_stat();
+        let per: Vec<Vec<StatRow>> = pgids
+            .iter()
+            .map(|g| {
+                all.iter()
+                    .filter(|r| process_group(r.pid) == Some(*g))
+                    .cloned()
+                    .collect()
+            })
+            .collect();
+        if per.iter().all(|rows| done(rows)) || Instant::now() >= deadline {
+            return per;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The connection rows (those with a peer) of `rows`.
+pub fn connections(rows: &[StatRow]) -> Vec<&StatRow> {
+    rows.iter().filter(|r| r.is_connection()).collect()
+}
+
 /// The rows of `sdp stat` that belong to processes of the process group `pgid` (a
 /// [`Proc`] and everything it forked).
 pub fn sdp_stat_of_group(pgid: u32) -> Vec<StatRow> {

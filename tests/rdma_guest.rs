@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use libsdp_suite::{
-    Mode, Proc, StatRow, command, process_group, require_tool, run, same_in_both_modes, sdp_stat,
+    Mode, Proc, StatRow, command, connections, groups_when, require_tool, run, same_in_both_modes,
     wait_listening,
 };
 
@@ -50,40 +50,9 @@ fn guest() -> (u32, String, String, bool) {
     )
 }
 
-fn connections(rows: &[StatRow]) -> Vec<&StatRow> {
-    rows.iter().filter(|r| r.is_connection()).collect()
-}
-
 /// The rows of process group `pgid` once `done` holds (polled), or the last seen at `within`.
 fn rows_when(pgid: u32, within: Duration, done: impl Fn(&[StatRow]) -> bool) -> Vec<StatRow> {
     groups_when(&[pgid], within, done).remove(0)
-}
-
-/// The rows of each process group of `pgids` once `done` holds for every one of them (one
-/// `sdp stat` per poll, so that both ends of a connection are seen while it lives), or the
-/// last seen at `within`.
-fn groups_when(
-    pgids: &[u32],
-    within: Duration,
-    done: impl Fn(&[StatRow]) -> bool,
-) -> Vec<Vec<StatRow>> {
-    let deadline = Instant::now() + within;
-    loop {
-        let all = sdp_stat();
-        let per: Vec<Vec<StatRow>> = pgids
-            .iter()
-            .map(|g| {
-                all.iter()
-                    .filter(|r| process_group(r.pid) == Some(*g))
-                    .cloned()
-                    .collect()
-            })
-            .collect();
-        if per.iter().all(|rows| done(rows)) || Instant::now() >= deadline {
-            return per;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn with_bytes(rows: &[StatRow]) -> bool {

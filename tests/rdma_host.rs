@@ -19,8 +19,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use libsdp_suite::{
-    Mode, Outcome, Proc, StatRow, command, free_port, libsdp_so, process_group, require_tool, run,
-    same_in_both_modes, sdp_stat,
+    Mode, Outcome, Proc, StatRow, command, connections, free_port, groups_when, libsdp_so,
+    require_tool, run, same_in_both_modes,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -175,32 +175,6 @@ fn assert_premise(ns: &Namespace, verbs: Verbs) {
     }
 }
 
-/// The rows of each process group of `pgids` once `done` holds for every one (polled, one
-/// `sdp stat` per poll: both ends are seen while the connection lives), or the last seen.
-fn groups_when(pgids: &[u32], done: impl Fn(&[StatRow]) -> bool) -> Vec<Vec<StatRow>> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let all = sdp_stat();
-        let per: Vec<Vec<StatRow>> = pgids
-            .iter()
-            .map(|g| {
-                all.iter()
-                    .filter(|r| process_group(r.pid) == Some(*g))
-                    .cloned()
-                    .collect()
-            })
-            .collect();
-        if per.iter().all(|rows| done(rows)) || Instant::now() >= deadline {
-            return per;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn connections(rows: &[StatRow]) -> Vec<&StatRow> {
-    rows.iter().filter(|r| r.is_connection()).collect()
-}
-
 /// Waits until the server `pid` listens on `port` in its own network namespace.
 fn wait_listening_in(server: &mut Proc, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -273,7 +247,11 @@ fn sockperf_ping_pong(ns: &Namespace, mode: Mode, addr: &str, want_bytes: bool) 
                     .any(|r| !bytes || r.bytes_tx + r.bytes_rx > 0)
             }
         };
-        let mut both = groups_when(&[client.id(), server.id()], has(want_bytes));
+        let mut both = groups_when(
+            &[client.id(), server.id()],
+            Duration::from_secs(20),
+            has(want_bytes),
+        );
         server_rows = both.pop().unwrap_or_default();
         client_rows = both.pop().unwrap_or_default();
     }

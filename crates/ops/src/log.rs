@@ -360,26 +360,6 @@ fn line(
     }
 }
 
-fn peername(fd: i32) -> Option<SocketAddr> {
-    // SAFETY: zeroed sockaddr_storage is valid; the kernel writes at most `len` bytes.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above; a raw call keeps our own hooks out of the way.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_getpeername,
-            fd,
-            &mut ss as *mut _,
-            &mut len as *mut _,
-        )
-    };
-    if rc < 0 {
-        return None;
-    }
-    // SAFETY: the kernel wrote a sockaddr of `len` bytes.
-    unsafe { crate::sys::sockaddr_to_std(&ss as *const _ as *const libc::sockaddr, len) }
-}
-
 /// A client's connect settled on TCP at once (policy, or the offload path cannot serve it).
 pub fn connect_tcp(fd: i32, remote: SocketAddr, reason: Reason) {
     if !enabled(SUMMARY) {
@@ -504,7 +484,7 @@ pub fn accepted(listener: i32, fd: i32, refused: bool) {
             return;
         }
     }
-    let (local, remote) = (crate::sys::sockname(fd), peername(fd));
+    let (local, remote) = (crate::sys::sockname(fd), crate::sys::peername(fd));
     if refused {
         // The hook closes it and accepts the next connection, as the policy `sdp` asks.
         line(

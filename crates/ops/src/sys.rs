@@ -56,18 +56,22 @@ pub fn open_append(path: &std::ffi::CStr) -> Option<i32> {
 
 /// The local address of a socket, by raw `getsockname`.
 pub fn sockname(fd: i32) -> Option<SocketAddr> {
+    socket_addr(libc::SYS_getsockname, fd)
+}
+
+/// The peer's address of a connected socket, by raw `getpeername` (our own hooks stay out of
+/// the way).
+pub fn peername(fd: i32) -> Option<SocketAddr> {
+    socket_addr(libc::SYS_getpeername, fd)
+}
+
+/// `getsockname` or `getpeername` (`call`) of `fd`, as a std address.
+fn socket_addr(call: libc::c_long, fd: i32) -> Option<SocketAddr> {
     // SAFETY: zeroed sockaddr_storage is a valid value.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: ss and len are valid for writes of the sizes given.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_getsockname,
-            fd,
-            &mut ss as *mut _,
-            &mut len as *mut _,
-        )
-    };
+    let rc = unsafe { libc::syscall(call, fd, &mut ss as *mut _, &mut len as *mut _) };
     if rc < 0 {
         return None;
     }

@@ -42,9 +42,9 @@ use super::handoff;
 use super::sdp::{self, engine_recv, errno_of, now};
 use super::setup;
 use super::stream::{Counters, Errno, OffloadStream};
-use super::{Conn, Inner, Phase, bind_fd, new_pair};
+use super::{Conn, Inner, Phase, new_pair};
 use crate::progress::{self, Task};
-use crate::stats::{Row, Transport};
+use crate::stats::Transport;
 use crate::{log, sdp_log, sys};
 
 /// How long address and route resolution may block `connect`.
@@ -670,43 +670,21 @@ fn server_setup(
             Reason::SetupFailed
         })?;
     let (app, bell) = new_pair().map_err(|_| Reason::Exhausted)?;
-    let shadow = setup::swap_in(
-        fd,
-        app,
-        flags & libc::SOCK_NONBLOCK != 0,
-        flags & libc::SOCK_CLOEXEC != 0,
-    )
-    .map_err(|_| {
-        sys::close(app);
-        sys::close(bell);
-        Reason::Exhausted
-    })?;
     let s = SdpRdma::new(engine, rc);
     let notify = Notify::of(&s);
-    let row = Row::claim(fd, Transport::Rdma, 2);
-    if let Some(r) = &row {
-        r.set_addrs(Some(local), Some(peer));
-    }
-    let conn = Conn::new(Inner::new(
-        Phase::Offloaded(Box::new(s)),
-        shadow,
+    let accepted = setup::Accepted {
+        fd,
+        flags,
         app,
         bell,
-        fd,
-        Some(local),
-        Some(peer),
-        row,
-        2,
-    ));
-    bind_fd(fd, &conn);
-    let stray = setup::watch_stray(&conn, bell);
-    let watch = watch_notify(&conn, notify);
-    let mut g = conn.lock();
-    g.stray = stray;
-    g.watch = watch;
-    g.sync();
+        local,
+        peer,
+    };
+    let conn = accepted.install(Box::new(s), Transport::Rdma, |conn| {
+        watch_notify(conn, notify)
+    })?;
     // SO_KEEPALIVE inherited from the listener is on the accepted shadow.
-    super::keepalive::apply(&mut g);
+    super::keepalive::apply(&mut conn.lock());
     sdp_log!(
         log::DECISION,
         "accept fd {fd} from {peer} on {local}: SDP over rdma"

@@ -76,26 +76,6 @@ pub fn forget_tcp(fd: i32) {
     }
 }
 
-fn peername(fd: i32) -> Option<SocketAddr> {
-    // SAFETY: zeroed sockaddr_storage is valid; the kernel writes at most `len` bytes.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_getpeername,
-            fd,
-            &mut ss as *mut _,
-            &mut len as *mut _,
-        )
-    };
-    if rc < 0 {
-        return None;
-    }
-    // SAFETY: the kernel wrote a sockaddr of `len` bytes.
-    unsafe { sys::sockaddr_to_std(&ss as *const _ as *const libc::sockaddr, len) }
-}
-
 fn normalize(a: SocketAddr) -> SocketAddr {
     match a {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
@@ -406,28 +386,60 @@ pub(super) fn pending_client(
         sys::close(bell);
         return Err(Reason::Exhausted);
     };
-    let row = Row::claim(fd, transport, 1);
-    if let Some(r) = &row {
-        r.set_addrs(Some(client), Some(dst));
-    }
-    let conn = Conn::new(Inner::new(
+    let conn = register(
         Phase::Pending {
             sendbuf: Vec::new(),
             shut_wr: false,
         },
-        shadow,
-        app,
-        bell,
-        fd,
-        Some(client),
-        Some(dst),
-        row,
+        Swapped {
+            fd,
+            shadow,
+            app,
+            bell,
+        },
+        (client, dst),
+        transport,
         1,
-    ));
-    bind_fd(fd, &conn);
-    let stray = watch_stray(&conn, bell);
-    conn.lock().stray = stray;
+    );
     Ok((conn, shadow))
+}
+
+/// An fd swapped onto the app end of (`app`, `bell`), its kernel socket now `shadow`.
+struct Swapped {
+    fd: i32,
+    shadow: i32,
+    app: i32,
+    bell: i32,
+}
+
+/// A connection whose fd was just swapped, in `phase`, made known: its statistics row (`role`
+/// 1 client, 2 server; addresses (local, peer)), the registry, and the stray-byte watch.
+fn register(
+    phase: Phase,
+    sw: Swapped,
+    (local, peer): (SocketAddr, SocketAddr),
+    transport: Transport,
+    role: u8,
+) -> Arc<Conn> {
+    let row = Row::claim(sw.fd, transport, role);
+    if let Some(r) = &row {
+        r.set_addrs(Some(local), Some(peer));
+    }
+    let conn = Conn::new(Inner::new(
+        phase,
+        sw.shadow,
+        sw.app,
+        sw.bell,
+        sw.fd,
+        Some(local),
+        Some(peer),
+        row,
+        role,
+    ));
+    bind_fd(sw.fd, &conn);
+    let stray = watch_stray(&conn, sw.bell);
+    conn.lock().stray = stray;
+    conn
 }
 
 pub(super) fn fcntl(fd: i32, cmd: i32, arg: i64) -> i32 {
@@ -1163,7 +1175,7 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
         record_tcp(fd, 2, Reason::Policy);
         return AcceptOutcome::Keep;
     }
-    let (Some(local), Some(peer)) = (sys::sockname(fd), peername(fd)) else {
+    let (Some(local), Some(peer)) = (sys::sockname(fd), sys::peername(fd)) else {
         return AcceptOutcome::Keep;
     };
     if !progress::ready() {
@@ -1322,39 +1334,80 @@ fn server_exchange(
         })?;
     let s = SdpShm::new(engine, shm);
     let peer_bell = s.peer_bell();
-    let shadow = swap_in(
+    let accepted = Accepted {
         fd,
-        app,
-        flags & libc::SOCK_NONBLOCK != 0,
-        flags & libc::SOCK_CLOEXEC != 0,
-    )
-    .map_err(|_| {
-        sys::close(app);
-        sys::close(bell);
-        Reason::Exhausted
-    })?;
-    let row = Row::claim(fd, Transport::Shm, 2);
-    if let Some(r) = &row {
-        r.set_addrs(Some(local), Some(peer));
-    }
-    let conn = Conn::new(Inner::new(
-        Phase::Offloaded(Box::new(s)),
-        shadow,
+        flags,
         app,
         bell,
-        fd,
-        Some(local),
-        Some(peer),
-        row,
-        2,
-    ));
-    bind_fd(fd, &conn);
-    let stray = watch_stray(&conn, bell);
-    let mut g = conn.lock();
-    g.stray = stray;
-    g.watch = watch_peer(&conn, peer_bell);
-    g.sync();
+        local,
+        peer,
+    };
+    accepted.install(Box::new(s), Transport::Shm, |conn| {
+        watch_peer(conn, peer_bell)
+    })?;
     Ok(())
+}
+
+/// An accepted fd and the app socketpair it is to be swapped onto (`accept4`'s flags kept).
+pub(super) struct Accepted {
+    pub fd: i32,
+    pub flags: i32,
+    pub app: i32,
+    pub bell: i32,
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+}
+
+impl Accepted {
+    /// The server's connection once its exchange is done, for every transport: the fd swapped
+    /// onto the app end, its statistics row, the stray-byte watch and `watch` (what tells of
+    /// the peer's end), and the first sync. On failure both ends are closed and the fd is the
+    /// kernel's socket still.
+    pub(super) fn install(
+        self,
+        stream: Box<dyn super::stream::OffloadStream>,
+        transport: Transport,
+        watch: impl FnOnce(&Arc<Conn>) -> Option<u64>,
+    ) -> Result<Arc<Conn>, Reason> {
+        let Accepted {
+            fd,
+            flags,
+            app,
+            bell,
+            local,
+            peer,
+        } = self;
+        let shadow = swap_in(
+            fd,
+            app,
+            flags & libc::SOCK_NONBLOCK != 0,
+            flags & libc::SOCK_CLOEXEC != 0,
+        )
+        .map_err(|_| {
+            sys::close(app);
+            sys::close(bell);
+            Reason::Exhausted
+        })?;
+        let conn = register(
+            Phase::Offloaded(stream),
+            Swapped {
+                fd,
+                shadow,
+                app,
+                bell,
+            },
+            (local, peer),
+            transport,
+            2,
+        );
+        let w = watch(&conn);
+        {
+            let mut g = conn.lock();
+            g.watch = w;
+            g.sync();
+        }
+        Ok(conn)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
