@@ -1278,8 +1278,16 @@ impl SdpRdma {
                 let _ = self.engine.handle_cm_disconnected(t);
             }
             _ => {
+                // The queue pair failed (the peer's host tore it down with its process, an
+                // RDMA READ of its memory refused): the connection is reset. LINUX: a reset
+                // is reported once (ECONNRESET to the next call, SO_ERROR), then reads see
+                // end of stream and writes EPIPE; a sticky error here made every later read
+                // fail with ECONNRESET too.
                 sdp_log!(log::WARN, "rdma transport failed: {e}");
-                self.dead.get_or_insert(libc::ECONNRESET);
+                if !self.peer_gone {
+                    self.reset_pending = true;
+                    self.peer_gone = true;
+                }
                 let _ = self
                     .engine
                     .handle_transport_error(t, sdp_proto::error::TransportFailure::Fatal);
@@ -1742,6 +1750,12 @@ impl OffloadStream for SdpRdma {
         );
         if matches!(r, Ok(n) if n > 0) {
             self.drain_outputs();
+        }
+        if r == Err(libc::ECONNRESET) && self.dead.is_none() {
+            // LINUX: a reset is reported once; the reads after it see end of stream (the
+            // engine's error, an RDMA READ of the peer's offer refused when its host tore the
+            // peer down, would otherwise answer every read with ECONNRESET).
+            self.peer_gone = true;
         }
         r
     }
