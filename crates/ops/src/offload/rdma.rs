@@ -1695,7 +1695,11 @@ impl OffloadStream for SdpRdma {
         if self.offered.is_some() || !self.push_resend() {
             // Our SrcAvail is outstanding or its remainder waits: nothing may go before it.
             self.drain_outputs();
-            if let Some(e) = self.error() {
+            if let Some(e) = self.take_error() {
+                if e == libc::ECONNRESET && self.dead.is_none() {
+                    // Reported once, as a reset is; the writes after it get EPIPE.
+                    self.peer_gone = true;
+                }
                 return Err(e);
             }
             if self.offered.is_some() || !self.resend.is_empty() {
@@ -1726,7 +1730,14 @@ impl OffloadStream for SdpRdma {
                 Err(_) if n > 0 => break,
                 Err(SendError::NotConnected) => return Err(libc::ENOTCONN),
                 Err(SendError::Shutdown) => return Err(libc::EPIPE),
-                Err(SendError::Closed(e)) => return Err(self.conn_errno(&e)),
+                Err(SendError::Closed(e)) => {
+                    let errno = self.conn_errno(&e);
+                    if errno == libc::ECONNRESET && self.dead.is_none() {
+                        // Reported once, as a reset is; the writes after it get EPIPE.
+                        self.peer_gone = true;
+                    }
+                    return Err(errno);
+                }
             }
         }
         self.drain_outputs();
