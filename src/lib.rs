@@ -229,15 +229,19 @@ fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
 }
 
 /// A started process in its own group whose stdout is read line by line, so that a test can
-/// act at its `SYNC` lines (and release it with a byte on stdin). Killed with its group when
-/// dropped. Every wait ends after `timeout` with a panic that shows what it printed.
+/// act at its `SYNC` lines or at lines it expects (and release it with a line on stdin).
+/// Killed with its group when dropped. Every wait ends after `timeout` (or the wait's own
+/// bound) with a panic that shows what it printed.
 pub struct Synced {
     child: Child,
     what: String,
     lines: std::sync::mpsc::Receiver<String>,
     /// What it printed so far, a line each.
     pub stdout: String,
-    err: Option<JoinHandle<String>>,
+    /// Its stderr so far (read as it comes, for messages while it runs).
+    err_so_far: std::sync::Arc<Mutex<String>>,
+    /// The stderr reader, done at the end of output.
+    err: Option<JoinHandle<()>>,
     timeout: Duration,
 }
 
@@ -262,16 +266,22 @@ impl Synced {
                 }
             }
         });
+        let err_so_far = std::sync::Arc::new(Mutex::new(String::new()));
+        let keep = std::sync::Arc::clone(&err_so_far);
         let err = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = err.read_to_string(&mut s);
-            s
+            let mut b = [0u8; 4096];
+            while let Ok(n @ 1..) = err.read(&mut b) {
+                keep.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_str(&String::from_utf8_lossy(&b[..n]));
+            }
         });
         Synced {
             child,
             what: what.to_string(),
             lines,
             stdout: String::new(),
+            err_so_far,
             err: Some(err),
             timeout,
         }
@@ -281,8 +291,57 @@ impl Synced {
         self.child.id()
     }
 
+    /// What it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.err_so_far
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether it still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The next line that starts with `prefix`, within `within` (panics on a hang, showing
+    /// stdout and stderr, or at the end of output).
+    pub fn expect_prefix(&mut self, prefix: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        let what = format!("line {prefix:?}");
+        loop {
+            match self.next_line_or(deadline, &what, within) {
+                Some(line) if line.starts_with(prefix) => return line,
+                Some(_) => {}
+                None => panic!(
+                    "{}: no line {prefix:?} before the end of output; stdout:\n{}stderr:\n{}",
+                    self.what,
+                    self.stdout,
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// SIGKILL to its group, and the child reaped.
+    pub fn kill(&mut self) {
+        kill_group(self.pid());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// The next line, kept in `stdout`; `None` at the end of output. Panics at `deadline`.
     fn next_line(&mut self, deadline: Instant, waiting_for: &str) -> Option<String> {
+        self.next_line_or(deadline, waiting_for, self.timeout)
+    }
+
+    /// [`Synced::next_line`], whose panic names `bound` as the time it waited.
+    fn next_line_or(
+        &mut self,
+        deadline: Instant,
+        waiting_for: &str,
+        bound: Duration,
+    ) -> Option<String> {
         use std::sync::mpsc::RecvTimeoutError;
         let left = deadline.saturating_duration_since(Instant::now());
         match self.lines.recv_timeout(left) {
@@ -293,8 +352,10 @@ impl Synced {
             }
             Err(RecvTimeoutError::Disconnected) => None,
             Err(RecvTimeoutError::Timeout) => panic!(
-                "{} hung: no {waiting_for} within {:?}; printed so far:\n{}",
-                self.what, self.timeout, self.stdout
+                "{} hung: no {waiting_for} within {bound:?}; printed so far:\n{}stderr:\n{}",
+                self.what,
+                self.stdout,
+                self.stderr()
             ),
         }
     }
@@ -358,11 +419,10 @@ impl Synced {
             std::thread::sleep(Duration::from_millis(5));
         };
         kill_group(self.pid());
-        let stderr = self
-            .err
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default();
+        if let Some(h) = self.err.take() {
+            let _ = h.join();
+        }
+        let stderr = self.stderr();
         Outcome {
             code: status
                 .code()
@@ -375,9 +435,7 @@ impl Synced {
 
 impl Drop for Synced {
     fn drop(&mut self) {
-        kill_group(self.pid());
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

@@ -21,8 +21,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use libsdp_suite::{
-    Mode, Proc, StatRow, command, connections, groups_when, require_tool, run, same_in_both_modes,
-    wait_listening,
+    Mode, Proc, StatRow, Synced, command, connections, groups_when, require_tool, run,
+    same_in_both_modes, wait_listening,
 };
 
 const T: Duration = Duration::from_secs(120);
@@ -842,117 +842,6 @@ fn pair_zz_keepalive_peer_unreachable_read_times_out_as_tcp() {
 // ---------------------------------------------------------------------------------------------
 // Faults over rdma (issue #8 item 1, the rdma part; docs/FAULTS.md "Faults over rdma").
 
-/// A process whose stdout the harness reads line by line, in its own process group (killed
-/// with it when dropped); stderr is kept for failure messages.
-struct Lines {
-    child: std::process::Child,
-    what: String,
-    lines: std::sync::mpsc::Receiver<String>,
-    seen: String,
-    err: std::sync::Arc<std::sync::Mutex<String>>,
-}
-
-impl Lines {
-    fn spawn(mut cmd: Command, what: &str) -> Lines {
-        use std::io::{BufRead, Read};
-        use std::os::unix::process::CommandExt;
-        use std::process::Stdio;
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        let out = child.stdout.take().expect("stdout");
-        let mut stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let keep = err.clone();
-        std::thread::spawn(move || {
-            let mut b = [0u8; 4096];
-            while let Ok(n) = stderr.read(&mut b) {
-                if n == 0 {
-                    break;
-                }
-                keep.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push_str(&String::from_utf8_lossy(&b[..n]));
-            }
-        });
-        Lines {
-            child,
-            what: what.to_string(),
-            lines,
-            seen: String::new(),
-            err,
-        }
-    }
-
-    fn id(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The next line that starts with `prefix`, within `within` (panics on a hang or an exit).
-    fn expect(&mut self, prefix: &str, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push_str(&line);
-                    self.seen.push('\n');
-                    if line.starts_with(prefix) {
-                        return line;
-                    }
-                }
-                Err(e) => panic!(
-                    "{}: no line {prefix:?} within {within:?} ({e:?}); stdout:\n{}stderr:\n{}",
-                    self.what,
-                    self.seen,
-                    self.err.lock().unwrap_or_else(|p| p.into_inner())
-                ),
-            }
-        }
-    }
-
-    fn stderr(&self) -> String {
-        self.err.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// One line on its stdin.
-    fn go(&mut self) {
-        use std::io::Write;
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        stdin.write_all(b"go\n").expect("write to stdin");
-        stdin.flush().expect("flush stdin");
-    }
-
-    fn kill(&mut self) {
-        // SAFETY: kill(2) on the process group this harness created (pgid == the child's
-        // pid); no memory is passed.
-        unsafe {
-            libc::kill(-(self.child.id() as libc::pid_t), libc::SIGKILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Lines {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// What a process holds that a connection could leak: descriptors, threads and, per kind,
 /// the verbs objects (`rdma res show KIND`) created by any of its threads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1089,7 +978,7 @@ fn victim_side_ok(pid: u32, scenario: &str) -> Result<(), String> {
 /// Where the victims of [`fault_round`] run: in this guest, or in the other one, driven over
 /// a plain TCP control connection whose other end runs [`victim_host`].
 enum Victims {
-    Here(Option<Lines>),
+    Here(Option<Synced>),
     There(std::io::BufReader<std::net::TcpStream>),
 }
 
@@ -1115,11 +1004,12 @@ impl Victims {
     fn spawn(&mut self, mode: Mode, addr: &str, port: &str, scenario: &str) {
         match self {
             Victims::Here(v) => {
-                let mut l = Lines::spawn(
+                let mut l = Synced::spawn(
                     fault_peer(mode, &["client", addr, port, scenario]),
                     "fault_peer client",
+                    T,
                 );
-                l.expect("connected", T);
+                l.expect_prefix("connected", T);
                 *v = Some(l);
             }
             Victims::There(ctl) => {
@@ -1138,8 +1028,8 @@ impl Victims {
         match self {
             Victims::Here(v) => {
                 let v = v.as_mut().expect("a victim");
-                v.expect("ready", T);
-                if check && let Err(e) = victim_side_ok(v.id(), scenario) {
+                v.expect_prefix("ready", T);
+                if check && let Err(e) = victim_side_ok(v.pid(), scenario) {
                     panic!("{e}");
                 }
             }
@@ -1154,7 +1044,7 @@ impl Victims {
         match self {
             Victims::Here(v) => {
                 let mut v = v.take().expect("a victim");
-                v.expect("good: pong", T);
+                v.expect_prefix("good: pong", T);
             }
             Victims::There(ctl) => {
                 Victims::ask(ctl, "good");
@@ -1178,7 +1068,7 @@ impl Victims {
 fn victim_host(ctl: std::net::TcpStream) {
     use std::io::{BufRead, Write};
     let mut out = ctl.try_clone().expect("control clone");
-    let mut victim: Option<Lines> = None;
+    let mut victim: Option<Synced> = None;
     for line in std::io::BufReader::new(ctl).lines() {
         let line = line.expect("control read");
         let w: Vec<&str> = line.split_whitespace().collect();
@@ -1189,25 +1079,26 @@ fn victim_host(ctl: std::net::TcpStream) {
                 } else {
                     Mode::Base
                 };
-                let mut l = Lines::spawn(
+                let mut l = Synced::spawn(
                     fault_peer(mode, &["client", addr, port, scenario]),
                     "fault_peer client",
+                    T,
                 );
-                l.expect("connected", T);
+                l.expect_prefix("connected", T);
                 victim = Some(l);
                 "connected".to_string()
             }
             ["ready", scenario, check] => {
                 let v = victim.as_mut().expect("a victim");
-                v.expect("ready", T);
-                match (*check == "1").then(|| victim_side_ok(v.id(), scenario)) {
+                v.expect_prefix("ready", T);
+                match (*check == "1").then(|| victim_side_ok(v.pid(), scenario)) {
                     Some(Err(e)) => format!("fail {}", e.replace('\n', " | ")),
                     _ => "ready".to_string(),
                 }
             }
             ["good"] => {
                 let mut v = victim.take().expect("a victim");
-                v.expect("good: pong", T);
+                v.expect_prefix("good: pong", T);
                 "good".to_string()
             }
             ["kill"] => {
@@ -1238,20 +1129,21 @@ fn fault_round(
     victims: &mut Victims,
 ) -> Vec<String> {
     let p = port.to_string();
-    let mut server = Lines::spawn(
+    let mut server = Synced::spawn(
         fault_peer(mode, &["serve", addr, &p, "--gate"]),
         "fault_peer serve",
+        T,
     );
-    server.expect("listening", T);
+    server.expect_prefix("listening", T);
     victims.spawn(mode, addr, &p, "g");
     accept_when_connected(&mut server);
     victims.good();
-    let end = server.expect("end ", T);
+    let end = server.expect_prefix("end ", T);
     assert_eq!(
         end, "end g: exchanged, read eof",
         "the good connection's end"
     );
-    let baseline = held_when(server.id(), None, Duration::from_secs(20));
+    let baseline = held_when(server.pid(), None, Duration::from_secs(20));
     let mut seen = Vec::new();
     for s in scenarios {
         // `C`: the victim dies between its connect and the survivor's accept.
@@ -1262,7 +1154,7 @@ fn fault_round(
         }
         victims.ready(s, mode == Mode::Preload);
         if mode == Mode::Preload && !before_accept {
-            let rows = rows_when(server.id(), Duration::from_secs(30), |r| {
+            let rows = rows_when(server.pid(), Duration::from_secs(30), |r| {
                 let c = connections(r);
                 !c.is_empty() && c.iter().all(|r| r.transport == "rdma") && with_bytes(r)
             });
@@ -1276,18 +1168,18 @@ fn fault_round(
         }
         // The write scenarios: let the survivor fill the buffers and block (`O` says when).
         if *s == "O" {
-            server.expect("filled", T);
+            server.expect_prefix("filled", T);
         }
         std::thread::sleep(Duration::from_millis(if *s == "B" { 2000 } else { 300 }));
         victims.kill();
         let t0 = Instant::now();
         if before_accept {
-            server.go();
+            server.release();
         }
         let tag = if before_accept { "-" } else { s };
-        let end = server.expect(&format!("end {tag}:"), Duration::from_secs(90));
+        let end = server.expect_prefix(&format!("end {tag}:"), Duration::from_secs(90));
         let took = t0.elapsed();
-        let after = held_when(server.id(), Some(&baseline), Duration::from_secs(30));
+        let after = held_when(server.pid(), Some(&baseline), Duration::from_secs(30));
         assert_eq!(
             after, baseline,
             "scenario {s} ({mode:?}): the survivor holds other than before the faulty connection (right: the baseline)"
@@ -1307,7 +1199,7 @@ fn fault_round(
             &format!("holds as before: {after:?}"),
         ));
     }
-    assert!(server_alive(&mut server), "the survivor died");
+    assert!(server.alive(), "the survivor died");
     seen
 }
 
@@ -1315,13 +1207,9 @@ fn fault_round(
 /// the client's REQ travels apart from its TCP handshake, and an `accept` that does not find
 /// it within 50 ms takes the connection as a plain client's (TCP), which is not the fault
 /// under test. The client's pending connection waits 2 s for the accept.
-fn accept_when_connected(server: &mut Lines) {
+fn accept_when_connected(server: &mut Synced) {
     std::thread::sleep(Duration::from_millis(300));
-    server.go();
-}
-
-fn server_alive(s: &mut Lines) -> bool {
-    matches!(s.child.try_wait(), Ok(None))
+    server.release();
 }
 
 /// Where SDP cannot give what kernel TCP gives, as (TCP's end line, SDP-on-rdma's, why): a
@@ -1504,18 +1392,19 @@ fn pending_round(mode: Mode, addr: &str, port: u16, how: ServerEnd) -> String {
     };
     let p = port.to_string();
     let mut victim = match how {
-        ServerEnd::Killed => Lines::spawn(cmd(&["listen", addr, &p]), "fault_peer listen"),
-        ServerEnd::ListenerClosed => Lines::spawn(
+        ServerEnd::Killed => Synced::spawn(cmd(&["listen", addr, &p]), "fault_peer listen", T),
+        ServerEnd::ListenerClosed => Synced::spawn(
             cmd(&["listen", addr, &p, "--close-on-go"]),
             "fault_peer listen --close-on-go",
+            T,
         ),
     };
-    victim.expect("listening", T);
-    let listening = held(victim.id());
-    let mut client = Lines::spawn(cmd(&["pending", addr, &p]), "fault_peer pending");
-    client.expect("connected", T);
+    victim.expect_prefix("listening", T);
+    let listening = held(victim.pid());
+    let mut client = Synced::spawn(cmd(&["pending", addr, &p]), "fault_peer pending", T);
+    client.expect_prefix("connected", T);
     if mode == Mode::Preload {
-        let rows = rows_when(client.id(), Duration::from_secs(30), |r| {
+        let rows = rows_when(client.pid(), Duration::from_secs(30), |r| {
             !connections(r).is_empty()
         });
         // Pending: the REQ is out, no byte moved yet.
@@ -1530,16 +1419,16 @@ fn pending_round(mode: Mode, addr: &str, port: u16, how: ServerEnd) -> String {
     match how {
         ServerEnd::Killed => victim.kill(),
         ServerEnd::ListenerClosed => {
-            victim.go();
-            victim.expect("closed", T);
+            victim.release();
+            victim.expect_prefix("closed", T);
         }
     }
     let t0 = Instant::now();
-    let end = client.expect("end pending:", Duration::from_secs(90));
+    let end = client.expect_prefix("end pending:", Duration::from_secs(90));
     let took = t0.elapsed();
     // The connection is closed: no queue pair, completion queue, registration or cm id of it
     // may remain (the process's device and PD may).
-    let h = held_without_connection_objects(client.id());
+    let h = held_without_connection_objects(client.pid());
     assert!(
         no_connection_objects(&h),
         "pending ({mode:?}, {how:?}): the client still holds verbs objects after its connection ended: {h:?}"
@@ -1552,7 +1441,7 @@ fn pending_round(mode: Mode, addr: &str, port: u16, how: ServerEnd) -> String {
         // The server closed its listener with the connection in its queue: the listener's
         // rdma_cm id and the request it held go with it, and every descriptor libsdp's
         // listen state took (beacon, rdma_cm channel) with them.
-        let server = held_without_connection_objects(victim.id());
+        let server = held_without_connection_objects(victim.pid());
         assert!(
             no_connection_objects(&server) && server.fds < listening.fds,
             "{what} ({mode:?}): the server still holds verbs objects or descriptors after closing its listener: {server:?} (listening: {listening:?})"
@@ -1636,17 +1525,19 @@ fn one_guest_faults_memory_lock_limit_connection_goes_tcp_with_its_reason() {
         } else {
             &mut srv
         });
-        let mut server = Lines::spawn(srv, "fault_peer serve");
-        server.expect("listening", T);
+        let mut server = Synced::spawn(srv, "fault_peer serve", T);
+        server.expect_prefix("listening", T);
         let t0 = Instant::now();
-        let mut client = Lines::spawn(cli, "fault_peer client R");
-        client.expect("connected", T);
+        let mut client = Synced::spawn(cli, "fault_peer client R", T);
+        client.expect_prefix("connected", T);
         accept_when_connected(&mut server);
-        client.expect("ready", T);
+        client.expect_prefix("ready", T);
         let took = t0.elapsed();
-        let both = groups_when(&[server.id(), client.id()], Duration::from_secs(30), |r| {
-            connections(r).len() == 1
-        });
+        let both = groups_when(
+            &[server.pid(), client.pid()],
+            Duration::from_secs(30),
+            |r| connections(r).len() == 1,
+        );
         let (s, c) = (connections(&both[0]), connections(&both[1]));
         assert!(
             s.len() == 1
@@ -1661,9 +1552,9 @@ fn one_guest_faults_memory_lock_limit_connection_goes_tcp_with_its_reason() {
             client.stderr()
         );
         let limited_pid = if limited == "client" {
-            client.id()
+            client.pid()
         } else {
-            server.id()
+            server.pid()
         };
         let h = held_without_connection_objects(limited_pid);
         let listener_ids = usize::from(limited == "server");
@@ -1680,7 +1571,7 @@ fn one_guest_faults_memory_lock_limit_connection_goes_tcp_with_its_reason() {
             "{limited} without locked memory keeps verbs objects of the connection: {h:?}"
         );
         client.kill();
-        let end = server.expect("end R:", Duration::from_secs(30));
+        let end = server.expect_prefix("end R:", Duration::from_secs(30));
         assert_eq!(end, "end R: read eof, read eof", "the server's end");
         println!(
             "RDMA-TEST INFO faults-memlock-{limited}: connected and exchanged in {:.2} s over TCP: server reason {}, client reason {}; {limited} holds {h:?}",
@@ -1697,24 +1588,26 @@ fn one_guest_faults_memory_lock_limit_connection_goes_tcp_with_its_reason() {
 /// holds no verbs object of the connection afterwards.
 fn client_survivor_round(mode: Mode, addr: &str, port: u16, scenario: &str) -> String {
     let p = port.to_string();
-    let mut victim = Lines::spawn(
+    let mut victim = Synced::spawn(
         fault_peer(mode, &["vserve", addr, &p, scenario, "--gate"]),
         "fault_peer vserve",
+        T,
     );
-    victim.expect("listening", T);
-    let mut client = Lines::spawn(
+    victim.expect_prefix("listening", T);
+    let mut client = Synced::spawn(
         fault_peer(mode, &["survive", addr, &p]),
         "fault_peer survive",
+        T,
     );
-    client.expect("connected", T);
+    client.expect_prefix("connected", T);
     accept_when_connected(&mut victim);
-    victim.expect("ready", T);
+    victim.expect_prefix("ready", T);
     if mode == Mode::Preload {
         let ok = |r: &[StatRow]| {
             let c = connections(r);
             !c.is_empty() && c.iter().all(|r| r.transport == "rdma") && with_bytes(r)
         };
-        let both = groups_when(&[client.id(), victim.id()], Duration::from_secs(30), ok);
+        let both = groups_when(&[client.pid(), victim.pid()], Duration::from_secs(30), ok);
         assert!(
             ok(&both[0]) && ok(&both[1]),
             "scenario {scenario}, client survivor: want the connection on rdma with bytes at both ends before the kill:\nclient:\n{}server:\n{}",
@@ -1725,13 +1618,13 @@ fn client_survivor_round(mode: Mode, addr: &str, port: u16, scenario: &str) -> S
     std::thread::sleep(Duration::from_millis(300));
     victim.kill();
     let t0 = Instant::now();
-    let end = client.expect(&format!("end {scenario}:"), Duration::from_secs(90));
+    let end = client.expect_prefix(&format!("end {scenario}:"), Duration::from_secs(90));
     let took = t0.elapsed();
-    let h = held_without_connection_objects(client.id());
+    let h = held_without_connection_objects(client.pid());
     // Its only connection ended: no socket may remain (app end, shadow, bells are sockets;
     // what libsdp keeps per process, the verbs and rdma_cm device files, an epoll set, the
     // statistics file, is not).
-    let sockets = std::fs::read_dir(format!("/proc/{}/fd", client.id()))
+    let sockets = std::fs::read_dir(format!("/proc/{}/fd", client.pid()))
         .map(|d| {
             d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
                 .filter(|t| t.to_string_lossy().starts_with("socket:"))
@@ -1783,21 +1676,26 @@ fn one_guest_faults_descriptor_limit_connections_work_on_rdma_or_tcp_with_a_reas
     let mut lines = Vec::new();
     for (mode, port) in [(Mode::Base, 17044u16), (Mode::Preload, 17045u16)] {
         let p = port.to_string();
-        let mut server = Lines::spawn(fault_peer(mode, &["serve", &addr, &p]), "fault_peer serve");
-        server.expect("listening", T);
-        let mut client = Lines::spawn(
+        let mut server = Synced::spawn(
+            fault_peer(mode, &["serve", &addr, &p]),
+            "fault_peer serve",
+            T,
+        );
+        server.expect_prefix("listening", T);
+        let mut client = Synced::spawn(
             fault_peer(mode, &["nofile", &addr, &p]),
             "fault_peer nofile",
+            T,
         );
         let steps: Vec<String> = (0..=24)
-            .map(|room| client.expect(&format!("room for {room}:"), T))
+            .map(|room| client.expect_prefix(&format!("room for {room}:"), T))
             .collect();
-        client.expect("held", T);
+        client.expect_prefix("held", T);
         if mode == Mode::Preload {
             // Every row, not only those with addresses: a connection that did not fit SDP's
             // descriptors is `exhausted` without them. A row per connection from room 5 up at
             // least (with less room even the statistics file may not open).
-            let rows = rows_when(client.id(), Duration::from_secs(10), |r| {
+            let rows = rows_when(client.pid(), Duration::from_secs(10), |r| {
                 r.iter()
                     .any(|r| r.transport == "rdma" && with_bytes(std::slice::from_ref(r)))
             });
@@ -1826,13 +1724,13 @@ fn one_guest_faults_descriptor_limit_connections_work_on_rdma_or_tcp_with_a_reas
         }
         drop(client);
         for _ in 0..24 {
-            let end = server.expect("end ", T);
+            let end = server.expect_prefix("end ", T);
             assert_eq!(
                 end, "end g: exchanged, read eof",
                 "the server's end of a good exchange"
             );
         }
-        assert!(server_alive(&mut server), "the server died");
+        assert!(server.alive(), "the server died");
         lines.push(steps);
     }
     assert_eq!(
