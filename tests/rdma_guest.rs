@@ -1024,19 +1024,20 @@ impl Victims {
     }
 
     /// Waits for the victim's `ready` and (`check`) that its side is as the scenario needs.
-    fn ready(&mut self, scenario: &str, check: bool) {
+    fn ready(&mut self, scenario: &str, check: bool) -> Result<(), String> {
         match self {
             Victims::Here(v) => {
                 let v = v.as_mut().expect("a victim");
                 v.expect_prefix("ready", T);
-                if check && let Err(e) = victim_side_ok(v.pid(), scenario) {
-                    panic!("{e}");
+                if check {
+                    victim_side_ok(v.pid(), scenario)?;
                 }
             }
             Victims::There(ctl) => {
                 Victims::ask(ctl, &format!("ready {scenario} {}", u8::from(check)));
             }
         }
+        Ok(())
     }
 
     /// The good client's end: its `good: pong`, then it exits.
@@ -1068,7 +1069,7 @@ impl Victims {
 fn victim_host(ctl: std::net::TcpStream) {
     use std::io::{BufRead, Write};
     let mut out = ctl.try_clone().expect("control clone");
-    let mut victim: Option<Synced> = None;
+    let mut here = Victims::Here(None);
     for line in std::io::BufReader::new(ctl).lines() {
         let line = line.expect("control read");
         let w: Vec<&str> = line.split_whitespace().collect();
@@ -1079,30 +1080,19 @@ fn victim_host(ctl: std::net::TcpStream) {
                 } else {
                     Mode::Base
                 };
-                let mut l = Synced::spawn(
-                    fault_peer(mode, &["client", addr, port, scenario]),
-                    "fault_peer client",
-                    T,
-                );
-                l.expect_prefix("connected", T);
-                victim = Some(l);
+                here.spawn(mode, addr, port, scenario);
                 "connected".to_string()
             }
-            ["ready", scenario, check] => {
-                let v = victim.as_mut().expect("a victim");
-                v.expect_prefix("ready", T);
-                match (*check == "1").then(|| victim_side_ok(v.pid(), scenario)) {
-                    Some(Err(e)) => format!("fail {}", e.replace('\n', " | ")),
-                    _ => "ready".to_string(),
-                }
-            }
+            ["ready", scenario, check] => match here.ready(scenario, *check == "1") {
+                Err(e) => format!("fail {}", e.replace('\n', " | ")),
+                Ok(()) => "ready".to_string(),
+            },
             ["good"] => {
-                let mut v = victim.take().expect("a victim");
-                v.expect_prefix("good: pong", T);
+                here.good();
                 "good".to_string()
             }
             ["kill"] => {
-                victim.take().expect("a victim").kill();
+                here.kill();
                 "killed".to_string()
             }
             ["done"] => {
@@ -1152,7 +1142,9 @@ fn fault_round(
         if !before_accept {
             accept_when_connected(&mut server);
         }
-        victims.ready(s, mode == Mode::Preload);
+        if let Err(e) = victims.ready(s, mode == Mode::Preload) {
+            panic!("{e}");
+        }
         if mode == Mode::Preload && !before_accept {
             let rows = rows_when(server.pid(), Duration::from_secs(30), |r| {
                 let c = connections(r);
