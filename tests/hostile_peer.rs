@@ -107,6 +107,22 @@ fn scribbling_peer_hurts_only_its_own_connection() {
     drop(server.stdin.take().map(|mut i| i.write_all(b"")));
     let status = server.wait().expect("server");
     assert!(status.success(), "the server died: {status:?}");
+    // Each attacked connection failed as a reset TCP connection does: its first error once,
+    // then end of stream and EPIPE (a transport failure is not sticky).
+    let after: Vec<String> = lines
+        .map_while(Result::ok)
+        .filter(|l| l.starts_with("after "))
+        .collect();
+    assert!(
+        !after.is_empty(),
+        "no attacked connection failed in the server"
+    );
+    for l in &after {
+        assert!(
+            l.ends_with(": recv b'', send EPIPE"),
+            "an attacked connection did not end as TCP's would: {l:?} (all: {after:?})"
+        );
+    }
     // The server's library saw the attacks for what they were, and said so once each.
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     let seen = text

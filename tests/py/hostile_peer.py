@@ -2,7 +2,8 @@
 
 Roles (argv[1]):
   server PORT          threaded echo server; prints READY, then serves until stdin closes,
-                       then prints its open fd count and exits 0.
+                       then prints its open fd count and exits 0. A connection that fails
+                       prints "after ERRNO: recv ..., send ..." (one more of each after it).
   honest PORT N        N echo round trips of varied sizes, each checked; prints "honest ok N".
   attacker PORT SEED   connects, echoes once (so the connection is SDP), then scribbles random
                        bytes over the connection's shared memory (the libsdp memfd it holds)
@@ -13,6 +14,10 @@ import mmap, os, random, socket, sys, threading, time
 
 role, port = sys.argv[1], int(sys.argv[2])
 
+def errname(e):
+    import errno
+    return errno.errorcode.get(e.errno, str(e.errno))
+
 def echo_conn(c):
     try:
         while True:
@@ -20,8 +25,20 @@ def echo_conn(c):
             if not b:
                 break
             c.sendall(b)
-    except OSError:
-        pass
+    except OSError as e:
+        # LINUX: a connection reports its reset once; after it the socket reads end of stream
+        # and writes EPIPE. The test compares what follows the first error with that.
+        after = []
+        try:
+            after.append("recv %r" % c.recv(16))
+        except OSError as e2:
+            after.append("recv " + errname(e2))
+        try:
+            c.send(b"x")
+            after.append("send ok")
+        except OSError as e2:
+            after.append("send " + errname(e2))
+        print("after %s: %s" % (errname(e), ", ".join(after)), flush=True)
     finally:
         c.close()
 

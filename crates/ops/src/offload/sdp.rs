@@ -33,8 +33,8 @@ pub fn errno_of(kind: ErrorKind) -> Errno {
 
 /// The receive calls of an SDP stream: the engine's bytes into `out` (MSG_PEEK with `peek`),
 /// then the stream's errors as TCP reports them. A peer that went (`peer_gone`) is end of
-/// stream, or one ECONNRESET first when it left our bytes unread (`reset_pending`, taken);
-/// `dead`: the transport failed. The caller drains the engine's outputs after bytes were read
+/// stream, or one ECONNRESET first when it left our bytes unread or reset (`reset_pending`,
+/// taken); `dead`: the connection cannot be used here. The caller drains the engine's outputs after bytes were read
 /// (a credit update may be due).
 pub(crate) fn engine_recv(
     engine: &mut sdp_proto::Connection,
@@ -133,7 +133,8 @@ pub struct SdpShm {
     reset_pending: bool,
     /// The peer reset the connection.
     reset_seen: bool,
-    /// The transport died (hostile peer, system error).
+    /// The connection cannot be used from this process (a fork child's use of its parent's
+    /// connection): every call fails with this.
     dead: Option<Errno>,
     /// The peer announced urgent data (SIGURG to raise).
     urgent: bool,
@@ -191,14 +192,8 @@ impl SdpShm {
                 self.peer_gone = true;
                 let _ = self.engine.handle_cm_disconnected(t);
             }
-            // The transport keeps reporting it: only the first report is news.
-            ConnError::PeerAborted if self.reset_seen => {}
             ConnError::PeerAborted => {
-                // LINUX: after an RST the next call reports ECONNRESET once, then the socket
-                // reads end of stream and writes EPIPE.
-                self.peer_gone = true;
-                self.reset_seen = true;
-                self.reset_pending = true;
+                self.reset();
                 let _ = self.engine.handle_cm_disconnected(t);
             }
             ConnError::Protocol(ib_verbs::Violation::Stolen) => {
@@ -210,14 +205,26 @@ impl SdpShm {
             }
             _ => {
                 // The transport repeats its verdict on every later call: said once.
-                if self.dead.is_none() {
+                if !self.reset_seen {
                     crate::sdp_log!(crate::log::WARN, "shm transport failed: {e}");
                 }
-                self.dead.get_or_insert(libc::ECONNRESET);
+                self.reset();
                 let _ = self
                     .engine
                     .handle_transport_error(t, sdp_proto::error::TransportFailure::Fatal);
             }
+        }
+    }
+
+    /// The connection was reset: by the peer's abort, or by a failure of the transport (a
+    /// peer that broke the shared-memory protocol) that ends it here as a reset would.
+    /// LINUX: after an RST the next call reports ECONNRESET once, then the socket reads end of
+    /// stream and writes EPIPE. The transport keeps reporting it: only the first is news.
+    fn reset(&mut self) {
+        if !self.reset_seen {
+            self.reset_seen = true;
+            self.reset_pending = true;
+            self.peer_gone = true;
         }
     }
 
@@ -254,7 +261,7 @@ impl SdpShm {
                             },
                         );
                         if failed {
-                            self.dead = Some(libc::ECONNRESET);
+                            self.reset();
                         } else if let Err(sdp_proto::error::HandleError::Fatal(e)) = r {
                             crate::sdp_log!(crate::log::WARN, "SDP connection ended: {e}");
                         }
@@ -310,7 +317,7 @@ impl SdpShm {
                 self.conn.shutdown_peer_bell();
             }
             if let Err(e) = posted {
-                if self.dead.is_none() {
+                if self.dead.is_none() && !self.reset_seen {
                     crate::sdp_log!(crate::log::WARN, "post_send failed: {e}");
                 }
                 if let ib_verbs::PostError::Dead(d) = e {
