@@ -540,18 +540,47 @@ fn exit_right_after_writing_delivers_every_byte() {
 }
 
 #[test]
+fn bytes_written_before_the_server_accepts_survive_the_clients_close_and_exit() {
+    let out = semantics("lifetime", "gone_before_accept", 1);
+    assert_lines(
+        &out,
+        &[
+            "close: 0",
+            "server got from a closed socket: \"written, then closed\", then 0",
+            "server got from exit: \"written, then exited\", then 0",
+            "server got from _exit: \"written, then exited\", then 0",
+        ],
+    );
+}
+
+#[test]
 fn so_linger_zero_close_resets_the_peer() {
     let out = semantics("lifetime", "linger0", 2);
     assert_lines(
         &out,
-        &["peer poll: IN HUP", "peer reads: -1 ECONNRESET", "then: 0"],
+        &[
+            "peer poll: IN HUP",
+            "peer reads: -1 ECONNRESET",
+            "then: 0",
+            "then send: -1 EPIPE",
+            "then SO_ERROR: 0",
+        ],
     );
 }
 
 #[test]
 fn close_with_unread_bytes_resets_the_peer() {
     let out = semantics("lifetime", "unread_close", 2);
-    assert_lines(&out, &["peer poll: IN HUP", "peer reads: -1 ECONNRESET"]);
+    assert_lines(
+        &out,
+        &[
+            "peer poll: IN HUP",
+            "peer reads: -1 ECONNRESET",
+            "then: 0",
+            "then send: -1 EPIPE",
+            "then SO_ERROR: 0",
+        ],
+    );
 }
 
 #[test]

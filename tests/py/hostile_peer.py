@@ -10,12 +10,11 @@ Roles (argv[1]):
                        while sending, for two seconds; prints "attacker done" whatever the
                        connection did (reset, end of stream, or nothing).
 """
-import mmap, os, random, socket, sys, threading, time
+import errno, mmap, os, random, socket, sys, threading, time
 
 role, port = sys.argv[1], int(sys.argv[2])
 
 def errname(e):
-    import errno
     return errno.errorcode.get(e.errno, str(e.errno))
 
 def echo_conn(c):
@@ -38,6 +37,8 @@ def echo_conn(c):
             after.append("send ok")
         except OSError as e2:
             after.append("send " + errname(e2))
+        err = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        after.append("SO_ERROR %s" % (errno.errorcode.get(err, str(err)) if err else 0))
         print("after %s: %s" % (errname(e), ", ".join(after)), flush=True)
     finally:
         c.close()

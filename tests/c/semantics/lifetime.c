@@ -290,11 +290,63 @@ static void c_exit_unsent(void) {
     printf("peer got %zu of %u bytes, all in order: %d, then eof\n", got, UNSENT, same);
 }
 
+/* Reads what `s` delivers until end of stream, and says it. */
+static void drain_and_say(const char *who, int s) {
+    char b[256];
+    size_t got = 0;
+    ssize_t n;
+    while ((n = read(s, b + got, sizeof b - 1 - got)) > 0 || (n < 0 && errno == EINTR))
+        if (n > 0) got += (size_t)n;
+    b[got] = 0;
+    printf("server got from %s: \"%s\", then %s\n", who, b, res(n));
+    close(s);
+}
+
+/* A client that writes and then closes, or exits, before the server accepted: its bytes still
+ * reach the server, then end of stream. Over SDP they wait in the client's library while the
+ * connection is pending, so the close and the exit must hand them to the kernel. */
+static void c_gone_before_accept(void) {
+    int l = listener();
+    int c = connect_to(&listen_addr);
+    write_all(c, "written, then closed", 20);
+    printf("close: %d\n", close(c));
+    drain_and_say("a closed socket", accept(l, NULL, NULL));
+    const char *how[] = {"exit", "_exit"};
+    for (int i = 0; i < 2; i++) {
+        pid_t k = fork();
+        CHECK(k >= 0);
+        if (k == 0) {
+            close(l);
+            int c2 = connect_to(&listen_addr);
+            write_all(c2, "written, then exited", 20);
+            if (i == 0) exit(0);
+            _exit(0);
+        }
+        int st;
+        CHECK(waitpid(k, &st, 0) == k);
+        drain_and_say(how[i], accept(l, NULL, NULL));
+    }
+    close(l);
+    fresh_pair(&C, &S);
+    sync_point();
+}
+
 /* A reset SDP connection polls IN and HUP but not ERR: an AF_UNIX app end cannot be made to
  * show POLLERR from outside (docs/ARCHITECTURE.md). The reads that follow are TCP's. */
 static int no_err(int r) { return r > 0 ? r & ~POLLERR : r; }
 
 /* SO_LINGER with a zero timeout: close resets the connection. */
+/* What a socket does once its reset was reported: end of stream, EPIPE, no pending error. */
+static void after_reset(int s) {
+    char b[8];
+    printf("then: %s\n", res(read(s, b, sizeof b)));
+    printf("then send: %s\n", res(send(s, "x", 1, MSG_NOSIGNAL)));
+    int err = -1;
+    socklen_t len = sizeof err;
+    CHECK(getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &len) == 0);
+    printf("then SO_ERROR: %s\n", err ? strerrorname_np(err) : "0");
+}
+
 static void c_linger0(void) {
     fresh_pair(&C, &S);
     sync_point();
@@ -304,7 +356,7 @@ static void c_linger0(void) {
     char b[8];
     printf("peer poll: %s\n", pollstr(no_err(poll1(S, POLLIN, 5000))));
     printf("peer reads: %s\n", res(read(S, b, sizeof b)));
-    printf("then: %s\n", res(read(S, b, sizeof b)));
+    after_reset(S);
 }
 
 /* close with unread bytes resets the connection instead of ending it. */
@@ -317,6 +369,7 @@ static void c_unread_close(void) {
     char b[8];
     printf("peer poll: %s\n", pollstr(no_err(poll1(S, POLLIN, 5000))));
     printf("peer reads: %s\n", res(read(S, b, sizeof b)));
+    after_reset(S);
 }
 
 /* daemon(): the detached grandchild keeps using the connection its parent made. */
@@ -385,6 +438,7 @@ int main(int argc, char **argv) {
         {"many", c_many},
         {"dup3", c_dup3},
         {"exit_unsent", c_exit_unsent},
+        {"gone_before_accept", c_gone_before_accept},
         {"linger0", c_linger0},
         {"unread_close", c_unread_close},
         {"daemon", c_daemon},

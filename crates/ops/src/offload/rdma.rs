@@ -1148,6 +1148,9 @@ pub struct SdpRdma {
     /// The peer went while our bytes waited for it (its application had not read what it was
     /// sent) and no call has reported it yet: one ECONNRESET to report, as after TCP's RST.
     reset_pending: bool,
+    /// The connection was reset (then `reset_pending` was set): once reported, SO_ERROR has
+    /// nothing more to say.
+    reset_seen: bool,
     dead: Option<Errno>,
     urgent: bool,
     every_arrival: bool,
@@ -1222,6 +1225,7 @@ impl SdpRdma {
             next_wr: 1 << 32,
             peer_gone: false,
             reset_pending: false,
+            reset_seen: false,
             dead: None,
             urgent: false,
             every_arrival: false,
@@ -1286,6 +1290,7 @@ impl SdpRdma {
                 sdp_log!(log::WARN, "rdma transport failed: {e}");
                 if !self.peer_gone {
                     self.reset_pending = true;
+                    self.reset_seen = true;
                     self.peer_gone = true;
                 }
                 let _ = self
@@ -1302,8 +1307,10 @@ impl SdpRdma {
     /// had not read what it was sent (the rule `SdpShm::peer_gone` applies over shm).
     fn mark_peer_gone(&mut self) {
         if !self.peer_gone {
-            self.reset_pending |=
-                self.engine.send_queued() > 0 || self.offered.is_some() || !self.resend.is_empty();
+            if self.engine.send_queued() > 0 || self.offered.is_some() || !self.resend.is_empty() {
+                self.reset_pending = true;
+                self.reset_seen = true;
+            }
             self.peer_gone = true;
         }
     }
@@ -1871,6 +1878,10 @@ impl OffloadStream for SdpRdma {
     fn take_error(&mut self) -> Option<Errno> {
         if std::mem::take(&mut self.reset_pending) {
             return Some(libc::ECONNRESET);
+        }
+        // LINUX: SO_ERROR reports a reset once; after any call reported it there is none.
+        if self.reset_seen && self.dead.is_none() {
+            return None;
         }
         self.error()
     }

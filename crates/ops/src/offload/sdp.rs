@@ -506,7 +506,9 @@ impl OffloadStream for SdpShm {
             // answers with RST): the next call reports ECONNRESET once, then EPIPE/end of
             // stream. Bytes still queued here for lack of the peer's credits mean that its
             // window was full of bytes its application had not read.
-            self.reset_pending |= self.engine.send_queued() > 0;
+            if self.engine.send_queued() > 0 {
+                self.reset();
+            }
             self.peer_gone = true;
             let _ = self.engine.handle_cm_disconnected(now());
         }
@@ -525,6 +527,10 @@ impl OffloadStream for SdpShm {
     fn take_error(&mut self) -> Option<Errno> {
         if std::mem::take(&mut self.reset_pending) {
             return Some(libc::ECONNRESET);
+        }
+        // LINUX: SO_ERROR reports a reset once; after any call reported it there is none.
+        if self.reset_seen && self.dead.is_none() {
+            return None;
         }
         self.error()
     }

@@ -1110,11 +1110,24 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
             )
         };
     }
-    // LINUX: a connection reset by the server (its listener closed, its process killed)
-    // reports ECONNRESET to the application's next call; sending the buffered bytes now
-    // would consume that error, so a reset shadow keeps them (TCP discards them too).
+    send_pending_bytes(g.shadow, &buf);
+    // Wake any thread blocked on the old app end: it retries and finds TCP.
+    g.signal_eof();
+    if let Some(r) = &g.row {
+        r.set_meta(Transport::Tcp, 1, g.role, reason.code());
+    }
+    log::resolved(g, Some(reason));
+}
+
+/// Sends on the kernel socket the bytes an application wrote while its connection was
+/// pending, as far as the socket's blocking mode and SO_SNDTIMEO let it.
+///
+/// LINUX: a connection reset by the server (its listener closed, its process killed) reports
+/// ECONNRESET to the application's next call; sending the buffered bytes now would consume
+/// that error, so a reset shadow keeps them (TCP discards them too).
+fn send_pending_bytes(shadow: i32, buf: &[u8]) {
     let mut pfd = libc::pollfd {
-        fd: g.shadow,
+        fd: shadow,
         events: 0,
         revents: 0,
     };
@@ -1130,7 +1143,7 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
         let n = unsafe {
             libc::syscall(
                 libc::SYS_sendto,
-                g.shadow,
+                shadow,
                 buf[off..].as_ptr(),
                 buf.len() - off,
                 libc::MSG_NOSIGNAL,
@@ -1143,12 +1156,60 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
         }
         off += n as usize;
     }
-    // Wake any thread blocked on the old app end: it retries and finds TCP.
-    g.signal_eof();
-    if let Some(r) = &g.row {
-        r.set_meta(Transport::Tcp, 1, g.role, reason.code());
+}
+
+/// How long the last close, or the exit, of a pending connection may wait for the kernel to
+/// take the bytes its application wrote (only a server that stopped reading makes it wait).
+const PENDING_HANDOVER_LIMIT: Duration = Duration::from_secs(1);
+
+/// A connection closed, or whose process exits, while it is still pending: the bytes its
+/// application wrote go to the kernel's TCP connection, which delivers them after the close
+/// as it would have without libsdp. The server, whose exchange then finds no client, keeps
+/// TCP and reads them there (a completed exchange would have made the connection offloaded:
+/// both run under the connection's lock). Before, they were dropped with the library's buffer.
+pub(super) fn hand_pending_to_kernel(g: &mut Inner) {
+    let buf = match &mut g.phase {
+        Phase::Pending { sendbuf, .. } => std::mem::take(sendbuf),
+        _ => return,
+    };
+    if buf.is_empty() || g.shadow < 0 {
+        return;
     }
-    log::resolved(g, Some(reason));
+    // The socket is ours alone now (its last fd is being closed, or the process exits): room
+    // in its send buffer for all of it, and a bounded blocking send.
+    let fl = fcntl(g.shadow, libc::F_GETFL, 0);
+    fcntl(g.shadow, libc::F_SETFL, (fl & !libc::O_NONBLOCK) as i64);
+    let room = buf.len().min(i32::MAX as usize) as i32;
+    let tv = libc::timeval {
+        tv_sec: PENDING_HANDOVER_LIMIT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt on our own socket with values that live across the calls.
+    unsafe {
+        libc::syscall(
+            libc::SYS_setsockopt,
+            g.shadow,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &room as *const i32,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        );
+        libc::syscall(
+            libc::SYS_setsockopt,
+            g.shadow,
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            &tv as *const libc::timeval,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        );
+    }
+    send_pending_bytes(g.shadow, &buf);
+    sdp_log!(
+        log::DECISION,
+        "fd {}: closed while pending; {} bytes handed to kernel TCP",
+        g.app_fds.first().copied().unwrap_or(-1),
+        buf.len()
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1467,6 +1528,9 @@ pub fn close(fd: i32) {
     // then its close never resets (and never takes bytes off the ring, which belong to
     // whichever process reads next).
     let last = current && !g.forked;
+    if !g.forked {
+        hand_pending_to_kernel(&mut g);
+    }
     let linger0 = last && linger_zero(g.shadow);
     if last
         && let Phase::Offloaded(s) = &mut g.phase
@@ -1607,6 +1671,8 @@ pub extern "C" fn flush_at_exit() {
             && s.is_current()
         {
             s.flush(deadline.saturating_duration_since(Instant::now()));
+        } else if !g.forked {
+            hand_pending_to_kernel(&mut g);
         }
     }
     // Connections already closed deliver from the progress thread: give it the time left.
