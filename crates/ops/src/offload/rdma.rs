@@ -1702,7 +1702,14 @@ impl OffloadStream for SdpRdma {
         if self.offered.is_some() || !self.push_resend() {
             // Our SrcAvail is outstanding or its remainder waits: nothing may go before it.
             self.drain_outputs();
-            if let Some(e) = self.take_error() {
+            // The connection's error, sticky (not SO_ERROR's report-once `take_error`): a
+            // writer blocked behind our offer must not wait for a peer that reset.
+            let err = if std::mem::take(&mut self.reset_pending) {
+                Some(libc::ECONNRESET)
+            } else {
+                self.error()
+            };
+            if let Some(e) = err {
                 if e == libc::ECONNRESET && self.dead.is_none() {
                     // Reported once, as a reset is; the writes after it get EPIPE.
                     self.peer_gone = true;
