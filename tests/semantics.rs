@@ -553,34 +553,26 @@ fn bytes_written_before_the_server_accepts_survive_the_clients_close_and_exit() 
     );
 }
 
+/// A reset as the peer of a TCP connection sees it: the reset reported once, then end of
+/// stream, EPIPE, and no pending error.
+const PEER_RESET: [&str; 5] = [
+    "peer poll: IN HUP",
+    "peer reads: -1 ECONNRESET",
+    "then: 0",
+    "then send: -1 EPIPE",
+    "then SO_ERROR: 0",
+];
+
 #[test]
 fn so_linger_zero_close_resets_the_peer() {
     let out = semantics("lifetime", "linger0", 2);
-    assert_lines(
-        &out,
-        &[
-            "peer poll: IN HUP",
-            "peer reads: -1 ECONNRESET",
-            "then: 0",
-            "then send: -1 EPIPE",
-            "then SO_ERROR: 0",
-        ],
-    );
+    assert_lines(&out, &PEER_RESET);
 }
 
 #[test]
 fn close_with_unread_bytes_resets_the_peer() {
     let out = semantics("lifetime", "unread_close", 2);
-    assert_lines(
-        &out,
-        &[
-            "peer poll: IN HUP",
-            "peer reads: -1 ECONNRESET",
-            "then: 0",
-            "then send: -1 EPIPE",
-            "then SO_ERROR: 0",
-        ],
-    );
+    assert_lines(&out, &PEER_RESET);
 }
 
 #[test]
