@@ -61,3 +61,14 @@ fn closed_connections_leave_no_descriptors() {
     let out = run_case("no-fd-leak");
     assert!(out.contains("fds grew by: 0"), "{out}");
 }
+
+#[test]
+fn a_half_closed_connection_costs_no_cpu_while_idle() {
+    let out = run_case("idle-after-half-close");
+    assert!(
+        out.contains("server got: b'request' then end of stream"),
+        "{out}"
+    );
+    assert!(out.contains("peer got: b'reply'"), "{out}");
+    assert!(out.contains("idle cpu: server low peer low"), "{out}");
+}

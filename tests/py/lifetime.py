@@ -128,3 +128,45 @@ elif CASE == "no-fd-leak":
         s.close()
     time.sleep(0.5)
     print("fds grew by:", len(os.listdir("/proc/self/fd")) - base)
+
+elif CASE == "idle-after-half-close":
+    # A connection whose peer half-closed (shutdown SHUT_WR) and stays costs no CPU while idle,
+    # here and in the peer: the half-close must not leave a watch that is ready for ever.
+    def cpu_ticks(pid):
+        total = 0
+        for t in os.listdir("/proc/%d/task" % pid):
+            f = open("/proc/%d/task/%s/stat" % (pid, t)).read().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+        return total
+
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(8)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        c = socket.create_connection(l.getsockname())
+        c.sendall(b"request")
+        c.shutdown(socket.SHUT_WR)
+        print("peer got:", c.recv(100), flush=True)
+        os.read(r, 1)
+        os._exit(0)
+    s, _ = l.accept()
+    got = b""
+    while True:
+        d = s.recv(100)
+        if not d:
+            break
+        got += d
+    print("server got:", got, "then end of stream")
+    s.sendall(b"reply")
+    time.sleep(0.3)
+    print("shm:", on_shm())
+    a, pa = cpu_ticks(os.getpid()), cpu_ticks(pid)
+    time.sleep(1)
+    b, pb = cpu_ticks(os.getpid()), cpu_ticks(pid)
+    # Clock ticks of 10 ms: a spinning thread takes about 100 in this second.
+    print("idle cpu: server", "low" if b - a <= 10 else "%d ticks" % (b - a),
+          "peer", "low" if pb - pa <= 10 else "%d ticks" % (pb - pa))
+    os.write(w, b"x")
+    os.waitpid(pid, 0)
