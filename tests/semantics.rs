@@ -311,6 +311,8 @@ fn msg_dontwait() {
         &out,
         &[
             "recv DONTWAIT empty: -1 EAGAIN",
+            "recv ERRQUEUE empty: -1 EAGAIN",
+            "recv ERRQUEUE with data queued: -1 EAGAIN",
             "send DONTWAIT full: -1 EAGAIN some=1",
             "all delivered: 1",
         ],

@@ -121,8 +121,11 @@ static void c_dontwait(void) {
     printf("recv DONTWAIT empty: %s\n", res(recv(S, b, sizeof b, MSG_DONTWAIT)));
     int fl = fcntl(S, F_GETFL);
     printf("still blocking: %d\n", !(fl & O_NONBLOCK));
+    /* The error queue never waits (a blocking socket, nothing queued there). */
+    printf("recv ERRQUEUE empty: %s\n", res(recv(S, b, sizeof b, MSG_ERRQUEUE)));
     write_all(C, "x", 1);
     sleep_ms(50);
+    printf("recv ERRQUEUE with data queued: %s\n", res(recv(S, b, sizeof b, MSG_ERRQUEUE)));
     show("recv DONTWAIT data", recv(S, b, sizeof b, MSG_DONTWAIT), b);
     /* Fill the send side without blocking. */
     static char chunk[1 << 16];
