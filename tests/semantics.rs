@@ -542,6 +542,18 @@ fn exit_right_after_writing_delivers_every_byte() {
 }
 
 #[test]
+fn exec_right_after_writing_delivers_every_byte() {
+    let out = semantics("lifetime", "exec_unsent", 2);
+    assert_lines(
+        &out,
+        &[
+            "exec: peer got all the writer's bytes: 1 (some: 1), then 0",
+            "close, then exec: peer got all the writer's bytes: 1 (some: 1), then 0",
+        ],
+    );
+}
+
+#[test]
 fn bytes_written_before_the_server_accepts_survive_the_clients_close_and_exit() {
     let out = semantics("lifetime", "gone_before_accept", 1);
     assert_lines(

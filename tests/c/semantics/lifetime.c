@@ -429,6 +429,58 @@ static void c_inetd(void) {
     close(c);
 }
 
+/* A process that execs right after its last write, its socket closed by the exec
+ * (SOCK_CLOEXEC), and one that closes its socket first: every byte send took still reaches
+ * the peer, as the kernel delivers them over TCP. Over SDP the bytes the peer's window did
+ * not take yet wait in the library's memory, which the exec replaces. */
+static void c_exec_unsent(void) {
+    for (int closed_first = 0; closed_first < 2; closed_first++) {
+        int l = listener();
+        int c = connect_to(&listen_addr);
+        int s = accept(l, NULL, NULL);
+        CHECK(s >= 0);
+        close(l);
+        exchange(c, s);
+        if (closed_first == 0) sync_point();
+        int p[2];
+        CHECK(pipe(p) == 0);
+        pid_t k = fork();
+        CHECK(k >= 0);
+        if (k == 0) {
+            close(s);
+            close(p[0]);
+            CHECK(fcntl(c, F_SETFD, FD_CLOEXEC) == 0);
+            CHECK(fcntl(c, F_SETFL, O_NONBLOCK) == 0);
+            static char chunk[1 << 16];
+            memset(chunk, 'e', sizeof chunk);
+            size_t total = 0;
+            ssize_t n;
+            while ((n = send(c, chunk, sizeof chunk, 0)) > 0) total += (size_t)n;
+            CHECK(write(p[1], &total, sizeof total) == (ssize_t)sizeof total);
+            if (closed_first) close(c);
+            char *argv[] = {"true", NULL};
+            execv("/bin/true", argv);
+            _exit(127);
+        }
+        close(c);
+        close(p[1]);
+        size_t total = 0;
+        CHECK(read(p[0], &total, sizeof total) == (ssize_t)sizeof total);
+        close(p[0]);
+        sleep_ms(200); /* the exec is done: nothing of the writer's process is left */
+        static char buf[1 << 16];
+        size_t got = 0;
+        ssize_t n;
+        while ((n = read(s, buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR))
+            if (n > 0) got += (size_t)n;
+        int st;
+        CHECK(waitpid(k, &st, 0) == k);
+        printf("%s: peer got all the writer's bytes: %d (some: %d), then %s\n",
+               closed_first ? "close, then exec" : "exec", got == total, total > 0, res(n));
+        close(s);
+    }
+}
+
 int main(int argc, char **argv) {
     static const struct sem_case cases[] = {
         {"dup", c_dup},
@@ -438,6 +490,7 @@ int main(int argc, char **argv) {
         {"many", c_many},
         {"dup3", c_dup3},
         {"exit_unsent", c_exit_unsent},
+        {"exec_unsent", c_exec_unsent},
         {"gone_before_accept", c_gone_before_accept},
         {"linger0", c_linger0},
         {"unread_close", c_unread_close},

@@ -42,6 +42,11 @@ pub fn before_exec() {
         }
         relay(&conn, &fds);
     }
+    // The connections the exec closes (FD_CLOEXEC), and those closed before it and still
+    // delivering from the progress thread, lose the library's memory with the old image: the
+    // bytes their application sent and the peer's window did not take yet go now, bounded as
+    // at exit. The kernel delivers a TCP socket's after an exec closed it.
+    super::setup::flush_at_exit();
 }
 
 fn relay(conn: &Arc<Conn>, fds: &[i32]) {

@@ -1666,8 +1666,8 @@ fn linger(conn: Arc<Conn>) {
 
 static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// At normal process exit: an exiting process lingers (bounded) until the bytes its open and
-/// closed connections accepted are delivered (DESIGN §7).
+/// At normal process exit, and before an exec: the process lingers (bounded) until the bytes
+/// its open and closed connections accepted are delivered (DESIGN §7).
 pub extern "C" fn flush_at_exit() {
     let deadline = Instant::now() + Duration::from_secs(2);
     for (_, conn) in super::snapshot() {
