@@ -72,3 +72,16 @@ fn a_half_closed_connection_costs_no_cpu_while_idle() {
     assert!(out.contains("peer got: b'reply'"), "{out}");
     assert!(out.contains("idle cpu: server low peer low"), "{out}");
 }
+
+#[test]
+fn reuseport_listeners_in_two_processes_keep_every_connection_going() {
+    let out = run_case("reuseport");
+    assert!(out.contains("served by both: True"), "{out}");
+    // Those the beacon's owner accepted are SDP; the others TCP with the reason given when
+    // the other process told the client so (a client left to its pending timeout would say
+    // setup-failed, two seconds late).
+    assert!(
+        out.contains("client connections: 24 ways: [('shm', '-'), ('tcp', 'peer-declined')]"),
+        "{out}"
+    );
+}

@@ -170,3 +170,49 @@ elif CASE == "idle-after-half-close":
           "peer", "low" if pb - pa <= 10 else "%d ticks" % (pb - pa))
     os.write(w, b"x")
     os.waitpid(pid, 0)
+
+elif CASE == "reuseport":
+    # Two unrelated processes listen on one port with SO_REUSEPORT; the kernel spreads the
+    # connections between them, but a client's intent reaches one beacon only. A connection
+    # the other process accepts must go on over TCP at once (reason peer-declined), not wait
+    # for the pending timeout, and the others are SDP.
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    ready_r, ready_w = os.pipe()
+    servers = []
+    for tag in (b"A", b"B"):
+        pid = os.fork()
+        if pid == 0:
+            os.close(ready_r)
+            l = socket.socket()
+            l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            l.bind(("127.0.0.1", port))
+            l.listen(64)
+            os.write(ready_w, b"r")
+            while True:
+                s, _ = l.accept()
+                s.sendall(tag + s.recv(100))
+                servers.append(s)  # held open: the client reads sdp stat first
+        servers.append(pid)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) and os.read(ready_r, 1)
+    conns, served = [], {}
+    for i in range(24):
+        c = socket.create_connection(("127.0.0.1", port))
+        c.sendall(b"req%d" % i)
+        r = c.recv(100)
+        assert r[1:] == b"req%d" % i, r
+        served[r[:1]] = served.get(r[:1], 0) + 1
+        conns.append(c)
+    print("served by both:", len(served) == 2)
+    rows = [json.loads(l) for l in subprocess.run([SDP, "stat", "--json"], capture_output=True,
+            text=True).stdout.splitlines() if l.strip()]
+    mine = [r for r in rows if r.get("pid") == os.getpid() and r.get("role") == "client"]
+    ways = sorted(set((r["transport"], r["fallback_reason"]) for r in mine))
+    print("client connections:", len(mine), "ways:", ways)
+    print("shm:", on_shm())
+    for pid in servers:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)

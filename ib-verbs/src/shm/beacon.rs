@@ -486,8 +486,13 @@ impl Endpoint {
                 let cred = sys::peer_cred(&stream)?;
                 let mut n = [0u8; NONCE_LEN];
                 let per_try = deadline.min(Instant::now() + Duration::from_millis(500));
-                if read_exact_deadline(&stream, &mut n, per_try).is_ok() && n == intent.nonce {
-                    return Ok((stream, cred));
+                if read_exact_deadline(&stream, &mut n, per_try).is_ok() {
+                    if n == intent.nonce {
+                        return Ok((stream, cred));
+                    }
+                    if n == DECLINE {
+                        return Err(ProbeError::Declined);
+                    }
                 }
                 continue;
             }
@@ -505,6 +510,23 @@ impl Endpoint {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// What a server process sends to a client's endpoint, instead of the nonce, when it accepted
+/// the connection but holds no intent for it: the kernel gave it to another process than the
+/// one whose beacon took the intent (unrelated processes listening on one port with
+/// SO_REUSEPORT). The client goes back to TCP at once instead of waiting its pending timeout
+/// (2 s) for an exchange that nobody will make. Anyone on the host could send it; all it can
+/// do is keep a connection on the kernel TCP it already has.
+const DECLINE: [u8; NONCE_LEN] = *b"libsdp:no-intent";
+
+/// Server side at `accept`, for a connection it holds no intent for: if an SDP client waits
+/// at the connection's endpoint, tells it to keep TCP. `true`: an endpoint was told.
+pub fn decline_endpoint(client: &SocketAddr, server: &SocketAddr) -> bool {
+    match sys::connect_abstract(&endpoint_name(client, server)) {
+        Ok(stream) => write_all(&stream, &DECLINE).is_ok(),
+        Err(_) => false,
     }
 }
 

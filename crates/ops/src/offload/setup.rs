@@ -778,6 +778,22 @@ impl Task for EndpointTask {
             .accept(&self.intent, Duration::from_millis(300))
         {
             Ok((s, _)) => s,
+            Err(ib_verbs::shm::ProbeError::Declined) => {
+                // The process that accepted our connection has no intent for it (another
+                // process's beacon took it: SO_REUSEPORT listeners): TCP now.
+                self.done();
+                let mut g = conn.lock();
+                if matches!(g.phase, Phase::Pending { .. }) {
+                    g.endpoint = None;
+                    sdp_log!(
+                        log::DECISION,
+                        "pending connection to {:?}: the accepting process has no intent for it; TCP",
+                        g.peer
+                    );
+                    swap_back_because(&mut g, Reason::PeerDeclined);
+                }
+                return;
+            }
             Err(_) => return, // an impostor or a spurious wake: keep waiting
         };
         let Some((active, mut engine)) =
@@ -1282,6 +1298,15 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
         }
     }
     let Some((mut intent, uid, offer)) = found else {
+        // An SDP client that registered with another process's beacon (unrelated processes
+        // listening on this port with SO_REUSEPORT) waits at its endpoint for an exchange we
+        // cannot make: tell it to keep TCP rather than leave it to its 2 s timeout.
+        if is_local(peer.ip()) && ib_verbs::shm::beacon::decline_endpoint(&peer, &local) {
+            sdp_log!(
+                log::DECISION,
+                "accept fd {fd} from {peer} on {local}: an SDP client whose intent we do not hold; told it to keep TCP"
+            );
+        }
         if !fallback::server_accepts_plain_client(mode(decision)) {
             return AcceptOutcome::Refuse;
         }
