@@ -136,6 +136,15 @@ fn drain_beacons_inline() {
     }
 }
 
+/// Whether this process (or the process it was forked from) published a beacon on `port`:
+/// only then can an intent for a connection to that port reach our intent table.
+fn serves_beacon_on(port: u16) -> bool {
+    let g = BEACON_TASKS.lock().unwrap_or_else(|p| p.into_inner());
+    g.iter()
+        .filter_map(Weak::upgrade)
+        .any(|t| t.beacon.addr().port() == port)
+}
+
 static BEACONS: Mutex<Option<HashMap<i32, u64>>> = Mutex::new(None);
 
 /// After a successful `listen` whose server decision allows SDP: publish the beacon.
@@ -1287,9 +1296,14 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
         drain_beacons_inline();
         found = super::intents::take(peer, local.port(), normalize);
     }
-    if found.is_none() && ib_verbs::shm::beacon::endpoint_exists(&peer, &local) {
+    if found.is_none()
+        && serves_beacon_on(local.port())
+        && ib_verbs::shm::beacon::endpoint_exists(&peer, &local)
+    {
         // An SDP client whose intent another process of ours (a prefork sibling) took off the
-        // shared beacon and is recording right now: wait for it, briefly.
+        // shared beacon and is recording right now: wait for it, briefly. Without a beacon of
+        // ours on this port (an unrelated SO_REUSEPORT listener published it) no intent can
+        // come here: no wait.
         let deadline = Instant::now() + Duration::from_millis(50);
         while found.is_none() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_micros(200));
