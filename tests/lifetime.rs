@@ -85,3 +85,11 @@ fn reuseport_listeners_in_two_processes_keep_every_connection_going() {
         "{out}"
     );
 }
+
+#[test]
+fn a_connection_passed_to_another_process_is_served_there() {
+    let out = run_case("pass-fd");
+    assert!(out.contains("client got: b'worker: first'"), "{out}");
+    assert!(out.contains("client got: b'worker: second'"), "{out}");
+    assert!(out.contains("then: b''"), "{out}");
+}

@@ -216,3 +216,43 @@ elif CASE == "reuseport":
     for pid in servers:
         os.kill(pid, 9)
         os.waitpid(pid, 0)
+
+elif CASE == "pass-fd":
+    # A server process accepts, sends the connection's fd to a worker process over a unix
+    # socket (SCM_RIGHTS) and closes its copy; the worker serves the client. Over TCP both
+    # processes held one socket; the worker must be served, and the close must not end it.
+    import array
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(8)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    worker = os.fork()
+    if worker == 0:
+        l.close()
+        a.close()
+        msg, anc, flags, _ = b.recvmsg(1, socket.CMSG_SPACE(4))
+        s = socket.socket(fileno=array.array("i", anc[0][2][:4])[0])
+        for _ in range(2):
+            s.sendall(b"worker: " + s.recv(100))
+        s.close()
+        os._exit(0)
+    master = os.fork()
+    if master == 0:
+        b.close()
+        s, _ = l.accept()
+        s.recv(5, socket.MSG_PEEK)  # the request is there, unread, when the fd leaves
+        a.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]).tobytes())])
+        s.close()
+        os._exit(0)
+    a.close()
+    b.close()
+    c = socket.create_connection(l.getsockname())
+    c.settimeout(10)
+    c.sendall(b"first")
+    print("client got:", c.recv(100))
+    os.waitpid(master, 0)
+    c.sendall(b"second")
+    print("client got:", c.recv(100))
+    print("shm:", on_shm())
+    print("then:", c.recv(100))
+    os.waitpid(worker, 0)

@@ -588,6 +588,10 @@ pub unsafe extern "C" fn sendto(
 /// As `sendmsg(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    if !msg.is_null() && obj_ok(msg) {
+        // SAFETY: checked readable above.
+        unsafe { relay_passed_fds(&*msg) };
+    }
     if offloaded(fd) && !msg.is_null() {
         if !obj_ok(msg) {
             return fail(libc::EFAULT);
@@ -601,6 +605,42 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
         }
     }
     unsafe { real::sendmsg(fd, msg, flags) }
+}
+
+/// Offloaded fds among the SCM_RIGHTS of `m` go to a relay before they leave for another
+/// process (`ops::offload::exec::before_passing`). Control data the kernel could not read is
+/// left to it (EFAULT).
+///
+/// # Safety
+/// `m` is a readable msghdr.
+unsafe fn relay_passed_fds(m: &msghdr) {
+    let len = m.msg_controllen;
+    if m.msg_control.is_null()
+        || len < std::mem::size_of::<libc::cmsghdr>()
+        || !user_readable(m.msg_control, len)
+    {
+        return;
+    }
+    // SAFETY: the control buffer is readable for its whole length; the CMSG macros stay within
+    // msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(m);
+        while !c.is_null() {
+            let h = std::ptr::read_unaligned(c);
+            if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let end = (c as usize + h.cmsg_len as usize).min(m.msg_control as usize + len);
+                let n = end.saturating_sub(data as usize) / std::mem::size_of::<c_int>();
+                for i in 0..n {
+                    let passed = std::ptr::read_unaligned((data as *const c_int).add(i));
+                    if offloaded(passed) {
+                        crate::guard::switch(|| ops::offload::exec::before_passing(passed));
+                    }
+                }
+            }
+            c = libc::CMSG_NXTHDR(m, c);
+        }
+    }
 }
 
 /// # Safety
@@ -631,6 +671,15 @@ pub unsafe extern "C" fn sendmmsg(
             done += 1;
         }
         return done;
+    }
+    if !vec.is_null() {
+        let n = (vlen as usize).min(UIO_MAXIOV);
+        if span(vec.cast(), n * std::mem::size_of::<mmsghdr>()) == Span::Good {
+            // SAFETY: readable, checked above.
+            for mm in unsafe { slice::from_raw_parts(vec, n) } {
+                unsafe { relay_passed_fds(&mm.msg_hdr) };
+            }
+        }
     }
     unsafe { real::sendmmsg(fd, vec, vlen, flags) }
 }

@@ -49,6 +49,33 @@ pub fn before_exec() {
     super::setup::flush_at_exit();
 }
 
+/// Before an offloaded fd is sent to another process (SCM_RIGHTS on a unix socket): the other
+/// process's library knows nothing of the connection, and the engine's state lives in ours. So
+/// the connection goes to a relay, as for an exec that keeps the fd, and every fd number of it
+/// here names the relay's socket: both processes then hold one socket, as with TCP, and a close
+/// of our copy no longer ends (or resets, with bytes unread) the connection the other process
+/// now serves. Before, the receiver read nothing and our close reset the peer.
+pub fn before_passing(fd: i32) {
+    let Some(conn) = super::lookup(fd) else {
+        return;
+    };
+    if matches!(conn.lock().phase, Phase::Pending { .. }) {
+        super::setup::resolve_pending_before_fork();
+    }
+    let fds = {
+        let g = conn.lock();
+        if !matches!(g.phase, Phase::Offloaded(_)) || !g.is_current() {
+            return;
+        }
+        g.app_fds.clone()
+    };
+    crate::sdp_log!(
+        crate::log::DECISION,
+        "fd {fd} is sent to another process: its SDP connection goes to a relay"
+    );
+    relay(&conn, &fds);
+}
+
 fn relay(conn: &Arc<Conn>, fds: &[i32]) {
     let mut sv = [0i32; 2];
     // SAFETY: sv has room for two fds.
@@ -105,10 +132,19 @@ fn relay(conn: &Arc<Conn>, fds: &[i32]) {
         );
     }
     for &fd in fds {
+        // Each fd number keeps its close-on-exec flag (those an exec hands over have none).
+        let cloexec = fcntl(fd, libc::F_GETFD, 0) & libc::FD_CLOEXEC != 0;
         let _ = super::unbind_fd(fd);
         crate::fdtable::clear(fd);
-        // SAFETY: atomically re-point fd (no CLOEXEC: it must survive the exec).
-        unsafe { libc::syscall(libc::SYS_dup3, a, fd, 0) };
+        // SAFETY: atomically re-point fd.
+        unsafe {
+            libc::syscall(
+                libc::SYS_dup3,
+                a,
+                fd,
+                if cloexec { libc::O_CLOEXEC } else { 0 },
+            )
+        };
     }
     sys::close(a);
     sys::close(b);
