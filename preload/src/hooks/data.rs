@@ -624,12 +624,19 @@ unsafe fn relay_passed_fds(m: &msghdr) {
     // SAFETY: the control buffer is readable for its whole length; the CMSG macros stay within
     // msg_controllen.
     unsafe {
+        let limit = m.msg_control as usize + len;
         let mut c = libc::CMSG_FIRSTHDR(m);
         while !c.is_null() {
             let h = std::ptr::read_unaligned(c);
+            // A header whose length the kernel would refuse (EINVAL) ends the walk here: the
+            // next header's address would be computed from it.
+            let hlen = h.cmsg_len as usize;
+            if hlen < std::mem::size_of::<libc::cmsghdr>() || hlen > limit - c as usize {
+                return;
+            }
             if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c);
-                let end = (c as usize + h.cmsg_len as usize).min(m.msg_control as usize + len);
+                let end = c as usize + hlen;
                 let n = end.saturating_sub(data as usize) / std::mem::size_of::<c_int>();
                 for i in 0..n {
                     let passed = std::ptr::read_unaligned((data as *const c_int).add(i));

@@ -252,6 +252,25 @@ static void conn_cases(const char *c) {
         m.msg_control = vone;
         m.msg_controllen = 64;
         R(0, sendmsg(cli, &m, MSG_NOSIGNAL), "sendmsg-control-bad");
+        /* Control headers whose lengths the kernel refuses, on a unix socket: the library
+         * walks them there, looking for SDP fds being passed to another process. */
+        {
+            int sv[2];
+            if (socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0) {
+                union { struct cmsghdr h; char b[64]; } cb;
+                memset(&cb, 0, sizeof cb);
+                cb.h.cmsg_level = SOL_SOCKET;
+                cb.h.cmsg_type = SCM_RIGHTS;
+                struct msghdr um = { .msg_iov = &iov, .msg_iovlen = 1,
+                                     .msg_control = cb.b, .msg_controllen = sizeof cb.b };
+                cb.h.cmsg_len = (size_t)-8;
+                C(sendmsg(sv[0], &um, MSG_NOSIGNAL), "sendmsg-unix-cmsg-len-huge");
+                cb.h.cmsg_len = 3;
+                C(sendmsg(sv[0], &um, MSG_NOSIGNAL), "sendmsg-unix-cmsg-len-tiny");
+                close(sv[0]);
+                close(sv[1]);
+            }
+        }
         struct mmsghdr mm[1] = { { .msg_hdr = { .msg_iov = &iov, .msg_iovlen = 1 } } };
         R(0, sendmmsg(cli, vnull, 1, MSG_NOSIGNAL), "sendmmsg-null");
         R(0, sendmmsg(cli, mm, 0, MSG_NOSIGNAL), "sendmmsg-zero");
