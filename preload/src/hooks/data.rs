@@ -588,7 +588,7 @@ pub unsafe extern "C" fn sendto(
 /// As `sendmsg(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
-    if !msg.is_null() && obj_ok(msg) {
+    if !msg.is_null() && obj_ok(msg) && ops::offload::any_bound() {
         // SAFETY: checked readable above.
         unsafe { relay_passed_fds(&*msg) };
     }
@@ -609,7 +609,8 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
 
 /// Offloaded fds among the SCM_RIGHTS of `m` go to a relay before they leave for another
 /// process (`ops::offload::exec::before_passing`). Control data the kernel could not read is
-/// left to it (EFAULT).
+/// left to it (EFAULT). Callers walk only while the process holds a connection
+/// (`ops::offload::any_bound`): the other sockets' messages are read by nobody but the kernel.
 ///
 /// # Safety
 /// `m` is a readable msghdr.
@@ -679,7 +680,7 @@ pub unsafe extern "C" fn sendmmsg(
         }
         return done;
     }
-    if !vec.is_null() {
+    if !vec.is_null() && ops::offload::any_bound() {
         let n = (vlen as usize).min(UIO_MAXIOV);
         if span(vec.cast(), n * std::mem::size_of::<mmsghdr>()) == Span::Good {
             // SAFETY: readable, checked above.

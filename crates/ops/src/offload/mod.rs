@@ -225,6 +225,12 @@ pub fn lookup(fd: i32) -> Option<Arc<Conn>> {
     g.as_ref()?.get(&fd).cloned()
 }
 
+/// Whether any fd of this process names an offloaded (or pending) connection now.
+pub fn any_bound() -> bool {
+    let g = REGISTRY.read().unwrap_or_else(|p| p.into_inner());
+    g.as_ref().is_some_and(|m| !m.is_empty())
+}
+
 /// Records that `fd` names `conn`.
 pub fn bind_fd(fd: i32, conn: &Arc<Conn>) {
     let mut g = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
