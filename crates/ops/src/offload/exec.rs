@@ -59,9 +59,7 @@ pub fn before_passing(fd: i32) {
     let Some(conn) = super::lookup(fd) else {
         return;
     };
-    if matches!(conn.lock().phase, Phase::Pending { .. }) {
-        super::setup::resolve_pending_before_fork();
-    }
+    super::setup::resolve_pending(&conn);
     let fds = {
         let g = conn.lock();
         if !matches!(g.phase, Phase::Offloaded(_)) || !g.is_current() {

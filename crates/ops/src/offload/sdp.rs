@@ -34,8 +34,8 @@ pub fn errno_of(kind: ErrorKind) -> Errno {
 /// The receive calls of an SDP stream: the engine's bytes into `out` (MSG_PEEK with `peek`),
 /// then the stream's errors as TCP reports them. A peer that went (`peer_gone`) is end of
 /// stream, or one ECONNRESET first when it left our bytes unread or reset (`reset_pending`,
-/// taken); `dead`: the connection cannot be used here. The caller drains the engine's outputs after bytes were read
-/// (a credit update may be due).
+/// taken); `dead`: the connection cannot be used here. The caller drains the engine's outputs
+/// after bytes were read (a credit update may be due).
 pub(crate) fn engine_recv(
     engine: &mut sdp_proto::Connection,
     out: &mut [&mut [u8]],

@@ -1715,7 +1715,7 @@ pub extern "C" fn flush_at_exit() {
             && s.is_current()
         {
             s.flush(deadline.saturating_duration_since(Instant::now()));
-        } else if !g.forked {
+        } else if matches!(g.phase, Phase::Pending { .. }) && !g.forked {
             hand_pending_to_kernel(&mut g);
         }
     }
@@ -1752,16 +1752,21 @@ pub fn resolve_pending_before_fork() {
                 g.sync();
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(1);
-        loop {
-            if !matches!(conn.lock().phase, Phase::Pending { .. }) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                swap_back(&conn);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
+        resolve_pending(&conn);
+    }
+}
+
+/// Waits (up to 1 s) for a pending connection's exchange; then it goes back to TCP.
+pub fn resolve_pending(conn: &Arc<Conn>) {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        if !matches!(conn.lock().phase, Phase::Pending { .. }) {
+            break;
         }
+        if Instant::now() >= deadline {
+            swap_back(conn);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
