@@ -93,3 +93,16 @@ fn a_connection_passed_to_another_process_is_served_there() {
     assert!(out.contains("client got: b'worker: second'"), "{out}");
     assert!(out.contains("then: b''"), "{out}");
 }
+
+#[test]
+fn a_python_subprocess_gets_the_socket_as_its_stdin_and_stdout() {
+    let out = run_case("subprocess-stdio");
+    for line in [
+        "subprocess rc: 0 client got: b'one\\n'",
+        "posix_spawn status: 0 client got: b'two\\n'",
+        "pass_fds rc: 0 client got: b'three'",
+        "then: [b'', b'', b'']",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}

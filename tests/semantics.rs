@@ -613,6 +613,44 @@ fn inetd_style_exec_of_cat_on_the_accepted_socket_echoes() {
 }
 
 #[test]
+fn every_way_of_launching_a_program_on_the_accepted_socket_echoes() {
+    let out = semantics("lifetime", "launchers", 1);
+    for how in [
+        "execl",
+        "execlp",
+        "execle",
+        "posix_spawnp",
+        "closefrom + execv",
+        "close_range + execv",
+    ] {
+        assert_lines(
+            &out,
+            &[
+                &format!("{how} echoed: 1"),
+                &format!("{how} then end of stream: 0"),
+                &format!("{how} exit: 0"),
+            ],
+        );
+    }
+}
+
+#[test]
+fn closing_every_descriptor_the_program_did_not_open_keeps_the_connection() {
+    // The counts of the loop (the harness leaves a few descriptors open) must equal the TCP
+    // run's: `semantics` compares the outputs.
+    let out = semantics("lifetime", "close_all_others", 2);
+    assert_lines(
+        &out,
+        &[
+            "exchange after the loop: ok",
+            "close_range above: 0",
+            "exchange after close_range and closefrom: ok",
+            "server reads eof: 0",
+        ],
+    );
+}
+
+#[test]
 fn prefork_server_three_workers_share_a_listener_for_20_clients() {
     let out = semantics("lifetime", "prefork", 40);
     assert_lines(&out, &["echoed: 20 of 20", "workers stopped: 3"]);

@@ -256,3 +256,32 @@ elif CASE == "pass-fd":
     print("shm:", on_shm())
     print("then:", c.recv(100))
     os.waitpid(worker, 0)
+
+elif CASE == "subprocess-stdio":
+    # Python's subprocess: the child gets the socket as stdin and stdout (dup2), closes every
+    # other descriptor (close_range) and execs; then os.posix_spawnp with dup2 actions, and a
+    # child given the socket with pass_fds. Each on a connection of its own (after a child
+    # used a connection, the parent cannot: README, "where SDP differs"). Each child's output
+    # reaches the client, and the client then reads end of stream.
+    conns = [pair() for _ in range(3)]
+    for _, c, _ in conns:
+        c.settimeout(10)
+    (_, c, s) = conns[0]
+    c.sendall(b"one\n")
+    p = subprocess.Popen(["head", "-c", "4"], stdin=s, stdout=s)
+    print("subprocess rc:", p.wait(10), "client got:", c.recv(100))
+    (_, c, s) = conns[1]
+    c.sendall(b"two\n")
+    pid = os.posix_spawnp("head", ["head", "-c", "4"], os.environ,
+                          file_actions=[(os.POSIX_SPAWN_DUP2, s.fileno(), 0),
+                                        (os.POSIX_SPAWN_DUP2, s.fileno(), 1)])
+    print("posix_spawn status:", os.waitpid(pid, 0)[1], "client got:", c.recv(100))
+    (_, c, s) = conns[2]
+    code = "import os, socket; socket.socket(fileno=int(os.environ['FD'])).sendall(b'three')"
+    r = subprocess.run([sys.executable, "-c", code], pass_fds=[s.fileno()],
+                       env=dict(os.environ, FD=str(s.fileno())))
+    print("pass_fds rc:", r.returncode, "client got:", c.recv(100))
+    print("shm:", on_shm())
+    for _, c, s in conns:
+        s.close()
+    print("then:", [c.recv(100) for _, c, _ in conns])

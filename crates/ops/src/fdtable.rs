@@ -237,6 +237,26 @@ pub fn clear(fd: i32) {
     }
 }
 
+/// The tracked fds in `first..=last`, ascending (for `close_range`: only the chunks of the
+/// table that exist are looked at).
+pub fn tracked_in(first: u32, last: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let last = (last as usize).min(MAX_FDS - 1);
+    let mut fd = first as usize;
+    while fd <= last {
+        let chunk = TOP[fd >> CHUNK_BITS].load(Ordering::Acquire);
+        if chunk.is_null() {
+            fd = ((fd >> CHUNK_BITS) + 1) << CHUNK_BITS;
+            continue;
+        }
+        if raw(fd as i32) & Meta::TRACKED != 0 {
+            out.push(fd as i32);
+        }
+        fd += 1;
+    }
+    out
+}
+
 /// `dup`-family bookkeeping: `new` now names the same kernel object as `old`.
 pub fn copy(old: i32, new: i32) {
     let m = get(old);

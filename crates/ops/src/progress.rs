@@ -122,8 +122,7 @@ fn ensure(p: &mut Option<Progress>) -> Option<&mut Progress> {
             timers = old.timers;
             // A fork child: the inherited epoll set is shared with the parent, so it is left
             // alone (closing our copy only); the child watches the same fds in a set of its own.
-            // SAFETY: closing our copy of the parent's epoll fd.
-            unsafe { libc::syscall(libc::SYS_close, old.epfd) };
+            crate::sys::close(old.epfd);
             for (token, e) in old.entries {
                 if epoll_add(epfd, e.fd, e.events, token) {
                     entries.insert(token, e);
@@ -146,8 +145,7 @@ fn ensure(p: &mut Option<Progress>) -> Option<&mut Progress> {
             // No thread, no set: the next call tries again (a set nobody waits on would take
             // registrations that never run).
             *p = None;
-            // SAFETY: closing the set made above, which no thread uses.
-            unsafe { libc::syscall(libc::SYS_close, epfd) };
+            crate::sys::close(epfd); // the set made above, which no thread uses
             return None;
         }
     }

@@ -149,16 +149,26 @@ pub fn descriptors_free(n: usize) -> bool {
 
 /// Moves an internal fd above [`INTERNAL_FD_MIN`], close-on-exec; returns the new number (or
 /// the old one if the fd limit does not allow it).
+/// The result is recorded as the library's ([`mark_internal`]).
 pub fn move_high(fd: i32) -> i32 {
     // SAFETY: F_DUPFD_CLOEXEC on our own fd.
     let hi = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_MIN) }
         as i32;
     if hi < 0 {
+        mark_internal(fd);
         return fd;
     }
-    // SAFETY: closing our own original fd.
-    unsafe { libc::syscall(libc::SYS_close, fd) };
+    close(fd);
+    mark_internal(hi);
     hi
+}
+
+pub use ib_verbs::sys::internal;
+
+/// Records `fd` as the library's own: the program's `close`, `close_range` and `closefrom`
+/// leave it open (`ib_verbs::sys::internal`). [`close`] forgets it again.
+pub fn mark_internal(fd: i32) {
+    ib_verbs::sys::internal::mark(fd);
 }
 
 /// A close-on-exec duplicate of `fd` for the library's own use, numbered at least
@@ -169,14 +179,21 @@ pub fn dup_internal(fd: i32) -> i32 {
     // SAFETY: F_DUPFD_CLOEXEC on an fd number with an integer argument.
     let hi = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_MIN) }
         as i32;
-    if hi >= 0 || errno() != libc::EINVAL {
-        return hi;
+    let got = if hi >= 0 || errno() != libc::EINVAL {
+        hi
+    } else {
+        // SAFETY: as above.
+        unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, 0) as i32 }
+    };
+    if got >= 0 {
+        mark_internal(got);
     }
-    // SAFETY: as above.
-    unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_DUPFD_CLOEXEC, 0) as i32 }
+    got
 }
 
+/// Closes a descriptor of the library's (and forgets it as one, [`mark_internal`]).
 pub fn close(fd: i32) {
+    ib_verbs::sys::internal::unmark(fd);
     // SAFETY: closing an fd the caller owns.
     unsafe { libc::syscall(libc::SYS_close, fd) };
 }

@@ -7,6 +7,7 @@ use crate::guard::{switch, switch_call};
 use crate::real;
 use ops::fdtable::is_tracked;
 use ops::socket as sw;
+use ops::sys::internal;
 
 /// # Safety
 /// As `socket(2)`.
@@ -137,6 +138,13 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 /// As `close(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if internal::contains(fd) {
+        // One of the library's own descriptors, which the program never opened (a loop over
+        // every number): closed, it would break a connection; for the program the number is
+        // not open.
+        ops::sys::set_errno(libc::EBADF);
+        return -1;
+    }
     if ops::offload::lazy::pending() {
         ops::offload::lazy::flush_fd(fd);
     }
@@ -144,6 +152,70 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         switch(|| sw::close(fd));
     }
     unsafe { real::close(fd) }
+}
+
+fn sys_close_range(first: u32, last: u32, flags: u32) -> c_int {
+    // SAFETY: close_range takes integer arguments only.
+    unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) as c_int }
+}
+
+/// `close_range` and `closefrom` close the program's descriptors in the range and none of the
+/// library's (see `close`): the range is closed in the pieces between the library's numbers.
+/// The program's SDP sockets in it are closed as by `close`. Python's `subprocess` closes
+/// every descriptor above the ones it passes in the child before `exec`; before, that took
+/// the bell ends of a socket passed as the child's stdin and stdout, and the child read
+/// nothing.
+fn close_range_keeping_ours(first: u32, last: u32, flags: u32) -> c_int {
+    if first > last || flags & !(libc::CLOSE_RANGE_UNSHARE | libc::CLOSE_RANGE_CLOEXEC) != 0 {
+        ops::sys::set_errno(libc::EINVAL);
+        return -1;
+    }
+    if flags & libc::CLOSE_RANGE_CLOEXEC != 0 {
+        // Only marks descriptors close-on-exec: the library's are already.
+        return sys_close_range(first, last, flags);
+    }
+    if ops::offload::lazy::pending() {
+        ops::offload::lazy::flush();
+    }
+    for fd in ops::fdtable::tracked_in(first, last) {
+        if !internal::contains(fd) {
+            switch(|| sw::close(fd));
+        }
+    }
+    let mut from = first;
+    for ours in internal::within(first, last) {
+        let ours = ours as u32;
+        if ours > from {
+            let rc = sys_close_range(from, ours - 1, flags);
+            if rc != 0 {
+                return rc;
+            }
+        }
+        from = ours + 1;
+    }
+    if from > last {
+        return 0; // the range ended on one of ours
+    }
+    sys_close_range(from, last, flags)
+}
+
+/// # Safety
+/// As `close_range(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn close_range(
+    first: libc::c_uint,
+    last: libc::c_uint,
+    flags: c_int,
+) -> c_int {
+    close_range_keeping_ours(first, last, flags as u32)
+}
+
+/// # Safety
+/// As `closefrom(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn closefrom(lowfd: c_int) {
+    // glibc: a negative start closes from 0.
+    close_range_keeping_ours(lowfd.max(0) as u32, u32::MAX, 0);
 }
 
 fn after_dup(old: c_int, new: c_int) -> c_int {

@@ -16,6 +16,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
+#include <linux/close_range.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -343,6 +344,12 @@ static void conn_cases(const char *c) {
     C(dup3(cli, 100000000, 0), "dup3-huge");
     C(dup2(cli, -1), "dup2-negative");
     C(fcntl(cli, F_DUPFD, -1), "fcntl-dupfd-negative");
+    C(close_range(cli, cli, 0x40), "close_range-bad-flags");
+    C(close_range(cli + 1, cli, 0), "close_range-first-above-last");
+    C(close_range(100000000, 100000001, 0), "close_range-above-limit");
+    C(close_range(cli, cli, CLOSE_RANGE_CLOEXEC), "close_range-cloexec");
+    C(fcntl(cli, F_GETFD) & FD_CLOEXEC, "close_range-cloexec-set");
+    C(fcntl(cli, F_SETFD, 0), "close_range-cloexec-cleared");
     C(fcntl(cli, 0x7fff), "fcntl-bogus");
     {
         int ep = epoll_create1(0);

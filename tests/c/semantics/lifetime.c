@@ -1,7 +1,10 @@
 /* Lifetime: dup/dup2 and close of one copy, fork with the child using the inherited
  * socket, a prefork server, a 64 MiB transfer both ways at once, 200 concurrent echoes. */
 #include "sem.h"
+#include <spawn.h>
 #include <sys/epoll.h>
+
+extern char **environ;
 
 static int C, S;
 
@@ -429,6 +432,106 @@ static void c_inetd(void) {
     close(c);
 }
 
+/* The ways a launcher hands an accepted connection to a program as its stdin and stdout,
+ * besides fork + dup2 + execv (c_inetd): execl, execlp and execle (glibc's call its internal
+ * execve, no preload sees it), posix_spawnp with adddup2 actions (the child runs no hook at
+ * all), and a child that closes every other descriptor first with closefrom or close_range
+ * (Python's subprocess does, and took the library's own descriptors with it). `head -c N`
+ * echoes one line back; the client then sees end of stream. Each launch must echo. */
+enum launch { L_EXECL, L_EXECLP, L_EXECLE, L_SPAWN, L_CLOSEFROM, L_CLOSE_RANGE, L_COUNT };
+static const char *launch_name[] = {"execl", "execlp", "execle", "posix_spawnp",
+                                    "closefrom + execv", "close_range + execv"};
+
+static pid_t launch_head(enum launch how, int s, const char *count) {
+    char *argv[] = {"head", "-c", (char *)count, NULL};
+    if (how == L_SPAWN) {
+        posix_spawn_file_actions_t fa;
+        CHECK(posix_spawn_file_actions_init(&fa) == 0);
+        CHECK(posix_spawn_file_actions_adddup2(&fa, s, 0) == 0);
+        CHECK(posix_spawn_file_actions_adddup2(&fa, s, 1) == 0);
+        pid_t k;
+        CHECK(posix_spawnp(&k, "head", &fa, NULL, argv, environ) == 0);
+        posix_spawn_file_actions_destroy(&fa);
+        return k;
+    }
+    pid_t k = fork();
+    CHECK(k >= 0);
+    if (k > 0) return k;
+    CHECK(dup2(s, 0) == 0 && dup2(s, 1) == 1);
+    switch (how) {
+    case L_EXECL: execl("/usr/bin/head", "head", "-c", count, (char *)NULL); break;
+    case L_EXECLP: execlp("head", "head", "-c", count, (char *)NULL); break;
+    case L_EXECLE: execle("/usr/bin/head", "head", "-c", count, (char *)NULL, environ); break;
+    case L_CLOSEFROM:
+        closefrom(3);
+        execv("/usr/bin/head", argv);
+        break;
+    case L_CLOSE_RANGE:
+        CHECK(close_range(3, ~0U, 0) == 0);
+        execv("/usr/bin/head", argv);
+        break;
+    default: break;
+    }
+    _exit(127);
+}
+
+static void c_launchers(void) {
+    int l = listener();
+    for (int how = 0; how < L_COUNT; how++) {
+        int c = connect_to(&listen_addr);
+        int s = accept(l, NULL, NULL);
+        CHECK(s >= 0);
+        exchange(c, s);
+        char m[64];
+        int len = snprintf(m, sizeof m, "through %s\n", launch_name[how]);
+        char count[16];
+        snprintf(count, sizeof count, "%d", len);
+        pid_t k = launch_head((enum launch)how, s, count);
+        close(s);
+        write_all(c, m, (size_t)len);
+        char b[64];
+        read_all(c, b, (size_t)len);
+        printf("%s echoed: %d\n", launch_name[how], !memcmp(b, m, (size_t)len));
+        if (how == L_COUNT - 1) sync_point();
+        printf("%s then end of stream: %s\n", launch_name[how], res(read(c, b, sizeof b)));
+        int st;
+        CHECK(waitpid(k, &st, 0) == k);
+        printf("%s exit: %d\n", launch_name[how], WEXITSTATUS(st));
+        close(c);
+    }
+    close(l);
+}
+
+/* A process that closes every descriptor it did not open, one at a time, then with
+ * close_range and closefrom, while it holds a connection: the connection keeps working, and
+ * each close of a number the program never opened fails with EBADF as without the library. */
+static void c_close_all_others(void) {
+    fresh_pair(&C, &S);
+    int hi = C > S ? C : S;
+    int closed = 0, ebadf = 0;
+    for (int fd = 3; fd < 4096; fd++) {
+        if (fd == C || fd == S) continue;
+        if (close(fd) == 0) closed++;
+        else if (errno == EBADF) ebadf++;
+    }
+    printf("closed one by one: %d, EBADF: %d\n", closed, ebadf);
+    exchange(C, S);
+    printf("exchange after the loop: ok\n");
+    printf("close_range above: %d\n", close_range((unsigned)hi + 1, ~0U, 0));
+    exchange(C, S);
+    closefrom(hi + 1);
+    exchange(C, S);
+    printf("exchange after close_range and closefrom: ok\n");
+    sync_point();
+    char b[1 << 16];
+    memset(b, 'z', sizeof b);
+    write_all(C, b, sizeof b);
+    read_all(S, b, sizeof b);
+    close(C);
+    printf("server reads eof: %s\n", res(read(S, b, sizeof b)));
+    close(S);
+}
+
 /* A process that execs right after its last write, its socket closed by the exec
  * (SOCK_CLOEXEC), and one that closes its socket first: every byte send took still reaches
  * the peer, as the kernel delivers them over TCP. Over SDP the bytes the peer's window did
@@ -496,6 +599,8 @@ int main(int argc, char **argv) {
         {"unread_close", c_unread_close},
         {"daemon", c_daemon},
         {"inetd", c_inetd},
+        {"launchers", c_launchers},
+        {"close_all_others", c_close_all_others},
         {NULL, NULL},
     };
     return run_case(cases, argc, argv);
