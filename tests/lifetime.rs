@@ -106,3 +106,13 @@ fn a_python_subprocess_gets_the_socket_as_its_stdin_and_stdout() {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
 }
+
+#[test]
+fn a_parent_using_a_connection_after_its_childs_program_did_fails_instead_of_losing_bytes() {
+    let out = run_case("parent-after-child-exec");
+    assert!(out.contains("client got: b'q\\n'"), "{out}");
+    assert!(
+        out.contains("parent send: Input/output error"),
+        "the stale parent's send must fail with EIO:\n{out}"
+    );
+}

@@ -285,3 +285,29 @@ elif CASE == "subprocess-stdio":
     for _, c, s in conns:
         s.close()
     print("then:", [c.recv(100) for _, c, _ in conns])
+
+elif CASE == "parent-after-child-exec":
+    # A child's exec'd program used the connection; the parent's copy of its state is stale
+    # (README, "where SDP differs": one process at a time). Its first send must fail, not
+    # report success for bytes that never arrive.
+    l, c, s = pair()
+    c.settimeout(10)
+    c.sendall(b"q\n")
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(s.fileno(), 0)
+        os.dup2(s.fileno(), 1)
+        os.execvp("head", ["head", "-c", "2"])
+    os.waitpid(pid, 0)
+    print("client got:", c.recv(100))
+    print("shm:", on_shm())
+    try:
+        n = s.send(b"late")
+        c.settimeout(1)
+        try:
+            got = c.recv(100)
+        except OSError:
+            got = None
+        print("parent send:", n, "client got:", got, "(lost)" if got != b"late" else "")
+    except OSError as e:
+        print("parent send:", os.strerror(e.errno))

@@ -197,10 +197,12 @@ impl SdpShm {
                 let _ = self.engine.handle_cm_disconnected(t);
             }
             ConnError::Protocol(ib_verbs::Violation::Stolen) => {
-                crate::sdp_log!(
-                    crate::log::ERROR,
-                    "an SDP connection was used by another process forked from this one: libsdp cannot share it between processes; it fails here with EIO"
-                );
+                if self.dead.is_none() {
+                    crate::sdp_log!(
+                        crate::log::ERROR,
+                        "an SDP connection was used by another process forked from this one: libsdp cannot share it between processes; it fails here with EIO"
+                    );
+                }
                 self.dead.get_or_insert(libc::EIO);
             }
             _ => {
@@ -381,6 +383,16 @@ impl OffloadStream for SdpShm {
         }
         if std::mem::take(&mut self.reset_pending) {
             return Err(libc::ECONNRESET);
+        }
+        if !self.conn.claimed_by_me()
+            && let Err(e) = self.conn.claim()
+        {
+            // Another process forked from this one used the connection since we last did: our
+            // copy of its state is stale. Fail before the engine takes the bytes: taken, they
+            // were lost when the post found the connection stolen, and the first send after
+            // a child's exec'd program had used the connection reported success.
+            self.transport_died(e);
+            return Err(self.dead.unwrap_or(libc::EIO));
         }
         let t = now();
         let mut n = 0;
