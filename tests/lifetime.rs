@@ -116,3 +116,14 @@ fn a_parent_using_a_connection_after_its_childs_program_did_fails_instead_of_los
         "the stale parent's send must fail with EIO:\n{out}"
     );
 }
+
+#[test]
+fn a_program_execd_on_an_inherited_listener_neither_stalls_nor_stays_off_sdp() {
+    let out = run_case("inherited-listener");
+    for line in [
+        "the listener's maker keeps it: True slowest under 0.5 s: True over shm after the first: [False, False]",
+        "the listener's maker keeps it: False slowest under 0.5 s: True over shm after the first: [True, True]",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}

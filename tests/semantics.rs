@@ -51,7 +51,16 @@ fn semantics(prog: &str, case: &str, conns: usize) -> String {
 }
 
 /// [`semantics`], also calling `at_sync` with the SDP run's process group at its SYNC point.
-fn semantics_at_sync(prog: &str, case: &str, conns: usize, mut at_sync: impl FnMut(u32)) -> String {
+fn semantics_at_sync(prog: &str, case: &str, conns: usize, at_sync: impl FnMut(u32)) -> String {
+    let (out, rows) = same_as_tcp(prog, case, at_sync);
+    assert_offloaded(&format!("{prog} {case}"), &rows, conns);
+    out
+}
+
+/// Runs `<prog> <case>` over kernel TCP and under the preload; asserts the same output and
+/// exit code 0. Returns what the program printed and the SDP run's `sdp stat` rows at SYNC
+/// (the caller says what they must show).
+fn same_as_tcp(prog: &str, case: &str, mut at_sync: impl FnMut(u32)) -> (String, Vec<StatRow>) {
     let exe = program(prog);
     let what = format!("{prog} {case}");
     let tcp = Synced::spawn(
@@ -84,8 +93,7 @@ fn semantics_at_sync(prog: &str, case: &str, conns: usize, mut at_sync: impl FnM
     );
     assert_eq!(tcp.code, 0, "{what}: {tcp:?}");
     let rows = rows.unwrap_or_else(|| panic!("{what}: never reached SYNC:\n{}", tcp.stdout));
-    assert_offloaded(&what, &rows, conns);
-    tcp.stdout
+    (tcp.stdout, rows)
 }
 
 fn assert_lines(out: &str, want: &[&str]) {
@@ -630,6 +638,26 @@ fn every_way_of_launching_a_program_on_the_accepted_socket_echoes() {
                 &format!("{how} then end of stream: 0"),
                 &format!("{how} exit: 0"),
             ],
+        );
+    }
+}
+
+#[test]
+fn waiting_for_the_answer_on_a_connection_that_goes_back_to_tcp_sees_it() {
+    // The client side of each connection is declined by the server's process (it holds no
+    // intent) and goes back to TCP while the client waits: sdp stat must say so, for all
+    // four, with the reason; the waits must see the answers (the output, as over TCP).
+    let (out, rows) = same_as_tcp("lifetime", "declined_wait", |_| {});
+    let declined = rows
+        .iter()
+        .filter(|r| r.is_connection() && r.role == "client")
+        .filter(|r| r.transport == "tcp" && r.fallback_reason == "peer-declined")
+        .count();
+    assert_eq!(declined, 4, "want 4 declined client connections:\n{rows:?}");
+    for how in ["poll", "ppoll", "select", "pselect"] {
+        assert_lines(
+            &out,
+            &[&format!("{how}: ready 1, answered within 1 s: 1, echo: 1")],
         );
     }
 }

@@ -311,3 +311,40 @@ elif CASE == "parent-after-child-exec":
         print("parent send:", n, "client got:", got, "(lost)" if got != b"late" else "")
     except OSError as e:
         print("parent send:", os.strerror(e.errno))
+
+elif CASE == "inherited-listener":
+    # A server program exec'd on a listening socket it inherited (a supervisor, socket
+    # activation). While the process that made the listener (and published its beacon) keeps
+    # it open, an SDP client's connection must not stall waiting for an exchange nobody makes:
+    # it goes on over TCP at once. Once that process closed it, the exec'd program serves
+    # the next connections over SDP.
+    code = ("import socket, sys\n"
+            "l = socket.socket(fileno=int(sys.argv[1]))\n"
+            "while True:\n"
+            "    s, _ = l.accept()\n"
+            "    s.sendall(s.recv(2))\n"
+            "    while s.recv(100): pass\n"
+            "    s.close()\n")
+    for keep in (True, False):
+        l = socket.socket()
+        l.bind(("127.0.0.1", 0))
+        l.listen(8)
+        port = l.getsockname()[1]
+        p = subprocess.Popen([sys.executable, "-c", code, str(l.fileno())], pass_fds=[l.fileno()])
+        if not keep:
+            l.close()
+        slowest, shm = 0.0, []
+        for i in range(3):
+            t = time.time()
+            c = socket.create_connection(("127.0.0.1", port))
+            c.settimeout(10)
+            c.sendall(b"hi")
+            c.recv(2)
+            slowest = max(slowest, time.time() - t)
+            shm.append(on_shm())
+            c.close()
+        p.kill()
+        p.wait()
+        print("the listener's maker keeps it:", keep, "slowest under 0.5 s:", slowest < 0.5,
+              "over shm after the first:", shm[1:])
+    print("shm:", shm[-1])

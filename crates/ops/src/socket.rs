@@ -202,6 +202,56 @@ pub fn listen(fd: i32) {
     log::listened(fd, d != Decision::Tcp);
 }
 
+fn sockopt_int(fd: i32, opt: i32) -> Option<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid for the kernel to write one int.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_getsockopt,
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            &mut v as *mut libc::c_int,
+            &mut len as *mut libc::socklen_t,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+/// `accept` on a listening TCP socket the library has not seen made: one this program
+/// inherited across `exec` (a supervisor that execs its workers, systemd-style socket
+/// activation, a binary upgrade). It is adopted as if this program had listened on it: the
+/// policy's decision, and the beacon when no other process publishes one for its address.
+/// Before, such a listener's connections from SDP clients stalled 2 s each (the client waited
+/// for an exchange at its pending timeout) while the process that published the beacon lived.
+/// `true`: adopted (tracked from now on).
+pub fn adopt_inherited_listener(fd: i32) -> bool {
+    if !globals().active {
+        return false;
+    }
+    let Some(domain) = sockopt_int(fd, libc::SO_DOMAIN) else {
+        return false;
+    };
+    if !is_offloadable(domain, libc::SOCK_STREAM)
+        || sockopt_int(fd, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+        || sockopt_int(fd, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
+        || sockopt_int(fd, libc::SO_ACCEPTCONN) != Some(1)
+    {
+        return false;
+    }
+    on_socket(fd, domain, libc::SOCK_STREAM, 0);
+    if !fdtable::get(fd).tracked() {
+        return false;
+    }
+    crate::sdp_log!(
+        log::DECISION,
+        "fd {fd}: a listening socket this program inherited; adopted"
+    );
+    listen(fd);
+    true
+}
+
 /// After a successful `accept`: bookkeeping and, when the client came through the
 /// rendezvous, the SDP exchange. `false`: the policy refuses this client (close it).
 pub fn accept(listener: i32, fd: i32, flags: i32) -> bool {

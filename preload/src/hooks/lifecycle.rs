@@ -85,7 +85,12 @@ unsafe fn accept_common(
 ) -> c_int {
     loop {
         let fd = unsafe { real::accept4(listener, addr, len, flags) };
-        if fd < 0 || !(is_tracked(listener) || is_tracked(fd)) {
+        if fd < 0 {
+            return fd;
+        }
+        if !(is_tracked(listener) || is_tracked(fd))
+            && switch(|| sw::adopt_inherited_listener(listener)) != Some(true)
+        {
             return fd;
         }
         match switch(|| sw::accept(listener, fd, flags)) {
@@ -156,7 +161,14 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
 
 fn sys_close_range(first: u32, last: u32, flags: u32) -> c_int {
     // SAFETY: close_range takes integer arguments only.
-    unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) as c_int }
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_ulong,
+            last as libc::c_ulong,
+            flags as libc::c_ulong,
+        ) as c_int
+    }
 }
 
 /// `close_range` and `closefrom` close the program's descriptors in the range and none of the

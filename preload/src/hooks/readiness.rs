@@ -5,14 +5,384 @@
 use libc::{c_int, epoll_event, fd_set, nfds_t, pollfd, sigset_t, size_t, timespec, timeval};
 
 passthrough! {
-    fn select(nfds: c_int, r: *mut fd_set, w: *mut fd_set, e: *mut fd_set, timeout: *mut timeval) -> c_int;
-    fn pselect(nfds: c_int, r: *mut fd_set, w: *mut fd_set, e: *mut fd_set, timeout: *const timespec, mask: *const sigset_t) -> c_int;
-    fn poll(fds: *mut pollfd, nfds: nfds_t, timeout: c_int) -> c_int;
-    fn ppoll(fds: *mut pollfd, nfds: nfds_t, timeout: *const timespec, mask: *const sigset_t) -> c_int;
-    fn __poll_chk(fds: *mut pollfd, nfds: nfds_t, timeout: c_int, fdslen: size_t) -> c_int;
-    fn __ppoll_chk(fds: *mut pollfd, nfds: nfds_t, timeout: *const timespec, mask: *const sigset_t, fdslen: size_t) -> c_int;
     fn epoll_create(size: c_int) -> c_int;
     fn epoll_create1(flags: c_int) -> c_int;
+}
+
+// ---------------------------------------------------------------------------------------------
+// poll and select: the kernel's, in slices while a connection of the process is pending.
+//
+// A pending connection that goes back to TCP has its fd number re-pointed from the app end to
+// the kernel socket under any thread blocked in `poll` on it. The kernel's poll looks the
+// number up again when it wakes (the library's end of stream on the old app end wakes it), but
+// registers for wake-ups only on its first pass: it then sleeps on the TCP socket
+// unregistered, and the answer arriving there does not wake it (`ops::offload::any_pending`).
+// So while a connection is pending, and the set holds an offloaded fd, the wait is made in
+// slices of `SLICE_MS`: each slice registers afresh on what the numbers name now.
+
+const SLICE_MS: i64 = 10;
+
+/// Whether a wait on these fds must be sliced: one of them is offloaded (a pending
+/// connection is). Callers look at [`ops::offload::any_pending`] first.
+fn must_slice(fds: impl Iterator<Item = c_int>) -> bool {
+    const BOTH: u64 = ops::fdtable::Meta::TRACKED | ops::fdtable::Meta::OFFLOADED;
+    fds.into_iter()
+        .any(|fd| ops::fdtable::raw(fd) & BOTH == BOTH)
+}
+
+/// A copy of `n` values at `p` in the caller's memory, read by the kernel
+/// (`process_vm_readv` on ourselves): an address the kernel would answer EFAULT for gives
+/// `None` here instead of a fault in the library. Used only while a connection is pending.
+fn copy_in<T: Copy>(p: *const T, n: usize) -> Option<Vec<T>> {
+    let bytes = n.checked_mul(std::mem::size_of::<T>())?;
+    if p.is_null() || n == 0 || bytes > 1 << 24 {
+        return None;
+    }
+    let mut out: Vec<T> = Vec::with_capacity(n);
+    let local = libc::iovec {
+        iov_base: out.as_mut_ptr().cast(),
+        iov_len: bytes,
+    };
+    let remote = libc::iovec {
+        iov_base: p as *mut libc::c_void,
+        iov_len: bytes,
+    };
+    // SAFETY: `local` is our own buffer of `bytes`; the kernel checks `remote`.
+    let got = unsafe {
+        libc::syscall(
+            libc::SYS_process_vm_readv,
+            ops::sys::getpid() as libc::c_long,
+            &local as *const libc::iovec,
+            1 as libc::c_ulong,
+            &remote as *const libc::iovec,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+        )
+    };
+    if got != bytes as libc::c_long {
+        return None;
+    }
+    // SAFETY: the kernel wrote all `bytes` (n values of a Copy type made of plain integers).
+    unsafe { out.set_len(n) };
+    Some(out)
+}
+
+fn pollfds_slice(fds: *const pollfd, nfds: nfds_t) -> bool {
+    ops::offload::any_pending()
+        && nfds as usize <= 1 << 20
+        && copy_in(fds, nfds as usize).is_some_and(|v| must_slice(v.iter().map(|p| p.fd)))
+}
+
+fn now_ns() -> i64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to write.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec * 1_000_000_000 + t.tv_nsec
+}
+
+/// Runs `wait(slice)` (a timeout in nanoseconds, `None`: forever) until it returns anything
+/// but a timeout, `total` is spent, or no connection is pending any more (then the rest of the
+/// wait is one call). `restore` puts back what a timed-out call overwrote (select's sets).
+fn sliced(
+    total: Option<i64>,
+    mut wait: impl FnMut(Option<i64>) -> c_int,
+    mut restore: impl FnMut(),
+) -> c_int {
+    let deadline = total.map(|t| now_ns() + t);
+    loop {
+        let left = deadline.map(|d| (d - now_ns()).max(0));
+        if !ops::offload::any_pending() {
+            return wait(left);
+        }
+        let slice = left.map_or(SLICE_MS * 1_000_000, |l| l.min(SLICE_MS * 1_000_000));
+        let n = wait(Some(slice));
+        if n != 0 || left.is_some_and(|l| l <= slice) {
+            return n;
+        }
+        restore();
+    }
+}
+
+fn ts_ns(ts: *const timespec) -> Option<Option<i64>> {
+    if ts.is_null() {
+        return Some(None);
+    }
+    let t = copy_in(ts, 1)?[0];
+    if t.tv_sec < 0 || !(0..1_000_000_000).contains(&t.tv_nsec) {
+        return None; // the kernel answers EINVAL
+    }
+    Some(Some(
+        t.tv_sec
+            .saturating_mul(1_000_000_000)
+            .saturating_add(t.tv_nsec),
+    ))
+}
+
+fn ns_ts(ns: i64) -> timespec {
+    timespec {
+        tv_sec: ns / 1_000_000_000,
+        tv_nsec: ns % 1_000_000_000,
+    }
+}
+
+fn ms_ceil(ns: i64) -> c_int {
+    ((ns + 999_999) / 1_000_000).min(c_int::MAX as i64) as c_int
+}
+
+/// # Safety
+/// As `poll(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn poll(fds: *mut pollfd, nfds: nfds_t, timeout: c_int) -> c_int {
+    if timeout == 0 || !pollfds_slice(fds, nfds) {
+        return unsafe { crate::real::poll(fds, nfds, timeout) };
+    }
+    let total = (timeout > 0).then(|| timeout as i64 * 1_000_000);
+    sliced(
+        total,
+        |t| unsafe { crate::real::poll(fds, nfds, t.map_or(-1, ms_ceil)) },
+        || {},
+    )
+}
+
+/// # Safety
+/// As `__poll_chk` (glibc's fortified `poll`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __poll_chk(
+    fds: *mut pollfd,
+    nfds: nfds_t,
+    timeout: c_int,
+    fdslen: size_t,
+) -> c_int {
+    if timeout == 0 || !pollfds_slice(fds, nfds) {
+        return unsafe { crate::real::__poll_chk(fds, nfds, timeout, fdslen) };
+    }
+    let total = (timeout > 0).then(|| timeout as i64 * 1_000_000);
+    sliced(
+        total,
+        |t| unsafe { crate::real::__poll_chk(fds, nfds, t.map_or(-1, ms_ceil), fdslen) },
+        || {},
+    )
+}
+
+/// # Safety
+/// As `ppoll(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ppoll(
+    fds: *mut pollfd,
+    nfds: nfds_t,
+    timeout: *const timespec,
+    mask: *const sigset_t,
+) -> c_int {
+    let total = if ops::offload::any_pending() {
+        ts_ns(timeout)
+    } else {
+        None
+    };
+    if total.is_none() || total == Some(Some(0)) || !pollfds_slice(fds, nfds) {
+        return unsafe { crate::real::ppoll(fds, nfds, timeout, mask) };
+    }
+    sliced(
+        total.flatten(),
+        |t| {
+            let ts = t.map(ns_ts);
+            let p = ts
+                .as_ref()
+                .map_or(std::ptr::null(), |ts| ts as *const timespec);
+            unsafe { crate::real::ppoll(fds, nfds, p, mask) }
+        },
+        || {},
+    )
+}
+
+/// # Safety
+/// As `__ppoll_chk` (glibc's fortified `ppoll`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn __ppoll_chk(
+    fds: *mut pollfd,
+    nfds: nfds_t,
+    timeout: *const timespec,
+    mask: *const sigset_t,
+    fdslen: size_t,
+) -> c_int {
+    let total = if ops::offload::any_pending() {
+        ts_ns(timeout)
+    } else {
+        None
+    };
+    if total.is_none() || total == Some(Some(0)) || !pollfds_slice(fds, nfds) {
+        return unsafe { crate::real::__ppoll_chk(fds, nfds, timeout, mask, fdslen) };
+    }
+    sliced(
+        total.flatten(),
+        |t| {
+            let ts = t.map(ns_ts);
+            let p = ts
+                .as_ref()
+                .map_or(std::ptr::null(), |ts| ts as *const timespec);
+            unsafe { crate::real::__ppoll_chk(fds, nfds, p, mask, fdslen) }
+        },
+        || {},
+    )
+}
+
+/// The fds set in the first `nfds` bits of up to three sets (any of them NULL), and copies of
+/// the sets to restore after a timed-out slice. `None`: a set the kernel cannot read, or
+/// `nfds` out of range (the kernel answers).
+fn fd_sets(nfds: c_int, sets: [*mut fd_set; 3]) -> Option<(Vec<c_int>, [Option<fd_set>; 3])> {
+    if !(1..=libc::FD_SETSIZE as c_int).contains(&nfds) {
+        return None;
+    }
+    let mut fds = Vec::new();
+    let mut saved = [None, None, None];
+    for (i, &set) in sets.iter().enumerate() {
+        if set.is_null() {
+            continue;
+        }
+        let bytes = (nfds as usize).div_ceil(8);
+        // Only the bytes the kernel reads: a program may pass a short set for a small nfds.
+        let got = copy_in(set as *const u8, bytes)?;
+        // SAFETY: fd_set is plain integers; all zero is an empty set.
+        let mut copy: fd_set = unsafe { std::mem::zeroed() };
+        // SAFETY: `bytes` <= size_of::<fd_set>() (nfds <= FD_SETSIZE, checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                got.as_ptr(),
+                (&mut copy as *mut fd_set).cast::<u8>(),
+                bytes,
+            )
+        };
+        for fd in 0..nfds {
+            // SAFETY: `copy` is a valid fd_set and fd < FD_SETSIZE.
+            if unsafe { libc::FD_ISSET(fd, &copy) } {
+                fds.push(fd);
+            }
+        }
+        saved[i] = Some(copy);
+    }
+    Some((fds, saved))
+}
+
+fn restore_sets(nfds: c_int, sets: [*mut fd_set; 3], saved: &[Option<fd_set>; 3]) {
+    let bytes = (nfds as usize).div_ceil(8);
+    for (set, copy) in sets.iter().zip(saved) {
+        if let Some(copy) = copy {
+            // SAFETY: the program's set, which the kernel just wrote the same `bytes` of.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (copy as *const fd_set).cast::<u8>(),
+                    set.cast::<u8>(),
+                    bytes,
+                )
+            };
+        }
+    }
+}
+
+/// # Safety
+/// As `select(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn select(
+    nfds: c_int,
+    r: *mut fd_set,
+    w: *mut fd_set,
+    e: *mut fd_set,
+    timeout: *mut timeval,
+) -> c_int {
+    let total = if !ops::offload::any_pending() {
+        None
+    } else if timeout.is_null() {
+        Some(None)
+    } else {
+        copy_in(timeout as *const timeval, 1).and_then(|tv| {
+            let tv = tv[0];
+            (tv.tv_sec >= 0 && (0..1_000_000).contains(&tv.tv_usec)).then(|| {
+                Some(
+                    tv.tv_sec
+                        .saturating_mul(1_000_000_000)
+                        .saturating_add(tv.tv_usec * 1000),
+                )
+            })
+        })
+    };
+    let sets = [r, w, e];
+    let plan = match total {
+        Some(t) if t != Some(0) => fd_sets(nfds, sets)
+            .filter(|(fds, _)| must_slice(fds.iter().copied()))
+            .map(|(_, saved)| (t, saved)),
+        _ => None,
+    };
+    let Some((total, saved)) = plan else {
+        return unsafe { crate::real::select(nfds, r, w, e, timeout) };
+    };
+    let deadline = total.map(|t| now_ns() + t);
+    let n = sliced(
+        total,
+        |t| {
+            let mut tv = t.map(|ns| timeval {
+                tv_sec: ns / 1_000_000_000,
+                tv_usec: (ns % 1_000_000_000) / 1000,
+            });
+            let p = tv
+                .as_mut()
+                .map_or(std::ptr::null_mut(), |tv| tv as *mut timeval);
+            unsafe { crate::real::select(nfds, r, w, e, p) }
+        },
+        || restore_sets(nfds, sets, &saved),
+    );
+    // LINUX: select leaves the time not slept in the caller's timeval.
+    if let Some(d) = deadline {
+        let left = (d - now_ns()).max(0);
+        // SAFETY: the caller's timeval, readable and (as the kernel writes it) writable.
+        unsafe {
+            *timeout = timeval {
+                tv_sec: left / 1_000_000_000,
+                tv_usec: (left % 1_000_000_000) / 1000,
+            }
+        };
+    }
+    n
+}
+
+/// # Safety
+/// As `pselect(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pselect(
+    nfds: c_int,
+    r: *mut fd_set,
+    w: *mut fd_set,
+    e: *mut fd_set,
+    timeout: *const timespec,
+    mask: *const sigset_t,
+) -> c_int {
+    let total = if ops::offload::any_pending() {
+        ts_ns(timeout)
+    } else {
+        None
+    };
+    let sets = [r, w, e];
+    let plan = match total {
+        Some(t) if t != Some(0) => fd_sets(nfds, sets)
+            .filter(|(fds, _)| must_slice(fds.iter().copied()))
+            .map(|(_, saved)| (t, saved)),
+        _ => None,
+    };
+    let Some((total, saved)) = plan else {
+        return unsafe { crate::real::pselect(nfds, r, w, e, timeout, mask) };
+    };
+    sliced(
+        total,
+        |t| {
+            let ts = t.map(ns_ts);
+            let p = ts
+                .as_ref()
+                .map_or(std::ptr::null(), |ts| ts as *const timespec);
+            unsafe { crate::real::pselect(nfds, r, w, e, p, mask) }
+        },
+        || restore_sets(nfds, sets, &saved),
+    )
 }
 
 /// Registrations of offloaded fds are remembered, so that an fd swapped back to its kernel TCP

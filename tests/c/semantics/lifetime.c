@@ -532,6 +532,71 @@ static void c_close_all_others(void) {
     close(S);
 }
 
+/* A server exec'd on a listening socket it inherited from this process, which published
+ * the socket's beacon and keeps the listener: an SDP client's connection reaches a process
+ * that holds no intent for it and is told to keep TCP while it is pending. The client
+ * wrote its request while pending and waits for the answer with poll, ppoll, select or
+ * pselect: its fd number is re-pointed to the TCP socket under the wait, which must still
+ * see the answer (before, it slept until its timeout). Each answer must come within 1 s of a
+ * 5 s wait. The program re-runs itself as the echo server (argv[2] = the listener's fd). */
+static void inherited_echo(int l) {
+    for (;;) {
+        int s = accept(l, NULL, NULL);
+        if (s < 0) _exit(0);
+        char b[4];
+        read_all(s, b, 4);
+        write_all(s, b, 4);
+        /* Left open: the next client is accepted while this one is still connected. */
+    }
+}
+
+static const char *self_exe;
+
+static void c_declined_wait(void) {
+    int l = listener();
+    int fl = fcntl(l, F_GETFD);
+    CHECK(fl >= 0 && fcntl(l, F_SETFD, fl & ~FD_CLOEXEC) == 0);
+    pid_t k = fork();
+    CHECK(k >= 0);
+    if (k == 0) {
+        char fdarg[16];
+        snprintf(fdarg, sizeof fdarg, "%d", l);
+        execl(self_exe, self_exe, "inherited_echo", fdarg, (char *)NULL);
+        _exit(127);
+    }
+    static const char *how[] = {"poll", "ppoll", "select", "pselect"};
+    int conns[4];
+    for (int i = 0; i < 4; i++) {
+        int c = connect_to(&listen_addr);
+        conns[i] = c;
+        write_all(c, "ping", 4);
+        double t0 = now_ms();
+        int r = -1;
+        if (i < 2) {
+            struct pollfd p = {.fd = c, .events = POLLIN};
+            struct timespec ts = {.tv_sec = 5};
+            r = i == 0 ? poll(&p, 1, 5000) : ppoll(&p, 1, &ts, NULL);
+        } else {
+            fd_set rs;
+            FD_ZERO(&rs);
+            FD_SET(c, &rs);
+            struct timeval tv = {.tv_sec = 5};
+            struct timespec ts = {.tv_sec = 5};
+            r = i == 2 ? select(c + 1, &rs, NULL, NULL, &tv) : pselect(c + 1, &rs, NULL, NULL, &ts, NULL);
+            if (r == 1 && !FD_ISSET(c, &rs)) r = -2;
+        }
+        char b[4];
+        read_all(c, b, 4);
+        printf("%s: ready %d, answered within 1 s: %d, echo: %d\n", how[i], r, now_ms() - t0 < 1000,
+               !memcmp(b, "ping", 4));
+    }
+    sync_point();
+    for (int i = 0; i < 4; i++) close(conns[i]);
+    kill(k, SIGKILL);
+    waitpid(k, NULL, 0);
+    close(l);
+}
+
 /* A process that execs right after its last write, its socket closed by the exec
  * (SOCK_CLOEXEC), and one that closes its socket first: every byte send took still reaches
  * the peer, as the kernel delivers them over TCP. Over SDP the bytes the peer's window did
@@ -601,7 +666,10 @@ int main(int argc, char **argv) {
         {"inetd", c_inetd},
         {"launchers", c_launchers},
         {"close_all_others", c_close_all_others},
+        {"declined_wait", c_declined_wait},
         {NULL, NULL},
     };
+    self_exe = argv[0];
+    if (argc == 3 && !strcmp(argv[1], "inherited_echo")) inherited_echo(atoi(argv[2]));
     return run_case(cases, argc, argv);
 }

@@ -31,6 +31,7 @@ mod sync_tests;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use crate::fdtable::{self, Meta};
@@ -107,6 +108,47 @@ pub struct Inner {
     pub role: u8,
     /// The process forked while it held the connection: another process may hold it too.
     pub forked: bool,
+    /// This connection counts in [`PENDING_NOW`] (see [`Inner::note_phase`]).
+    pending_counted: bool,
+}
+
+/// Connections of this process in the pending phase. While there are any, `poll` and
+/// `select` wait in slices ([`any_pending`]): a pending connection that goes back to TCP has
+/// its fd number re-pointed (`dup3`) under a thread that may be blocked in `poll` on it. The
+/// kernel's poll looks the number up again when it wakes (our end-of-stream on the old app end
+/// wakes it), but registers for wake-ups only on its first pass: it then sleeps on the TCP
+/// socket unregistered, and the server's answer does not wake it. A client that wrote its
+/// request while pending and then polled for the answer (Python's `recv` with a timeout) hung
+/// until its timeout, each time the server's process declined the connection.
+static PENDING_NOW: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether a connection of this process is pending (one relaxed load).
+#[inline]
+pub fn any_pending() -> bool {
+    PENDING_NOW.load(Ordering::Acquire) != 0
+}
+
+impl Inner {
+    /// Keeps [`PENDING_NOW`] in step with `phase`: called after every change of it.
+    pub fn note_phase(&mut self) {
+        let pending = matches!(self.phase, Phase::Pending { .. });
+        if pending != self.pending_counted {
+            if pending {
+                PENDING_NOW.fetch_add(1, Ordering::AcqRel);
+            } else {
+                PENDING_NOW.fetch_sub(1, Ordering::AcqRel);
+            }
+            self.pending_counted = pending;
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if self.pending_counted {
+            PENDING_NOW.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
 }
 
 impl Inner {
@@ -123,7 +165,7 @@ impl Inner {
         row: Option<Row>,
         role: u8,
     ) -> Inner {
-        Inner {
+        let mut inner = Inner {
             phase,
             shadow,
             app_int: app,
@@ -154,7 +196,10 @@ impl Inner {
             epoll: Vec::new(),
             endpoint: None,
             role,
-        }
+            pending_counted: false,
+        };
+        inner.note_phase();
+        inner
     }
 }
 
@@ -774,6 +819,7 @@ impl Inner {
             self.flush_timer = -1;
         }
         self.phase = Phase::Tcp;
+        self.note_phase();
         for fd in [self.app_int, self.own_bell, self.shadow] {
             if fd >= 0 {
                 crate::sys::close(fd);

@@ -894,6 +894,7 @@ pub(super) fn install_stream(
         stream.set_every_arrival(true);
     }
     g.phase = Phase::Offloaded(stream);
+    g.note_phase();
     true
 }
 
@@ -1127,6 +1128,9 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
         };
         fdtable::update(fd, |m| Meta(m.0 & !Meta::OFFLOADED));
     }
+    // Only now, with every fd number re-pointed: a `poll` that stops waiting in slices when
+    // no connection is pending must not start its long wait on an app end about to go.
+    g.note_phase();
     for &(epfd, efd, events, data) in &g.epoll {
         let mut ev = libc::epoll_event { events, u64: data };
         // SAFETY: re-adding the application's registration on the swapped fd.
