@@ -212,6 +212,18 @@ fn garbage_in_every_environment_variable_is_survived_and_reported() {
             "LIBSDP_SPIN_US",
         ),
         ("LIBSDP_SPIN_US", OsStr::new(" 50 "), ""),
+        // Records of relayed connections (ops::offload::relayed): only an fd that is the
+        // very TCP socket named (by inode) is ever used.
+        ("LIBSDP_RELAYED", OsStr::new("abc"), ""),
+        ("LIBSDP_RELAYED", non_utf8, ""),
+        ("LIBSDP_RELAYED", OsStr::new(&long), ""),
+        ("LIBSDP_RELAYED", OsStr::new("1:0:1,2:1:2,3:2:3"), ""),
+        ("LIBSDP_RELAYED", OsStr::new("0:3:0,0:4:0,0:5:0,0:6:0"), ""),
+        (
+            "LIBSDP_RELAYED",
+            OsStr::new("1:-1:1,:::,1:99999999999:1"),
+            "",
+        ),
     ];
     let mut failures = Vec::new();
     for (var, value, want) in &cases {

@@ -127,3 +127,15 @@ fn a_program_execd_on_an_inherited_listener_neither_stalls_nor_stays_off_sdp() {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
 }
+
+#[test]
+fn a_relayed_connection_still_names_its_tcp_addresses() {
+    let out = run_case("relayed-names");
+    for line in [
+        "exec'd program sees the TCP names: True",
+        "spawned program sees the TCP names: True",
+        "the sender's socket still names the TCP connection: True",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}

@@ -348,3 +348,36 @@ elif CASE == "inherited-listener":
         print("the listener's maker keeps it:", keep, "slowest under 0.5 s:", slowest < 0.5,
               "over shm after the first:", shm[1:])
     print("shm:", shm[-1])
+
+elif CASE == "relayed-names":
+    # A program given a connection as its stdin (fork + exec, posix_spawn) talks to it through
+    # a relay, and a process that passed a connection over a unix socket keeps one: each
+    # still names the TCP connection (family, own address, peer address, a TCP option).
+    import array
+    child = ("import socket, os\n"
+             "s = socket.socket(fileno=0)\n"
+             "info = (int(s.family), s.getsockname(), s.getpeername(),\n"
+             "        s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) in (0, 1))\n"
+             "s.detach()\n"
+             "os.write(1, repr(info).encode() + b'\\n')\n")
+    conns = [pair() for _ in range(3)]
+    want = [repr((int(socket.AF_INET), s.getsockname(), s.getpeername(), True))
+            for _, _, s in conns]
+    for _, c, _ in conns:
+        c.settimeout(10)
+    (_, c, s) = conns[0]
+    subprocess.run([sys.executable, "-c", child], stdin=s, stdout=s)
+    print("exec'd program sees the TCP names:", c.recv(300).decode().strip() == want[0])
+    (_, c, s) = conns[1]
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", child], os.environ,
+                         file_actions=[(os.POSIX_SPAWN_DUP2, s.fileno(), 0),
+                                       (os.POSIX_SPAWN_DUP2, s.fileno(), 1)])
+    os.waitpid(pid, 0)
+    print("spawned program sees the TCP names:", c.recv(300).decode().strip() == want[1])
+    (_, c, s) = conns[2]
+    a, b = socket.socketpair()
+    a.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]).tobytes())])
+    mine = repr((int(s.family), s.getsockname(), s.getpeername(),
+                 s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) in (0, 1)))
+    print("the sender's socket still names the TCP connection:", mine == want[2])
+    print("shm:", on_shm())

@@ -883,7 +883,20 @@ fn kernel_socket(fd: c_int) -> c_int {
     {
         return s;
     }
+    if ops::offload::relayed::maybe()
+        && !fdtable::is_tracked(fd)
+        && let Some(Some(s)) = switch_call(None, || ops::offload::relayed::shadow_for(fd))
+    {
+        return s;
+    }
     fd
+}
+
+/// Options that stay with the socket the program holds, even when another one answers for
+/// its names and TCP options: timeouts (blocking happens there) and its pending error.
+fn own_option(level: c_int, name: c_int) -> bool {
+    level == libc::SOL_SOCKET
+        && matches!(name, libc::SO_RCVTIMEO | libc::SO_SNDTIMEO | libc::SO_ERROR)
 }
 
 /// # Safety
@@ -914,6 +927,9 @@ pub unsafe extern "C" fn getsockopt(
             return unsafe { real::getsockopt(fd, level, name, val, len) };
         }
     }
+    if own_option(level, name) {
+        return unsafe { real::getsockopt(fd, level, name, val, len) };
+    }
     unsafe { real::getsockopt(kernel_socket(fd), level, name, val, len) }
 }
 
@@ -943,6 +959,19 @@ pub unsafe extern "C" fn setsockopt(
             crate::guard::switch(|| ops::offload::keepalive::option_set(fd, level, name));
         }
         return rc;
+    }
+    let other = kernel_socket(fd);
+    if other != fd {
+        // A relayed connection (ops::offload::relayed): TCP options and names are the
+        // shadow's; timeouts are the socket the program blocks on.
+        if own_option(level, name) {
+            let rc = unsafe { real::setsockopt(fd, level, name, val, len) };
+            if rc == 0 {
+                unsafe { real::setsockopt(other, level, name, val, len) };
+            }
+            return rc;
+        }
+        return unsafe { real::setsockopt(other, level, name, val, len) };
     }
     unsafe { real::setsockopt(fd, level, name, val, len) }
 }

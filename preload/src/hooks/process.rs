@@ -10,11 +10,86 @@ passthrough! {
     fn daemon(nochdir: c_int, noclose: c_int) -> c_int;
 }
 
+unsafe extern "C" {
+    static environ: *const *const c_char;
+}
+
+/// The environment a new image gets when connections were relayed: the program's `envp` with
+/// `LIBSDP_RELAYED=<records>` (ops::offload::relayed) in place of any it had. Owns the
+/// strings the pointer array points into.
+struct RelayedEnv {
+    _var: std::ffi::CString,
+    ptrs: Vec<*const c_char>,
+    /// The shadow duplicates the records name: closed again if the exec fails.
+    shadows: Vec<c_int>,
+}
+
+impl RelayedEnv {
+    fn new(envp: *const *const c_char, records: String) -> Option<RelayedEnv> {
+        let shadows = ops::offload::relayed::parse(&records)
+            .into_iter()
+            .map(|(_, fd, _)| fd)
+            .collect();
+        let var =
+            std::ffi::CString::new(format!("{}={records}", ops::offload::relayed::RELAYED_ENV))
+                .ok()?;
+        let prefix = format!("{}=", ops::offload::relayed::RELAYED_ENV);
+        let mut ptrs = Vec::new();
+        let mut p = envp;
+        // SAFETY: envp is the NULL-terminated array of NUL-terminated strings exec takes (the
+        // program's, or `environ`); NULL means an empty environment.
+        unsafe {
+            while !p.is_null() && !(*p).is_null() {
+                if !std::ffi::CStr::from_ptr(*p)
+                    .to_bytes()
+                    .starts_with(prefix.as_bytes())
+                {
+                    ptrs.push(*p);
+                }
+                p = p.add(1);
+            }
+        }
+        ptrs.push(var.as_ptr());
+        ptrs.push(std::ptr::null());
+        Some(RelayedEnv {
+            _var: var,
+            ptrs,
+            shadows,
+        })
+    }
+
+    fn close_shadows(self) {
+        for fd in self.shadows {
+            ops::sys::close(fd);
+        }
+    }
+}
+
 /// Offloaded sockets that survive the exec are handed to a relay first (see
-/// `ops::offload::exec`).
-fn before_exec() {
+/// `ops::offload::exec`); the new image's environment then says which shadows answer for them.
+fn before_exec(envp: *const *const c_char) -> Option<RelayedEnv> {
     ops::offload::lazy::flush();
-    crate::guard::switch(ops::offload::exec::before_exec);
+    let records = crate::guard::switch(ops::offload::exec::before_exec).flatten()?;
+    RelayedEnv::new(envp, records)
+}
+
+/// Runs `exec` with the environment `before_exec` made (or the program's own), and cleans up
+/// after a failed exec.
+fn exec_with(
+    env: Option<RelayedEnv>,
+    envp: *const *const c_char,
+    exec: impl FnOnce(*const *const c_char) -> c_int,
+) -> c_int {
+    match env {
+        None => exec(envp),
+        Some(e) => {
+            let rc = exec(e.ptrs.as_ptr());
+            let errno = ops::sys::errno();
+            e.close_shadows();
+            ops::sys::set_errno(errno);
+            rc
+        }
+    }
 }
 
 /// # Safety
@@ -25,24 +100,32 @@ pub unsafe extern "C" fn execve(
     argv: *const *const c_char,
     envp: *const *const c_char,
 ) -> c_int {
-    before_exec();
-    unsafe { real::execve(path, argv, envp) }
+    let env = before_exec(envp);
+    exec_with(env, envp, |e| unsafe { real::execve(path, argv, e) })
 }
 
 /// # Safety
 /// As `execv(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) -> c_int {
-    before_exec();
-    unsafe { real::execv(path, argv) }
+    // SAFETY: reading the C library's environment pointer.
+    let envp = unsafe { environ };
+    match before_exec(envp) {
+        None => unsafe { real::execv(path, argv) },
+        env => exec_with(env, envp, |e| unsafe { real::execve(path, argv, e) }),
+    }
 }
 
 /// # Safety
 /// As `execvp(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
-    before_exec();
-    unsafe { real::execvp(file, argv) }
+    // SAFETY: reading the C library's environment pointer.
+    let envp = unsafe { environ };
+    match before_exec(envp) {
+        None => unsafe { real::execvp(file, argv) },
+        env => exec_with(env, envp, |e| unsafe { real::execvpe(file, argv, e) }),
+    }
 }
 
 /// # Safety
@@ -53,8 +136,8 @@ pub unsafe extern "C" fn execvpe(
     argv: *const *const c_char,
     envp: *const *const c_char,
 ) -> c_int {
-    before_exec();
-    unsafe { real::execvpe(file, argv, envp) }
+    let env = before_exec(envp);
+    exec_with(env, envp, |e| unsafe { real::execvpe(file, argv, e) })
 }
 
 unsafe extern "C" {
@@ -144,13 +227,43 @@ fn dup2_sources(actions: *const libc::c_void) -> Vec<c_int> {
 /// launcher, Python's `os.posix_spawn`) goes to a relay first, as one sent over a unix socket
 /// does: parent and child then hold one socket. Before, the child read the raw app end and
 /// nothing arrived. Sockets the child merely inherits (no close-on-exec) are left alone.
-fn before_spawn(actions: *const libc::c_void) {
-    if !ops::offload::any_bound() {
-        return;
+///
+/// The child's environment then names the shadows that answer its name and option calls on
+/// those sockets, as after an exec (`ops::offload::relayed`): returned for the spawn.
+fn before_spawn(actions: *const libc::c_void, envp: *const *mut c_char) -> Option<RelayedEnv> {
+    if !ops::offload::any_bound() && !ops::offload::relayed::maybe() {
+        return None;
     }
-    for fd in dup2_sources(actions) {
+    let sources = dup2_sources(actions);
+    for &fd in &sources {
         if ops::offload::lookup(fd).is_some() {
             crate::guard::switch(|| ops::offload::exec::before_passing(fd));
+        }
+    }
+    let (records, dups) =
+        crate::guard::switch(|| ops::offload::relayed::for_spawn(&sources)).flatten()?;
+    let env = RelayedEnv::new(envp.cast(), records);
+    if env.is_none() {
+        for fd in dups {
+            ops::sys::close(fd);
+        }
+    }
+    env
+}
+
+/// Runs a spawn with the environment `before_spawn` made; the shadow duplicates are the
+/// child's alone afterwards (closed here whether or not it started).
+fn spawn_with(
+    env: Option<RelayedEnv>,
+    envp: *const *mut c_char,
+    spawn: impl FnOnce(*const *mut c_char) -> c_int,
+) -> c_int {
+    match env {
+        None => spawn(envp),
+        Some(e) => {
+            let rc = spawn(e.ptrs.as_ptr().cast());
+            e.close_shadows();
+            rc
         }
     }
 }
@@ -166,8 +279,10 @@ pub unsafe extern "C" fn posix_spawn(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> c_int {
-    before_spawn(actions);
-    unsafe { real::posix_spawn(pid, path, actions, attr, argv, envp) }
+    let env = before_spawn(actions, envp);
+    spawn_with(env, envp, |e| unsafe {
+        real::posix_spawn(pid, path, actions, attr, argv, e)
+    })
 }
 
 /// # Safety
@@ -181,8 +296,10 @@ pub unsafe extern "C" fn posix_spawnp(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> c_int {
-    before_spawn(actions);
-    unsafe { real::posix_spawnp(pid, file, actions, attr, argv, envp) }
+    let env = before_spawn(actions, envp);
+    spawn_with(env, envp, |e| unsafe {
+        real::posix_spawnp(pid, file, actions, attr, argv, e)
+    })
 }
 
 /// `vfork` is implemented with the real `fork`: a vfork child shares the parent's memory and

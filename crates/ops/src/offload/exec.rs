@@ -23,7 +23,9 @@ fn fcntl(fd: i32, cmd: i32, arg: i64) -> i32 {
 }
 
 /// Before `execve` and friends: moves every offloaded fd that survives exec onto a relay.
-pub fn before_exec() {
+/// Returns the value of [`super::relayed::RELAYED_ENV`] for the new image (its relay sockets
+/// and the shadows that answer for them), if any connection was relayed.
+pub fn before_exec() -> Option<String> {
     super::setup::resolve_pending_before_fork();
     // Connections with at least one fd without FD_CLOEXEC, and those fds.
     let mut todo: Vec<(Arc<Conn>, Vec<i32>)> = Vec::new();
@@ -36,17 +38,24 @@ pub fn before_exec() {
             None => todo.push((conn, vec![fd])),
         }
     }
+    let mut entries = Vec::new();
     for (conn, fds) in todo {
         if matches!(conn.lock().phase, Phase::Tcp) {
             continue;
         }
-        relay(&conn, &fds);
+        if let Some((ino, shadow)) = relay(&conn, &fds, true) {
+            match super::relayed::entry(ino, shadow) {
+                Some(e) => entries.push(e),
+                None => sys::close(shadow),
+            }
+        }
     }
     // The connections the exec closes (FD_CLOEXEC), and those closed before it and still
     // delivering from the progress thread, lose the library's memory with the old image: the
     // bytes their application sent and the peer's window did not take yet go now, bounded as
     // at exit. The kernel delivers a TCP socket's after an exec closed it.
     super::setup::flush_at_exit();
+    (!entries.is_empty()).then(|| entries.join(","))
 }
 
 /// Before an offloaded fd is sent to another process (SCM_RIGHTS on a unix socket): the other
@@ -71,10 +80,16 @@ pub fn before_passing(fd: i32) {
         crate::log::DECISION,
         "fd {fd} is sent to another process: its SDP connection goes to a relay"
     );
-    relay(&conn, &fds);
+    if let Some((ino, shadow)) = relay(&conn, &fds, false) {
+        super::relayed::register(ino, shadow);
+    }
 }
 
-fn relay(conn: &Arc<Conn>, fds: &[i32]) {
+/// Hands the connection to a relay process; `fds` (this process's numbers for it) then name
+/// our end of the relay's socketpair. Returns that end's inode and a duplicate of the
+/// connection's shadow (close-on-exec unless `across_exec`), which answers the name and
+/// option calls on those numbers from now on (`relayed`).
+fn relay(conn: &Arc<Conn>, fds: &[i32], across_exec: bool) -> Option<(u64, i32)> {
     let mut sv = [0i32; 2];
     // SAFETY: sv has room for two fds.
     if unsafe {
@@ -87,7 +102,7 @@ fn relay(conn: &Arc<Conn>, fds: &[i32]) {
         )
     } != 0
     {
-        return;
+        return None;
     }
     let (a, b) = (sv[0], sv[1]);
     let nonblock = fcntl(fds[0], libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
@@ -97,7 +112,7 @@ fn relay(conn: &Arc<Conn>, fds: &[i32]) {
     if pid < 0 {
         sys::close(a);
         sys::close(b);
-        return;
+        return None;
     }
     if pid == 0 {
         // First child: fork the relay and leave, so that it is nobody's child to reap.
@@ -144,10 +159,19 @@ fn relay(conn: &Arc<Conn>, fds: &[i32]) {
             )
         };
     }
+    let ino = super::relayed::socket_ino(a);
     sys::close(a);
     sys::close(b);
     // This process lets go of its copy without touching the rings: the relay owns them now.
-    conn.lock().release();
+    let mut g = conn.lock();
+    let shadow = match (ino, g.shadow) {
+        (Some(_), s) if s >= 0 && across_exec => super::relayed::dup_for_exec(s),
+        (Some(_), s) if s >= 0 => sys::dup_internal(s),
+        _ => -1,
+    };
+    g.release();
+    drop(g);
+    Some((ino?, shadow)).filter(|&(_, s)| s >= 0)
 }
 
 /// Whether the process serving the connection leaves it alone for a while (its owner

@@ -23,6 +23,7 @@ pub mod intents;
 pub mod keepalive;
 pub mod lazy;
 pub mod rdma;
+pub mod relayed;
 pub mod sdp;
 pub mod setup;
 pub mod stream;
