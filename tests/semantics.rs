@@ -663,6 +663,22 @@ fn waiting_for_the_answer_on_a_connection_that_goes_back_to_tcp_sees_it() {
 }
 
 #[test]
+fn a_server_reads_and_answers_through_stdio_streams() {
+    let out = semantics("lifetime", "stdio", 2);
+    assert_lines(
+        &out,
+        &[
+            "server read: HELO one",
+            "server read: HELO two",
+            "client read: 250 0",
+            "250 1",
+            "server's peer family is AF_INET: 1",
+            "client reads eof: 0",
+        ],
+    );
+}
+
+#[test]
 fn closing_every_descriptor_the_program_did_not_open_keeps_the_connection() {
     // The counts of the loop (the harness leaves a few descriptors open) must equal the TCP
     // run's: `semantics` compares the outputs.

@@ -302,6 +302,31 @@ pub unsafe extern "C" fn posix_spawnp(
     })
 }
 
+/// A stream opened for reading on an offloaded socket reads it with the C library's internal
+/// `read`, which no preload sees: it would get the app end's bell bytes, not the data. So the
+/// connection goes to a relay first, as one passed to another process does
+/// (`ops::offload::exec::before_passing`): the fd then names a socket that carries the data
+/// itself, and stdio reads it. (Writing through stdio needs nothing: the library forwards what
+/// reaches the app end.) Before, `fgets` on such a stream returned `\x01` bytes.
+///
+/// # Safety
+/// As `fdopen(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut libc::c_void {
+    const BOTH: u64 = ops::fdtable::Meta::TRACKED | ops::fdtable::Meta::OFFLOADED;
+    if ops::fdtable::raw(fd) & BOTH == BOTH
+        && !mode.is_null()
+        && crate::hooks::data::user_readable(mode.cast(), 1)
+    {
+        // SAFETY: fdopen's contract: `mode` is a NUL-terminated string.
+        let m = unsafe { std::ffi::CStr::from_ptr(mode) }.to_bytes();
+        if m.first() == Some(&b'r') || m.contains(&b'+') {
+            crate::guard::switch(|| ops::offload::exec::before_passing(fd));
+        }
+    }
+    unsafe { real::fdopen(fd, mode) }
+}
+
 /// `vfork` is implemented with the real `fork`: a vfork child shares the parent's memory and
 /// stack, and any bookkeeping the library did in it would corrupt the parent. A copy is always
 /// correct; only the speed of vfork is lost.

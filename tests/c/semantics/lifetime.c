@@ -597,6 +597,36 @@ static void c_declined_wait(void) {
     close(l);
 }
 
+/* A line protocol served through stdio: the server reads the accepted socket with fgets on
+ * an fdopen'ed stream and answers with fprintf on another (the C library's internal read and
+ * write, which no preload sees). Before, fgets read the app end's bell bytes. */
+static void c_stdio(void) {
+    fresh_pair(&C, &S);
+    write_all(C, "HELO one\nHELO two\n", 18);
+    FILE *in = fdopen(S, "r");
+    FILE *out = fdopen(dup(S), "w");
+    CHECK(in && out);
+    char line[64];
+    for (int i = 0; i < 2; i++) {
+        CHECK(fgets(line, sizeof line, in) != NULL);
+        printf("server read: %s", line);
+        fprintf(out, "250 %d\n", i);
+        fflush(out);
+    }
+    char b[12];
+    read_all(C, b, sizeof b);
+    printf("client read: %.12s", b);
+    struct sockaddr_in p;
+    socklen_t len = sizeof p;
+    CHECK(getpeername(fileno(in), (struct sockaddr *)&p, &len) == 0);
+    printf("server's peer family is AF_INET: %d\n", p.sin_family == AF_INET);
+    sync_point();
+    fclose(out);
+    fclose(in);
+    printf("client reads eof: %s\n", res(read(C, b, sizeof b)));
+    close(C);
+}
+
 /* A process that execs right after its last write, its socket closed by the exec
  * (SOCK_CLOEXEC), and one that closes its socket first: every byte send took still reaches
  * the peer, as the kernel delivers them over TCP. Over SDP the bytes the peer's window did
@@ -667,6 +697,7 @@ int main(int argc, char **argv) {
         {"launchers", c_launchers},
         {"close_all_others", c_close_all_others},
         {"declined_wait", c_declined_wait},
+        {"stdio", c_stdio},
         {NULL, NULL},
     };
     self_exe = argv[0];
