@@ -139,3 +139,12 @@ fn a_relayed_connection_still_names_its_tcp_addresses() {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }
 }
+
+#[test]
+fn a_cgi_style_parent_shuts_down_after_its_childs_program_answered_without_an_error() {
+    let out = run_case("cgi");
+    assert!(
+        out.contains("every response whole: True library log lines: 0"),
+        "{out}"
+    );
+}

@@ -399,12 +399,43 @@ fn run_relay(conn: &Arc<Conn>, fds: &[i32], b: i32, a: i32) -> ! {
             }
             // SAFETY: two valid pollfds.
             unsafe { libc::syscall(libc::SYS_poll, pfd.as_mut_ptr(), 2, 1000) };
-            if b_eof && pfd[1].revents & libc::POLLHUP != 0 && to_b.is_empty() {
-                break; // the program closed the socket entirely
+            if b_eof && pfd[1].revents & libc::POLLHUP != 0 && to_b.is_empty() && to_conn.is_empty()
+            {
+                break; // the program closed the socket entirely, and all it wrote went on
             }
         }
     }
     sys::close(b);
+    // What the program wrote and the relay read but could not hand to the connection yet
+    // (the loop also ends when the program's end stops taking bytes).
+    let until = std::time::Instant::now() + super::setup::LINGER_LIMIT;
+    while !to_conn.is_empty() && std::time::Instant::now() < until {
+        match super::data::send(fd, &[&to_conn[..]], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Some(Ok(n)) if n > 0 => {
+                to_conn.drain(..n as usize);
+            }
+            Some(Err(libc::EAGAIN)) | Some(Ok(_)) => {
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::syscall(libc::SYS_poll, &mut p as *mut libc::pollfd, 1, 1000) };
+            }
+            _ => break,
+        }
+    }
+    // What the program wrote and the peer's window has not taken yet is delivered before the
+    // relay goes, as the kernel delivers a closed TCP socket's bytes (bounded as a lingering
+    // close is). Before, the relay left as soon as the program's end closed: a CGI-style
+    // program that wrote 100 KB and exited lost the tail its peer had not read yet.
+    {
+        let mut g = conn.lock();
+        if let Phase::Offloaded(s) = &mut g.phase {
+            s.flush(super::setup::LINGER_LIMIT);
+        }
+    }
     super::setup::close(fd);
     // SAFETY: leaving the relay process.
     unsafe { libc::_exit(0) }

@@ -373,6 +373,9 @@ impl OffloadStream for SdpShm {
     }
 
     fn progress(&mut self) {
+        if self.stale() {
+            return; // the application's next send or receive says so (EIO)
+        }
         self.poll_completions();
         self.drain_outputs();
     }
@@ -384,16 +387,10 @@ impl OffloadStream for SdpShm {
         if std::mem::take(&mut self.reset_pending) {
             return Err(libc::ECONNRESET);
         }
-        if !self.conn.claimed_by_me()
-            && let Err(e) = self.conn.claim()
-        {
-            // Another process forked from this one used the connection since we last did: our
-            // copy of its state is stale. Fail before the engine takes the bytes: taken, they
-            // were lost when the post found the connection stolen, and the first send after
-            // a child's exec'd program had used the connection reported success.
-            self.transport_died(e);
-            return Err(self.dead.unwrap_or(libc::EIO));
-        }
+        // Fail before the engine takes the bytes: taken, they were lost when the post found
+        // the connection stolen, and the first send after a child's exec'd program had used
+        // the connection reported success.
+        self.own_it()?;
         let t = now();
         let mut n = 0;
         for (i, b) in data.iter().enumerate() {
@@ -435,6 +432,8 @@ impl OffloadStream for SdpShm {
     }
 
     fn recv(&mut self, out: &mut [&mut [u8]], peek: bool) -> Result<usize, Errno> {
+        // A stale copy's engine may still hold bytes the current owner already delivered.
+        self.own_it()?;
         let r = engine_recv(
             &mut self.engine,
             out,
@@ -494,6 +493,13 @@ impl OffloadStream for SdpShm {
     }
 
     fn shutdown_write(&mut self) {
+        if self.stale() {
+            // Another process forked from this one serves the connection now (a CGI child's
+            // program, through its relay): our copy is stale and must not touch the rings.
+            // Its owner ends the stream; a server that shuts its copy down after the child
+            // finished (Python's http.server does, per request) is not an error to log.
+            return;
+        }
         let _ = self
             .engine
             .shutdown(now(), sdp_proto::conn::Shutdown::Write);
@@ -501,6 +507,9 @@ impl OffloadStream for SdpShm {
     }
 
     fn abort(&mut self) {
+        if self.stale() {
+            return; // as for shutdown_write: the current owner's connection, not ours to end
+        }
         self.engine.abort(now());
         self.drain_outputs();
     }
@@ -599,12 +608,36 @@ impl OffloadStream for SdpShm {
 }
 
 impl SdpShm {
+    /// Whether another process forked from this one has used the connection since we last
+    /// did: our copy of its state is stale (`ShmConn::claim`).
+    fn stale(&self) -> bool {
+        !self.conn.claimed_by_me() && !self.conn.is_current()
+    }
+
+    /// Makes this process the connection's owner before the application's send or receive;
+    /// a stale copy fails with EIO (logged once) instead.
+    fn own_it(&mut self) -> Result<(), Errno> {
+        if let Some(e) = self.dead {
+            return Err(e);
+        }
+        if !self.conn.claimed_by_me()
+            && let Err(e) = self.conn.claim()
+        {
+            self.transport_died(e);
+            return Err(self.dead.unwrap_or(libc::EIO));
+        }
+        Ok(())
+    }
+
     /// The peer's bell end we hold; its hang-up is the peer's end.
     pub fn peer_bell(&self) -> i32 {
         self.conn.peer_bell()
     }
 
     fn flush_sends(&mut self, budget: Duration) {
+        if self.stale() {
+            return;
+        }
         let end = Instant::now() + budget;
         while self.engine.send_queued() > 0
             && self.dead.is_none()
