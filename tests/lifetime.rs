@@ -148,3 +148,12 @@ fn a_cgi_style_parent_shuts_down_after_its_childs_program_answered_without_an_er
         "{out}"
     );
 }
+
+#[test]
+fn passed_connections_leave_no_descriptor_behind_once_closed() {
+    let out = run_case("passed-then-closed-leaves-nothing");
+    assert!(
+        out.contains("descriptors back to where they were: True"),
+        "{out}"
+    );
+}

@@ -366,7 +366,11 @@ elif CASE == "relayed-names":
     for _, c, _ in conns:
         c.settimeout(10)
     (_, c, s) = conns[0]
-    subprocess.run([sys.executable, "-c", child], stdin=s, stdout=s)
+    # By name: the child's execve fails in each PATH directory before the one holding it (the
+    # records must survive the failed attempts), and python3 may be a wrapper script that execs
+    # again (they must pass through).
+    path = "/nonexistent/a:/nonexistent/b:" + os.environ.get("PATH", "/usr/bin")
+    subprocess.run(["python3", "-c", child], stdin=s, stdout=s, env=dict(os.environ, PATH=path))
     print("exec'd program sees the TCP names:", c.recv(300).decode().strip() == want[0])
     (_, c, s) = conns[1]
     pid = os.posix_spawn(sys.executable, [sys.executable, "-c", child], os.environ,
@@ -422,3 +426,37 @@ elif CASE == "cgi":
     log.seek(0)
     logged = log.read().decode(errors="replace")
     print("every response whole:", all(got), "library log lines:", logged.count("libsdp["))
+
+elif CASE == "passed-then-closed-leaves-nothing":
+    # Connections passed over a unix socket (each goes to a relay, and a kept duplicate of its
+    # TCP socket answers its names here) and then closed by both ends leave no descriptor
+    # behind in this process, however many there were.
+    import array
+    a, b = socket.socketpair()
+    def count():
+        return len(os.listdir("/proc/self/fd"))
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(64)
+    before = count()
+    shm_seen = False
+    for i in range(30):
+        c = socket.create_connection(l.getsockname())
+        s, _ = l.accept()
+        c.sendall(b"x")
+        s.recv(1)
+        a.sendmsg([b"f"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [s.fileno()]).tobytes())])
+        msg, anc, flags, _ = b.recvmsg(1, socket.CMSG_SPACE(4))
+        r = socket.socket(fileno=array.array("i", anc[0][2][:4])[0])
+        r.sendall(b"y")
+        c.settimeout(10)
+        ok = c.recv(1) == b"y"
+        if i == 0:
+            shm_seen = on_shm()
+        for x in (r, s, c):
+            x.close()
+    deadline = time.time() + 5
+    while count() > before + 2 and time.time() < deadline:
+        time.sleep(0.05)
+    print("shm:", shm_seen)
+    print("descriptors back to where they were:", count() <= before + 2, "(", count() - before, ")")

@@ -240,6 +240,12 @@ pub fn adopt_inherited_listener(fd: i32) -> bool {
     {
         return false;
     }
+    // Two threads accepting on the listener at once adopt it once (one beacon, one row).
+    static ADOPTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ADOPTING.lock().unwrap_or_else(|p| p.into_inner());
+    if fdtable::get(fd).tracked() {
+        return true;
+    }
     on_socket(fd, domain, libc::SOCK_STREAM, 0);
     if !fdtable::get(fd).tracked() {
         return false;

@@ -227,10 +227,33 @@ pub unsafe extern "C" fn close_range(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn closefrom(lowfd: c_int) {
     // glibc: a negative start closes from 0.
-    close_range_keeping_ours(lowfd.max(0) as u32, u32::MAX, 0);
+    let low = lowfd.max(0);
+    if close_range_keeping_ours(low as u32, u32::MAX, 0) == 0 {
+        return;
+    }
+    // glibc: without close_range (an older kernel, a seccomp filter), every open number from
+    // /proc/self/fd; the library's own stay.
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let open: Vec<c_int> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd >= low)
+        .collect();
+    for fd in open {
+        if !internal::contains(fd) {
+            unsafe { close(fd) };
+        }
+    }
 }
 
 fn after_dup(old: c_int, new: c_int) -> c_int {
+    if new >= 0 && new != old && internal::contains(new) {
+        // The program put a file of its own on a number the library held (the kernel closed
+        // ours): the number is the program's now, for `close` and `close_range` too.
+        internal::unmark(new);
+    }
     if new >= 0 && (is_tracked(old) || is_tracked(new)) {
         switch(|| sw::dup(old, new));
     }

@@ -18,7 +18,7 @@ unsafe extern "C" {
 /// `LIBSDP_RELAYED=<records>` (ops::offload::relayed) in place of any it had. Owns the
 /// strings the pointer array points into.
 struct RelayedEnv {
-    _var: std::ffi::CString,
+    var: std::ffi::CString,
     ptrs: Vec<*const c_char>,
     /// The shadow duplicates the records name: closed again if the exec fails.
     shadows: Vec<c_int>,
@@ -51,17 +51,31 @@ impl RelayedEnv {
         }
         ptrs.push(var.as_ptr());
         ptrs.push(std::ptr::null());
-        Some(RelayedEnv {
-            _var: var,
-            ptrs,
-            shadows,
-        })
+        Some(RelayedEnv { var, ptrs, shadows })
     }
 
+    /// After a spawn: the duplicates are the child's now (or nobody's).
     fn close_shadows(self) {
         for fd in self.shadows {
             ops::sys::close(fd);
         }
+    }
+
+    /// After a failed exec: the process goes on (Python's `subprocess` tries the next
+    /// directory of PATH), and the next exec must name the shadows again: they answer here
+    /// until then (`relayed::for_exec` passes them on).
+    fn keep_shadows(self) {
+        crate::guard::switch(|| {
+            for (ino, fd, _) in ops::offload::relayed::parse(
+                self.var
+                    .to_str()
+                    .unwrap_or("")
+                    .split_once('=')
+                    .map_or("", |(_, v)| v),
+            ) {
+                ops::offload::relayed::register(ino, fd, true);
+            }
+        });
     }
 }
 
@@ -85,7 +99,7 @@ fn exec_with(
         Some(e) => {
             let rc = exec(e.ptrs.as_ptr());
             let errno = ops::sys::errno();
-            e.close_shadows();
+            e.keep_shadows();
             ops::sys::set_errno(errno);
             rc
         }

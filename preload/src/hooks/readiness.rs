@@ -51,7 +51,8 @@ fn copy_in<T: Copy>(p: *const T, n: usize) -> Option<Vec<T>> {
     let got = unsafe {
         libc::syscall(
             libc::SYS_process_vm_readv,
-            ops::sys::getpid() as libc::c_long,
+            // The kernel's pid, not a cached one: a raw clone's child must read its own memory.
+            libc::syscall(libc::SYS_getpid),
             &local as *const libc::iovec,
             1 as libc::c_ulong,
             &remote as *const libc::iovec,
@@ -332,15 +333,33 @@ pub unsafe extern "C" fn select(
         },
         || restore_sets(nfds, sets, &saved),
     );
-    // LINUX: select leaves the time not slept in the caller's timeval.
+    // LINUX: select leaves the time not slept in the caller's timeval; a timeval it cannot
+    // write is not an error there, so it is written by the kernel here too (ignored if not).
     if let Some(d) = deadline {
         let left = (d - now_ns()).max(0);
-        // SAFETY: the caller's timeval, readable and (as the kernel writes it) writable.
+        let tv = timeval {
+            tv_sec: left / 1_000_000_000,
+            tv_usec: (left % 1_000_000_000) / 1000,
+        };
+        let local = libc::iovec {
+            iov_base: &tv as *const timeval as *mut libc::c_void,
+            iov_len: std::mem::size_of::<timeval>(),
+        };
+        let remote = libc::iovec {
+            iov_base: timeout.cast(),
+            iov_len: std::mem::size_of::<timeval>(),
+        };
+        // SAFETY: `local` is our timeval; the kernel checks `remote`.
         unsafe {
-            *timeout = timeval {
-                tv_sec: left / 1_000_000_000,
-                tv_usec: (left % 1_000_000_000) / 1000,
-            }
+            libc::syscall(
+                libc::SYS_process_vm_writev,
+                libc::syscall(libc::SYS_getpid),
+                &local as *const libc::iovec,
+                1 as libc::c_ulong,
+                &remote as *const libc::iovec,
+                1 as libc::c_ulong,
+                0 as libc::c_ulong,
+            )
         };
     }
     n

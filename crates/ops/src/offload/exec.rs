@@ -38,7 +38,12 @@ pub fn before_exec() -> Option<String> {
             None => todo.push((conn, vec![fd])),
         }
     }
-    let mut entries = Vec::new();
+    // Connections relayed before (earlier in this image, or inherited with the environment)
+    // whose relay socket this exec keeps.
+    let mut entries: Vec<String> = super::relayed::for_exec()
+        .into_iter()
+        .map(|(e, _)| e)
+        .collect();
     for (conn, fds) in todo {
         if matches!(conn.lock().phase, Phase::Tcp) {
             continue;
@@ -81,7 +86,7 @@ pub fn before_passing(fd: i32) {
         "fd {fd} is sent to another process: its SDP connection goes to a relay"
     );
     if let Some((ino, shadow)) = relay(&conn, &fds, false) {
-        super::relayed::register(ino, shadow);
+        super::relayed::register(ino, shadow, true);
     }
 }
 

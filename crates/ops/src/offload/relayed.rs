@@ -11,11 +11,12 @@
 //! - in this process (fd passing, `posix_spawn`): [`register`];
 //! - across `exec`: the duplicate survives the exec (no close-on-exec) and
 //!   [`RELAYED_ENV`] names it, `<relay inode>:<shadow fd>:<shadow inode>` entries separated by
-//!   commas, in the new image's environment. The new image's library reads it at its first
-//!   question about an fd it does not track, keeps each entry whose fd still names that very
-//!   TCP socket, and makes it close-on-exec and one of the library's own descriptors. The
-//!   variable stays in the environment (changing it under a running program is not safe);
-//!   in a descendant whose fd numbers no longer match, the inodes do not, and nothing is kept.
+//!   commas, in the new image's environment. The new image's library reads it when it is
+//!   loaded, keeps each entry whose fd still names that very TCP socket, and makes it
+//!   close-on-exec and one of the library's own descriptors; a later `exec` names them again
+//!   for the relay sockets it keeps ([`for_exec`]: inetd → tcpd → server). The variable stays
+//!   in the environment (changing it under a running program is not safe); in a descendant
+//!   whose fd numbers no longer match, the inodes do not, and nothing is kept.
 //!
 //! The preload's name and option hooks then ask [`shadow_for`]: an fd whose socket's inode
 //! is recorded is answered from the shadow (one `fstat`, only in a process that has such
@@ -74,14 +75,111 @@ fn is_tcp_socket(fd: i32) -> bool {
 }
 
 /// In this process: the relay socket of inode `ino` stands for the connection whose shadow
-/// `shadow` duplicates (the library's own descriptor from now on).
-pub fn register(ino: u64, shadow: i32) {
+/// `shadow` duplicates (the library's own descriptor from now on, close-on-exec).
+///
+/// The duplicate goes when the connection does: the progress thread watches it for the
+/// peer's end (the peer closes its shadow when its side of the connection is closed), as
+/// nothing here sees the program close the relay socket (`fclose` closes through the C
+/// library's internal `close`). `watch`: false where no thread may be started (the
+/// constructor); such records stay until exit, one per inherited connection.
+pub fn register(ino: u64, shadow: i32, watch: bool) {
     crate::sys::mark_internal(shadow);
+    // SAFETY: fcntl with an int argument on our own descriptor.
+    unsafe { libc::syscall(libc::SYS_fcntl, shadow, libc::F_SETFD, libc::FD_CLOEXEC) };
     let old = lock().get_or_insert_with(HashMap::new).insert(ino, shadow);
     if let Some(old) = old.filter(|&o| o != shadow) {
         crate::sys::close(old);
     }
     ANY.store(true, Ordering::Release);
+    if watch {
+        let task = std::sync::Arc::new(Gone { ino, shadow });
+        let ev = (libc::EPOLLRDHUP | libc::EPOLLHUP) as u32;
+        if let Some(t) = crate::progress::register(shadow, ev, task) {
+            TOKENS
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((shadow, t));
+        }
+    }
+}
+
+/// Progress registrations of the duplicates: (fd, token).
+static TOKENS: Mutex<Vec<(i32, u64)>> = Mutex::new(Vec::new());
+
+/// The peer ended the connection: the duplicate answers for nothing any more.
+struct Gone {
+    ino: u64,
+    shadow: i32,
+}
+
+impl crate::progress::Task for Gone {
+    fn on_event(&self, _fd: i32, _events: u32) {
+        let mut g = lock();
+        if g.as_ref().and_then(|m| m.get(&self.ino)) != Some(&self.shadow) {
+            return;
+        }
+        if let Some(m) = g.as_mut() {
+            m.remove(&self.ino);
+        }
+        drop(g);
+        let token = {
+            let mut t = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
+            t.iter()
+                .position(|&(fd, _)| fd == self.shadow)
+                .map(|i| t.swap_remove(i).1)
+        };
+        if let Some(t) = token {
+            crate::progress::unregister(t);
+        }
+        crate::sys::close(self.shadow);
+    }
+}
+
+/// Records for an `exec` about to happen, of the connections relayed earlier (in this image,
+/// or inherited with the environment) whose relay socket the exec keeps (an fd without
+/// close-on-exec names it): fresh duplicates of their shadows that survive the exec. Read
+/// from `/proc/self/fd`, only in a process that has records.
+pub fn for_exec() -> Vec<(String, i32)> {
+    read_env();
+    if !ANY.load(Ordering::Acquire) {
+        return Vec::new();
+    }
+    let map: Vec<(u64, i32)> = match lock().as_ref() {
+        Some(m) => m.iter().map(|(&i, &s)| (i, s)).collect(),
+        None => return Vec::new(),
+    };
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let mut kept: Vec<u64> = Vec::new();
+    for fd in dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+    {
+        // SAFETY: fcntl(F_GETFD) on a number.
+        let fl = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFD) };
+        if fl < 0 || fl as i32 & libc::FD_CLOEXEC != 0 {
+            continue;
+        }
+        if let Some(ino) = socket_ino(fd)
+            && map.iter().any(|&(i, _)| i == ino)
+            && !kept.contains(&ino)
+        {
+            kept.push(ino);
+        }
+    }
+    let mut out = Vec::new();
+    for (ino, shadow) in map.into_iter().filter(|(i, _)| kept.contains(i)) {
+        let dup = dup_for_exec(shadow);
+        if dup < 0 {
+            continue;
+        }
+        match entry(ino, dup) {
+            Some(e) => out.push((e, dup)),
+            None => crate::sys::close(dup),
+        }
+    }
+    out
 }
 
 /// Whether [`shadow_for`] may answer anything in this process (one load, for the hooks'
@@ -106,9 +204,12 @@ pub fn for_spawn(fds: &[i32]) -> Option<(String, Vec<i32>)> {
         if dup < 0 {
             continue;
         }
-        dups.push(dup);
-        if let Some(e) = entry(ino, dup) {
-            entries.push(e);
+        match entry(ino, dup) {
+            Some(e) => {
+                entries.push(e);
+                dups.push(dup);
+            }
+            None => crate::sys::close(dup),
         }
     }
     (!entries.is_empty()).then(|| (entries.join(","), dups))
@@ -126,8 +227,11 @@ pub fn shadow_for(fd: i32) -> Option<i32> {
     lock().as_ref()?.get(&ino).copied()
 }
 
-/// Parses [`RELAYED_ENV`] once, keeping the entries whose fd is the TCP socket recorded.
-fn read_env() {
+/// Parses [`RELAYED_ENV`] once, keeping the entries whose fd is the TCP socket recorded
+/// (and making those close-on-exec: an `exec` passes them on again through [`for_exec`]).
+/// Called by the preload's constructor, so that a program that never asks does not leak the
+/// duplicates into what it spawns; it starts no thread.
+pub fn read_env() {
     static ONCE: Mutex<()> = Mutex::new(());
     let _g = ONCE.lock().unwrap_or_else(|p| p.into_inner());
     if ENV_READ.load(Ordering::Acquire) {
@@ -136,9 +240,7 @@ fn read_env() {
     if let Some(s) = std::env::var_os(RELAYED_ENV) {
         for (ino, fd, shadow_ino) in parse(&s.to_string_lossy()) {
             if socket_ino(fd) == Some(shadow_ino) && is_tcp_socket(fd) {
-                // SAFETY: fcntl with an int argument on a descriptor handed to us.
-                unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-                register(ino, fd);
+                register(ino, fd, false);
             }
         }
     }
