@@ -25,18 +25,27 @@ static size_t count(const char *arg, va_list ap) {
 /* Too many arguments for the stack (glibc's limit for the same vector). */
 #define MAX_ARGS (1u << 20)
 
+/* Fills argv[0..=n] with `arg` and the n values after it (the last one the terminating NULL). */
+static void fill(const char **argv, const char *arg, va_list *ap, size_t n) {
+    argv[0] = arg;
+    for (size_t i = 1; i <= n; i++) argv[i] = va_arg(*ap, const char *);
+}
+
+/* The start of each body: `n`, the arguments after `path`, and the vector on the stack. */
+#define ARGV(arg, ap, argv)                                                                      \
+    size_t n = count(arg, ap);                                                                   \
+    if (n >= MAX_ARGS) {                                                                         \
+        va_end(ap);                                                                              \
+        errno = E2BIG;                                                                           \
+        return -1;                                                                               \
+    }                                                                                            \
+    const char *argv[n + 1];                                                                     \
+    fill(argv, arg, &ap, n)
+
 int sdp_execl(const char *path, const char *arg, ...) {
     va_list ap;
     va_start(ap, arg);
-    size_t n = count(arg, ap);
-    if (n >= MAX_ARGS) {
-        va_end(ap);
-        errno = E2BIG;
-        return -1;
-    }
-    const char *argv[n + 1];
-    argv[0] = arg;
-    for (size_t i = 1; i <= n; i++) argv[i] = va_arg(ap, const char *);
+    ARGV(arg, ap, argv);
     va_end(ap);
     return execve(path, (char *const *)argv, environ);
 }
@@ -44,15 +53,7 @@ int sdp_execl(const char *path, const char *arg, ...) {
 int sdp_execle(const char *path, const char *arg, ...) {
     va_list ap;
     va_start(ap, arg);
-    size_t n = count(arg, ap);
-    if (n >= MAX_ARGS) {
-        va_end(ap);
-        errno = E2BIG;
-        return -1;
-    }
-    const char *argv[n + 1];
-    argv[0] = arg;
-    for (size_t i = 1; i <= n; i++) argv[i] = va_arg(ap, const char *);
+    ARGV(arg, ap, argv);
     char *const *envp = va_arg(ap, char *const *);
     va_end(ap);
     return execve(path, (char *const *)argv, envp);
@@ -61,15 +62,7 @@ int sdp_execle(const char *path, const char *arg, ...) {
 int sdp_execlp(const char *file, const char *arg, ...) {
     va_list ap;
     va_start(ap, arg);
-    size_t n = count(arg, ap);
-    if (n >= MAX_ARGS) {
-        va_end(ap);
-        errno = E2BIG;
-        return -1;
-    }
-    const char *argv[n + 1];
-    argv[0] = arg;
-    for (size_t i = 1; i <= n; i++) argv[i] = va_arg(ap, const char *);
+    ARGV(arg, ap, argv);
     va_end(ap);
     return execvp(file, (char *const *)argv);
 }

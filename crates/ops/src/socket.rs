@@ -203,20 +203,7 @@ pub fn listen(fd: i32) {
 }
 
 fn sockopt_int(fd: i32, opt: i32) -> Option<i32> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v` and `len` are valid for the kernel to write one int.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_getsockopt,
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            &mut v as *mut libc::c_int,
-            &mut len as *mut libc::socklen_t,
-        )
-    };
-    (r == 0).then_some(v)
+    crate::sys::int_option(fd, libc::SOL_SOCKET, opt)
 }
 
 /// `accept` on a listening TCP socket the library has not seen made: one this program

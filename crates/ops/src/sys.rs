@@ -191,6 +191,24 @@ pub fn dup_internal(fd: i32) -> i32 {
     got
 }
 
+/// An int-valued socket option of `fd` (`getsockopt`), `None` when the call fails.
+pub fn int_option(fd: i32, level: i32, name: i32) -> Option<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `v` and `len` are valid for writes of an int option.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_getsockopt,
+            fd,
+            level,
+            name,
+            &mut v as *mut libc::c_int,
+            &mut len as *mut libc::socklen_t,
+        )
+    };
+    (rc == 0).then_some(v)
+}
+
 /// Closes a descriptor of the library's (and forgets it as one, [`mark_internal`]).
 pub fn close(fd: i32) {
     ib_verbs::sys::internal::unmark(fd);

@@ -30,6 +30,37 @@ fn must_slice(fds: impl Iterator<Item = c_int>) -> bool {
         .any(|fd| ops::fdtable::raw(fd) & BOTH == BOTH)
 }
 
+/// `process_vm_readv` (`write` false) or `process_vm_writev` on ourselves: `bytes` between our
+/// buffer `local` and the caller's `remote`, which the kernel checks. Bytes moved, or -1.
+fn vm_io(write: bool, local: *mut libc::c_void, remote: *mut libc::c_void, bytes: usize) -> isize {
+    let l = libc::iovec {
+        iov_base: local,
+        iov_len: bytes,
+    };
+    let r = libc::iovec {
+        iov_base: remote,
+        iov_len: bytes,
+    };
+    let nr = if write {
+        libc::SYS_process_vm_writev
+    } else {
+        libc::SYS_process_vm_readv
+    };
+    // SAFETY: `l` names our own buffer of `bytes`; the kernel checks `r`. The pid is the
+    // kernel's (a raw clone's child must use its own memory, not a cached pid's).
+    unsafe {
+        libc::syscall(
+            nr,
+            libc::syscall(libc::SYS_getpid),
+            &l as *const libc::iovec,
+            1 as libc::c_ulong,
+            &r as *const libc::iovec,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+        ) as isize
+    }
+}
+
 /// A copy of `n` values at `p` in the caller's memory, read by the kernel
 /// (`process_vm_readv` on ourselves): an address the kernel would answer EFAULT for gives
 /// `None` here instead of a fault in the library. Used only while a connection is pending.
@@ -39,28 +70,13 @@ fn copy_in<T: Copy>(p: *const T, n: usize) -> Option<Vec<T>> {
         return None;
     }
     let mut out: Vec<T> = Vec::with_capacity(n);
-    let local = libc::iovec {
-        iov_base: out.as_mut_ptr().cast(),
-        iov_len: bytes,
-    };
-    let remote = libc::iovec {
-        iov_base: p as *mut libc::c_void,
-        iov_len: bytes,
-    };
-    // SAFETY: `local` is our own buffer of `bytes`; the kernel checks `remote`.
-    let got = unsafe {
-        libc::syscall(
-            libc::SYS_process_vm_readv,
-            // The kernel's pid, not a cached one: a raw clone's child must read its own memory.
-            libc::syscall(libc::SYS_getpid),
-            &local as *const libc::iovec,
-            1 as libc::c_ulong,
-            &remote as *const libc::iovec,
-            1 as libc::c_ulong,
-            0 as libc::c_ulong,
-        )
-    };
-    if got != bytes as libc::c_long {
+    let got = vm_io(
+        false,
+        out.as_mut_ptr().cast(),
+        p as *mut libc::c_void,
+        bytes,
+    );
+    if got != bytes as isize {
         return None;
     }
     // SAFETY: the kernel wrote all `bytes` (n values of a Copy type made of plain integers).
@@ -133,19 +149,55 @@ fn ms_ceil(ns: i64) -> c_int {
     ((ns + 999_999) / 1_000_000).min(c_int::MAX as i64) as c_int
 }
 
+/// `poll` (or its fortified twin) `call(timeout_ms)`, in slices when it must be.
+fn poll_common(
+    fds: *mut pollfd,
+    nfds: nfds_t,
+    timeout: c_int,
+    call: impl Fn(c_int) -> c_int,
+) -> c_int {
+    if timeout == 0 || !pollfds_slice(fds, nfds) {
+        return call(timeout);
+    }
+    let total = (timeout > 0).then(|| timeout as i64 * 1_000_000);
+    sliced(total, |t| call(t.map_or(-1, ms_ceil)), || {})
+}
+
+/// `ppoll` (or its fortified twin) `call(timeout)`, in slices when it must be.
+fn ppoll_common(
+    fds: *mut pollfd,
+    nfds: nfds_t,
+    timeout: *const timespec,
+    call: impl Fn(*const timespec) -> c_int,
+) -> c_int {
+    let total = if ops::offload::any_pending() {
+        ts_ns(timeout)
+    } else {
+        None
+    };
+    if total.is_none() || total == Some(Some(0)) || !pollfds_slice(fds, nfds) {
+        return call(timeout);
+    }
+    sliced(
+        total.flatten(),
+        |t| {
+            let ts = t.map(ns_ts);
+            call(
+                ts.as_ref()
+                    .map_or(std::ptr::null(), |ts| ts as *const timespec),
+            )
+        },
+        || {},
+    )
+}
+
 /// # Safety
 /// As `poll(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn poll(fds: *mut pollfd, nfds: nfds_t, timeout: c_int) -> c_int {
-    if timeout == 0 || !pollfds_slice(fds, nfds) {
-        return unsafe { crate::real::poll(fds, nfds, timeout) };
-    }
-    let total = (timeout > 0).then(|| timeout as i64 * 1_000_000);
-    sliced(
-        total,
-        |t| unsafe { crate::real::poll(fds, nfds, t.map_or(-1, ms_ceil)) },
-        || {},
-    )
+    poll_common(fds, nfds, timeout, |t| unsafe {
+        crate::real::poll(fds, nfds, t)
+    })
 }
 
 /// # Safety
@@ -157,15 +209,9 @@ pub unsafe extern "C" fn __poll_chk(
     timeout: c_int,
     fdslen: size_t,
 ) -> c_int {
-    if timeout == 0 || !pollfds_slice(fds, nfds) {
-        return unsafe { crate::real::__poll_chk(fds, nfds, timeout, fdslen) };
-    }
-    let total = (timeout > 0).then(|| timeout as i64 * 1_000_000);
-    sliced(
-        total,
-        |t| unsafe { crate::real::__poll_chk(fds, nfds, t.map_or(-1, ms_ceil), fdslen) },
-        || {},
-    )
+    poll_common(fds, nfds, timeout, |t| unsafe {
+        crate::real::__poll_chk(fds, nfds, t, fdslen)
+    })
 }
 
 /// # Safety
@@ -177,25 +223,9 @@ pub unsafe extern "C" fn ppoll(
     timeout: *const timespec,
     mask: *const sigset_t,
 ) -> c_int {
-    let total = if ops::offload::any_pending() {
-        ts_ns(timeout)
-    } else {
-        None
-    };
-    if total.is_none() || total == Some(Some(0)) || !pollfds_slice(fds, nfds) {
-        return unsafe { crate::real::ppoll(fds, nfds, timeout, mask) };
-    }
-    sliced(
-        total.flatten(),
-        |t| {
-            let ts = t.map(ns_ts);
-            let p = ts
-                .as_ref()
-                .map_or(std::ptr::null(), |ts| ts as *const timespec);
-            unsafe { crate::real::ppoll(fds, nfds, p, mask) }
-        },
-        || {},
-    )
+    ppoll_common(fds, nfds, timeout, |t| unsafe {
+        crate::real::ppoll(fds, nfds, t, mask)
+    })
 }
 
 /// # Safety
@@ -208,25 +238,9 @@ pub unsafe extern "C" fn __ppoll_chk(
     mask: *const sigset_t,
     fdslen: size_t,
 ) -> c_int {
-    let total = if ops::offload::any_pending() {
-        ts_ns(timeout)
-    } else {
-        None
-    };
-    if total.is_none() || total == Some(Some(0)) || !pollfds_slice(fds, nfds) {
-        return unsafe { crate::real::__ppoll_chk(fds, nfds, timeout, mask, fdslen) };
-    }
-    sliced(
-        total.flatten(),
-        |t| {
-            let ts = t.map(ns_ts);
-            let p = ts
-                .as_ref()
-                .map_or(std::ptr::null(), |ts| ts as *const timespec);
-            unsafe { crate::real::__ppoll_chk(fds, nfds, p, mask, fdslen) }
-        },
-        || {},
-    )
+    ppoll_common(fds, nfds, timeout, |t| unsafe {
+        crate::real::__ppoll_chk(fds, nfds, t, mask, fdslen)
+    })
 }
 
 /// The fds set in the first `nfds` bits of up to three sets (any of them NULL), and copies of
@@ -341,26 +355,13 @@ pub unsafe extern "C" fn select(
             tv_sec: left / 1_000_000_000,
             tv_usec: (left % 1_000_000_000) / 1000,
         };
-        let local = libc::iovec {
-            iov_base: &tv as *const timeval as *mut libc::c_void,
-            iov_len: std::mem::size_of::<timeval>(),
-        };
-        let remote = libc::iovec {
-            iov_base: timeout.cast(),
-            iov_len: std::mem::size_of::<timeval>(),
-        };
-        // SAFETY: `local` is our timeval; the kernel checks `remote`.
-        unsafe {
-            libc::syscall(
-                libc::SYS_process_vm_writev,
-                libc::syscall(libc::SYS_getpid),
-                &local as *const libc::iovec,
-                1 as libc::c_ulong,
-                &remote as *const libc::iovec,
-                1 as libc::c_ulong,
-                0 as libc::c_ulong,
-            )
-        };
+        let mut tv = tv;
+        vm_io(
+            true,
+            (&mut tv as *mut timeval).cast(),
+            timeout.cast(),
+            std::mem::size_of::<timeval>(),
+        );
     }
     n
 }

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use super::{Inner, Phase, lookup};
+use crate::sys::int_option;
 
 /// LINUX: `TCP_KEEPIDLE` when never set (`net.ipv4.tcp_keepalive_time`'s default, 2 h).
 const DEFAULT_IDLE: Duration = Duration::from_secs(7200);
@@ -23,23 +24,6 @@ pub fn is_keepalive_option(level: i32, name: i32) -> bool {
                 name,
                 libc::TCP_KEEPIDLE | libc::TCP_KEEPINTVL | libc::TCP_KEEPCNT
             ))
-}
-
-fn int_option(fd: i32, level: i32, name: i32) -> Option<i32> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `v` and `len` are valid for writes of an int option.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_getsockopt,
-            fd,
-            level,
-            name,
-            &mut v as *mut libc::c_int,
-            &mut len as *mut libc::socklen_t,
-        )
-    };
-    (rc == 0).then_some(v)
 }
 
 /// The keepalive setting of TCP socket `fd`: `Some(TCP_KEEPIDLE)` when SO_KEEPALIVE is on.

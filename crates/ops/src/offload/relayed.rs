@@ -51,20 +51,7 @@ pub fn socket_ino(fd: i32) -> Option<u64> {
 }
 
 fn sockopt(fd: i32, opt: i32) -> Option<i32> {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: one int and its length, both ours.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_getsockopt,
-            fd,
-            libc::SOL_SOCKET,
-            opt,
-            &mut v as *mut libc::c_int,
-            &mut len as *mut libc::socklen_t,
-        )
-    };
-    (rc == 0).then_some(v)
+    crate::sys::int_option(fd, libc::SOL_SOCKET, opt)
 }
 
 fn is_tcp_socket(fd: i32) -> bool {
