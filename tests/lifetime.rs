@@ -157,3 +157,12 @@ fn passed_connections_leave_no_descriptor_behind_once_closed() {
         "{out}"
     );
 }
+
+#[test]
+fn a_program_that_answers_and_exits_with_input_unread_still_delivers_its_answer() {
+    let out = run_case("answer-then-exit-unread");
+    assert!(
+        out.contains("writer failed: True reader got: b'zzzzzzzzzz'"),
+        "{out}"
+    );
+}

@@ -460,3 +460,29 @@ elif CASE == "passed-then-closed-leaves-nothing":
         time.sleep(0.05)
     print("shm:", shm_seen)
     print("descriptors back to where they were:", count() <= before + 2, "(", count() - before, ")")
+
+elif CASE == "answer-then-exit-unread":
+    # The exec'd program answers and exits with the peer's bytes unread (`head -c 10` echoing
+    # the first ten): the peer's writes fail, and the answer still reaches it, as over TCP.
+    import errno
+    l, c, s = pair()
+    p = subprocess.Popen(["head", "-c", "10"], stdin=s, stdout=s)
+    s.close()
+    c.settimeout(10)
+    res = "no error"
+    try:
+        for i in range(400):
+            c.send(b"z" * 65536)
+            if i == 0:
+                print("shm:", on_shm())
+            time.sleep(0.002)
+    except OSError as e:
+        res = errno.errorcode[e.errno]
+    p.wait(10)
+    got = b""
+    while True:
+        d = c.recv(100)
+        if not d:
+            break
+        got += d
+    print("writer failed:", res in ("ECONNRESET", "EPIPE"), "reader got:", got)

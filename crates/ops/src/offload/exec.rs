@@ -410,9 +410,23 @@ fn run_relay(conn: &Arc<Conn>, fds: &[i32], b: i32, a: i32) -> ! {
             }
         }
     }
+    // What the program wrote before it went and the loop did not read yet (it also ends when
+    // the program's end stops taking bytes: `head -c 10` answers and exits unread).
+    loop {
+        let n = raw_io(
+            libc::SYS_recvfrom,
+            b,
+            buf.as_mut_ptr(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        );
+        if n <= 0 {
+            break;
+        }
+        to_conn.extend_from_slice(&buf[..n as usize]);
+    }
     sys::close(b);
-    // What the program wrote and the relay read but could not hand to the connection yet
-    // (the loop also ends when the program's end stops taking bytes).
+    // What the program wrote and the relay read but could not hand to the connection yet.
     let until = std::time::Instant::now() + super::setup::LINGER_LIMIT;
     while !to_conn.is_empty() && std::time::Instant::now() < until {
         match super::data::send(fd, &[&to_conn[..]], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
