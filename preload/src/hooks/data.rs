@@ -18,7 +18,7 @@ use crate::real;
 
 /// Is `fd` the app end of an offloaded connection?
 #[inline(always)]
-fn offloaded(fd: c_int) -> bool {
+pub(crate) fn offloaded(fd: c_int) -> bool {
     const BOTH: u64 = Meta::TRACKED | Meta::OFFLOADED;
     fdtable::raw(fd) & BOTH == BOTH
 }

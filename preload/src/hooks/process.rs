@@ -18,18 +18,15 @@ unsafe extern "C" {
 /// `LIBSDP_RELAYED=<records>` (ops::offload::relayed) in place of any it had. Owns the
 /// strings the pointer array points into.
 struct RelayedEnv {
-    var: std::ffi::CString,
+    _var: std::ffi::CString,
     ptrs: Vec<*const c_char>,
-    /// The shadow duplicates the records name: closed again if the exec fails.
-    shadows: Vec<c_int>,
+    /// The records the variable carries: (relay socket inode, shadow duplicate, its inode).
+    records: Vec<(u64, c_int, u64)>,
 }
 
 impl RelayedEnv {
     fn new(envp: *const *const c_char, records: String) -> Option<RelayedEnv> {
-        let shadows = ops::offload::relayed::parse(&records)
-            .into_iter()
-            .map(|(_, fd, _)| fd)
-            .collect();
+        let parsed = ops::offload::relayed::parse(&records);
         let var =
             std::ffi::CString::new(format!("{}={records}", ops::offload::relayed::RELAYED_ENV))
                 .ok()?;
@@ -51,12 +48,16 @@ impl RelayedEnv {
         }
         ptrs.push(var.as_ptr());
         ptrs.push(std::ptr::null());
-        Some(RelayedEnv { var, ptrs, shadows })
+        Some(RelayedEnv {
+            _var: var,
+            ptrs,
+            records: parsed,
+        })
     }
 
     /// After a spawn: the duplicates are the child's now (or nobody's).
     fn close_shadows(self) {
-        for fd in self.shadows {
+        for (_, fd, _) in self.records {
             ops::sys::close(fd);
         }
     }
@@ -66,13 +67,7 @@ impl RelayedEnv {
     /// until then (`relayed::for_exec` passes them on).
     fn keep_shadows(self) {
         crate::guard::switch(|| {
-            for (ino, fd, _) in ops::offload::relayed::parse(
-                self.var
-                    .to_str()
-                    .unwrap_or("")
-                    .split_once('=')
-                    .map_or("", |(_, v)| v),
-            ) {
+            for (ino, fd, _) in self.records {
                 ops::offload::relayed::register(ino, fd, true);
             }
         });
@@ -327,8 +322,7 @@ pub unsafe extern "C" fn posix_spawnp(
 /// As `fdopen(3)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut libc::c_void {
-    const BOTH: u64 = ops::fdtable::Meta::TRACKED | ops::fdtable::Meta::OFFLOADED;
-    if ops::fdtable::raw(fd) & BOTH == BOTH
+    if crate::hooks::data::offloaded(fd)
         && !mode.is_null()
         && crate::hooks::data::user_readable(mode.cast(), 1)
     {

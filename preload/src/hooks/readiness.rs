@@ -24,10 +24,8 @@ const SLICE_MS: i64 = 10;
 
 /// Whether a wait on these fds must be sliced: one of them is offloaded (a pending
 /// connection is). Callers look at [`ops::offload::any_pending`] first.
-fn must_slice(fds: impl Iterator<Item = c_int>) -> bool {
-    const BOTH: u64 = ops::fdtable::Meta::TRACKED | ops::fdtable::Meta::OFFLOADED;
-    fds.into_iter()
-        .any(|fd| ops::fdtable::raw(fd) & BOTH == BOTH)
+fn must_slice(mut fds: impl Iterator<Item = c_int>) -> bool {
+    fds.any(crate::hooks::data::offloaded)
 }
 
 /// `process_vm_readv` (`write` false) or `process_vm_writev` on ourselves: `bytes` between our

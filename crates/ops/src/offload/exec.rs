@@ -38,21 +38,12 @@ pub fn before_exec() -> Option<String> {
             None => todo.push((conn, vec![fd])),
         }
     }
-    // Connections relayed before (earlier in this image, or inherited with the environment)
-    // whose relay socket this exec keeps.
-    let mut entries: Vec<String> = super::relayed::for_exec()
-        .into_iter()
-        .map(|(e, _)| e)
-        .collect();
     for (conn, fds) in todo {
         if matches!(conn.lock().phase, Phase::Tcp) {
             continue;
         }
-        if let Some((ino, shadow)) = relay(&conn, &fds, true) {
-            match super::relayed::entry(ino, shadow) {
-                Some(e) => entries.push(e),
-                None => sys::close(shadow),
-            }
+        if let Some((ino, shadow)) = relay(&conn, &fds) {
+            super::relayed::register(ino, shadow, false);
         }
     }
     // The connections the exec closes (FD_CLOEXEC), and those closed before it and still
@@ -60,6 +51,9 @@ pub fn before_exec() -> Option<String> {
     // bytes their application sent and the peer's window did not take yet go now, bounded as
     // at exit. The kernel delivers a TCP socket's after an exec closed it.
     super::setup::flush_at_exit();
+    // Every relay socket this exec keeps, relayed just now or before (earlier in this image,
+    // or inherited with the environment), is named with its shadow for the new image.
+    let entries = super::relayed::for_exec();
     (!entries.is_empty()).then(|| entries.join(","))
 }
 
@@ -85,16 +79,16 @@ pub fn before_passing(fd: i32) {
         crate::log::DECISION,
         "fd {fd} is sent to another process: its SDP connection goes to a relay"
     );
-    if let Some((ino, shadow)) = relay(&conn, &fds, false) {
+    if let Some((ino, shadow)) = relay(&conn, &fds) {
         super::relayed::register(ino, shadow, true);
     }
 }
 
 /// Hands the connection to a relay process; `fds` (this process's numbers for it) then name
-/// our end of the relay's socketpair. Returns that end's inode and a duplicate of the
-/// connection's shadow (close-on-exec unless `across_exec`), which answers the name and
-/// option calls on those numbers from now on (`relayed`).
-fn relay(conn: &Arc<Conn>, fds: &[i32], across_exec: bool) -> Option<(u64, i32)> {
+/// our end of the relay's socketpair. Returns that end's inode and a close-on-exec duplicate
+/// of the connection's shadow, which answers the name and option calls on those numbers from
+/// now on (`relayed::register`).
+fn relay(conn: &Arc<Conn>, fds: &[i32]) -> Option<(u64, i32)> {
     let mut sv = [0i32; 2];
     // SAFETY: sv has room for two fds.
     if unsafe {
@@ -170,7 +164,6 @@ fn relay(conn: &Arc<Conn>, fds: &[i32], across_exec: bool) -> Option<(u64, i32)>
     // This process lets go of its copy without touching the rings: the relay owns them now.
     let mut g = conn.lock();
     let shadow = match (ino, g.shadow) {
-        (Some(_), s) if s >= 0 && across_exec => super::relayed::dup_for_exec(s),
         (Some(_), s) if s >= 0 => sys::dup_internal(s),
         _ => -1,
     };

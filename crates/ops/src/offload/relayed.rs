@@ -126,7 +126,7 @@ impl crate::progress::Task for Gone {
 /// or inherited with the environment) whose relay socket the exec keeps (an fd without
 /// close-on-exec names it): fresh duplicates of their shadows that survive the exec. Read
 /// from `/proc/self/fd`, only in a process that has records.
-pub fn for_exec() -> Vec<(String, i32)> {
+pub fn for_exec() -> Vec<String> {
     read_env();
     if !ANY.load(Ordering::Acquire) {
         return Vec::new();
@@ -155,18 +155,25 @@ pub fn for_exec() -> Vec<(String, i32)> {
             kept.push(ino);
         }
     }
-    let mut out = Vec::new();
-    for (ino, shadow) in map.into_iter().filter(|(i, _)| kept.contains(i)) {
-        let dup = dup_for_exec(shadow);
-        if dup < 0 {
-            continue;
-        }
-        match entry(ino, dup) {
-            Some(e) => out.push((e, dup)),
-            None => crate::sys::close(dup),
-        }
+    map.into_iter()
+        .filter(|(i, _)| kept.contains(i))
+        .filter_map(|(ino, shadow)| exec_record(ino, shadow).map(|(e, _)| e))
+        .collect()
+}
+
+/// One record for a new image: a duplicate of `shadow` that survives `exec`, and its entry
+/// of [`RELAYED_ENV`] for the relay socket of inode `ino`. `None` (nothing left open) when
+/// either cannot be made.
+fn exec_record(ino: u64, shadow: i32) -> Option<(String, i32)> {
+    let dup = dup_for_exec(shadow);
+    if dup < 0 {
+        return None;
     }
-    out
+    let e = entry(ino, dup);
+    if e.is_none() {
+        crate::sys::close(dup);
+    }
+    Some((e?, dup))
 }
 
 /// Whether [`shadow_for`] may answer anything in this process (one load, for the hooks'
@@ -187,16 +194,9 @@ pub fn for_spawn(fds: &[i32]) -> Option<(String, Vec<i32>)> {
             continue;
         };
         let Some(ino) = socket_ino(fd) else { continue };
-        let dup = dup_for_exec(shadow);
-        if dup < 0 {
-            continue;
-        }
-        match entry(ino, dup) {
-            Some(e) => {
-                entries.push(e);
-                dups.push(dup);
-            }
-            None => crate::sys::close(dup),
+        if let Some((e, dup)) = exec_record(ino, shadow) {
+            entries.push(e);
+            dups.push(dup);
         }
     }
     (!entries.is_empty()).then(|| (entries.join(","), dups))
@@ -250,13 +250,13 @@ pub fn parse(s: &str) -> Vec<(u64, i32, u64)> {
 
 /// One entry of [`RELAYED_ENV`]: the relay socket's inode, the shadow duplicate's number
 /// (which the exec keeps) and the shadow's inode.
-pub fn entry(ino: u64, fd: i32) -> Option<String> {
+fn entry(ino: u64, fd: i32) -> Option<String> {
     Some(format!("{ino}:{fd}:{}", socket_ino(fd)?))
 }
 
 /// A duplicate of `shadow` that survives `exec` (no close-on-exec), numbered high; -1 on
 /// failure.
-pub fn dup_for_exec(shadow: i32) -> i32 {
+fn dup_for_exec(shadow: i32) -> i32 {
     // SAFETY: F_DUPFD with an int argument.
     let fd = unsafe {
         libc::syscall(
