@@ -15,6 +15,16 @@ def on_shm():
     return any(r.get("pid") == os.getpid() and r.get("transport") == "shm" for r in rows)
 
 
+def read_to_eof(sock, chunk):
+    """Everything `sock` delivers until end of stream, `chunk` bytes a receive at most."""
+    got = b""
+    while True:
+        d = sock.recv(chunk)
+        if not d:
+            return got
+        got += d
+
+
 def pair():
     l = socket.socket()
     l.bind(("127.0.0.1", 0))
@@ -152,12 +162,7 @@ elif CASE == "idle-after-half-close":
         os.read(r, 1)
         os._exit(0)
     s, _ = l.accept()
-    got = b""
-    while True:
-        d = s.recv(100)
-        if not d:
-            break
-        got += d
+    got = read_to_eof(s, 100)
     print("server got:", got, "then end of stream")
     s.sendall(b"reply")
     time.sleep(0.3)
@@ -412,12 +417,7 @@ elif CASE == "cgi":
         os.waitpid(pid, 0)
         s.shutdown(socket.SHUT_WR)
         s.close()
-        data = b""
-        while True:
-            d = c.recv(65536)
-            if not d:
-                break
-            data += d
+        data = read_to_eof(c, 65536)
         got.append(data == b"response\n" + b"\0" * 100000)
         if i == 2:
             print("shm:", on_shm())
@@ -479,10 +479,5 @@ elif CASE == "answer-then-exit-unread":
     except OSError as e:
         res = errno.errorcode[e.errno]
     p.wait(10)
-    got = b""
-    while True:
-        d = c.recv(100)
-        if not d:
-            break
-        got += d
+    got = read_to_eof(c, 100)
     print("writer failed:", res in ("ECONNRESET", "EPIPE"), "reader got:", got)
