@@ -409,6 +409,29 @@ fn sigpipe_on_write_after_peer_close_and_msg_nosignal_gives_epipe() {
 // ---------------------------------------------------------------------------------------------
 // Setup and socket state.
 
+/// The kernel's own choices for a connection the program did not bind: the source address
+/// of a 127.0.0.5 client is 127.0.0.1 (was 127.0.0.5: the library bound the destination's
+/// address), an AF_INET6 socket reaches an IPv4 server through `::ffff:127.0.0.1` (was EINVAL:
+/// the kernel connect got the IPv4 form), and the program's descriptors are numbered as over
+/// TCP (the beacon and the endpoint took the next free numbers).
+#[test]
+fn a_client_that_did_not_bind_gets_the_kernels_addresses_and_numbers() {
+    let out = semantics("setup", "addresses", 6);
+    assert_lines(
+        &out,
+        &[
+            "client fd follows the listener's: 1",
+            "connect to 127.0.0.5: 0",
+            "accepted fd follows the client's: 1",
+            "127.0.0.5: client 127.0.0.1 -> 127.0.0.5, server 127.0.0.5 <- 127.0.0.1",
+            "AF_INET6 connect to ::ffff:127.0.0.1: 0",
+            "mapped: client ::ffff:127.0.0.1 -> ::ffff:127.0.0.1, server 127.0.0.1 <- 127.0.0.1",
+            "AF_INET connect to a dual-stack listener: 0",
+            "dual stack: client 127.0.0.1 -> 127.0.0.1, server ::ffff:127.0.0.1 <- ::ffff:127.0.0.1",
+        ],
+    );
+}
+
 #[test]
 fn getsockname_getpeername_are_the_tcp_four_tuple() {
     let out = semantics("setup", "names", 2);

@@ -280,7 +280,9 @@ pub fn listen_abstract(name: &[u8], backlog: i32) -> SysResult<Fd> {
     // SAFETY: listen takes only integer arguments.
     let rc = unsafe { libc::syscall(libc::SYS_listen, fd.raw(), backlog as libc::c_long) };
     check("listen", rc)?;
-    Ok(fd)
+    // Kept for the listener's (beacon) or the pending connection's (endpoint) life: out of the
+    // program's numbers, or its next socket gets another number than over TCP.
+    Ok(fd.high())
 }
 
 /// A blocking AF_UNIX stream socket connected to the abstract `name`.

@@ -65,6 +65,62 @@ pub fn peername(fd: i32) -> Option<SocketAddr> {
     socket_addr(libc::SYS_getpeername, fd)
 }
 
+/// The source address the kernel picks for a connection to `dst` when the program did not
+/// bind: the routing table's preferred source (`ip route get`), learned by connecting a UDP
+/// socket (no packet is sent). A loopback destination other than 127.0.0.1 gets 127.0.0.1 by
+/// the default `local 127.0.0.0/8` route, not itself. Remembered per destination for the life
+/// of the process (up to [`SOURCES_KEPT`] of them): routes change rarely and a wrong guess
+/// costs only the 4-tuple's looks, never the connection. `None` when the probe fails.
+pub fn route_source(dst: std::net::IpAddr) -> Option<std::net::IpAddr> {
+    use std::sync::Mutex;
+    static KNOWN: Mutex<Vec<(std::net::IpAddr, std::net::IpAddr)>> = Mutex::new(Vec::new());
+    if let Some(&(_, src)) = KNOWN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .find(|(d, _)| *d == dst)
+    {
+        return Some(src);
+    }
+    let family = if dst.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: socket takes only integer arguments.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_socket,
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            0,
+        )
+    } as i32;
+    if fd < 0 {
+        return None;
+    }
+    mark_internal(fd);
+    let (ss, len) = crate::offload::setup::sockaddr_of(&SocketAddr::new(dst, 9));
+    // SAFETY: ss holds a sockaddr of `len` bytes.
+    let rc = unsafe { libc::syscall(libc::SYS_connect, fd, &ss as *const _, len) };
+    let src = if rc == 0 {
+        sockname(fd).map(|a| a.ip())
+    } else {
+        None
+    };
+    close(fd);
+    let src = src?;
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    if known.len() >= SOURCES_KEPT {
+        known.remove(0);
+    }
+    known.push((dst, src));
+    Some(src)
+}
+
+/// Destinations whose source address [`route_source`] remembers.
+const SOURCES_KEPT: usize = 64;
+
 /// `getsockname` or `getpeername` (`call`) of `fd`, as a std address.
 fn socket_addr(call: libc::c_long, fd: i32) -> Option<SocketAddr> {
     // SAFETY: zeroed sockaddr_storage is a valid value.

@@ -10,6 +10,84 @@ static int same_addr(const struct sockaddr_in *a, const struct sockaddr_in *b) {
            a->sin_addr.s_addr == b->sin_addr.s_addr;
 }
 
+/* The address a socket shows, as text ("127.0.0.1", "::ffff:127.0.0.1"). */
+static const char *shown(int fd, int peer) {
+    static char buf[4][INET6_ADDRSTRLEN];
+    static int i;
+    char *b = buf[i++ % 4];
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    CHECK((peer ? getpeername : getsockname)(fd, (struct sockaddr *)&ss, &len) == 0);
+    if (ss.ss_family == AF_INET)
+        inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, b, INET6_ADDRSTRLEN);
+    else
+        inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, b, INET6_ADDRSTRLEN);
+    return b;
+}
+
+/* Which addresses the kernel's choices give a connection the program did not bind, and which
+ * descriptor numbers the program's sockets get: a client of 127.0.0.5 leaves from 127.0.0.1
+ * (the loopback route's source), an AF_INET6 socket connects to an IPv4 server through a
+ * v4-mapped address (as Java does for every IPv4 peer), and the library's own descriptors
+ * take none of the program's numbers. */
+static void c_addresses(void) {
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(l >= 0);
+    int one = 1;
+    CHECK(setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    CHECK(bind(l, (struct sockaddr *)&a, sizeof a) == 0);
+    CHECK(listen(l, 16) == 0);
+    socklen_t len = sizeof a;
+    CHECK(getsockname(l, (struct sockaddr *)&a, &len) == 0);
+    int c1 = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(c1 >= 0);
+    printf("client fd follows the listener's: %d\n", c1 == l + 1);
+    struct sockaddr_in to5 = a;
+    to5.sin_addr.s_addr = inet_addr("127.0.0.5");
+    printf("connect to 127.0.0.5: %s\n", res(connect(c1, (struct sockaddr *)&to5, sizeof to5)));
+    int s1 = accept(l, NULL, NULL);
+    CHECK(s1 >= 0);
+    printf("accepted fd follows the client's: %d\n", s1 == c1 + 1);
+    exchange(c1, s1);
+    printf("127.0.0.5: client %s -> %s, server %s <- %s\n", shown(c1, 0), shown(c1, 1),
+           shown(s1, 0), shown(s1, 1));
+
+    int c2 = socket(AF_INET6, SOCK_STREAM, 0);
+    CHECK(c2 >= 0);
+    struct sockaddr_in6 m = {.sin6_family = AF_INET6, .sin6_port = a.sin_port};
+    CHECK(inet_pton(AF_INET6, "::ffff:127.0.0.1", &m.sin6_addr) == 1);
+    printf("AF_INET6 connect to ::ffff:127.0.0.1: %s\n",
+           res(connect(c2, (struct sockaddr *)&m, sizeof m)));
+    int s2 = accept(l, NULL, NULL);
+    CHECK(s2 >= 0);
+    exchange(c2, s2);
+    printf("mapped: client %s -> %s, server %s <- %s\n", shown(c2, 0), shown(c2, 1),
+           shown(s2, 0), shown(s2, 1));
+
+    int l6 = socket(AF_INET6, SOCK_STREAM, 0);
+    CHECK(l6 >= 0);
+    int zero = 0;
+    CHECK(setsockopt(l6, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero) == 0);
+    struct sockaddr_in6 any6 = {.sin6_family = AF_INET6};
+    CHECK(bind(l6, (struct sockaddr *)&any6, sizeof any6) == 0);
+    CHECK(listen(l6, 16) == 0);
+    len = sizeof any6;
+    CHECK(getsockname(l6, (struct sockaddr *)&any6, &len) == 0);
+    int c3 = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(c3 >= 0);
+    struct sockaddr_in lo = {.sin_family = AF_INET, .sin_port = any6.sin6_port};
+    lo.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    printf("AF_INET connect to a dual-stack listener: %s\n",
+           res(connect(c3, (struct sockaddr *)&lo, sizeof lo)));
+    int s3 = accept(l6, NULL, NULL);
+    CHECK(s3 >= 0);
+    exchange(c3, s3);
+    printf("dual stack: client %s -> %s, server %s <- %s\n", shown(c3, 0), shown(c3, 1),
+           shown(s3, 0), shown(s3, 1));
+    sync_point();
+}
+
 static void c_names(void) {
     int l = listener();
     pair_on(l, &C, &S);
@@ -283,6 +361,7 @@ static void c_self_connect(void) {
 int main(int argc, char **argv) {
     static const struct sem_case cases[] = {
         {"names", c_names},
+        {"addresses", c_addresses},
         {"sockopts", c_sockopts},
         {"ioctls", c_ioctls},
         {"fcntl", c_fcntl},

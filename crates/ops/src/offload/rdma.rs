@@ -722,7 +722,8 @@ fn note_plain(dst: SocketAddr) {
     }
 }
 
-pub fn try_connect(fd: i32, dst: SocketAddr) -> Result<CResult, Reason> {
+/// `asked` is `dst` as the program gave it, for the kernel's connect (see `setup::connect`).
+pub fn try_connect(fd: i32, dst: SocketAddr, asked: SocketAddr) -> Result<CResult, Reason> {
     if known_plain(dst) {
         return Err(Reason::NoBeacon);
     }
@@ -785,7 +786,7 @@ pub fn try_connect(fd: i32, dst: SocketAddr) -> Result<CResult, Reason> {
     *task.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
     conn.lock().endpoint = token;
 
-    let result = setup::raw_connect(shadow, &dst);
+    let result = setup::raw_connect(shadow, &asked);
     if matches!(result, Ok(()) | Err(libc::EINPROGRESS)) {
         let pending_watch = setup::watch_pending(&conn, shadow);
         let mut g = conn.lock();

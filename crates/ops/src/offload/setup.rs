@@ -340,7 +340,7 @@ pub(super) fn raw_bind(fd: i32, a: &SocketAddr) -> Result<(), i32> {
     if rc == 0 { Ok(()) } else { Err(sys::errno()) }
 }
 
-fn sockaddr_of(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn sockaddr_of(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let len = match a {
@@ -497,7 +497,7 @@ fn dup_fd(fd: i32) -> Option<Fd> {
 
 /// `connect` of a tracked stream socket whose decision is `sdp` or `both`.
 pub fn connect(fd: i32, dst: SocketAddr, decision: Decision) -> ConnectPlan {
-    match try_connect(fd, normalize(dst), decision) {
+    match try_connect(fd, normalize(dst), dst, decision) {
         Ok(r) => ConnectPlan::Done(r),
         Err(reason) => match fallback::on_connect_failure(mode(decision), reason) {
             fallback::Action::UseTcp(r) => ConnectPlan::Tcp(r),
@@ -516,7 +516,15 @@ fn mode(d: Decision) -> fallback::Mode {
     }
 }
 
-fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult, Reason> {
+/// `dst` is the destination as a std address (an IPv4-mapped IPv6 one made IPv4), `asked`
+/// as the program gave it: the kernel's connect takes that one (an AF_INET6 socket refuses an
+/// AF_INET address with EINVAL; Java connects every IPv4 peer through `::ffff:a.b.c.d`).
+fn try_connect(
+    fd: i32,
+    dst: SocketAddr,
+    asked: SocketAddr,
+    _decision: Decision,
+) -> Result<CResult, Reason> {
     if !progress::ready() {
         return Err(Reason::Exhausted);
     }
@@ -526,25 +534,25 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
         // libibverbs there). This host without a device: shm.
         use super::rdma::Availability;
         match super::rdma::availability() {
-            Availability::Yes => return super::rdma::try_connect(fd, dst),
+            Availability::Yes => return super::rdma::try_connect(fd, dst, asked),
             Availability::NotNow => return Err(Reason::Exhausted),
             Availability::No if !is_local(dst.ip()) => return Err(Reason::NoDevice),
             Availability::No => {}
         }
     }
-    // Learn the 4-tuple before the connect: bind to the destination's own address (the source
-    // the kernel would pick for a local destination) if the program did not bind.
+    // Learn the 4-tuple before the connect: bind to the source address the kernel would pick
+    // (the route's; 127.0.0.1 for any 127.x destination) if the program did not bind. Binding
+    // to the destination's own address instead made a client of 127.0.0.5 appear to its
+    // server as 127.0.0.5, not 127.0.0.1: address-based access rules (pg_hba.conf, an
+    // nginx `allow`) judged it as another host.
     let mut local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
     if local.port() == 0 {
-        let want = match (dst, local) {
-            (SocketAddr::V4(_), SocketAddr::V6(_)) => SocketAddr::new(
-                IpAddr::V6(match dst.ip() {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
-                }),
-                0,
-            ),
-            _ => SocketAddr::new(dst.ip(), 0),
+        let src = sys::route_source(dst.ip()).unwrap_or(dst.ip());
+        let want = match (src, local) {
+            (IpAddr::V4(v4), SocketAddr::V6(_)) => {
+                SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), 0)
+            }
+            _ => SocketAddr::new(src, 0),
         };
         raw_bind(fd, &want).map_err(|_| Reason::Exhausted)?;
         local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
@@ -645,7 +653,7 @@ fn try_connect(fd: i32, dst: SocketAddr, _decision: Decision) -> Result<CResult,
     conn.lock().endpoint = token;
 
     // The real TCP connect, on the shadow (same open file: same blocking mode and timeouts).
-    let result = raw_connect(shadow, &dst);
+    let result = raw_connect(shadow, &asked);
     if matches!(result, Ok(()) | Err(libc::EINPROGRESS)) {
         // LINUX: an unconnected TCP socket polls HUP, so the watch starts only now.
         let pending_watch = watch_pending(&conn, shadow);
