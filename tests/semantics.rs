@@ -406,6 +406,25 @@ fn sigpipe_on_write_after_peer_close_and_msg_nosignal_gives_epipe() {
     );
 }
 
+/// The first write after the peer closed succeeds, as TCP's does (the peer's RST comes after
+/// it); before, it failed with EPIPE and SIGPIPE, one write early, and a keep-alive client
+/// with the default SIGPIPE disposition died instead of reading end of stream and retrying.
+#[test]
+fn the_first_write_after_the_peer_closed_succeeds_and_the_next_gets_epipe() {
+    let out = semantics("io", "write_after_close", 4);
+    assert_lines(
+        &out,
+        &[
+            "SO_ERROR after the peer's close: 0",
+            "first write: 3 sigpipes=0",
+            "SO_ERROR after it: EPIPE, then 0",
+            "second write: -1 EPIPE sigpipes=1",
+            "read: 0",
+            "keep-alive client: signaled=0 exit=0",
+        ],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Setup and socket state.
 

@@ -384,6 +384,58 @@ static void c_sigpipe(void) {
     printf("default disposition: signaled=%d sig=%d\n", WIFSIGNALED(st), WIFSIGNALED(st) ? WTERMSIG(st) : 0);
 }
 
+static int so_error(int fd) {
+    int e = -1;
+    socklen_t l = sizeof e;
+    CHECK(getsockopt(fd, SOL_SOCKET, SO_ERROR, &e, &l) == 0);
+    return e;
+}
+
+/* The peer closed (a FIN, no reset): the first write still succeeds, the peer's RST then makes
+ * SO_ERROR EPIPE once and the next write EPIPE with SIGPIPE; reads see end of stream. An HTTP
+ * client on a keep-alive connection its server closed writes its request, reads 0 and
+ * retries: with the default SIGPIPE disposition it must live through that write. */
+static void c_write_after_close(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_pipe;
+    CHECK(sigaction(SIGPIPE, &sa, NULL) == 0);
+    int c2, s2;
+    fresh_pair(&C, &S);
+    fresh_pair(&c2, &s2);
+    sync_point();
+    close(S);
+    sleep_ms(100);
+    char b[8];
+    pipes = 0;
+    printf("SO_ERROR after the peer's close: %s\n", en(so_error(C)));
+    /* (One call a statement: C leaves the order of a call's arguments open.) */
+    const char *w = res(send(C, "req", 3, 0));
+    printf("first write: %s sigpipes=%d\n", w, (int)pipes);
+    sleep_ms(100);
+    int e1 = so_error(C);
+    int e2 = so_error(C);
+    printf("SO_ERROR after it: %s, then %s\n", en(e1), en(e2));
+    w = res(send(C, "req", 3, 0));
+    printf("second write: %s sigpipes=%d\n", w, (int)pipes);
+    printf("read: %s\n", res(read(C, b, sizeof b)));
+    /* The keep-alive client, with SIGPIPE's default disposition. */
+    close(s2);
+    sleep_ms(100);
+    pid_t k = fork();
+    CHECK(k >= 0);
+    if (k == 0) {
+        signal(SIGPIPE, SIG_DFL);
+        if (write(c2, "GET / HTTP/1.1\r\n\r\n", 18) != 18) _exit(3);
+        _exit(read(c2, b, sizeof b) == 0 ? 0 : 4);
+    }
+    close(c2);
+    int st;
+    CHECK(waitpid(k, &st, 0) == k);
+    printf("keep-alive client: signaled=%d exit=%d\n", WIFSIGNALED(st),
+           WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+}
+
 int main(int argc, char **argv) {
     static const struct sem_case cases[] = {
         {"calls", c_calls},
@@ -398,6 +450,7 @@ int main(int argc, char **argv) {
         {"shutdown_rd", c_shutdown_rd},
         {"shutdown_rdwr", c_shutdown_rdwr},
         {"sigpipe", c_sigpipe},
+        {"write_after_close", c_write_after_close},
         {NULL, NULL},
     };
     return run_case(cases, argc, argv);

@@ -133,6 +133,10 @@ pub struct SdpShm {
     reset_pending: bool,
     /// The peer reset the connection.
     reset_seen: bool,
+    /// A send after the peer's process had closed the connection was taken (and dropped):
+    /// TCP's first write there succeeds, the peer's kernel answers with RST, and the writes
+    /// after it get EPIPE. `Some(true)`: SO_ERROR has still to report that EPIPE once.
+    wrote_after_close: Option<bool>,
     /// The connection cannot be used from this process (a fork child's use of its parent's
     /// connection): every call fails with this.
     dead: Option<Errno>,
@@ -169,6 +173,7 @@ impl SdpShm {
             peer_gone: false,
             reset_pending: false,
             reset_seen: false,
+            wrote_after_close: None,
             dead: None,
             urgent: false,
         };
@@ -411,7 +416,24 @@ impl OffloadStream for SdpShm {
                 Err(_) if n > 0 => break,
                 Err(SendError::NotConnected) => return Err(libc::ENOTCONN),
                 Err(SendError::Shutdown) => return Err(libc::EPIPE),
-                Err(SendError::Closed(e)) => return Err(self.conn_errno(&e)),
+                Err(SendError::Closed(_))
+                    if self.peer_gone && !self.reset_seen && self.wrote_after_close.is_none() =>
+                {
+                    // LINUX: the first write to a peer that closed succeeds (a FIN says only
+                    // that the peer sends no more); its kernel's RST makes the next one EPIPE
+                    // and SIGPIPE. An HTTP client reusing a keep-alive connection its server
+                    // closed relies on it: the write goes through, the read sees end of stream
+                    // and the client retries on a new connection. Failing this write instead
+                    // killed a client that does not ignore SIGPIPE one write early.
+                    self.wrote_after_close = Some(true);
+                    return Ok(data.iter().map(|b| b.len()).sum());
+                }
+                Err(SendError::Closed(e)) => {
+                    if self.wrote_after_close == Some(true) {
+                        self.wrote_after_close = Some(false); // this EPIPE reports the RST
+                    }
+                    return Err(self.conn_errno(&e));
+                }
             }
         }
         self.drain_outputs();
@@ -548,6 +570,15 @@ impl OffloadStream for SdpShm {
     fn take_error(&mut self) -> Option<Errno> {
         if std::mem::take(&mut self.reset_pending) {
             return Some(libc::ECONNRESET);
+        }
+        if self.wrote_after_close == Some(true) {
+            // LINUX: the RST that answered that write, in CLOSE_WAIT: EPIPE, reported once.
+            self.wrote_after_close = Some(false);
+            return Some(libc::EPIPE);
+        }
+        if self.wrote_after_close.is_some() || (self.peer_gone && !self.reset_seen) {
+            // LINUX: a peer's FIN (its close, its exit) sets no error: SO_ERROR reads 0.
+            return None;
         }
         // LINUX: SO_ERROR reports a reset once; after any call reported it there is none.
         if self.reset_seen && self.dead.is_none() {
