@@ -336,6 +336,26 @@ fn msg_oob_and_siocatmark() {
     );
 }
 
+/// SO_OOBINLINE keeps the urgent byte in the stream, set on the socket or inherited from its
+/// listener. It was ignored: the receiver never saw the urgent byte, and Python's ftplib
+/// `abort()` (`ABOR\r\n` sent with MSG_OOB to a server with SO_OOBINLINE) waited for an
+/// answer that never came (CPython's `test_ftplib` `test_abort` timed out).
+#[test]
+fn so_oobinline_keeps_the_urgent_byte_in_the_stream() {
+    let out = semantics("io", "oobinline", 4);
+    assert_lines(
+        &out,
+        &[
+            "SO_OOBINLINE: 1",
+            "inline: 6 \"ABOR\" ends with CRLF=1",
+            "recv OOB: -1 EINVAL",
+            "after: \"next\"",
+            "accepted inherits SO_OOBINLINE: 1",
+            "inline from the listener's: \"xy!\"",
+        ],
+    );
+}
+
 #[test]
 fn msg_more_and_tcp_cork() {
     let out = semantics("io", "more", 2);

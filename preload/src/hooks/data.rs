@@ -943,6 +943,7 @@ pub unsafe extern "C" fn setsockopt(
     val: *const c_void,
     len: socklen_t,
 ) -> c_int {
+    ops::offload::keepalive::note_option(level, name);
     if offloaded(fd) {
         let shadow = kernel_socket(fd);
         if level == libc::SOL_SOCKET && (name == libc::SO_RCVTIMEO || name == libc::SO_SNDTIMEO) {
@@ -954,8 +955,9 @@ pub unsafe extern "C" fn setsockopt(
             return rc;
         }
         let rc = unsafe { real::setsockopt(shadow, level, name, val, len) };
-        if rc == 0 && ops::offload::keepalive::is_keepalive_option(level, name) {
-            // The stream probes its peer itself: it reads the shadow's settings back.
+        if rc == 0 {
+            // The stream probes its peer itself and keeps urgent bytes inline or apart: it
+            // reads the shadow's settings back.
             crate::guard::switch(|| ops::offload::keepalive::option_set(fd, level, name));
         }
         return rc;

@@ -495,6 +495,12 @@ impl Connection {
         }
     }
 
+    /// SO_OOBINLINE changed: urgent bytes that arrive from now on stay in the stream (`true`)
+    /// or wait apart for a MSG_OOB receive (`false`).
+    pub fn set_oob_inline(&mut self, on: bool) {
+        self.recv.oob_inline = on;
+    }
+
     /// The SO_KEEPALIVE idle time in force (`None`: off).
     pub fn keepalive(&self) -> Option<core::time::Duration> {
         self.config.keepalive

@@ -166,6 +166,46 @@ static void c_oob(void) {
     printf("recv OOB none: %s\n", res(recv(S, b, 1, MSG_OOB | MSG_DONTWAIT)));
 }
 
+/* SO_OOBINLINE on the receiver: the urgent byte stays in the stream (ftplib's ABOR, sent
+ * with MSG_OOB to a server that set it: the line's '\n' is the urgent byte). Set on the
+ * accepted socket, and inherited by an accepted socket from its listener. */
+static void c_oobinline(void) {
+    fresh_pair(&C, &S);
+    int one = 1;
+    CHECK(setsockopt(S, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one) == 0);
+    int v = 0;
+    socklen_t vl = sizeof v;
+    CHECK(getsockopt(S, SOL_SOCKET, SO_OOBINLINE, &v, &vl) == 0);
+    printf("SO_OOBINLINE: %d\n", v);
+    char b[16];
+    printf("send ABOR with MSG_OOB: %s\n", res(send(C, "ABOR\r\n", 6, MSG_OOB)));
+    int r = poll1(S, POLLIN | POLLPRI, 1000);
+    printf("poll: %s\n", pollstr(r));
+    size_t got = 0;
+    while (got < 6) {
+        ssize_t n = recv(S, b + got, 6 - got, 0);
+        CHECK(n > 0);
+        got += (size_t)n;
+    }
+    printf("inline: %d \"%.4s\" ends with CRLF=%d\n", (int)got, b, b[4] == '\r' && b[5] == '\n');
+    printf("recv OOB: %s\n", res(recv(S, b, 1, MSG_OOB | MSG_DONTWAIT)));
+    write_all(C, "next", 4);
+    read_all(S, b, 4);
+    printf("after: \"%.4s\"\n", b);
+    /* Inherited from the listener. */
+    int l = listener();
+    CHECK(setsockopt(l, SOL_SOCKET, SO_OOBINLINE, &one, sizeof one) == 0);
+    int c2, s2;
+    pair_on(l, &c2, &s2);
+    vl = sizeof v;
+    CHECK(getsockopt(s2, SOL_SOCKET, SO_OOBINLINE, &v, &vl) == 0);
+    printf("accepted inherits SO_OOBINLINE: %d\n", v);
+    printf("send with MSG_OOB: %s\n", res(send(c2, "xy!", 3, MSG_OOB)));
+    read_all(s2, b, 3);
+    printf("inline from the listener's: \"%.3s\"\n", b);
+    sync_point();
+}
+
 static void c_more(void) {
     fresh_pair(&C, &S);
     char b[64];
@@ -450,6 +490,7 @@ int main(int argc, char **argv) {
         {"shutdown_rd", c_shutdown_rd},
         {"shutdown_rdwr", c_shutdown_rdwr},
         {"sigpipe", c_sigpipe},
+        {"oobinline", c_oobinline},
         {"write_after_close", c_write_after_close},
         {NULL, NULL},
     };

@@ -1,4 +1,5 @@
-//! SO_KEEPALIVE for offloaded connections (SDP-WIRE.md §5.4, issue #7).
+//! SO_KEEPALIVE for offloaded connections (SDP-WIRE.md §5.4, issue #7), and SO_OOBINLINE,
+//! the other socket option the stream itself acts on (read back from the shadow the same way).
 //!
 //! Socket options of an offloaded fd are set on its shadow TCP socket (the preload's
 //! `setsockopt` hook), so the shadow is where the application's keepalive settings live: after
@@ -8,6 +9,7 @@
 //! counterpart: one probe is sent, and the RC transport's own retries decide (see
 //! docs/RDMA.md, "Keepalive").
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use super::{Inner, Phase, lookup};
@@ -53,11 +55,39 @@ pub fn apply(g: &mut Inner) {
 
 /// The application set `(level, name)` on offloaded fd `fd` (on its shadow, successfully).
 pub fn option_set(fd: i32, level: i32, name: i32) {
-    if !is_keepalive_option(level, name) {
+    if is_keepalive_option(level, name) {
+        if let Some(conn) = lookup(fd) {
+            apply(&mut conn.lock());
+        }
+    } else if level == libc::SOL_SOCKET && name == libc::SO_OOBINLINE {
+        if let Some(conn) = lookup(fd) {
+            apply_oob_inline(&mut conn.lock());
+        }
+    }
+}
+
+/// Whether this process ever turned SO_OOBINLINE on, on any socket: only then does a
+/// connection that becomes offloaded read it back from its shadow (set before `connect`, or
+/// inherited from the listener), which costs the others no system call.
+static OOB_INLINE_USED: AtomicBool = AtomicBool::new(false);
+
+/// The application sets SO_OOBINLINE on some socket (`setsockopt`'s hook, before the call).
+pub fn note_option(level: i32, name: i32) {
+    if level == libc::SOL_SOCKET && name == libc::SO_OOBINLINE {
+        OOB_INLINE_USED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Hands the shadow's SO_OOBINLINE to the offloaded stream (with the lock held), if the
+/// process ever used the option. LINUX: an accepted socket inherits it from its listener.
+pub fn apply_oob_inline(g: &mut Inner) {
+    if !OOB_INLINE_USED.load(Ordering::Relaxed) || !g.is_current() {
         return;
     }
-    if let Some(conn) = lookup(fd) {
-        apply(&mut conn.lock());
+    let on = int_option(g.shadow, libc::SOL_SOCKET, libc::SO_OOBINLINE).is_some_and(|v| v != 0);
+    if let Phase::Offloaded(s) = &mut g.phase {
+        s.set_oob_inline(on);
+        g.sync();
     }
 }
 

@@ -683,8 +683,9 @@ fn server_setup(
     let conn = accepted.install(Box::new(s), Transport::Rdma, |conn| {
         watch_notify(conn, notify)
     })?;
-    // SO_KEEPALIVE inherited from the listener is on the accepted shadow.
+    // SO_KEEPALIVE and SO_OOBINLINE inherited from the listener are on the accepted shadow.
     super::keepalive::apply(&mut conn.lock());
+    super::keepalive::apply_oob_inline(&mut conn.lock());
     sdp_log!(
         log::DECISION,
         "accept fd {fd} from {peer} on {local}: SDP over rdma"
@@ -950,8 +951,9 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpRdma) {
     }
     g.watch = watch_notify(conn, notify);
     g.sync();
-    // SO_KEEPALIVE set before connect is on the shadow.
+    // SO_KEEPALIVE and SO_OOBINLINE set before connect are on the shadow.
     super::keepalive::apply(g);
+    super::keepalive::apply_oob_inline(g);
     log::resolved(g, None);
 }
 
@@ -1941,6 +1943,10 @@ impl OffloadStream for SdpRdma {
 
     fn fds(&self) -> Vec<i32> {
         vec![self.conn.notify_fd()]
+    }
+
+    fn set_oob_inline(&mut self, on: bool) {
+        self.engine.set_oob_inline(on);
     }
 
     fn set_keepalive(&mut self, idle: Option<Duration>) {

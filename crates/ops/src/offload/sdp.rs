@@ -536,6 +536,10 @@ impl OffloadStream for SdpShm {
         self.drain_outputs();
     }
 
+    fn set_oob_inline(&mut self, on: bool) {
+        self.engine.set_oob_inline(on);
+    }
+
     fn unread(&mut self) -> bool {
         self.progress();
         self.engine.recv_available() > 0

@@ -866,6 +866,8 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpShm) {
     }
     g.watch = watch_peer(conn, peer_bell);
     g.sync();
+    // SO_OOBINLINE set before connect is on the shadow.
+    super::keepalive::apply_oob_inline(g);
     log::resolved(g, None);
 }
 
@@ -1459,9 +1461,11 @@ fn server_exchange(
         local,
         peer,
     };
-    accepted.install(Box::new(s), Transport::Shm, |conn| {
+    let conn = accepted.install(Box::new(s), Transport::Shm, |conn| {
         watch_peer(conn, peer_bell)
     })?;
+    // SO_OOBINLINE inherited from the listener is on the accepted shadow.
+    super::keepalive::apply_oob_inline(&mut conn.lock());
     Ok(())
 }
 

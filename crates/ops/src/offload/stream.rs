@@ -126,4 +126,7 @@ pub trait OffloadStream: Send {
     /// TCP_KEEPIDLE, `None` off. Only a transport that can probe its peer acts on it (`rdma`,
     /// SDP-WIRE.md §5.4); on the same host (`shm`) the peer's end is seen without probing.
     fn set_keepalive(&mut self, _idle: Option<std::time::Duration>) {}
+
+    /// SO_OOBINLINE changed (read back from the shadow TCP socket).
+    fn set_oob_inline(&mut self, _on: bool) {}
 }
