@@ -55,13 +55,15 @@ pub fn apply(g: &mut Inner) {
 
 /// The application set `(level, name)` on offloaded fd `fd` (on its shadow, successfully).
 pub fn option_set(fd: i32, level: i32, name: i32) {
-    if is_keepalive_option(level, name) {
-        if let Some(conn) = lookup(fd) {
-            apply(&mut conn.lock());
-        }
-    } else if level == libc::SOL_SOCKET && name == libc::SO_OOBINLINE {
-        if let Some(conn) = lookup(fd) {
+    let oob_inline = level == libc::SOL_SOCKET && name == libc::SO_OOBINLINE;
+    if !is_keepalive_option(level, name) && !oob_inline {
+        return;
+    }
+    if let Some(conn) = lookup(fd) {
+        if oob_inline {
             apply_oob_inline(&mut conn.lock());
+        } else {
+            apply(&mut conn.lock());
         }
     }
 }
