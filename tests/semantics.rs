@@ -356,6 +356,23 @@ fn so_oobinline_keeps_the_urgent_byte_in_the_stream() {
     );
 }
 
+/// SO_SNDBUF and SO_RCVBUF (the latter inherited from the listener) bound the bytes in
+/// flight, so a writer learns soon that its peer closed mid-transfer. They were ignored: the
+/// engine's own 512 KiB send buffer and 64 receive buffers took a whole transfer, and the
+/// writer saw no error (CPython's `test_asyncio.test_sendfile`).
+#[test]
+fn small_socket_buffers_bound_the_bytes_in_flight() {
+    let out = semantics("io", "small_buffers", 2);
+    assert_lines(
+        &out,
+        &[
+            "a writer fills the buffers: 1",
+            "in flight at most 256 KiB: 1",
+            "the writer sees the reset: 1 (after at most 256 KiB more: 1)",
+        ],
+    );
+}
+
 #[test]
 fn msg_more_and_tcp_cork() {
     let out = semantics("io", "more", 2);

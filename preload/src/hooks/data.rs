@@ -975,7 +975,11 @@ pub unsafe extern "C" fn setsockopt(
         }
         return unsafe { real::setsockopt(other, level, name, val, len) };
     }
-    unsafe { real::setsockopt(fd, level, name, val, len) }
+    let rc = unsafe { real::setsockopt(fd, level, name, val, len) };
+    if rc == 0 && ops::offload::keepalive::is_buffer_option(level, name) {
+        ops::offload::keepalive::buffers_set_before(fd);
+    }
+    rc
 }
 
 /// # Safety

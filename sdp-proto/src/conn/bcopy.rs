@@ -39,6 +39,11 @@ impl SendQueue {
         self.capacity.saturating_sub(self.buf.len())
     }
 
+    /// A new size (SO_SNDBUF); bytes already queued above it stay queued.
+    pub(crate) fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+    }
+
     /// Stream offset one past the last queued byte.
     pub(crate) fn end(&self) -> u64 {
         self.head + self.buf.len() as u64

@@ -495,6 +495,18 @@ impl Connection {
         }
     }
 
+    /// SO_SNDBUF changed: `send` takes bytes while fewer than `bytes` wait to be sent.
+    pub fn set_send_buffer(&mut self, bytes: usize) {
+        self.config.send_buffer = bytes.max(1);
+        self.send.set_capacity(self.config.send_buffer);
+    }
+
+    /// SO_RCVBUF changed: receive buffers are reposted while unread bytes plus posted capacity
+    /// stay within `bytes` (never fewer than two buffers: see `window_room_for`).
+    pub fn set_recv_window(&mut self, bytes: usize) {
+        self.config.recv_window = bytes;
+    }
+
     /// SO_OOBINLINE changed: urgent bytes that arrive from now on stay in the stream (`true`)
     /// or wait apart for a MSG_OOB receive (`false`).
     pub fn set_oob_inline(&mut self, on: bool) {

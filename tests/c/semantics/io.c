@@ -206,6 +206,52 @@ static void c_oobinline(void) {
     sync_point();
 }
 
+/* SO_RCVBUF set on the listener (inherited by the accepted socket) and SO_SNDBUF set after
+ * connect bound the bytes in flight: a non-blocking writer fills them, and a receiver that
+ * reads a little and closes makes the writer's next writes fail (asyncio's sendfile relies on
+ * it to see a peer that closed mid-transfer). */
+static void c_small_buffers(void) {
+    int l = listener();
+    int four_k = 4096;
+    CHECK(setsockopt(l, SOL_SOCKET, SO_RCVBUF, &four_k, sizeof four_k) == 0);
+    int c, s;
+    pair_on(l, &c, &s);
+    CHECK(setsockopt(c, SOL_SOCKET, SO_SNDBUF, &four_k, sizeof four_k) == 0);
+    exchange(c, s);
+    sync_point();
+    CHECK(fcntl(c, F_SETFL, O_NONBLOCK) == 0);
+    static char chunk[16384];
+    memset(chunk, 'x', sizeof chunk);
+    long total = 0;
+    for (int i = 0; i < 1000; i++) {
+        ssize_t n = send(c, chunk, sizeof chunk, MSG_NOSIGNAL);
+        if (n < 0) {
+            CHECK(errno == EAGAIN);
+            break;
+        }
+        total += n;
+    }
+    printf("a writer fills the buffers: %d\n", total > 0);
+    printf("in flight at most 256 KiB: %d\n", total <= 256 * 1024);
+    char b[1024];
+    read_all(s, b, sizeof b);
+    close(s);
+    sleep_ms(100);
+    int err = 0;
+    long more = 0;
+    for (int i = 0; i < 2000 && !err; i++) {
+        ssize_t n = send(c, chunk, sizeof chunk, MSG_NOSIGNAL);
+        if (n >= 0)
+            more += n;
+        else if (errno == EAGAIN)
+            sleep_ms(1);
+        else
+            err = errno;
+    }
+    printf("the writer sees the reset: %d (after at most 256 KiB more: %d)\n",
+           err == ECONNRESET || err == EPIPE, more <= 256 * 1024);
+}
+
 static void c_more(void) {
     fresh_pair(&C, &S);
     char b[64];
@@ -491,6 +537,7 @@ int main(int argc, char **argv) {
         {"shutdown_rdwr", c_shutdown_rdwr},
         {"sigpipe", c_sigpipe},
         {"oobinline", c_oobinline},
+        {"small_buffers", c_small_buffers},
         {"write_after_close", c_write_after_close},
         {NULL, NULL},
     };

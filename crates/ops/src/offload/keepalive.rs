@@ -56,15 +56,75 @@ pub fn apply(g: &mut Inner) {
 /// The application set `(level, name)` on offloaded fd `fd` (on its shadow, successfully).
 pub fn option_set(fd: i32, level: i32, name: i32) {
     let oob_inline = level == libc::SOL_SOCKET && name == libc::SO_OOBINLINE;
-    if !is_keepalive_option(level, name) && !oob_inline {
+    let buffers = is_buffer_option(level, name);
+    if !is_keepalive_option(level, name) && !oob_inline && !buffers {
         return;
     }
     if let Some(conn) = lookup(fd) {
+        let mut g = conn.lock();
         if oob_inline {
-            apply_oob_inline(&mut conn.lock());
+            apply_oob_inline(&mut g);
+        } else if buffers {
+            apply_buffers_now(&mut g);
         } else {
-            apply(&mut conn.lock());
+            apply(&mut g);
         }
+    }
+}
+
+/// Whether `(level, name)` sets a socket buffer's size.
+pub fn is_buffer_option(level: i32, name: i32) -> bool {
+    level == libc::SOL_SOCKET
+        && matches!(
+            name,
+            libc::SO_SNDBUF | libc::SO_RCVBUF | libc::SO_SNDBUFFORCE | libc::SO_RCVBUFFORCE
+        )
+}
+
+/// A socket that is not offloaded (yet) got a buffer size: remembered in the fd table, for
+/// when it becomes offloaded (or, for a listener, for the sockets it accepts).
+pub fn buffers_set_before(fd: i32) {
+    crate::fdtable::update(fd, |m| {
+        if m.tracked() {
+            m.with(crate::fdtable::Meta::BUFFERS_SET)
+        } else {
+            m
+        }
+    });
+}
+
+/// A connection became offloaded (with the lock held): if the program sized its socket's
+/// buffers (before `connect`, or on the listener it was accepted from), the stream takes
+/// the sizes from the shadow. LINUX: a socket whose size was set keeps it (no autotuning), so
+/// the bytes in flight stay as few as the program asked: a sender learns of a peer that
+/// closed mid-transfer before the transfer ends (CPython's `test_asyncio.test_sendfile`
+/// `test_sendfile_close_peer_in_the_middle_of_receiving`). Without a size set the stream keeps
+/// its own (the kernel would autotune).
+pub fn apply_buffers(g: &mut Inner) {
+    let set = g
+        .app_fds
+        .first()
+        .is_some_and(|&fd| crate::fdtable::get(fd).has(crate::fdtable::Meta::BUFFERS_SET));
+    if set {
+        apply_buffers_now(g);
+    }
+}
+
+fn apply_buffers_now(g: &mut Inner) {
+    if !g.is_current() {
+        return;
+    }
+    let size = |name| {
+        int_option(g.shadow, libc::SOL_SOCKET, name)
+            .filter(|&v| v > 0)
+            .map(|v| v as usize)
+    };
+    let (Some(snd), Some(rcv)) = (size(libc::SO_SNDBUF), size(libc::SO_RCVBUF)) else {
+        return;
+    };
+    if let Phase::Offloaded(s) = &mut g.phase {
+        s.set_buffers(snd, rcv);
+        g.sync();
     }
 }
 

@@ -686,6 +686,7 @@ fn server_setup(
     // SO_KEEPALIVE and SO_OOBINLINE inherited from the listener are on the accepted shadow.
     super::keepalive::apply(&mut conn.lock());
     super::keepalive::apply_oob_inline(&mut conn.lock());
+    super::keepalive::apply_buffers(&mut conn.lock());
     sdp_log!(
         log::DECISION,
         "accept fd {fd} from {peer} on {local}: SDP over rdma"
@@ -954,6 +955,7 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpRdma) {
     // SO_KEEPALIVE and SO_OOBINLINE set before connect are on the shadow.
     super::keepalive::apply(g);
     super::keepalive::apply_oob_inline(g);
+    super::keepalive::apply_buffers(g);
     log::resolved(g, None);
 }
 
@@ -1947,6 +1949,12 @@ impl OffloadStream for SdpRdma {
 
     fn set_oob_inline(&mut self, on: bool) {
         self.engine.set_oob_inline(on);
+    }
+
+    fn set_buffers(&mut self, sndbuf: usize, rcvbuf: usize) {
+        self.engine.set_send_buffer(sndbuf);
+        self.engine.set_recv_window(rcvbuf);
+        self.drain_outputs(); // a bigger window reposts receive buffers now
     }
 
     fn set_keepalive(&mut self, idle: Option<Duration>) {

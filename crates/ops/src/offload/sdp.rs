@@ -540,6 +540,12 @@ impl OffloadStream for SdpShm {
         self.engine.set_oob_inline(on);
     }
 
+    fn set_buffers(&mut self, sndbuf: usize, rcvbuf: usize) {
+        self.engine.set_send_buffer(sndbuf);
+        self.engine.set_recv_window(rcvbuf);
+        self.drain_outputs(); // a bigger window reposts receive buffers now
+    }
+
     fn unread(&mut self) -> bool {
         self.progress();
         self.engine.recv_available() > 0

@@ -866,8 +866,9 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpShm) {
     }
     g.watch = watch_peer(conn, peer_bell);
     g.sync();
-    // SO_OOBINLINE set before connect is on the shadow.
+    // SO_OOBINLINE and buffer sizes set before connect are on the shadow.
     super::keepalive::apply_oob_inline(g);
+    super::keepalive::apply_buffers(g);
     log::resolved(g, None);
 }
 
@@ -1464,8 +1465,9 @@ fn server_exchange(
     let conn = accepted.install(Box::new(s), Transport::Shm, |conn| {
         watch_peer(conn, peer_bell)
     })?;
-    // SO_OOBINLINE inherited from the listener is on the accepted shadow.
+    // SO_OOBINLINE and buffer sizes inherited from the listener are on the accepted shadow.
     super::keepalive::apply_oob_inline(&mut conn.lock());
+    super::keepalive::apply_buffers(&mut conn.lock());
     Ok(())
 }
 
