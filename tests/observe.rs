@@ -491,3 +491,61 @@ fn stat_watch_repeats_the_listing_count_times() {
         "--count without --watch must be refused"
     );
 }
+
+/// A process killed with SIGKILL leaves its statistics file behind; when another process gets
+/// its pid, `sdp stat` must not show the dead process's sockets as that process's (before, it
+/// did, for good: a file named after pid 1 from some earlier run showed a "python3" listener
+/// on this machine for hours). The file records its process's start time, and a file whose
+/// start time is not its pid's is dropped. The reuse of a pid is made here by renaming the file.
+#[test]
+fn stat_drops_the_rows_of_a_killed_process_whose_pid_was_reused() {
+    let py = require_tool("python3", "python3");
+    let mut victim = Command::new(py)
+        .args([
+            "-c",
+            "import socket, time\nl = socket.socket()\nl.bind(('127.0.0.1', 0))\nl.listen(1)\nprint('up', flush=True)\ntime.sleep(60)\n",
+        ])
+        .env("LD_PRELOAD", libsdp_so())
+        .env_remove("LIBSDP_CONFIG_FILE")
+        .env_remove("SIMPLE_LIBSDP")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    BufReader::new(victim.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "up");
+    let dead = victim.id();
+    let file = |pid: u32| PathBuf::from(format!("/dev/shm/libsdp.{pid}.stat"));
+    let mut bytes = std::fs::read(file(dead)).expect("the victim's statistics file");
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    assert!(file(dead).exists(), "SIGKILL leaves the file behind");
+
+    // Another process now has a pid the dead one's file names.
+    let mut other = Command::new("sleep").arg("30").spawn().expect("sleep");
+    let reused = other.id();
+    bytes[16..24].copy_from_slice(&u64::from(reused).to_le_bytes());
+    std::fs::write(file(reused), &bytes).unwrap();
+    let _ = std::fs::remove_file(file(dead));
+    let rows = stat_json();
+    other.kill().unwrap();
+    other.wait().unwrap();
+    let shown: Vec<_> = rows
+        .iter()
+        .filter(|r| {
+            r.get("pid")
+                .or_else(|| r.get("process"))
+                .map(String::as_str)
+                == Some(&reused.to_string())
+        })
+        .collect();
+    let left = file(reused).exists();
+    let _ = std::fs::remove_file(file(reused));
+    assert!(
+        shown.is_empty(),
+        "sdp stat shows the killed process's rows under pid {reused}: {shown:?}"
+    );
+    assert!(!left, "the stale file was not removed");
+}

@@ -40,6 +40,22 @@ pub const TCP_WORDS: usize = 2;
 pub const NTCP: usize = 16384;
 /// Header word holding the number of compact rows.
 pub const HEADER_NTCP: usize = 12;
+/// Header word: the process's start time (field 22 of `/proc/<pid>/stat`, clock ticks since
+/// boot; 0 when unknown). A process killed with SIGKILL leaves its file behind, and another
+/// process may get its pid later: `sdp stat` shows the file only while the start times agree.
+pub const HEADER_START: usize = 13;
+
+/// Field 22 (`starttime`) of a `/proc/<pid>/stat` line. The command (field 2) is in
+/// parentheses and may hold spaces and parentheses: the fields are counted after the last `)`.
+pub fn start_time(stat: &[u8]) -> Option<u64> {
+    let close = stat.iter().rposition(|&c| c == b')')?;
+    std::str::from_utf8(&stat[close + 1..])
+        .ok()?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
 pub const TCP_BASE: usize = HEADER_WORDS + NSLOTS * SLOT_WORDS;
 pub const FILE_BYTES: usize = (TCP_BASE + NTCP * TCP_WORDS) * 8;
 
@@ -259,6 +275,12 @@ fn create(pid: u64) -> Option<*mut AtomicU64> {
     header[2].store(pid, Ordering::Relaxed);
     header[3].store(NSLOTS as u64, Ordering::Relaxed);
     header[HEADER_NTCP].store(NTCP as u64, Ordering::Relaxed);
+    if let Some(t) = ib_verbs::sys::read_small_file("/proc/self/stat", 4096)
+        .ok()
+        .and_then(|b| start_time(&b))
+    {
+        header[HEADER_START].store(t, Ordering::Relaxed);
+    }
     let prog = crate::state::try_globals()
         .map(|g| g.program.clone())
         .unwrap_or_default();
@@ -405,6 +427,17 @@ impl Drop for Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_time_is_field_22_even_after_an_odd_command_name() {
+        let line = b"4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 \
+                     1000 10 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(start_time(line), Some(987654));
+        let own = std::fs::read("/proc/self/stat").unwrap();
+        assert!(start_time(&own).is_some_and(|t| t > 0));
+        assert_eq!(start_time(b"garbage"), None);
+        assert_eq!(start_time(b"1 (x) S 1"), None);
+    }
 
     #[test]
     fn addr_round_trips_v4_and_v6() {

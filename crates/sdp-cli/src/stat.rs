@@ -269,6 +269,22 @@ fn alive(pid: u64) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Whether the statistics file `b` was written by the process that has `pid` now: the start
+/// time in its header is that process's (a file without one is taken as it is).
+fn same_process(pid: u64, b: &[u8]) -> bool {
+    if b.len() < stats::HEADER_WORDS * 8 {
+        return true;
+    }
+    let recorded = word(b, stats::HEADER_START);
+    if recorded == 0 {
+        return true;
+    }
+    std::fs::read(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| stats::start_time(&s))
+        .is_none_or(|now| now == recorded)
+}
+
 /// Every socket of every live libsdp process.
 pub fn collect() -> Vec<SocketRow> {
     collect_all().0
@@ -297,9 +313,15 @@ pub fn collect_all() -> (Vec<SocketRow>, Vec<ProcessRow>) {
             let _ = std::fs::remove_file(e.path());
             continue;
         }
-        if let Ok(b) = std::fs::read(e.path())
-            && let Some(FileStats { process, rows }) = parse_file(&b)
-        {
+        let Ok(b) = std::fs::read(e.path()) else {
+            continue;
+        };
+        if !same_process(pid, &b) {
+            // Left by a process killed with SIGKILL whose pid another process has now.
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        if let Some(FileStats { process, rows }) = parse_file(&b) {
             procs.push(process);
             for mut r in rows {
                 if r.transport == "tcp"
