@@ -177,7 +177,8 @@ fn cpython_test_socket_tcp_classes_pass_over_sdp() {
 
 /// The protocol libraries' tests, each against its in-process server: FTP (with ABOR sent as
 /// urgent data to a server with SO_OOBINLINE), HTTP, XML-RPC, socketserver, urllib, wsgiref,
-/// SMTP, POP3, telnet, and the selectors module.
+/// SMTP, POP3, telnet, the selectors module, asyncore and asynchat (one urgent byte sent
+/// right after the accept, read when POLLPRI wakes the client), http.server and DocXMLRPC.
 #[test]
 fn cpython_protocol_tests_pass_over_sdp() {
     conformance(
@@ -193,6 +194,10 @@ fn cpython_protocol_tests_pass_over_sdp() {
             "test_poplib",
             "test_telnetlib",
             "test_selectors",
+            "test_asyncore",
+            "test_asynchat",
+            "test_httpservers",
+            "test_docxmlrpc",
         ],
         500,
     );
@@ -210,6 +215,23 @@ fn cpython_asyncio_network_tests_pass_over_sdp() {
             "test_asyncio.test_streams",
             "test_asyncio.test_sock_lowlevel",
             "test_asyncio.test_server",
+        ],
+        100,
+    );
+}
+
+/// TLS over SDP: the `ssl` module's threaded client/server tests (handshakes, session reuse,
+/// STARTTLS-style switching, unwrap back to clear text) and asyncio's TLS and event-loop
+/// network tests.
+#[test]
+fn cpython_tls_and_event_loop_tests_pass_over_sdp() {
+    conformance(
+        "tls and event loops",
+        &[
+            "test_ssl",
+            "test_asyncio.test_ssl",
+            "test_asyncio.test_sslproto",
+            "test_asyncio.test_events",
         ],
         100,
     );
