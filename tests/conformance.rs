@@ -131,48 +131,13 @@ fn tail(s: &str) -> String {
     lines[lines.len().saturating_sub(80)..].join("\n")
 }
 
-/// `test_socket`'s TCP classes: blocking, non-blocking and timeout I/O, file objects,
+/// All of `test_socket` (712 tests): blocking, non-blocking and timeout I/O, file objects,
 /// sendmsg/recvmsg, sendfile, shutdown, inheritance, `create_server`, signals interrupting
-/// calls. (The VSOCK, CAN, RDS, TIPC and AF_UNIX-only classes test other families.)
+/// calls, and the other families' classes (untouched by libsdp, they must stay so). VSOCK is
+/// left out: its tests wait for a hypervisor transport this machine kind may lack.
 #[test]
-fn cpython_test_socket_tcp_classes_pass_over_sdp() {
-    let classes = [
-        "BasicTCPTest",
-        "NonBlockingTCPTests",
-        "FileObjectClassTestCase",
-        "UnbufferedFileObjectClassTestCase",
-        "LineBufferedFileObjectClassTestCase",
-        "SmallBufferedFileObjectClassTestCase",
-        "UnicodeReadFileObjectClassTestCase",
-        "UnicodeWriteFileObjectClassTestCase",
-        "UnicodeReadWriteFileObjectClassTestCase",
-        "NetworkConnectionNoServer",
-        "NetworkConnectionAttributesTest",
-        "NetworkConnectionBehaviourTest",
-        "TCPTimeoutTest",
-        "ContextManagersTest",
-        "SendfileUsingSendTest",
-        "SendfileUsingSendfileTest",
-        "BufferIOTest",
-        "InheritanceTest",
-        "CreateServerTest",
-        "CreateServerFunctionalTest",
-        "InterruptedRecvTimeoutTest",
-        "InterruptedSendTimeoutTest",
-        "GeneralModuleTests",
-        "RecvmsgTCPTest",
-        "RecvmsgIntoTCPTest",
-        "SendmsgTCPTest",
-        "NonblockConstantTest",
-        "TestSocketSharing",
-    ];
-    let mut args = Vec::new();
-    for c in &classes {
-        args.push("-m");
-        args.push(c);
-    }
-    args.push("test_socket");
-    conformance("test_socket", &args, 150);
+fn cpython_test_socket_passes_over_sdp() {
+    conformance("test_socket", &["-i", "*VSOCK*", "test_socket"], 150);
 }
 
 /// The protocol libraries' tests, each against its in-process server: FTP (with ABOR sent as
