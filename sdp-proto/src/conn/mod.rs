@@ -495,6 +495,13 @@ impl Connection {
         }
     }
 
+    /// SO_SNDBUF and SO_RCVBUF changed: [`set_send_buffer`](Self::set_send_buffer) and
+    /// [`set_recv_window`](Self::set_recv_window).
+    pub fn set_buffer_sizes(&mut self, sndbuf: usize, rcvbuf: usize) {
+        self.set_send_buffer(sndbuf);
+        self.set_recv_window(rcvbuf);
+    }
+
     /// SO_SNDBUF changed: `send` takes bytes while fewer than `bytes` wait to be sent.
     pub fn set_send_buffer(&mut self, bytes: usize) {
         self.config.send_buffer = bytes.max(1);

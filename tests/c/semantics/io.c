@@ -435,15 +435,20 @@ static void write_until_error(int fd, int flags, const char *what) {
     printf("%s: %s sigpipes=%d\n", what, res(n), (int)pipes);
 }
 
-static void c_sigpipe(void) {
+/* SIGPIPE counted in `pipes`; (C, S) and (*c2, *s2) connected and reported at SYNC. */
+static void counting_pipes_with_two_pairs(int *c2, int *s2) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
     sa.sa_handler = on_pipe;
     CHECK(sigaction(SIGPIPE, &sa, NULL) == 0);
-    int c2, s2;
     fresh_pair(&C, &S);
-    fresh_pair(&c2, &s2);
+    fresh_pair(c2, s2);
     sync_point();
+}
+
+static void c_sigpipe(void) {
+    int c2, s2;
+    counting_pipes_with_two_pairs(&c2, &s2);
     close(S);
     write_until_error(C, 0, "write after peer close");
     close(s2);
@@ -482,14 +487,8 @@ static int so_error(int fd) {
  * client on a keep-alive connection its server closed writes its request, reads 0 and
  * retries: with the default SIGPIPE disposition it must live through that write. */
 static void c_write_after_close(void) {
-    struct sigaction sa;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_pipe;
-    CHECK(sigaction(SIGPIPE, &sa, NULL) == 0);
     int c2, s2;
-    fresh_pair(&C, &S);
-    fresh_pair(&c2, &s2);
-    sync_point();
+    counting_pipes_with_two_pairs(&c2, &s2);
     close(S);
     sleep_ms(100);
     char b[8];

@@ -25,21 +25,34 @@ static const char *shown(int fd, int peer) {
     return b;
 }
 
+/* A listener on the wildcard address of `family` (dual stack for AF_INET6), its port in
+ * network order in *port. */
+static int listen_wildcard(int family, uint16_t *port) {
+    int l = socket(family, SOCK_STREAM, 0);
+    CHECK(l >= 0);
+    int one = 1, zero = 0;
+    CHECK(setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0);
+    if (family == AF_INET6)
+        CHECK(setsockopt(l, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero) == 0);
+    struct sockaddr_storage ss = {.ss_family = (sa_family_t)family};
+    socklen_t len = family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+    CHECK(bind(l, (struct sockaddr *)&ss, len) == 0);
+    CHECK(listen(l, 16) == 0);
+    CHECK(getsockname(l, (struct sockaddr *)&ss, &len) == 0);
+    *port = family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                               : ((struct sockaddr_in *)&ss)->sin_port;
+    return l;
+}
+
 /* Which addresses the kernel's choices give a connection the program did not bind, and which
  * descriptor numbers the program's sockets get: a client of 127.0.0.5 leaves from 127.0.0.1
  * (the loopback route's source), an AF_INET6 socket connects to an IPv4 server through a
  * v4-mapped address (as Java does for every IPv4 peer), and the library's own descriptors
  * take none of the program's numbers. */
 static void c_addresses(void) {
-    int l = socket(AF_INET, SOCK_STREAM, 0);
-    CHECK(l >= 0);
-    int one = 1;
-    CHECK(setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) == 0);
-    struct sockaddr_in a = {.sin_family = AF_INET};
-    CHECK(bind(l, (struct sockaddr *)&a, sizeof a) == 0);
-    CHECK(listen(l, 16) == 0);
-    socklen_t len = sizeof a;
-    CHECK(getsockname(l, (struct sockaddr *)&a, &len) == 0);
+    uint16_t port;
+    int l = listen_wildcard(AF_INET, &port);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = port};
     int c1 = socket(AF_INET, SOCK_STREAM, 0);
     CHECK(c1 >= 0);
     printf("client fd follows the listener's: %d\n", c1 == l + 1);
@@ -65,18 +78,11 @@ static void c_addresses(void) {
     printf("mapped: client %s -> %s, server %s <- %s\n", shown(c2, 0), shown(c2, 1),
            shown(s2, 0), shown(s2, 1));
 
-    int l6 = socket(AF_INET6, SOCK_STREAM, 0);
-    CHECK(l6 >= 0);
-    int zero = 0;
-    CHECK(setsockopt(l6, IPPROTO_IPV6, IPV6_V6ONLY, &zero, sizeof zero) == 0);
-    struct sockaddr_in6 any6 = {.sin6_family = AF_INET6};
-    CHECK(bind(l6, (struct sockaddr *)&any6, sizeof any6) == 0);
-    CHECK(listen(l6, 16) == 0);
-    len = sizeof any6;
-    CHECK(getsockname(l6, (struct sockaddr *)&any6, &len) == 0);
+    uint16_t port6;
+    int l6 = listen_wildcard(AF_INET6, &port6);
     int c3 = socket(AF_INET, SOCK_STREAM, 0);
     CHECK(c3 >= 0);
-    struct sockaddr_in lo = {.sin_family = AF_INET, .sin_port = any6.sin6_port};
+    struct sockaddr_in lo = {.sin_family = AF_INET, .sin_port = port6};
     lo.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     printf("AF_INET connect to a dual-stack listener: %s\n",
            res(connect(c3, (struct sockaddr *)&lo, sizeof lo)));

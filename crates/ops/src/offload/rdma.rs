@@ -1952,8 +1952,7 @@ impl OffloadStream for SdpRdma {
     }
 
     fn set_buffers(&mut self, sndbuf: usize, rcvbuf: usize) {
-        self.engine.set_send_buffer(sndbuf);
-        self.engine.set_recv_window(rcvbuf);
+        self.engine.set_buffer_sizes(sndbuf, rcvbuf);
         self.drain_outputs(); // a bigger window reposts receive buffers now
     }
 
