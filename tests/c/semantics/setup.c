@@ -44,6 +44,19 @@ static int listen_wildcard(int family, uint16_t *port) {
     return l;
 }
 
+/* A byte each way on (c, s), then the four names under `what`. */
+static void exchange_and_show(int c, int s, const char *what) {
+    exchange(c, s);
+    printf("%s: client %s -> %s, server %s <- %s\n", what, shown(c, 0), shown(c, 1),
+           shown(s, 0), shown(s, 1));
+}
+
+static void accept_and_show(int l, int c, const char *what) {
+    int s = accept(l, NULL, NULL);
+    CHECK(s >= 0);
+    exchange_and_show(c, s, what);
+}
+
 /* Which addresses the kernel's choices give a connection the program did not bind, and which
  * descriptor numbers the program's sockets get: a client of 127.0.0.5 leaves from 127.0.0.1
  * (the loopback route's source), an AF_INET6 socket connects to an IPv4 server through a
@@ -62,9 +75,7 @@ static void c_addresses(void) {
     int s1 = accept(l, NULL, NULL);
     CHECK(s1 >= 0);
     printf("accepted fd follows the client's: %d\n", s1 == c1 + 1);
-    exchange(c1, s1);
-    printf("127.0.0.5: client %s -> %s, server %s <- %s\n", shown(c1, 0), shown(c1, 1),
-           shown(s1, 0), shown(s1, 1));
+    exchange_and_show(c1, s1, "127.0.0.5");
 
     int c2 = socket(AF_INET6, SOCK_STREAM, 0);
     CHECK(c2 >= 0);
@@ -72,11 +83,7 @@ static void c_addresses(void) {
     CHECK(inet_pton(AF_INET6, "::ffff:127.0.0.1", &m.sin6_addr) == 1);
     printf("AF_INET6 connect to ::ffff:127.0.0.1: %s\n",
            res(connect(c2, (struct sockaddr *)&m, sizeof m)));
-    int s2 = accept(l, NULL, NULL);
-    CHECK(s2 >= 0);
-    exchange(c2, s2);
-    printf("mapped: client %s -> %s, server %s <- %s\n", shown(c2, 0), shown(c2, 1),
-           shown(s2, 0), shown(s2, 1));
+    accept_and_show(l, c2, "mapped");
 
     uint16_t port6;
     int l6 = listen_wildcard(AF_INET6, &port6);
@@ -86,11 +93,7 @@ static void c_addresses(void) {
     lo.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     printf("AF_INET connect to a dual-stack listener: %s\n",
            res(connect(c3, (struct sockaddr *)&lo, sizeof lo)));
-    int s3 = accept(l6, NULL, NULL);
-    CHECK(s3 >= 0);
-    exchange(c3, s3);
-    printf("dual stack: client %s -> %s, server %s <- %s\n", shown(c3, 0), shown(c3, 1),
-           shown(s3, 0), shown(s3, 1));
+    accept_and_show(l6, c3, "dual stack");
     sync_point();
 }
 
