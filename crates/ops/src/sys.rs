@@ -73,14 +73,20 @@ pub fn peername(fd: i32) -> Option<SocketAddr> {
 /// costs only the 4-tuple's looks, never the connection. `None` when the probe fails.
 pub fn route_source(dst: std::net::IpAddr) -> Option<std::net::IpAddr> {
     use std::sync::Mutex;
+    // Only ever `try_lock`ed: a fork while another thread holds it leaves the child's copy
+    // locked for good, and the child must not wait for it (it probes instead).
     static KNOWN: Mutex<Vec<(std::net::IpAddr, std::net::IpAddr)>> = Mutex::new(Vec::new());
-    if let Some(&(_, src)) = KNOWN
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .iter()
-        .find(|(d, _)| *d == dst)
+    let known = |f: &mut dyn FnMut(&mut Vec<(std::net::IpAddr, std::net::IpAddr)>)| match KNOWN
+        .try_lock()
     {
-        return Some(src);
+        Ok(mut g) => f(&mut g),
+        Err(std::sync::TryLockError::Poisoned(p)) => f(&mut p.into_inner()),
+        Err(std::sync::TryLockError::WouldBlock) => {}
+    };
+    let mut hit = None;
+    known(&mut |k| hit = k.iter().find(|(d, _)| *d == dst).map(|&(_, s)| s));
+    if hit.is_some() {
+        return hit;
     }
     let family = if dst.is_ipv4() {
         libc::AF_INET
@@ -110,11 +116,12 @@ pub fn route_source(dst: std::net::IpAddr) -> Option<std::net::IpAddr> {
     };
     close(fd);
     let src = src?;
-    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
-    if known.len() >= SOURCES_KEPT {
-        known.remove(0);
-    }
-    known.push((dst, src));
+    known(&mut |k| {
+        if k.len() >= SOURCES_KEPT {
+            k.remove(0);
+        }
+        k.push((dst, src));
+    });
     Some(src)
 }
 
