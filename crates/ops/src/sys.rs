@@ -75,10 +75,9 @@ pub fn route_source(dst: std::net::IpAddr) -> Option<std::net::IpAddr> {
     use std::sync::Mutex;
     // Only ever `try_lock`ed: a fork while another thread holds it leaves the child's copy
     // locked for good, and the child must not wait for it (it probes instead).
-    static KNOWN: Mutex<Vec<(std::net::IpAddr, std::net::IpAddr)>> = Mutex::new(Vec::new());
-    let known = |f: &mut dyn FnMut(&mut Vec<(std::net::IpAddr, std::net::IpAddr)>)| match KNOWN
-        .try_lock()
-    {
+    type Sources = Vec<(std::net::IpAddr, std::net::IpAddr)>;
+    static KNOWN: Mutex<Sources> = Mutex::new(Vec::new());
+    let known = |f: &mut dyn FnMut(&mut Sources)| match KNOWN.try_lock() {
         Ok(mut g) => f(&mut g),
         Err(std::sync::TryLockError::Poisoned(p)) => f(&mut p.into_inner()),
         Err(std::sync::TryLockError::WouldBlock) => {}
