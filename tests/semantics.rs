@@ -457,6 +457,8 @@ fn the_first_write_after_the_peer_closed_succeeds_and_the_next_gets_epipe() {
             "SO_ERROR after it: EPIPE, then 0",
             "second write: -1 EPIPE sigpipes=1",
             "read: 0",
+            "peer reads end of stream: 0",
+            "write after our shutdown and the peer's close: -1 EPIPE",
             "keep-alive client: signaled=0 exit=0",
         ],
     );

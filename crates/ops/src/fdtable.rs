@@ -76,9 +76,11 @@ impl Meta {
     /// The fd names the app end of an offloaded connection (see `offload`).
     pub const OFFLOADED: u64 = 1 << 7;
     const DECISION_SHIFT: u32 = 8;
-    /// The program set SO_SNDBUF or SO_RCVBUF on this socket (or on the listener it was
-    /// accepted from): the offloaded stream takes its sizes from the shadow.
-    pub const BUFFERS_SET: u64 = 1 << 10;
+    /// The program set SO_SNDBUF on this socket (or on the listener it was accepted from): the
+    /// offloaded stream takes its send buffer's size from the shadow.
+    pub const SNDBUF_SET: u64 = 1 << 10;
+    /// The same for SO_RCVBUF and the receive window.
+    pub const RCVBUF_SET: u64 = 1 << 11;
 
     pub fn tracked(self) -> bool {
         self.0 & Self::TRACKED != 0

@@ -54,8 +54,12 @@ pub fn on_accept(listener: i32, fd: i32) {
     let lm = fdtable::get(listener);
     if lm.tracked() {
         // LINUX: an accepted socket inherits its listener's buffer sizes.
-        let keep =
-            lm.0 & (Meta::INET6 | Meta::ASKED_OFFLOAD | Meta::ASKED_DIRECT | Meta::BUFFERS_SET);
+        let keep = lm.0
+            & (Meta::INET6
+                | Meta::ASKED_OFFLOAD
+                | Meta::ASKED_DIRECT
+                | Meta::SNDBUF_SET
+                | Meta::RCVBUF_SET);
         let m = Meta(Meta::TRACKED | Meta::ACCEPTED | keep);
         fdtable::set(fd, m.with_decision(lm.decision().unwrap_or(Decision::Tcp)));
     } else {

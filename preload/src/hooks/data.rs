@@ -977,7 +977,7 @@ pub unsafe extern "C" fn setsockopt(
     }
     let rc = unsafe { real::setsockopt(fd, level, name, val, len) };
     if rc == 0 && ops::offload::keepalive::is_buffer_option(level, name) {
-        ops::offload::keepalive::buffers_set_before(fd);
+        ops::offload::keepalive::buffers_set_before(fd, level, name);
     }
     rc
 }

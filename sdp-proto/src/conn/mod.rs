@@ -495,11 +495,15 @@ impl Connection {
         }
     }
 
-    /// SO_SNDBUF and SO_RCVBUF changed: [`set_send_buffer`](Self::set_send_buffer) and
-    /// [`set_recv_window`](Self::set_recv_window).
-    pub fn set_buffer_sizes(&mut self, sndbuf: usize, rcvbuf: usize) {
-        self.set_send_buffer(sndbuf);
-        self.set_recv_window(rcvbuf);
+    /// SO_SNDBUF and/or SO_RCVBUF changed: [`set_send_buffer`](Self::set_send_buffer) and
+    /// [`set_recv_window`](Self::set_recv_window) for the ones given.
+    pub fn set_buffer_sizes(&mut self, sndbuf: Option<usize>, rcvbuf: Option<usize>) {
+        if let Some(b) = sndbuf {
+            self.set_send_buffer(b);
+        }
+        if let Some(b) = rcvbuf {
+            self.set_recv_window(b);
+        }
     }
 
     /// SO_SNDBUF changed: `send` takes bytes while fewer than `bytes` wait to be sent.

@@ -504,6 +504,15 @@ static void c_write_after_close(void) {
     w = res(send(C, "req", 3, 0));
     printf("second write: %s sigpipes=%d\n", w, (int)pipes);
     printf("read: %s\n", res(read(C, b, sizeof b)));
+    /* A writer that shut its own sending side down first gets EPIPE whatever the peer did. */
+    int c3, s3;
+    fresh_pair(&c3, &s3);
+    CHECK(shutdown(c3, SHUT_WR) == 0);
+    printf("peer reads end of stream: %s\n", res(read(s3, b, sizeof b)));
+    close(s3);
+    sleep_ms(100);
+    w = res(send(c3, "late", 4, MSG_NOSIGNAL));
+    printf("write after our shutdown and the peer's close: %s\n", w);
     /* The keep-alive client, with SIGPIPE's default disposition. */
     close(s2);
     sleep_ms(100);

@@ -56,72 +56,83 @@ pub fn apply(g: &mut Inner) {
 /// The application set `(level, name)` on offloaded fd `fd` (on its shadow, successfully).
 pub fn option_set(fd: i32, level: i32, name: i32) {
     let oob_inline = level == libc::SOL_SOCKET && name == libc::SO_OOBINLINE;
-    let buffers = is_buffer_option(level, name);
-    if !is_keepalive_option(level, name) && !oob_inline && !buffers {
+    let buffer = buffer_bit(level, name);
+    if !is_keepalive_option(level, name) && !oob_inline && buffer.is_none() {
         return;
+    }
+    if let Some(bit) = buffer {
+        // Also for a connect still in progress: the size applies when it is offloaded.
+        crate::fdtable::update(fd, |m| m.with(bit));
     }
     if let Some(conn) = lookup(fd) {
         let mut g = conn.lock();
         if oob_inline {
             apply_oob_inline(&mut g);
-        } else if buffers {
-            apply_buffers_now(&mut g);
+        } else if let Some(bit) = buffer {
+            apply_buffers_now(&mut g, bit);
         } else {
             apply(&mut g);
         }
     }
 }
 
-/// Whether `(level, name)` sets a socket buffer's size.
-pub fn is_buffer_option(level: i32, name: i32) -> bool {
-    level == libc::SOL_SOCKET
-        && matches!(
-            name,
-            libc::SO_SNDBUF | libc::SO_RCVBUF | libc::SO_SNDBUFFORCE | libc::SO_RCVBUFFORCE
-        )
-}
-
-/// A socket that is not offloaded (yet) got a buffer size: remembered in the fd table, for
-/// when it becomes offloaded (or, for a listener, for the sockets it accepts).
-pub fn buffers_set_before(fd: i32) {
-    crate::fdtable::update(fd, |m| {
-        if m.tracked() {
-            m.with(crate::fdtable::Meta::BUFFERS_SET)
-        } else {
-            m
-        }
-    });
-}
-
-/// A connection became offloaded (with the lock held): if the program sized its socket's
-/// buffers (before `connect`, or on the listener it was accepted from), the stream takes
-/// the sizes from the shadow. LINUX: a socket whose size was set keeps it (no autotuning), so
-/// the bytes in flight stay as few as the program asked: a sender learns of a peer that
-/// closed mid-transfer before the transfer ends (CPython's `test_asyncio.test_sendfile`
-/// `test_sendfile_close_peer_in_the_middle_of_receiving`). Without a size set the stream keeps
-/// its own (the kernel would autotune).
-pub fn apply_buffers(g: &mut Inner) {
-    let set = g
-        .app_fds
-        .first()
-        .is_some_and(|&fd| crate::fdtable::get(fd).has(crate::fdtable::Meta::BUFFERS_SET));
-    if set {
-        apply_buffers_now(g);
+/// The fd table's mark for a buffer-size option, `None` for other options.
+fn buffer_bit(level: i32, name: i32) -> Option<u64> {
+    use crate::fdtable::Meta;
+    match (level, name) {
+        (libc::SOL_SOCKET, libc::SO_SNDBUF | libc::SO_SNDBUFFORCE) => Some(Meta::SNDBUF_SET),
+        (libc::SOL_SOCKET, libc::SO_RCVBUF | libc::SO_RCVBUFFORCE) => Some(Meta::RCVBUF_SET),
+        _ => None,
     }
 }
 
-fn apply_buffers_now(g: &mut Inner) {
+/// Whether `(level, name)` sets a socket buffer's size.
+pub fn is_buffer_option(level: i32, name: i32) -> bool {
+    buffer_bit(level, name).is_some()
+}
+
+/// A socket that is not offloaded (yet) got a buffer size (`(level, name)`): remembered in
+/// the fd table, for when it becomes offloaded (or, for a listener, for the sockets it
+/// accepts).
+pub fn buffers_set_before(fd: i32, level: i32, name: i32) {
+    let Some(bit) = buffer_bit(level, name) else {
+        return;
+    };
+    crate::fdtable::update(fd, |m| if m.tracked() { m.with(bit) } else { m });
+}
+
+/// A connection became offloaded (with the lock held): the sizes the program gave its
+/// socket's buffers (before `connect`, or on the listener it was accepted from), each one it
+/// set, go to the stream from the shadow. LINUX: a socket whose size was set keeps it (no
+/// autotuning), so the bytes in flight stay as few as the program asked: a sender learns of a
+/// peer that closed mid-transfer before the transfer ends (CPython's
+/// `test_asyncio.test_sendfile` `test_sendfile_close_peer_in_the_middle_of_receiving`). A size
+/// not set stays the stream's own (the kernel would autotune it).
+pub fn apply_buffers(g: &mut Inner) {
+    use crate::fdtable::Meta;
+    let bits = g.app_fds.first().map_or(0, |&fd| {
+        crate::fdtable::get(fd).0 & (Meta::SNDBUF_SET | Meta::RCVBUF_SET)
+    });
+    if bits != 0 {
+        apply_buffers_now(g, bits);
+    }
+}
+
+fn apply_buffers_now(g: &mut Inner, bits: u64) {
+    use crate::fdtable::Meta;
     if !g.is_current() {
         return;
     }
-    let size = |name| {
+    let size = |bit, name| {
+        if bits & bit == 0 {
+            return None;
+        }
         int_option(g.shadow, libc::SOL_SOCKET, name)
             .filter(|&v| v > 0)
             .map(|v| v as usize)
     };
-    let (Some(snd), Some(rcv)) = (size(libc::SO_SNDBUF), size(libc::SO_RCVBUF)) else {
-        return;
-    };
+    let snd = size(Meta::SNDBUF_SET, libc::SO_SNDBUF);
+    let rcv = size(Meta::RCVBUF_SET, libc::SO_RCVBUF);
     if let Phase::Offloaded(s) = &mut g.phase {
         s.set_buffers(snd, rcv);
         g.sync();

@@ -1951,7 +1951,7 @@ impl OffloadStream for SdpRdma {
         self.engine.set_oob_inline(on);
     }
 
-    fn set_buffers(&mut self, sndbuf: usize, rcvbuf: usize) {
+    fn set_buffers(&mut self, sndbuf: Option<usize>, rcvbuf: Option<usize>) {
         self.engine.set_buffer_sizes(sndbuf, rcvbuf);
         self.drain_outputs(); // a bigger window reposts receive buffers now
     }

@@ -137,6 +137,9 @@ pub struct SdpShm {
     /// TCP's first write there succeeds, the peer's kernel answers with RST, and the writes
     /// after it get EPIPE. `Some(true)`: SO_ERROR has still to report that EPIPE once.
     wrote_after_close: Option<bool>,
+    /// The application shut our sending side down (`shutdown_write`): a later write gets
+    /// EPIPE, whatever became of the peer.
+    shut_write: bool,
     /// The connection cannot be used from this process (a fork child's use of its parent's
     /// connection): every call fails with this.
     dead: Option<Errno>,
@@ -174,6 +177,7 @@ impl SdpShm {
             reset_pending: false,
             reset_seen: false,
             wrote_after_close: None,
+            shut_write: false,
             dead: None,
             urgent: false,
         };
@@ -417,7 +421,10 @@ impl OffloadStream for SdpShm {
                 Err(SendError::NotConnected) => return Err(libc::ENOTCONN),
                 Err(SendError::Shutdown) => return Err(libc::EPIPE),
                 Err(SendError::Closed(_))
-                    if self.peer_gone && !self.reset_seen && self.wrote_after_close.is_none() =>
+                    if self.peer_gone
+                        && !self.reset_seen
+                        && !self.shut_write
+                        && self.wrote_after_close.is_none() =>
                 {
                     // LINUX: the first write to a peer that closed succeeds (a FIN says only
                     // that the peer sends no more); its kernel's RST makes the next one EPIPE
@@ -522,6 +529,7 @@ impl OffloadStream for SdpShm {
             // finished (Python's http.server does, per request) is not an error to log.
             return;
         }
+        self.shut_write = true;
         let _ = self
             .engine
             .shutdown(now(), sdp_proto::conn::Shutdown::Write);
@@ -540,7 +548,7 @@ impl OffloadStream for SdpShm {
         self.engine.set_oob_inline(on);
     }
 
-    fn set_buffers(&mut self, sndbuf: usize, rcvbuf: usize) {
+    fn set_buffers(&mut self, sndbuf: Option<usize>, rcvbuf: Option<usize>) {
         self.engine.set_buffer_sizes(sndbuf, rcvbuf);
         self.drain_outputs(); // a bigger window reposts receive buffers now
     }
@@ -585,7 +593,9 @@ impl OffloadStream for SdpShm {
             self.wrote_after_close = Some(false);
             return Some(libc::EPIPE);
         }
-        if self.wrote_after_close.is_some() || (self.peer_gone && !self.reset_seen) {
+        if self.dead.is_none()
+            && (self.wrote_after_close.is_some() || (self.peer_gone && !self.reset_seen))
+        {
             // LINUX: a peer's FIN (its close, its exit) sets no error: SO_ERROR reads 0.
             return None;
         }

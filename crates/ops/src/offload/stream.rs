@@ -130,7 +130,7 @@ pub trait OffloadStream: Send {
     /// SO_OOBINLINE changed (read back from the shadow TCP socket).
     fn set_oob_inline(&mut self, _on: bool) {}
 
-    /// SO_SNDBUF and SO_RCVBUF as the program set them (read back from the shadow TCP socket,
-    /// the kernel's doubled figures): the bytes a send may queue and the receive window.
-    fn set_buffers(&mut self, _sndbuf: usize, _rcvbuf: usize) {}
+    /// SO_SNDBUF and/or SO_RCVBUF as the program set them (read back from the shadow TCP
+    /// socket, the kernel's doubled figures): the bytes a send may queue, the receive window.
+    fn set_buffers(&mut self, _sndbuf: Option<usize>, _rcvbuf: Option<usize>) {}
 }
