@@ -93,7 +93,7 @@ pub fn route_source(dst: std::net::IpAddr) -> Option<std::net::IpAddr> {
         libc::AF_INET6
     };
     // SAFETY: socket takes only integer arguments.
-    let fd = unsafe {
+    let raw = unsafe {
         libc::syscall(
             libc::SYS_socket,
             family,
@@ -101,20 +101,12 @@ pub fn route_source(dst: std::net::IpAddr) -> Option<std::net::IpAddr> {
             0,
         )
     } as i32;
-    if fd < 0 {
-        return None;
-    }
-    mark_internal(fd);
+    // One of the library's descriptors until it drops (and closes).
+    let fd = ib_verbs::sys::Fd::from_raw(raw)?;
     let (ss, len) = crate::offload::setup::sockaddr_of(&SocketAddr::new(dst, 9));
     // SAFETY: ss holds a sockaddr of `len` bytes.
-    let rc = unsafe { libc::syscall(libc::SYS_connect, fd, &ss as *const _, len) };
-    let src = if rc == 0 {
-        sockname(fd).map(|a| a.ip())
-    } else {
-        None
-    };
-    close(fd);
-    let src = src?;
+    let rc = unsafe { libc::syscall(libc::SYS_connect, fd.raw(), &ss as *const _, len) };
+    let src = (rc == 0).then(|| sockname(fd.raw())).flatten()?.ip();
     known(&mut |k| {
         if k.len() >= SOURCES_KEPT {
             k.remove(0);

@@ -976,8 +976,8 @@ pub unsafe extern "C" fn setsockopt(
         return unsafe { real::setsockopt(other, level, name, val, len) };
     }
     let rc = unsafe { real::setsockopt(fd, level, name, val, len) };
-    if rc == 0 && ops::offload::keepalive::is_buffer_option(level, name) {
-        ops::offload::keepalive::buffers_set_before(fd, level, name);
+    if rc == 0 {
+        ops::offload::keepalive::note_buffer_size(fd, level, name);
     }
     rc
 }

@@ -60,10 +60,8 @@ pub fn option_set(fd: i32, level: i32, name: i32) {
     if !is_keepalive_option(level, name) && !oob_inline && buffer.is_none() {
         return;
     }
-    if let Some(bit) = buffer {
-        // Also for a connect still in progress: the size applies when it is offloaded.
-        crate::fdtable::update(fd, |m| m.with(bit));
-    }
+    // Also for a connect still in progress: the size applies when it is offloaded.
+    note_buffer_size(fd, level, name);
     if let Some(conn) = lookup(fd) {
         let mut g = conn.lock();
         if oob_inline {
@@ -86,29 +84,32 @@ fn buffer_bit(level: i32, name: i32) -> Option<u64> {
     }
 }
 
-/// Whether `(level, name)` sets a socket buffer's size.
-pub fn is_buffer_option(level: i32, name: i32) -> bool {
-    buffer_bit(level, name).is_some()
-}
-
-/// A socket that is not offloaded (yet) got a buffer size (`(level, name)`): remembered in
-/// the fd table, for when it becomes offloaded (or, for a listener, for the sockets it
-/// accepts).
-pub fn buffers_set_before(fd: i32, level: i32, name: i32) {
+/// The program set `(level, name)` on socket `fd`: a buffer size is remembered in the fd
+/// table, for when the socket becomes offloaded (or, for a listener, for the sockets it
+/// accepts); other options are ignored.
+pub fn note_buffer_size(fd: i32, level: i32, name: i32) {
     let Some(bit) = buffer_bit(level, name) else {
         return;
     };
     crate::fdtable::update(fd, |m| if m.tracked() { m.with(bit) } else { m });
 }
 
-/// A connection became offloaded (with the lock held): the sizes the program gave its
+/// A connection became offloaded (with the lock held): SO_OOBINLINE and the buffer sizes the
+/// program set before (on the socket before `connect`, or on the listener it was accepted
+/// from) go to the stream from the shadow.
+pub fn apply_set_before(g: &mut Inner) {
+    apply_oob_inline(g);
+    apply_buffers(g);
+}
+
+/// The sizes the program gave its
 /// socket's buffers (before `connect`, or on the listener it was accepted from), each one it
 /// set, go to the stream from the shadow. LINUX: a socket whose size was set keeps it (no
 /// autotuning), so the bytes in flight stay as few as the program asked: a sender learns of a
 /// peer that closed mid-transfer before the transfer ends (CPython's
 /// `test_asyncio.test_sendfile` `test_sendfile_close_peer_in_the_middle_of_receiving`). A size
 /// not set stays the stream's own (the kernel would autotune it).
-pub fn apply_buffers(g: &mut Inner) {
+fn apply_buffers(g: &mut Inner) {
     use crate::fdtable::Meta;
     let bits = g.app_fds.first().map_or(0, |&fd| {
         crate::fdtable::get(fd).0 & (Meta::SNDBUF_SET | Meta::RCVBUF_SET)
@@ -153,7 +154,7 @@ pub fn note_option(level: i32, name: i32) {
 
 /// Hands the shadow's SO_OOBINLINE to the offloaded stream (with the lock held), if the
 /// process ever used the option. LINUX: an accepted socket inherits it from its listener.
-pub fn apply_oob_inline(g: &mut Inner) {
+fn apply_oob_inline(g: &mut Inner) {
     if !OOB_INLINE_USED.load(Ordering::Relaxed) || !g.is_current() {
         return;
     }

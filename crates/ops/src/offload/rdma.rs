@@ -683,10 +683,13 @@ fn server_setup(
     let conn = accepted.install(Box::new(s), Transport::Rdma, |conn| {
         watch_notify(conn, notify)
     })?;
-    // SO_KEEPALIVE and SO_OOBINLINE inherited from the listener are on the accepted shadow.
-    super::keepalive::apply(&mut conn.lock());
-    super::keepalive::apply_oob_inline(&mut conn.lock());
-    super::keepalive::apply_buffers(&mut conn.lock());
+    // SO_KEEPALIVE, SO_OOBINLINE and buffer sizes inherited from the listener are on the
+    // accepted shadow.
+    {
+        let mut g = conn.lock();
+        super::keepalive::apply(&mut g);
+        super::keepalive::apply_set_before(&mut g);
+    }
     sdp_log!(
         log::DECISION,
         "accept fd {fd} from {peer} on {local}: SDP over rdma"
@@ -738,18 +741,7 @@ pub fn try_connect(fd: i32, dst: SocketAddr, asked: SocketAddr) -> Result<CResul
     // request with the accepted connection by (address, port).
     let mut local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
     if local.port() == 0 {
-        let want = match (dst, local) {
-            (SocketAddr::V4(_), SocketAddr::V6(_)) => SocketAddr::new(
-                IpAddr::V6(match src.ip() {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
-                }),
-                0,
-            ),
-            _ => SocketAddr::new(src.ip(), 0),
-        };
-        setup::raw_bind(fd, &want).map_err(|_| Reason::Exhausted)?;
-        local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
+        local = setup::bind_to_source(fd, local, src.ip())?;
     }
     let client = if local.ip().is_unspecified() {
         SocketAddr::new(src.ip(), local.port())
@@ -952,10 +944,9 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpRdma) {
     }
     g.watch = watch_notify(conn, notify);
     g.sync();
-    // SO_KEEPALIVE and SO_OOBINLINE set before connect are on the shadow.
+    // SO_KEEPALIVE, SO_OOBINLINE and buffer sizes set before connect are on the shadow.
     super::keepalive::apply(g);
-    super::keepalive::apply_oob_inline(g);
-    super::keepalive::apply_buffers(g);
+    super::keepalive::apply_set_before(g);
     log::resolved(g, None);
 }
 

@@ -340,6 +340,22 @@ pub(super) fn raw_bind(fd: i32, a: &SocketAddr) -> Result<(), i32> {
     if rc == 0 { Ok(()) } else { Err(sys::errno()) }
 }
 
+/// Binds socket `fd`, unbound at `local`, to `src` with a port of the kernel's choosing, in
+/// the socket's own family (an IPv4 source on an AF_INET6 socket as `::ffff:a.b.c.d`), and
+/// returns its local address: the connection's 4-tuple is known before its connect.
+pub(super) fn bind_to_source(
+    fd: i32,
+    local: SocketAddr,
+    src: IpAddr,
+) -> Result<SocketAddr, Reason> {
+    let want = match (src, local) {
+        (IpAddr::V4(v4), SocketAddr::V6(_)) => SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), 0),
+        _ => SocketAddr::new(src, 0),
+    };
+    raw_bind(fd, &want).map_err(|_| Reason::Exhausted)?;
+    sys::sockname(fd).ok_or(Reason::NotOffloadable)
+}
+
 pub(crate) fn sockaddr_of(a: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     // SAFETY: all-zero is a valid sockaddr_storage.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
@@ -548,14 +564,7 @@ fn try_connect(
     let mut local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
     if local.port() == 0 {
         let src = sys::route_source(dst.ip()).unwrap_or(dst.ip());
-        let want = match (src, local) {
-            (IpAddr::V4(v4), SocketAddr::V6(_)) => {
-                SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), 0)
-            }
-            _ => SocketAddr::new(src, 0),
-        };
-        raw_bind(fd, &want).map_err(|_| Reason::Exhausted)?;
-        local = sys::sockname(fd).ok_or(Reason::NotOffloadable)?;
+        local = bind_to_source(fd, local, src)?;
     }
     let client = if local.ip().is_unspecified() {
         SocketAddr::new(dst.ip(), local.port())
@@ -867,8 +876,7 @@ fn become_offloaded(conn: &Arc<Conn>, g: &mut Inner, s: SdpShm) {
     g.watch = watch_peer(conn, peer_bell);
     g.sync();
     // SO_OOBINLINE and buffer sizes set before connect are on the shadow.
-    super::keepalive::apply_oob_inline(g);
-    super::keepalive::apply_buffers(g);
+    super::keepalive::apply_set_before(g);
     log::resolved(g, None);
 }
 
@@ -1466,8 +1474,7 @@ fn server_exchange(
         watch_peer(conn, peer_bell)
     })?;
     // SO_OOBINLINE and buffer sizes inherited from the listener are on the accepted shadow.
-    super::keepalive::apply_oob_inline(&mut conn.lock());
-    super::keepalive::apply_buffers(&mut conn.lock());
+    super::keepalive::apply_set_before(&mut conn.lock());
     Ok(())
 }
 
