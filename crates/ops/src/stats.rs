@@ -234,20 +234,7 @@ fn table() -> Option<&'static [AtomicU64]> {
 
 #[cold]
 fn create(pid: u64) -> Option<*mut AtomicU64> {
-    let path = format!("{DIR}/{PREFIX}{pid}{SUFFIX}\0");
-    // SAFETY: path is NUL-terminated; raw syscalls keep our own hooks out of the way.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_openat,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-            libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC,
-            0o644,
-        )
-    } as i32;
-    if fd < 0 {
-        return None;
-    }
+    let fd = open_fresh(&format!("{DIR}/{PREFIX}{pid}{SUFFIX}\0"))?;
     // SAFETY: fd is ours; ftruncate and mmap of a regular file we just created.
     let p = unsafe {
         if libc::syscall(libc::SYS_ftruncate, fd, FILE_BYTES as libc::off_t) != 0 {
@@ -302,6 +289,38 @@ fn create(pid: u64) -> Option<*mut AtomicU64> {
     TABLE.store(words, Ordering::Release);
     OWNER.store(pid, Ordering::Release);
     Some(words)
+}
+
+/// Opens a new file at `path` (NUL-terminated), never the one a process that had our pid
+/// before us left there (killed with SIGKILL, it never removed it): that one is unlinked
+/// first and the new one made with `O_EXCL`, a new inode. `sdp stat` removes a file whose
+/// header names another process only while the path still leads to the inode it read
+/// (`stat::remove_if_same`); truncating the old inode in place, as before 2026-11-26, let
+/// it unlink our new file in the instant between its read and its unlink, and this process's
+/// counters were gone from `sdp stat` for the rest of its life.
+fn open_fresh(path: &str) -> Option<i32> {
+    debug_assert!(path.ends_with('\0'));
+    for _ in 0..2 {
+        // SAFETY: path is NUL-terminated; raw syscalls keep our own hooks out of the way.
+        unsafe { libc::syscall(libc::SYS_unlinkat, libc::AT_FDCWD, path.as_ptr(), 0) };
+        // SAFETY: as above.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat,
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o644,
+            )
+        } as i32;
+        if fd >= 0 {
+            return Some(fd);
+        }
+        if crate::sys::errno() != libc::EEXIST {
+            return None;
+        }
+    }
+    None
 }
 
 /// Removes this process's statistics file if it has one (at exit, `_exit` included).
@@ -427,6 +446,32 @@ impl Drop for Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_statistics_file_is_replaced_not_reused() {
+        use std::os::unix::fs::MetadataExt;
+        let path = format!("{DIR}/libsdp-test.{}.stale", std::process::id());
+        std::fs::write(&path, b"left by a killed process").unwrap();
+        let old = std::fs::File::open(&path).unwrap();
+        let fd = open_fresh(&format!("{path}\0")).expect("a fresh file");
+        // SAFETY: fd is ours.
+        let new_ino = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            assert_eq!(libc::fstat(fd, &mut st), 0);
+            libc::close(fd);
+            st.st_ino
+        };
+        let at_path = std::fs::metadata(&path).unwrap().ino();
+        assert_eq!(at_path, new_ino, "the path leads to the new file");
+        assert_ne!(new_ino, old.metadata().unwrap().ino(), "a new inode");
+        let mut kept = String::new();
+        std::io::Read::read_to_string(&mut &old, &mut kept).unwrap();
+        assert_eq!(
+            kept, "left by a killed process",
+            "the old inode was not truncated"
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
 
     #[test]
     fn start_time_is_field_22_even_after_an_odd_command_name() {

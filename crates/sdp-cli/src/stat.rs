@@ -269,6 +269,18 @@ fn alive(pid: u64) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Removes the statistics file at `path` if it is still the file `f` (the same inode): the
+/// library replaces a stale file with a new inode (`ops::stats`), never rewrites it in place.
+fn remove_if_same(path: &std::path::Path, f: &std::fs::File) {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(now), Ok(ours)) = (std::fs::symlink_metadata(path), f.metadata()) else {
+        return;
+    };
+    if now.ino() == ours.ino() && now.dev() == ours.dev() {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Whether the statistics file `b` was written by the process that has `pid` now: the start
 /// time in its header is that process's (a file without one is taken as it is).
 fn same_process(pid: u64, b: &[u8]) -> bool {
@@ -309,16 +321,22 @@ pub fn collect_all() -> (Vec<SocketRow>, Vec<ProcessRow>) {
         let Ok(pid) = pid.parse::<u64>() else {
             continue;
         };
-        if !alive(pid) {
-            let _ = std::fs::remove_file(e.path());
-            continue;
-        }
-        let Ok(b) = std::fs::read(e.path()) else {
+        // One open file for the checks and the removal: a process that gets this pid now
+        // makes a new file (a new inode) at the same path, and must not lose it.
+        let Ok(mut f) = std::fs::File::open(e.path()) else {
             continue;
         };
+        if !alive(pid) {
+            remove_if_same(&e.path(), &f);
+            continue;
+        }
+        let mut b = Vec::new();
+        if std::io::Read::read_to_end(&mut f, &mut b).is_err() {
+            continue;
+        }
         if !same_process(pid, &b) {
             // Left by a process killed with SIGKILL whose pid another process has now.
-            let _ = std::fs::remove_file(e.path());
+            remove_if_same(&e.path(), &f);
             continue;
         }
         if let Some(FileStats { process, rows }) = parse_file(&b) {
