@@ -360,6 +360,56 @@ fn one_guest_plain_server_rejects_and_the_answer_is_cached() {
     );
 }
 
+/// Writing to a peer that closed, over rdma as over TCP (in one guest, `LIBSDP_TRANSPORT=rdma`
+/// on both ends): the first write succeeds, then SO_ERROR reads EPIPE once and the next write
+/// gets EPIPE. Until 2026-11-26 the first write failed with EPIPE (and SIGPIPE, which kills a
+/// keep-alive HTTP client that does not ignore it, where over TCP it reads end of stream and
+/// retries), and SO_ERROR read EPIPE right after the peer's close instead of 0.
+#[test]
+#[ignore = "runs in the soft-RoCE guest: scripts/rdma-tests.sh"]
+fn one_guest_write_after_the_peers_close_goes_through_once_as_over_tcp() {
+    let (_, addr, _, pair) = guest();
+    assert!(!pair, "a one-guest test");
+    let prog = built("stream_check");
+    let port = 17050u16;
+    let out = same_in_both_modes("stream_check write-after-close", |mode| {
+        let mut srv = command(mode, &prog);
+        srv.args(["closing", &addr, &port.to_string(), "30"]);
+        let mut cli = command(mode, &prog);
+        cli.args(["write-after-close", &addr, &port.to_string()]);
+        if mode == Mode::Preload {
+            srv.env("LIBSDP_TRANSPORT", "rdma");
+            cli.env("LIBSDP_TRANSPORT", "rdma");
+        }
+        let mut server = Proc::spawn(srv, "stream_check closing");
+        wait_listening(&mut server, port);
+        let client = Proc::spawn(cli, "stream_check write-after-close");
+        if mode == Mode::Preload {
+            let rows = rows_when(client.id(), Duration::from_secs(30), |r| {
+                connections(r).iter().any(|c| c.transport == "rdma")
+            });
+            assert!(
+                connections(&rows).iter().any(|c| c.transport == "rdma"),
+                "want the client's connection on rdma:\n{}",
+                libsdp_suite::show_rows(&rows)
+            );
+        }
+        let c = client.wait(T);
+        server.stop();
+        (c.code, c.stdout)
+    });
+    assert_eq!(
+        out.1,
+        "read after the peer's close: 0\n\
+         SO_ERROR after the peer's close: 0\n\
+         first write: 3\n\
+         SO_ERROR after it: EPIPE, then 0\n\
+         second write: EPIPE\n\
+         read: 0\n"
+    );
+    println!("RDMA-TEST INFO write-after-close: over rdma as over TCP");
+}
+
 /// ZCopy over the RoCEv2 link: vm1 sends 32 MiB to vm2 with `stream_check` under the preload;
 /// vm2's server checks every byte. Both ends `rdma`, with BCopy and ZCopy bytes each. vm2's
 /// server is a prefork one (a forked child accepts): the client is redirected to the child.

@@ -7,6 +7,8 @@
 //! stream_check send ADDR PORT BYTES [--hold FILE]
 //! stream_check idle ADDR PORT --keepalive SECS
 //! stream_check quiet ADDR PORT SECS [--keepalive SECS]
+//! stream_check closing ADDR PORT SECS
+//! stream_check write-after-close ADDR PORT
 //! ```
 //!
 //! The client writes BYTES bytes in writes cycling through sizes from 1 byte to 1 MiB (small
@@ -25,6 +27,11 @@
 //! stays silent SECS seconds (the client idles past its keepalive time), then writes `hello`
 //! and waits for the client to close; with `--keepalive` the same options are set on its
 //! listener before `listen`, for the accepted socket to inherit.
+//!
+//! Writing to a closed peer: `closing ADDR PORT SECS` accepts one connection, reads `hello`,
+//! closes it and lives SECS seconds more; `write-after-close ADDR PORT` sends `hello`, reads
+//! the end of stream, and prints SO_ERROR and the results of two writes and a read (TCP: the
+//! first write succeeds, the peer's RST makes SO_ERROR EPIPE once and the second write EPIPE).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -270,6 +277,7 @@ fn keepalive_listener(addr: &str, port: &str, secs: i32) -> TcpListener {
 
 fn errno_name(e: i32) -> String {
     match e {
+        0 => "0".into(),
         libc::ETIMEDOUT => "ETIMEDOUT".into(),
         libc::ECONNRESET => "ECONNRESET".into(),
         libc::EPIPE => "EPIPE".into(),
@@ -296,6 +304,83 @@ fn quiet(addr: &str, port: &str, secs: u64, keepalive: Option<i32>) -> i32 {
     0
 }
 
+/// `closing`: accepts one connection, reads `hello`, closes it (a FIN: nothing unread), and
+/// stays alive for `secs` seconds, so that the client meets a closed peer, not an exited one.
+fn closing(addr: &str, port: &str, secs: u64) -> i32 {
+    let l = TcpListener::bind(format!("{addr}:{port}")).expect("bind");
+    println!("listening");
+    let (mut s, _) = l.accept().expect("accept");
+    let mut b = [0u8; 5];
+    s.read_exact(&mut b).expect("read hello");
+    drop(s);
+    println!("closed");
+    std::thread::sleep(Duration::from_secs(secs));
+    0
+}
+
+fn so_error(fd: i32) -> i32 {
+    let mut e: i32 = 0;
+    let mut l = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: e and l are ours and sized for SO_ERROR.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&mut e as *mut i32).cast(),
+            &mut l,
+        )
+    };
+    assert_eq!(r, 0, "getsockopt SO_ERROR");
+    e
+}
+
+fn send3(fd: i32) -> String {
+    // SAFETY: a 3-byte buffer of ours.
+    let r = unsafe { libc::send(fd, b"req".as_ptr().cast(), 3, libc::MSG_NOSIGNAL) };
+    if r < 0 {
+        errno_name(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        r.to_string()
+    }
+}
+
+/// `write-after-close`: what a client sees writing to a peer that closed (a `closing`
+/// server): the first write succeeds, the peer's RST then makes SO_ERROR EPIPE once and the
+/// next write EPIPE; reads see end of stream. Prints one line per step (exit 0).
+fn write_after_close(addr: &str, port: &str) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut s = TcpStream::connect(format!("{addr}:{port}")).expect("connect");
+    s.write_all(b"hello").expect("hello");
+    let mut b = [0u8; 8];
+    println!(
+        "read after the peer's close: {}",
+        s.read(&mut b).expect("read")
+    );
+    // Time for the peer's end to arrive (and for a test to read `sdp stat`).
+    std::thread::sleep(Duration::from_millis(500));
+    let fd = s.as_raw_fd();
+    println!(
+        "SO_ERROR after the peer's close: {}",
+        errno_name(so_error(fd))
+    );
+    println!("first write: {}", send3(fd));
+    std::thread::sleep(Duration::from_millis(500));
+    let (e1, e2) = (so_error(fd), so_error(fd));
+    println!(
+        "SO_ERROR after it: {}, then {}",
+        errno_name(e1),
+        errno_name(e2)
+    );
+    println!("second write: {}", send3(fd));
+    let r = match s.read(&mut b) {
+        Ok(n) => n.to_string(),
+        Err(e) => errno_name(e.raw_os_error().unwrap_or(0)),
+    };
+    println!("read: {r}");
+    0
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let v: Vec<&str> = a.iter().map(String::as_str).collect();
@@ -316,9 +401,11 @@ fn main() {
             secs.parse().expect("SECS"),
             Some(k.parse().expect("SECS")),
         ),
+        ["closing", addr, port, secs] => closing(addr, port, secs.parse().expect("SECS")),
+        ["write-after-close", addr, port] => write_after_close(addr, port),
         _ => {
             eprintln!(
-                "usage: stream_check serve ADDR PORT [--fork] [--hold FILE] | send ADDR PORT BYTES [--hold FILE] | idle ADDR PORT --keepalive SECS | quiet ADDR PORT SECS [--keepalive SECS]"
+                "usage: stream_check serve ADDR PORT [--fork] [--hold FILE] | send ADDR PORT BYTES [--hold FILE] | idle ADDR PORT --keepalive SECS | quiet ADDR PORT SECS [--keepalive SECS] | closing ADDR PORT SECS | write-after-close ADDR PORT"
             );
             2
         }
