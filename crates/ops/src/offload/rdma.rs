@@ -1147,10 +1147,8 @@ pub struct SdpRdma {
     /// The connection was reset (then `reset_pending` was set): once reported, SO_ERROR has
     /// nothing more to say.
     reset_seen: bool,
-    /// A send after the peer had closed the connection was taken (and dropped), as TCP's
-    /// first write there is (`SdpShm::wrote_after_close`). `Some(true)`: SO_ERROR has still to
-    /// report the EPIPE of the peer's RST once.
-    wrote_after_close: Option<bool>,
+    /// The first write after the peer's close (see `AfterPeerClose`).
+    after_close: super::stream::AfterPeerClose,
     /// We shut our sending side down: every write gets EPIPE, whatever the peer did.
     shut_write: bool,
     dead: Option<Errno>,
@@ -1228,7 +1226,7 @@ impl SdpRdma {
             peer_gone: false,
             reset_pending: false,
             reset_seen: false,
-            wrote_after_close: None,
+            after_close: Default::default(),
             shut_write: false,
             dead: None,
             urgent: false,
@@ -1749,22 +1747,20 @@ impl OffloadStream for SdpRdma {
                 Err(SendError::NotConnected) => return Err(libc::ENOTCONN),
                 Err(SendError::Shutdown) => return Err(libc::EPIPE),
                 Err(SendError::Closed(_))
-                    if self.peer_gone
-                        && !self.reset_seen
-                        && !self.shut_write
-                        && self.dead.is_none()
-                        && self.wrote_after_close.is_none() =>
+                    if self.after_close.may_take_write(
+                        self.peer_gone
+                            && !self.reset_seen
+                            && !self.shut_write
+                            && self.dead.is_none(),
+                    ) =>
                 {
-                    // LINUX: the first write to a peer that closed succeeds; its kernel's RST
-                    // makes the next one EPIPE (see `SdpShm::send`: a keep-alive HTTP client
-                    // with the default SIGPIPE disposition lives through that write).
-                    self.wrote_after_close = Some(true);
+                    // LINUX: the first write to a peer that closed succeeds (see
+                    // `AfterPeerClose`).
+                    self.after_close.took_write();
                     return Ok(data.iter().map(|b| b.len()).sum());
                 }
                 Err(SendError::Closed(e)) => {
-                    if self.wrote_after_close == Some(true) {
-                        self.wrote_after_close = Some(false); // this EPIPE reports the RST
-                    }
+                    self.after_close.epipe_reported();
                     let errno = self.conn_errno(&e);
                     if errno == libc::ECONNRESET && self.dead.is_none() {
                         // Reported once, as a reset is; the writes after it get EPIPE.
@@ -1907,16 +1903,11 @@ impl OffloadStream for SdpRdma {
         if std::mem::take(&mut self.reset_pending) {
             return Some(libc::ECONNRESET);
         }
-        if self.wrote_after_close == Some(true) {
-            // LINUX: the RST that answered that write, in CLOSE_WAIT: EPIPE, reported once.
-            self.wrote_after_close = Some(false);
-            return Some(libc::EPIPE);
-        }
-        if self.dead.is_none()
-            && (self.wrote_after_close.is_some() || (self.peer_gone && !self.reset_seen))
+        if let Some(answer) = self
+            .after_close
+            .so_error(self.peer_gone && !self.reset_seen, self.dead.is_some())
         {
-            // LINUX: a peer's FIN (its close, its exit) sets no error: SO_ERROR reads 0.
-            return None;
+            return answer;
         }
         // LINUX: SO_ERROR reports a reset once; after any call reported it there is none.
         if self.reset_seen && self.dead.is_none() {

@@ -133,10 +133,8 @@ pub struct SdpShm {
     reset_pending: bool,
     /// The peer reset the connection.
     reset_seen: bool,
-    /// A send after the peer's process had closed the connection was taken (and dropped):
-    /// TCP's first write there succeeds, the peer's kernel answers with RST, and the writes
-    /// after it get EPIPE. `Some(true)`: SO_ERROR has still to report that EPIPE once.
-    wrote_after_close: Option<bool>,
+    /// The first write after the peer's close (see `AfterPeerClose`).
+    after_close: super::stream::AfterPeerClose,
     /// The application shut our sending side down (`shutdown_write`): a later write gets
     /// EPIPE, whatever became of the peer.
     shut_write: bool,
@@ -176,7 +174,7 @@ impl SdpShm {
             peer_gone: false,
             reset_pending: false,
             reset_seen: false,
-            wrote_after_close: None,
+            after_close: Default::default(),
             shut_write: false,
             dead: None,
             urgent: false,
@@ -421,24 +419,17 @@ impl OffloadStream for SdpShm {
                 Err(SendError::NotConnected) => return Err(libc::ENOTCONN),
                 Err(SendError::Shutdown) => return Err(libc::EPIPE),
                 Err(SendError::Closed(_))
-                    if self.peer_gone
-                        && !self.reset_seen
-                        && !self.shut_write
-                        && self.wrote_after_close.is_none() =>
+                    if self
+                        .after_close
+                        .may_take_write(self.peer_gone && !self.reset_seen && !self.shut_write) =>
                 {
-                    // LINUX: the first write to a peer that closed succeeds (a FIN says only
-                    // that the peer sends no more); its kernel's RST makes the next one EPIPE
-                    // and SIGPIPE. An HTTP client reusing a keep-alive connection its server
-                    // closed relies on it: the write goes through, the read sees end of stream
-                    // and the client retries on a new connection. Failing this write instead
-                    // killed a client that does not ignore SIGPIPE one write early.
-                    self.wrote_after_close = Some(true);
+                    // LINUX: the first write to a peer that closed succeeds (see
+                    // `AfterPeerClose`).
+                    self.after_close.took_write();
                     return Ok(data.iter().map(|b| b.len()).sum());
                 }
                 Err(SendError::Closed(e)) => {
-                    if self.wrote_after_close == Some(true) {
-                        self.wrote_after_close = Some(false); // this EPIPE reports the RST
-                    }
+                    self.after_close.epipe_reported();
                     return Err(self.conn_errno(&e));
                 }
             }
@@ -588,16 +579,11 @@ impl OffloadStream for SdpShm {
         if std::mem::take(&mut self.reset_pending) {
             return Some(libc::ECONNRESET);
         }
-        if self.wrote_after_close == Some(true) {
-            // LINUX: the RST that answered that write, in CLOSE_WAIT: EPIPE, reported once.
-            self.wrote_after_close = Some(false);
-            return Some(libc::EPIPE);
-        }
-        if self.dead.is_none()
-            && (self.wrote_after_close.is_some() || (self.peer_gone && !self.reset_seen))
+        if let Some(answer) = self
+            .after_close
+            .so_error(self.peer_gone && !self.reset_seen, self.dead.is_some())
         {
-            // LINUX: a peer's FIN (its close, its exit) sets no error: SO_ERROR reads 0.
-            return None;
+            return answer;
         }
         // LINUX: SO_ERROR reports a reset once; after any call reported it there is none.
         if self.reset_seen && self.dead.is_none() {

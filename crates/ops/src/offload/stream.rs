@@ -23,6 +23,55 @@ pub struct Counters {
     pub zcopy_rx: u64,
 }
 
+/// A stream's state after the peer closed (a FIN, not a reset), as TCP's: the first write
+/// there is taken (and dropped: the peer's kernel answers it with RST), SO_ERROR then reads
+/// EPIPE once, and the writes after it get EPIPE. An HTTP client reusing a keep-alive
+/// connection its server closed relies on it: its write goes through, its read sees end of
+/// stream and it retries on a new connection (failing the write killed a client that does not
+/// ignore SIGPIPE, one write early).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AfterPeerClose {
+    /// `None`: no write after the close yet; `Some(true)`: one was taken and SO_ERROR has
+    /// still to report its RST; `Some(false)`: reported.
+    wrote: Option<bool>,
+}
+
+impl AfterPeerClose {
+    /// Whether a write that found the connection closed is taken: the first one, when the
+    /// peer closed (`fin`: its end seen, no reset, not our own shutdown, the stream not dead).
+    pub fn may_take_write(&self, fin: bool) -> bool {
+        fin && self.wrote.is_none()
+    }
+
+    /// A write was taken (after [`Self::may_take_write`]).
+    pub fn took_write(&mut self) {
+        self.wrote = Some(true);
+    }
+
+    /// A write got EPIPE: that reports the RST, SO_ERROR has nothing more to say.
+    pub fn epipe_reported(&mut self) {
+        if self.wrote == Some(true) {
+            self.wrote = Some(false);
+        }
+    }
+
+    /// SO_ERROR's answer when the peer's close decides it (`fin` as for
+    /// [`Self::may_take_write`], without our shutdown's part): `Some(Some(EPIPE))` once after
+    /// a taken write, `Some(None)` after a FIN (it sets no error), `None`: the stream decides.
+    pub fn so_error(&mut self, fin: bool, dead: bool) -> Option<Option<Errno>> {
+        if self.wrote == Some(true) {
+            // LINUX: the RST that answered that write, in CLOSE_WAIT: EPIPE, reported once.
+            self.wrote = Some(false);
+            return Some(Some(libc::EPIPE));
+        }
+        if !dead && (self.wrote.is_some() || fin) {
+            // LINUX: a peer's FIN (its close, its exit) sets no error: SO_ERROR reads 0.
+            return Some(None);
+        }
+        None
+    }
+}
+
 /// One offloaded byte stream. Every method is non-blocking; the caller holds the
 /// connection's lock.
 pub trait OffloadStream: Send {
@@ -133,4 +182,38 @@ pub trait OffloadStream: Send {
     /// SO_SNDBUF and/or SO_RCVBUF as the program set them (read back from the shadow TCP
     /// socket, the kernel's doubled figures): the bytes a send may queue, the receive window.
     fn set_buffers(&mut self, _sndbuf: Option<usize>, _rcvbuf: Option<usize>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_a_fin_one_write_passes_then_so_error_says_epipe_once() {
+        let mut a = AfterPeerClose::default();
+        assert_eq!(a.so_error(true, false), Some(None), "a FIN sets no error");
+        assert!(
+            !a.may_take_write(false),
+            "not after a reset or our own shutdown"
+        );
+        assert!(a.may_take_write(true));
+        a.took_write();
+        assert!(!a.may_take_write(true), "the first write only");
+        assert_eq!(a.so_error(true, false), Some(Some(libc::EPIPE)));
+        assert_eq!(a.so_error(true, false), Some(None), "reported once");
+        let mut b = AfterPeerClose::default();
+        b.took_write();
+        b.epipe_reported();
+        assert_eq!(
+            b.so_error(true, false),
+            Some(None),
+            "the second write reported it"
+        );
+        assert_eq!(AfterPeerClose::default().so_error(false, false), None);
+        assert_eq!(
+            AfterPeerClose::default().so_error(true, true),
+            None,
+            "dead decides"
+        );
+    }
 }
