@@ -273,6 +273,27 @@ fn eintr_without_sa_restart_and_restart_with_it() {
     );
 }
 
+/// A signal that reaches a thread blocked in a data call ends it as over TCP. Until
+/// 2026-11-26: a blocked send whose signal came while it ran in user space between two waits
+/// (or during its first, long copy) slept on until the peer moved (CPython's `test_socket`
+/// `testInterruptedSendTimeout`-style checks saw the handler run seconds late); bytes that
+/// arrived with the signal made the receive fail with EINTR, the bytes left queued; and a
+/// MSG_WAITALL receive with part of its bytes did not return them when signalled.
+#[test]
+fn a_signal_ends_blocked_sends_and_waitall_receives_as_over_tcp() {
+    let out = semantics("readiness", "signals_in_waits", 2);
+    assert_lines(
+        &out,
+        &[
+            "blocked send, then a signal: partial=1 prompt=1 hits=1",
+            "MSG_WAITALL, 10 bytes, then a signal: 10 hits=1",
+            "the rest: 990",
+            "10 bytes and a signal at once: 10 hits=1",
+            "the rest: 990",
+        ],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Data calls.
 

@@ -471,6 +471,101 @@ static void c_eintr(void) {
     sync_point();
 }
 
+static volatile sig_atomic_t usr1;
+static void on_usr1(int sig) {
+    (void)sig;
+    usr1++;
+}
+
+#define BIG (16 << 20)
+static volatile int send_done;
+
+struct kick {
+    int fd;
+    pthread_t target;
+};
+
+/* The peer of a blocked sender reads a little, then signals the sender; it waits up to a
+ * second for the send to return, then closes its end so that a send that did not return
+ * does now (and the output differs). */
+static void *read_then_signal(void *p) {
+    struct kick *k = p;
+    sleep_ms(200);
+    char b[100];
+    CHECK(recv(k->fd, b, sizeof b, 0) > 0);
+    pthread_kill(k->target, SIGUSR1);
+    for (int i = 0; i < 100 && !send_done; i++) sleep_ms(10);
+    intptr_t prompt = send_done;
+    if (!prompt) close(k->fd);
+    return (void *)prompt;
+}
+
+/* Ten bytes, then a signal: at once (`fd` > 0) or 50 ms later (the receiver waits again
+ * first); then, 300 ms on, the rest of 1000 bytes. */
+struct ten {
+    int fd;
+    pthread_t target;
+    int gap_ms;
+};
+static void *ten_then_signal(void *p) {
+    struct ten *t = p;
+    sleep_ms(100);
+    write_all(t->fd, "0123456789", 10);
+    if (t->gap_ms) sleep_ms(t->gap_ms);
+    pthread_kill(t->target, SIGUSR1);
+    sleep_ms(300);
+    static char rest[990];
+    write_all(t->fd, rest, sizeof rest);
+    return NULL;
+}
+
+/* A signal (no SA_RESTART) that reaches a thread blocked in a data call ends the call as TCP
+ * ends it: a blocked send returns what it took, at once; a MSG_WAITALL receive returns the
+ * bytes it has; bytes that arrive with the signal are the receive's result, not EINTR. */
+static void c_signals_in_waits(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sigemptyset(&sa.sa_mask);
+    CHECK(sigaction(SIGUSR1, &sa, NULL) == 0);
+    int c, s;
+    fresh_pair(&c, &s);
+    char *buf = calloc(1, BIG);
+    CHECK(buf != NULL);
+    struct kick k = {.fd = s, .target = pthread_self()};
+    usr1 = 0;
+    send_done = 0;
+    pthread_t t = spawn(read_then_signal, &k);
+    ssize_t n = send(c, buf, BIG, 0);
+    send_done = 1;
+    void *prompt;
+    pthread_join(t, &prompt);
+    printf("blocked send, then a signal: partial=%d prompt=%d hits=%d\n", n > 0 && n < BIG,
+           (int)(intptr_t)prompt, (int)usr1);
+    free(buf);
+    close(c);
+    if (prompt) close(s);
+
+    fresh_pair(&C, &S);
+    char b[1000];
+    struct ten w = {.fd = C, .target = pthread_self(), .gap_ms = 50};
+    usr1 = 0;
+    t = spawn(ten_then_signal, &w);
+    n = recv(S, b, sizeof b, MSG_WAITALL);
+    printf("MSG_WAITALL, 10 bytes, then a signal: %s hits=%d\n", res(n), (int)usr1);
+    pthread_join(t, NULL);
+    printf("the rest: %s\n", res(recv(S, b, 990, MSG_WAITALL)));
+
+    struct ten now = {.fd = C, .target = pthread_self(), .gap_ms = 0};
+    usr1 = 0;
+    t = spawn(ten_then_signal, &now);
+    n = recv(S, b, sizeof b, 0);
+    printf("10 bytes and a signal at once: %s hits=%d\n", res(n), (int)usr1);
+    pthread_join(t, NULL);
+    printf("the rest: %s\n", res(recv(S, b, 990, MSG_WAITALL)));
+    sync_point();
+}
+
 int main(int argc, char **argv) {
     static const struct sem_case cases[] = {
         {"select", c_select},
@@ -486,6 +581,7 @@ int main(int argc, char **argv) {
         {"blocking", c_blocking},
         {"timeouts", c_timeouts},
         {"eintr", c_eintr},
+        {"signals_in_waits", c_signals_in_waits},
         {NULL, NULL},
     };
     return run_case(cases, argc, argv);

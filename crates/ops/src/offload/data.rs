@@ -117,14 +117,75 @@ fn wait_readable(fd: i32) -> Result<(), Errno> {
     if n >= 0 { Ok(()) } else { Err(errno()) }
 }
 
-/// Blocks until the app end is writable (the peer drained our stuffing), honouring the
-/// socket's SO_SNDTIMEO. A signal ends the wait with EINTR.
-///
-/// It waits in `poll` rather than in a one-byte `send` (which would restart under SA_RESTART
-/// as a real send does) because a byte written here could be taken for the application's own
-/// data by the stray-write watch once another thread unstuffed the app end.
-fn wait_writable(fd: i32) -> Result<(), Errno> {
-    crate::progress::after_fork_lazy();
+/// The calling thread's asynchronous signals held back while a call that has already moved
+/// bytes waits for more (a send that took part of its buffer, a MSG_WAITALL receive that has
+/// part of its bytes): they are let in only inside [`wait_app_end`]'s `ppoll`, so that one that
+/// comes while the call runs in user space (between two waits, when credits came back and
+/// went again) still ends the call, as it ends TCP's, which checks for a pending signal before
+/// every sleep. Before 2026-11-26 such a signal ran its handler and the call slept on until
+/// the peer moved (CPython `test_socket`: a handler that should run while `sendall` blocks
+/// ran only when the peer closed). Dropping it restores the mask: whatever came meanwhile is
+/// delivered then, on the way out of the call. A signal that comes after the call's first
+/// attempt and before the hold is still the handler's alone (a few microseconds, once per
+/// call; holding from the call's start would cost every blocking send two system calls).
+struct SignalsHeld {
+    old: libc::sigset_t,
+}
+
+impl SignalsHeld {
+    fn hold() -> SignalsHeld {
+        // SAFETY: sigset_t is plain data; the set calls take valid pointers.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            // Synchronous signals (our own fault must not wait) and the C library's own two
+            // (32 and 33: thread cancellation, and setuid in a threaded process, which waits
+            // for every thread to take it) stay open.
+            for sig in [
+                libc::SIGSEGV,
+                libc::SIGBUS,
+                libc::SIGFPE,
+                libc::SIGILL,
+                libc::SIGTRAP,
+                libc::SIGSYS,
+                32,
+                33,
+            ] {
+                libc::sigdelset(&mut all, sig);
+            }
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_BLOCK,
+                &all as *const libc::sigset_t,
+                &mut old as *mut libc::sigset_t,
+                8usize,
+            );
+            SignalsHeld { old }
+        }
+    }
+}
+
+impl Drop for SignalsHeld {
+    fn drop(&mut self) {
+        // SAFETY: restoring the mask saved by `hold`.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &self.old as *const libc::sigset_t,
+                std::ptr::null_mut::<libc::sigset_t>(),
+                8usize,
+            )
+        };
+    }
+}
+
+/// Blocking sends larger than this hold signals back from their start (see `send`).
+const HOLD_FROM_START: usize = 64 << 10;
+
+/// The socket's SO_RCVTIMEO or SO_SNDTIMEO in milliseconds (`None`: none set).
+fn timeout_ms(fd: i32, opt: i32) -> Option<i64> {
     let mut tv = libc::timeval {
         tv_sec: 0,
         tv_usec: 0,
@@ -136,23 +197,49 @@ fn wait_writable(fd: i32) -> Result<(), Errno> {
             libc::SYS_getsockopt,
             fd,
             libc::SOL_SOCKET,
-            libc::SO_SNDTIMEO,
+            opt,
             &mut tv as *mut _,
             &mut len as *mut _,
         )
     };
-    let timeout = if tv.tv_sec == 0 && tv.tv_usec == 0 {
-        -1
+    if tv.tv_sec == 0 && tv.tv_usec == 0 {
+        None
     } else {
-        (tv.tv_sec * 1000 + tv.tv_usec / 1000).clamp(1, i32::MAX as i64) as i32
-    };
+        Some((tv.tv_sec * 1000 + tv.tv_usec / 1000).max(1))
+    }
+}
+
+/// Blocks until the app end polls `events` (POLLOUT: the peer drained our stuffing; POLLIN:
+/// more bytes), honouring the socket's timeout `opt` (SO_SNDTIMEO, SO_RCVTIMEO: EAGAIN). A
+/// signal ends the wait with EINTR, also under SA_RESTART. With `held`, the signals held back
+/// by it are let in for the wait only (`ppoll`'s mask).
+///
+/// Writers wait here rather than in a one-byte `send` (which would restart under SA_RESTART
+/// as a real send does) because a byte written here could be taken for the application's own
+/// data by the stray-write watch once another thread unstuffed the app end.
+fn wait_app_end(fd: i32, events: i16, opt: i32, held: Option<&SignalsHeld>) -> Result<(), Errno> {
+    crate::progress::after_fork_lazy();
+    let ts = timeout_ms(fd, opt).map(|ms| libc::timespec {
+        tv_sec: ms / 1000,
+        tv_nsec: (ms % 1000) * 1_000_000,
+    });
     let mut p = libc::pollfd {
         fd,
-        events: libc::POLLOUT,
+        events,
         revents: 0,
     };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::syscall(libc::SYS_poll, &mut p as *mut libc::pollfd, 1, timeout) };
+    // SAFETY: one valid pollfd; the timespec and the mask live across the call.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_ppoll,
+            &mut p as *mut libc::pollfd,
+            1,
+            ts.as_ref()
+                .map_or(std::ptr::null(), |t| t as *const libc::timespec),
+            held.map_or(std::ptr::null(), |h| &h.old as *const libc::sigset_t),
+            8usize,
+        )
+    };
     match n {
         0 => Err(libc::EAGAIN),
         n if n > 0 => Ok(()),
@@ -210,6 +297,9 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
     let waitall = flags & libc::MSG_WAITALL != 0 && !peek;
     let dontwait = flags & libc::MSG_DONTWAIT != 0;
     let mut got = 0usize;
+    let mut held: Option<SignalsHeld> = None;
+    // The app end's wait ended with EINTR: the next look for bytes is the last.
+    let mut interrupted = false;
     loop {
         {
             let mut g = conn.lock();
@@ -253,12 +343,31 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
                 }
             }
         }
-        if dontwait || is_nonblocking(fd) {
+        if dontwait || is_nonblocking(fd) || interrupted {
             return Some(if got > 0 {
                 Ok(got as isize)
+            } else if interrupted {
+                Err(libc::EINTR)
             } else {
                 Err(libc::EAGAIN)
             });
+        }
+        if got > 0 {
+            // A MSG_WAITALL receive with part of its bytes: from here a signal ends it with
+            // those bytes (see `SignalsHeld`), so it waits with the signals held back.
+            if held.is_none() {
+                // Bytes that came before the hold are not waited for.
+                held = Some(SignalsHeld::hold());
+                continue;
+            }
+            if let Err(e) = wait_app_end(fd, libc::POLLIN, libc::SO_RCVTIMEO, held.as_ref()) {
+                return Some(if e == libc::EINTR || e == libc::EAGAIN {
+                    Ok(got as isize)
+                } else {
+                    Err(e)
+                });
+            }
+            continue;
         }
         // Busy-poll a short while before sleeping: a reply usually comes within microseconds,
         // and waking from the kernel costs more than that. Yielding keeps a peer that shares
@@ -267,7 +376,14 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
             continue;
         }
         if let Err(e) = wait_readable(fd) {
-            return Some(if got > 0 { Ok(got as isize) } else { Err(e) });
+            if e == libc::EINTR && !interrupted {
+                // LINUX: TCP takes the bytes that arrived with the signal (its receive looks
+                // at the queue before it looks for a signal); the app end's wait does not.
+                // One more look, without waiting: bytes there are the call's result.
+                interrupted = true;
+                continue;
+            }
+            return Some(Err(e));
         }
     }
 }
@@ -326,6 +442,11 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
     let nosignal = flags & libc::MSG_NOSIGNAL != 0;
     let mut sent = 0usize;
     let mut stalled = false;
+    // A big blocking send holds signals back from its start: its first attempt alone copies
+    // for a long while (a megabyte into the ring), and a signal that came then would go
+    // unnoticed by the wait that follows (see `SignalsHeld`).
+    let mut held =
+        (total > HOLD_FROM_START && !dontwait && !is_nonblocking(fd)).then(SignalsHeld::hold);
     loop {
         {
             let mut g = conn.lock();
@@ -394,7 +515,13 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
                 Err(libc::EAGAIN)
             });
         }
-        if let Err(e) = wait_writable(fd) {
+        if held.is_none() {
+            // The send waits: from here a signal ends it (see `SignalsHeld`).
+            // Room that came back before the hold is not waited for.
+            held = Some(SignalsHeld::hold());
+            continue;
+        }
+        if let Err(e) = wait_app_end(fd, libc::POLLOUT, libc::SO_SNDTIMEO, held.as_ref()) {
             return Some(if sent > 0 { Ok(sent as isize) } else { Err(e) });
         }
     }
