@@ -117,6 +117,20 @@ fn a_parent_using_a_connection_after_its_childs_program_did_fails_instead_of_los
     );
 }
 
+/// A connection is relayed once: a second program the parent starts on it reads end of
+/// stream and gets EPIPE for its answer. Until 2026-11-26 its `sendall` succeeded and the
+/// answer was dropped by a relay that could not serve the connection.
+#[test]
+fn a_second_program_on_a_relayed_connection_gets_an_error_not_silent_loss() {
+    let out = run_case("second-program-on-a-relayed-connection");
+    for line in [
+        "program 0: b'request0' sent | client got b'answer'",
+        "program 1: b'' BrokenPipeError | client got TimeoutError",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
 #[test]
 fn a_program_execd_on_an_inherited_listener_neither_stalls_nor_stays_off_sdp() {
     let out = run_case("inherited-listener");

@@ -275,8 +275,8 @@ fn eintr_without_sa_restart_and_restart_with_it() {
 
 /// A signal that reaches a thread blocked in a data call ends it as over TCP. Until
 /// 2026-11-26: a blocked send whose signal came while it ran in user space between two waits
-/// (or during its first, long copy) slept on until the peer moved (CPython's `test_socket`
-/// `testInterruptedSendTimeout`-style checks saw the handler run seconds late); bytes that
+/// (or during its first, long copy) slept on until the peer moved (CPython's `test_wsgiref`
+/// `test_interrupted_write` saw its handler run a second late); bytes that
 /// arrived with the signal made the receive fail with EINTR, the bytes left queued; and a
 /// MSG_WAITALL receive with part of its bytes did not return them when signalled.
 #[test]

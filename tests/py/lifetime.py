@@ -317,6 +317,33 @@ elif CASE == "parent-after-child-exec":
     except OSError as e:
         print("parent send:", os.strerror(e.errno))
 
+elif CASE == "second-program-on-a-relayed-connection":
+    # The parent keeps the accepted socket and runs one program per request on it (pass_fds).
+    # A connection is relayed once (README, "where SDP differs"): the second program cannot
+    # use it, and must learn so (end of stream, EPIPE) instead of writing an answer that is
+    # taken and lost.
+    l, c, s = pair()
+    child = ("import socket, sys\n"
+             "s = socket.socket(fileno=int(sys.argv[1])); s.settimeout(5)\n"
+             "got = s.recv(100)\n"
+             "try:\n"
+             "    s.sendall(b'answer'); sent = 'sent'\n"
+             "except OSError as e:\n"
+             "    sent = type(e).__name__\n"
+             "print(got, sent)\n")
+    for i in range(2):
+        c.sendall(b"request%d" % i)
+        r = subprocess.run([sys.executable, "-c", child, str(s.fileno())],
+                           pass_fds=[s.fileno()], capture_output=True, text=True, timeout=20)
+        c.settimeout(2)
+        try:
+            got = c.recv(100)
+        except OSError as e:
+            got = type(e).__name__
+        if i == 0:
+            print("shm:", on_shm())
+        print("program %d: %s | client got %s" % (i, r.stdout.strip(), got))
+
 elif CASE == "inherited-listener":
     # A server program exec'd on a listening socket it inherited (a supervisor, socket
     # activation). While the process that made the listener (and published its beacon) keeps

@@ -247,6 +247,18 @@ fn run_relay(conn: &Arc<Conn>, fds: &[i32], b: i32, a: i32) -> ! {
             }
         }
     }
+    let stale = matches!(&conn.lock().phase, Phase::Offloaded(s) if s.stale());
+    if stale {
+        // Another process serves the connection now (the relay of a program this process
+        // started on it before): we cannot. The program reads end of stream and its writes
+        // fail with EPIPE, rather than being taken and lost (a parent that keeps an accepted
+        // socket and runs one program per request on it: the second one's answer vanished).
+        // SAFETY: our own fd; leaving the relay process without touching the rings.
+        unsafe {
+            libc::syscall(libc::SYS_shutdown, b, libc::SHUT_RDWR);
+            libc::syscall(libc::SYS_exit_group, 0);
+        }
+    }
     // The relay needs a progress thread of its own (the peer's end, a pending exchange).
     crate::progress::after_fork_lazy();
     // Claim the connection only when the program shows it uses it: SDP data arrived for it
@@ -362,8 +374,12 @@ fn run_relay(conn: &Arc<Conn>, fds: &[i32], b: i32, a: i32) -> ! {
                 }
                 Some(Err(libc::EAGAIN)) | Some(Ok(_)) => {}
                 _ => {
+                    // The connection takes nothing more (reset, or another process claimed
+                    // it): the program's next writes fail with EPIPE instead of vanishing.
                     to_conn.clear();
                     b_eof = true;
+                    // SAFETY: our own fd.
+                    unsafe { libc::syscall(libc::SYS_shutdown, b, libc::SHUT_RD) };
                 }
             }
         }

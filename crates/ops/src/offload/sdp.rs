@@ -608,6 +608,10 @@ impl OffloadStream for SdpShm {
         self.conn.claimed_by_me()
     }
 
+    fn stale(&self) -> bool {
+        SdpShm::stale(self)
+    }
+
     fn owner_generation(&self) -> u64 {
         self.conn.owner_generation()
     }

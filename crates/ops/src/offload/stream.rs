@@ -156,6 +156,13 @@ pub trait OffloadStream: Send {
     /// process may go on using it; see `ShmConn::claim`).
     fn is_current(&self) -> bool;
 
+    /// Whether another process (forked from this one, or from the one we were forked from)
+    /// has used the connection since this copy of its state was made: this process can never
+    /// serve it again. A fork child that nobody has used it since is not stale.
+    fn stale(&self) -> bool {
+        false
+    }
+
     /// Asks for a readiness event on every arrival (the application polls edge-triggered).
     fn set_every_arrival(&mut self, on: bool);
 
