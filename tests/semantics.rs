@@ -290,6 +290,8 @@ fn a_signal_ends_blocked_sends_and_waitall_receives_as_over_tcp() {
             "the rest: 990",
             "10 bytes and a signal at once: 10 hits=1",
             "the rest: 990",
+            "send into a full connection, a signal with SA_RESTART: 100 hits=1",
+            "send into a full connection, a signal without SA_RESTART: -1 EINTR hits=1",
         ],
     );
 }

@@ -519,6 +519,61 @@ static void *ten_then_signal(void *p) {
     return NULL;
 }
 
+/* A send that blocks before it took anything (the connection was filled first): the peer
+ * signals the sender, waits, then drains everything, the send's 100 bytes included. */
+static size_t filled;
+static void *signal_then_drain(void *p) {
+    struct kick *k = p;
+    sleep_ms(200);
+    pthread_kill(k->target, SIGUSR1);
+    sleep_ms(200);
+    static char b[65536];
+    size_t want = filled + 100, got = 0;
+    while (got < want) {
+        ssize_t n = recv(k->fd, b, sizeof b, 0);
+        if (n <= 0) break;
+        got += (size_t)n;
+        /* Without SA_RESTART the send gave up: nothing more comes after the filling. */
+        if (got == filled && send_done) break;
+    }
+    return NULL;
+}
+
+static void send_into_a_full_connection(int flags) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sa.sa_flags = flags;
+    sigemptyset(&sa.sa_mask);
+    CHECK(sigaction(SIGUSR1, &sa, NULL) == 0);
+    int c, s;
+    fresh_pair(&c, &s);
+    static char chunk[4096];
+    int fl = fcntl(c, F_GETFL);
+    CHECK(fcntl(c, F_SETFL, fl | O_NONBLOCK) == 0);
+    filled = 0;
+    for (;;) {
+        ssize_t n = send(c, chunk, sizeof chunk, 0);
+        if (n < 0) {
+            CHECK(errno == EAGAIN);
+            break;
+        }
+        filled += (size_t)n;
+    }
+    CHECK(fcntl(c, F_SETFL, fl) == 0);
+    struct kick k = {.fd = s, .target = pthread_self()};
+    usr1 = 0;
+    send_done = 0;
+    pthread_t t = spawn(signal_then_drain, &k);
+    ssize_t n = send(c, chunk, 100, 0);
+    send_done = 1;
+    pthread_join(t, NULL);
+    printf("send into a full connection, a signal %s SA_RESTART: %s hits=%d\n",
+           flags & SA_RESTART ? "with" : "without", res(n), (int)usr1);
+    close(c);
+    close(s);
+}
+
 /* A signal (no SA_RESTART) that reaches a thread blocked in a data call ends the call as TCP
  * ends it: a blocked send returns what it took, at once; a MSG_WAITALL receive returns the
  * bytes it has; bytes that arrive with the signal are the receive's result, not EINTR. */
@@ -563,6 +618,9 @@ static void c_signals_in_waits(void) {
     printf("10 bytes and a signal at once: %s hits=%d\n", res(n), (int)usr1);
     pthread_join(t, NULL);
     printf("the rest: %s\n", res(recv(S, b, 990, MSG_WAITALL)));
+
+    send_into_a_full_connection(SA_RESTART);
+    send_into_a_full_connection(0);
     sync_point();
 }
 

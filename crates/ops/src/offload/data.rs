@@ -117,19 +117,35 @@ fn wait_readable(fd: i32) -> Result<(), Errno> {
     if n >= 0 { Ok(()) } else { Err(errno()) }
 }
 
-/// The calling thread's asynchronous signals held back while a call that has already moved
-/// bytes waits for more (a send that took part of its buffer, a MSG_WAITALL receive that has
-/// part of its bytes): they are let in only inside [`wait_app_end`]'s `ppoll`, so that one that
-/// comes while the call runs in user space (between two waits, when credits came back and
-/// went again) still ends the call, as it ends TCP's, which checks for a pending signal before
-/// every sleep. Before 2026-11-26 such a signal ran its handler and the call slept on until
-/// the peer moved (CPython's `test_wsgiref` `test_interrupted_write` took 1.1 s instead of
-/// 0.03 s: its handler ran only when the test signalled again a second later). Dropping it restores the mask: whatever came meanwhile is
-/// delivered then, on the way out of the call. A signal that comes after the call's first
-/// attempt and before the hold is still the handler's alone (a few microseconds, once per
-/// call; holding from the call's start would cost every blocking send two system calls).
+/// The calling thread's asynchronous signals held back while a blocking call runs and
+/// waits, as TCP's calls are in the kernel: a signal that comes while the call runs in user
+/// space between two waits must still end the wait that follows, as TCP checks for a pending
+/// signal before every sleep. Before 2026-11-26 such a signal ran its handler and the call
+/// slept on until the peer moved (CPython's `test_wsgiref` `test_interrupted_write` took 1.1 s
+/// instead of 0.03 s: its handler ran only when the test signalled again a second later).
+/// [`wait_app_end`] waits with a signalfd of the held signals beside the app end, and decides
+/// what a signal that comes does as the kernel would (see [`SignalsHeld::let_in`]). Dropping
+/// it restores the mask: what came meanwhile is delivered then, on the way out of the call.
+/// A signal that comes after the call's first attempt and before the hold is still the
+/// handler's alone (a few microseconds, once per call; holding from every blocking send's
+/// start would cost it two system calls).
 struct SignalsHeld {
+    /// The mask before the hold.
     old: libc::sigset_t,
+    /// The signals the hold blocks that `old` did not.
+    ours: libc::sigset_t,
+    /// A signalfd of `ours` (-1: not made yet, -2: could not be made).
+    sigfd: std::cell::Cell<i32>,
+}
+
+/// What a signal that ends a wait does to the call.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum OnSignal {
+    /// Nothing moved yet: a handler installed with SA_RESTART restarts the call (it goes on
+    /// waiting), one without it ends the call with EINTR.
+    Restart,
+    /// Bytes moved: any handler ends the call, which returns them.
+    Return,
 }
 
 impl SignalsHeld {
@@ -161,13 +177,100 @@ impl SignalsHeld {
                 &mut old as *mut libc::sigset_t,
                 8usize,
             );
-            SignalsHeld { old }
+            let mut ours: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut ours);
+            for sig in 1..=64 {
+                if libc::sigismember(&all, sig) == 1 && libc::sigismember(&old, sig) != 1 {
+                    libc::sigaddset(&mut ours, sig);
+                }
+            }
+            SignalsHeld {
+                old,
+                ours,
+                sigfd: std::cell::Cell::new(-1),
+            }
+        }
+    }
+
+    /// The signalfd of the held signals, made at the first wait; `None` if it cannot be.
+    fn signal_fd(&self) -> Option<i32> {
+        if self.sigfd.get() == -1 {
+            // SAFETY: a valid set; the kernel's 8-byte sigset.
+            let fd = unsafe {
+                libc::syscall(
+                    libc::SYS_signalfd4,
+                    -1,
+                    &self.ours as *const libc::sigset_t,
+                    8usize,
+                    libc::SFD_NONBLOCK | libc::SFD_CLOEXEC,
+                )
+            } as i32;
+            if fd >= 0 {
+                crate::sys::mark_internal(fd);
+            }
+            self.sigfd.set(if fd >= 0 { fd } else { -2 });
+        }
+        let fd = self.sigfd.get();
+        (fd >= 0).then_some(fd)
+    }
+
+    /// Lets the held signals that came in (their handlers run on the way back from this
+    /// call) and holds them again. `true`: the call ends with EINTR, as the kernel's would:
+    /// under [`OnSignal::Restart`], when one of them has a handler without SA_RESTART; under
+    /// [`OnSignal::Return`], when one of them has a handler. An ignored signal, or one whose
+    /// default action is to be ignored, does nothing (the kernel does not even wake the call);
+    /// one that stops the process lets the call go on once continued; one that kills it does.
+    fn let_in(&self, on: OnSignal) -> bool {
+        // SAFETY: plain data and valid pointers throughout.
+        unsafe {
+            let mut pending: libc::sigset_t = std::mem::zeroed();
+            libc::syscall(
+                libc::SYS_rt_sigpending,
+                &mut pending as *mut libc::sigset_t,
+                8usize,
+            );
+            let mut ends = false;
+            for sig in 1..=64 {
+                if libc::sigismember(&pending, sig) != 1 || libc::sigismember(&self.ours, sig) != 1
+                {
+                    continue;
+                }
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, std::ptr::null(), &mut sa) != 0 {
+                    continue;
+                }
+                if sa.sa_sigaction == libc::SIG_IGN || sa.sa_sigaction == libc::SIG_DFL {
+                    continue;
+                }
+                if on == OnSignal::Return || sa.sa_flags & libc::SA_RESTART == 0 {
+                    ends = true;
+                }
+            }
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &self.old as *const libc::sigset_t,
+                std::ptr::null_mut::<libc::sigset_t>(),
+                8usize,
+            );
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_BLOCK,
+                &self.ours as *const libc::sigset_t,
+                std::ptr::null_mut::<libc::sigset_t>(),
+                8usize,
+            );
+            ends
         }
     }
 }
 
 impl Drop for SignalsHeld {
     fn drop(&mut self) {
+        let fd = self.sigfd.get();
+        if fd >= 0 {
+            crate::sys::close(fd);
+        }
         // SAFETY: restoring the mask saved by `hold`.
         unsafe {
             libc::syscall(
@@ -210,40 +313,73 @@ fn timeout_ms(fd: i32, opt: i32) -> Option<i64> {
 }
 
 /// Blocks until the app end polls `events` (POLLOUT: the peer drained our stuffing; POLLIN:
-/// more bytes), honouring the socket's timeout `opt` (SO_SNDTIMEO, SO_RCVTIMEO: EAGAIN). A
-/// signal ends the wait with EINTR, also under SA_RESTART. With `held`, the signals held back
-/// by it are let in for the wait only (`ppoll`'s mask).
+/// more bytes), honouring the socket's timeout `opt` (SO_SNDTIMEO, SO_RCVTIMEO: EAGAIN), with
+/// the signals `held` back: one that comes ends the wait with EINTR or not as `on` says
+/// ([`SignalsHeld::let_in`]). Without a signalfd (no descriptor left) the signals are let in
+/// for the wait itself (`ppoll`'s mask) and any handler ends it.
 ///
 /// Writers wait here rather than in a one-byte `send` (which would restart under SA_RESTART
 /// as a real send does) because a byte written here could be taken for the application's own
 /// data by the stray-write watch once another thread unstuffed the app end.
-fn wait_app_end(fd: i32, events: i16, opt: i32, held: Option<&SignalsHeld>) -> Result<(), Errno> {
+fn wait_app_end(
+    fd: i32,
+    events: i16,
+    opt: i32,
+    held: &SignalsHeld,
+    on: OnSignal,
+) -> Result<(), Errno> {
     crate::progress::after_fork_lazy();
     let ts = timeout_ms(fd, opt).map(|ms| libc::timespec {
         tv_sec: ms / 1000,
         tv_nsec: (ms % 1000) * 1_000_000,
     });
-    let mut p = libc::pollfd {
-        fd,
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd; the timespec and the mask live across the call.
-    let n = unsafe {
-        libc::syscall(
-            libc::SYS_ppoll,
-            &mut p as *mut libc::pollfd,
-            1,
-            ts.as_ref()
-                .map_or(std::ptr::null(), |t| t as *const libc::timespec),
-            held.map_or(std::ptr::null(), |h| &h.old as *const libc::sigset_t),
-            8usize,
-        )
-    };
-    match n {
-        0 => Err(libc::EAGAIN),
-        n if n > 0 => Ok(()),
-        _ => Err(errno()),
+    let sigfd = held.signal_fd();
+    loop {
+        let mut p = [
+            libc::pollfd {
+                fd,
+                events,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: sigfd.unwrap_or(-1),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: valid pollfds (a negative fd is ignored); the timespec and the mask live
+        // across the call.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_ppoll,
+                p.as_mut_ptr(),
+                2,
+                ts.as_ref()
+                    .map_or(std::ptr::null(), |t| t as *const libc::timespec),
+                if sigfd.is_some() {
+                    std::ptr::null()
+                } else {
+                    &held.old as *const libc::sigset_t
+                },
+                8usize,
+            )
+        };
+        if n < 0 {
+            let e = errno();
+            if e == libc::EINTR && sigfd.is_some() {
+                continue; // a signal the hold leaves open (the C library's own): no effect
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(libc::EAGAIN);
+        }
+        if p[0].revents != 0 {
+            return Ok(());
+        }
+        if p[1].revents != 0 && held.let_in(on) {
+            return Err(libc::EINTR);
+        }
     }
 }
 
@@ -360,7 +496,8 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
                 held = Some(SignalsHeld::hold());
                 continue;
             }
-            if let Err(e) = wait_app_end(fd, libc::POLLIN, libc::SO_RCVTIMEO, held.as_ref()) {
+            let h = held.as_ref().expect("held above");
+            if let Err(e) = wait_app_end(fd, libc::POLLIN, libc::SO_RCVTIMEO, h, OnSignal::Return) {
                 return Some(if e == libc::EINTR || e == libc::EAGAIN {
                     Ok(got as isize)
                 } else {
@@ -521,7 +658,13 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
             held = Some(SignalsHeld::hold());
             continue;
         }
-        if let Err(e) = wait_app_end(fd, libc::POLLOUT, libc::SO_SNDTIMEO, held.as_ref()) {
+        let on = if sent > 0 {
+            OnSignal::Return
+        } else {
+            OnSignal::Restart
+        };
+        let h = held.as_ref().expect("held above");
+        if let Err(e) = wait_app_end(fd, libc::POLLOUT, libc::SO_SNDTIMEO, h, on) {
             return Some(if sent > 0 { Ok(sent as isize) } else { Err(e) });
         }
     }
