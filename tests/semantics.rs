@@ -273,6 +273,24 @@ fn eintr_without_sa_restart_and_restart_with_it() {
     );
 }
 
+/// A fork child that closes its inherited copies (Python's `subprocess` does before exec)
+/// leaves its parent's epoll registrations alone. Until 2026-11-26 the child's close removed
+/// them from the set it shares with its parent, whose event loop then never saw the peer's
+/// close (a Node server that ran `execSync` hung with the connection half-closed).
+#[test]
+fn a_fork_childs_close_leaves_the_parents_epoll_registration() {
+    let out = semantics("readiness", "epoll_after_fork_child_closes", 2);
+    assert_lines(
+        &out,
+        &[
+            "data: events=1",
+            "read: 1",
+            "the peer's close after the child's: events=1 in=1",
+            "read: 0",
+        ],
+    );
+}
+
 /// A signal that reaches a thread blocked in a data call ends it as over TCP. Until
 /// 2026-11-26: a blocked send whose signal came while it ran in user space between two waits
 /// (or during its first, long copy) slept on until the peer moved (CPython's `test_wsgiref`

@@ -471,6 +471,39 @@ static void c_eintr(void) {
     sync_point();
 }
 
+/* A fork child that closes its copies of everything (Python's subprocess before exec) does
+ * not take the parent's epoll registrations with it: the parent's set still reports the
+ * peer's close on the connection it watches. */
+static void c_epoll_after_fork_child_closes(void) {
+    fresh_pair(&C, &S);
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    CHECK(ep >= 0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = S};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, S, &ev) == 0);
+    write_all(C, "x", 1);
+    char b[4];
+    struct epoll_event out[4];
+    printf("data: events=%d\n", epoll_wait(ep, out, 4, 1000));
+    printf("read: %s\n", res(read(S, b, sizeof b)));
+    sync_point();
+    pid_t k = fork();
+    CHECK(k >= 0);
+    if (k == 0) {
+        close(S);
+        close(C);
+        close(ep);
+        _exit(0);
+    }
+    int st;
+    CHECK(waitpid(k, &st, 0) == k);
+    close(C);
+    int n = epoll_wait(ep, out, 4, 2000);
+    printf("the peer's close after the child's: events=%d in=%d\n", n,
+           n == 1 && (out[0].events & EPOLLIN) != 0);
+    printf("read: %s\n", res(read(S, b, sizeof b)));
+    close(ep);
+}
+
 static volatile sig_atomic_t usr1;
 static void on_usr1(int sig) {
     (void)sig;
@@ -640,6 +673,7 @@ int main(int argc, char **argv) {
         {"timeouts", c_timeouts},
         {"eintr", c_eintr},
         {"signals_in_waits", c_signals_in_waits},
+        {"epoll_after_fork_child_closes", c_epoll_after_fork_child_closes},
         {NULL, NULL},
     };
     return run_case(cases, argc, argv);

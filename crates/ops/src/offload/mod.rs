@@ -101,8 +101,9 @@ pub struct Inner {
     pub flush_watch: Option<u64>,
     /// Stray bytes (see `setup::StrayTask`) not yet taken by the offload.
     pub side_buf: Vec<u8>,
-    /// The application's epoll registrations of this connection's fds: (epfd, fd, events, data).
-    pub epoll: Vec<(i32, i32, u32, u64)>,
+    /// The application's epoll registrations of this connection's fds: (epfd, fd, events,
+    /// data, the pid of the process that made it).
+    pub epoll: Vec<(i32, i32, u32, u64, i32)>,
     /// Pending client: the timeout and the registration watching for a TCP server.
     pub pending_watch: Vec<u64>,
     /// Role for statistics: 1 client, 2 server.
@@ -324,17 +325,18 @@ pub fn note_epoll(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
         r.3 = ev.u64;
         return;
     }
-    g.epoll.retain(|&(e, f, _, _)| !(e == epfd && f == fd));
+    g.epoll.retain(|&(e, f, _, _, _)| !(e == epfd && f == fd));
     if op != libc::EPOLL_CTL_DEL
         && let Some(ev) = ev
     {
-        g.epoll.push((epfd, fd, ev.events, ev.u64));
+        g.epoll
+            .push((epfd, fd, ev.events, ev.u64, crate::sys::getpid()));
         // LINUX: edge-triggered epoll reports every new arrival on a TCP socket, even with
         // unread bytes: then every message must ring our bell.
         let et = g
             .epoll
             .iter()
-            .any(|&(_, _, e, _)| e & libc::EPOLLET as u32 != 0);
+            .any(|&(_, _, e, _, _)| e & libc::EPOLLET as u32 != 0);
         g.every_arrival = et;
         if let Phase::Offloaded(s) = &mut g.phase {
             s.set_every_arrival(et);

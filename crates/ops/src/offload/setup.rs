@@ -1122,7 +1122,7 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
     // LINUX: an epoll registration belongs to the open file, not the fd number: take the
     // application's registrations off the app end before the swap, and put them on the kernel
     // socket after it, with the same events and data.
-    for &(epfd, efd, _, _) in &g.epoll {
+    for &(epfd, efd, _, _, _) in &g.epoll {
         // SAFETY: removing a registration the application made.
         unsafe {
             libc::syscall(
@@ -1150,7 +1150,7 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
     // Only now, with every fd number re-pointed: a `poll` that stops waiting in slices when
     // no connection is pending must not start its long wait on an app end about to go.
     g.note_phase();
-    for &(epfd, efd, events, data) in &g.epoll {
+    for &(epfd, efd, events, data, _) in &g.epoll {
         let mut ev = libc::epoll_event { events, u64: data };
         // SAFETY: re-adding the application's registration on the swapped fd.
         unsafe {
@@ -1548,11 +1548,17 @@ impl Accepted {
 pub fn close(fd: i32) {
     if let Some(conn) = super::lookup(fd) {
         // LINUX: closing a socket's last fd removes its epoll registrations. Our private copies
-        // keep the app end's file open, so remove the registrations made through this fd.
+        // keep the app end's file open, so remove the registrations made through this fd: those
+        // this process made. One made by the process we were forked from lives in a set it
+        // shares with us and watches a file it still holds; a fork child closing every inherited
+        // descriptor before its exec (Python's `subprocess`) removed them from under its
+        // parent, whose event loop then never heard of that connection again (its peer's close
+        // went unseen: Node's `net` server, found by a probe).
+        let me = crate::sys::getpid();
         let mut g = conn.lock();
         let before = g.epoll.len();
-        g.epoll.retain(|&(epfd, efd, _, _)| {
-            if efd == fd {
+        g.epoll.retain(|&(epfd, efd, _, _, pid)| {
+            if efd == fd && pid == me {
                 // SAFETY: removing the application's registration of an fd it is closing.
                 unsafe {
                     libc::syscall(
@@ -1565,14 +1571,14 @@ pub fn close(fd: i32) {
                 };
                 false
             } else {
-                true
+                efd != fd
             }
         });
         if g.epoll.len() != before {
             let et = g
                 .epoll
                 .iter()
-                .any(|&(_, _, e, _)| e & libc::EPOLLET as u32 != 0);
+                .any(|&(_, _, e, _, _)| e & libc::EPOLLET as u32 != 0);
             if et != g.every_arrival {
                 g.every_arrival = et;
                 if let Phase::Offloaded(s) = &mut g.phase {
