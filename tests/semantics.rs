@@ -505,6 +505,23 @@ fn the_first_write_after_the_peer_closed_succeeds_and_the_next_gets_epipe() {
     );
 }
 
+/// Both ends half-closed, the server's bytes still queued for the client's credits: the client
+/// reads them all before end of stream. Until 2026-11-26 the server's `shutdown` shut its app
+/// end's writing at once; with the client's own half-close that made the server's bell end
+/// poll HUP, which the client took for the server's end: it read end of stream with the queued
+/// bytes lost (an epoll echo client that half-closed and paused reading lost 367 KB).
+#[test]
+fn both_half_closed_with_bytes_still_queued_delivers_them_all() {
+    let out = semantics("io", "half_close_both_with_bytes_queued", 2);
+    assert_lines(
+        &out,
+        &[
+            "server read: 7 then end of stream",
+            "client read every byte the server sent: 1",
+        ],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Setup and socket state.
 

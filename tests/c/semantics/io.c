@@ -530,6 +530,48 @@ static void c_write_after_close(void) {
            WIFEXITED(st) ? WEXITSTATUS(st) : -1);
 }
 
+/* The client half-closes first; the server then fills the connection while the client does
+ * not read, and half-closes with its bytes still queued: the client reads every one of them
+ * before end of stream. */
+static void c_half_close_both_with_bytes_queued(void) {
+    fresh_pair(&C, &S);
+    write_all(C, "request", 7);
+    CHECK(shutdown(C, SHUT_WR) == 0);
+    char b[65536];
+    size_t got = 0;
+    for (;;) {
+        ssize_t n = read(S, b, sizeof b);
+        CHECK(n >= 0);
+        if (n == 0) break;
+        got += (size_t)n;
+    }
+    printf("server read: %zu then end of stream\n", got);
+    int fl = fcntl(S, F_GETFL);
+    CHECK(fcntl(S, F_SETFL, fl | O_NONBLOCK) == 0);
+    size_t sent = 0;
+    memset(b, 'z', sizeof b);
+    for (;;) {
+        ssize_t n = send(S, b, sizeof b, 0);
+        if (n < 0) {
+            CHECK(errno == EAGAIN);
+            break;
+        }
+        sent += (size_t)n;
+    }
+    CHECK(fcntl(S, F_SETFL, fl) == 0);
+    CHECK(shutdown(S, SHUT_WR) == 0);
+    sleep_ms(200);
+    sync_point();
+    size_t back = 0;
+    for (;;) {
+        ssize_t n = read(C, b, sizeof b);
+        CHECK(n >= 0);
+        if (n == 0) break;
+        back += (size_t)n;
+    }
+    printf("client read every byte the server sent: %d\n", back == sent && sent > 0);
+}
+
 int main(int argc, char **argv) {
     static const struct sem_case cases[] = {
         {"calls", c_calls},
@@ -547,6 +589,7 @@ int main(int argc, char **argv) {
         {"oobinline", c_oobinline},
         {"small_buffers", c_small_buffers},
         {"write_after_close", c_write_after_close},
+        {"half_close_both_with_bytes_queued", c_half_close_both_with_bytes_queued},
         {NULL, NULL},
     };
     return run_case(cases, argc, argv);

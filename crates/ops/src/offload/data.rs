@@ -695,7 +695,13 @@ pub fn shutdown(fd: i32, how: i32) -> Option<CResult> {
     if rd {
         g.shut_rd = true;
     }
-    if wr && g.app_int >= 0 {
+    // Over shm the app end's writing is shut when our DisConn goes (`SdpShm::drain_outputs`),
+    // after the bytes queued ahead of it; a pending connection's when it is installed.
+    let shut_app_end_now = match &g.phase {
+        Phase::Offloaded(s) => s.transport() != crate::stats::Transport::Shm,
+        _ => false,
+    };
+    if wr && shut_app_end_now && g.app_int >= 0 {
         // LINUX: a TCP socket shut both ways (ours and the peer's) polls HUP; shutting the app
         // end's own writing gives it that once the peer's half-close arrives too.
         // SAFETY: our own copy of the app end.

@@ -324,6 +324,15 @@ impl SdpShm {
                 // The peer's application sees our half-close (RDHUP, then end of stream after
                 // the data) without having to call into its library first.
                 self.conn.shutdown_peer_bell();
+                // Our app end's own writing is shut now, not at the application's `shutdown`
+                // (`data::shutdown`): that also shuts the reading of our bell end, and once
+                // the peer has shut its writing too (it sent its DisConn) our bell end polls
+                // HUP, which the peer takes for our end. Shut before our DisConn went, it
+                // told the peer we were gone while the bytes we had queued ahead of the
+                // DisConn still waited for its credits: a client that half-closed, then
+                // paused reading, got end of stream 367 KB short of its echo (a Node and a
+                // Python epoll echo, found by a probe).
+                let _ = ib_verbs::sys::shutdown_write(self.conn.app_end());
             }
             if let Err(e) = posted {
                 if self.dead.is_none() && !self.reset_seen {
