@@ -522,6 +522,28 @@ fn both_half_closed_with_bytes_still_queued_delivers_them_all() {
     );
 }
 
+/// `syscall(SYS_close, fd)` (how libuv, so Node.js, closes every descriptor) closes an SDP
+/// socket as `close` does. Until 2026-11-26 the library never saw it: the peer never read end
+/// of stream, and the number still named the old connection when the program's next socket
+/// took it (a Node echo's second connection ended early; libuv's signal pipe, given a number
+/// an old connection still held, aborted the process).
+#[test]
+fn a_raw_close_system_call_closes_the_connection() {
+    let out = semantics("io", "raw_syscall_close", 2);
+    assert_lines(
+        &out,
+        &[
+            "read: 3",
+            "syscall(SYS_close): 0",
+            "peer polls readable: 1",
+            "peer reads: 0",
+            "the next socket takes the number: 1",
+            "and carries its own bytes: 4",
+            "syscall(SYS_close) twice: 0 then -1 EBADF",
+        ],
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Setup and socket state.
 

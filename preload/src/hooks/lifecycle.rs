@@ -159,6 +159,40 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     unsafe { real::close(fd) }
 }
 
+/// `syscall(SYS_close, fd)` of an SDP socket is a `close`. libuv (Node.js) closes every
+/// descriptor that way (a raw system call, to stay clear of thread cancellation), and before
+/// 2026-11-26 no SDP connection of a Node program was ever closed: its peer waited for an end
+/// that never came, and its numbers, reused by the program's next sockets, still named the
+/// old connections (the next connection's echo ended early). Any other call goes to the C
+/// library's `syscall` unchanged, the library's own raw calls included (they run inside the
+/// switch's guard, or name descriptors the program does not know).
+///
+/// The arguments are read as seven integers whatever the caller passed: on x86_64 and
+/// AArch64 a variadic call puts them where these fixed parameters are read from.
+///
+/// # Safety
+/// As `syscall(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn syscall(
+    n: libc::c_long,
+    a1: libc::c_long,
+    a2: libc::c_long,
+    a3: libc::c_long,
+    a4: libc::c_long,
+    a5: libc::c_long,
+    a6: libc::c_long,
+) -> libc::c_long {
+    if n == libc::SYS_close && !ops::guard::inside() {
+        let fd = a1 as c_int;
+        if fd >= 0 && !internal::contains(fd) && is_tracked(fd) {
+            // SAFETY: as close(2), which this call is.
+            return unsafe { close(fd) } as libc::c_long;
+        }
+    }
+    // SAFETY: the caller's arguments, passed on as they came.
+    unsafe { real::syscall(n, a1, a2, a3, a4, a5, a6) }
+}
+
 fn sys_close_range(first: u32, last: u32, flags: u32) -> c_int {
     // SAFETY: close_range takes integer arguments only.
     unsafe {

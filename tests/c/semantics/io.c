@@ -3,6 +3,7 @@
 #include "sem.h"
 #include <sys/sendfile.h>
 #include <sys/uio.h>
+#include <sys/syscall.h>
 
 static int C, S;
 
@@ -572,6 +573,31 @@ static void c_half_close_both_with_bytes_queued(void) {
     printf("client read every byte the server sent: %d\n", back == sent && sent > 0);
 }
 
+/* libuv (Node.js) closes descriptors with syscall(SYS_close, fd), not close(): the peer still
+ * reads end of stream, and the number, reused by the program's next socket, names that one. */
+static void c_raw_syscall_close(void) {
+    fresh_pair(&C, &S);
+    write_all(C, "abc", 3);
+    char b[8];
+    printf("read: %s\n", res(read(S, b, sizeof b)));
+    sync_point();
+    int old = C;
+    printf("syscall(SYS_close): %ld\n", syscall(SYS_close, C));
+    struct pollfd p = {.fd = S, .events = POLLIN};
+    printf("peer polls readable: %d\n", poll(&p, 1, 2000));
+    printf("peer reads: %s\n", res(read(S, b, sizeof b)));
+    close(S);
+    int c2, s2;
+    fresh_pair(&c2, &s2);
+    printf("the next socket takes the number: %d\n", c2 == old);
+    write_all(c2, "next", 4);
+    printf("and carries its own bytes: %s\n", res(read(s2, b, sizeof b)));
+    long r1 = syscall(SYS_close, c2);
+    long r2 = syscall(SYS_close, c2);
+    printf("syscall(SYS_close) twice: %ld then %ld %s\n", r1, r2, errno == EBADF ? "EBADF" : "?");
+    close(s2);
+}
+
 int main(int argc, char **argv) {
     static const struct sem_case cases[] = {
         {"calls", c_calls},
@@ -590,6 +616,7 @@ int main(int argc, char **argv) {
         {"small_buffers", c_small_buffers},
         {"write_after_close", c_write_after_close},
         {"half_close_both_with_bytes_queued", c_half_close_both_with_bytes_queued},
+        {"raw_syscall_close", c_raw_syscall_close},
         {NULL, NULL},
     };
     return run_case(cases, argc, argv);
