@@ -547,19 +547,8 @@ static void c_half_close_both_with_bytes_queued(void) {
         got += (size_t)n;
     }
     printf("server read: %zu then end of stream\n", got);
-    int fl = fcntl(S, F_GETFL);
-    CHECK(fcntl(S, F_SETFL, fl | O_NONBLOCK) == 0);
-    size_t sent = 0;
     memset(b, 'z', sizeof b);
-    for (;;) {
-        ssize_t n = send(S, b, sizeof b, 0);
-        if (n < 0) {
-            CHECK(errno == EAGAIN);
-            break;
-        }
-        sent += (size_t)n;
-    }
-    CHECK(fcntl(S, F_SETFL, fl) == 0);
+    size_t sent = fill_until_eagain(S, b, sizeof b);
     CHECK(shutdown(S, SHUT_WR) == 0);
     sleep_ms(200);
     sync_point();

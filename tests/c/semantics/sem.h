@@ -182,6 +182,24 @@ static inline double now_ms(void) {
     return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
 }
 
+/* Sends `len`-byte chunks on `fd`, non-blocking, until the connection takes no more (EAGAIN);
+ * returns the bytes taken. The fd's blocking mode is restored. */
+static inline size_t fill_until_eagain(int fd, const char *chunk, size_t len) {
+    int fl = fcntl(fd, F_GETFL);
+    CHECK(fcntl(fd, F_SETFL, fl | O_NONBLOCK) == 0);
+    size_t taken = 0;
+    for (;;) {
+        ssize_t n = send(fd, chunk, len, 0);
+        if (n < 0) {
+            CHECK(errno == EAGAIN);
+            break;
+        }
+        taken += (size_t)n;
+    }
+    CHECK(fcntl(fd, F_SETFL, fl) == 0);
+    return taken;
+}
+
 static inline void sleep_ms(int ms) {
     struct timespec t = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000};
     while (nanosleep(&t, &t) && errno == EINTR) {

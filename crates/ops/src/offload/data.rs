@@ -148,6 +148,20 @@ enum OnSignal {
     Return,
 }
 
+/// `rt_sigprocmask(how, set, old)` on the kernel's 8-byte sigset.
+fn sigmask(how: i32, set: &libc::sigset_t, old: Option<&mut libc::sigset_t>) {
+    // SAFETY: valid pointers to sigsets that outlive the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            how,
+            set as *const libc::sigset_t,
+            old.map_or(std::ptr::null_mut(), |o| o as *mut libc::sigset_t),
+            8usize,
+        )
+    };
+}
+
 impl SignalsHeld {
     fn hold() -> SignalsHeld {
         // SAFETY: sigset_t is plain data; the set calls take valid pointers.
@@ -170,13 +184,7 @@ impl SignalsHeld {
                 libc::sigdelset(&mut all, sig);
             }
             let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::syscall(
-                libc::SYS_rt_sigprocmask,
-                libc::SIG_BLOCK,
-                &all as *const libc::sigset_t,
-                &mut old as *mut libc::sigset_t,
-                8usize,
-            );
+            sigmask(libc::SIG_BLOCK, &all, Some(&mut old));
             let mut ours: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut ours);
             for sig in 1..=64 {
@@ -246,20 +254,8 @@ impl SignalsHeld {
                     ends = true;
                 }
             }
-            libc::syscall(
-                libc::SYS_rt_sigprocmask,
-                libc::SIG_SETMASK,
-                &self.old as *const libc::sigset_t,
-                std::ptr::null_mut::<libc::sigset_t>(),
-                8usize,
-            );
-            libc::syscall(
-                libc::SYS_rt_sigprocmask,
-                libc::SIG_BLOCK,
-                &self.ours as *const libc::sigset_t,
-                std::ptr::null_mut::<libc::sigset_t>(),
-                8usize,
-            );
+            sigmask(libc::SIG_SETMASK, &self.old, None);
+            sigmask(libc::SIG_BLOCK, &self.ours, None);
             ends
         }
     }
@@ -271,16 +267,8 @@ impl Drop for SignalsHeld {
         if fd >= 0 {
             crate::sys::close(fd);
         }
-        // SAFETY: restoring the mask saved by `hold`.
-        unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigprocmask,
-                libc::SIG_SETMASK,
-                &self.old as *const libc::sigset_t,
-                std::ptr::null_mut::<libc::sigset_t>(),
-                8usize,
-            )
-        };
+        // Restores the mask saved by `hold`.
+        sigmask(libc::SIG_SETMASK, &self.old, None);
     }
 }
 
