@@ -533,8 +533,8 @@ static void *read_then_signal(void *p) {
     return (void *)prompt;
 }
 
-/* Ten bytes, then a signal: at once (`fd` > 0) or 50 ms later (the receiver waits again
- * first); then, 300 ms on, the rest of 1000 bytes. */
+/* Ten bytes, then a signal: at once (`gap_ms` 0) or `gap_ms` later (the receiver waits
+ * again first); then, 300 ms on, the rest of 1000 bytes. */
 struct ten {
     int fd;
     pthread_t target;

@@ -200,6 +200,18 @@ static inline size_t fill_until_eagain(int fd, const char *chunk, size_t len) {
     return taken;
 }
 
+/* Reads `fd` until end of stream; returns the bytes read. */
+static inline size_t read_to_eof(int fd) {
+    char b[65536];
+    size_t got = 0;
+    for (;;) {
+        ssize_t n = read(fd, b, sizeof b);
+        CHECK(n >= 0);
+        if (n == 0) return got;
+        got += (size_t)n;
+    }
+}
+
 static inline void sleep_ms(int ms) {
     struct timespec t = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000};
     while (nanosleep(&t, &t) && errno == EINTR) {

@@ -683,17 +683,9 @@ pub fn shutdown(fd: i32, how: i32) -> Option<CResult> {
     if rd {
         g.shut_rd = true;
     }
-    // Over shm the app end's writing is shut when our DisConn goes (`SdpShm::drain_outputs`),
-    // after the bytes queued ahead of it; a pending connection's when it is installed.
-    let shut_app_end_now = match &g.phase {
-        Phase::Offloaded(s) => s.transport() != crate::stats::Transport::Shm,
-        _ => false,
-    };
-    if wr && shut_app_end_now && g.app_int >= 0 {
-        // LINUX: a TCP socket shut both ways (ours and the peer's) polls HUP; shutting the app
-        // end's own writing gives it that once the peer's half-close arrives too.
-        // SAFETY: our own copy of the app end.
-        unsafe { libc::syscall(libc::SYS_shutdown, g.app_int, libc::SHUT_WR) };
+    // A pending connection's app end is half-closed when it is installed (`install_stream`).
+    if wr && let Phase::Offloaded(s) = &g.phase {
+        g.half_close_app_end(s.transport());
     }
     g.sync();
     Some(Ok(0))

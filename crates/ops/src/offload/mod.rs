@@ -750,6 +750,18 @@ impl Inner {
         }
     }
 
+    /// The application half-closed a stream over `transport`. LINUX: a TCP socket shut both
+    /// ways (ours and the peer's) polls HUP; shutting the app end's own writing gives it that
+    /// once the peer's half-close arrives too. Over shm that waits for our DisConn to go
+    /// (`SdpShm::drain_outputs`), after the bytes queued ahead of it: shut earlier, our bell
+    /// end polled HUP once the peer half-closed too, and the peer took it for our end.
+    pub fn half_close_app_end(&self, transport: crate::stats::Transport) {
+        if transport != crate::stats::Transport::Shm && self.app_int >= 0 {
+            // SAFETY: our own copy of the app end.
+            unsafe { libc::syscall(libc::SYS_shutdown, self.app_int, libc::SHUT_WR) };
+        }
+    }
+
     /// The peer's end: the reader gets end of stream after the bytes already received, the
     /// writer gets its error.
     pub fn signal_eof(&mut self) {

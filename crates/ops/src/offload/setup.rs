@@ -908,12 +908,7 @@ pub(super) fn install_stream(
     g.clear_pending_watch();
     if shut {
         stream.shutdown_write();
-        if stream.transport() != crate::stats::Transport::Shm && g.app_int >= 0 {
-            // The half-close made while pending (`data::shutdown`; over shm the app end's
-            // writing is shut when the DisConn goes).
-            // SAFETY: our own copy of the app end.
-            unsafe { libc::syscall(libc::SYS_shutdown, g.app_int, libc::SHUT_WR) };
-        }
+        g.half_close_app_end(stream.transport());
     }
     if g.every_arrival {
         stream.set_every_arrival(true);
