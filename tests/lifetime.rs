@@ -62,6 +62,25 @@ fn closed_connections_leave_no_descriptors() {
     assert!(out.contains("fds grew by: 0"), "{out}");
 }
 
+/// Short connections between the same two processes run on the ring of the connection before
+/// (`ib_verbs::shm::reuse`): both processes count the rings they took back, and every reply
+/// is whole although the server left bytes unread in the ring of every third.
+#[test]
+fn short_connections_between_two_processes_reuse_their_rings() {
+    let out = run_case("short-connections-reuse-rings");
+    assert!(out.contains("replies whole: 100 of 100"), "{out}");
+    let reused = |who: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{who} rings reused: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {who} count:\n{out}"))
+    };
+    // Not every one: a server whose close still lingers, or a client whose close came after
+    // the next Answer, makes a new ring.
+    assert!(reused("client") >= 50, "{out}");
+    assert!(reused("server") >= 50, "{out}");
+}
+
 #[test]
 fn a_half_closed_connection_costs_no_cpu_while_idle() {
     let out = run_case("idle-after-half-close");

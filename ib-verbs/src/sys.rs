@@ -671,8 +671,8 @@ pub enum MemfdProblem {
 }
 
 /// Checks that a memfd received from a peer is a regular file of exactly `size` bytes sealed
-/// against shrinking.
-pub fn memfd_check(fd: &Fd, size: usize) -> Result<(), MemfdProblem> {
+/// against shrinking; returns its (device, inode).
+pub fn memfd_check(fd: &Fd, size: usize) -> Result<(u64, u64), MemfdProblem> {
     // SAFETY: fcntl(F_GET_SEALS) takes no pointer.
     let seals = unsafe { libc::syscall(libc::SYS_fcntl, fd.raw(), libc::F_GET_SEALS) };
     if seals < 0 {
@@ -694,7 +694,7 @@ pub fn memfd_check(fd: &Fd, size: usize) -> Result<(), MemfdProblem> {
             actual: st.st_size as u64,
         });
     }
-    Ok(())
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// Whether `fd` is a socket (a received bell end must be one).

@@ -42,6 +42,9 @@ pub const TIMER: i32 = -1;
 /// How long the thread sleeps at most: a timer fires at most this late.
 const TICK: Duration = Duration::from_secs(1);
 
+/// How often the thread sweeps the kept rings (`ib_verbs::shm::reuse::sweep`), at most.
+const SWEEP: Duration = Duration::from_millis(250);
+
 static STATE: Mutex<Option<Progress>> = Mutex::new(None);
 /// Tasks running now, and whether a fork is being prepared (no task may start then).
 static BUSY: AtomicU64 = AtomicU64::new(0);
@@ -141,6 +144,10 @@ fn ensure(p: &mut Option<Progress>) -> Option<&mut Progress> {
             .name("libsdp-progress".into())
             .stack_size(256 * 1024)
             .spawn(move || run(epfd));
+        if spawned.is_ok() {
+            // The thread sweeps the rings kept for reuse (below).
+            ib_verbs::shm::reuse::enable();
+        }
         if spawned.is_err() {
             // No thread, no set: the next call tries again (a set nobody waits on would take
             // registrations that never run).
@@ -240,6 +247,7 @@ fn run(epfd: i32) {
         libc::pthread_sigmask(libc::SIG_SETMASK, &all, std::ptr::null_mut());
     }
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+    let mut swept = Instant::now();
     loop {
         let timeout = {
             let g = lock();
@@ -307,6 +315,14 @@ fn run(epfd: i32) {
                 }));
                 BUSY.fetch_sub(1, Ordering::SeqCst);
             }
+        }
+        // Rings kept for reuse whose peer died or that went unused: a few times a second at
+        // most (each costs a poll of the peer's pidfd).
+        if swept.elapsed() >= SWEEP {
+            swept = Instant::now();
+            enter_task();
+            ib_verbs::shm::reuse::sweep();
+            BUSY.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }

@@ -117,6 +117,9 @@ pub mod header {
     pub const CREDIT_STALLS: usize = 20;
     /// `epoll_ctl` calls of the application not made in the kernel (`offload::lazy`).
     pub const EPOLL_CTL_SAVED: usize = 21;
+    /// `shm` connections set up on the ring of an ended connection with the same peer process
+    /// (`ib_verbs::shm::reuse`) instead of a new one.
+    pub const RINGS_REUSED: usize = 22;
     /// `REASONS + code`: sockets decided with that fallback reason (code 0: offloaded).
     pub const REASONS: usize = 32;
     pub const NREASONS: usize = 32;

@@ -51,6 +51,7 @@ pub struct ProcessRow {
     pub recv_spin_hits: u64,
     pub credit_stalls: u64,
     pub epoll_ctl_saved: u64,
+    pub rings_reused: u64,
     /// Sockets decided since the process started, indexed by reason code (0: offloaded).
     pub reasons: Vec<u64>,
 }
@@ -182,6 +183,7 @@ pub fn parse_file(b: &[u8]) -> Option<FileStats> {
         recv_spin_hits: h(header::RECV_SPIN_HITS),
         credit_stalls: h(header::CREDIT_STALLS),
         epoll_ctl_saved: h(header::EPOLL_CTL_SAVED),
+        rings_reused: h(header::RINGS_REUSED),
         reasons: (0..fallback::Reason::ALL.len())
             .map(|c| h(header::REASONS + c))
             .collect(),
@@ -480,7 +482,7 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
         for p in &procs {
             write!(
                 out,
-                "{{\"process\":{},\"program\":{},\"epoll_spins\":{},\"epoll_spin_hits\":{},\"recv_spins\":{},\"recv_spin_hits\":{},\"credit_stalls\":{},\"epoll_ctl_saved\":{}",
+                "{{\"process\":{},\"program\":{},\"epoll_spins\":{},\"epoll_spin_hits\":{},\"recv_spins\":{},\"recv_spin_hits\":{},\"credit_stalls\":{},\"epoll_ctl_saved\":{},\"rings_reused\":{}",
                 p.pid,
                 json_str(&p.program),
                 p.epoll_spins,
@@ -488,7 +490,8 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
                 p.recv_spins,
                 p.recv_spin_hits,
                 p.credit_stalls,
-                p.epoll_ctl_saved
+                p.epoll_ctl_saved,
+                p.rings_reused
             )?;
             for (c, n) in p.reasons.iter().enumerate() {
                 write!(out, ",\"{}\":{n}", bucket_name(c))?;
@@ -565,7 +568,7 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15}",
+        "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15} {:>12}",
         "PID",
         "PROGRAM",
         "EPOLL_SPINS",
@@ -573,12 +576,13 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
         "RECV_SPINS",
         "RECV_HITS",
         "CREDIT_STALLS",
-        "EPOLL_CTL_SAVED"
+        "EPOLL_CTL_SAVED",
+        "RINGS_REUSED"
     )?;
     for p in &procs {
         writeln!(
             out,
-            "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15}",
+            "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15} {:>12}",
             p.pid,
             p.program,
             p.epoll_spins,
@@ -586,7 +590,8 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
             p.recv_spins,
             p.recv_spin_hits,
             p.credit_stalls,
-            p.epoll_ctl_saved
+            p.epoll_ctl_saved,
+            p.rings_reused
         )?;
     }
     Ok(())

@@ -436,8 +436,14 @@ impl Active {
         let peer_bell = fds.pop().expect("two fds");
         let memfd = fds.pop().expect("two fds");
         check_bell(&peer_bell)?;
-        sys::memfd_check(&memfd, layout.total).map_err(BootError::BadMemfd)?;
-        let map = Mapping::map(&memfd, layout.total)?;
+        let ino = sys::memfd_check(&memfd, layout.total).map_err(BootError::BadMemfd)?;
+        // The ring of a connection with this server process that ended: still mapped here.
+        let kept = super::reuse::take_client(ino, &layout);
+        let reused = kept.is_some();
+        let map = match kept {
+            Some(m) => m,
+            None => Mapping::map(&memfd, layout.total)?,
+        };
         let cred = sys::peer_cred(stream)?;
         let pidfd = sys::peer_pidfd(stream, cred.pid).ok();
         let can_read_peer = Probe::peer_readable(cred.pid, probe_addr, probe_cookie);
@@ -461,6 +467,8 @@ impl Active {
             peer_can_read,
             send_depth: self.opts.send_depth,
             initial_posts: self.posts,
+            ino,
+            reused,
         })
         .map_err(BootError::Post)?;
         Ok((conn, private))
@@ -589,13 +597,34 @@ impl Offer {
         app_end: Fd,
         bell_end: Fd,
     ) -> Result<Accepting, BootError> {
+        self.accept_from(opts, app_end, bell_end, None)
+    }
+
+    /// [`Offer::accept_with_pair`] for a client known to be process `peer_pid` (the pid the
+    /// beacon saw): the ring of an ended connection with that process is reused if there is
+    /// one, and [`Accepting::identify`] then requires that very process behind the endpoint.
+    pub fn accept_from(
+        self,
+        opts: ShmOptions,
+        app_end: Fd,
+        bell_end: Fd,
+        peer_pid: Option<i32>,
+    ) -> Result<Accepting, BootError> {
         let own = RingShape {
             depth: opts.recv_depth,
             buf_size: opts.recv_buf_size,
         };
         let layout = Layout::new(self.shape, own).map_err(BootError::BadParams)?;
-        let memfd = sys::memfd_sealed(b"libsdp-shm", layout.total)?;
-        let map = Mapping::map(&memfd, layout.total)?;
+        let kept = peer_pid.and_then(|p| super::reuse::take_server(p, &layout));
+        let reused_for = kept.as_ref().and(peer_pid);
+        let (map, memfd) = match kept {
+            Some(k) => k,
+            None => {
+                let memfd = sys::memfd_sealed(b"libsdp-shm", layout.total)?;
+                let map = Mapping::map(&memfd, layout.total)?;
+                (map, memfd)
+            }
+        };
         map.write(0, MAGIC);
         // The active side's initial posts are its credits to us from the first moment.
         map.u64_at(Layout::rx_posted(0))
@@ -612,6 +641,7 @@ impl Offer {
             posts: Vec::new(),
             probe: Probe::new(cookie),
             cookie,
+            reused_for,
         })
     }
 }
@@ -629,13 +659,24 @@ pub struct Accepting {
     posts: Vec<WrId>,
     probe: Probe,
     cookie: u64,
+    /// The ring is a kept one, shared before with this process only.
+    reused_for: Option<i32>,
 }
 
 impl Accepting {
     /// The early variant: names the peer behind `stream`, the connection to the client's
     /// endpoint that presented the nonce, before [`Accepting::send_answer`].
     pub fn identify(&mut self, stream: &Fd) -> Result<(), BootError> {
-        self.offer.identify(stream)
+        self.offer.identify(stream)?;
+        // A kept ring goes back only to the process that shared it.
+        if let Some(pid) = self.reused_for
+            && self.offer.cred.map(|c| c.pid) != Some(pid)
+        {
+            return Err(BootError::Malformed(
+                "a kept ring offered to another process",
+            ));
+        }
+        Ok(())
     }
 
     /// Posts an initial receive buffer (the peer's initial credits).
@@ -710,6 +751,9 @@ impl Accepting {
             peer_can_read,
             send_depth: self.opts.send_depth,
             initial_posts: self.posts,
+            // A server keeps its rings by peer process, not by inode.
+            ino: (0, 0),
+            reused: self.reused_for.is_some(),
         })
         .map_err(BootError::Post)
     }

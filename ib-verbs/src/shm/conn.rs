@@ -73,13 +73,19 @@ pub(crate) struct Parts {
     pub peer_can_read: bool,
     pub send_depth: u32,
     pub initial_posts: Vec<WrId>,
+    /// (device, inode) of the memfd, the key a client keeps its ring under.
+    pub ino: (u64, u64),
+    /// The ring came from [`super::reuse`] (statistics).
+    pub reused: bool,
 }
 
 /// One established `shm` connection. Dropping it closes the peer's bell end: the peer sees
 /// the end after it consumed what was sent.
 pub struct ShmConn {
-    map: Mapping,
-    memfd: Fd,
+    /// Taken in `drop`: kept for the next connection with this peer, or unmapped.
+    map: std::mem::ManuallyDrop<Mapping>,
+    /// `None` only in `drop`, once taken.
+    memfd: Option<Fd>,
     side: usize,
     layout: Layout,
     app_end: Fd,
@@ -116,6 +122,13 @@ pub struct ShmConn {
     app_eof_is_peer_end: bool,
     gen_seen: u64,
     claimed_pid: i32,
+    ino: (u64, u64),
+    reused: bool,
+    /// The fork count at setup, if the ring may be kept when the connection ends.
+    keep_from: Option<u64>,
+    /// The memfd or every descriptor was handed out (to a process taking the connection
+    /// over): the ring is never kept.
+    handed_out: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ShmConn {
@@ -136,8 +149,8 @@ impl ShmConn {
     pub(crate) fn new(p: Parts) -> Result<ShmConn, PostError> {
         let depth = p.layout.rings[p.side].depth as usize;
         let mut c = ShmConn {
-            map: p.map,
-            memfd: p.memfd,
+            map: std::mem::ManuallyDrop::new(p.map),
+            memfd: Some(p.memfd),
             side: p.side,
             layout: p.layout,
             app_end: p.app_end,
@@ -166,6 +179,10 @@ impl ShmConn {
             app_eof_is_peer_end: true,
             gen_seen: 0,
             claimed_pid: sys::getpid(),
+            ino: p.ino,
+            reused: p.reused,
+            keep_from: super::reuse::start(),
+            handed_out: std::sync::atomic::AtomicBool::new(false),
         };
         // Our own side block starts from our private state, whatever the creator wrote there.
         c.map
@@ -226,7 +243,9 @@ impl ShmConn {
     /// Every descriptor the connection holds (memfd, bells, pidfd), e.g. to keep exactly these
     /// in a process that takes the connection over.
     pub fn fds(&self) -> Vec<RawFd> {
-        let mut v = vec![self.memfd.raw(), self.app_end.raw(), self.peer_bell.raw()];
+        self.handed_out
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut v = vec![self.memfd(), self.app_end.raw(), self.peer_bell.raw()];
         if let Some(p) = &self.pidfd {
             v.push(p.raw());
         }
@@ -235,7 +254,14 @@ impl ShmConn {
 
     /// The memfd, e.g. to pass it on to a process that takes over the connection.
     pub fn memfd(&self) -> RawFd {
-        self.memfd.raw()
+        self.handed_out
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.memfd.as_ref().map_or(-1, Fd::raw)
+    }
+
+    /// Whether the ring came from a connection with the same peer process that ended.
+    pub fn reused(&self) -> bool {
+        self.reused
     }
 
     /// Sends we can post right now: the peer's posted buffers not yet used.
@@ -922,5 +948,30 @@ impl Drop for ShmConn {
                 .store(0, Ordering::Release);
         }
         fence(Ordering::SeqCst);
+        // SAFETY: `map` is taken once, here, and never used again.
+        let map = unsafe { std::mem::ManuallyDrop::take(&mut self.map) };
+        // A peer that broke the ring's rules, or a failed call, leaves it to nobody.
+        let keep = matches!(
+            self.dead,
+            None | Some(ConnError::PeerClosed | ConnError::PeerAborted)
+        ) && !self.handed_out.load(Ordering::Relaxed)
+            && super::reuse::may_keep(self.keep_from, self.claimed_pid);
+        if keep {
+            super::reuse::keep(super::reuse::Entry {
+                map,
+                layout: self.layout,
+                side: self.side,
+                // The server sends it again; a client's key is the inode.
+                memfd: if self.side == 1 {
+                    self.memfd.take()
+                } else {
+                    None
+                },
+                ino: self.ino,
+                peer_pid: self.cred.pid,
+                pidfd: self.pidfd.take(),
+                since: std::time::Instant::now(),
+            });
+        }
     }
 }

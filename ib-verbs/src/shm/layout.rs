@@ -8,6 +8,7 @@
 //! offset 0      +---------------------------------------------------------------+
 //!               | header: magic "libsdp-shm-v1" (informational only)             |
 //!   +16 / +24   | owner_gen u64 for side 0 / side 1 (see ShmConn::claim)          |
+//!   +32 / +36   | ring_always u32, +40 / +44 aborted u32, +48 / +52 released u32 |
 //! 64            +---- side 0 (active) block, written by side 0 --------------------+
 //!   +0          | rx_posted   u64  buffers side 0 ever posted in its receive ring  |
 //!   +64         | tx_produced u64  messages side 0 ever wrote into side 1's ring    |
@@ -126,6 +127,13 @@ impl Layout {
     /// (ECONNRESET) rather than an orderly end once it has taken what was sent before.
     pub fn aborted(side: usize) -> usize {
         40 + side * 4
+    }
+
+    /// Side `side`'s "released" flag (u32): set by a side whose connection ended and that kept
+    /// the ring for the next connection with the same peer process (`reuse`), after its last
+    /// access; the creator reuses the ring only once the other side set it.
+    pub fn released(side: usize) -> usize {
+        48 + side * 4
     }
 
     /// Side `side`'s count of posted receive buffers.

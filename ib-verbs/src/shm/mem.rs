@@ -55,6 +55,27 @@ impl Mapping {
         })
     }
 
+    /// `MADV_DONTFORK` (`true`) or `MADV_DOFORK`: whether a fork child inherits the mapping.
+    pub fn dontfork(&self, on: bool) -> SysResult<()> {
+        let advice = if on {
+            libc::MADV_DONTFORK
+        } else {
+            libc::MADV_DOFORK
+        };
+        // SAFETY: advice on the whole range this value mapped; it changes no content.
+        let rc = unsafe { libc::madvise(self.ptr as *mut libc::c_void, self.len, advice) };
+        if rc != 0 {
+            let errno = std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            return Err(SysError {
+                op: "madvise",
+                errno,
+            });
+        }
+        Ok(())
+    }
+
     /// The mapped length.
     pub fn size(&self) -> usize {
         self.len

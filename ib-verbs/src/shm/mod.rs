@@ -11,6 +11,7 @@ pub mod bootstrap;
 pub mod conn;
 pub mod layout;
 mod mem;
+pub mod reuse;
 
 pub use beacon::{
     Beacon, BeaconLink, BeaconOwner, Endpoint, Intent, ProbeError, Visitor, connect_endpoint, probe,

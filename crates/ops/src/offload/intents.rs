@@ -6,19 +6,20 @@
 //! first `listen`, before the workers are forked, and inherited by them.
 //!
 //! ```text
-//! slot (72 bytes): state u32 | uid u32 | stamp u64 (seconds) | intent 54 bytes in 7 words
+//! slot (80 bytes): state u32 | uid u32 | stamp u64 (seconds) | intent 54 bytes in 7 words |
+//!                  pid i32 | pad u32
 //! state: 0 free, 1 being written or taken, 2 ready
 //! extra of slot i (320 bytes, after all the slots): length u16 + up to 318 bytes (the
 //!                  client's Offer) in 40 words, owned with slot i
 //! ```
-//! The extras are apart from the slots so that a lookup, which walks slots, stays on 72-byte
+//! The extras are apart from the slots so that a lookup, which walks slots, stays on 80-byte
 //! strides (a plain TCP client's lookup walks them all).
 //! Writers claim a free slot with a compare-and-swap 0→1 and publish with a Release store of 2;
 //! a taker claims a ready slot 2→1, copies it and frees it: a slot is never read half-written.
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, AtomicU64, Ordering};
 
 use ib_verbs::shm::Intent;
 
@@ -35,6 +36,9 @@ struct Slot {
     uid: AtomicU32,
     stamp: AtomicU64,
     words: [AtomicU64; WORDS],
+    /// The client's pid, as the beacon's SO_PEERCRED gave it.
+    pid: AtomicI32,
+    _pad: AtomicU32,
 }
 
 type Extra = [AtomicU64; EXTRA_WORDS];
@@ -119,9 +123,9 @@ fn intent_len() -> usize {
     .len()
 }
 
-/// Records an intent (its client uid from the beacon's SO_PEERCRED) and the bytes that came
-/// after it (the client's Offer; at most `MAX_EXTRA`, more are refused).
-pub fn insert(intent: &Intent, extra: &[u8], uid: u32) -> bool {
+/// Records an intent (its client's uid and pid from the beacon's SO_PEERCRED) and the bytes
+/// that came after it (the client's Offer; at most `MAX_EXTRA`, more are refused).
+pub fn insert(intent: &Intent, extra: &[u8], uid: u32, pid: i32) -> bool {
     let Some(t) = table() else { return false };
     if extra.len() > ib_verbs::shm::beacon::MAX_EXTRA {
         return false;
@@ -151,6 +155,7 @@ pub fn insert(intent: &Intent, extra: &[u8], uid: u32) -> bool {
             d.store(v, Ordering::Relaxed);
         }
         s.uid.store(uid, Ordering::Relaxed);
+        s.pid.store(pid, Ordering::Relaxed);
         s.stamp.store(now, Ordering::Relaxed);
         s.state.store(2, Ordering::Release);
         return true;
@@ -158,13 +163,22 @@ pub fn insert(intent: &Intent, extra: &[u8], uid: u32) -> bool {
     false
 }
 
-/// Takes the intent of the connection from `client` to our `port`, if one was recorded: the
-/// intent, the client's uid and the bytes that came after the intent.
+/// A recorded intent, taken.
+pub struct Taken {
+    pub intent: Intent,
+    /// The client's uid and pid, from the beacon's SO_PEERCRED.
+    pub uid: u32,
+    pub pid: i32,
+    /// The bytes that came after the intent (the client's Offer).
+    pub extra: Vec<u8>,
+}
+
+/// Takes the intent of the connection from `client` to our `port`, if one was recorded.
 pub fn take(
     client: SocketAddr,
     port: u16,
     normalize: impl Fn(SocketAddr) -> SocketAddr,
-) -> Option<(Intent, u32, Vec<u8>)> {
+) -> Option<Taken> {
     let t = table()?;
     let now = now_secs();
     let start = (client.port() as usize).wrapping_mul(2654435761) % SLOTS;
@@ -189,6 +203,7 @@ pub fn take(
             continue; // another worker took it
         }
         let uid = s.uid.load(Ordering::Relaxed);
+        let pid = s.pid.load(Ordering::Relaxed);
         let fresh = now.saturating_sub(s.stamp.load(Ordering::Relaxed)) <= TTL_SECS;
         // Re-read under our claim: the words we matched are the ones we return.
         for (d, v) in w.iter_mut().zip(&s.words) {
@@ -200,7 +215,12 @@ pub fn take(
         }
         s.state.store(0, Ordering::Release);
         let intent = unpack(&w)?;
-        return fresh.then(|| (intent, uid, unpack_extra(&x)));
+        return fresh.then(|| Taken {
+            intent,
+            uid,
+            pid,
+            extra: unpack_extra(&x),
+        });
     }
     None
 }
@@ -213,7 +233,7 @@ mod tests {
     fn an_intent_fits_its_slot_and_round_trips() {
         assert!(intent_len() <= WORDS * 8);
         // A lookup walks slots: they stay small, the Offers live apart.
-        assert_eq!(std::mem::size_of::<Slot>(), 72);
+        assert_eq!(std::mem::size_of::<Slot>(), 80);
         let i = Intent {
             client: "[2001:db8::1]:40000".parse().unwrap(),
             server: "127.0.0.1:80".parse().unwrap(),
@@ -231,16 +251,24 @@ mod tests {
             nonce: [9; 16],
         };
         let offer = vec![5u8; ib_verbs::shm::beacon::MAX_EXTRA];
-        assert!(insert(&i, &offer, 1000));
-        assert_eq!(take(i.client, 8081, |a| a), None);
-        assert_eq!(take(i.client, 8080, |a| a), Some((i, 1000, offer)));
-        assert_eq!(take(i.client, 8080, |a| a), None);
+        let got = |t: Option<Taken>| t.map(|t| (t.intent, t.uid, t.pid, t.extra));
+        assert!(insert(&i, &offer, 1000, 4321));
+        assert_eq!(got(take(i.client, 8081, |a| a)), None);
+        assert_eq!(
+            got(take(i.client, 8080, |a| a)),
+            Some((i, 1000, 4321, offer))
+        );
+        assert_eq!(got(take(i.client, 8080, |a| a)), None);
         assert!(!insert(
             &i,
             &[0; ib_verbs::shm::beacon::MAX_EXTRA + 1],
-            1000
+            1000,
+            4321
         ));
-        assert!(insert(&i, &[], 1000));
-        assert_eq!(take(i.client, 8080, |a| a), Some((i, 1000, Vec::new())));
+        assert!(insert(&i, &[], 1000, 7));
+        assert_eq!(
+            got(take(i.client, 8080, |a| a)),
+            Some((i, 1000, 7, Vec::new()))
+        );
     }
 }

@@ -102,11 +102,11 @@ impl BeaconTask {
         static DRAINING: Mutex<()> = Mutex::new(());
         let _g = DRAINING.lock().unwrap_or_else(|p| p.into_inner());
         while let Ok(Some(visitor)) = self.beacon.accept() {
-            let uid = visitor.cred().uid;
+            let cred = visitor.cred();
             if let Ok((intent, offer)) = visitor.read_intent(read_timeout) {
                 // INVARIANT: the intent is recorded before the client hears "yes" (a client
                 // that waits for it connects only after).
-                let recorded = super::intents::insert(&intent, &offer, uid);
+                let recorded = super::intents::insert(&intent, &offer, cred.uid, cred.pid);
                 // A full table: decline (the client stays TCP) rather than strand it pending.
                 let _ = visitor.reply(recorded);
             }
@@ -847,7 +847,12 @@ impl Task for EndpointTask {
                 Ok(shm)
             });
         match result {
-            Ok(shm) => become_offloaded(&conn, &mut g, SdpShm::new(engine, shm)),
+            Ok(shm) => {
+                if shm.reused() {
+                    crate::stats::bump(crate::stats::header::RINGS_REUSED, 1);
+                }
+                become_offloaded(&conn, &mut g, SdpShm::new(engine, shm))
+            }
             Err(e) => {
                 sdp_log!(
                     log::WARN,
@@ -1335,7 +1340,13 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
             found = super::intents::take(peer, local.port(), normalize);
         }
     }
-    let Some((mut intent, uid, offer)) = found else {
+    let Some(super::intents::Taken {
+        mut intent,
+        uid,
+        pid,
+        extra: offer,
+    }) = found
+    else {
         // An SDP client that registered with another process's beacon (unrelated processes
         // listening on this port with SO_REUSEPORT) waits at its endpoint for an exchange we
         // cannot make: tell it to keep TCP rather than leave it to its 2 s timeout.
@@ -1356,7 +1367,7 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
         return AcceptOutcome::Keep;
     };
     intent.server = local;
-    match server_exchange(fd, &intent, uid, &offer, flags, local, peer) {
+    match server_exchange(fd, &intent, (uid, pid), &offer, flags, local, peer) {
         Ok(()) => {
             sdp_log!(
                 log::DECISION,
@@ -1380,7 +1391,7 @@ pub fn accept(listener: i32, fd: i32, flags: i32) -> AcceptOutcome {
 fn server_exchange(
     fd: i32,
     intent: &Intent,
-    uid: u32,
+    (uid, pid): (u32, i32),
     offer: &[u8],
     flags: i32,
     local: SocketAddr,
@@ -1417,7 +1428,10 @@ fn server_exchange(
         sys::close(bell);
         return Err(Reason::Exhausted);
     };
-    let mut accepting = match offer.accept_with_pair(shm_options(), app_dup, bell_dup) {
+    // The early variant names the client process (the beacon's SO_PEERCRED): the ring of an
+    // ended connection with it may serve again (`identify` checks that it is that process).
+    let client_pid = stream.is_none().then_some(pid);
+    let mut accepting = match offer.accept_from(shm_options(), app_dup, bell_dup, client_pid) {
         Ok(a) => a,
         Err(_) => {
             sys::close(app);
@@ -1461,6 +1475,9 @@ fn server_exchange(
             sys::close(bell);
             Reason::SetupFailed
         })?;
+    if shm.reused() {
+        crate::stats::bump(crate::stats::header::RINGS_REUSED, 1);
+    }
     let s = SdpShm::new(engine, shm);
     let peer_bell = s.peer_bell();
     let accepted = Accepted {

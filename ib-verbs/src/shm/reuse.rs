@@ -1,0 +1,238 @@
+//! Rings kept after their connection ended, for the next connection between the same two
+//! processes.
+//!
+//! A fresh ring costs both sides a memfd, a mapping, its first page faults and, at the end, the
+//! unmapping and the eviction of its pages: a third of what a short connection costs the client
+//! beyond TCP. So a connection whose ring was used by this process alone (no fork since it was
+//! set up) keeps its mapping here when it ends, after marking its side released in the ring's
+//! header (`Layout::released`).
+//!
+//! - **Server** (side 1, the creator): an entry keeps the mapping, the memfd and the peer's
+//!   pidfd. A new connection from the same client process (the pid the beacon's SO_PEERCRED
+//!   gave, still alive: its pidfd polls quiet, so the pid names the same process) with the same
+//!   layout takes the entry if the client released its side; the header and both side blocks
+//!   are zeroed and the same memfd goes in the Answer.
+//! - **Client** (side 0): an entry keeps the mapping, keyed by the memfd's inode. An Answer
+//!   whose memfd is a kept one (same device and inode: a live file's inode number is not
+//!   reused) takes the mapping instead of mapping the memfd again.
+//!
+//! A ring is reused only between the two processes that used it, so no other process sees
+//! what it held. Kept mappings are `MADV_DONTFORK`: a fork child never inherits them (it could
+//! read a later connection of its parent's), and it forgets the entries it copied without
+//! unmapping what it does not have. Entries go when their peer dies, after [`IDLE`] unused, or
+//! the oldest first past [`CAP`]; [`sweep`] does the first two.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::layout::{KEYS, Layout};
+use super::mem::Mapping;
+use crate::sys::{self, Fd};
+
+/// Most rings kept per process (each is an address range of a few MiB and the pages the
+/// connections touched).
+pub const CAP: usize = 8;
+/// A ring unused this long is unmapped.
+pub const IDLE: Duration = Duration::from_secs(1);
+
+static ENABLED: AtomicBool = AtomicBool::new(false);
+/// Forks this process made (counted by an atfork handler): a connection set up before a fork
+/// may be used by the child too, so its ring is never reused.
+static FORKS: AtomicU64 = AtomicU64::new(0);
+static KEPT: Mutex<Kept> = Mutex::new(Kept {
+    pid: 0,
+    entries: Vec::new(),
+});
+/// Rings taken from the cache, ever (both roles).
+static REUSED: AtomicU64 = AtomicU64::new(0);
+
+struct Kept {
+    /// The process the entries belong to (a fork child finds its parent's pid here).
+    pid: i32,
+    entries: Vec<Entry>,
+}
+
+/// One kept ring.
+pub(crate) struct Entry {
+    pub map: Mapping,
+    pub layout: Layout,
+    /// Our side (0 client, 1 server).
+    pub side: usize,
+    /// The memfd (server entries: it goes in the next Answer).
+    pub memfd: Option<Fd>,
+    /// (device, inode) of the memfd (client entries are looked up by it).
+    pub ino: (u64, u64),
+    pub peer_pid: i32,
+    pub pidfd: Option<Fd>,
+    pub since: Instant,
+}
+
+extern "C" fn count_fork() {
+    FORKS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Turns reuse on for this process (off by default: a process that never sweeps would keep
+/// dead rings until its cap pushed them out).
+pub fn enable() {
+    static HANDLER: std::sync::Once = std::sync::Once::new();
+    HANDLER.call_once(|| {
+        // SAFETY: registering a plain function that lives as long as the process.
+        unsafe { libc::pthread_atfork(Some(count_fork), None, None) };
+    });
+    ENABLED.store(true, Ordering::SeqCst);
+}
+
+/// Whether a connection set up now may later keep its ring; with the fork count it started
+/// at, for [`may_keep`].
+pub(crate) fn start() -> Option<u64> {
+    ENABLED
+        .load(Ordering::Relaxed)
+        .then(|| FORKS.load(Ordering::SeqCst))
+}
+
+/// Whether a connection that started at `started` ([`start`]) in process `pid` may keep its
+/// ring now: same process, no fork since.
+pub(crate) fn may_keep(started: Option<u64>, pid: i32) -> bool {
+    started.is_some_and(|f| f == FORKS.load(Ordering::SeqCst)) && pid == sys::getpid()
+}
+
+/// The entries of this process; a fork child's copy of its parent's are forgotten first.
+fn with_kept<R>(f: impl FnOnce(&mut Vec<Entry>) -> R) -> Option<R> {
+    // A lock held across a fork by a thread the child does not have: no cache in the child.
+    let mut k = KEPT.try_lock().ok()?;
+    let me = sys::getpid();
+    if k.pid != me {
+        for e in std::mem::take(&mut k.entries) {
+            // MADV_DONTFORK: the range is not mapped here; unmapping it could hit a mapping
+            // made since. The descriptors are this process's copies: closed.
+            std::mem::forget(e.map);
+        }
+        k.pid = me;
+    }
+    Some(f(&mut k.entries))
+}
+
+/// Keeps an ended connection's ring. Its side is marked released (Release: every access of
+/// ours comes before) and the mapping is kept out of fork children.
+pub(crate) fn keep(e: Entry) {
+    e.map
+        .u32_at(Layout::released(e.side))
+        .store(1, Ordering::Release);
+    if e.map.dontfork(true).is_err() {
+        return; // dropped: unmapped
+    }
+    let evicted = with_kept(move |v| {
+        let old = (v.len() >= CAP).then(|| v.remove(0));
+        v.push(e);
+        old
+    });
+    drop(evicted); // outside the lock
+}
+
+/// Server: a kept ring for a new connection from `peer_pid` with `layout`, reset for it.
+pub(crate) fn take_server(peer_pid: i32, layout: &Layout) -> Option<(Mapping, Fd)> {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let e = with_kept(|v| {
+        let i = v.iter().position(|e| {
+            e.side == 1
+                && e.peer_pid == peer_pid
+                && e.layout == *layout
+                && e.memfd.is_some()
+                && e.map.u32_at(Layout::released(0)).load(Ordering::Acquire) == 1
+        })?;
+        Some(v.remove(i))
+    })??;
+    // The pid still names the process we shared the ring with (a dead one's pid may name
+    // another process now): its pidfd is not readable yet.
+    let alive = e
+        .pidfd
+        .as_ref()
+        .is_some_and(|p| matches!(sys::poll_one(p, libc::POLLIN, 0), Ok(0)));
+    if !alive || e.map.dontfork(false).is_err() {
+        return None;
+    }
+    reset(&e.map);
+    REUSED.fetch_add(1, Ordering::Relaxed);
+    let Entry { map, memfd, .. } = e;
+    Some((map, memfd.expect("checked above")))
+}
+
+/// Client: the kept mapping of the memfd `ino`, if it has `layout`.
+pub(crate) fn take_client(ino: (u64, u64), layout: &Layout) -> Option<Mapping> {
+    if !ENABLED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let e = with_kept(|v| {
+        let i = v
+            .iter()
+            .position(|e| e.side == 0 && e.ino == ino && e.layout == *layout)?;
+        Some(v.remove(i))
+    })??;
+    if e.map.dontfork(false).is_err() {
+        return None;
+    }
+    REUSED.fetch_add(1, Ordering::Relaxed);
+    Some(e.map)
+}
+
+/// Zeroes what a connection leaves in the header and both side blocks (the creator's reset; a
+/// fresh memfd is all zero). Slot contents need none: only announced slots are ever read.
+fn reset(map: &Mapping) {
+    for side in 0..2 {
+        map.u64_at(Layout::owner_gen(side))
+            .store(0, Ordering::Relaxed);
+        map.u32_at(Layout::ring_always(side))
+            .store(0, Ordering::Relaxed);
+        map.u32_at(Layout::aborted(side))
+            .store(0, Ordering::Relaxed);
+        map.u32_at(Layout::released(side))
+            .store(0, Ordering::Relaxed);
+        map.u64_at(Layout::rx_posted(side))
+            .store(0, Ordering::Relaxed);
+        map.u64_at(Layout::tx_produced(side))
+            .store(0, Ordering::Relaxed);
+        map.u32_at(Layout::want_bell(side))
+            .store(0, Ordering::Relaxed);
+        map.u32_at(Layout::want_drain(side))
+            .store(0, Ordering::Relaxed);
+        for i in 0..KEYS {
+            map.u64_at(Layout::key_entry(side, i))
+                .store(0, Ordering::Relaxed);
+        }
+    }
+    std::sync::atomic::fence(Ordering::Release);
+}
+
+/// Unmaps the rings whose peer died or that were not used for [`IDLE`]; how many are kept
+/// after. The progress thread calls it about once a second.
+pub fn sweep() -> usize {
+    let gone = with_kept(|v| {
+        let now = Instant::now();
+        let (keep, gone): (Vec<Entry>, Vec<Entry>) = std::mem::take(v).into_iter().partition(|e| {
+            now.duration_since(e.since) < IDLE
+                && e.pidfd
+                    .as_ref()
+                    .is_none_or(|p| matches!(sys::poll_one(p, libc::POLLIN, 0), Ok(0)))
+        });
+        *v = keep;
+        (gone, v.len())
+    });
+    match gone {
+        Some((gone, n)) => {
+            drop(gone);
+            n
+        }
+        None => 0,
+    }
+}
+
+/// How many rings this process kept (and how many it took back), for statistics and tests.
+pub fn counts() -> (usize, u64) {
+    (
+        with_kept(|v| v.len()).unwrap_or(0),
+        REUSED.load(Ordering::Relaxed),
+    )
+}
