@@ -28,6 +28,20 @@ fn opts() -> ShmOptions {
 
 /// One connection, set up as libsdp's client and server do, the server naming `client_pid`.
 fn connect(client_pid: i32) -> (ShmConn, ShmConn) {
+    connect_with(client_pid, |b| b)
+}
+
+/// The early Offer's body without the tokens of the rings the client kept (as a process that
+/// never mapped them sends it): depth, size, posts, probe, cookie, the private data (u16
+/// length), then the token count.
+fn without_tokens(mut body: Vec<u8>) -> Vec<u8> {
+    let at = 28 + 2 + u16::from_le_bytes([body[28], body[29]]) as usize;
+    body.truncate(at);
+    body.push(0);
+    body
+}
+
+fn connect_with(client_pid: i32, body_of: impl Fn(Vec<u8>) -> Vec<u8>) -> (ShmConn, ShmConn) {
     let (sa, sp) = sys::socketpair_stream().expect("socketpair");
     let mut a = Active::unpaired(opts()).expect("active");
     for i in 0..4 {
@@ -36,10 +50,10 @@ fn connect(client_pid: i32) -> (ShmConn, ShmConn) {
     let body = a.early_offer(b"hello").expect("offer");
     let (app, bell) = sys::socketpair_stream().expect("app pair");
     a.attach_pair(app, bell).expect("attach");
-    let offer = Passive::offer_from_body(&body).expect("offer body");
+    let offer = Passive::offer_from_body(&body_of(body)).expect("offer body");
     let (app, bell) = sys::socketpair_stream().expect("app pair");
     let mut p = offer
-        .accept_from(opts(), app, bell, Some(client_pid))
+        .accept_from(opts(), app, bell, Some((client_pid, sys::getuid())))
         .expect("accept");
     for i in 0..4 {
         p.post_recv(i as WrId).expect("post");
@@ -118,6 +132,23 @@ fn a_ring_the_client_still_holds_is_not_taken() {
 }
 
 #[test]
+fn a_client_that_does_not_name_the_kept_ring_gets_a_new_one() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    reuse::enable();
+    let me = sys::getpid();
+    let (c, s) = connect(me);
+    drop((c, s));
+    // Same pid and uid, but the Offer names no kept ring (a new program the process exec'd
+    // has none): it must not receive the old ring, whose slots still hold the old bytes.
+    let (c, s) = connect_with(me, without_tokens);
+    assert!(
+        !c.reused() && !s.reused(),
+        "a kept ring went to a client that did not name it"
+    );
+    drop((c, s));
+}
+
+#[test]
 fn a_kept_ring_goes_to_no_other_process_than_the_one_it_served() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     reuse::enable();
@@ -150,7 +181,7 @@ fn a_kept_ring_goes_to_no_other_process_than_the_one_it_served() {
     let offer = Passive::offer_from_body(&body).expect("offer body");
     let (app, bell) = sys::socketpair_stream().expect("app pair");
     let mut p = offer
-        .accept_from(opts(), app, bell, Some(me))
+        .accept_from(opts(), app, bell, Some((me, sys::getuid())))
         .expect("accept");
     assert!(
         p.identify(&stream).is_err(),

@@ -515,7 +515,8 @@ fn answer_with_memfd(memfd: &sys::Fd, size: u64) -> Result<(), BootError> {
     body.extend_from_slice(&size.to_le_bytes());
     body.extend_from_slice(&0u64.to_le_bytes());
     body.extend_from_slice(&0u64.to_le_bytes());
-    body.push(0);
+    body.push(0); // can_read_you
+    body.extend_from_slice(&0u64.to_le_bytes()); // the ring's reuse token
     body.extend_from_slice(&0u16.to_le_bytes());
     let (bell, _keep) = sys::socketpair_stream().unwrap();
     sys::send_with_fds(&sp, &frame(2, &body), &[memfd.raw(), bell.raw()]).unwrap();

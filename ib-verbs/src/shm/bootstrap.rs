@@ -43,7 +43,10 @@ const MAX_BODY: usize = 1024;
 
 /// The early Offer's body (five fixed fields, the private data's length and the private
 /// data) fits what a beacon takes after an intent.
-const _: () = assert!(4 + 4 + 4 + 8 + 8 + 2 + MAX_PRIVATE <= super::beacon::MAX_EXTRA);
+const _: () = assert!(
+    4 + 4 + 4 + 8 + 8 + 2 + MAX_PRIVATE + 1 + 8 * super::reuse::OFFER_TOKENS
+        <= super::beacon::MAX_EXTRA
+);
 
 const KIND_OFFER: u8 = 1;
 const KIND_ANSWER: u8 = 2;
@@ -356,6 +359,12 @@ impl Active {
             .u64(self.probe.addr())
             .u64(self.cookie)
             .bytes(private);
+        // The rings this process kept (`reuse`): the server may give one of them back.
+        let tokens = super::reuse::client_tokens();
+        w.u8(tokens.len() as u8);
+        for t in tokens {
+            w.u64(t);
+        }
         Ok(w)
     }
 
@@ -397,6 +406,8 @@ impl Active {
         if self.app_end.is_none() || self.bell_end.is_some() != self.early {
             return Err(BootError::Malformed("no app socketpair"));
         }
+        // Before the ring is mapped: a fork from here on keeps it from being kept.
+        let keep_from = super::reuse::start();
         let (kind, body, mut fds) = recv_frame(stream, self.opts.timeout)?;
         let mut r = Reader(&body);
         if kind == KIND_REJECT {
@@ -415,6 +426,7 @@ impl Active {
         let probe_addr = r.u64()?;
         let probe_cookie = r.u64()?;
         let peer_can_read = r.u8()? == 1;
+        let token = r.u64()?;
         let private = r.bytes()?.to_vec();
         r.end()?;
         if peer_posted > peer_shape.depth {
@@ -437,8 +449,14 @@ impl Active {
         let memfd = fds.pop().expect("two fds");
         check_bell(&peer_bell)?;
         let ino = sys::memfd_check(&memfd, layout.total).map_err(BootError::BadMemfd)?;
-        // The ring of a connection with this server process that ended: still mapped here.
-        let kept = super::reuse::take_client(ino, &layout);
+        // The ring of a connection with this server process that ended: still mapped here. Its
+        // header must carry the token the Answer names (a kept mapping of another file that
+        // had the same inode number, on kernels that recycle 32-bit ones, does not).
+        let kept = super::reuse::take_client(ino, &layout).filter(|m| {
+            m.u64_at(Layout::reuse_token())
+                .load(std::sync::atomic::Ordering::Acquire)
+                == token
+        });
         let reused = kept.is_some();
         let map = match kept {
             Some(m) => m,
@@ -468,6 +486,8 @@ impl Active {
             send_depth: self.opts.send_depth,
             initial_posts: self.posts,
             ino,
+            token,
+            keep_from,
             reused,
         })
         .map_err(BootError::Post)?;
@@ -515,6 +535,11 @@ impl Passive {
         let probe_addr = r.u64()?;
         let probe_cookie = r.u64()?;
         let private = r.bytes()?.to_vec();
+        let n = r.u8()? as usize;
+        if n > super::reuse::OFFER_TOKENS {
+            return Err(BootError::Malformed("too many ring tokens"));
+        }
+        let tokens = (0..n).map(|_| r.u64()).collect::<Result<Vec<u64>, _>>()?;
         r.end()?;
         if posted > shape.depth {
             return Err(BootError::BadParams("initial posts exceed depth"));
@@ -529,6 +554,7 @@ impl Passive {
             can_read_peer: false,
             probe_addr,
             probe_cookie,
+            tokens,
         })
     }
 }
@@ -547,6 +573,8 @@ pub struct Offer {
     can_read_peer: bool,
     probe_addr: u64,
     probe_cookie: u64,
+    /// The reuse tokens of the rings the client kept.
+    tokens: Vec<u64>,
 }
 
 impl Offer {
@@ -600,28 +628,34 @@ impl Offer {
         self.accept_from(opts, app_end, bell_end, None)
     }
 
-    /// [`Offer::accept_with_pair`] for a client known to be process `peer_pid` (the pid the
-    /// beacon saw): the ring of an ended connection with that process is reused if there is
-    /// one, and [`Accepting::identify`] then requires that very process behind the endpoint.
+    /// [`Offer::accept_with_pair`] for a client known to be process `peer` (the pid and uid
+    /// the beacon saw): the ring of an ended connection with that process is reused if its
+    /// Offer names it (see `reuse`), and [`Accepting::identify`] then requires that very
+    /// process behind the endpoint.
     pub fn accept_from(
         self,
         opts: ShmOptions,
         app_end: Fd,
         bell_end: Fd,
-        peer_pid: Option<i32>,
+        peer: Option<(i32, u32)>,
     ) -> Result<Accepting, BootError> {
+        // Before the ring is mapped: a fork from here on keeps it from being kept.
+        let keep_from = super::reuse::start();
         let own = RingShape {
             depth: opts.recv_depth,
             buf_size: opts.recv_buf_size,
         };
         let layout = Layout::new(self.shape, own).map_err(BootError::BadParams)?;
-        let kept = peer_pid.and_then(|p| super::reuse::take_server(p, &layout));
-        let reused_for = kept.as_ref().and(peer_pid);
+        let token = sys::random_u64()?;
+        let kept = peer.and_then(|p| super::reuse::take_server(p, &self.tokens, &layout, token));
+        let reused_for = kept.as_ref().and(peer);
         let (map, memfd) = match kept {
             Some(k) => k,
             None => {
                 let memfd = sys::memfd_sealed(b"libsdp-shm", layout.total)?;
                 let map = Mapping::map(&memfd, layout.total)?;
+                map.u64_at(Layout::reuse_token())
+                    .store(token, std::sync::atomic::Ordering::Relaxed);
                 (map, memfd)
             }
         };
@@ -642,6 +676,8 @@ impl Offer {
             probe: Probe::new(cookie),
             cookie,
             reused_for,
+            token,
+            keep_from,
         })
     }
 }
@@ -659,8 +695,10 @@ pub struct Accepting {
     posts: Vec<WrId>,
     probe: Probe,
     cookie: u64,
-    /// The ring is a kept one, shared before with this process only.
-    reused_for: Option<i32>,
+    /// The ring is a kept one, shared before with this process (pid, uid) only.
+    reused_for: Option<(i32, u32)>,
+    token: u64,
+    keep_from: Option<u64>,
 }
 
 impl Accepting {
@@ -669,8 +707,8 @@ impl Accepting {
     pub fn identify(&mut self, stream: &Fd) -> Result<(), BootError> {
         self.offer.identify(stream)?;
         // A kept ring goes back only to the process that shared it.
-        if let Some(pid) = self.reused_for
-            && self.offer.cred.map(|c| c.pid) != Some(pid)
+        if let Some(peer) = self.reused_for
+            && self.offer.cred.map(|c| (c.pid, c.uid)) != Some(peer)
         {
             return Err(BootError::Malformed(
                 "a kept ring offered to another process",
@@ -711,6 +749,7 @@ impl Accepting {
             .u64(self.probe.addr())
             .u64(self.cookie)
             .u8(self.offer.can_read_peer as u8)
+            .u64(self.token)
             .bytes(private);
         send_frame(stream, w.finish(), &[self.memfd.raw(), bell.raw()])
     }
@@ -753,6 +792,8 @@ impl Accepting {
             initial_posts: self.posts,
             // A server keeps its rings by peer process, not by inode.
             ino: (0, 0),
+            token: self.token,
+            keep_from: self.keep_from,
             reused: self.reused_for.is_some(),
         })
         .map_err(BootError::Post)

@@ -75,6 +75,10 @@ pub(crate) struct Parts {
     pub initial_posts: Vec<WrId>,
     /// (device, inode) of the memfd, the key a client keeps its ring under.
     pub ino: (u64, u64),
+    /// The ring's reuse token for this connection (`Layout::reuse_token`).
+    pub token: u64,
+    /// [`super::reuse::start`], read before the ring was mapped.
+    pub keep_from: Option<u64>,
     /// The ring came from [`super::reuse`] (statistics).
     pub reused: bool,
 }
@@ -123,6 +127,7 @@ pub struct ShmConn {
     gen_seen: u64,
     claimed_pid: i32,
     ino: (u64, u64),
+    token: u64,
     reused: bool,
     /// The fork count at setup, if the ring may be kept when the connection ends.
     keep_from: Option<u64>,
@@ -180,8 +185,9 @@ impl ShmConn {
             gen_seen: 0,
             claimed_pid: sys::getpid(),
             ino: p.ino,
+            token: p.token,
             reused: p.reused,
-            keep_from: super::reuse::start(),
+            keep_from: p.keep_from,
             handed_out: std::sync::atomic::AtomicBool::new(false),
         };
         // Our own side block starts from our private state, whatever the creator wrote there.
@@ -968,7 +974,9 @@ impl Drop for ShmConn {
                     None
                 },
                 ino: self.ino,
+                token: self.token,
                 peer_pid: self.cred.pid,
+                peer_uid: self.cred.uid,
                 pidfd: self.pidfd.take(),
                 since: std::time::Instant::now(),
             });

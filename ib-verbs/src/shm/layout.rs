@@ -9,6 +9,7 @@
 //!               | header: magic "libsdp-shm-v1" (informational only)             |
 //!   +16 / +24   | owner_gen u64 for side 0 / side 1 (see ShmConn::claim)          |
 //!   +32 / +36   | ring_always u32, +40 / +44 aborted u32, +48 / +52 released u32 |
+//!   +56         | reuse_token u64: the creator's random name of this use of the ring |
 //! 64            +---- side 0 (active) block, written by side 0 --------------------+
 //!   +0          | rx_posted   u64  buffers side 0 ever posted in its receive ring  |
 //!   +64         | tx_produced u64  messages side 0 ever wrote into side 1's ring    |
@@ -134,6 +135,13 @@ impl Layout {
     /// access; the creator reuses the ring only once the other side set it.
     pub fn released(side: usize) -> usize {
         48 + side * 4
+    }
+
+    /// The ring's reuse token (u64): a random number the creator writes at each use of the
+    /// ring. A client that kept the ring names it in its next Offer, which proves the server
+    /// that the client still holds the mapping (`reuse`): nobody else can read it.
+    pub fn reuse_token() -> usize {
+        56
     }
 
     /// Side `side`'s count of posted receive buffers.

@@ -7,20 +7,28 @@
 //! set up) keeps its mapping here when it ends, after marking its side released in the ring's
 //! header (`Layout::released`).
 //!
-//! - **Server** (side 1, the creator): an entry keeps the mapping, the memfd and the peer's
-//!   pidfd. A new connection from the same client process (the pid the beacon's SO_PEERCRED
-//!   gave, still alive: its pidfd polls quiet, so the pid names the same process) with the same
-//!   layout takes the entry if the client released its side; the header and both side blocks
-//!   are zeroed and the same memfd goes in the Answer.
-//! - **Client** (side 0): an entry keeps the mapping, keyed by the memfd's inode. An Answer
-//!   whose memfd is a kept one (same device and inode: a live file's inode number is not
-//!   reused) takes the mapping instead of mapping the memfd again.
+//! - **Server** (side 1, the creator): an entry keeps the mapping, the memfd, the peer's
+//!   pidfd and the ring's reuse token (`Layout::reuse_token`, a random number written at each
+//!   use). A new connection takes the entry only if all of these hold: its Offer names the
+//!   token (the client still holds the mapping: nobody who never mapped the ring knows it, not
+//!   even a new program the client's process exec'd); the beacon's SO_PEERCRED gave the same
+//!   pid (a real one: 0 is a peer in another pid namespace) and uid, and
+//!   [`crate::shm::Accepting::identify`] finds them again at the endpoint; the pidfd still
+//!   polls quiet (the pid names the same process); the layout is the same; and the client
+//!   released its side. The header and both side blocks are zeroed, a new token written, and
+//!   the same memfd goes in the Answer.
+//! - **Client** (side 0): an entry keeps the mapping, keyed by the memfd's inode, and the
+//!   token. An Answer whose memfd is a kept one (same device and inode: a live file's inode
+//!   number is not reused) takes the mapping instead of mapping the memfd again.
 //!
 //! A ring is reused only between the two processes that used it, so no other process sees
 //! what it held. Kept mappings are `MADV_DONTFORK`: a fork child never inherits them (it could
 //! read a later connection of its parent's), and it forgets the entries it copied without
-//! unmapping what it does not have. Entries go when their peer dies, after [`IDLE`] unused, or
-//! the oldest first past [`CAP`]; [`sweep`] does the first two.
+//! unmapping what it does not have (an atfork child handler closes its copies of the kept
+//! descriptors at once). A connection whose setup overlapped a fork (the fork count, bumped in
+//! every atfork handler, read before its ring was mapped) keeps nothing. Entries go when their
+//! peer dies, after [`IDLE`] unused, or the oldest first past [`CAP`]; [`sweep`] does the
+//! first two.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +38,8 @@ use super::layout::{KEYS, Layout};
 use super::mem::Mapping;
 use crate::sys::{self, Fd};
 
+/// Most kept rings a client names in an Offer (the newest).
+pub const OFFER_TOKENS: usize = 3;
 /// Most rings kept per process (each is an address range of a few MiB and the pages the
 /// connections touched).
 pub const CAP: usize = 8;
@@ -63,7 +73,10 @@ pub(crate) struct Entry {
     pub memfd: Option<Fd>,
     /// (device, inode) of the memfd (client entries are looked up by it).
     pub ino: (u64, u64),
+    /// The ring's reuse token of the connection that ended (our private copy).
+    pub token: u64,
     pub peer_pid: i32,
+    pub peer_uid: u32,
     pub pidfd: Option<Fd>,
     pub since: Instant,
 }
@@ -72,19 +85,31 @@ extern "C" fn count_fork() {
     FORKS.fetch_add(1, Ordering::SeqCst);
 }
 
+extern "C" fn fork_child() {
+    FORKS.fetch_add(1, Ordering::SeqCst);
+    // The pid cache first (its own handler may run after this one).
+    sys::forget_pid();
+    // The parent's entries: forgotten, our copies of their descriptors closed, now.
+    with_kept(|_| ());
+}
+
 /// Turns reuse on for this process (off by default: a process that never sweeps would keep
 /// dead rings until its cap pushed them out).
 pub fn enable() {
     static HANDLER: std::sync::Once = std::sync::Once::new();
     HANDLER.call_once(|| {
         // SAFETY: registering a plain function that lives as long as the process.
-        unsafe { libc::pthread_atfork(Some(count_fork), None, None) };
+        // In every handler: a connection whose setup read the count before the fork's prepare
+        // handlers ran, or while they ran (its exchange finished by them), reads another count
+        // when it ends.
+        unsafe { libc::pthread_atfork(Some(count_fork), Some(count_fork), Some(fork_child)) };
     });
     ENABLED.store(true, Ordering::SeqCst);
 }
 
-/// Whether a connection set up now may later keep its ring; with the fork count it started
-/// at, for [`may_keep`].
+/// Whether a connection being set up may later keep its ring; with the fork count it started
+/// at, for [`may_keep`]. Read before its ring is mapped (or taken): a fork after that changes
+/// the count.
 pub(crate) fn start() -> Option<u64> {
     ENABLED
         .load(Ordering::Relaxed)
@@ -116,6 +141,9 @@ fn with_kept<R>(f: impl FnOnce(&mut Vec<Entry>) -> R) -> Option<R> {
 /// Keeps an ended connection's ring. Its side is marked released (Release: every access of
 /// ours comes before) and the mapping is kept out of fork children.
 pub(crate) fn keep(e: Entry) {
+    if e.peer_pid <= 0 {
+        return; // a peer in another pid namespace: its pid names nothing here
+    }
     e.map
         .u32_at(Layout::released(e.side))
         .store(1, Ordering::Release);
@@ -130,15 +158,39 @@ pub(crate) fn keep(e: Entry) {
     drop(evicted); // outside the lock
 }
 
-/// Server: a kept ring for a new connection from `peer_pid` with `layout`, reset for it.
-pub(crate) fn take_server(peer_pid: i32, layout: &Layout) -> Option<(Mapping, Fd)> {
+/// Client: the tokens of the rings it kept (newest first), for its Offer.
+pub(crate) fn client_tokens() -> Vec<u64> {
     if !ENABLED.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    with_kept(|v| {
+        v.iter()
+            .rev()
+            .filter(|e| e.side == 0)
+            .map(|e| e.token)
+            .take(OFFER_TOKENS)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// Server: a kept ring for a new connection from process `peer` (pid, uid), whose Offer named
+/// `tokens`, with `layout`; reset for it, with `new_token` written.
+pub(crate) fn take_server(
+    peer: (i32, u32),
+    tokens: &[u64],
+    layout: &Layout,
+    new_token: u64,
+) -> Option<(Mapping, Fd)> {
+    if !ENABLED.load(Ordering::Relaxed) || peer.0 <= 0 || tokens.is_empty() {
         return None;
     }
     let e = with_kept(|v| {
         let i = v.iter().position(|e| {
             e.side == 1
-                && e.peer_pid == peer_pid
+                && e.peer_pid == peer.0
+                && e.peer_uid == peer.1
+                && tokens.contains(&e.token)
                 && e.layout == *layout
                 && e.memfd.is_some()
                 && e.map.u32_at(Layout::released(0)).load(Ordering::Acquire) == 1
@@ -154,7 +206,7 @@ pub(crate) fn take_server(peer_pid: i32, layout: &Layout) -> Option<(Mapping, Fd
     if !alive || e.map.dontfork(false).is_err() {
         return None;
     }
-    reset(&e.map);
+    reset(&e.map, new_token);
     REUSED.fetch_add(1, Ordering::Relaxed);
     let Entry { map, memfd, .. } = e;
     Some((map, memfd.expect("checked above")))
@@ -179,8 +231,11 @@ pub(crate) fn take_client(ino: (u64, u64), layout: &Layout) -> Option<Mapping> {
 }
 
 /// Zeroes what a connection leaves in the header and both side blocks (the creator's reset; a
-/// fresh memfd is all zero). Slot contents need none: only announced slots are ever read.
-fn reset(map: &Mapping) {
+/// fresh memfd is all zero) and names the new use with `token`. Slot contents need none: only
+/// announced slots are ever read, and only the two processes that wrote them can.
+fn reset(map: &Mapping, token: u64) {
+    map.u64_at(Layout::reuse_token())
+        .store(token, Ordering::Relaxed);
     for side in 0..2 {
         map.u64_at(Layout::owner_gen(side))
             .store(0, Ordering::Relaxed);
@@ -207,7 +262,7 @@ fn reset(map: &Mapping) {
 }
 
 /// Unmaps the rings whose peer died or that were not used for [`IDLE`]; how many are kept
-/// after. The progress thread calls it about once a second.
+/// after. The progress thread calls it a few times a second.
 pub fn sweep() -> usize {
     let gone = with_kept(|v| {
         let now = Instant::now();

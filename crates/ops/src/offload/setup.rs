@@ -1430,8 +1430,8 @@ fn server_exchange(
     };
     // The early variant names the client process (the beacon's SO_PEERCRED): the ring of an
     // ended connection with it may serve again (`identify` checks that it is that process).
-    let client_pid = stream.is_none().then_some(pid);
-    let mut accepting = match offer.accept_from(shm_options(), app_dup, bell_dup, client_pid) {
+    let client = stream.is_none().then_some((pid, uid));
+    let mut accepting = match offer.accept_from(shm_options(), app_dup, bell_dup, client) {
         Ok(a) => a,
         Err(_) => {
             sys::close(app);
