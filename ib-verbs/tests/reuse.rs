@@ -41,6 +41,14 @@ fn without_tokens(mut body: Vec<u8>) -> Vec<u8> {
     body
 }
 
+/// The early Offer's body as a client of an earlier build sends it: nothing after the private
+/// data.
+fn earlier_build(mut body: Vec<u8>) -> Vec<u8> {
+    let at = 28 + 2 + u16::from_le_bytes([body[28], body[29]]) as usize;
+    body.truncate(at);
+    body
+}
+
 fn connect_with(client_pid: i32, body_of: impl Fn(Vec<u8>) -> Vec<u8>) -> (ShmConn, ShmConn) {
     let (sa, sp) = sys::socketpair_stream().expect("socketpair");
     let mut a = Active::unpaired(opts()).expect("active");
@@ -146,6 +154,23 @@ fn a_client_that_does_not_name_the_kept_ring_gets_a_new_one() {
         "a kept ring went to a client that did not name it"
     );
     drop((c, s));
+}
+
+#[test]
+fn a_client_of_an_earlier_build_gets_no_token_and_nothing_is_kept() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    reuse::enable();
+    forget_kept();
+    // Its Offer ends after the private data: the Answer must end there too (an earlier client
+    // refuses trailing bytes), and neither side keeps a ring it could never get back.
+    let (mut c, mut s) = connect_with(sys::getpid(), earlier_build);
+    exchange(&mut c, &mut s, 4);
+    drop((c, s));
+    assert_eq!(
+        reuse::counts().0,
+        0,
+        "a ring was kept for a client that cannot reuse it"
+    );
 }
 
 #[test]

@@ -516,8 +516,7 @@ fn answer_with_memfd(memfd: &sys::Fd, size: u64) -> Result<(), BootError> {
     body.extend_from_slice(&0u64.to_le_bytes());
     body.extend_from_slice(&0u64.to_le_bytes());
     body.push(0); // can_read_you
-    body.extend_from_slice(&0u64.to_le_bytes()); // the ring's reuse token
-    body.extend_from_slice(&0u16.to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes()); // no private data, and no reuse token after
     let (bell, _keep) = sys::socketpair_stream().unwrap();
     sys::send_with_fds(&sp, &frame(2, &body), &[memfd.raw(), bell.raw()]).unwrap();
     a.finish(&sa).map(|_| ())

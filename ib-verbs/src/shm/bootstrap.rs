@@ -291,6 +291,8 @@ pub struct Active {
     /// The Offer went out through the beacon ([`Active::early_offer`]): the bell end goes
     /// with the Ready.
     early: bool,
+    /// Which kept rings the Offer names (`reuse::client_tokens`).
+    scope: u64,
 }
 
 impl Active {
@@ -328,7 +330,15 @@ impl Active {
             cookie,
             offered: false,
             early: false,
+            scope: 0,
         })
+    }
+
+    /// Groups the ring of this connection, once kept, with those of other connections in
+    /// `scope` (libsdp: the server's address): the Offer names the kept rings of its scope
+    /// only, so that no other server learns their tokens. Before the Offer is made.
+    pub fn set_reuse_scope(&mut self, scope: u64) {
+        self.scope = scope;
     }
 
     /// Gives an [`Active::unpaired`] side its app socketpair (see [`Active::with_pair`]).
@@ -359,8 +369,9 @@ impl Active {
             .u64(self.probe.addr())
             .u64(self.cookie)
             .bytes(private);
-        // The rings this process kept (`reuse`): the server may give one of them back.
-        let tokens = super::reuse::client_tokens();
+        // The rings this process kept (`reuse`): the server may give one of them back. The
+        // count is there even when 0: it tells the server that we take a token in the Answer.
+        let tokens = super::reuse::client_tokens(self.scope);
         w.u8(tokens.len() as u8);
         for t in tokens {
             w.u64(t);
@@ -426,8 +437,9 @@ impl Active {
         let probe_addr = r.u64()?;
         let probe_cookie = r.u64()?;
         let peer_can_read = r.u8()? == 1;
-        let token = r.u64()?;
         let private = r.bytes()?.to_vec();
+        // The ring's reuse token: not from a server of an earlier build.
+        let token = if r.0.is_empty() { None } else { Some(r.u64()?) };
         r.end()?;
         if peer_posted > peer_shape.depth {
             return Err(BootError::BadParams("initial posts exceed depth"));
@@ -452,11 +464,14 @@ impl Active {
         // The ring of a connection with this server process that ended: still mapped here. Its
         // header must carry the token the Answer names (a kept mapping of another file that
         // had the same inode number, on kernels that recycle 32-bit ones, does not).
-        let kept = super::reuse::take_client(ino, &layout).filter(|m| {
-            m.u64_at(Layout::reuse_token())
-                .load(std::sync::atomic::Ordering::Acquire)
-                == token
-        });
+        let kept = token
+            .and_then(|t| super::reuse::take_client(ino, &layout).map(|m| (m, t)))
+            .filter(|(m, t)| {
+                m.u64_at(Layout::reuse_token())
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    == *t
+            })
+            .map(|(m, _)| m);
         let reused = kept.is_some();
         let map = match kept {
             Some(m) => m,
@@ -487,6 +502,7 @@ impl Active {
             initial_posts: self.posts,
             ino,
             token,
+            scope: self.scope,
             keep_from,
             reused,
         })
@@ -535,11 +551,16 @@ impl Passive {
         let probe_addr = r.u64()?;
         let probe_cookie = r.u64()?;
         let private = r.bytes()?.to_vec();
-        let n = r.u8()? as usize;
-        if n > super::reuse::OFFER_TOKENS {
-            return Err(BootError::Malformed("too many ring tokens"));
-        }
-        let tokens = (0..n).map(|_| r.u64()).collect::<Result<Vec<u64>, _>>()?;
+        // The tokens of the rings the client kept: none from a client of an earlier build.
+        let tokens = if r.0.is_empty() {
+            None
+        } else {
+            let n = r.u8()? as usize;
+            if n > super::reuse::OFFER_TOKENS {
+                return Err(BootError::Malformed("too many ring tokens"));
+            }
+            Some((0..n).map(|_| r.u64()).collect::<Result<Vec<u64>, _>>()?)
+        };
         r.end()?;
         if posted > shape.depth {
             return Err(BootError::BadParams("initial posts exceed depth"));
@@ -573,8 +594,9 @@ pub struct Offer {
     can_read_peer: bool,
     probe_addr: u64,
     probe_cookie: u64,
-    /// The reuse tokens of the rings the client kept.
-    tokens: Vec<u64>,
+    /// The reuse tokens of the rings the client kept; `None`: a client of an earlier build,
+    /// which takes no token in the Answer.
+    tokens: Option<Vec<u64>>,
 }
 
 impl Offer {
@@ -647,7 +669,10 @@ impl Offer {
         };
         let layout = Layout::new(self.shape, own).map_err(BootError::BadParams)?;
         let token = sys::random_u64()?;
-        let kept = peer.and_then(|p| super::reuse::take_server(p, &self.tokens, &layout, token));
+        let kept = match (&self.tokens, peer) {
+            (Some(tokens), Some(p)) => super::reuse::take_server(p, tokens, &layout, token),
+            _ => None,
+        };
         let reused_for = kept.as_ref().and(peer);
         let (map, memfd) = match kept {
             Some(k) => k,
@@ -749,8 +774,10 @@ impl Accepting {
             .u64(self.probe.addr())
             .u64(self.cookie)
             .u8(self.offer.can_read_peer as u8)
-            .u64(self.token)
             .bytes(private);
+        if self.offer.tokens.is_some() {
+            w.u64(self.token);
+        }
         send_frame(stream, w.finish(), &[self.memfd.raw(), bell.raw()])
     }
 
@@ -792,7 +819,9 @@ impl Accepting {
             initial_posts: self.posts,
             // A server keeps its rings by peer process, not by inode.
             ino: (0, 0),
-            token: self.token,
+            // A client of an earlier build reuses nothing: nothing to keep.
+            token: self.offer.tokens.is_some().then_some(self.token),
+            scope: 0,
             keep_from: self.keep_from,
             reused: self.reused_for.is_some(),
         })

@@ -75,8 +75,11 @@ pub(crate) struct Parts {
     pub initial_posts: Vec<WrId>,
     /// (device, inode) of the memfd, the key a client keeps its ring under.
     pub ino: (u64, u64),
-    /// The ring's reuse token for this connection (`Layout::reuse_token`).
-    pub token: u64,
+    /// The ring's reuse token for this connection (`Layout::reuse_token`); `None` with a
+    /// peer of an earlier build, which reuses nothing.
+    pub token: Option<u64>,
+    /// The client's grouping of its kept rings (`reuse::client_tokens`).
+    pub scope: u64,
     /// [`super::reuse::start`], read before the ring was mapped.
     pub keep_from: Option<u64>,
     /// The ring came from [`super::reuse`] (statistics).
@@ -127,7 +130,8 @@ pub struct ShmConn {
     gen_seen: u64,
     claimed_pid: i32,
     ino: (u64, u64),
-    token: u64,
+    token: Option<u64>,
+    scope: u64,
     reused: bool,
     /// The fork count at setup, if the ring may be kept when the connection ends.
     keep_from: Option<u64>,
@@ -186,6 +190,7 @@ impl ShmConn {
             claimed_pid: sys::getpid(),
             ino: p.ino,
             token: p.token,
+            scope: p.scope,
             reused: p.reused,
             keep_from: p.keep_from,
             handed_out: std::sync::atomic::AtomicBool::new(false),
@@ -957,10 +962,12 @@ impl Drop for ShmConn {
         // SAFETY: `map` is taken once, here, and never used again.
         let map = unsafe { std::mem::ManuallyDrop::take(&mut self.map) };
         // A peer that broke the ring's rules, or a failed call, leaves it to nobody.
-        let keep = matches!(
-            self.dead,
-            None | Some(ConnError::PeerClosed | ConnError::PeerAborted)
-        ) && !self.handed_out.load(Ordering::Relaxed)
+        let keep = self.token.is_some()
+            && matches!(
+                self.dead,
+                None | Some(ConnError::PeerClosed | ConnError::PeerAborted)
+            )
+            && !self.handed_out.load(Ordering::Relaxed)
             && super::reuse::may_keep(self.keep_from, self.claimed_pid);
         if keep {
             super::reuse::keep(super::reuse::Entry {
@@ -974,9 +981,11 @@ impl Drop for ShmConn {
                     None
                 },
                 ino: self.ino,
-                token: self.token,
+                token: self.token.unwrap_or_default(),
+                scope: self.scope,
                 peer_pid: self.cred.pid,
                 peer_uid: self.cred.uid,
+                keep_from: self.keep_from,
                 pidfd: self.pidfd.take(),
                 since: std::time::Instant::now(),
             });

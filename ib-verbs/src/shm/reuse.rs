@@ -17,16 +17,23 @@
 //!   polls quiet (the pid names the same process); the layout is the same; and the client
 //!   released its side. The header and both side blocks are zeroed, a new token written, and
 //!   the same memfd goes in the Answer.
-//! - **Client** (side 0): an entry keeps the mapping, keyed by the memfd's inode, and the
-//!   token. An Answer whose memfd is a kept one (same device and inode: a live file's inode
-//!   number is not reused) takes the mapping instead of mapping the memfd again.
+//! - **Client** (side 0): an entry keeps the mapping, keyed by the memfd's inode, the token,
+//!   and the scope its caller gave the connection (libsdp: the server's address). An Offer
+//!   names the tokens of the rings kept in its scope only, so no other server learns them. An
+//!   Answer whose memfd is a kept one (same device and inode) and whose token is the kept
+//!   ring's takes the mapping instead of mapping the memfd again.
+//!
+//! Peers of an earlier build send no tokens (their Offer ends after the private data) and
+//! expect no token in the Answer: nothing is reused with them, and nothing is kept.
 //!
 //! A ring is reused only between the two processes that used it, so no other process sees
 //! what it held. Kept mappings are `MADV_DONTFORK`: a fork child never inherits them (it could
 //! read a later connection of its parent's), and it forgets the entries it copied without
 //! unmapping what it does not have (an atfork child handler closes its copies of the kept
-//! descriptors at once). A connection whose setup overlapped a fork (the fork count, bumped in
-//! every atfork handler, read before its ring was mapped) keeps nothing. Entries go when their
+//! descriptors at once; the prepare handler holds the cache's lock across the fork, so the
+//! child's copy is never locked). A connection whose setup or end overlapped a fork (the fork
+//! count, bumped in every atfork handler, read before its ring was mapped and checked again
+//! once its mapping is `MADV_DONTFORK`) keeps nothing. Entries go when their
 //! peer dies, after [`IDLE`] unused, or the oldest first past [`CAP`]; [`sweep`] does the
 //! first two.
 
@@ -75,14 +82,34 @@ pub(crate) struct Entry {
     pub ino: (u64, u64),
     /// The ring's reuse token of the connection that ended (our private copy).
     pub token: u64,
+    /// The client's grouping of its rings (see [`client_tokens`]); 0 for a server.
+    pub scope: u64,
     pub peer_pid: i32,
     pub peer_uid: u32,
+    /// [`start`] of the connection that ended.
+    pub keep_from: Option<u64>,
     pub pidfd: Option<Fd>,
     pub since: Instant,
 }
 
-extern "C" fn count_fork() {
+thread_local! {
+    /// The cache's lock, held by the forking thread from `fork_prepare` to `fork_parent` /
+    /// `fork_child`.
+    static HELD: std::cell::RefCell<Option<std::sync::MutexGuard<'static, Kept>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+extern "C" fn fork_prepare() {
     FORKS.fetch_add(1, Ordering::SeqCst);
+    // Taken (waiting for a thread that holds it: its work under the lock never blocks), so
+    // that the child's copy of the lock is free and its entries can be forgotten.
+    let g = KEPT.lock().unwrap_or_else(|p| p.into_inner());
+    HELD.with(|h| *h.borrow_mut() = Some(g));
+}
+
+extern "C" fn fork_parent() {
+    FORKS.fetch_add(1, Ordering::SeqCst);
+    HELD.with(|h| h.borrow_mut().take());
 }
 
 extern "C" fn fork_child() {
@@ -90,7 +117,19 @@ extern "C" fn fork_child() {
     // The pid cache first (its own handler may run after this one).
     sys::forget_pid();
     // The parent's entries: forgotten, our copies of their descriptors closed, now.
-    with_kept(|_| ());
+    if let Some(mut k) = HELD.with(|h| h.borrow_mut().take()) {
+        forget_parents(&mut k);
+    }
+}
+
+/// In a fork child: the parent's entries are forgotten (their mappings are `MADV_DONTFORK`,
+/// not here: unmapping the range could hit a mapping made since) and our copies of their
+/// descriptors closed.
+fn forget_parents(k: &mut Kept) {
+    for e in std::mem::take(&mut k.entries) {
+        std::mem::forget(e.map);
+    }
+    k.pid = sys::getpid();
 }
 
 /// Turns reuse on for this process (off by default: a process that never sweeps would keep
@@ -102,7 +141,7 @@ pub fn enable() {
         // In every handler: a connection whose setup read the count before the fork's prepare
         // handlers ran, or while they ran (its exchange finished by them), reads another count
         // when it ends.
-        unsafe { libc::pthread_atfork(Some(count_fork), Some(count_fork), Some(fork_child)) };
+        unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
     });
     ENABLED.store(true, Ordering::SeqCst);
 }
@@ -124,16 +163,11 @@ pub(crate) fn may_keep(started: Option<u64>, pid: i32) -> bool {
 
 /// The entries of this process; a fork child's copy of its parent's are forgotten first.
 fn with_kept<R>(f: impl FnOnce(&mut Vec<Entry>) -> R) -> Option<R> {
-    // A lock held across a fork by a thread the child does not have: no cache in the child.
+    // Never waits: another thread in the cache (or a fork being made) just skips it.
     let mut k = KEPT.try_lock().ok()?;
-    let me = sys::getpid();
-    if k.pid != me {
-        for e in std::mem::take(&mut k.entries) {
-            // MADV_DONTFORK: the range is not mapped here; unmapping it could hit a mapping
-            // made since. The descriptors are this process's copies: closed.
-            std::mem::forget(e.map);
-        }
-        k.pid = me;
+    if k.pid != sys::getpid() {
+        // A fork that ran no atfork handlers (a raw clone): as `fork_child`.
+        forget_parents(&mut k);
     }
     Some(f(&mut k.entries))
 }
@@ -141,8 +175,10 @@ fn with_kept<R>(f: impl FnOnce(&mut Vec<Entry>) -> R) -> Option<R> {
 /// Keeps an ended connection's ring. Its side is marked released (Release: every access of
 /// ours comes before) and the mapping is kept out of fork children.
 pub(crate) fn keep(e: Entry) {
-    if e.peer_pid <= 0 {
-        return; // a peer in another pid namespace: its pid names nothing here
+    // A peer in another pid namespace (pid 0 names nothing here), or a server side without
+    // the client's pidfd (it could never tell the client is still the same process).
+    if e.peer_pid <= 0 || (e.side == 1 && e.pidfd.is_none()) {
+        return;
     }
     e.map
         .u32_at(Layout::released(e.side))
@@ -151,22 +187,27 @@ pub(crate) fn keep(e: Entry) {
         return; // dropped: unmapped
     }
     let evicted = with_kept(move |v| {
+        // A fork since the connection started, up to the DONTFORK just made: the child may
+        // hold the mapping. (A fork from here on waits for this lock.)
+        if !may_keep(e.keep_from, sys::getpid()) {
+            return vec![e];
+        }
         let old = (v.len() >= CAP).then(|| v.remove(0));
         v.push(e);
-        old
+        old.into_iter().collect()
     });
     drop(evicted); // outside the lock
 }
 
-/// Client: the tokens of the rings it kept (newest first), for its Offer.
-pub(crate) fn client_tokens() -> Vec<u64> {
+/// Client: the tokens of the rings it kept in `scope` (newest first), for its Offer.
+pub(crate) fn client_tokens(scope: u64) -> Vec<u64> {
     if !ENABLED.load(Ordering::Relaxed) {
         return Vec::new();
     }
     with_kept(|v| {
         v.iter()
             .rev()
-            .filter(|e| e.side == 0)
+            .filter(|e| e.side == 0 && e.scope == scope)
             .map(|e| e.token)
             .take(OFFER_TOKENS)
             .collect()
@@ -258,7 +299,8 @@ fn reset(map: &Mapping, token: u64) {
                 .store(0, Ordering::Relaxed);
         }
     }
-    std::sync::atomic::fence(Ordering::Release);
+    // The client reads all this after the Answer reaches it: the sendmsg and recvmsg order
+    // it, as they order a fresh memfd's first stores.
 }
 
 /// Unmaps the rings whose peer died or that were not used for [`IDLE`]; how many are kept

@@ -579,6 +579,12 @@ fn try_connect(
     // server answers as soon as it reaches our endpoint (one round trip fewer than an Offer on
     // the endpoint stream); our bell end follows with the Ready.
     let mut active = Active::unpaired(shm_options()).map_err(|_| Reason::Exhausted)?;
+    // Kept rings are named only to the server they served (see `ib_verbs::shm::reuse`).
+    active.set_reuse_scope({
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(normalize(dst))
+    });
     let addrs = match (client.ip(), dst.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => sdp_proto::wire::IpAddrs::V4 { src: s, dst: d },
         (s, d) => sdp_proto::wire::IpAddrs::V6 {
