@@ -64,11 +64,13 @@ fn closed_connections_leave_no_descriptors() {
 
 /// Short connections between the same two processes run on the ring of the connection before
 /// (`ib_verbs::shm::reuse`): both processes count the rings they took back, and every reply
-/// is whole although the server left bytes unread in the ring of every third.
+/// is whole although the server left bytes unread in the ring of every third, and when four
+/// client threads make their connections at once.
 #[test]
 fn short_connections_between_two_processes_reuse_their_rings() {
     let out = run_case("short-connections-reuse-rings");
     assert!(out.contains("replies whole: 100 of 100"), "{out}");
+    assert!(out.contains("concurrent replies whole: 100 of 100"), "{out}");
     let reused = |who: &str| -> u64 {
         out.lines()
             .find_map(|l| l.strip_prefix(&format!("{who} rings reused: ")))

@@ -527,13 +527,14 @@ elif CASE == "short-connections-reuse-rings":
 
     l = socket.socket()
     l.bind(("127.0.0.1", 0))
-    l.listen(8)
+    l.listen(64)
     n = 100
+    threads, per_thread = 4, 25
     hold_r, hold_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(hold_w)
-        for i in range(n):
+        for i in range(n + threads * per_thread):
             s, _ = l.accept()
             want = struct.unpack("!I", s.recv(4, socket.MSG_WAITALL))[0]
             got = s.recv(want, socket.MSG_WAITALL) if want else b""
@@ -556,9 +557,27 @@ elif CASE == "short-connections-reuse-rings":
         if i == n - 1:
             shm = on_shm()
         c.close()
+    # Then several threads at once, each with its own short connections: rings are kept and
+    # taken concurrently, and every reply is still its own.
+    whole = [0] * threads
+
+    def client(t):
+        for j in range(per_thread):
+            payload = bytes([(t * 61 + j) % 251]) * (1 + (t * 997 + j * 131) % 5000)
+            c = socket.create_connection(l.getsockname())
+            c.sendall(struct.pack("!I", len(payload)) + payload)
+            whole[t] += c.recv(len(payload), socket.MSG_WAITALL) == payload
+            c.close()
+
+    ts = [threading.Thread(target=client, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
     time.sleep(0.2)
     print("shm:", shm)
     print("replies whole:", ok, "of", n)
+    print("concurrent replies whole:", sum(whole), "of", threads * per_thread)
     print("client rings reused:", counter(os.getpid(), "rings_reused"))
     print("server rings reused:", counter(pid, "rings_reused"))
     os.write(hold_w, b"x")
