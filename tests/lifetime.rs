@@ -70,7 +70,10 @@ fn closed_connections_leave_no_descriptors() {
 fn short_connections_between_two_processes_reuse_their_rings() {
     let out = run_case("short-connections-reuse-rings");
     assert!(out.contains("replies whole: 100 of 100"), "{out}");
-    assert!(out.contains("concurrent replies whole: 100 of 100"), "{out}");
+    assert!(
+        out.contains("concurrent replies whole: 100 of 100"),
+        "{out}"
+    );
     let reused = |who: &str| -> u64 {
         out.lines()
             .find_map(|l| l.strip_prefix(&format!("{who} rings reused: ")))

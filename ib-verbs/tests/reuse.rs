@@ -41,14 +41,6 @@ fn without_tokens(mut body: Vec<u8>) -> Vec<u8> {
     body
 }
 
-/// The early Offer's body as a client of an earlier build sends it: nothing after the private
-/// data.
-fn earlier_build(mut body: Vec<u8>) -> Vec<u8> {
-    let at = 28 + 2 + u16::from_le_bytes([body[28], body[29]]) as usize;
-    body.truncate(at);
-    body
-}
-
 fn connect_with(client_pid: i32, body_of: impl Fn(Vec<u8>) -> Vec<u8>) -> (ShmConn, ShmConn) {
     let (sa, sp) = sys::socketpair_stream().expect("socketpair");
     let mut a = Active::unpaired(opts()).expect("active");
@@ -156,21 +148,100 @@ fn a_client_that_does_not_name_the_kept_ring_gets_a_new_one() {
     drop((c, s));
 }
 
+/// The body of the next bootstrap frame on `s` (header: magic, kind, version, reserved,
+/// length).
+fn next_frame_body(s: &sys::Fd) -> Vec<u8> {
+    let mut hdr = [0u8; 12];
+    let mut fds = Vec::new();
+    let mut got = 0;
+    while got < hdr.len() {
+        got += sys::recv_with_fds(s, &mut hdr[got..], &mut fds).expect("frame header");
+    }
+    let len = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
+    let mut body = vec![0u8; len];
+    let mut got = 0;
+    while got < len {
+        got += sys::recv_with_fds(s, &mut body[got..], &mut fds).expect("frame body");
+    }
+    body
+}
+
+/// An Answer's body: depth, size, posts, total, probe, cookie, can_read (37 bytes), the
+/// private data (u16 length), then the reuse token if the Offer named kept rings.
+fn answer_len(private: &[u8], token: bool) -> usize {
+    37 + 2 + private.len() + if token { 8 } else { 0 }
+}
+
 #[test]
-fn a_client_of_an_earlier_build_gets_no_token_and_nothing_is_kept() {
+fn an_offer_that_names_no_ring_gets_an_answer_an_earlier_build_can_read() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     reuse::enable();
     forget_kept();
-    // Its Offer ends after the private data: the Answer must end there too (an earlier client
-    // refuses trailing bytes), and neither side keeps a ring it could never get back.
-    let (mut c, mut s) = connect_with(sys::getpid(), earlier_build);
-    exchange(&mut c, &mut s, 4);
-    drop((c, s));
-    assert_eq!(
-        reuse::counts().0,
-        0,
-        "a ring was kept for a client that cannot reuse it"
-    );
+    let me = sys::getpid();
+    // Nothing kept: the Offer ends after its private data, as an earlier build's does (and as
+    // an earlier server requires), and so must the Answer (an earlier client refuses more).
+    for (kept_before, want_token) in [(false, false), (true, true)] {
+        if kept_before {
+            let (c, s) = connect(me);
+            drop((c, s));
+        }
+        let (sa, sp) = sys::socketpair_stream().expect("socketpair");
+        let mut a = Active::unpaired(opts()).expect("active");
+        let body = a.early_offer(b"hello").expect("offer");
+        let private_end = 28 + 2 + 5;
+        assert_eq!(
+            body.len() > private_end,
+            kept_before,
+            "the Offer names kept rings exactly when there are some"
+        );
+        let offer = Passive::offer_from_body(&body).expect("offer body");
+        let (app, bell) = sys::socketpair_stream().expect("app pair");
+        let mut p = offer
+            .accept_from(opts(), app, bell, Some((me, sys::getuid())))
+            .expect("accept");
+        p.identify(&sp).expect("identify");
+        p.send_answer(&sp, b"ack").expect("answer");
+        assert_eq!(
+            next_frame_body(&sa).len(),
+            answer_len(b"ack", want_token),
+            "Answer to an Offer {} kept rings",
+            if kept_before { "naming" } else { "without" }
+        );
+    }
+}
+
+#[test]
+fn a_server_of_an_earlier_build_leaves_its_client_nothing_to_keep() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    reuse::enable();
+    forget_kept();
+    // An earlier server: a memfd it never wrote a token into, an Answer without one.
+    let (sa, sp) = sys::socketpair_stream().expect("socketpair");
+    let mut a = Active::new(opts()).expect("active");
+    a.send_offer(&sa, b"hi").expect("offer");
+    let total: usize = 4096 + 2 * 4 * 320; // the layout of opts() on both sides, in pages
+    let total = total.div_ceil(4096) * 4096;
+    let memfd = sys::memfd_sealed(b"earlier", total).expect("memfd");
+    let mut body = Vec::new();
+    body.extend_from_slice(&4u32.to_le_bytes());
+    body.extend_from_slice(&256u32.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes());
+    body.extend_from_slice(&(total as u64).to_le_bytes());
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.push(0);
+    body.extend_from_slice(&0u16.to_le_bytes());
+    let mut frame = b"SDPs".to_vec();
+    frame.extend_from_slice(&[2, 1, 0, 0]);
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    let (bell, _keep) = sys::socketpair_stream().expect("bell");
+    sys::send_with_fds(&sp, &frame, &[memfd.raw(), bell.raw()]).expect("answer");
+    let (c, _) = a
+        .finish(&sa)
+        .expect("the client takes an earlier server's Answer");
+    drop(c);
+    assert_eq!(reuse::counts().0, 0, "a ring of an earlier server was kept");
 }
 
 #[test]

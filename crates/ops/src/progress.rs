@@ -144,10 +144,6 @@ fn ensure(p: &mut Option<Progress>) -> Option<&mut Progress> {
             .name("libsdp-progress".into())
             .stack_size(256 * 1024)
             .spawn(move || run(epfd));
-        if spawned.is_ok() {
-            // The thread sweeps the rings kept for reuse (below).
-            ib_verbs::shm::reuse::enable();
-        }
         if spawned.is_err() {
             // No thread, no set: the next call tries again (a set nobody waits on would take
             // registrations that never run).

@@ -131,6 +131,10 @@ fn init() -> Option<Globals> {
     // Read (and report a bad) LIBSDP_SPIN_US now, not at the first blocking receive.
     crate::offload::data::spin_budget();
     crate::fork::register_handlers();
+    // Rings kept for reuse (swept by the progress thread, which every process with an SDP
+    // connection has). Here, not later: registering atfork handlers while holding a lock a
+    // forking thread's handlers wait for deadlocks on C libraries before 2.35.
+    ib_verbs::shm::reuse::enable();
     // SAFETY: registering a plain function for normal process exit.
     unsafe { libc::atexit(crate::offload::setup::flush_at_exit) };
     Some(Globals {

@@ -369,12 +369,15 @@ impl Active {
             .u64(self.probe.addr())
             .u64(self.cookie)
             .bytes(private);
-        // The rings this process kept (`reuse`): the server may give one of them back. The
-        // count is there even when 0: it tells the server that we take a token in the Answer.
+        // The rings this process kept (`reuse`): the server may give one of them back. None:
+        // nothing after the private data, as from an earlier build (which refuses trailing
+        // bytes; a ring of such a server is never kept, so no token ever goes to one).
         let tokens = super::reuse::client_tokens(self.scope);
-        w.u8(tokens.len() as u8);
-        for t in tokens {
-            w.u64(t);
+        if !tokens.is_empty() {
+            w.u8(tokens.len() as u8);
+            for t in tokens {
+                w.u64(t);
+            }
         }
         Ok(w)
     }
@@ -438,8 +441,9 @@ impl Active {
         let probe_cookie = r.u64()?;
         let peer_can_read = r.u8()? == 1;
         let private = r.bytes()?.to_vec();
-        // The ring's reuse token: not from a server of an earlier build.
-        let token = if r.0.is_empty() { None } else { Some(r.u64()?) };
+        // The ring's reuse token, when our Offer named kept rings (so that it names the ring
+        // a kept mapping must hold); otherwise it is read from the ring's header below.
+        let answered_token = if r.0.is_empty() { None } else { Some(r.u64()?) };
         r.end()?;
         if peer_posted > peer_shape.depth {
             return Err(BootError::BadParams("initial posts exceed depth"));
@@ -464,7 +468,7 @@ impl Active {
         // The ring of a connection with this server process that ended: still mapped here. Its
         // header must carry the token the Answer names (a kept mapping of another file that
         // had the same inode number, on kernels that recycle 32-bit ones, does not).
-        let kept = token
+        let kept = answered_token
             .and_then(|t| super::reuse::take_client(ino, &layout).map(|m| (m, t)))
             .filter(|(m, t)| {
                 m.u64_at(Layout::reuse_token())
@@ -477,6 +481,14 @@ impl Active {
             Some(m) => m,
             None => Mapping::map(&memfd, layout.total)?,
         };
+        // 0 in the header: a server of an earlier build, which reuses nothing (nothing kept).
+        let token = answered_token.or_else(|| {
+            Some(
+                map.u64_at(Layout::reuse_token())
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .filter(|&t| t != 0)
+        });
         let cred = sys::peer_cred(stream)?;
         let pidfd = sys::peer_pidfd(stream, cred.pid).ok();
         let can_read_peer = Probe::peer_readable(cred.pid, probe_addr, probe_cookie);
@@ -551,7 +563,8 @@ impl Passive {
         let probe_addr = r.u64()?;
         let probe_cookie = r.u64()?;
         let private = r.bytes()?.to_vec();
-        // The tokens of the rings the client kept: none from a client of an earlier build.
+        // The tokens of the rings the client kept: none (nothing more) from a client that kept
+        // none, or of an earlier build.
         let tokens = if r.0.is_empty() {
             None
         } else {
@@ -594,8 +607,8 @@ pub struct Offer {
     can_read_peer: bool,
     probe_addr: u64,
     probe_cookie: u64,
-    /// The reuse tokens of the rings the client kept; `None`: a client of an earlier build,
-    /// which takes no token in the Answer.
+    /// The reuse tokens of the rings the client kept; `None`: it named none (it may be of an
+    /// earlier build, which takes no token in the Answer).
     tokens: Option<Vec<u64>>,
 }
 
@@ -668,7 +681,8 @@ impl Offer {
             buf_size: opts.recv_buf_size,
         };
         let layout = Layout::new(self.shape, own).map_err(BootError::BadParams)?;
-        let token = sys::random_u64()?;
+        // Never 0: a client reads 0 in the header as a server of an earlier build.
+        let token = sys::random_u64()? | 1;
         let kept = match (&self.tokens, peer) {
             (Some(tokens), Some(p)) => super::reuse::take_server(p, tokens, &layout, token),
             _ => None,
@@ -819,8 +833,9 @@ impl Accepting {
             initial_posts: self.posts,
             // A server keeps its rings by peer process, not by inode.
             ino: (0, 0),
-            // A client of an earlier build reuses nothing: nothing to keep.
-            token: self.offer.tokens.is_some().then_some(self.token),
+            // Kept even for a client that named no ring (it may name this one next time; one
+            // of an earlier build never does, and the ring goes after its idle time).
+            token: Some(self.token),
             scope: 0,
             keep_from: self.keep_from,
             reused: self.reused_for.is_some(),

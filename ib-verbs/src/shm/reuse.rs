@@ -23,8 +23,10 @@
 //!   Answer whose memfd is a kept one (same device and inode) and whose token is the kept
 //!   ring's takes the mapping instead of mapping the memfd again.
 //!
-//! Peers of an earlier build send no tokens (their Offer ends after the private data) and
-//! expect no token in the Answer: nothing is reused with them, and nothing is kept.
+//! An Offer names tokens only when the client kept rings in its scope; then the Answer names
+//! the ring's token too. Otherwise both end after their private data, as those of an earlier
+//! build, which refuses trailing bytes: its rings carry no token (0 at `Layout::reuse_token`),
+//! so a client keeps none of them and never names a token to it.
 //!
 //! A ring is reused only between the two processes that used it, so no other process sees
 //! what it held. Kept mappings are `MADV_DONTFORK`: a fork child never inherits them (it could
@@ -101,10 +103,24 @@ thread_local! {
 
 extern "C" fn fork_prepare() {
     FORKS.fetch_add(1, Ordering::SeqCst);
-    // Taken (waiting for a thread that holds it: its work under the lock never blocks), so
-    // that the child's copy of the lock is free and its entries can be forgotten.
-    let g = KEPT.lock().unwrap_or_else(|p| p.into_inner());
-    HELD.with(|h| *h.borrow_mut() = Some(g));
+    // Taken, so that the child's copy of the lock is free and its entries can be forgotten.
+    // Work under the lock never blocks, but a signal handler that forks on the thread that
+    // holds it (or a handler that jumped out of it) would wait for ever: a bounded wait, then
+    // the fork goes on without it (the child then has no cache, and keeps its copies of the
+    // kept descriptors until it execs).
+    for _ in 0..1000 {
+        match KEPT.try_lock() {
+            Ok(g) => {
+                HELD.with(|h| *h.borrow_mut() = Some(g));
+                return;
+            }
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                HELD.with(|h| *h.borrow_mut() = Some(p.into_inner()));
+                return;
+            }
+            Err(std::sync::TryLockError::WouldBlock) => std::thread::yield_now(),
+        }
+    }
 }
 
 extern "C" fn fork_parent() {
@@ -132,8 +148,8 @@ fn forget_parents(k: &mut Kept) {
     k.pid = sys::getpid();
 }
 
-/// Turns reuse on for this process (off by default: a process that never sweeps would keep
-/// dead rings until its cap pushed them out).
+/// Turns reuse on for this process (libsdp does at start; off by default, because a process
+/// that never calls [`sweep`] would keep dead rings until its cap pushed them out).
 pub fn enable() {
     static HANDLER: std::sync::Once = std::sync::Once::new();
     HANDLER.call_once(|| {
