@@ -8,7 +8,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use common::{recv_one, send_blocking};
-use ib_verbs::WrId;
 use ib_verbs::shm::{Active, Passive, ShmConn, ShmOptions, reuse};
 use ib_verbs::sys;
 
@@ -18,12 +17,7 @@ const T: Duration = Duration::from_secs(5);
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn opts() -> ShmOptions {
-    ShmOptions {
-        recv_depth: 4,
-        recv_buf_size: 256,
-        send_depth: 16,
-        timeout: T,
-    }
+    common::reuse_opts()
 }
 
 /// One connection, set up as libsdp's client and server do, the server naming `client_pid`.
@@ -42,27 +36,7 @@ fn without_tokens(mut body: Vec<u8>) -> Vec<u8> {
 }
 
 fn connect_with(client_pid: i32, body_of: impl Fn(Vec<u8>) -> Vec<u8>) -> (ShmConn, ShmConn) {
-    let (sa, sp) = sys::socketpair_stream().expect("socketpair");
-    let mut a = Active::unpaired(opts()).expect("active");
-    for i in 0..4 {
-        a.post_recv(i as WrId).expect("post");
-    }
-    let body = a.early_offer(b"hello").expect("offer");
-    let (app, bell) = sys::socketpair_stream().expect("app pair");
-    a.attach_pair(app, bell).expect("attach");
-    let offer = Passive::offer_from_body(&body_of(body)).expect("offer body");
-    let (app, bell) = sys::socketpair_stream().expect("app pair");
-    let mut p = offer
-        .accept_from(opts(), app, bell, Some((client_pid, sys::getuid())))
-        .expect("accept");
-    for i in 0..4 {
-        p.post_recv(i as WrId).expect("post");
-    }
-    p.identify(&sp).expect("identify");
-    p.send_answer(&sp, b"ack").expect("answer");
-    let (c, _) = a.finish(&sa).expect("finish");
-    let s = p.finish(&sp).expect("server finish");
-    (c, s)
+    common::connect_as_libsdp(client_pid, body_of)
 }
 
 fn exchange(c: &mut ShmConn, s: &mut ShmConn, tag: u8) {
@@ -117,6 +91,9 @@ fn a_second_connection_with_the_same_process_takes_the_first_ones_ring() {
 fn a_ring_the_client_still_holds_is_not_taken() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     reuse::enable();
+    // The only ring kept is then the first connection's (a ring an earlier test left, both
+    // sides released, may serve again: rightly).
+    forget_kept();
     let me = sys::getpid();
     let (mut c1, s1) = connect(me);
     drop(s1); // the server side is kept, the client side still uses the ring
@@ -248,6 +225,7 @@ fn a_server_of_an_earlier_build_leaves_its_client_nothing_to_keep() {
 fn a_kept_ring_goes_to_no_other_process_than_the_one_it_served() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     reuse::enable();
+    forget_kept();
     let me = sys::getpid();
     let (c, s) = connect(me);
     drop((c, s));

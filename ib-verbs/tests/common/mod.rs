@@ -156,3 +156,43 @@ pub fn fd_count() -> usize {
         .map(|d| d.count())
         .unwrap_or(0)
 }
+
+/// Small rings for the in-process reuse tests.
+pub fn reuse_opts() -> ShmOptions {
+    ShmOptions {
+        recv_depth: 4,
+        recv_buf_size: 256,
+        send_depth: 16,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// One in-process connection set up as libsdp's client and server do (the early variant, the
+/// server naming the client process `client_pid` as the beacon would), the Offer's body
+/// passed through `body_of` on its way.
+pub fn connect_as_libsdp(
+    client_pid: i32,
+    body_of: impl Fn(Vec<u8>) -> Vec<u8>,
+) -> (ShmConn, ShmConn) {
+    let (sa, sp) = sys::socketpair_stream().expect("socketpair");
+    let mut a = ib_verbs::shm::Active::unpaired(reuse_opts()).expect("active");
+    for i in 0..4 {
+        a.post_recv(i as ib_verbs::WrId).expect("post");
+    }
+    let body = a.early_offer(b"hello").expect("offer");
+    let (app, bell) = sys::socketpair_stream().expect("app pair");
+    a.attach_pair(app, bell).expect("attach");
+    let offer = Passive::offer_from_body(&body_of(body)).expect("offer body");
+    let (app, bell) = sys::socketpair_stream().expect("app pair");
+    let mut p = offer
+        .accept_from(reuse_opts(), app, bell, Some((client_pid, sys::getuid())))
+        .expect("accept");
+    for i in 0..4 {
+        p.post_recv(i as ib_verbs::WrId).expect("post");
+    }
+    p.identify(&sp).expect("identify");
+    p.send_answer(&sp, b"ack").expect("answer");
+    let (c, _) = a.finish(&sa).expect("finish");
+    let s = p.finish(&sp).expect("server finish");
+    (c, s)
+}
