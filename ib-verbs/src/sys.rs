@@ -31,7 +31,7 @@ impl std::error::Error for SysError {}
 
 pub type SysResult<T> = Result<T, SysError>;
 
-fn errno() -> i32 {
+pub(crate) fn errno() -> i32 {
     std::io::Error::last_os_error()
         .raw_os_error()
         .unwrap_or(libc::EIO)

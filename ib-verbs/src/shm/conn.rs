@@ -254,8 +254,7 @@ impl ShmConn {
     /// Every descriptor the connection holds (memfd, bells, pidfd), e.g. to keep exactly these
     /// in a process that takes the connection over.
     pub fn fds(&self) -> Vec<RawFd> {
-        self.handed_out
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+        // `memfd` marks the ring handed out.
         let mut v = vec![self.memfd(), self.app_end.raw(), self.peer_bell.raw()];
         if let Some(p) = &self.pidfd {
             v.push(p.raw());

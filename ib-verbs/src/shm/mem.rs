@@ -44,10 +44,10 @@ impl Mapping {
             )
         };
         if p == libc::MAP_FAILED {
-            let errno = std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO);
-            return Err(SysError { op: "mmap", errno });
+            return Err(SysError {
+                op: "mmap",
+                errno: crate::sys::errno(),
+            });
         }
         Ok(Mapping {
             ptr: p as *mut u8,
@@ -65,12 +65,9 @@ impl Mapping {
         // SAFETY: advice on the whole range this value mapped; it changes no content.
         let rc = unsafe { libc::madvise(self.ptr as *mut libc::c_void, self.len, advice) };
         if rc != 0 {
-            let errno = std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO);
             return Err(SysError {
                 op: "madvise",
-                errno,
+                errno: crate::sys::errno(),
             });
         }
         Ok(())

@@ -239,52 +239,47 @@ pub(crate) fn take_server(
     layout: &Layout,
     new_token: u64,
 ) -> Option<(Mapping, Fd)> {
-    if !ENABLED.load(Ordering::Relaxed) || peer.0 <= 0 || tokens.is_empty() {
+    if peer.0 <= 0 || tokens.is_empty() {
         return None;
     }
-    let e = with_kept(|v| {
-        let i = v.iter().position(|e| {
-            e.side == 1
-                && e.peer_pid == peer.0
-                && e.peer_uid == peer.1
-                && tokens.contains(&e.token)
-                && e.layout == *layout
-                && e.memfd.is_some()
-                && e.map.u32_at(Layout::released(0)).load(Ordering::Acquire) == 1
-        })?;
-        Some(v.remove(i))
-    })??;
-    // The pid still names the process we shared the ring with (a dead one's pid may name
-    // another process now): its pidfd is not readable yet.
-    let alive = e
-        .pidfd
-        .as_ref()
-        .is_some_and(|p| matches!(sys::poll_one(p, libc::POLLIN, 0), Ok(0)));
-    if !alive || e.map.dontfork(false).is_err() {
-        return None;
-    }
-    reset(&e.map, new_token);
-    REUSED.fetch_add(1, Ordering::Relaxed);
-    let Entry { map, memfd, .. } = e;
+    let Entry { map, memfd, .. } = take(|e| {
+        e.side == 1
+            && e.peer_pid == peer.0
+            && e.peer_uid == peer.1
+            && tokens.contains(&e.token)
+            && e.layout == *layout
+            && e.memfd.is_some()
+            && e.map.u32_at(Layout::released(0)).load(Ordering::Acquire) == 1
+            && peer_alive(e)
+    })?;
+    reset(&map, new_token);
     Some((map, memfd.expect("checked above")))
 }
 
 /// Client: the kept mapping of the memfd `ino`, if it has `layout`.
 pub(crate) fn take_client(ino: (u64, u64), layout: &Layout) -> Option<Mapping> {
+    take(|e| e.side == 0 && e.ino == ino && e.layout == *layout).map(|e| e.map)
+}
+
+/// The first kept entry `wanted` picks, taken out of the cache and inherited by fork children
+/// again, as a live connection's mapping must be.
+fn take(wanted: impl Fn(&Entry) -> bool) -> Option<Entry> {
     if !ENABLED.load(Ordering::Relaxed) {
         return None;
     }
     let e = with_kept(|v| {
-        let i = v
-            .iter()
-            .position(|e| e.side == 0 && e.ino == ino && e.layout == *layout)?;
+        let i = v.iter().position(&wanted)?;
         Some(v.remove(i))
     })??;
-    if e.map.dontfork(false).is_err() {
-        return None;
-    }
+    e.map.dontfork(false).ok()?;
     REUSED.fetch_add(1, Ordering::Relaxed);
-    Some(e.map)
+    Some(e)
+}
+
+/// Whether the pid the entry names is still the process it shared the ring with (a dead one's
+/// pid may name another process now): its pidfd is not readable yet.
+fn peer_alive(e: &Entry) -> bool {
+    e.pidfd.as_ref().is_some_and(sys::pidfd_alive)
 }
 
 /// Zeroes what a connection leaves in the header and both side blocks (the creator's reset; a
@@ -325,10 +320,7 @@ pub fn sweep() -> usize {
     let gone = with_kept(|v| {
         let now = Instant::now();
         let (keep, gone): (Vec<Entry>, Vec<Entry>) = std::mem::take(v).into_iter().partition(|e| {
-            now.duration_since(e.since) < IDLE
-                && e.pidfd
-                    .as_ref()
-                    .is_none_or(|p| matches!(sys::poll_one(p, libc::POLLIN, 0), Ok(0)))
+            now.duration_since(e.since) < IDLE && (e.pidfd.is_none() || peer_alive(e))
         });
         *v = keep;
         (gone, v.len())

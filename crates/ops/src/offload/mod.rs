@@ -757,8 +757,7 @@ impl Inner {
     /// end polled HUP once the peer half-closed too, and the peer took it for our end.
     pub fn half_close_app_end(&self, transport: crate::stats::Transport) {
         if transport != crate::stats::Transport::Shm && self.app_int >= 0 {
-            // SAFETY: our own copy of the app end.
-            unsafe { libc::syscall(libc::SYS_shutdown, self.app_int, libc::SHUT_WR) };
+            let _ = ib_verbs::sys::shutdown_write(self.app_int);
         }
     }
 

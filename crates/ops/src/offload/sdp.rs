@@ -149,6 +149,9 @@ impl SdpShm {
     /// Wraps an established transport connection and an engine that finished its handshake
     /// (active: HelloAck handled; passive: HelloAck sent).
     pub fn new(engine: sdp_proto::Connection, conn: ShmConn) -> SdpShm {
+        if conn.reused() {
+            crate::stats::bump(crate::stats::header::RINGS_REUSED, 1);
+        }
         let attrs = conn.attrs();
         let mut conn = conn;
         conn.set_ring_on_post_recv(false);

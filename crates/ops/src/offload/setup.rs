@@ -853,12 +853,7 @@ impl Task for EndpointTask {
                 Ok(shm)
             });
         match result {
-            Ok(shm) => {
-                if shm.reused() {
-                    crate::stats::bump(crate::stats::header::RINGS_REUSED, 1);
-                }
-                become_offloaded(&conn, &mut g, SdpShm::new(engine, shm))
-            }
+            Ok(shm) => become_offloaded(&conn, &mut g, SdpShm::new(engine, shm)),
             Err(e) => {
                 sdp_log!(
                     log::WARN,
@@ -1481,9 +1476,6 @@ fn server_exchange(
             sys::close(bell);
             Reason::SetupFailed
         })?;
-    if shm.reused() {
-        crate::stats::bump(crate::stats::header::RINGS_REUSED, 1);
-    }
     let s = SdpShm::new(engine, shm);
     let peer_bell = s.peer_bell();
     let accepted = Accepted {
