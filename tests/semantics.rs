@@ -229,6 +229,32 @@ fn epoll_reregister_pattern() {
     );
 }
 
+/// A request-response exchange in blocking calls (sockperf's ping-pong): a receive that
+/// busy-polls the ring withdraws its request for a bell, so the peer writes no bell byte for
+/// the message it takes and it drains none. Until 2026-11-26 every message rang (a send on
+/// one side and a drain on the other: half of SDP's 64-byte round trip on a machine where
+/// kernel TCP's loopback is fast).
+#[test]
+fn a_blocking_ping_pong_rings_no_bell_per_message() {
+    let (mut bells, mut hits) = (0, 0);
+    let out = semantics_at_sync("readiness", "pingpong", 2, |pgid| {
+        bells = libsdp_suite::process_counter_of_group(pgid, "bells_rung");
+        hits = libsdp_suite::process_counter_of_group(pgid, "recv_spin_hits");
+    });
+    assert_lines(&out, &["pingpong: 2000 round trips, answers right=1"]);
+    // 4,000 messages, each read by a blocking read that spins first. Bells still ring for
+    // the setup, for a read that came before its message was even sent and slept, and
+    // for what a spin that ran out of budget waits for.
+    assert!(
+        hits >= 2000,
+        "receives that found their message by polling: {hits}, want at least 2000"
+    );
+    assert!(
+        bells < 400,
+        "bell bytes for 4,000 messages read by busy-polling receives: {bells}, want under 400"
+    );
+}
+
 #[test]
 fn epoll_nested() {
     let out = semantics("readiness", "epoll_nested", 2);

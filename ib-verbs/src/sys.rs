@@ -603,7 +603,9 @@ pub fn shutdown_both(fd: RawFd) -> SysResult<()> {
 /// Reads and discards every byte queued on a socket without blocking. Returns `true` when
 /// the stream reached its end (the other end was closed by its last holder).
 pub fn drain(fd: RawFd) -> SysResult<bool> {
-    let mut buf = [0u8; 64];
+    // A page: a peer's stuffing (its app end's send direction filled while it had no
+    // credits) is a few KiB, which 64 bytes at a time took dozens of calls to discard.
+    let mut buf = [0u8; 4096];
     loop {
         // SAFETY: `buf` is writable for its length; null address pointers are allowed.
         let rc = unsafe {

@@ -120,6 +120,10 @@ pub mod header {
     /// `shm` connections set up on the ring of an ended connection with the same peer process
     /// (`ib_verbs::shm::reuse`) instead of a new one.
     pub const RINGS_REUSED: usize = 22;
+    /// Bell bytes this process wrote into its peers' app ends (`shm`): one per message that
+    /// found its reader asleep or waiting in the kernel; none for what a busy-polling reader
+    /// takes.
+    pub const BELLS_RUNG: usize = 23;
     /// `REASONS + code`: sockets decided with that fallback reason (code 0: offloaded).
     pub const REASONS: usize = 32;
     pub const NREASONS: usize = 32;

@@ -52,6 +52,7 @@ pub struct ProcessRow {
     pub credit_stalls: u64,
     pub epoll_ctl_saved: u64,
     pub rings_reused: u64,
+    pub bells_rung: u64,
     /// Sockets decided since the process started, indexed by reason code (0: offloaded).
     pub reasons: Vec<u64>,
 }
@@ -184,6 +185,7 @@ pub fn parse_file(b: &[u8]) -> Option<FileStats> {
         credit_stalls: h(header::CREDIT_STALLS),
         epoll_ctl_saved: h(header::EPOLL_CTL_SAVED),
         rings_reused: h(header::RINGS_REUSED),
+        bells_rung: h(header::BELLS_RUNG),
         reasons: (0..fallback::Reason::ALL.len())
             .map(|c| h(header::REASONS + c))
             .collect(),
@@ -482,7 +484,7 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
         for p in &procs {
             write!(
                 out,
-                "{{\"process\":{},\"program\":{},\"epoll_spins\":{},\"epoll_spin_hits\":{},\"recv_spins\":{},\"recv_spin_hits\":{},\"credit_stalls\":{},\"epoll_ctl_saved\":{},\"rings_reused\":{}",
+                "{{\"process\":{},\"program\":{},\"epoll_spins\":{},\"epoll_spin_hits\":{},\"recv_spins\":{},\"recv_spin_hits\":{},\"credit_stalls\":{},\"epoll_ctl_saved\":{},\"rings_reused\":{},\"bells_rung\":{}",
                 p.pid,
                 json_str(&p.program),
                 p.epoll_spins,
@@ -491,7 +493,8 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
                 p.recv_spin_hits,
                 p.credit_stalls,
                 p.epoll_ctl_saved,
-                p.rings_reused
+                p.rings_reused,
+                p.bells_rung
             )?;
             for (c, n) in p.reasons.iter().enumerate() {
                 write!(out, ",\"{}\":{n}", bucket_name(c))?;
@@ -568,7 +571,7 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15} {:>12}",
+        "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15} {:>12} {:>12}",
         "PID",
         "PROGRAM",
         "EPOLL_SPINS",
@@ -577,12 +580,13 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
         "RECV_HITS",
         "CREDIT_STALLS",
         "EPOLL_CTL_SAVED",
-        "RINGS_REUSED"
+        "RINGS_REUSED",
+        "BELLS_RUNG"
     )?;
     for p in &procs {
         writeln!(
             out,
-            "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15} {:>12}",
+            "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15} {:>12} {:>12}",
             p.pid,
             p.program,
             p.epoll_spins,
@@ -591,7 +595,8 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
             p.recv_spin_hits,
             p.credit_stalls,
             p.epoll_ctl_saved,
-            p.rings_reused
+            p.rings_reused,
+            p.bells_rung
         )?;
     }
     Ok(())

@@ -117,6 +117,8 @@ pub struct ShmConn {
     peer_posted_reported: u64,
     /// The message number our last `arm` asked to be rung for (0: not armed).
     armed_target: u32,
+    /// Bell bytes we wrote into the peer's app end.
+    bells_rung: u64,
 
     cq: VecDeque<Completion>,
     local_regs: Vec<Option<Reg>>,
@@ -177,6 +179,7 @@ impl ShmConn {
             peer_posted_seen: 0,
             peer_posted_reported: 0,
             armed_target: 0,
+            bells_rung: 0,
             cq: VecDeque::with_capacity(p.send_depth as usize),
             local_regs: vec![None; LOCAL_KEYS],
             remote_regs: vec![None; KEYS],
@@ -242,6 +245,11 @@ impl ShmConn {
     /// The app end: the notification fd. `ops` may `dup2` it onto the application's fd number;
     /// the peer's writes into the other end make it readable, and the peer's last close makes
     /// it report end of stream (POLLIN + read 0, and POLLHUP/POLLRDHUP).
+    /// Bell bytes written into the peer's app end so far.
+    pub fn bells_rung(&self) -> u64 {
+        self.bells_rung
+    }
+
     pub fn app_end(&self) -> RawFd {
         self.app_end.raw()
     }
@@ -387,7 +395,7 @@ impl ShmConn {
             || always
         {
             match sys::send_byte(self.peer_bell.raw()) {
-                Ok(_) => {}
+                Ok(_) => self.bells_rung += 1,
                 // LINUX: EPIPE/ECONNRESET: every holder of the peer's app end closed it.
                 Err(_) => self.peer_gone = true,
             }

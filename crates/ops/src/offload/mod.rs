@@ -91,6 +91,8 @@ pub struct Inner {
     pub connect_in_progress: bool,
     /// The application waits edge-triggered: every arrival rings (see `note_epoll`).
     pub every_arrival: bool,
+    /// The stream's bell count last added to the process's `BELLS_RUNG`.
+    pub bells_published: u64,
     /// This connection, for the watches `sync` starts on demand.
     pub self_ref: std::sync::Weak<Conn>,
     /// Progress-thread registration moving queued sends when room returns.
@@ -187,6 +189,7 @@ impl Inner {
             stray: None,
             connect_in_progress: false,
             every_arrival: false,
+            bells_published: 0,
             send_watch: None,
             flush_timer: -1,
             flush_armed: false,
@@ -664,6 +667,26 @@ impl Inner {
         }
     }
 
+    /// A blocking receive is about to poll the ring itself: the peer need not ring our bell
+    /// for the message it will take. Withdraws our request for a bell; the next `sync` makes
+    /// it again (the receive's, or the one before the receive sleeps). Another thread waiting
+    /// on the app end meanwhile misses nothing: what arrives is taken by this receive, and
+    /// bytes it leaves behind make the app end readable at its `sync`.
+    pub fn quiet_while_polling(&mut self) {
+        if !self.armed || self.every_arrival {
+            return;
+        }
+        if let Phase::Offloaded(s) = &mut self.phase
+            && s.quiet_while_polling()
+        {
+            self.armed = false;
+            if s.disarm_recv() {
+                // Taken first: its byte is on its way; drained once the data is consumed.
+                self.owed = true;
+            }
+        }
+    }
+
     fn self_ring(&mut self) {
         if raw_send(self.own_bell, &[1], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) >= 0 {
             self.bytes_in = true;
@@ -796,6 +819,10 @@ impl Inner {
             return;
         };
         let c = s.counters();
+        if c.bells_tx > self.bells_published {
+            stats::bump(stats::header::BELLS_RUNG, c.bells_tx - self.bells_published);
+            self.bells_published = c.bells_tx;
+        }
         row.set(stats::field::BYTES_TX, c.bytes_tx);
         row.set(stats::field::BYTES_RX, c.bytes_rx);
         row.set(stats::field::MSGS_TX, c.msgs_tx);

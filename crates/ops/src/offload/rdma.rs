@@ -1942,6 +1942,8 @@ impl OffloadStream for SdpRdma {
             posted_rx: self.engine.posted_recv_buffers() as u64,
             zcopy_tx: s.zcopy_bytes_sent,
             zcopy_rx: s.zcopy_bytes_received,
+            // Completion events ring here, not bell bytes.
+            bells_tx: 0,
         }
     }
 

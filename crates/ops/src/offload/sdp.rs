@@ -612,6 +612,10 @@ impl OffloadStream for SdpShm {
         self.conn.disarm()
     }
 
+    fn quiet_while_polling(&self) -> bool {
+        true
+    }
+
     fn arm_send(&mut self) -> bool {
         matches!(self.conn.arm_drain(), Ok(true))
     }
@@ -655,6 +659,7 @@ impl OffloadStream for SdpShm {
             posted_rx: self.engine.posted_recv_buffers() as u64,
             zcopy_tx: s.zcopy_bytes_sent,
             zcopy_rx: s.zcopy_bytes_received,
+            bells_tx: self.conn.bells_rung(),
         }
     }
 }

@@ -21,6 +21,8 @@ pub struct Counters {
     /// Of the bytes each way, those moved by RDMA (ZCopy) rather than inside messages (BCopy).
     pub zcopy_tx: u64,
     pub zcopy_rx: u64,
+    /// Bell bytes written into the peer's app end (0 for transports that ring otherwise).
+    pub bells_tx: u64,
 }
 
 /// A stream's state after the peer closed (a FIN, not a reset), as TCP's: the first write
@@ -145,6 +147,13 @@ pub trait OffloadStream: Send {
     /// Withdraws the request of the last `arm_recv`. `true`: the peer took it first, and its
     /// bell byte is on our app end or on its way.
     fn disarm_recv(&mut self) -> bool;
+
+    /// Whether a receive that polls for data itself may withdraw the request of `arm_recv`
+    /// while it polls ([`disarm_recv`](Self::disarm_recv) stops the peer's bell), so that
+    /// what it takes costs neither side a bell byte.
+    fn quiet_while_polling(&self) -> bool {
+        false
+    }
 
     /// Asks the peer to make our app end writable (drain our stuffing) when it gives room.
     /// Returns `false` when room came meanwhile.
