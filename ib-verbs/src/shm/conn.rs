@@ -245,13 +245,13 @@ impl ShmConn {
     /// The app end: the notification fd. `ops` may `dup2` it onto the application's fd number;
     /// the peer's writes into the other end make it readable, and the peer's last close makes
     /// it report end of stream (POLLIN + read 0, and POLLHUP/POLLRDHUP).
+    pub fn app_end(&self) -> RawFd {
+        self.app_end.raw()
+    }
+
     /// Bell bytes written into the peer's app end so far.
     pub fn bells_rung(&self) -> u64 {
         self.bells_rung
-    }
-
-    pub fn app_end(&self) -> RawFd {
-        self.app_end.raw()
     }
 
     /// The peer's bell end we hold (writing into it makes the peer's app end readable).

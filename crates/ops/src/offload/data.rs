@@ -92,7 +92,8 @@ fn spin_for_data(conn: &Arc<Conn>) -> bool {
                 Phase::Pending { .. } => return false,
             }
         }
-        if start.elapsed() >= budget {
+        let spent = start.elapsed();
+        if spent >= budget {
             // Ask for the bell again before sleeping, and look once more (the eventcount).
             let mut g = conn.lock();
             g.sync();
@@ -102,7 +103,7 @@ fn spin_for_data(conn: &Arc<Conn>) -> bool {
                 Phase::Pending { .. } => false,
             };
         }
-        if start.elapsed() < PURE_SPIN {
+        if spent < PURE_SPIN {
             std::hint::spin_loop();
         } else {
             // SAFETY: sched_yield has no preconditions.
