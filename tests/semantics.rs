@@ -255,6 +255,102 @@ fn a_blocking_ping_pong_rings_no_bell_per_message() {
     );
 }
 
+/// The same exchange with both ends waiting in level-triggered `epoll_wait` (redis and its
+/// benchmark): a wait that polls the rings reports a message found there itself and withdraws
+/// the bell request meanwhile, so the peer writes no bell byte and nobody drains one. A
+/// message reported that way and left unread still shows to another `epoll_wait`, to `poll`
+/// and to an epoll set nested in another (they ask for the bell again before they look).
+#[test]
+fn an_epoll_ping_pong_rings_no_bell_per_message() {
+    let (mut bells, mut hits) = (0, 0);
+    let out = semantics_at_sync("readiness", "epoll_pingpong", 2, |pgid| {
+        bells = libsdp_suite::process_counter_of_group(pgid, "bells_rung");
+        hits = libsdp_suite::process_counter_of_group(pgid, "epoll_spin_hits");
+    });
+    assert_lines(
+        &out,
+        &[
+            "epoll pingpong: 2000 round trips, answers right=1",
+            "late message: 1 data=42 IN=1",
+            "again without waiting: 1",
+            "poll after epoll: 1 IN=1",
+            "nested: 1 data=9",
+            "read: 4 late",
+            "after the read: 0",
+        ],
+    );
+    assert!(
+        hits >= 2000,
+        "epoll_wait calls that found events by polling: {hits}, want at least 2000"
+    );
+    assert!(
+        bells < 800,
+        "bell bytes for 4,000 messages waited for in a polling epoll_wait: {bells}, want under 800"
+    );
+}
+
+/// A thread asleep in `poll` or in a blocking `read` on a connection that another thread's
+/// `epoll_wait` polls is woken by the message that comes after that wait returned: a poller
+/// does not withdraw bells while anyone of its process sleeps in the kernel.
+#[test]
+fn an_epoll_poller_leaves_the_bells_of_other_sleepers() {
+    let out = semantics("readiness", "epoll_other_sleepers", 4);
+    assert_lines(
+        &out,
+        &[
+            "poll: epoll 1 data=2, sleeper 1 IN=1 woke at once=1",
+            "read: epoll 1 data=2, sleeper 1 IN=1 woke at once=1",
+        ],
+    );
+}
+
+/// A fork child asleep in `poll` on a connection its parent's `epoll_wait` keeps polling is
+/// woken by the message: a connection a fork copied is never quieted.
+#[test]
+fn an_epoll_poller_leaves_the_bells_of_a_fork_child() {
+    let out = semantics("readiness", "epoll_fork_sleeper", 2);
+    assert_lines(
+        &out,
+        &["before: 0", "parent saw it: 1, child saw it: 1", "read: 1"],
+    );
+}
+
+/// A closed epoll set's number, taken by a new set, reports nothing of the old set's
+/// connections, and the connection it polled shows its message to `poll`.
+#[test]
+fn a_closed_epoll_sets_number_reports_nothing_of_it() {
+    let out = semantics("readiness", "epoll_closed_set", 2);
+    assert_lines(
+        &out,
+        &[
+            "first set: 0",
+            "same number: 1",
+            "new set: 0",
+            "poll: 1",
+            "read: 1",
+        ],
+    );
+}
+
+/// Ring events and the kernel's share a small `maxevents` (neither starves the other), two
+/// registrations with the same data are two events, and a buffer the kernel cannot write is
+/// EFAULT.
+#[test]
+fn epoll_events_from_the_rings_share_the_buffer_with_the_kernels() {
+    let out = semantics("readiness", "epoll_small_max", 4);
+    assert_lines(
+        &out,
+        &[
+            "idle: 0",
+            "one at a time: each 1=1 saw 1=1 saw 2=1",
+            "all at once: 2",
+            "same data: 2 first=5 second=5",
+            "bad buffer: -1 Bad address",
+            "read both: 0",
+        ],
+    );
+}
+
 #[test]
 fn epoll_nested() {
     let out = semantics("readiness", "epoll_nested", 2);

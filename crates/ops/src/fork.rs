@@ -19,24 +19,34 @@ thread_local! {
     // The handlers of one fork run on the forking thread, in order prepare → parent|child.
     static HELD: RefCell<Option<RegistryGuard>> = const { RefCell::new(None) };
     static HELD_PROGRESS: RefCell<Option<crate::progress::ForkGuard>> = const { RefCell::new(None) };
+    static HELD_QUIET: RefCell<Option<crate::offload::quiet::ForkGuards>> = const { RefCell::new(None) };
 }
 
 extern "C" fn prepare() {
     // The child shares the epoll sets: no DEL may stay deferred across the fork.
     crate::offload::lazy::flush();
     crate::offload::setup::resolve_pending_before_fork();
+    // No bell stays withdrawn across the fork: the child, and the parent's copies from now
+    // on, wait with their own calls (`offload::quiet`).
+    crate::offload::quiet::handoff_begin();
     crate::progress::pause();
     crate::offload::lock_all_for_fork();
     let g = crate::offload::fork_prepare();
     HELD.with(|h| *h.borrow_mut() = Some(g));
+    let q = crate::offload::quiet::lock_for_fork();
+    HELD_QUIET.with(|h| *h.borrow_mut() = Some(q));
     let p = crate::progress::lock_for_fork();
     HELD_PROGRESS.with(|h| *h.borrow_mut() = Some(p));
 }
 
 extern "C" fn parent() {
     HELD_PROGRESS.with(|h| h.borrow_mut().take());
+    HELD_QUIET.with(|h| h.borrow_mut().take());
     HELD.with(|h| h.borrow_mut().take());
     crate::offload::unlock_all_after_fork();
+    // The child shares every set that exists now.
+    crate::offload::quiet::forget_sets();
+    crate::offload::quiet::handoff_end();
     crate::progress::resume();
 }
 
@@ -44,8 +54,11 @@ extern "C" fn child() {
     // Before anything asks for our pid: the cache still holds the parent's.
     ib_verbs::sys::forget_pid();
     HELD_PROGRESS.with(|h| h.borrow_mut().take());
+    HELD_QUIET.with(|h| h.borrow_mut().take());
     HELD.with(|h| h.borrow_mut().take());
     crate::offload::unlock_all_after_fork();
+    crate::offload::quiet::forget_sets();
+    crate::offload::quiet::after_fork_child();
     leave_pending_to_parent();
     crate::progress::resume();
     crate::progress::after_fork_child();

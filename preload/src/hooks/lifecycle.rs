@@ -153,10 +153,19 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     if ops::offload::lazy::pending() {
         ops::offload::lazy::flush_fd(fd);
     }
+    set_gone(fd);
     if is_tracked(fd) {
         switch(|| sw::close(fd));
     }
     unsafe { real::close(fd) }
+}
+
+/// `fd` is closed or replaced: an epoll set it named, and its registrations, are forgotten by
+/// the library (`ops::offload::quiet`). One load when no set is mirrored.
+fn set_gone(fd: c_int) {
+    if ops::offload::quiet::any_sets() {
+        switch(|| ops::offload::quiet::fd_closed(fd));
+    }
 }
 
 /// `syscall(SYS_close, fd)` of an SDP socket is a `close`. libuv (Node.js) closes every
@@ -187,6 +196,9 @@ pub unsafe extern "C" fn syscall(
         if fd >= 0 && !internal::contains(fd) && is_tracked(fd) {
             // SAFETY: as close(2), which this call is.
             return unsafe { close(fd) } as libc::c_long;
+        }
+        if fd >= 0 {
+            set_gone(fd);
         }
     }
     // SAFETY: the caller's arguments, passed on as they came.
@@ -227,6 +239,9 @@ fn close_range_keeping_ours(first: u32, last: u32, flags: u32) -> c_int {
         if !internal::contains(fd) {
             switch(|| sw::close(fd));
         }
+    }
+    if ops::offload::quiet::any_sets() {
+        switch(|| ops::offload::quiet::range_closed(first, last));
     }
     let mut from = first;
     for ours in internal::within(first, last) {
@@ -308,6 +323,9 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     if ops::offload::lazy::pending() {
         ops::offload::lazy::flush_fd(new);
     }
+    if old != new {
+        set_gone(new);
+    }
     after_dup(old, unsafe { real::dup2(old, new) })
 }
 
@@ -317,6 +335,9 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     if ops::offload::lazy::pending() {
         ops::offload::lazy::flush_fd(new);
+    }
+    if old != new {
+        set_gone(new);
     }
     after_dup(old, unsafe { real::dup3(old, new, flags) })
 }

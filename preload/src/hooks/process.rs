@@ -78,6 +78,9 @@ impl RelayedEnv {
 /// `ops::offload::exec`); the new image's environment then says which shadows answer for them.
 fn before_exec(envp: *const *const c_char) -> Option<RelayedEnv> {
     ops::offload::lazy::flush();
+    // No bell stays withdrawn for the new image or a relay (`ops::offload::quiet`); the count
+    // is given back if the exec fails (`exec_with`).
+    crate::guard::switch(ops::offload::quiet::handoff_begin);
     let records = crate::guard::switch(ops::offload::exec::before_exec).flatten()?;
     RelayedEnv::new(envp, records)
 }
@@ -89,7 +92,7 @@ fn exec_with(
     envp: *const *const c_char,
     exec: impl FnOnce(*const *const c_char) -> c_int,
 ) -> c_int {
-    match env {
+    let rc = match env {
         None => exec(envp),
         Some(e) => {
             let rc = exec(e.ptrs.as_ptr());
@@ -98,7 +101,9 @@ fn exec_with(
             ops::sys::set_errno(errno);
             rc
         }
-    }
+    };
+    ops::offload::quiet::handoff_end();
+    rc
 }
 
 /// # Safety
@@ -120,7 +125,7 @@ pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) 
     // SAFETY: reading the C library's environment pointer.
     let envp = unsafe { environ };
     match before_exec(envp) {
-        None => unsafe { real::execv(path, argv) },
+        None => exec_with(None, envp, |_| unsafe { real::execv(path, argv) }),
         env => exec_with(env, envp, |e| unsafe { real::execve(path, argv, e) }),
     }
 }
@@ -132,7 +137,7 @@ pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char)
     // SAFETY: reading the C library's environment pointer.
     let envp = unsafe { environ };
     match before_exec(envp) {
-        None => unsafe { real::execvp(file, argv) },
+        None => exec_with(None, envp, |_| unsafe { real::execvp(file, argv) }),
         env => exec_with(env, envp, |e| unsafe { real::execvpe(file, argv, e) }),
     }
 }

@@ -4,9 +4,35 @@
 
 use libc::{c_int, epoll_event, fd_set, nfds_t, pollfd, sigset_t, size_t, timespec, timeval};
 
-passthrough! {
-    fn epoll_create(size: c_int) -> c_int;
-    fn epoll_create1(flags: c_int) -> c_int;
+/// A set this process makes is mirrored (`ops::offload::quiet`).
+///
+/// # Safety
+/// As `epoll_create(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_create(size: c_int) -> c_int {
+    set_made(unsafe { crate::real::epoll_create(size) })
+}
+
+/// # Safety
+/// As `epoll_create1(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn epoll_create1(flags: c_int) -> c_int {
+    set_made(unsafe { crate::real::epoll_create1(flags) })
+}
+
+fn set_made(epfd: c_int) -> c_int {
+    if epfd >= 0 {
+        let errno = ops::sys::errno();
+        crate::guard::switch(|| ops::offload::quiet::set_created(epfd));
+        ops::sys::set_errno(errno);
+    }
+    epfd
+}
+
+/// Before a look at the kernel's readiness that may sleep: counted while it lasts, and every
+/// bell a poller withdrew asked for again (`ops::offload::quiet`): one load when none was.
+fn kernel_wait() -> Option<ops::offload::quiet::Sleeping> {
+    crate::guard::switch(ops::offload::quiet::sleeping)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -154,6 +180,7 @@ fn poll_common(
     timeout: c_int,
     call: impl Fn(c_int) -> c_int,
 ) -> c_int {
+    let _sleeping = kernel_wait();
     if timeout == 0 || !pollfds_slice(fds, nfds) {
         return call(timeout);
     }
@@ -168,6 +195,7 @@ fn ppoll_common(
     timeout: *const timespec,
     call: impl Fn(*const timespec) -> c_int,
 ) -> c_int {
+    let _sleeping = kernel_wait();
     let total = if ops::offload::any_pending() {
         ts_ns(timeout)
     } else {
@@ -304,6 +332,7 @@ pub unsafe extern "C" fn select(
     e: *mut fd_set,
     timeout: *mut timeval,
 ) -> c_int {
+    let _sleeping = kernel_wait();
     let total = if !ops::offload::any_pending() {
         None
     } else if timeout.is_null() {
@@ -375,6 +404,7 @@ pub unsafe extern "C" fn pselect(
     timeout: *const timespec,
     mask: *const sigset_t,
 ) -> c_int {
+    let _sleeping = kernel_wait();
     let total = if ops::offload::any_pending() {
         ts_ns(timeout)
     } else {
@@ -432,6 +462,9 @@ pub unsafe extern "C" fn epoll_ctl(
                 };
                 let rc = ops::offload::lazy::ctl(epfd, op, fd, ev, registered)?;
                 ops::offload::note_epoll(epfd, op, fd, ev);
+                if rc == 0 {
+                    ops::offload::quiet::ctl(epfd, op, fd, ev);
+                }
                 Some(rc)
             });
             if let Some(Some(rc)) = done {
@@ -440,24 +473,47 @@ pub unsafe extern "C" fn epoll_ctl(
         }
     }
     let rc = unsafe { crate::real::epoll_ctl(epfd, op, fd, event) };
-    if rc == 0 && offloaded {
+    if rc == 0 && (offloaded || ops::offload::quiet::any_sets()) {
+        let errno = ops::sys::errno();
         // SAFETY: the kernel accepted `event` for ADD/MOD, so it is readable.
-        let ev = if event.is_null() {
+        let ev = if event.is_null() || op == libc::EPOLL_CTL_DEL {
             None
         } else {
             Some(unsafe { std::ptr::read_unaligned(event) })
         };
-        crate::guard::switch(|| ops::offload::note_epoll(epfd, op, fd, ev));
+        crate::guard::switch(|| {
+            if offloaded {
+                ops::offload::note_epoll(epfd, op, fd, ev);
+            }
+            ops::offload::quiet::ctl(epfd, op, fd, ev);
+        });
+        ops::sys::set_errno(errno);
     }
     rc
 }
 
 /// Busy-polls an epoll set that watches offloaded connections for a short budget before
-/// sleeping (see `ops::offload::data` for the budget). Returns the events found, or 0.
-unsafe fn spin_epoll(epfd: c_int, events: *mut epoll_event, max: c_int, timeout: c_int) -> c_int {
+/// sleeping (see `ops::offload::data` for the budget). `Some(n)`: the call's result; `None`:
+/// wait in the kernel.
+///
+/// A set of up to 64 offloaded connections (`Spin::Rings`) is polled at their rings: a
+/// message found there is reported without a bell (`ops::offload::quiet::round`), after the
+/// kernel's events of the set. Bells other pollers withdrew are asked for again first: a
+/// look at this set must see what its nested sets hold.
+unsafe fn spin_epoll(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+) -> Option<c_int> {
     let spin = ops::offload::epoll_spin(epfd);
-    if timeout == 0 || spin == ops::offload::Spin::No {
-        return 0;
+    let rings = spin == ops::offload::Spin::Rings;
+    if spin == ops::offload::Spin::No || max <= 0 {
+        return None;
+    }
+    crate::guard::switch(|| ops::offload::quiet::rearm(rings.then_some(epfd)));
+    if timeout == 0 {
+        return rings.then(|| unsafe { epoll_round(epfd, events, max, Look::Rings) });
     }
     let budget = ops::offload::data::spin_budget();
     let start = std::time::Instant::now();
@@ -465,22 +521,107 @@ unsafe fn spin_epoll(epfd: c_int, events: *mut epoll_event, max: c_int, timeout:
         ops::stats::bump(ops::stats::header::EPOLL_SPINS, 1);
     }
     while start.elapsed() < budget {
-        if spin == ops::offload::Spin::Rings {
-            crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
-        }
-        let n = unsafe { crate::real::epoll_wait(epfd, events, max, 0) };
+        let look = if rings { Look::Spin } else { Look::Kernel };
+        let n = unsafe { epoll_round(epfd, events, max, look) };
         if n > 0 {
             ops::stats::bump(ops::stats::header::EPOLL_SPIN_HITS, 1);
         }
         if n != 0 {
-            return n;
+            return Some(n);
         }
         // SAFETY: sched_yield has no preconditions.
         unsafe { libc::syscall(libc::SYS_sched_yield) };
     }
-    0
+    None
 }
 
+thread_local! {
+    /// A round's scratch: the data of the kernel's events, and what the rings added.
+    static ROUND: std::cell::RefCell<(Vec<u64>, ops::offload::quiet::Round)> =
+        std::cell::RefCell::new((Vec::new(), ops::offload::quiet::Round::default()));
+}
+
+/// What a look at an epoll set without sleeping does besides asking the kernel.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Look {
+    Kernel,
+    /// Poll the rings of a mirrored set's connections (`ops::offload::quiet::round`).
+    Rings,
+    /// As `Rings`, or, for a set the rings are not polled for, make a few connections'
+    /// readiness current first (`ops::offload::poll_epoll_set`): in a spin only, where the
+    /// wait could not return before a bell anyway.
+    Spin,
+}
+
+/// One look at an epoll set without sleeping: the kernel's events, then (`Look::Rings`) what the
+/// rings of its polled connections hold, merged (EPOLLIN added to the kernel's event of the
+/// same registration) or written after the kernel's in the room left. The rings' events are
+/// written by the kernel (`process_vm_writev`), so a buffer it cannot write gives EFAULT as
+/// `epoll_wait` does.
+unsafe fn epoll_round(epfd: c_int, events: *mut epoll_event, max: c_int, look: Look) -> c_int {
+    let rings = look != Look::Kernel
+        && crate::guard::switch(|| ops::offload::quiet::polls(epfd)) == Some(true);
+    if !rings {
+        if look == Look::Spin {
+            crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
+        }
+        // SAFETY: the caller's arguments.
+        return unsafe { crate::real::epoll_wait(epfd, events, max, 0) };
+    }
+    // SAFETY: the caller's arguments.
+    let n = unsafe { crate::real::epoll_wait(epfd, events, max, 0) };
+    if n < 0 {
+        return n;
+    }
+    let found = ROUND.try_with(|r| {
+        let Ok(mut r) = r.try_borrow_mut() else {
+            return n; // a signal handler's epoll_wait inside ours: the kernel's events only
+        };
+        let (kernel, round) = &mut *r;
+        kernel.clear();
+        // SAFETY: the kernel wrote `n` events there.
+        kernel.extend(
+            (0..n as usize).map(|i| unsafe { std::ptr::read_unaligned(events.add(i)) }.u64),
+        );
+        let room = (max - n) as usize;
+        if crate::guard::switch(|| ops::offload::quiet::round(epfd, kernel, room, round))
+            != Some(true)
+        {
+            return n; // a sleeper or a handoff came meanwhile: the kernel's events only
+        }
+        for &i in &round.merge {
+            // SAFETY: an event the kernel wrote.
+            unsafe {
+                let mut e = std::ptr::read_unaligned(events.add(i));
+                e.events |= libc::EPOLLIN as u32;
+                std::ptr::write_unaligned(events.add(i), e);
+            }
+        }
+        if round.add.is_empty() {
+            return n;
+        }
+        let mut add: Vec<epoll_event> = round
+            .add
+            .iter()
+            .map(|&d| epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: d,
+            })
+            .collect();
+        let bytes = add.len() * std::mem::size_of::<epoll_event>();
+        // SAFETY: within the caller's `max` events (`room` bounds `add`).
+        let dst = unsafe { events.add(n as usize) };
+        if vm_io(true, add.as_mut_ptr().cast(), dst.cast(), bytes) != bytes as isize {
+            if n == 0 {
+                ops::sys::set_errno(libc::EFAULT);
+                return -1;
+            }
+            return n;
+        }
+        n + add.len() as c_int
+    });
+    found.unwrap_or(n)
+}
 /// # Safety
 /// As `epoll_wait(2)`.
 #[unsafe(no_mangle)]
@@ -491,10 +632,13 @@ pub unsafe extern "C" fn epoll_wait(
     timeout: c_int,
 ) -> c_int {
     ops::offload::lazy::enter(epfd);
-    let mut n = unsafe { spin_epoll(epfd, events, max, timeout) };
-    if n == 0 {
-        n = unsafe { crate::real::epoll_wait(epfd, events, max, timeout) };
-    }
+    let n = match unsafe { spin_epoll(epfd, events, max, timeout) } {
+        Some(n) => n,
+        None => {
+            let _sleeping = kernel_wait();
+            unsafe { crate::real::epoll_wait(epfd, events, max, timeout) }
+        }
+    };
     let errno = ops::sys::errno();
     ops::offload::lazy::leave(epfd);
     ops::sys::set_errno(errno);
@@ -512,7 +656,10 @@ pub unsafe extern "C" fn epoll_pwait2(
     mask: *const sigset_t,
 ) -> c_int {
     ops::offload::lazy::enter(epfd);
-    let n = unsafe { crate::real::epoll_pwait2(epfd, events, max, timeout, mask) };
+    let n = {
+        let _sleeping = kernel_wait();
+        unsafe { crate::real::epoll_pwait2(epfd, events, max, timeout, mask) }
+    };
     let errno = ops::sys::errno();
     ops::offload::lazy::leave(epfd);
     ops::sys::set_errno(errno);
@@ -532,13 +679,17 @@ pub unsafe extern "C" fn epoll_pwait(
     // LINUX: the signal mask (the kernel's 8-byte sigset) is read before any event is looked
     // at: one the kernel cannot read fails with EFAULT even when events are ready.
     ops::offload::lazy::enter(epfd);
-    let mut n = 0;
+    let mut spun = None;
     if mask.is_null() || crate::hooks::data::user_readable(mask.cast(), 8) {
-        n = unsafe { spin_epoll(epfd, events, max, timeout) };
+        spun = unsafe { spin_epoll(epfd, events, max, timeout) };
     }
-    if n == 0 {
-        n = unsafe { crate::real::epoll_pwait(epfd, events, max, timeout, mask) };
-    }
+    let n = match spun {
+        Some(n) => n,
+        None => {
+            let _sleeping = kernel_wait();
+            unsafe { crate::real::epoll_pwait(epfd, events, max, timeout, mask) }
+        }
+    };
     let errno = ops::sys::errno();
     ops::offload::lazy::leave(epfd);
     ops::sys::set_errno(errno);

@@ -2,6 +2,7 @@
  * exclusive, nested), blocking read/write, SO_RCVTIMEO/SO_SNDTIMEO, EINTR and SA_RESTART. */
 #include "sem.h"
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <sys/select.h>
 
 static int C, S;
@@ -429,6 +430,250 @@ static void c_pingpong(void) {
     sync_point();
 }
 
+/* ---- Readiness from the rings in epoll_wait (ops::offload::quiet) ---- */
+
+/* The same echo with both ends waiting in level-triggered epoll (redis and its benchmark),
+ * then what a message reported by epoll_wait but left unread looks like to poll and to an
+ * epoll set nested in another. */
+static void *epoll_echo_fn(void *p) {
+    int fd = *(int *)p;
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 7};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0);
+    char m[64];
+    for (int i = 0; i < PINGS; i++) {
+        size_t got = 0;
+        while (got < sizeof m) {
+            struct epoll_event out;
+            CHECK(epoll_wait(ep, &out, 1, -1) == 1 && out.data.u64 == 7);
+            ssize_t n = read(fd, m + got, sizeof m - got);
+            CHECK(n > 0);
+            got += n;
+        }
+        CHECK(write(fd, m, sizeof m) == (ssize_t)sizeof m);
+    }
+    /* Once the other side waits again: the message comes while it polls the rings. */
+    sleep_ms(50);
+    CHECK(write(fd, "late", 4) == 4);
+    close(ep);
+    return NULL;
+}
+
+static void c_epoll_pingpong(void) {
+    setenv("LIBSDP_SPIN_US", "200000", 1); /* as in c_pingpong */
+    fresh_pair(&C, &S);
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 42};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, C, &ev) == 0);
+    pthread_t t = spawn(epoll_echo_fn, &S);
+    char m[64], back[64];
+    int same = 1;
+    for (int i = 0; i < PINGS; i++) {
+        memset(m, 'a' + i % 26, sizeof m);
+        CHECK(write(C, m, sizeof m) == (ssize_t)sizeof m);
+        size_t got = 0;
+        while (got < sizeof back) {
+            struct epoll_event out;
+            CHECK(epoll_wait(ep, &out, 1, -1) == 1 && out.data.u64 == 42);
+            ssize_t n = read(C, back + got, sizeof back - got);
+            CHECK(n > 0);
+            got += n;
+        }
+        same &= memcmp(m, back, sizeof m) == 0;
+    }
+    printf("epoll pingpong: %d round trips, answers right=%d\n", PINGS, same);
+    struct epoll_event out = {0};
+    int n = epoll_wait(ep, &out, 1, 2000);
+    pthread_join(t, NULL);
+    printf("late message: %d data=%llu IN=%d\n", n, (unsigned long long)out.data.u64,
+           !!(out.events & EPOLLIN));
+    n = epoll_wait(ep, &out, 1, 0);
+    printf("again without waiting: %d\n", n);
+    struct pollfd pfd = {.fd = C, .events = POLLIN};
+    n = poll(&pfd, 1, 2000);
+    printf("poll after epoll: %d IN=%d\n", n, !!(pfd.revents & POLLIN));
+    int outer = epoll_create1(0);
+    CHECK(outer >= 0);
+    struct epoll_event oev = {.events = EPOLLIN, .data.u64 = 9};
+    CHECK(epoll_ctl(outer, EPOLL_CTL_ADD, ep, &oev) == 0);
+    n = epoll_wait(outer, &out, 1, 2000);
+    printf("nested: %d data=%llu\n", n, (unsigned long long)out.data.u64);
+    char late[8] = {0};
+    printf("read: %s %s\n", res(read(C, late, sizeof late)), late);
+    n = epoll_wait(ep, &out, 1, 0);
+    printf("after the read: %d\n", n);
+    close(outer);
+    close(ep);
+    sync_point();
+}
+
+/* A thread asleep in poll, or in a blocking read, on a connection that another thread's
+ * epoll_wait polls: the message that comes after that wait returned wakes the sleeper. */
+struct sleeper {
+    int fd;
+    int use_read;
+    int n;
+    short revents;
+    double woke;
+};
+
+static void *sleeper_fn(void *p) {
+    struct sleeper *s = p;
+    if (s->use_read) {
+        char b[8];
+        s->n = (int)read(s->fd, b, sizeof b);
+    } else {
+        struct pollfd pf = {.fd = s->fd, .events = POLLIN};
+        s->n = poll(&pf, 1, 3000);
+        s->revents = pf.revents;
+    }
+    s->woke = now_ms();
+    return NULL;
+}
+
+static void c_epoll_other_sleepers(void) {
+    int c1, s1, c2, s2;
+    fresh_pair(&c1, &s1);
+    fresh_pair(&c2, &s2);
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    struct epoll_event e1 = {.events = EPOLLIN, .data.u64 = 1};
+    struct epoll_event e2 = {.events = EPOLLIN, .data.u64 = 2};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, c1, &e1) == 0);
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, c2, &e2) == 0);
+    struct timeval tv = {.tv_sec = 3};
+    CHECK(setsockopt(c1, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0);
+    for (int use_read = 0; use_read < 2; use_read++) {
+        struct sleeper sl = {.fd = c1, .use_read = use_read};
+        pthread_t t = spawn(sleeper_fn, &sl);
+        sleep_ms(200); /* asleep in the kernel by now */
+        write_all(s2, "y", 1);
+        struct epoll_event out = {0};
+        int n = epoll_wait(ep, &out, 1, 1000);
+        char b[8];
+        CHECK(read(c2, b, sizeof b) == 1);
+        write_all(s1, "x", 1);
+        double sent = now_ms();
+        pthread_join(t, NULL);
+        printf("%s: epoll %d data=%llu, sleeper %d IN=%d woke at once=%d\n",
+               use_read ? "read" : "poll", n, (unsigned long long)out.data.u64,
+               use_read ? sl.n : sl.n, use_read ? 1 : !!(sl.revents & POLLIN),
+               sl.woke - sent < 1000);
+        if (!use_read) CHECK(read(c1, b, sizeof b) == 1);
+    }
+    close(ep);
+    sync_point();
+}
+
+/* A fork child asleep in poll on a connection its parent's epoll_wait keeps polling. */
+static void c_epoll_fork_sleeper(void) {
+    fresh_pair(&C, &S);
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 42};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, C, &ev) == 0);
+    struct epoll_event out;
+    printf("before: %d\n", epoll_wait(ep, &out, 1, 0));
+    fflush(stdout);
+    pid_t pid = fork();
+    CHECK(pid >= 0);
+    if (pid == 0) {
+        struct pollfd pf = {.fd = C, .events = POLLIN};
+        int n = poll(&pf, 1, 3000);
+        _exit(n == 1 && (pf.revents & POLLIN) ? 0 : 1);
+    }
+    /* The parent polls the set all along, without reading or sleeping. */
+    double t0 = now_ms();
+    int wrote = 0, seen = 0;
+    while (now_ms() - t0 < 600) {
+        if (!wrote && now_ms() - t0 > 200) {
+            write_all(S, "x", 1);
+            wrote = 1;
+        }
+        seen |= epoll_wait(ep, &out, 1, 0) == 1;
+    }
+    int st;
+    CHECK(waitpid(pid, &st, 0) == pid);
+    printf("parent saw it: %d, child saw it: %d\n", seen, WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    char b[8];
+    printf("read: %s\n", res(read(C, b, sizeof b)));
+    close(ep);
+    sync_point();
+}
+
+/* A closed epoll set's number, taken by a new set, reports nothing of the old one's. */
+static void c_epoll_closed_set(void) {
+    fresh_pair(&C, &S);
+    int e1 = epoll_create1(0);
+    CHECK(e1 >= 0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 1};
+    CHECK(epoll_ctl(e1, EPOLL_CTL_ADD, C, &ev) == 0);
+    struct epoll_event out;
+    printf("first set: %d\n", epoll_wait(e1, &out, 1, 0));
+    close(e1);
+    int e2 = epoll_create1(0);
+    printf("same number: %d\n", e2 == e1);
+    write_all(S, "x", 1);
+    printf("new set: %d\n", epoll_wait(e2, &out, 1, 300));
+    struct pollfd pf = {.fd = C, .events = POLLIN};
+    printf("poll: %d\n", poll(&pf, 1, 1000));
+    char b[8];
+    printf("read: %s\n", res(read(C, b, sizeof b)));
+    close(e2);
+    sync_point();
+}
+
+/* Two connections with messages, a wait for one event at a time: both are reported (the
+ * kernel's events are not starved by the rings', nor the other way round). Two with the same
+ * data: two events. */
+static void c_epoll_small_max(void) {
+    int c1, s1, c2, s2;
+    fresh_pair(&c1, &s1);
+    fresh_pair(&c2, &s2);
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    struct epoll_event e1 = {.events = EPOLLIN, .data.u64 = 1};
+    struct epoll_event e2 = {.events = EPOLLIN, .data.u64 = 2};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, c1, &e1) == 0);
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, c2, &e2) == 0);
+    struct epoll_event out[8];
+    printf("idle: %d\n", epoll_wait(ep, out, 8, 0));
+    write_all(s1, "a", 1);
+    write_all(s2, "b", 1);
+    sleep_ms(50);
+    int seen1 = 0, seen2 = 0, ones = 1;
+    for (int i = 0; i < 8; i++) {
+        int n = epoll_wait(ep, out, 1, 1000);
+        ones &= n == 1;
+        if (n == 1) {
+            seen1 |= out[0].data.u64 == 1;
+            seen2 |= out[0].data.u64 == 2;
+        }
+    }
+    printf("one at a time: each 1=%d saw 1=%d saw 2=%d\n", ones, seen1, seen2);
+    int n = epoll_wait(ep, out, 8, 1000);
+    printf("all at once: %d\n", n);
+    /* The same data for both. */
+    struct epoll_event same = {.events = EPOLLIN, .data.u64 = 5};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, c1, &same) == 0);
+    CHECK(epoll_ctl(ep, EPOLL_CTL_MOD, c2, &same) == 0);
+    n = epoll_wait(ep, out, 8, 1000);
+    printf("same data: %d first=%llu second=%llu\n", n, (unsigned long long)out[0].data.u64,
+           (unsigned long long)(n > 1 ? out[1].data.u64 : 0));
+    /* A buffer the kernel cannot write. */
+    void *gone = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(gone != MAP_FAILED && munmap(gone, 4096) == 0);
+    struct epoll_event *volatile bad = gone;
+    printf("bad buffer: %s\n", res(epoll_wait(ep, bad, 8, 1000)));
+    char b[8];
+    CHECK(read(c1, b, sizeof b) == 1 && read(c2, b, sizeof b) == 1);
+    printf("read both: %d\n", epoll_wait(ep, out, 8, 0));
+    close(ep);
+    sync_point();
+}
+
 static void c_timeouts(void) {
     fresh_pair(&C, &S);
     struct timeval tv = {.tv_usec = 200000};
@@ -705,6 +950,11 @@ int main(int argc, char **argv) {
         {"epoll_reregister", c_epoll_reregister},
         {"blocking", c_blocking},
         {"pingpong", c_pingpong},
+        {"epoll_pingpong", c_epoll_pingpong},
+        {"epoll_other_sleepers", c_epoll_other_sleepers},
+        {"epoll_fork_sleeper", c_epoll_fork_sleeper},
+        {"epoll_closed_set", c_epoll_closed_set},
+        {"epoll_small_max", c_epoll_small_max},
         {"timeouts", c_timeouts},
         {"eintr", c_eintr},
         {"signals_in_waits", c_signals_in_waits},

@@ -76,7 +76,13 @@ fn spin_for_data(conn: &Arc<Conn>) -> bool {
     crate::stats::bump(crate::stats::header::RECV_SPINS, 1);
     // What this receive finds by polling needs no bell from the peer (a send and a drain, one
     // system call on each side, per message of a request-response exchange).
-    conn.lock().quiet_while_polling();
+    // Listed, so that an exec or a fork under way asks again (`quiet`).
+    {
+        let mut g = conn.lock();
+        if g.quiet_while_polling() && !super::quiet::note_receive_quiet(&mut g) {
+            g.sync();
+        }
+    }
     loop {
         {
             let mut g = conn.lock();
@@ -120,6 +126,7 @@ const PURE_SPIN: std::time::Duration = std::time::Duration::from_micros(2);
 fn wait_readable(fd: i32) -> Result<(), Errno> {
     // A fork child that blocks needs its own progress thread to learn of the peer's end.
     crate::progress::after_fork_lazy();
+    let _sleeping = super::quiet::sleeping();
     let mut b = [0u8; 1];
     // SAFETY: one writable byte; a peeking recv consumes nothing.
     let n = unsafe {
@@ -336,6 +343,7 @@ fn wait_app_end(
     on: OnSignal,
 ) -> Result<(), Errno> {
     crate::progress::after_fork_lazy();
+    let _sleeping = super::quiet::sleeping();
     let ts = timeout_ms(fd, opt).map(|ms| libc::timespec {
         tv_sec: ms / 1000,
         tv_nsec: (ms % 1000) * 1_000_000,

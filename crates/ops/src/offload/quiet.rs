@@ -1,0 +1,395 @@
+//! Readiness from the rings in `epoll_wait`: a level-triggered epoll set whose wait busy-polls
+//! its connections' rings takes their messages without bells (ARCHITECTURE.md, the fd model,
+//! 2).
+//!
+//! A connection whose bell request a poller withdrew ("quiet") gets no bell byte for a
+//! message: its app end does not become readable in the kernel. Whoever could wait for it in
+//! the kernel must therefore be covered:
+//! - **Threads of this process.** Every hooked wait that may sleep in the kernel (`poll`,
+//!   `select`, `epoll_wait` once its spin is over, a blocking receive or send) counts itself
+//!   in [`SLEEPERS`] ([`Sleeping`]) and then asks for every withdrawn bell again ([`rearm`]). A
+//!   poller withdraws, then looks at [`SLEEPERS`] (both SeqCst): if someone sleeps, it asks
+//!   again at once. One of the two always sees the other.
+//! - **Other processes.** A connection a fork copied (`Inner::forked`) is never quieted, nor is
+//!   a set that existed at a fork (the sets are forgotten, [`forget_sets`]). An exec or a
+//!   fork in progress ([`HANDOFF`]) quiets nothing, and asks again for every withdrawn bell
+//!   before it goes on (the exec relay and a fork child wait with their own raw calls).
+//! - **Sets.** Only sets this process made (`epoll_create`) since its last fork are mirrored
+//!   ([`SETS`]): the application's own registrations, as it made them. A set's mirror goes
+//!   with the descriptor (`close`, `dup2` onto it, `close_range`), so a new set that gets the
+//!   number starts empty. A connection is polled only for a level-triggered EPOLLIN
+//!   registration (not one-shot, not exclusive) whose data no other registration of the set
+//!   shares, so a kernel event with that data is the same descriptor's and the two merge.
+//! - **The kernel's events first.** A round takes the kernel's events of the set first and adds
+//!   the rings' in the room left; a ring event with no room asks for its bell again (the kernel
+//!   reports it, in its own turn).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use super::{Conn, Inner, Phase};
+
+/// Threads of this process in a hooked wait that may sleep in the kernel.
+static SLEEPERS: AtomicUsize = AtomicUsize::new(0);
+/// An exec or a fork is handing connections to another process.
+static HANDOFF: AtomicUsize = AtomicUsize::new(0);
+
+/// Connections whose bell request a poller withdrew, with the epoll set that polls them (-1: a
+/// blocking receive's spin). Its lock is never held while another is taken.
+static QUIET: Mutex<Vec<(i32, Weak<Conn>)>> = Mutex::new(Vec::new());
+static QUIET_ANY: AtomicBool = AtomicBool::new(false);
+
+/// The application's registrations of the epoll sets this process made since its last fork.
+/// Its lock is never held while another is taken.
+static SETS: Mutex<Option<HashMap<i32, Mirror>>> = Mutex::new(None);
+static ANY_SETS: AtomicBool = AtomicBool::new(false);
+
+/// The connections a round polls, with their data.
+type Polled = Arc<Vec<(u64, Weak<Conn>)>>;
+
+/// The locks a fork holds from `prepare` to `parent` or `child`.
+pub type ForkGuards = (
+    MutexGuard<'static, Vec<(i32, Weak<Conn>)>>,
+    MutexGuard<'static, Option<HashMap<i32, Mirror>>>,
+);
+
+#[derive(Default)]
+pub struct Mirror {
+    /// fd → (events, data), as the application registered them.
+    regs: HashMap<i32, (u32, u64)>,
+    /// The connections a round polls, with their data; made again after any change.
+    polled: Option<Polled>,
+}
+
+fn sets() -> MutexGuard<'static, Option<HashMap<i32, Mirror>>> {
+    SETS.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn quiet_list() -> MutexGuard<'static, Vec<(i32, Weak<Conn>)>> {
+    QUIET.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A thread in a hooked wait that may sleep in the kernel: counted from [`Sleeping::start`]
+/// to its drop. The caller asks for the withdrawn bells ([`rearm`]) right after the start.
+pub struct Sleeping(());
+
+impl Sleeping {
+    pub fn start() -> Sleeping {
+        SLEEPERS.fetch_add(1, Ordering::SeqCst);
+        Sleeping(())
+    }
+}
+
+impl Drop for Sleeping {
+    fn drop(&mut self) {
+        SLEEPERS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A hooked wait that may sleep in the kernel begins: counted, and every withdrawn bell asked
+/// for again (takes connections' locks: never call it with one held).
+pub fn sleeping() -> Sleeping {
+    let s = Sleeping::start();
+    rearm(None);
+    s
+}
+
+/// An exec, a spawn or a fork begins: nothing is quieted until [`handoff_end`], and every
+/// withdrawn bell is asked for again now.
+pub fn handoff_begin() {
+    HANDOFF.fetch_add(1, Ordering::SeqCst);
+    rearm(None);
+}
+
+pub fn handoff_end() {
+    HANDOFF.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Whether a poller may withdraw bell requests now (no handoff, and for an epoll set no
+/// sleeper). Read after the withdrawal (SeqCst): see the module's documentation.
+pub(crate) fn may_stay_quiet(epoll: bool) -> bool {
+    fence(Ordering::SeqCst);
+    HANDOFF.load(Ordering::SeqCst) == 0 && (!epoll || SLEEPERS.load(Ordering::SeqCst) == 0)
+}
+
+/// Lists a connection whose bell request `g` just withdrew (its lock held).
+fn list(g: &mut Inner, epfd: i32) {
+    if epfd >= 0 {
+        g.quiet_set = true;
+    }
+    if !g.quiet_listed {
+        g.quiet_listed = true;
+        quiet_list().push((epfd, g.self_ref.clone()));
+        QUIET_ANY.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A blocking receive's spin withdrew `g`'s bell request (`Inner::quiet_while_polling`):
+/// listed, so that an exec or a fork asks for it again. Returns false if it must be asked for
+/// again now (a handoff is under way).
+pub fn note_receive_quiet(g: &mut Inner) -> bool {
+    list(g, -1);
+    may_stay_quiet(false)
+}
+
+/// Asks again for the bells withdrawn by pollers, except those of `polling` (a set whose wait
+/// polls its rings itself and asks again before it sleeps). One load when nothing is
+/// withdrawn. Takes connections' locks: never call it with one held.
+pub fn rearm(polling: Option<i32>) {
+    if !QUIET_ANY.load(Ordering::SeqCst) {
+        return;
+    }
+    let taken: Vec<(i32, Weak<Conn>)> = {
+        let mut q = quiet_list();
+        if polling.is_some() && q.iter().all(|e| Some(e.0) == polling) {
+            return;
+        }
+        let (keep, go): (Vec<_>, Vec<_>) = q.drain(..).partition(|e| Some(e.0) == polling);
+        *q = keep;
+        QUIET_ANY.store(!q.is_empty(), Ordering::SeqCst);
+        go
+    };
+    for (_, w) in taken {
+        let Some(c) = w.upgrade() else { continue };
+        let mut g = c.lock();
+        g.quiet_listed = false;
+        g.quiet_set = false;
+        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+            g.sync();
+        }
+    }
+}
+
+/// `epoll_create` made `epfd` in this process: mirrored from now on.
+pub fn set_created(epfd: i32) {
+    let mut s = sets();
+    s.get_or_insert_with(HashMap::new)
+        .insert(epfd, Mirror::default());
+    ANY_SETS.store(true, Ordering::SeqCst);
+}
+
+/// Whether any set is mirrored (one load, for `close`).
+#[inline]
+pub fn any_sets() -> bool {
+    ANY_SETS.load(Ordering::Relaxed)
+}
+
+/// The application's `epoll_ctl` succeeded (as far as it can tell): a mirrored set's mirror
+/// follows it. The connection it names, and those whose data it made shared or unique, are no
+/// longer answered for by a poller: their bells are asked for again (an edge-triggered
+/// registration, one no round polls, must be rung).
+pub fn ctl(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
+    let mut affected = vec![fd];
+    if any_sets() {
+        let mut s = sets();
+        if let Some(m) = s.as_mut().and_then(|m| m.get_mut(&epfd)) {
+            let old = m.regs.get(&fd).map(|r| r.1);
+            let new = match (op, ev) {
+                (libc::EPOLL_CTL_DEL, _) => {
+                    m.regs.remove(&fd);
+                    None
+                }
+                (libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD, Some(e)) => {
+                    m.regs.insert(fd, (e.events, e.u64));
+                    Some(e.u64)
+                }
+                _ => None,
+            };
+            m.polled = None;
+            if old != new {
+                affected.extend(
+                    m.regs
+                        .iter()
+                        .filter(|(_, r)| Some(r.1) == old || Some(r.1) == new)
+                        .map(|(&f, _)| f),
+                );
+            }
+        }
+    }
+    for f in affected {
+        loud(f);
+    }
+}
+
+/// The connection `fd` names asks for its bell again if a poller had quieted it.
+fn loud(fd: i32) {
+    let Some(c) = super::lookup(fd) else { return };
+    let mut g = c.lock();
+    if g.quiet_set {
+        g.quiet_set = false;
+        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+            g.sync();
+        }
+    }
+}
+
+/// `fd` is closed (or replaced): a set it named is forgotten, with the bells its pollers
+/// withdrew asked for again; the registrations it was in are forgotten.
+pub fn fd_closed(fd: i32) {
+    if !any_sets() {
+        return;
+    }
+    let was_set = {
+        let mut s = sets();
+        let Some(m) = s.as_mut() else { return };
+        let was_set = m.remove(&fd).is_some();
+        for mirror in m.values_mut() {
+            if mirror.regs.remove(&fd).is_some() {
+                mirror.polled = None;
+            }
+        }
+        was_set
+    };
+    if was_set {
+        super::forget_watched_set(fd);
+        rearm(None);
+    }
+}
+
+/// Every set in `first..=last` closed (`close_range`).
+pub fn range_closed(first: u32, last: u32) {
+    if !any_sets() {
+        return;
+    }
+    let fds: Vec<i32> = {
+        let s = sets();
+        let Some(m) = s.as_ref() else { return };
+        let mut fds: Vec<i32> = m.keys().copied().collect();
+        for mirror in m.values() {
+            fds.extend(mirror.regs.keys().copied());
+        }
+        fds
+    };
+    for fd in fds {
+        if (first..=last).contains(&(fd as u32)) {
+            fd_closed(fd);
+        }
+    }
+}
+
+/// At a fork, in both processes: every set may be shared with the other process now.
+pub fn forget_sets() {
+    if let Some(m) = sets().as_mut() {
+        m.clear();
+    }
+}
+
+/// Fork `prepare`: after [`handoff_begin`] and with every connection's lock taken; the
+/// guards are given back in `parent` and `child`.
+pub fn lock_for_fork() -> ForkGuards {
+    (quiet_list(), sets())
+}
+
+/// Fork `child`: one thread, asleep nowhere; the parent's pollers are not here.
+pub fn after_fork_child() {
+    SLEEPERS.store(0, Ordering::SeqCst);
+    HANDOFF.store(0, Ordering::SeqCst);
+}
+
+/// The connections a round of `epfd` polls, with their data (`None`: not mirrored).
+fn polled(epfd: i32) -> Option<Polled> {
+    let regs: Vec<(i32, u32, u64)> = {
+        let s = sets();
+        let m = s.as_ref()?.get(&epfd)?;
+        if let Some(p) = &m.polled {
+            return Some(Arc::clone(p));
+        }
+        m.regs.iter().map(|(&fd, &(e, d))| (fd, e, d)).collect()
+    };
+    const ODD: u32 = (libc::EPOLLET | libc::EPOLLONESHOT | libc::EPOLLEXCLUSIVE) as u32;
+    let mut list = Vec::new();
+    for &(fd, events, data) in &regs {
+        if events & libc::EPOLLIN as u32 == 0
+            || events & ODD != 0
+            || regs.iter().filter(|r| r.2 == data).count() > 1
+        {
+            continue;
+        }
+        if let Some(c) = super::lookup(fd) {
+            list.push((data, Arc::downgrade(&c)));
+        }
+    }
+    let list = Arc::new(list);
+    let mut s = sets();
+    if let Some(m) = s.as_mut().and_then(|m| m.get_mut(&epfd))
+        && m.polled.is_none()
+    {
+        m.polled = Some(Arc::clone(&list));
+    }
+    Some(list)
+}
+
+/// Whether a round over `epfd`'s rings would poll anything now ([`round`] says it again).
+pub fn polls(epfd: i32) -> bool {
+    HANDOFF.load(Ordering::SeqCst) == 0
+        && SLEEPERS.load(Ordering::SeqCst) == 0
+        && any_sets()
+        && polled(epfd).is_some_and(|p| !p.is_empty())
+}
+
+/// What a round over a set's rings found: data of the kernel's events to add EPOLLIN to, and
+/// data of new events.
+#[derive(Default)]
+pub struct Round {
+    pub merge: Vec<usize>,
+    pub add: Vec<u64>,
+}
+
+/// One round over the rings of `epfd`'s polled connections, after the kernel's events of the
+/// set (their data in `kernel`): withdraws each one's bell request and reports what its ring
+/// holds, in `room` new events at most. Returns false when the set is not polled this way (the
+/// caller looks at the kernel only).
+pub fn round(epfd: i32, kernel: &[u64], room: usize, out: &mut Round) -> bool {
+    out.merge.clear();
+    out.add.clear();
+    if HANDOFF.load(Ordering::SeqCst) != 0 || SLEEPERS.load(Ordering::SeqCst) != 0 {
+        return false;
+    }
+    let Some(conns) = polled(epfd) else {
+        return false;
+    };
+    if conns.is_empty() {
+        return false;
+    }
+    for (data, w) in conns.iter() {
+        let Some(c) = w.upgrade() else { continue };
+        let mut g = c.lock();
+        let Phase::Offloaded(s) = &g.phase else {
+            continue;
+        };
+        if g.every_arrival || g.forked || !s.quiet_while_polling() || !s.is_current() {
+            // Rings as it always did: make what came current on the app end.
+            if let Phase::Offloaded(s) = &mut g.phase
+                && s.has_work()
+            {
+                g.sync();
+            }
+            continue;
+        }
+        g.quiet_while_polling();
+        list(&mut g, epfd);
+        let ready = match &mut g.phase {
+            Phase::Offloaded(s) => {
+                s.progress();
+                s.recv_ready()
+            }
+            _ => false,
+        };
+        if !ready {
+            continue;
+        }
+        if let Some(i) = kernel.iter().position(|k| k == data) {
+            out.merge.push(i);
+        } else if out.add.len() < room {
+            out.add.push(*data);
+        } else {
+            // No room: the kernel reports it, in its turn.
+            g.sync_loud();
+        }
+    }
+    if !may_stay_quiet(true) {
+        rearm(None);
+    }
+    true
+}
