@@ -316,7 +316,8 @@ fn an_epoll_poller_leaves_the_bells_of_a_fork_child() {
 }
 
 /// A closed epoll set's number, taken by a new set, reports nothing of the old set's
-/// connections, and the connection it polled shows its message to `poll`.
+/// connections, and the connection it polled shows its message to `poll`. A registration
+/// deleted through a duplicate of a set's descriptor is gone for the set.
 #[test]
 fn a_closed_epoll_sets_number_reports_nothing_of_it() {
     let out = semantics("readiness", "epoll_closed_set", 2);
@@ -328,6 +329,8 @@ fn a_closed_epoll_sets_number_reports_nothing_of_it() {
             "new set: 0",
             "poll: 1",
             "read: 1",
+            "third set: 0",
+            "after a DEL through a dup: 0",
         ],
     );
 }

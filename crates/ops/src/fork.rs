@@ -46,8 +46,9 @@ extern "C" fn parent() {
     crate::offload::unlock_all_after_fork();
     // The child shares every set that exists now.
     crate::offload::quiet::forget_sets();
-    crate::offload::quiet::handoff_end();
     crate::progress::resume();
+    crate::offload::quiet::after_fork();
+    crate::offload::quiet::handoff_end();
 }
 
 extern "C" fn child() {
@@ -58,10 +59,10 @@ extern "C" fn child() {
     HELD.with(|h| h.borrow_mut().take());
     crate::offload::unlock_all_after_fork();
     crate::offload::quiet::forget_sets();
-    crate::offload::quiet::after_fork_child();
     leave_pending_to_parent();
     crate::progress::resume();
     crate::progress::after_fork_child();
+    crate::offload::quiet::after_fork_child();
 }
 
 /// A connection still pending at the fork (another thread connected after `prepare` resolved

@@ -643,6 +643,9 @@ unsafe fn relay_passed_fds(m: &msghdr) {
                     let passed = std::ptr::read_unaligned((data as *const c_int).add(i));
                     if offloaded(passed) {
                         crate::guard::switch(|| ops::offload::exec::before_passing(passed));
+                    } else if ops::offload::quiet::any_sets() {
+                        // An epoll set another process may wait on or change.
+                        crate::guard::switch(|| ops::offload::quiet::set_shared(passed));
                     }
                 }
             }

@@ -201,6 +201,10 @@ pub unsafe extern "C" fn syscall(
             set_gone(fd);
         }
     }
+    if n == libc::SYS_epoll_ctl && !ops::guard::inside() && ops::offload::quiet::any_sets() {
+        // A change the `epoll_ctl` hook does not see: the set is no longer mirrored.
+        switch(|| ops::offload::quiet::set_shared(a1 as c_int));
+    }
     // SAFETY: the caller's arguments, passed on as they came.
     unsafe { real::syscall(n, a1, a2, a3, a4, a5, a6) }
 }
@@ -298,6 +302,11 @@ pub unsafe extern "C" fn closefrom(lowfd: c_int) {
 }
 
 fn after_dup(old: c_int, new: c_int) -> c_int {
+    if new >= 0 && new != old && ops::offload::quiet::any_sets() {
+        // A second number for an epoll set: changes through it would pass the library's
+        // mirror of the set (`ops::offload::quiet`).
+        switch(|| ops::offload::quiet::set_shared(old));
+    }
     if new >= 0 && new != old && internal::contains(new) {
         // The program put a file of its own on a number the library held (the kernel closed
         // ours): the number is the program's now, for `close` and `close_range` too.

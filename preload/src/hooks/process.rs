@@ -80,7 +80,9 @@ fn before_exec(envp: *const *const c_char) -> Option<RelayedEnv> {
     ops::offload::lazy::flush();
     // No bell stays withdrawn for the new image or a relay (`ops::offload::quiet`); the count
     // is given back if the exec fails (`exec_with`).
-    crate::guard::switch(ops::offload::quiet::handoff_begin);
+    if crate::guard::switch(ops::offload::quiet::handoff_begin).is_none() {
+        ops::offload::quiet::handoff_begin(); // inside the library already: counted all the same
+    }
     let records = crate::guard::switch(ops::offload::exec::before_exec).flatten()?;
     RelayedEnv::new(envp, records)
 }

@@ -507,7 +507,8 @@ unsafe fn spin_epoll(
     timeout: c_int,
 ) -> Option<c_int> {
     let spin = ops::offload::epoll_spin(epfd);
-    let rings = spin == ops::offload::Spin::Rings;
+    // `LIBSDP_SPIN_US=0` turns polling off, the rings' included.
+    let rings = spin == ops::offload::Spin::Rings && !ops::offload::data::spin_budget().is_zero();
     if spin == ops::offload::Spin::No || max <= 0 {
         return None;
     }
@@ -612,6 +613,13 @@ unsafe fn epoll_round(epfd: c_int, events: *mut epoll_event, max: c_int, look: L
         // SAFETY: within the caller's `max` events (`room` bounds `add`).
         let dst = unsafe { events.add(n as usize) };
         if vm_io(true, add.as_mut_ptr().cast(), dst.cast(), bytes) != bytes as isize {
+            if ops::sys::errno() != libc::EFAULT {
+                // Not the buffer: the call itself is refused here (a seccomp filter). The
+                // kernel reports those connections from now on.
+                crate::guard::switch(ops::offload::quiet::turn_off);
+                ops::sys::set_errno(0);
+                return n;
+            }
             if n == 0 {
                 ops::sys::set_errno(libc::EFAULT);
                 return -1;

@@ -622,6 +622,19 @@ static void c_epoll_closed_set(void) {
     char b[8];
     printf("read: %s\n", res(read(C, b, sizeof b)));
     close(e2);
+    /* A registration deleted through a duplicate of the set's descriptor. */
+    int e3 = epoll_create1(0);
+    CHECK(e3 >= 0);
+    struct epoll_event ev3 = {.events = EPOLLIN, .data.u64 = 3};
+    CHECK(epoll_ctl(e3, EPOLL_CTL_ADD, C, &ev3) == 0);
+    printf("third set: %d\n", epoll_wait(e3, &out, 1, 0));
+    int d = dup(e3);
+    CHECK(d >= 0 && epoll_ctl(d, EPOLL_CTL_DEL, C, NULL) == 0);
+    write_all(S, "z", 1);
+    printf("after a DEL through a dup: %d\n", epoll_wait(e3, &out, 1, 300));
+    printf("read: %s\n", res(read(C, b, sizeof b)));
+    close(d);
+    close(e3);
     sync_point();
 }
 

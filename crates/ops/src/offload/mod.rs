@@ -700,7 +700,7 @@ impl Inner {
 
     /// Whether an epoll set's poller answers for this connection's readiness now (`quiet`).
     fn stays_quiet(&self) -> bool {
-        self.quiet_set && !self.every_arrival && quiet::may_stay_quiet(true)
+        self.quiet_set && !self.every_arrival && !self.forked && quiet::may_stay_quiet(true)
     }
 
     /// `sync`, asking for the bell (and ringing for bytes there) even if a poller quieted the

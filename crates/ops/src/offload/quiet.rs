@@ -39,6 +39,9 @@ static HANDOFF: AtomicUsize = AtomicUsize::new(0);
 /// blocking receive's spin). Its lock is never held while another is taken.
 static QUIET: Mutex<Vec<(i32, Weak<Conn>)>> = Mutex::new(Vec::new());
 static QUIET_ANY: AtomicBool = AtomicBool::new(false);
+/// The rings' events cannot be written here (`process_vm_writev` refused: a seccomp filter):
+/// no set is polled.
+static OFF: AtomicBool = AtomicBool::new(false);
 
 /// The application's registrations of the epoll sets this process made since its last fork.
 /// Its lock is never held while another is taken.
@@ -103,7 +106,14 @@ pub fn handoff_begin() {
 }
 
 pub fn handoff_end() {
-    HANDOFF.fetch_sub(1, Ordering::SeqCst);
+    let _ = HANDOFF.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |h| h.checked_sub(1));
+}
+
+/// The rings' events could not be written into the application's buffer for a reason other
+/// than the buffer (EPERM, ENOSYS): polling stops for good, every withdrawn bell asked again.
+pub fn turn_off() {
+    OFF.store(true, Ordering::SeqCst);
+    rearm(None);
 }
 
 /// Whether a poller may withdraw bell requests now (no handoff, and for an epoll set no
@@ -142,7 +152,10 @@ pub fn rearm(polling: Option<i32>) {
     }
     let taken: Vec<(i32, Weak<Conn>)> = {
         let mut q = quiet_list();
+        // Connections closed since they were listed (a loop that never sleeps would keep them).
+        q.retain(|e| e.1.strong_count() > 0);
         if polling.is_some() && q.iter().all(|e| Some(e.0) == polling) {
+            QUIET_ANY.store(!q.is_empty(), Ordering::SeqCst);
             return;
         }
         let (keep, go): (Vec<_>, Vec<_>) = q.drain(..).partition(|e| Some(e.0) == polling);
@@ -247,6 +260,19 @@ pub fn fd_closed(fd: i32) {
     }
 }
 
+/// The set `fd` names may now be changed or waited on behind the mirror's back (a duplicate
+/// of its descriptor, a raw `epoll_ctl`, one sent to another process): it is no longer
+/// mirrored, and the bells its pollers withdrew are asked for again.
+pub fn set_shared(fd: i32) {
+    if !any_sets() {
+        return;
+    }
+    let was_set = sets().as_mut().is_some_and(|m| m.remove(&fd).is_some());
+    if was_set {
+        rearm(None);
+    }
+}
+
 /// Every set in `first..=last` closed (`close_range`).
 pub fn range_closed(first: u32, last: u32) {
     if !any_sets() {
@@ -285,6 +311,27 @@ pub fn lock_for_fork() -> ForkGuards {
 pub fn after_fork_child() {
     SLEEPERS.store(0, Ordering::SeqCst);
     HANDOFF.store(0, Ordering::SeqCst);
+    after_fork();
+}
+
+/// After a fork, in both processes: a poller that withdrew a bell just before it (its round
+/// began before the handoff) may have left its connection out of the list when the fork
+/// copied it; every connection still marked asks again (the one that serves it: the bell
+/// request is shared).
+pub fn after_fork() {
+    for (_, c) in super::snapshot() {
+        let mut g = c.lock();
+        if g.quiet_set || g.quiet_listed {
+            g.quiet_set = false;
+            g.quiet_listed = false;
+            if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+                g.sync();
+            }
+        }
+    }
+    let mut q = quiet_list();
+    q.clear();
+    QUIET_ANY.store(false, Ordering::SeqCst);
 }
 
 /// The connections a round of `epfd` polls, with their data (`None`: not mirrored).
@@ -298,12 +345,13 @@ fn polled(epfd: i32) -> Option<Polled> {
         m.regs.iter().map(|(&fd, &(e, d))| (fd, e, d)).collect()
     };
     const ODD: u32 = (libc::EPOLLET | libc::EPOLLONESHOT | libc::EPOLLEXCLUSIVE) as u32;
+    let mut uses: HashMap<u64, usize> = HashMap::with_capacity(regs.len());
+    for r in &regs {
+        *uses.entry(r.2).or_default() += 1;
+    }
     let mut list = Vec::new();
     for &(fd, events, data) in &regs {
-        if events & libc::EPOLLIN as u32 == 0
-            || events & ODD != 0
-            || regs.iter().filter(|r| r.2 == data).count() > 1
-        {
+        if events & libc::EPOLLIN as u32 == 0 || events & ODD != 0 || uses[&data] > 1 {
             continue;
         }
         if let Some(c) = super::lookup(fd) {
@@ -322,7 +370,8 @@ fn polled(epfd: i32) -> Option<Polled> {
 
 /// Whether a round over `epfd`'s rings would poll anything now ([`round`] says it again).
 pub fn polls(epfd: i32) -> bool {
-    HANDOFF.load(Ordering::SeqCst) == 0
+    !OFF.load(Ordering::Relaxed)
+        && HANDOFF.load(Ordering::SeqCst) == 0
         && SLEEPERS.load(Ordering::SeqCst) == 0
         && any_sets()
         && polled(epfd).is_some_and(|p| !p.is_empty())

@@ -1755,9 +1755,10 @@ impl OffloadStream for SdpRdma {
                     ) =>
                 {
                     // LINUX: the first write to a peer that closed succeeds (see
-                    // `AfterPeerClose`).
+                    // `AfterPeerClose`), for what the send buffer has room for.
                     self.after_close.took_write();
-                    return Ok(data.iter().map(|b| b.len()).sum());
+                    let total: usize = data.iter().map(|b| b.len()).sum();
+                    return Ok(total.min(self.engine.send_room().max(1)));
                 }
                 Err(SendError::Closed(e)) => {
                     self.after_close.epipe_reported();

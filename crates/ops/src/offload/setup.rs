@@ -1607,6 +1607,12 @@ pub fn close(fd: i32) {
         return;
     };
     let mut g = conn.lock();
+    // A poller's round may have withdrawn the bell request (`quiet`): what comes after the
+    // close (data a TCP peer would be reset for, the peer's end) must reach whoever
+    // watches the connection now.
+    if std::mem::take(&mut g.quiet_set) || (g.quiet_listed && !g.armed) {
+        g.sync();
+    }
     // After a fork another process may hold the connection (a forked server child, the parent
     // that keeps listening): then closing our copy must not touch the rings, whose next message
     // belongs to the holder. The peer learns of the last close from the kernel (its copy of
