@@ -201,10 +201,6 @@ pub unsafe extern "C" fn syscall(
             set_gone(fd);
         }
     }
-    if n == libc::SYS_epoll_ctl && !ops::guard::inside() && ops::offload::quiet::any_sets() {
-        // A change the `epoll_ctl` hook does not see: the set is no longer mirrored.
-        switch(|| ops::offload::quiet::set_shared(a1 as c_int));
-    }
     // SAFETY: the caller's arguments, passed on as they came.
     unsafe { real::syscall(n, a1, a2, a3, a4, a5, a6) }
 }

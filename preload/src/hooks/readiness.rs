@@ -512,7 +512,13 @@ unsafe fn spin_epoll(
     if spin == ops::offload::Spin::No || max <= 0 {
         return None;
     }
-    crate::guard::switch(|| ops::offload::quiet::rearm(rings.then_some(epfd)));
+    crate::guard::switch(|| {
+        if rings {
+            ops::offload::quiet::before_look(epfd)
+        } else {
+            ops::offload::quiet::rearm(None)
+        }
+    });
     if timeout == 0 {
         return rings.then(|| unsafe { epoll_round(epfd, events, max, Look::Rings) });
     }

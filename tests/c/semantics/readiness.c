@@ -460,7 +460,7 @@ static void *epoll_echo_fn(void *p) {
     return NULL;
 }
 
-static void c_epoll_pingpong(void) {
+static void epoll_pingpong(int reregister) {
     setenv("LIBSDP_SPIN_US", "200000", 1); /* as in c_pingpong */
     fresh_pair(&C, &S);
     int ep = epoll_create1(0);
@@ -472,7 +472,20 @@ static void c_epoll_pingpong(void) {
     int same = 1;
     for (int i = 0; i < PINGS; i++) {
         memset(m, 'a' + i % 26, sizeof m);
+        if (reregister) {
+            /* hiredis and redis-benchmark's ae around every request: the connection is
+             * registered for writing, written, then registered for reading again. */
+            struct epoll_event wr = {.events = EPOLLOUT, .data.u64 = 42};
+            CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, C, NULL) == 0);
+            CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, C, &wr) == 0);
+            struct epoll_event out;
+            CHECK(epoll_wait(ep, &out, 1, -1) == 1 && (out.events & EPOLLOUT));
+        }
         CHECK(write(C, m, sizeof m) == (ssize_t)sizeof m);
+        if (reregister) {
+            CHECK(epoll_ctl(ep, EPOLL_CTL_DEL, C, NULL) == 0);
+            CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, C, &ev) == 0);
+        }
         size_t got = 0;
         while (got < sizeof back) {
             struct epoll_event out;
@@ -508,6 +521,9 @@ static void c_epoll_pingpong(void) {
     close(ep);
     sync_point();
 }
+
+static void c_epoll_pingpong(void) { epoll_pingpong(0); }
+static void c_epoll_pingpong_reregister(void) { epoll_pingpong(1); }
 
 /* A thread asleep in poll, or in a blocking read, on a connection that another thread's
  * epoll_wait polls: the message that comes after that wait returned wakes the sleeper. */
@@ -964,6 +980,7 @@ int main(int argc, char **argv) {
         {"blocking", c_blocking},
         {"pingpong", c_pingpong},
         {"epoll_pingpong", c_epoll_pingpong},
+        {"epoll_pingpong_reregister", c_epoll_pingpong_reregister},
         {"epoll_other_sleepers", c_epoll_other_sleepers},
         {"epoll_fork_sleeper", c_epoll_fork_sleeper},
         {"epoll_closed_set", c_epoll_closed_set},

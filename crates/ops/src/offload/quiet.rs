@@ -174,6 +174,62 @@ pub fn rearm(polling: Option<i32>) {
     }
 }
 
+/// Before a look at the kernel's events of `epfd`, a set whose wait polls its rings: the bells
+/// withdrawn by other sets' pollers are asked for again where this look could miss them (a
+/// connection registered here that this set does not poll, any connection when this set
+/// holds another mirrored set or is not mirrored itself). Two threads each polling a set of
+/// its own then keep each other's connections quiet.
+pub fn before_look(epfd: i32) {
+    if !QUIET_ANY.load(Ordering::SeqCst) {
+        return;
+    }
+    let regs: Option<std::collections::HashSet<i32>> = {
+        let s = sets();
+        s.as_ref().and_then(|all| {
+            let m = all.get(&epfd)?;
+            let nested = m.regs.keys().any(|f| all.contains_key(f));
+            (!nested).then(|| m.regs.keys().copied().collect())
+        })
+    };
+    let (Some(regs), Some(polled_here)) = (regs, polled(epfd)) else {
+        rearm(Some(epfd));
+        return;
+    };
+    let taken: Vec<(i32, Weak<Conn>)> = {
+        let mut q = quiet_list();
+        q.retain(|e| e.1.strong_count() > 0);
+        if q.iter().all(|e| e.0 == epfd) {
+            return;
+        }
+        let (keep, go): (Vec<_>, Vec<_>) = q.drain(..).partition(|e| e.0 == epfd);
+        *q = keep;
+        go
+    };
+    let mut back = Vec::new();
+    for (set, w) in taken {
+        let Some(c) = w.upgrade() else { continue };
+        let mut g = c.lock();
+        let here = polled_here.iter().any(|(_, p)| Weak::ptr_eq(p, &w));
+        if here || !g.app_fds.iter().any(|f| regs.contains(f)) {
+            back.push((set, w));
+            continue;
+        }
+        g.quiet_listed = false;
+        g.quiet_set = false;
+        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+            g.sync();
+        }
+    }
+    if !back.is_empty() {
+        quiet_list().extend(back);
+        QUIET_ANY.store(true, Ordering::SeqCst);
+        // Held out of the list meanwhile: a thread that began to sleep then did not see them.
+        if !may_stay_quiet(true) {
+            rearm(None);
+        }
+    }
+}
+
 /// `epoll_create` made `epfd` in this process: mirrored from now on.
 pub fn set_created(epfd: i32) {
     let mut s = sets();
@@ -189,40 +245,54 @@ pub fn any_sets() -> bool {
 }
 
 /// The application's `epoll_ctl` succeeded (as far as it can tell): a mirrored set's mirror
-/// follows it. The connection it names, and those whose data it made shared or unique, are no
-/// longer answered for by a poller: their bells are asked for again (an edge-triggered
-/// registration, one no round polls, must be rung).
+/// follows it. A connection still registered in the set for EPOLLIN but no longer polled
+/// there (made edge-triggered, one-shot, or sharing its data now) asks for its bell
+/// again: a look at the set that polls its own rings (`rearm(Some(set))`) would not ask for
+/// it. One the set no longer holds needs nothing here: a wait elsewhere asks first.
 pub fn ctl(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
-    let mut affected = vec![fd];
-    if any_sets() {
+    if !any_sets() {
+        return;
+    }
+    let mut unpolled = Vec::new();
+    {
         let mut s = sets();
-        if let Some(m) = s.as_mut().and_then(|m| m.get_mut(&epfd)) {
-            let old = m.regs.get(&fd).map(|r| r.1);
-            let new = match (op, ev) {
-                (libc::EPOLL_CTL_DEL, _) => {
-                    m.regs.remove(&fd);
-                    None
-                }
-                (libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD, Some(e)) => {
-                    m.regs.insert(fd, (e.events, e.u64));
-                    Some(e.u64)
-                }
-                _ => None,
-            };
-            m.polled = None;
-            if old != new {
-                affected.extend(
-                    m.regs
-                        .iter()
-                        .filter(|(_, r)| Some(r.1) == old || Some(r.1) == new)
-                        .map(|(&f, _)| f),
-                );
+        let Some(m) = s.as_mut().and_then(|m| m.get_mut(&epfd)) else {
+            return;
+        };
+        let old = m.regs.get(&fd).map(|r| r.1);
+        match (op, ev) {
+            (libc::EPOLL_CTL_DEL, _) => {
+                m.regs.remove(&fd);
+            }
+            (libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD, Some(e)) => {
+                m.regs.insert(fd, (e.events, e.u64));
+            }
+            _ => return,
+        }
+        m.polled = None;
+        let new = m.regs.get(&fd).map(|r| r.1);
+        for (&f, &(events, data)) in &m.regs {
+            if f != fd && Some(data) != old && Some(data) != new {
+                continue;
+            }
+            // Without EPOLLIN the set never reports the bell's readiness (end of stream and
+            // hang-up do not need the bell).
+            let wants_in = events & libc::EPOLLIN as u32 != 0;
+            let shared = m.regs.values().filter(|r| r.1 == data).count() > 1;
+            if wants_in && (!polled_registration(events) || shared) {
+                unpolled.push(f);
             }
         }
     }
-    for f in affected {
+    for f in unpolled {
         loud(f);
     }
+}
+
+/// Whether a registration with these events may be polled at the rings (its data aside).
+fn polled_registration(events: u32) -> bool {
+    const ODD: u32 = (libc::EPOLLET | libc::EPOLLONESHOT | libc::EPOLLEXCLUSIVE) as u32;
+    events & libc::EPOLLIN as u32 != 0 && events & ODD == 0
 }
 
 /// The connection `fd` names asks for its bell again if a poller had quieted it.
@@ -344,14 +414,13 @@ fn polled(epfd: i32) -> Option<Polled> {
         }
         m.regs.iter().map(|(&fd, &(e, d))| (fd, e, d)).collect()
     };
-    const ODD: u32 = (libc::EPOLLET | libc::EPOLLONESHOT | libc::EPOLLEXCLUSIVE) as u32;
     let mut uses: HashMap<u64, usize> = HashMap::with_capacity(regs.len());
     for r in &regs {
         *uses.entry(r.2).or_default() += 1;
     }
     let mut list = Vec::new();
     for &(fd, events, data) in &regs {
-        if events & libc::EPOLLIN as u32 == 0 || events & ODD != 0 || uses[&data] > 1 {
+        if !polled_registration(events) || uses[&data] > 1 {
             continue;
         }
         if let Some(c) = super::lookup(fd) {
