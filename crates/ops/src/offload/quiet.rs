@@ -24,7 +24,7 @@
 //!   the rings' in the room left; a ring event with no room asks for its bell again (the kernel
 //!   reports it, in its own turn).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -48,8 +48,17 @@ static OFF: AtomicBool = AtomicBool::new(false);
 static SETS: Mutex<Option<HashMap<i32, Mirror>>> = Mutex::new(None);
 static ANY_SETS: AtomicBool = AtomicBool::new(false);
 
-/// The connections a round polls, with their data.
-type Polled = Arc<Vec<(u64, Weak<Conn>)>>;
+/// What a set's mirror says of the offloaded connections registered in it.
+struct Look {
+    /// Those a round polls, with their data.
+    list: Vec<(u64, Weak<Conn>)>,
+    /// The same, by address.
+    polled: HashSet<usize>,
+    /// Every one registered in the set for EPOLLIN, by address.
+    registered: HashSet<usize>,
+}
+
+type Polled = Arc<Look>;
 
 /// The locks a fork holds from `prepare` to `parent` or `child`.
 pub type ForkGuards = (
@@ -63,6 +72,11 @@ pub struct Mirror {
     regs: HashMap<i32, (u32, u64)>,
     /// The connections a round polls, with their data; made again after any change.
     polled: Option<Polled>,
+    /// Changes so far: a list made from an older state is not kept.
+    changes: u64,
+    /// An epoll set (not mirrored) was registered here: its connections' readiness is the
+    /// kernel's, so a look at this set asks for every bell first.
+    nests: bool,
 }
 
 fn sets() -> MutexGuard<'static, Option<HashMap<i32, Mirror>>> {
@@ -183,49 +197,40 @@ pub fn before_look(epfd: i32) {
     if !QUIET_ANY.load(Ordering::SeqCst) {
         return;
     }
-    let regs: Option<std::collections::HashSet<i32>> = {
+    let nested = {
         let s = sets();
-        s.as_ref().and_then(|all| {
-            let m = all.get(&epfd)?;
-            let nested = m.regs.keys().any(|f| all.contains_key(f));
-            (!nested).then(|| m.regs.keys().copied().collect())
+        s.as_ref().is_none_or(|all| {
+            all.get(&epfd)
+                .is_none_or(|m| m.nests || m.regs.keys().any(|f| all.contains_key(f)))
         })
     };
-    let (Some(regs), Some(polled_here)) = (regs, polled(epfd)) else {
+    let look = if nested { None } else { polled(epfd) };
+    let Some(look) = look else {
         rearm(Some(epfd));
         return;
     };
     let taken: Vec<(i32, Weak<Conn>)> = {
         let mut q = quiet_list();
         q.retain(|e| e.1.strong_count() > 0);
-        if q.iter().all(|e| e.0 == epfd) {
+        let missed = |e: &(i32, Weak<Conn>)| {
+            let at = e.1.as_ptr() as usize;
+            look.registered.contains(&at) && !look.polled.contains(&at)
+        };
+        if !q.iter().any(missed) {
             return;
         }
-        let (keep, go): (Vec<_>, Vec<_>) = q.drain(..).partition(|e| e.0 == epfd);
+        let (go, keep): (Vec<_>, Vec<_>) = q.drain(..).partition(missed);
         *q = keep;
+        QUIET_ANY.store(!q.is_empty(), Ordering::SeqCst);
         go
     };
-    let mut back = Vec::new();
-    for (set, w) in taken {
+    for (_, w) in taken {
         let Some(c) = w.upgrade() else { continue };
         let mut g = c.lock();
-        let here = polled_here.iter().any(|(_, p)| Weak::ptr_eq(p, &w));
-        if here || !g.app_fds.iter().any(|f| regs.contains(f)) {
-            back.push((set, w));
-            continue;
-        }
         g.quiet_listed = false;
         g.quiet_set = false;
         if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
             g.sync();
-        }
-    }
-    if !back.is_empty() {
-        quiet_list().extend(back);
-        QUIET_ANY.store(true, Ordering::SeqCst);
-        // Held out of the list meanwhile: a thread that began to sleep then did not see them.
-        if !may_stay_quiet(true) {
-            rearm(None);
         }
     }
 }
@@ -253,12 +258,20 @@ pub fn ctl(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
     if !any_sets() {
         return;
     }
+    // An fd that is neither a connection nor a socket the library knows may be an epoll set
+    // (looked at before the lock: `lookup` takes the registry's).
+    let may_nest = op != libc::EPOLL_CTL_DEL
+        && super::lookup(fd).is_none()
+        && !crate::fdtable::is_tracked(fd)
+        && is_epoll_fd(fd);
     let mut unpolled = Vec::new();
     {
         let mut s = sets();
         let Some(m) = s.as_mut().and_then(|m| m.get_mut(&epfd)) else {
             return;
         };
+        m.nests |= may_nest;
+        m.changes += 1;
         let old = m.regs.get(&fd).map(|r| r.1);
         match (op, ev) {
             (libc::EPOLL_CTL_DEL, _) => {
@@ -286,6 +299,14 @@ pub fn ctl(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
     }
     for f in unpolled {
         loud(f);
+    }
+}
+
+/// Whether `fd` names an epoll set (or may: /proc unreadable).
+fn is_epoll_fd(fd: i32) -> bool {
+    match std::fs::read_link(format!("/proc/self/fd/{fd}")) {
+        Ok(p) => p.as_os_str() == "anon_inode:[eventpoll]",
+        Err(_) => true,
     }
 }
 
@@ -320,6 +341,7 @@ pub fn fd_closed(fd: i32) {
         for mirror in m.values_mut() {
             if mirror.regs.remove(&fd).is_some() {
                 mirror.polled = None;
+                mirror.changes += 1;
             }
         }
         was_set
@@ -389,6 +411,10 @@ pub fn after_fork_child() {
 /// copied it; every connection still marked asks again (the one that serves it: the bell
 /// request is shared).
 pub fn after_fork() {
+    // The list first: a receive of another thread that lists its connection after this still
+    // has its entry.
+    quiet_list().clear();
+    QUIET_ANY.store(false, Ordering::SeqCst);
     for (_, c) in super::snapshot() {
         let mut g = c.lock();
         if g.quiet_set || g.quiet_listed {
@@ -399,42 +425,50 @@ pub fn after_fork() {
             }
         }
     }
-    let mut q = quiet_list();
-    q.clear();
-    QUIET_ANY.store(false, Ordering::SeqCst);
 }
 
 /// The connections a round of `epfd` polls, with their data (`None`: not mirrored).
 fn polled(epfd: i32) -> Option<Polled> {
-    let regs: Vec<(i32, u32, u64)> = {
+    let (regs, changes): (Vec<(i32, u32, u64)>, u64) = {
         let s = sets();
         let m = s.as_ref()?.get(&epfd)?;
         if let Some(p) = &m.polled {
             return Some(Arc::clone(p));
         }
-        m.regs.iter().map(|(&fd, &(e, d))| (fd, e, d)).collect()
+        let regs = m.regs.iter().map(|(&fd, &(e, d))| (fd, e, d)).collect();
+        (regs, m.changes)
     };
     let mut uses: HashMap<u64, usize> = HashMap::with_capacity(regs.len());
     for r in &regs {
         *uses.entry(r.2).or_default() += 1;
     }
-    let mut list = Vec::new();
+    let mut look = Look {
+        list: Vec::new(),
+        polled: HashSet::new(),
+        registered: HashSet::new(),
+    };
     for &(fd, events, data) in &regs {
-        if !polled_registration(events) || uses[&data] > 1 {
-            continue;
+        if events & libc::EPOLLIN as u32 == 0 {
+            continue; // the set never reports the bell's readiness for it
         }
-        if let Some(c) = super::lookup(fd) {
-            list.push((data, Arc::downgrade(&c)));
+        let Some(c) = super::lookup(fd) else { continue };
+        let at = Arc::as_ptr(&c) as usize;
+        look.registered.insert(at);
+        if polled_registration(events) && uses[&data] == 1 {
+            look.list.push((data, Arc::downgrade(&c)));
+            look.polled.insert(at);
         }
     }
-    let list = Arc::new(list);
+    let look = Arc::new(look);
     let mut s = sets();
+    // Kept only if the mirror did not change meanwhile (an `epoll_ctl` of another thread).
     if let Some(m) = s.as_mut().and_then(|m| m.get_mut(&epfd))
         && m.polled.is_none()
+        && m.changes == changes
     {
-        m.polled = Some(Arc::clone(&list));
+        m.polled = Some(Arc::clone(&look));
     }
-    Some(list)
+    Some(look)
 }
 
 /// Whether a round over `epfd`'s rings would poll anything now ([`round`] says it again).
@@ -443,7 +477,7 @@ pub fn polls(epfd: i32) -> bool {
         && HANDOFF.load(Ordering::SeqCst) == 0
         && SLEEPERS.load(Ordering::SeqCst) == 0
         && any_sets()
-        && polled(epfd).is_some_and(|p| !p.is_empty())
+        && polled(epfd).is_some_and(|p| !p.list.is_empty())
 }
 
 /// What a round over a set's rings found: data of the kernel's events to add EPOLLIN to, and
@@ -464,13 +498,13 @@ pub fn round(epfd: i32, kernel: &[u64], room: usize, out: &mut Round) -> bool {
     if HANDOFF.load(Ordering::SeqCst) != 0 || SLEEPERS.load(Ordering::SeqCst) != 0 {
         return false;
     }
-    let Some(conns) = polled(epfd) else {
+    let Some(look) = polled(epfd) else {
         return false;
     };
-    if conns.is_empty() {
+    if look.list.is_empty() {
         return false;
     }
-    for (data, w) in conns.iter() {
+    for (data, w) in look.list.iter() {
         let Some(c) = w.upgrade() else { continue };
         let mut g = c.lock();
         let Phase::Offloaded(s) = &g.phase else {

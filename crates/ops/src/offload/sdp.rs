@@ -433,7 +433,8 @@ impl OffloadStream for SdpShm {
                 Err(SendError::Closed(_))
                     if self
                         .after_close
-                        .may_take_write(self.peer_gone && !self.reset_seen && !self.shut_write) =>
+                        .may_take_write(self.peer_gone && !self.reset_seen && !self.shut_write)
+                        && self.engine.send_room() > 0 =>
                 {
                     // LINUX: the first write to a peer that closed succeeds (see
                     // `AfterPeerClose`), for what the send buffer has room for: a sendfile of
@@ -441,7 +442,7 @@ impl OffloadStream for SdpShm {
                     // `test_sendfile_close_peer_in_the_middle_of_receiving` saw no reset).
                     self.after_close.took_write();
                     let total: usize = data.iter().map(|b| b.len()).sum();
-                    return Ok(total.min(self.engine.send_room().max(1)));
+                    return Ok(total.min(self.engine.send_room()));
                 }
                 Err(SendError::Closed(e)) => {
                     self.after_close.epipe_reported();
