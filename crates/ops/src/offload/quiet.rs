@@ -56,6 +56,8 @@ struct Look {
     polled: HashSet<usize>,
     /// Every one registered in the set for EPOLLIN, by address.
     registered: HashSet<usize>,
+    /// The mirror's changes when it was made.
+    changes: u64,
 }
 
 type Polled = Arc<Look>;
@@ -197,16 +199,32 @@ pub fn before_look(epfd: i32) {
     if !QUIET_ANY.load(Ordering::SeqCst) {
         return;
     }
+    {
+        // The common case, one set polling its own: its rounds quieted only what they poll
+        // (a round that raced an `epoll_ctl` checks after itself, see `round`).
+        let q = quiet_list();
+        if q.iter().all(|e| e.0 == epfd) {
+            return;
+        }
+    }
+    look_again(epfd);
+}
+
+/// [`before_look`]'s full check.
+fn look_again(epfd: i32) {
     let nested = {
         let s = sets();
-        s.as_ref().is_none_or(|all| {
-            all.get(&epfd)
-                .is_none_or(|m| m.nests || m.regs.keys().any(|f| all.contains_key(f)))
+        s.as_ref().and_then(|all| {
+            let m = all.get(&epfd)?;
+            Some(m.nests || m.regs.keys().any(|f| all.contains_key(f)))
         })
     };
-    let look = if nested { None } else { polled(epfd) };
-    let Some(look) = look else {
-        rearm(Some(epfd));
+    match nested {
+        None => return rearm(None), // not mirrored: it polls nothing itself
+        Some(true) => rearm(Some(epfd)),
+        Some(false) => {}
+    }
+    let Some(look) = polled(epfd) else {
         return;
     };
     let taken: Vec<(i32, Weak<Conn>)> = {
@@ -446,6 +464,7 @@ fn polled(epfd: i32) -> Option<Polled> {
         list: Vec::new(),
         polled: HashSet::new(),
         registered: HashSet::new(),
+        changes,
     };
     for &(fd, events, data) in &regs {
         if events & libc::EPOLLIN as u32 == 0 {
@@ -542,6 +561,14 @@ pub fn round(epfd: i32, kernel: &[u64], room: usize, out: &mut Round) -> bool {
     }
     if !may_stay_quiet(true) {
         rearm(None);
+    } else if sets()
+        .as_ref()
+        .and_then(|m| m.get(&epfd))
+        .is_none_or(|m| m.changes != look.changes)
+    {
+        // An `epoll_ctl` of another thread changed the set during the round: what it quieted
+        // with the old list and the set no longer polls asks for its bell again.
+        look_again(epfd);
     }
     true
 }
