@@ -92,8 +92,9 @@ pub struct Inner {
     pub connect_in_progress: bool,
     /// The application waits edge-triggered: every arrival rings (see `note_epoll`).
     pub every_arrival: bool,
-    /// Listed among the connections whose bell request a poller withdrew (`quiet`).
-    pub quiet_listed: bool,
+    /// Listed among the connections whose bell request a poller withdrew (`quiet`): the
+    /// epoll set of its entry, -1 for a blocking receive's spin.
+    pub quiet_entry: Option<i32>,
     /// Quieted by an epoll set's round: until someone asks again (`quiet::rearm`), `sync` does
     /// not ask for the bell, nor ring for bytes left: the set's next round reports them.
     pub quiet_set: bool,
@@ -195,7 +196,7 @@ impl Inner {
             stray: None,
             connect_in_progress: false,
             every_arrival: false,
-            quiet_listed: false,
+            quiet_entry: None,
             quiet_set: false,
             bells_published: 0,
             send_watch: None,

@@ -7,9 +7,11 @@
 //! the kernel must therefore be covered:
 //! - **Threads of this process.** Every hooked wait that may sleep in the kernel (`poll`,
 //!   `select`, `epoll_wait` once its spin is over, a blocking receive or send) counts itself
-//!   in [`SLEEPERS`] ([`Sleeping`]) and then asks for every withdrawn bell again ([`rearm`]). A
+//!   in [`SLEEPERS`] ([`Sleeping`]) and then asks again for every bell an epoll set's poller
+//!   withdrew ([`rearm`]; a blocking receive's spin keeps its own: it takes what comes). A
 //!   poller withdraws, then looks at [`SLEEPERS`] (both SeqCst): if someone sleeps, it asks
-//!   again at once. One of the two always sees the other.
+//!   again at once. One of the two always sees the other. A polling set's own look asks for
+//!   what it could miss ([`before_look`]).
 //! - **Other processes.** A connection a fork copied (`Inner::forked`) is never quieted, nor is
 //!   a set that existed at a fork (the sets are forgotten, [`forget_sets`]). An exec or a
 //!   fork in progress ([`HANDOFF`]) quiets nothing, and asks again for every withdrawn bell
@@ -17,7 +19,8 @@
 //! - **Sets.** Only sets this process made (`epoll_create`) since its last fork are mirrored
 //!   ([`SETS`]): the application's own registrations, as it made them. A set's mirror goes
 //!   with the descriptor (`close`, `dup2` onto it, `close_range`), so a new set that gets the
-//!   number starts empty. A connection is polled only for a level-triggered EPOLLIN
+//!   number starts empty, and with a second number for it (`dup`) or its passing in
+//!   SCM_RIGHTS ([`set_shared`]). A connection is polled only for a level-triggered EPOLLIN
 //!   registration (not one-shot, not exclusive) whose data no other registration of the set
 //!   shares, so a kernel event with that data is the same descriptor's and the two merge.
 //! - **The kernel's events first.** A round takes the kernel's events of the set first and adds
@@ -118,7 +121,7 @@ pub fn sleeping() -> Sleeping {
 /// withdrawn bell is asked for again now.
 pub fn handoff_begin() {
     HANDOFF.fetch_add(1, Ordering::SeqCst);
-    rearm(None);
+    rearm_if(|_| true);
 }
 
 pub fn handoff_end() {
@@ -144,10 +147,24 @@ fn list(g: &mut Inner, epfd: i32) {
     if epfd >= 0 {
         g.quiet_set = true;
     }
-    if !g.quiet_listed {
-        g.quiet_listed = true;
-        quiet_list().push((epfd, g.self_ref.clone()));
-        QUIET_ANY.store(true, Ordering::SeqCst);
+    match g.quiet_entry {
+        None => {
+            g.quiet_entry = Some(epfd);
+            quiet_list().push((epfd, g.self_ref.clone()));
+            QUIET_ANY.store(true, Ordering::SeqCst);
+        }
+        Some(-1) if epfd >= 0 => {
+            // A receive's entry, which sleepers leave alone: a set's, which they do not.
+            g.quiet_entry = Some(epfd);
+            let me = g.self_ref.as_ptr();
+            let mut q = quiet_list();
+            match q.iter_mut().find(|e| std::ptr::eq(e.1.as_ptr(), me)) {
+                Some(e) => e.0 = epfd,
+                None => q.push((epfd, g.self_ref.clone())),
+            }
+            QUIET_ANY.store(true, Ordering::SeqCst);
+        }
+        Some(_) => {}
     }
 }
 
@@ -159,10 +176,18 @@ pub fn note_receive_quiet(g: &mut Inner) -> bool {
     may_stay_quiet(false)
 }
 
-/// Asks again for the bells withdrawn by pollers, except those of `polling` (a set whose wait
-/// polls its rings itself and asks again before it sleeps). One load when nothing is
-/// withdrawn. Takes connections' locks: never call it with one held.
+/// Asks again for the bells withdrawn by epoll sets' pollers, except those of `polling` (a set
+/// whose wait polls its rings itself and asks again before it sleeps). A blocking receive's
+/// spin keeps its own: what comes, it takes (another thread asleep on the app end meanwhile
+/// misses nothing it would have read). One load when nothing is withdrawn. Takes
+/// connections' locks: never call it with one held.
 pub fn rearm(polling: Option<i32>) {
+    rearm_if(|set| set >= 0 && Some(set) != polling);
+}
+
+/// Asks again for the bells of the listed connections whose entry's set `go` names (-1: a
+/// receive's spin).
+fn rearm_if(go: impl Fn(i32) -> bool) {
     if !QUIET_ANY.load(Ordering::SeqCst) {
         return;
     }
@@ -170,11 +195,11 @@ pub fn rearm(polling: Option<i32>) {
         let mut q = quiet_list();
         // Connections closed since they were listed (a loop that never sleeps would keep them).
         q.retain(|e| e.1.strong_count() > 0);
-        if polling.is_some() && q.iter().all(|e| Some(e.0) == polling) {
+        if !q.iter().any(|e| go(e.0)) {
             QUIET_ANY.store(!q.is_empty(), Ordering::SeqCst);
             return;
         }
-        let (keep, go): (Vec<_>, Vec<_>) = q.drain(..).partition(|e| Some(e.0) == polling);
+        let (go, keep): (Vec<_>, Vec<_>) = q.drain(..).partition(|e| go(e.0));
         *q = keep;
         QUIET_ANY.store(!q.is_empty(), Ordering::SeqCst);
         go
@@ -182,7 +207,7 @@ pub fn rearm(polling: Option<i32>) {
     for (_, w) in taken {
         let Some(c) = w.upgrade() else { continue };
         let mut g = c.lock();
-        g.quiet_listed = false;
+        g.quiet_entry = None;
         g.quiet_set = false;
         if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
             g.sync();
@@ -203,7 +228,7 @@ pub fn before_look(epfd: i32) {
         // The common case, one set polling its own: its rounds quieted only what they poll
         // (a round that raced an `epoll_ctl` checks after itself, see `round`).
         let q = quiet_list();
-        if q.iter().all(|e| e.0 == epfd) {
+        if q.iter().all(|e| e.0 == epfd || e.0 < 0) {
             return;
         }
     }
@@ -232,7 +257,7 @@ fn look_again(epfd: i32) {
         q.retain(|e| e.1.strong_count() > 0);
         let missed = |e: &(i32, Weak<Conn>)| {
             let at = e.1.as_ptr() as usize;
-            look.registered.contains(&at) && !look.polled.contains(&at)
+            e.0 >= 0 && look.registered.contains(&at) && !look.polled.contains(&at)
         };
         if !q.iter().any(missed) {
             return;
@@ -245,7 +270,7 @@ fn look_again(epfd: i32) {
     for (_, w) in taken {
         let Some(c) = w.upgrade() else { continue };
         let mut g = c.lock();
-        g.quiet_listed = false;
+        g.quiet_entry = None;
         g.quiet_set = false;
         if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
             g.sync();
@@ -435,9 +460,9 @@ pub fn after_fork() {
     QUIET_ANY.store(false, Ordering::SeqCst);
     for (_, c) in super::snapshot() {
         let mut g = c.lock();
-        if g.quiet_set || g.quiet_listed {
+        if g.quiet_set || g.quiet_entry.is_some() {
             g.quiet_set = false;
-            g.quiet_listed = false;
+            g.quiet_entry = None;
             if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
                 g.sync();
             }

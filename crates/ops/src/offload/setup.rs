@@ -1610,7 +1610,7 @@ pub fn close(fd: i32) {
     // A poller's round may have withdrawn the bell request (`quiet`): what comes after the
     // close (data a TCP peer would be reset for, the peer's end) must reach whoever
     // watches the connection now.
-    if std::mem::take(&mut g.quiet_set) || (g.quiet_listed && !g.armed) {
+    if std::mem::take(&mut g.quiet_set) || (g.quiet_entry.is_some() && !g.armed) {
         g.sync();
     }
     // After a fork another process may hold the connection (a forked server child, the parent
