@@ -525,6 +525,20 @@ static void epoll_pingpong(int reregister) {
 static void c_epoll_pingpong(void) { epoll_pingpong(0); }
 static void c_epoll_pingpong_reregister(void) { epoll_pingpong(1); }
 
+/* Registers `fd` in `ep` for EPOLLIN with `data`. */
+static void add_in(int ep, int fd, unsigned long long data) {
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = data};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev) == 0);
+}
+
+/* A new epoll set watching `fd` for EPOLLIN with `data`. */
+static int set_of(int fd, unsigned long long data) {
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    add_in(ep, fd, data);
+    return ep;
+}
+
 /* A thread asleep in poll, or in a blocking read, on a connection that another thread's
  * epoll_wait polls: the message that comes after that wait returned wakes the sleeper. */
 struct sleeper {
@@ -553,12 +567,8 @@ static void c_epoll_other_sleepers(void) {
     int c1, s1, c2, s2;
     fresh_pair(&c1, &s1);
     fresh_pair(&c2, &s2);
-    int ep = epoll_create1(0);
-    CHECK(ep >= 0);
-    struct epoll_event e1 = {.events = EPOLLIN, .data.u64 = 1};
-    struct epoll_event e2 = {.events = EPOLLIN, .data.u64 = 2};
-    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, c1, &e1) == 0);
-    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, c2, &e2) == 0);
+    int ep = set_of(c1, 1);
+    add_in(ep, c2, 2);
     struct timeval tv = {.tv_sec = 3};
     CHECK(setsockopt(c1, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0);
     for (int use_read = 0; use_read < 2; use_read++) {
@@ -586,10 +596,7 @@ static void c_epoll_other_sleepers(void) {
 /* A fork child asleep in poll on a connection its parent's epoll_wait keeps polling. */
 static void c_epoll_fork_sleeper(void) {
     fresh_pair(&C, &S);
-    int ep = epoll_create1(0);
-    CHECK(ep >= 0);
-    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 42};
-    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, C, &ev) == 0);
+    int ep = set_of(C, 42);
     struct epoll_event out;
     printf("before: %d\n", epoll_wait(ep, &out, 1, 0));
     fflush(stdout);
@@ -622,10 +629,7 @@ static void c_epoll_fork_sleeper(void) {
 /* A closed epoll set's number, taken by a new set, reports nothing of the old one's. */
 static void c_epoll_closed_set(void) {
     fresh_pair(&C, &S);
-    int e1 = epoll_create1(0);
-    CHECK(e1 >= 0);
-    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 1};
-    CHECK(epoll_ctl(e1, EPOLL_CTL_ADD, C, &ev) == 0);
+    int e1 = set_of(C, 1);
     struct epoll_event out;
     printf("first set: %d\n", epoll_wait(e1, &out, 1, 0));
     close(e1);
@@ -639,10 +643,7 @@ static void c_epoll_closed_set(void) {
     printf("read: %s\n", res(read(C, b, sizeof b)));
     close(e2);
     /* A registration deleted through a duplicate of the set's descriptor. */
-    int e3 = epoll_create1(0);
-    CHECK(e3 >= 0);
-    struct epoll_event ev3 = {.events = EPOLLIN, .data.u64 = 3};
-    CHECK(epoll_ctl(e3, EPOLL_CTL_ADD, C, &ev3) == 0);
+    int e3 = set_of(C, 3);
     printf("third set: %d\n", epoll_wait(e3, &out, 1, 0));
     int d = dup(e3);
     CHECK(d >= 0 && epoll_ctl(d, EPOLL_CTL_DEL, C, NULL) == 0);
@@ -661,12 +662,8 @@ static void c_epoll_small_max(void) {
     int c1, s1, c2, s2;
     fresh_pair(&c1, &s1);
     fresh_pair(&c2, &s2);
-    int ep = epoll_create1(0);
-    CHECK(ep >= 0);
-    struct epoll_event e1 = {.events = EPOLLIN, .data.u64 = 1};
-    struct epoll_event e2 = {.events = EPOLLIN, .data.u64 = 2};
-    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, c1, &e1) == 0);
-    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, c2, &e2) == 0);
+    int ep = set_of(c1, 1);
+    add_in(ep, c2, 2);
     struct epoll_event out[8];
     printf("idle: %d\n", epoll_wait(ep, out, 8, 0));
     write_all(s1, "a", 1);

@@ -182,12 +182,12 @@ pub fn note_receive_quiet(g: &mut Inner) -> bool {
 /// misses nothing it would have read). One load when nothing is withdrawn. Takes
 /// connections' locks: never call it with one held.
 pub fn rearm(polling: Option<i32>) {
-    rearm_if(|set| set >= 0 && Some(set) != polling);
+    rearm_if(|e| e.0 >= 0 && Some(e.0) != polling);
 }
 
-/// Asks again for the bells of the listed connections whose entry's set `go` names (-1: a
-/// receive's spin).
-fn rearm_if(go: impl Fn(i32) -> bool) {
+/// Asks again for the bells of the listed connections `go` picks (an entry: the set that
+/// quieted it, -1 for a receive's spin; the connection).
+fn rearm_if(go: impl Fn(&(i32, Weak<Conn>)) -> bool) {
     if !QUIET_ANY.load(Ordering::SeqCst) {
         return;
     }
@@ -195,11 +195,11 @@ fn rearm_if(go: impl Fn(i32) -> bool) {
         let mut q = quiet_list();
         // Connections closed since they were listed (a loop that never sleeps would keep them).
         q.retain(|e| e.1.strong_count() > 0);
-        if !q.iter().any(|e| go(e.0)) {
+        if !q.iter().any(&go) {
             QUIET_ANY.store(!q.is_empty(), Ordering::SeqCst);
             return;
         }
-        let (go, keep): (Vec<_>, Vec<_>) = q.drain(..).partition(|e| go(e.0));
+        let (go, keep): (Vec<_>, Vec<_>) = q.drain(..).partition(&go);
         *q = keep;
         QUIET_ANY.store(!q.is_empty(), Ordering::SeqCst);
         go
@@ -252,30 +252,10 @@ fn look_again(epfd: i32) {
     let Some(look) = polled(epfd) else {
         return;
     };
-    let taken: Vec<(i32, Weak<Conn>)> = {
-        let mut q = quiet_list();
-        q.retain(|e| e.1.strong_count() > 0);
-        let missed = |e: &(i32, Weak<Conn>)| {
-            let at = e.1.as_ptr() as usize;
-            e.0 >= 0 && look.registered.contains(&at) && !look.polled.contains(&at)
-        };
-        if !q.iter().any(missed) {
-            return;
-        }
-        let (go, keep): (Vec<_>, Vec<_>) = q.drain(..).partition(missed);
-        *q = keep;
-        QUIET_ANY.store(!q.is_empty(), Ordering::SeqCst);
-        go
-    };
-    for (_, w) in taken {
-        let Some(c) = w.upgrade() else { continue };
-        let mut g = c.lock();
-        g.quiet_entry = None;
-        g.quiet_set = false;
-        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
-            g.sync();
-        }
-    }
+    rearm_if(|e| {
+        let at = e.1.as_ptr() as usize;
+        e.0 >= 0 && look.registered.contains(&at) && !look.polled.contains(&at)
+    });
 }
 
 /// `epoll_create` made `epfd` in this process: mirrored from now on.
