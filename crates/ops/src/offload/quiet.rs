@@ -547,7 +547,11 @@ pub fn round(epfd: i32, kernel: &[u64], room: usize, out: &mut Round) -> bool {
         list(&mut g, epfd);
         let ready = match &mut g.phase {
             Phase::Offloaded(s) => {
-                s.progress();
+                // Only a ring with something new is worth a progress (a round visits every
+                // connection of the set; most have nothing).
+                if s.has_work() {
+                    s.progress();
+                }
                 s.recv_ready()
             }
             _ => false,
