@@ -75,6 +75,8 @@ pub type ForkGuards = (
 pub struct Mirror {
     /// fd → (events, data), as the application registered them.
     regs: HashMap<i32, (u32, u64)>,
+    /// data → how many registrations carry it.
+    uses: HashMap<u64, u32>,
     /// The connections a round polls, with their data; made again after any change.
     polled: Option<Polled>,
     /// Changes so far: a list made from an older state is not kept.
@@ -82,6 +84,36 @@ pub struct Mirror {
     /// An epoll set (not mirrored) was registered here: its connections' readiness is the
     /// kernel's, so a look at this set asks for every bell first.
     nests: bool,
+}
+
+impl Mirror {
+    fn put(&mut self, fd: i32, reg: (u32, u64)) {
+        if let Some(old) = self.regs.insert(fd, reg) {
+            self.unuse(old.1);
+        }
+        *self.uses.entry(reg.1).or_default() += 1;
+    }
+
+    fn take(&mut self, fd: i32) -> bool {
+        let Some(old) = self.regs.remove(&fd) else {
+            return false;
+        };
+        self.unuse(old.1);
+        true
+    }
+
+    fn unuse(&mut self, data: u64) {
+        if let Some(n) = self.uses.get_mut(&data) {
+            *n -= 1;
+            if *n == 0 {
+                self.uses.remove(&data);
+            }
+        }
+    }
+
+    fn shared(&self, data: u64) -> bool {
+        self.uses.get(&data).is_some_and(|&n| n > 1)
+    }
 }
 
 fn sets() -> MutexGuard<'static, Option<HashMap<i32, Mirror>>> {
@@ -298,24 +330,25 @@ pub fn ctl(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
         let old = m.regs.get(&fd).map(|r| r.1);
         match (op, ev) {
             (libc::EPOLL_CTL_DEL, _) => {
-                m.regs.remove(&fd);
+                m.take(fd);
             }
-            (libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD, Some(e)) => {
-                m.regs.insert(fd, (e.events, e.u64));
-            }
+            (libc::EPOLL_CTL_ADD | libc::EPOLL_CTL_MOD, Some(e)) => m.put(fd, (e.events, e.u64)),
             _ => return,
         }
         m.polled = None;
-        let new = m.regs.get(&fd).map(|r| r.1);
-        for (&f, &(events, data)) in &m.regs {
-            if f != fd && Some(data) != old && Some(data) != new {
-                continue;
+        // Without EPOLLIN the set never reports the bell's readiness (end of stream and
+        // hang-up do not need the bell).
+        let wants_in = |events: u32| events & libc::EPOLLIN as u32 != 0;
+        if let Some(&(events, data)) = m.regs.get(&fd) {
+            if wants_in(events) && (!polled_registration(events) || m.shared(data)) {
+                unpolled.push(fd);
             }
-            // Without EPOLLIN the set never reports the bell's readiness (end of stream and
-            // hang-up do not need the bell).
-            let wants_in = events & libc::EPOLLIN as u32 != 0;
-            let shared = m.regs.values().filter(|r| r.1 == data).count() > 1;
-            if wants_in && (!polled_registration(events) || shared) {
+            // The one registration that shared nothing until now (a rare look over the set).
+            if old != Some(data)
+                && m.uses.get(&data) == Some(&2)
+                && let Some((&f, &(e, _))) = m.regs.iter().find(|(f, r)| **f != fd && r.1 == data)
+                && wants_in(e)
+            {
                 unpolled.push(f);
             }
         }
@@ -362,7 +395,7 @@ pub fn fd_closed(fd: i32) {
         let Some(m) = s.as_mut() else { return };
         let was_set = m.remove(&fd).is_some();
         for mirror in m.values_mut() {
-            if mirror.regs.remove(&fd).is_some() {
+            if mirror.take(fd) {
                 mirror.polled = None;
                 mirror.changes += 1;
             }
