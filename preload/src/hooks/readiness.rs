@@ -507,8 +507,9 @@ unsafe fn spin_epoll(
     timeout: c_int,
 ) -> Option<c_int> {
     let spin = ops::offload::epoll_spin(epfd);
+    let budget = ops::offload::data::spin_budget();
     // `LIBSDP_SPIN_US=0` turns polling off, the rings' included.
-    let rings = spin == ops::offload::Spin::Rings && !ops::offload::data::spin_budget().is_zero();
+    let rings = spin == ops::offload::Spin::Rings && !budget.is_zero();
     if spin == ops::offload::Spin::No || max <= 0 {
         return None;
     }
@@ -522,7 +523,6 @@ unsafe fn spin_epoll(
     if timeout == 0 {
         return rings.then(|| unsafe { epoll_round(epfd, events, max, Look::Rings) });
     }
-    let budget = ops::offload::data::spin_budget();
     let start = std::time::Instant::now();
     if !budget.is_zero() {
         ops::stats::bump(ops::stats::header::EPOLL_SPINS, 1);
@@ -566,20 +566,19 @@ enum Look {
 /// written by the kernel (`process_vm_writev`), so a buffer it cannot write gives EFAULT as
 /// `epoll_wait` does.
 unsafe fn epoll_round(epfd: c_int, events: *mut epoll_event, max: c_int, look: Look) -> c_int {
-    let rings = look != Look::Kernel
-        && crate::guard::switch(|| ops::offload::quiet::polls(epfd)) == Some(true);
-    if !rings {
-        if look == Look::Spin {
-            crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
-        }
-        // SAFETY: the caller's arguments.
-        return unsafe { crate::real::epoll_wait(epfd, events, max, 0) };
+    let polls = if look == Look::Kernel {
+        None
+    } else {
+        crate::guard::switch(|| ops::offload::quiet::polls(epfd)).flatten()
+    };
+    if polls.is_none() && look == Look::Spin {
+        crate::guard::switch(|| ops::offload::poll_epoll_set(epfd));
     }
     // SAFETY: the caller's arguments.
     let n = unsafe { crate::real::epoll_wait(epfd, events, max, 0) };
-    if n < 0 {
+    let Some(polls) = polls.filter(|_| n >= 0) else {
         return n;
-    }
+    };
     let found = ROUND.try_with(|r| {
         let Ok(mut r) = r.try_borrow_mut() else {
             return n; // a signal handler's epoll_wait inside ours: the kernel's events only
@@ -591,7 +590,7 @@ unsafe fn epoll_round(epfd: c_int, events: *mut epoll_event, max: c_int, look: L
             (0..n as usize).map(|i| unsafe { std::ptr::read_unaligned(events.add(i)) }.u64),
         );
         let room = (max - n) as usize;
-        if crate::guard::switch(|| ops::offload::quiet::round(epfd, kernel, room, round))
+        if crate::guard::switch(|| ops::offload::quiet::round(epfd, &polls, kernel, room, round))
             != Some(true)
         {
             return n; // a sleeper or a handoff came meanwhile: the kernel's events only
@@ -607,14 +606,7 @@ unsafe fn epoll_round(epfd: c_int, events: *mut epoll_event, max: c_int, look: L
         if round.add.is_empty() {
             return n;
         }
-        let mut add: Vec<epoll_event> = round
-            .add
-            .iter()
-            .map(|&d| epoll_event {
-                events: libc::EPOLLIN as u32,
-                u64: d,
-            })
-            .collect();
+        let add = &mut round.add;
         let bytes = add.len() * std::mem::size_of::<epoll_event>();
         // SAFETY: within the caller's `max` events (`room` bounds `add`).
         let dst = unsafe { events.add(n as usize) };

@@ -237,13 +237,19 @@ fn rearm_if(go: impl Fn(&(i32, Weak<Conn>)) -> bool) {
         go
     };
     for (_, w) in taken {
-        let Some(c) = w.upgrade() else { continue };
-        let mut g = c.lock();
-        g.quiet_entry = None;
-        g.quiet_set = false;
-        if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
-            g.sync();
+        if let Some(c) = w.upgrade() {
+            ask_again(&mut c.lock());
         }
+    }
+}
+
+/// `g` leaves the list and asks for its bell (and rings for bytes there), if this process
+/// serves it.
+fn ask_again(g: &mut Inner) {
+    g.quiet_entry = None;
+    g.quiet_set = false;
+    if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
+        g.sync();
     }
 }
 
@@ -316,8 +322,8 @@ pub fn ctl(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
     // An fd that is neither a connection nor a socket the library knows may be an epoll set
     // (looked at before the lock: `lookup` takes the registry's).
     let may_nest = op != libc::EPOLL_CTL_DEL
-        && super::lookup(fd).is_none()
         && !crate::fdtable::is_tracked(fd)
+        && super::lookup(fd).is_none()
         && is_epoll_fd(fd);
     let mut unpolled = Vec::new();
     {
@@ -474,44 +480,41 @@ pub fn after_fork() {
     for (_, c) in super::snapshot() {
         let mut g = c.lock();
         if g.quiet_set || g.quiet_entry.is_some() {
-            g.quiet_set = false;
-            g.quiet_entry = None;
-            if matches!(g.phase, Phase::Offloaded(_)) && g.is_current() {
-                g.sync();
-            }
+            ask_again(&mut g);
         }
     }
 }
 
 /// The connections a round of `epfd` polls, with their data (`None`: not mirrored).
 fn polled(epfd: i32) -> Option<Polled> {
-    let (regs, changes): (Vec<(i32, u32, u64)>, u64) = {
+    // (fd, events, data, data shared with another registration)
+    let (regs, changes): (Vec<(i32, u32, u64, bool)>, u64) = {
         let s = sets();
         let m = s.as_ref()?.get(&epfd)?;
         if let Some(p) = &m.polled {
             return Some(Arc::clone(p));
         }
-        let regs = m.regs.iter().map(|(&fd, &(e, d))| (fd, e, d)).collect();
+        let regs = m
+            .regs
+            .iter()
+            .map(|(&fd, &(e, d))| (fd, e, d, m.shared(d)))
+            .collect();
         (regs, m.changes)
     };
-    let mut uses: HashMap<u64, usize> = HashMap::with_capacity(regs.len());
-    for r in &regs {
-        *uses.entry(r.2).or_default() += 1;
-    }
     let mut look = Look {
         list: Vec::new(),
         polled: HashSet::new(),
         registered: HashSet::new(),
         changes,
     };
-    for &(fd, events, data) in &regs {
+    for &(fd, events, data, shared) in &regs {
         if events & libc::EPOLLIN as u32 == 0 {
             continue; // the set never reports the bell's readiness for it
         }
         let Some(c) = super::lookup(fd) else { continue };
         let at = Arc::as_ptr(&c) as usize;
         look.registered.insert(at);
-        if polled_registration(events) && uses[&data] == 1 {
+        if polled_registration(events) && !shared {
             look.list.push((data, Arc::downgrade(&c)));
             look.polled.insert(at);
         }
@@ -528,39 +531,41 @@ fn polled(epfd: i32) -> Option<Polled> {
     Some(look)
 }
 
-/// Whether a round over `epfd`'s rings would poll anything now ([`round`] says it again).
-pub fn polls(epfd: i32) -> bool {
-    !OFF.load(Ordering::Relaxed)
-        && HANDOFF.load(Ordering::SeqCst) == 0
-        && SLEEPERS.load(Ordering::SeqCst) == 0
-        && any_sets()
-        && polled(epfd).is_some_and(|p| !p.list.is_empty())
+/// The connections of a set a round polls ([`polls`]).
+pub struct Polls(Polled);
+
+/// What a round over `epfd`'s rings would poll now, if anything (for [`round`]).
+pub fn polls(epfd: i32) -> Option<Polls> {
+    if OFF.load(Ordering::Relaxed)
+        || HANDOFF.load(Ordering::SeqCst) != 0
+        || SLEEPERS.load(Ordering::SeqCst) != 0
+        || !any_sets()
+    {
+        return None;
+    }
+    polled(epfd).filter(|p| !p.list.is_empty()).map(Polls)
 }
 
-/// What a round over a set's rings found: data of the kernel's events to add EPOLLIN to, and
-/// data of new events.
+/// What a round over a set's rings found: indices of the kernel's events to add EPOLLIN to,
+/// and new events.
 #[derive(Default)]
 pub struct Round {
     pub merge: Vec<usize>,
-    pub add: Vec<u64>,
+    pub add: Vec<libc::epoll_event>,
 }
 
-/// One round over the rings of `epfd`'s polled connections, after the kernel's events of the
-/// set (their data in `kernel`): withdraws each one's bell request and reports what its ring
-/// holds, in `room` new events at most. Returns false when the set is not polled this way (the
-/// caller looks at the kernel only).
-pub fn round(epfd: i32, kernel: &[u64], room: usize, out: &mut Round) -> bool {
+/// One round over the rings of `epfd`'s polled connections (`polls`, taken before the kernel's
+/// look), after the kernel's events of the set (their data in `kernel`): withdraws each one's
+/// bell request and reports what its ring holds, in `room` new events at most. Returns false
+/// when a sleeper or a handoff came since `polls` (the caller reports the kernel's events
+/// only).
+pub fn round(epfd: i32, polls: &Polls, kernel: &[u64], room: usize, out: &mut Round) -> bool {
     out.merge.clear();
     out.add.clear();
     if HANDOFF.load(Ordering::SeqCst) != 0 || SLEEPERS.load(Ordering::SeqCst) != 0 {
         return false;
     }
-    let Some(look) = polled(epfd) else {
-        return false;
-    };
-    if look.list.is_empty() {
-        return false;
-    }
+    let look = &polls.0;
     for (data, w) in look.list.iter() {
         let Some(c) = w.upgrade() else { continue };
         let mut g = c.lock();
@@ -595,7 +600,10 @@ pub fn round(epfd: i32, kernel: &[u64], room: usize, out: &mut Round) -> bool {
         if let Some(i) = kernel.iter().position(|k| k == data) {
             out.merge.push(i);
         } else if out.add.len() < room {
-            out.add.push(*data);
+            out.add.push(libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: *data,
+            });
         } else {
             // No room: the kernel reports it, in its turn.
             g.sync_loud();
