@@ -1752,13 +1752,13 @@ impl OffloadStream for SdpRdma {
                             && !self.reset_seen
                             && !self.shut_write
                             && self.dead.is_none(),
-                    ) && self.engine.send_room() > 0 =>
+                        self.engine.send_room(),
+                    ) =>
                 {
                     // LINUX: the first write to a peer that closed succeeds (see
                     // `AfterPeerClose`), for what the send buffer has room for.
-                    self.after_close.took_write();
-                    let total: usize = data.iter().map(|b| b.len()).sum();
-                    return Ok(total.min(self.engine.send_room()));
+                    let total = data.iter().map(|b| b.len()).sum();
+                    return Ok(self.after_close.took_write(total, self.engine.send_room()));
                 }
                 Err(SendError::Closed(e)) => {
                     self.after_close.epipe_reported();

@@ -431,18 +431,15 @@ impl OffloadStream for SdpShm {
                 Err(SendError::NotConnected) => return Err(libc::ENOTCONN),
                 Err(SendError::Shutdown) => return Err(libc::EPIPE),
                 Err(SendError::Closed(_))
-                    if self
-                        .after_close
-                        .may_take_write(self.peer_gone && !self.reset_seen && !self.shut_write)
-                        && self.engine.send_room() > 0 =>
+                    if self.after_close.may_take_write(
+                        self.peer_gone && !self.reset_seen && !self.shut_write,
+                        self.engine.send_room(),
+                    ) =>
                 {
                     // LINUX: the first write to a peer that closed succeeds (see
-                    // `AfterPeerClose`), for what the send buffer has room for: a sendfile of
-                    // the rest of a file got 256 KiB through (asyncio's
-                    // `test_sendfile_close_peer_in_the_middle_of_receiving` saw no reset).
-                    self.after_close.took_write();
-                    let total: usize = data.iter().map(|b| b.len()).sum();
-                    return Ok(total.min(self.engine.send_room()));
+                    // `AfterPeerClose`), for what the send buffer has room for.
+                    let total = data.iter().map(|b| b.len()).sum();
+                    return Ok(self.after_close.took_write(total, self.engine.send_room()));
                 }
                 Err(SendError::Closed(e)) => {
                     self.after_close.epipe_reported();
