@@ -195,19 +195,19 @@ impl World {
         }
         let now = self.sim.ts();
         if !st.resend.is_empty() {
-            if let Ok(n) = self.sim.sides[side].conn.send(now, &st.resend) {
+            if let Ok(n) = self.sim.send(side, &st.resend.clone()) {
                 st.resend.drain(..n);
             }
             return;
         }
         let mut data = vec![0u8; len];
         pattern_fill(st.written + side as u64 * (1 << 40), &mut data);
-        let conn = &mut self.sim.sides[side].conn;
         let r = if urgent {
-            conn.send_urgent(now, &data)
+            self.sim.sides[side].conn.send_urgent(now, &data)
         } else {
-            conn.send(now, &data)
+            self.sim.send(side, &data)
         };
+        let conn = &mut self.sim.sides[side].conn;
         match r {
             Ok(n) => st.written += n as u64,
             Err(SendError::WouldBlock) => {
@@ -269,7 +269,7 @@ impl World {
         }
         let readable = conn.readiness().readable;
         let mut buf = vec![0u8; len];
-        match conn.recv(now, &mut buf, peek) {
+        match self.sim.sides[side].recv(now, &mut buf, peek) {
             Ok(n) => {
                 assert!(readable, "recv returned data while not readable");
                 if !peek {

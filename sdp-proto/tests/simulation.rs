@@ -104,6 +104,37 @@ fn established_bidirectional_small_buffers_both_streams_intact() {
     }
 }
 
+/// A host that posts Data straight from the application's buffer (`send_through`) and leaves
+/// payloads in its receive buffers until the application reads them
+/// (`handle_message_deferred`, and now and then `undefer`), alongside the copying forms:
+/// both streams arrive intact, and both one-copy paths carried bytes each way.
+#[test]
+fn established_one_copy_paths_carry_both_streams_intact() {
+    let mut sim = Sim::connected(cfg(), cfg(), LinkConfig::default(), 3);
+    let mut ab = Bulk::new(0, 8 << 20);
+    let mut ba = Bulk::new(1, 8 << 20);
+    ab.max_write = 200_000;
+    ba.max_read = 5_000;
+    let mut rounds = 0;
+    while !(ab.done() && ba.done()) {
+        ab.act(&mut sim);
+        ba.act(&mut sim);
+        sim.step();
+        rounds += 1;
+        assert!(rounds < 5_000_000, "stalled");
+    }
+    for side in 0..2 {
+        let s = sim.sides[side].conn.stats();
+        assert!(
+            s.direct_bytes_sent > 0 && s.direct_bytes_received > 0,
+            "side {side}: {} bytes sent and {} read by the one-copy paths",
+            s.direct_bytes_sent,
+            s.direct_bytes_received
+        );
+        assert!(s.direct_bytes_sent < s.bytes_sent && s.direct_bytes_received < s.bytes_received);
+    }
+}
+
 #[test]
 fn established_slow_reader_credit_starvation_recovers() {
     let mut sim = Sim::connected(small_cfg(), small_cfg(), LinkConfig::default(), 3);
@@ -111,7 +142,7 @@ fn established_slow_reader_credit_starvation_recovers() {
     let mut sent = 0;
     // Fill until the sender blocks: the reader reads nothing.
     for _ in 0..1000 {
-        match sim.sides[0].conn.send(sim.ts(), &data[sent..]) {
+        match sim.send(0, &data[sent..]) {
             Ok(n) => sent += n,
             Err(SendError::WouldBlock) => {}
             Err(e) => panic!("{e:?}"),
@@ -130,11 +161,11 @@ fn established_slow_reader_credit_starvation_recovers() {
     let mut got = 0;
     let mut buf = vec![0u8; 5000];
     for _ in 0..100_000 {
-        if let Ok(n) = sim.sides[1].conn.recv(sim.ts(), &mut buf, false) {
+        if let Ok(n) = sim.sides[1].recv(sim.ts(), &mut buf, false) {
             got += n;
         }
         if sent < data.len()
-            && let Ok(n) = sim.sides[0].conn.send(sim.ts(), &data[sent..])
+            && let Ok(n) = sim.send(0, &data[sent..])
         {
             sent += n;
         }
@@ -215,11 +246,11 @@ fn established_reader_idle_srcavail_cancelled_after_timeout_then_bcopy() {
     let mut buf = vec![0u8; 65536];
     while out.len() < data.len() {
         if !rest.is_empty()
-            && let Ok(n) = sim.sides[0].conn.send(sim.ts(), rest)
+            && let Ok(n) = sim.send(0, rest)
         {
             rest = &rest[n..];
         }
-        if let Ok(n) = sim.sides[1].conn.recv(sim.ts(), &mut buf, false) {
+        if let Ok(n) = sim.sides[1].recv(sim.ts(), &mut buf, false) {
             out.extend_from_slice(&buf[..n]);
         }
         sim.pump();
@@ -231,7 +262,7 @@ fn established_reader_idle_srcavail_cancelled_after_timeout_then_bcopy() {
 #[test]
 fn established_graceful_close_both_sides_reach_closed_without_error() {
     let mut sim = Sim::connected(cfg(), cfg(), LinkConfig::default(), 7);
-    sim.sides[0].conn.send(sim.ts(), b"last words").unwrap();
+    sim.send(0, b"last words").unwrap();
     sim.sides[0]
         .conn
         .shutdown(sim.ts(), Shutdown::Write)
@@ -240,14 +271,14 @@ fn established_graceful_close_both_sides_reach_closed_without_error() {
     sim.run_until_idle(1000);
     assert_eq!(sim.sides[1].conn.state(), StateKind::CloseWait);
     let mut buf = [0u8; 64];
-    assert_eq!(sim.sides[1].conn.recv(sim.ts(), &mut buf, false), Ok(10));
-    assert_eq!(sim.sides[1].conn.recv(sim.ts(), &mut buf, false), Ok(0));
+    assert_eq!(sim.sides[1].recv(sim.ts(), &mut buf, false), Ok(10));
+    assert_eq!(sim.sides[1].recv(sim.ts(), &mut buf, false), Ok(0));
     // Half-close: the passive side can still send.
-    sim.sides[1].conn.send(sim.ts(), b"reply").unwrap();
+    sim.send(1, b"reply").unwrap();
     sim.sides[1].conn.close(sim.ts());
     sim.pump();
     sim.run_until_idle(1000);
-    assert_eq!(sim.sides[0].conn.recv(sim.ts(), &mut buf, false), Ok(5));
+    assert_eq!(sim.sides[0].recv(sim.ts(), &mut buf, false), Ok(5));
     assert_eq!(sim.sides[0].conn.state(), StateKind::Closed);
     assert_eq!(sim.sides[1].conn.state(), StateKind::Closed);
     assert_eq!(sim.sides[0].closed, Some(None));
@@ -301,11 +332,11 @@ fn established_completion_error_flushes_and_peer_sees_reset() {
     );
     let mut buf = [0u8; 16];
     // Bytes that had arrived are still readable, then the error.
-    while let Ok(n) = sim.sides[1].conn.recv(sim.ts(), &mut buf, false) {
+    while let Ok(n) = sim.sides[1].recv(sim.ts(), &mut buf, false) {
         assert!(n > 0);
     }
     assert!(matches!(
-        sim.sides[1].conn.recv(sim.ts(), &mut buf, false),
+        sim.sides[1].recv(sim.ts(), &mut buf, false),
         Err(RecvError::Closed(_))
     ));
     assert!(sim.sides[1].conn.readiness().error);
@@ -369,12 +400,12 @@ fn every_state_abort_both_sides_end_closed() {
 fn established_orphan_close_delivers_queued_bytes() {
     let mut sim = Sim::connected(small_cfg(), small_cfg(), LinkConfig::default(), 11);
     let data = vec![42u8; 8000];
-    let n = sim.sides[0].conn.send(sim.ts(), &data).unwrap();
+    let n = sim.send(0, &data).unwrap();
     sim.sides[0].conn.close(sim.ts());
     let mut got = 0;
     let mut buf = vec![0u8; 1000];
     for _ in 0..10_000 {
-        match sim.sides[1].conn.recv(sim.ts(), &mut buf, false) {
+        match sim.sides[1].recv(sim.ts(), &mut buf, false) {
             Ok(0) => break,
             Ok(k) => got += k,
             Err(_) => {}
@@ -404,9 +435,9 @@ fn fin_wait_orphan_peer_silent_times_out_abortively() {
 #[test]
 fn established_urgent_bytes_arrive_at_their_marks() {
     let mut sim = Sim::connected(cfg(), cfg(), LinkConfig::default(), 13);
-    sim.sides[0].conn.send(sim.ts(), b"hello").unwrap();
+    sim.send(0, b"hello").unwrap();
     sim.sides[0].conn.send_urgent(sim.ts(), b"!").unwrap();
-    sim.sides[0].conn.send(sim.ts(), b"world").unwrap();
+    sim.send(0, b"world").unwrap();
     sim.pump();
     sim.run_until_idle(100);
     let c = &mut sim.sides[1].conn;

@@ -95,6 +95,12 @@ impl SendQueue {
         (&a[..from_a], &b[..n - from_a])
     }
 
+    /// Accounts for `n` bytes sent without passing through the (empty) queue.
+    pub(crate) fn skip(&mut self, n: usize) {
+        debug_assert!(self.buf.is_empty());
+        self.head += n as u64;
+    }
+
     /// Drops the first `n` queued bytes (sent).
     pub(crate) fn consume(&mut self, n: usize) {
         self.buf.drain(..n);
@@ -120,10 +126,16 @@ pub(crate) struct UrgentMark {
 }
 
 /// Bytes received and not yet read by the application.
+///
+/// The first `deferred` of them may still be in the host's receive buffers (see
+/// [`Connection::handle_message_deferred`](super::Connection::handle_message_deferred)): they
+/// come before `buf`, carry no urgent byte, and a read copies them through the host.
 #[derive(Debug, Clone)]
 pub(crate) struct RecvQueue {
     buf: VecDeque<u8>,
-    /// Stream offset of `buf[0]`.
+    /// Bytes at the front of the stream that the host holds.
+    deferred: usize,
+    /// Stream offset of the first unread byte: the first deferred one, else `buf[0]`.
     head: u64,
     pub(crate) mark: Option<UrgentMark>,
     pub(crate) oob_inline: bool,
@@ -133,6 +145,7 @@ impl RecvQueue {
     pub(crate) fn new(oob_inline: bool) -> Self {
         RecvQueue {
             buf: VecDeque::new(),
+            deferred: 0,
             head: 0,
             mark: None,
             oob_inline,
@@ -141,11 +154,42 @@ impl RecvQueue {
 
     /// Bytes held, an unread out-of-line urgent byte included (memory accounting).
     pub(crate) fn held(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.deferred
+    }
+
+    /// Bytes at the front of the stream that the host holds.
+    pub(crate) fn deferred(&self) -> usize {
+        self.deferred
+    }
+
+    /// Whether `n` bytes arriving now may stay with the host: nothing is queued after the
+    /// deferred bytes and no urgent mark lies ahead.
+    pub(crate) fn may_defer(&self) -> bool {
+        self.buf.is_empty() && self.mark.is_none_or(|m| m.offset < self.head)
+    }
+
+    /// `n` bytes arrived that the host holds (see [`may_defer`](Self::may_defer)).
+    pub(crate) fn defer(&mut self, n: usize) {
+        debug_assert!(self.may_defer());
+        self.deferred += n;
+    }
+
+    /// The host gives its deferred bytes up: `fill(offset, dst)` copies them, and they join
+    /// the queue's front.
+    pub(crate) fn undefer(&mut self, fill: &mut dyn FnMut(usize, &mut [u8])) {
+        if self.deferred == 0 {
+            return;
+        }
+        let mut front = vec![0u8; self.deferred];
+        fill(0, &mut front);
+        let mut buf = VecDeque::from(front);
+        buf.append(&mut self.buf);
+        self.buf = buf;
+        self.deferred = 0;
     }
 
     fn end(&self) -> u64 {
-        self.head + self.buf.len() as u64
+        self.head + self.held() as u64
     }
 
     /// Whether the out-of-line urgent byte is still in the queue (skipped by reads).
@@ -158,7 +202,7 @@ impl RecvQueue {
 
     /// Bytes a read may return (FIONREAD).
     pub(crate) fn readable(&self) -> usize {
-        self.buf.len() - usize::from(self.hole_in_queue())
+        self.held() - usize::from(self.hole_in_queue())
     }
 
     /// Appends stream bytes; with `urgent_last`, the last byte is the new urgent byte.
@@ -211,6 +255,7 @@ impl RecvQueue {
             && let Some(old) = self.mark
             && old.taken
             && old.offset == self.head
+            && self.deferred == 0
             && !self.buf.is_empty()
         {
             // LINUX (tcp_check_urg): a reader sitting at the old mark skips the old urgent
@@ -228,13 +273,28 @@ impl RecvQueue {
     }
 
     /// TCP read semantics: a read stops before the urgent mark if it already copied bytes;
-    /// starting at the mark, the urgent byte is skipped unless SO_OOBINLINE.
-    pub(crate) fn read(&mut self, dst: &mut [u8], peek: bool) -> usize {
+    /// starting at the mark, the urgent byte is skipped unless SO_OOBINLINE. Deferred bytes
+    /// come first, copied by `host(offset, dst)` (offset into the deferred bytes).
+    pub(crate) fn read(
+        &mut self,
+        dst: &mut [u8],
+        peek: bool,
+        host: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> usize {
+        let mut copied = self.deferred.min(dst.len());
+        if copied > 0 {
+            host(0, &mut dst[..copied]);
+        }
+        // Stream offset of buf[0].
+        let base = self.head + self.deferred as u64;
+        if !peek {
+            self.deferred -= copied;
+            self.head += copied as u64;
+        }
         let mut pos = 0usize;
-        let mut copied = 0usize;
         let mark = self.mark.map(|m| m.offset);
         while pos < self.buf.len() && copied < dst.len() {
-            let off = self.head + pos as u64;
+            let off = base + pos as u64;
             let mut end = self.buf.len();
             if let Some(m) = mark {
                 if m == off {
@@ -246,7 +306,7 @@ impl RecvQueue {
                         continue;
                     }
                 } else if m > off {
-                    end = end.min((m - self.head) as usize);
+                    end = end.min((m - base) as usize);
                 }
             }
             let n = (end - pos).min(dst.len() - copied);
@@ -263,7 +323,7 @@ impl RecvQueue {
             }
             pos += n;
             copied += n;
-            if mark.is_some_and(|m| m > off && self.head + pos as u64 == m) {
+            if mark.is_some_and(|m| m > off && base + pos as u64 == m) {
                 // Stop at the mark so the application can test SIOCATMARK.
                 break;
             }
@@ -297,8 +357,9 @@ impl RecvQueue {
 
     /// Drops everything (SHUT_RD, abort).
     pub(crate) fn clear(&mut self) {
-        let n = self.buf.len();
+        let n = self.held();
         self.buf.clear();
+        self.deferred = 0;
         self.head += n as u64;
     }
 }
@@ -306,6 +367,10 @@ impl RecvQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn no_host(_: usize, _: &mut [u8]) {
+        unreachable!("nothing deferred")
+    }
 
     #[test]
     fn send_queue_urgent_byte_ends_its_message() {
@@ -337,12 +402,12 @@ mod tests {
         q.push(b"de", false);
         assert_eq!(q.readable(), 4);
         let mut out = [0u8; 10];
-        assert_eq!(q.read(&mut out, false), 2);
+        assert_eq!(q.read(&mut out, false, &mut no_host), 2);
         assert_eq!(&out[..2], b"ab");
         assert!(q.at_mark());
         assert_eq!(q.take_urgent(false), Some(b'c'));
         assert_eq!(q.take_urgent(false), None);
-        assert_eq!(q.read(&mut out, false), 2);
+        assert_eq!(q.read(&mut out, false, &mut no_host), 2);
         assert_eq!(&out[..2], b"de");
     }
 
@@ -352,10 +417,10 @@ mod tests {
         q.push(b"abc", true);
         q.push(b"de", false);
         let mut out = [0u8; 10];
-        assert_eq!(q.read(&mut out, false), 2);
+        assert_eq!(q.read(&mut out, false, &mut no_host), 2);
         assert!(q.at_mark());
         assert_eq!(q.take_urgent(false), None);
-        assert_eq!(q.read(&mut out, false), 3);
+        assert_eq!(q.read(&mut out, false, &mut no_host), 3);
         assert_eq!(&out[..3], b"cde");
     }
 
@@ -365,7 +430,7 @@ mod tests {
         q.push(b"ab", true); // 'b' urgent
         q.push(b"cd", true); // 'd' replaces it
         let mut out = [0u8; 10];
-        assert_eq!(q.read(&mut out, false), 3);
+        assert_eq!(q.read(&mut out, false, &mut no_host), 3);
         assert_eq!(&out[..3], b"abc");
         assert_eq!(q.take_urgent(false), Some(b'd'));
     }
@@ -375,11 +440,11 @@ mod tests {
         let mut q = RecvQueue::new(false);
         q.push(b"ab", true);
         let mut out = [0u8; 10];
-        assert_eq!(q.read(&mut out, false), 1);
+        assert_eq!(q.read(&mut out, false, &mut no_host), 1);
         assert_eq!(q.take_urgent(false), Some(b'b'));
         q.push(b"c", true);
         assert_eq!(q.take_urgent(false), Some(b'c'));
-        assert_eq!(q.read(&mut out, false), 0);
+        assert_eq!(q.read(&mut out, false, &mut no_host), 0);
         assert_eq!(q.readable(), 0);
     }
 
@@ -388,9 +453,9 @@ mod tests {
         let mut q = RecvQueue::new(false);
         q.push(b"hello", false);
         let mut out = [0u8; 3];
-        assert_eq!(q.read(&mut out, true), 3);
+        assert_eq!(q.read(&mut out, true, &mut no_host), 3);
         assert_eq!(q.readable(), 5);
-        assert_eq!(q.read(&mut out, false), 3);
+        assert_eq!(q.read(&mut out, false, &mut no_host), 3);
         assert_eq!(q.readable(), 2);
     }
 }

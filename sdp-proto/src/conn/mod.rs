@@ -84,6 +84,12 @@ pub struct Stats {
     /// Stream bytes we received by RDMA read of the peer's SrcAvails (ZCopy; also counted in
     /// `bytes_received`).
     pub zcopy_bytes_received: u64,
+    /// Of `bytes_sent`, those framed straight from the application's buffer
+    /// (`send_through`), never in the send queue.
+    pub direct_bytes_sent: u64,
+    /// Of `bytes_received`, those the application read straight from the host's receive
+    /// buffers (`handle_message_deferred`), never in the receive queue.
+    pub direct_bytes_received: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -698,15 +704,7 @@ impl Connection {
         data: &[u8],
         urgent: bool,
     ) -> Result<usize, SendError> {
-        if let Some(e) = self.app_error() {
-            return Err(SendError::Closed(e));
-        }
-        if !self.state.connected() {
-            return Err(SendError::NotConnected);
-        }
-        if !self.state.send_open() {
-            return Err(SendError::Shutdown);
-        }
+        self.send_checks()?;
         if data.is_empty() {
             return Ok(0);
         }
@@ -719,6 +717,20 @@ impl Connection {
             0 => Err(SendError::WouldBlock),
             n => Ok(n),
         }
+    }
+
+    /// What refuses any send: an error to report, not connected, or our sending shut.
+    pub(crate) fn send_checks(&self) -> Result<(), SendError> {
+        if let Some(e) = self.app_error() {
+            return Err(SendError::Closed(e));
+        }
+        if !self.state.connected() {
+            return Err(SendError::NotConnected);
+        }
+        if !self.state.send_open() {
+            return Err(SendError::Shutdown);
+        }
+        Ok(())
     }
 
     /// Whether `send_zcopy` would take a buffer of `len` bytes now.
@@ -791,11 +803,28 @@ impl Connection {
 
     /// Reads stream bytes (recv). `Ok(0)` is end of stream. With `peek` (MSG_PEEK) nothing
     /// is consumed. MSG_WAITALL is the caller's loop over this call.
-    pub fn recv(
+    pub fn recv(&mut self, now: Timestamp, buf: &mut [u8], peek: bool) -> Result<usize, RecvError> {
+        // INVARIANT: only `handle_message_deferred` leaves bytes with the host, and a host
+        // that calls it reads through `recv_with`.
+        self.recv_with(now, buf, peek, &mut |_, _| {
+            unreachable!("deferred bytes read without their host")
+        })
+    }
+
+    /// As [`recv`](Self::recv), for a host that keeps payloads in its receive buffers
+    /// ([`handle_message_deferred`](Self::handle_message_deferred)): `host(offset, dst)`
+    /// copies the deferred bytes at `offset` (0 is the first unread one when the call
+    /// starts) into `dst`. A call asks the host at most once, for the first deferred bytes
+    /// (offset 0), and without `peek` takes exactly those: [`deferred`](Self::deferred)
+    /// drops by as many, and the host releases them from its front (after the call, or
+    /// before its next one: a host that reads several buffers before releasing counts what
+    /// the earlier calls took).
+    pub fn recv_with(
         &mut self,
         _now: Timestamp,
         buf: &mut [u8],
         peek: bool,
+        host: &mut dyn FnMut(usize, &mut [u8]),
     ) -> Result<usize, RecvError> {
         if !self.state.connected() {
             return Err(RecvError::NotConnected);
@@ -803,7 +832,9 @@ impl Connection {
         if buf.is_empty() {
             return Ok(0);
         }
-        let n = self.recv.read(buf, peek);
+        let deferred = self.recv.deferred();
+        let n = self.recv.read(buf, peek, host);
+        self.stats.direct_bytes_received += (deferred - self.recv.deferred()) as u64;
         if n > 0 {
             if !peek {
                 self.issue_read();
@@ -851,6 +882,19 @@ impl Connection {
         } else {
             self.send.free()
         }
+    }
+
+    /// Unread bytes at the front of the stream that are still in the host's receive buffers
+    /// ([`handle_message_deferred`](Self::handle_message_deferred)). Whatever drops this
+    /// count (a read, SHUT_RD, a reset) releases as many bytes from the host's front.
+    pub fn deferred(&self) -> usize {
+        self.recv.deferred()
+    }
+
+    /// The host gives up its deferred bytes (it needs its buffers back): `read(offset, dst)`
+    /// copies them, and the receive queue keeps them from now on.
+    pub fn undefer(&mut self, read: &mut dyn FnMut(usize, &mut [u8])) {
+        self.recv.undefer(read);
     }
 
     /// Bytes queued and not yet framed (SIOCOUTQ).

@@ -13,13 +13,16 @@ use crate::wire::{BSDH_LEN, Body, Bsdh, BsdhRepr, Flags, MessageId, MessageRepr}
 enum Payload<'a> {
     Bytes(&'a [u8]),
     From(usize, usize, &'a mut dyn FnMut(usize, &mut [u8])),
+    /// `n` bytes the host may keep in its receive buffer (`handle_message_deferred`);
+    /// `read` copies them if the queue cannot leave them there.
+    Deferrable(usize, usize, &'a mut dyn FnMut(usize, &mut [u8])),
 }
 
 impl Payload<'_> {
     fn len(&self) -> usize {
         match self {
             Payload::Bytes(b) => b.len(),
-            Payload::From(n, ..) => *n,
+            Payload::From(n, ..) | Payload::Deferrable(n, ..) => *n,
         }
     }
 
@@ -65,6 +68,35 @@ impl Connection {
         scratch: &mut [u8],
         read: &mut dyn FnMut(usize, &mut [u8]),
     ) -> Result<(), HandleError> {
+        self.handle_message_inner(now, len, scratch, read, false)
+            .map(|_| ())
+    }
+
+    /// As [`handle_message_from`](Self::handle_message_from), but a Data message's payload
+    /// may stay in the host's receive buffer until the application reads it: `Ok(true)` says
+    /// it stayed, the `len - BSDH_LEN` bytes at offset `BSDH_LEN` are now the last of the
+    /// host's deferred bytes (see [`recv_with`](Self::recv_with)), and the host must not
+    /// reuse that buffer before they are released. A host that reads this way saves a copy
+    /// of every byte the application reads while nothing else waits ahead of them (no
+    /// queued bytes, no urgent mark).
+    pub fn handle_message_deferred(
+        &mut self,
+        now: Timestamp,
+        len: usize,
+        scratch: &mut [u8],
+        read: &mut dyn FnMut(usize, &mut [u8]),
+    ) -> Result<bool, HandleError> {
+        self.handle_message_inner(now, len, scratch, read, true)
+    }
+
+    fn handle_message_inner(
+        &mut self,
+        now: Timestamp,
+        len: usize,
+        scratch: &mut [u8],
+        read: &mut dyn FnMut(usize, &mut [u8]),
+        may_defer: bool,
+    ) -> Result<bool, HandleError> {
         let mut hdr = [0u8; BSDH_LEN];
         let data = len > BSDH_LEN && len <= self.rx_limit() as usize && {
             read(0, &mut hdr);
@@ -76,7 +108,7 @@ impl Connection {
         if !data {
             let n = len.min(scratch.len());
             read(0, &mut scratch[..n]);
-            return self.handle_message(now, &scratch[..n]);
+            return self.handle_message(now, &scratch[..n]).map(|()| false);
         }
         let Ok(bsdh) = Bsdh::new_checked(&hdr[..]).and_then(|b| BsdhRepr::parse(&b)) else {
             unreachable!("parsed above")
@@ -87,11 +119,16 @@ impl Connection {
             State::HelloAckSent => self.establish(now),
             _ => {}
         }
+        let payload = if may_defer {
+            Payload::Deferrable(len - BSDH_LEN, BSDH_LEN, read)
+        } else {
+            Payload::From(len - BSDH_LEN, BSDH_LEN, read)
+        };
         let r = self
             .receive_header(&bsdh, len)
-            .and_then(|()| self.on_data(&bsdh, Payload::From(len - BSDH_LEN, BSDH_LEN, read)));
+            .and_then(|()| self.on_data(&bsdh, payload));
         match r {
-            Ok(()) => Ok(()),
+            Ok(deferred) => Ok(deferred),
             Err(v) => Err(self.die(ConnectionError::ProtocolViolation(v), true)),
         }
     }
@@ -129,7 +166,7 @@ impl Connection {
     ) -> Result<(), ProtocolViolation> {
         let bsdh = msg.bsdh;
         match msg.body {
-            Body::Data(payload) => self.on_data(&bsdh, Payload::Bytes(payload)),
+            Body::Data(payload) => self.on_data(&bsdh, Payload::Bytes(payload)).map(|_| ()),
             Body::DisConn => self.on_disconn(now),
             Body::AbortConn => {
                 // LINUX: reset whatever the state (MLNX); OPENIB is stricter (§5.2).
@@ -236,20 +273,32 @@ impl Connection {
         self.deliver_from(Payload::Bytes(payload), urgent_last);
     }
 
-    fn deliver_from(&mut self, payload: Payload<'_>, urgent_last: bool) {
+    /// Queues a payload; `true`: it stayed with the host (deferred).
+    fn deliver_from(&mut self, payload: Payload<'_>, urgent_last: bool) -> bool {
         self.stats.bytes_received += payload.len() as u64;
         if self.shut_rd {
-            return;
+            return false;
         }
         match payload {
             Payload::Bytes(b) => self.recv.push(b, urgent_last),
-            Payload::From(n, at, read) => self
-                .recv
-                .push_from(n, urgent_last, &mut |off, dst| read(at + off, dst)),
+            Payload::Deferrable(n, ..) if !urgent_last && self.recv.may_defer() => {
+                self.recv.defer(n);
+                return true;
+            }
+            Payload::From(n, at, read) | Payload::Deferrable(n, at, read) => {
+                self.recv
+                    .push_from(n, urgent_last, &mut |off, dst| read(at + off, dst))
+            }
         }
+        false
     }
 
-    fn on_data(&mut self, bsdh: &BsdhRepr, payload: Payload<'_>) -> Result<(), ProtocolViolation> {
+    /// A Data message's payload; `Ok(true)`: it stayed with the host (deferred).
+    fn on_data(
+        &mut self,
+        bsdh: &BsdhRepr,
+        payload: Payload<'_>,
+    ) -> Result<bool, ProtocolViolation> {
         let pres = bsdh.flags.contains(Flags::OOB_PRES);
         let pend = bsdh.flags.contains(Flags::OOB_PEND);
         if payload.is_empty() {
@@ -257,7 +306,7 @@ impl Connection {
             if pres {
                 return Err(ProtocolViolation::UrgentWithoutPayload);
             }
-            return Ok(());
+            return Ok(false);
         }
         if !self.state.peer_send_open() {
             return Err(ProtocolViolation::DataAfterDisConn);
@@ -270,8 +319,7 @@ impl Connection {
             self.events.push_back(Event::UrgentPending);
         }
         self.peer_urgent_pending = pend && !pres;
-        self.deliver_from(payload, pres);
-        Ok(())
+        Ok(self.deliver_from(payload, pres))
     }
 
     fn on_disconn(&mut self, now: Timestamp) -> Result<(), ProtocolViolation> {

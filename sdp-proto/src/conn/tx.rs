@@ -4,6 +4,7 @@
 use super::credits::MessageClass;
 use super::state::State;
 use super::{Connection, Control, Timer, Transmit};
+use crate::error::SendError;
 use crate::time::Timestamp;
 use crate::wire::{
     BSDH_LEN, Body, Bsdh, BsdhRepr, ChRcvBufRepr, Flags, MessageId, MessageRepr, RdmaComplRepr,
@@ -150,14 +151,7 @@ impl Connection {
         scratch: &mut [u8],
         post: &mut dyn FnMut(&Transmit, &[&[u8]]),
     ) -> Option<Transmit> {
-        let data_next = self.state.can_transmit()
-            && self.sends_in_flight < self.config.max_send_wr
-            && max_len > BSDH_LEN
-            && !(self.control.front().is_some() && self.credits.can_send(MessageClass::Control))
-            && self.credits.can_send(MessageClass::Payload)
-            && self.src.is_none()
-            && !self.send.is_empty();
-        if !data_next {
+        if self.send.is_empty() || !self.data_may_go(max_len) {
             let t = self.poll_transmit(now, scratch)?;
             post(&t, &[&scratch[..t.len]]);
             return Some(t);
@@ -170,11 +164,75 @@ impl Connection {
         Some(t)
     }
 
+    /// As [`send`](Self::send) followed by [`poll_transmit_gather`](Self::poll_transmit_gather),
+    /// but while nothing is queued and a Data message may go now, `data` goes to `post` as
+    /// Data messages straight from the caller's buffer: a host whose post copies into the
+    /// peer's ring copies each byte once instead of twice (into the send queue, then out of
+    /// it). What may not go now is queued as `send` queues it; a call takes at most what the
+    /// send queue has room for, as `send`. Returns the bytes taken, sent or queued; the
+    /// errors are `send`'s. `post` runs once per message sent and says whether the message
+    /// went; after one that did not (the transport failed), the call takes nothing more.
+    pub fn send_through(
+        &mut self,
+        now: Timestamp,
+        data: &[u8],
+        max_len: usize,
+        post: &mut dyn FnMut(&Transmit, &[&[u8]]) -> bool,
+    ) -> Result<usize, SendError> {
+        self.send_checks()?;
+        // A send takes what the send buffer (SO_SNDBUF) has room for, sent at once or not:
+        // taking more let a program push a whole file into a slow reader's window in one call
+        // (asyncio's sendfile test then finished before its reader closed).
+        let full = data;
+        let data = &full[..full.len().min(self.send.free())];
+        let mut sent = 0;
+        while sent < data.len() && self.send.is_empty() && self.data_may_go(max_len) {
+            let max = (self.send_goal as usize).min(max_len - BSDH_LEN);
+            let n = (data.len() - sent).min(max);
+            let mut hdr = [0u8; BSDH_LEN];
+            let t = self.frame_data(n, false, &mut hdr);
+            let went = post(&t, &[&hdr, &data[sent..sent + n]]);
+            self.send.skip(n);
+            sent += n;
+            if !went {
+                // Lost with the transport, as a queued message whose post fails is.
+                return Ok(sent);
+            }
+            self.stats.direct_bytes_sent += n as u64;
+        }
+        if sent == full.len() || (sent > 0 && sent == data.len()) {
+            return Ok(sent);
+        }
+        // The rest of what the room allows; with no room at all, `send`'s WouldBlock.
+        let rest = if data.is_empty() { full } else { &data[sent..] };
+        match self.send_inner(now, rest, false) {
+            Ok(k) => Ok(sent + k),
+            Err(_) if sent > 0 => Ok(sent),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the next message to go is a Data message from the send queue, credits and
+    /// send slots allowing: nothing of higher rank waits (control, our SrcAvail).
+    fn data_may_go(&self, max_len: usize) -> bool {
+        self.state.can_transmit()
+            && self.sends_in_flight < self.config.max_send_wr
+            && max_len > BSDH_LEN
+            && !(self.control.front().is_some() && self.credits.can_send(MessageClass::Control))
+            && self.credits.can_send(MessageClass::Payload)
+            && self.src.is_none()
+    }
+
     /// Frames the next Data message's header into `hdr` (a payload of at most `max_len` minus
     /// the header) and accounts for it; the caller moves the payload's `n` bytes.
     fn data_header(&mut self, max_len: usize, hdr: &mut [u8]) -> (Transmit, usize) {
         let max = (self.send_goal as usize).min(max_len - BSDH_LEN);
         let (n, urgent) = self.send.next_chunk(max);
+        (self.frame_data(n, urgent, hdr), n)
+    }
+
+    /// Frames a Data message of `n` payload bytes into `hdr` and accounts for it.
+    fn frame_data(&mut self, n: usize, urgent: bool, hdr: &mut [u8]) -> Transmit {
         let flags = if urgent {
             Flags::OOB_PRES.union(Flags::OOB_PEND)
         } else if self.send.urgent_pending() {
@@ -196,15 +254,12 @@ impl Connection {
         .emit(&mut Bsdh::new_unchecked(&mut hdr[..BSDH_LEN]));
         self.sent_one();
         self.stats.bytes_sent += n as u64;
-        (
-            Transmit {
-                len,
-                mid: MessageId::Data,
-                mseq: stamp.mseq,
-                solicited: urgent,
-            },
-            n,
-        )
+        Transmit {
+            len,
+            mid: MessageId::Data,
+            mseq: stamp.mseq,
+            solicited: urgent,
+        }
     }
 
     fn transmit_data(&mut self, buf: &mut [u8]) -> Transmit {

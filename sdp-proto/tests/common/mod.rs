@@ -70,8 +70,13 @@ enum Sched {
 /// One endpoint: its connection plus what the host did for it.
 #[derive(Debug)]
 pub struct Side {
-    /// Messages delivered to this side (every other one through `handle_message_from`).
+    /// Messages delivered to this side (in turn through `handle_message`,
+    /// `handle_message_from` and `handle_message_deferred`).
     delivered: u64,
+    /// Payloads the connection left with this host (`handle_message_deferred`), oldest first,
+    /// and their total: the connection's `deferred()` last bytes of them are unread.
+    held: VecDeque<Vec<u8>>,
+    held_bytes: usize,
     pub conn: Connection,
     /// Buffers posted (sizes, FIFO like an RQ).
     pub posted: VecDeque<u32>,
@@ -94,6 +99,8 @@ impl Side {
     fn new(conn: Connection) -> Self {
         Side {
             delivered: 0,
+            held: VecDeque::new(),
+            held_bytes: 0,
             conn,
             posted: VecDeque::new(),
             registered: HashMap::new(),
@@ -108,6 +115,78 @@ impl Side {
             messages_sent: 0,
             max_msg_len: 0,
         }
+    }
+}
+
+impl Side {
+    /// Forgets the held bytes the connection no longer defers: always the oldest.
+    fn release_held(&mut self) {
+        let deferred = self.conn.deferred();
+        let mut gone = self.held_bytes - deferred;
+        while gone > 0 {
+            let front = self
+                .held
+                .front_mut()
+                .expect("held bytes cover the deferred ones");
+            if front.len() <= gone {
+                gone -= front.len();
+                self.held.pop_front();
+            } else {
+                front.drain(..gone);
+                gone = 0;
+            }
+        }
+        self.held_bytes = deferred;
+    }
+
+    /// The host's copy of its held bytes from `offset` into `dst`.
+    fn read_held(held: &VecDeque<Vec<u8>>, mut offset: usize, dst: &mut [u8]) {
+        let mut done = 0;
+        for h in held {
+            if offset >= h.len() {
+                offset -= h.len();
+                continue;
+            }
+            let k = (h.len() - offset).min(dst.len() - done);
+            dst[done..done + k].copy_from_slice(&h[offset..offset + k]);
+            done += k;
+            offset = 0;
+            if done == dst.len() {
+                break;
+            }
+        }
+        assert_eq!(
+            done,
+            dst.len(),
+            "a read of deferred bytes the host does not hold"
+        );
+    }
+
+    /// The application's receive: through the host for deferred bytes.
+    pub fn recv(
+        &mut self,
+        now: Timestamp,
+        buf: &mut [u8],
+        peek: bool,
+    ) -> Result<usize, sdp_proto::error::RecvError> {
+        self.release_held();
+        let held = &self.held;
+        let r = self.conn.recv_with(now, buf, peek, &mut |off, dst| {
+            Side::read_held(held, off, dst)
+        });
+        self.release_held();
+        r
+    }
+
+    /// The host takes its buffers back: the connection queues the held bytes itself.
+    pub fn undefer(&mut self) {
+        self.release_held();
+        let held = &self.held;
+        self.conn
+            .undefer(&mut |off, dst| Side::read_held(held, off, dst));
+        self.held.clear();
+        self.held_bytes = 0;
+        assert_eq!(self.conn.deferred(), 0);
     }
 }
 
@@ -316,6 +395,34 @@ impl Sim {
         progress
     }
 
+    /// The application's send on side `s`: in turn `send`, and `send_through`, whose
+    /// messages go on the link as `pump` sends them.
+    pub fn send(&mut self, s: usize, data: &[u8]) -> Result<usize, sdp_proto::error::SendError> {
+        let now = self.ts();
+        self.transmits += 1;
+        if self.transmits.is_multiple_of(2) {
+            return self.sides[s].conn.send(now, data);
+        }
+        let max = self.buf.len();
+        let mut sent = Vec::new();
+        let r = self.sides[s]
+            .conn
+            .send_through(now, data, max, &mut |t, pieces| {
+                let bytes = pieces.concat();
+                assert_eq!(bytes.len(), t.len, "pieces add up to the message");
+                sent.push(bytes);
+                true
+            });
+        for bytes in sent {
+            let side = &mut self.sides[s];
+            side.messages_sent += 1;
+            side.max_msg_len = side.max_msg_len.max(bytes.len());
+            self.schedule(1 - s, Sched::Deliver(bytes));
+            self.schedule(s, Sched::SendDone);
+        }
+        r
+    }
+
     /// Registers `data` for side `s` and offers it by ZCopy.
     pub fn send_zcopy(
         &mut self,
@@ -377,19 +484,40 @@ impl Sim {
                             "message {} overruns buffer {size}",
                             bytes.len()
                         );
-                        // Every other delivery goes through the in-place form, which must
-                        // act exactly as the slice form does.
+                        // Deliveries take the slice form, the in-place form and the
+                        // deferring form in turn; all must act alike.
                         side.delivered += 1;
-                        let r = if side.delivered.is_multiple_of(2) {
-                            let mut scratch = vec![0u8; bytes.len()];
-                            side.conn.handle_message_from(
+                        let mut scratch = vec![0u8; bytes.len()];
+                        let mut read = |off: usize, dst: &mut [u8]| {
+                            dst.copy_from_slice(&bytes[off..off + dst.len()])
+                        };
+                        let r = match side.delivered % 3 {
+                            0 => side.conn.handle_message(now, &bytes),
+                            1 => side.conn.handle_message_from(
                                 now,
                                 bytes.len(),
                                 &mut scratch,
-                                &mut |off, dst| dst.copy_from_slice(&bytes[off..off + dst.len()]),
-                            )
-                        } else {
-                            side.conn.handle_message(now, &bytes)
+                                &mut read,
+                            ),
+                            _ => {
+                                side.release_held();
+                                let r = side.conn.handle_message_deferred(
+                                    now,
+                                    bytes.len(),
+                                    &mut scratch,
+                                    &mut read,
+                                );
+                                if let Ok(true) = r {
+                                    let payload = bytes[sdp_proto::wire::BSDH_LEN..].to_vec();
+                                    side.held_bytes += payload.len();
+                                    side.held.push_back(payload);
+                                }
+                                // Now and then the host wants its buffers back.
+                                if side.conn.deferred() > 0 && self.rng.chance(5) {
+                                    side.undefer();
+                                }
+                                r.map(|_| ())
+                            }
                         };
                         if std::env::var_os("SDP_SIM_TRACE").is_some() {
                             let m = sdp_proto::wire::MessageRepr::parse(&bytes).map(|m| {
@@ -517,7 +645,7 @@ impl Bulk {
         }
         if self.pending_zcopy.is_none() {
             if let Some((off, bytes)) = self.resend.take() {
-                match sim.sides[from].conn.send(now, &bytes) {
+                match sim.send(from, &bytes) {
                     Ok(n) if n < bytes.len() => {
                         self.resend = Some((off + n as u64, bytes[n..].to_vec()))
                     }
@@ -558,7 +686,7 @@ impl Bulk {
                     self.written += want as u64;
                     break;
                 }
-                match sim.sides[from].conn.send(now, chunk) {
+                match sim.send(from, chunk) {
                     Ok(n) => self.written += n as u64,
                     Err(_) => {
                         self.next = Some((want, false));
@@ -570,10 +698,7 @@ impl Bulk {
         // Reader.
         loop {
             let want = sim.rng.range(1, self.max_read) as usize;
-            match sim.sides[self.to]
-                .conn
-                .recv(now, &mut self.rbuf[..want], false)
-            {
+            match sim.sides[self.to].recv(now, &mut self.rbuf[..want], false) {
                 Ok(0) => break,
                 Ok(n) => {
                     pattern_fill(self.read, &mut self.cbuf[..n]);
