@@ -112,6 +112,40 @@ fn recv_data_after_repost_refused() {
     assert_eq!(b.recv_data(&c[0], 0, &mut out), Err(PostError::NotARecv));
 }
 
+/// A host that reads a payload after its completion learns how many posts it may make
+/// before the payload's slot is reused: slots are reposted in order, the depth counts from
+/// that message's position, and a reposted slot has none left.
+#[test]
+fn posts_before_reuse_counts_down_to_the_slots_repost() {
+    let (mut a, mut b) = pair(); // depth 4, all 4 posted
+    let mut c = [empty(); 4];
+    for (i, m) in [&b"first"[..], b"second", b"third"].iter().enumerate() {
+        a.post_send(i as u64, &[m]).unwrap();
+    }
+    assert_eq!(b.poll_cq(&mut c).unwrap(), 3);
+    let (first, second, third) = (c[0], c[1], c[2]);
+    // The next post takes the first message's slot, the one after it the second's.
+    assert_eq!(b.posts_before_reuse(&first), 0);
+    assert_eq!(b.posts_before_reuse(&second), 1);
+    assert_eq!(b.posts_before_reuse(&third), 2);
+    b.post_recv(10).unwrap();
+    assert_eq!(b.posts_before_reuse(&first), 0);
+    assert_eq!(b.posts_before_reuse(&second), 0);
+    assert_eq!(b.posts_before_reuse(&third), 1);
+    let mut out = [0u8; 6];
+    assert_eq!(b.recv_data(&second, 0, &mut out), Ok(6));
+    assert_eq!(&out, b"second");
+    assert_eq!(b.recv_data(&first, 0, &mut out), Err(PostError::NotARecv));
+    b.post_recv(11).unwrap();
+    assert_eq!(b.recv_data(&second, 0, &mut out), Err(PostError::NotARecv));
+    assert_eq!(b.posts_before_reuse(&third), 0);
+    // A later message wraps around into a reposted slot.
+    a.post_send(4, &[b"fourth"]).unwrap();
+    assert_eq!(b.poll_cq(&mut c).unwrap(), 1);
+    assert_eq!(b.posts_before_reuse(&c[0]), 1);
+    assert_eq!(b.posts_before_reuse(&first), 0);
+}
+
 #[test]
 fn rdma_read_registered_range_copied() {
     let (mut a, mut b) = pair();

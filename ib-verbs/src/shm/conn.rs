@@ -605,6 +605,25 @@ impl ShmConn {
         Ok(p == self.tx_produced)
     }
 
+    /// How many more receive buffers may be posted before the slot of receive completion `c`
+    /// is reused (its content lost): a host that reads a payload after its completion
+    /// ([`Connection::recv_data`]) reads it before then. 0 once the slot was reposted.
+    pub fn posts_before_reuse(&self, c: &Completion) -> u64 {
+        let depth = u64::from(self.layout.rings[self.side].depth);
+        let slot = u64::from(c.buf_index);
+        if c.opcode != Opcode::Recv
+            || slot >= depth
+            || self.rx_consumed == 0
+            || self.rx_held[slot as usize] != Some(c.byte_len)
+        {
+            return 0;
+        }
+        // The last message consumed into that slot.
+        let last = self.rx_consumed - 1;
+        let index = last - (last % depth + depth - slot) % depth;
+        (index + depth).saturating_sub(self.rx_posted)
+    }
+
     fn push_cq(&mut self, c: Completion) {
         self.cq.push_back(c);
     }
