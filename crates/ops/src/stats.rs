@@ -124,6 +124,11 @@ pub mod header {
     /// found its reader asleep or waiting in the kernel; none for what a busy-polling reader
     /// takes.
     pub const BELLS_RUNG: usize = 23;
+    /// Stream bytes this process's `shm` connections copied once, not twice: sent from the
+    /// application's buffer straight into the peer's ring, and read from our ring straight
+    /// into the application's buffer.
+    pub const DIRECT_TX: usize = 24;
+    pub const DIRECT_RX: usize = 25;
     /// `REASONS + code`: sockets decided with that fallback reason (code 0: offloaded).
     pub const REASONS: usize = 32;
     pub const NREASONS: usize = 32;

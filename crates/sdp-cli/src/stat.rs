@@ -53,6 +53,8 @@ pub struct ProcessRow {
     pub epoll_ctl_saved: u64,
     pub rings_reused: u64,
     pub bells_rung: u64,
+    pub direct_tx: u64,
+    pub direct_rx: u64,
     /// Sockets decided since the process started, indexed by reason code (0: offloaded).
     pub reasons: Vec<u64>,
 }
@@ -186,6 +188,8 @@ pub fn parse_file(b: &[u8]) -> Option<FileStats> {
         epoll_ctl_saved: h(header::EPOLL_CTL_SAVED),
         rings_reused: h(header::RINGS_REUSED),
         bells_rung: h(header::BELLS_RUNG),
+        direct_tx: h(header::DIRECT_TX),
+        direct_rx: h(header::DIRECT_RX),
         reasons: (0..fallback::Reason::ALL.len())
             .map(|c| h(header::REASONS + c))
             .collect(),
@@ -484,7 +488,7 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
         for p in &procs {
             write!(
                 out,
-                "{{\"process\":{},\"program\":{},\"epoll_spins\":{},\"epoll_spin_hits\":{},\"recv_spins\":{},\"recv_spin_hits\":{},\"credit_stalls\":{},\"epoll_ctl_saved\":{},\"rings_reused\":{},\"bells_rung\":{}",
+                "{{\"process\":{},\"program\":{},\"epoll_spins\":{},\"epoll_spin_hits\":{},\"recv_spins\":{},\"recv_spin_hits\":{},\"credit_stalls\":{},\"epoll_ctl_saved\":{},\"rings_reused\":{},\"bells_rung\":{},\"direct_tx\":{},\"direct_rx\":{}",
                 p.pid,
                 json_str(&p.program),
                 p.epoll_spins,
@@ -494,7 +498,9 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
                 p.credit_stalls,
                 p.epoll_ctl_saved,
                 p.rings_reused,
-                p.bells_rung
+                p.bells_rung,
+                p.direct_tx,
+                p.direct_rx
             )?;
             for (c, n) in p.reasons.iter().enumerate() {
                 write!(out, ",\"{}\":{n}", bucket_name(c))?;
@@ -571,7 +577,7 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15} {:>12} {:>12}",
+        "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15} {:>12} {:>12} {:>14} {:>14}",
         "PID",
         "PROGRAM",
         "EPOLL_SPINS",
@@ -581,12 +587,14 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
         "CREDIT_STALLS",
         "EPOLL_CTL_SAVED",
         "RINGS_REUSED",
-        "BELLS_RUNG"
+        "BELLS_RUNG",
+        "DIRECT_TX",
+        "DIRECT_RX"
     )?;
     for p in &procs {
         writeln!(
             out,
-            "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15} {:>12} {:>12}",
+            "{:>7} {:<15} {:>12} {:>12} {:>12} {:>12} {:>13} {:>15} {:>12} {:>12} {:>14} {:>14}",
             p.pid,
             p.program,
             p.epoll_spins,
@@ -596,7 +604,9 @@ fn print(out: &mut impl Write, json: bool) -> std::io::Result<()> {
             p.credit_stalls,
             p.epoll_ctl_saved,
             p.rings_reused,
-            p.bells_rung
+            p.bells_rung,
+            p.direct_tx,
+            p.direct_rx
         )?;
     }
     Ok(())

@@ -549,6 +549,108 @@ static void c_half_close_both_with_bytes_queued(void) {
     printf("client read every byte the server sent: %d\n", back == sent && sent > 0);
 }
 
+/* A bulk stream as iperf3 sends it: 128 KiB writes, a reader that waits in select and
+ * reads 128 KiB at a time; MSG_PEEK, FIONREAD and short reads in between. Every byte is
+ * checked against its position. Under the preload the test reads at SYNC how many bytes went
+ * by the one-copy paths (from the writer's buffer into the ring, from the ring into the
+ * reader's buffer). */
+#define BULK_WRITE (128 * 1024)
+#define BULK_TOTAL (64L * 1024 * 1024)
+static unsigned char bulk_byte(long at) { return (unsigned char)(at * 7 + at / 4093); }
+
+static void *bulk_writer_fn(void *p) {
+    int fd = *(int *)p;
+    static unsigned char b[BULK_WRITE];
+    for (long at = 0; at < BULK_TOTAL;) {
+        for (int i = 0; i < BULK_WRITE; i++)
+            b[i] = bulk_byte(at + i);
+        write_all(fd, (char *)b, BULK_WRITE);
+        at += BULK_WRITE;
+    }
+    return NULL;
+}
+
+static void c_bulk(void) {
+    fresh_pair(&C, &S);
+    pthread_t t = spawn(bulk_writer_fn, &C);
+    static unsigned char b[BULK_WRITE];
+    long at = 0, bad = 0, peeks_ok = 1, reads = 0;
+    while (at < BULK_TOTAL) {
+        fd_set r;
+        FD_ZERO(&r);
+        FD_SET(S, &r);
+        CHECK(select(S + 1, &r, NULL, NULL, NULL) == 1);
+        int queued = 0;
+        CHECK(ioctl(S, FIONREAD, &queued) == 0);
+        size_t want = sizeof b;
+        if (++reads % 7 == 0) {
+            /* A peek of what a read then takes: the same bytes. */
+            unsigned char pk[100];
+            ssize_t p = recv(S, pk, sizeof pk, MSG_PEEK);
+            CHECK(p > 0);
+            for (ssize_t i = 0; i < p; i++)
+                peeks_ok &= pk[i] == bulk_byte(at + i);
+            want = 1 + reads % 5000; /* short reads leave part of a message */
+        }
+        ssize_t n = read(S, b, want);
+        CHECK(n > 0);
+        peeks_ok &= queued > 0;
+        for (ssize_t i = 0; i < n; i++)
+            bad += b[i] != bulk_byte(at + i);
+        at += n;
+    }
+    pthread_join(t, NULL);
+    printf("bulk: %ld MiB, wrong bytes=%ld, peeks and FIONREAD right=%ld\n", at >> 20, bad,
+           peeks_ok);
+    sync_point();
+}
+
+/* A reader that comes late to many small messages behind a large one, while its side keeps
+ * taking messages in (a poll that looks without reading, as an event loop does): the large
+ * one may stay in the reader's ring until it is read, and the small ones after it need more
+ * ring slots than the ring has beside it, so the library must take it out of the ring before
+ * the slot is reused. Every byte is checked. */
+#define LATE_SMALL 300
+static char late_big[3000], late_small[LATE_SMALL][10];
+
+static void *late_writer_fn(void *p) {
+    int fd = *(int *)p;
+    write_all(fd, late_big, sizeof late_big);
+    for (int i = 0; i < LATE_SMALL; i++) {
+        write_all(fd, late_small[i], sizeof late_small[i]);
+        sleep_ms(1); /* one message each */
+    }
+    return NULL;
+}
+
+static void c_late_reader(void) {
+    fresh_pair(&C, &S);
+    for (int i = 0; i < (int)sizeof late_big; i++)
+        late_big[i] = (char)(i * 13 + 1);
+    for (int i = 0; i < LATE_SMALL; i++)
+        snprintf(late_small[i], sizeof late_small[i], "m%08d", i);
+    pthread_t t = spawn(late_writer_fn, &C);
+    int queued = 0;
+    while (queued < (int)(sizeof late_big + sizeof late_small)) {
+        struct pollfd p = {.fd = S, .events = POLLIN};
+        CHECK(poll(&p, 1, 0) >= 0);
+        CHECK(ioctl(S, FIONREAD, &queued) == 0);
+        sleep_ms(1);
+    }
+    pthread_join(t, NULL);
+    static char got[sizeof late_big + sizeof late_small];
+    size_t have = 0;
+    while (have < sizeof got) {
+        ssize_t n = read(S, got + have, sizeof got - have);
+        CHECK(n > 0);
+        have += n;
+    }
+    printf("late reader: %zu bytes, large one right=%d, small ones right=%d\n", have,
+           memcmp(got, late_big, sizeof late_big) == 0,
+           memcmp(got + sizeof late_big, late_small, sizeof late_small) == 0);
+    sync_point();
+}
+
 /* libuv (Node.js) closes descriptors with syscall(SYS_close, fd), not close(): the peer still
  * reads end of stream, and the number, reused by the program's next socket, names that one. */
 static void c_raw_syscall_close(void) {
@@ -593,6 +695,8 @@ int main(int argc, char **argv) {
         {"write_after_close", c_write_after_close},
         {"half_close_both_with_bytes_queued", c_half_close_both_with_bytes_queued},
         {"raw_syscall_close", c_raw_syscall_close},
+        {"bulk", c_bulk},
+        {"late_reader", c_late_reader},
         {NULL, NULL},
     };
     return run_case(cases, argc, argv);

@@ -98,8 +98,9 @@ pub struct Inner {
     /// Quieted by an epoll set's round: until someone asks again (`quiet::rearm`), `sync` does
     /// not ask for the bell, nor ring for bytes left: the set's next round reports them.
     pub quiet_set: bool,
-    /// The stream's bell count last added to the process's `BELLS_RUNG`.
-    pub bells_published: u64,
+    /// The stream's counts last added to the process's `BELLS_RUNG`, `DIRECT_TX` and
+    /// `DIRECT_RX`.
+    pub published: [u64; 3],
     /// This connection, for the watches `sync` starts on demand.
     pub self_ref: std::sync::Weak<Conn>,
     /// Progress-thread registration moving queued sends when room returns.
@@ -198,7 +199,7 @@ impl Inner {
             every_arrival: false,
             quiet_entry: None,
             quiet_set: false,
-            bells_published: 0,
+            published: [0; 3],
             send_watch: None,
             flush_timer: -1,
             flush_armed: false,
@@ -867,9 +868,17 @@ impl Inner {
             return;
         };
         let c = s.counters();
-        if c.bells_tx > self.bells_published {
-            stats::bump(stats::header::BELLS_RUNG, c.bells_tx - self.bells_published);
-            self.bells_published = c.bells_tx;
+        let now = [c.bells_tx, c.direct_tx, c.direct_rx];
+        let words = [
+            stats::header::BELLS_RUNG,
+            stats::header::DIRECT_TX,
+            stats::header::DIRECT_RX,
+        ];
+        for ((word, n), seen) in words.iter().zip(now).zip(self.published.iter_mut()) {
+            if n > *seen {
+                stats::bump(*word, n - *seen);
+                *seen = n;
+            }
         }
         row.set(stats::field::BYTES_TX, c.bytes_tx);
         row.set(stats::field::BYTES_RX, c.bytes_rx);

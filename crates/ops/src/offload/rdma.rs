@@ -1945,6 +1945,8 @@ impl OffloadStream for SdpRdma {
             zcopy_rx: s.zcopy_bytes_received,
             // Completion events ring here, not bell bytes.
             bells_tx: 0,
+            direct_tx: 0,
+            direct_rx: 0,
         }
     }
 

@@ -44,6 +44,27 @@ pub(crate) fn engine_recv(
     peer_gone: bool,
     dead: Option<Errno>,
 ) -> Result<usize, Errno> {
+    engine_recv_with(
+        engine,
+        out,
+        peek,
+        reset_pending,
+        peer_gone,
+        dead,
+        &mut |_, _| unreachable!("nothing deferred"),
+    )
+}
+
+/// [`engine_recv`] for a host that defers payloads (`Connection::recv_with`).
+fn engine_recv_with(
+    engine: &mut sdp_proto::Connection,
+    out: &mut [&mut [u8]],
+    peek: bool,
+    reset_pending: &mut bool,
+    peer_gone: bool,
+    dead: Option<Errno>,
+    host: &mut dyn FnMut(usize, &mut [u8]),
+) -> Result<usize, Errno> {
     let t = now();
     let mut n = 0;
     let mut first_err = None;
@@ -51,7 +72,7 @@ pub(crate) fn engine_recv(
         if b.is_empty() {
             continue;
         }
-        match engine.recv(t, b, peek) {
+        match engine.recv_with(t, b, peek, host) {
             Ok(0) => break,
             Ok(k) => {
                 n += k;
@@ -119,9 +140,75 @@ pub fn config() -> Config {
     }
 }
 
+/// A payload left in our ring until the application reads it
+/// (`Connection::handle_message_deferred`): `left` bytes from offset `at` of the message of
+/// completion `c`.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    c: Completion,
+    at: usize,
+    left: usize,
+}
+
+/// The deferred payloads, oldest first: the engine's `deferred()` first bytes of the stream.
+#[derive(Default)]
+struct HeldPayloads {
+    list: std::collections::VecDeque<Held>,
+    bytes: usize,
+}
+
+impl HeldPayloads {
+    /// Forgets what the engine no longer defers (read, or dropped by SHUT_RD or a reset):
+    /// always the front.
+    fn release_to(&mut self, deferred: usize) {
+        let mut gone = self.bytes.saturating_sub(deferred);
+        while gone > 0 {
+            let Some(h) = self.list.front_mut() else {
+                break;
+            };
+            if h.left <= gone {
+                gone -= h.left;
+                self.list.pop_front();
+            } else {
+                h.at += gone;
+                h.left -= gone;
+                gone = 0;
+            }
+        }
+        self.bytes = deferred;
+        if deferred == 0 {
+            self.list.clear();
+        }
+    }
+
+    /// Copies the held bytes from `offset` on into `dst`; `false` if the ring refused.
+    fn read(&self, conn: &ShmConn, mut offset: usize, dst: &mut [u8]) -> bool {
+        let mut done = 0;
+        for h in &self.list {
+            if done == dst.len() {
+                break;
+            }
+            if offset >= h.left {
+                offset -= h.left;
+                continue;
+            }
+            let k = (h.left - offset).min(dst.len() - done);
+            if conn.recv_data(&h.c, h.at + offset, &mut dst[done..done + k]) != Ok(k) {
+                return false;
+            }
+            done += k;
+            offset = 0;
+        }
+        done == dst.len()
+    }
+}
+
 pub struct SdpShm {
     engine: sdp_proto::Connection,
     conn: ShmConn,
+    /// Payloads still in our ring that the application reads from there (one copy, not
+    /// two); they hold their ring slots until then.
+    held: HeldPayloads,
     txbuf: Vec<u8>,
     rxbuf: Vec<u8>,
     cq: Vec<Completion>,
@@ -160,6 +247,7 @@ impl SdpShm {
         conn.set_app_eof_is_peer_end(false);
         let mut s = SdpShm {
             engine,
+            held: HeldPayloads::default(),
             txbuf: vec![0; attrs.send_buf_size.max(64) as usize],
             rxbuf: vec![0; attrs.recv_buf_size.max(64) as usize],
             conn,
@@ -261,8 +349,9 @@ impl SdpShm {
                         let len = (c.byte_len as usize).min(self.rxbuf.len());
                         let conn = &self.conn;
                         let mut failed = false;
-                        // Data payloads go from the ring straight into the receive queue.
-                        let r = self.engine.handle_message_from(
+                        // A Data payload stays in the ring for the application to read from
+                        // there, or goes from the ring straight into the receive queue.
+                        let r = self.engine.handle_message_deferred(
                             t,
                             len,
                             &mut self.rxbuf,
@@ -272,6 +361,15 @@ impl SdpShm {
                                 }
                             },
                         );
+                        if let Ok(true) = r {
+                            let left = len - sdp_proto::wire::BSDH_LEN;
+                            self.held.list.push_back(Held {
+                                c,
+                                at: sdp_proto::wire::BSDH_LEN,
+                                left,
+                            });
+                            self.held.bytes += left;
+                        }
                         if failed {
                             self.reset();
                         } else if let Err(sdp_proto::error::HandleError::Fatal(e)) = r {
@@ -288,11 +386,54 @@ impl SdpShm {
         }
     }
 
+    /// Payloads the engine no longer defers leave `held`.
+    fn release_held(&mut self) {
+        self.held.release_to(self.engine.deferred());
+    }
+
+    /// The ring slot of the oldest held payload is about to be reposted (the application
+    /// leaves its bytes unread while the peer keeps sending): every held payload moves into
+    /// the receive queue first.
+    fn unhold_before_post(&mut self) {
+        self.release_held();
+        let Some(front) = self.held.list.front() else {
+            return;
+        };
+        if self.conn.posts_before_reuse(&front.c) > 0 {
+            return;
+        }
+        let (held, conn) = (&self.held, &self.conn);
+        let mut failed = false;
+        self.engine.undefer(&mut |off, dst| {
+            if !held.read(conn, off, dst) {
+                failed = true;
+            }
+        });
+        self.held = HeldPayloads::default();
+        if failed {
+            self.held_lost();
+        }
+    }
+
+    /// Our own ring refused a slot we hold (it was reposted: a bug): what the connection
+    /// would deliver next cannot be trusted, so it ends as a reset, its receive queue
+    /// dropped (an `undefer` that failed queued zeros for the bytes it could not read).
+    fn held_lost(&mut self) {
+        crate::sdp_log!(
+            crate::log::ERROR,
+            "an SDP connection lost bytes it held in its ring; it is reset"
+        );
+        self.engine.abort(now());
+        self.held = HeldPayloads::default();
+        self.reset();
+    }
+
     /// Carries the engine's outputs to the transport, in the documented order.
     fn drain_outputs(&mut self) {
         let t = now();
         while let Some(p) = self.engine.poll_post_recv() {
             for _ in 0..p.count {
+                self.unhold_before_post();
                 let wr = self.wr();
                 if self.conn.post_recv(wr).is_err() {
                     break;
@@ -309,16 +450,7 @@ impl SdpShm {
             let Some(tx) =
                 self.engine
                     .poll_transmit_gather(t, max_len, &mut self.txbuf, &mut |tx, pieces| {
-                        // Only a message a reader waits for rings the peer's bell (readable means
-                        // data, end of stream or an error); a pure credit update wakes only a
-                        // waiting writer.
-                        let quiet = tx.mid == sdp_proto::wire::MessageId::Data
-                            && tx.len <= sdp_proto::wire::BSDH_LEN;
-                        posted = if quiet {
-                            conn.post_send_quiet(wr, pieces)
-                        } else {
-                            conn.post_send(wr, pieces)
-                        };
+                        posted = post(conn, wr, tx, pieces);
                     })
             else {
                 break;
@@ -338,12 +470,7 @@ impl SdpShm {
                 let _ = ib_verbs::sys::shutdown_write(self.conn.app_end());
             }
             if let Err(e) = posted {
-                if self.dead.is_none() && !self.reset_seen {
-                    crate::sdp_log!(crate::log::WARN, "post_send failed: {e}");
-                }
-                if let ib_verbs::PostError::Dead(d) = e {
-                    self.transport_died(d);
-                }
+                self.post_failed(e);
                 break;
             }
         }
@@ -376,6 +503,39 @@ impl SdpShm {
         }
     }
 
+    /// The engine's `send_through`: bytes go from the application's buffer straight into
+    /// the peer's ring while nothing waits ahead of them. A failed post is handled as
+    /// `drain_outputs` handles it.
+    fn send_through(&mut self, t: Timestamp, b: &[u8]) -> Result<usize, SendError> {
+        let max_len = self.txbuf.len();
+        let mut failed = None;
+        let conn = &mut self.conn;
+        let next_wr = &mut self.next_wr;
+        let r = self.engine.send_through(t, b, max_len, &mut |tx, pieces| {
+            *next_wr += 1;
+            match post(conn, *next_wr, tx, pieces) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
+        });
+        if let Some(e) = failed {
+            self.post_failed(e);
+        }
+        r
+    }
+
+    fn post_failed(&mut self, e: ib_verbs::PostError) {
+        if self.dead.is_none() && !self.reset_seen {
+            crate::sdp_log!(crate::log::WARN, "post_send failed: {e}");
+        }
+        if let ib_verbs::PostError::Dead(d) = e {
+            self.transport_died(d);
+        }
+    }
+
     fn conn_errno(&self, e: &sdp_proto::ConnectionError) -> Errno {
         if self.peer_gone {
             // LINUX: a TCP peer that exits closes its socket: the reader sees end of stream
@@ -383,6 +543,22 @@ impl SdpShm {
             return libc::EPIPE;
         }
         errno_of(e.io_kind())
+    }
+}
+
+/// Posts one message. Only a message a reader waits for rings the peer's bell (readable
+/// means data, end of stream or an error); a pure credit update wakes only a waiting writer.
+fn post(
+    conn: &mut ShmConn,
+    wr: u64,
+    tx: &sdp_proto::Transmit,
+    pieces: &[&[u8]],
+) -> Result<(), ib_verbs::PostError> {
+    let quiet = tx.mid == sdp_proto::wire::MessageId::Data && tx.len <= sdp_proto::wire::BSDH_LEN;
+    if quiet {
+        conn.post_send_quiet(wr, pieces)
+    } else {
+        conn.post_send(wr, pieces)
     }
 }
 
@@ -412,16 +588,25 @@ impl OffloadStream for SdpShm {
         self.own_it()?;
         let t = now();
         let mut n = 0;
+        // One call takes at most the send buffer's room, as a TCP send does: bytes posted
+        // straight into the ring never occupy the queue, so each buffer of a writev would
+        // otherwise find the whole room again.
+        let mut room = self.engine.send_room();
         for (i, b) in data.iter().enumerate() {
             let last = i + 1 == data.len();
+            let piece = if n > 0 { &b[..b.len().min(room)] } else { b };
+            if piece.is_empty() && !b.is_empty() {
+                break;
+            }
             let r = if oob && last {
-                self.engine.send_urgent(t, b)
+                self.engine.send_urgent(t, piece)
             } else {
-                self.engine.send(t, b)
+                self.send_through(t, piece)
             };
             match r {
                 Ok(k) => {
                     n += k;
+                    room = room.saturating_sub(k);
                     if k < b.len() {
                         break;
                     }
@@ -467,14 +652,34 @@ impl OffloadStream for SdpShm {
     fn recv(&mut self, out: &mut [&mut [u8]], peek: bool) -> Result<usize, Errno> {
         // A stale copy's engine may still hold bytes the current owner already delivered.
         self.own_it()?;
-        let r = engine_recv(
+        self.release_held();
+        let (held, conn) = (&self.held, &self.conn);
+        let mut failed = false;
+        // The held list is released only after the call, but each buffer of a readv takes
+        // the deferred bytes that follow the previous buffer's.
+        let mut taken = 0;
+        let r = engine_recv_with(
             &mut self.engine,
             out,
             peek,
             &mut self.reset_pending,
             self.peer_gone,
             self.dead,
+            &mut |off, dst| {
+                if !held.read(conn, taken + off, dst) {
+                    failed = true;
+                }
+                if !peek {
+                    taken += dst.len();
+                }
+            },
         );
+        self.release_held();
+        if failed {
+            self.held_lost();
+            self.reset_pending = false; // reported here
+            return Err(libc::ECONNRESET);
+        }
         if matches!(r, Ok(n) if n > 0) {
             self.drain_outputs();
         }
@@ -661,6 +866,8 @@ impl OffloadStream for SdpShm {
             zcopy_tx: s.zcopy_bytes_sent,
             zcopy_rx: s.zcopy_bytes_received,
             bells_tx: self.conn.bells_rung(),
+            direct_tx: s.direct_bytes_sent,
+            direct_rx: s.direct_bytes_received,
         }
     }
 }

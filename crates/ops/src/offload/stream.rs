@@ -23,6 +23,10 @@ pub struct Counters {
     pub zcopy_rx: u64,
     /// Bell bytes written into the peer's app end (0 for transports that ring otherwise).
     pub bells_tx: u64,
+    /// Of the bytes each way, those copied once: from the application's buffer straight into
+    /// the peer's ring, and from our ring straight into the application's buffer (`shm`).
+    pub direct_tx: u64,
+    pub direct_rx: u64,
 }
 
 /// A stream's state after the peer closed (a FIN, not a reset), as TCP's: the first write
