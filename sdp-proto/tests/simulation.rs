@@ -77,6 +77,18 @@ fn established_bulk_gigabyte_random_sizes_with_zcopy_and_jitter_arrives_intact()
     }
 }
 
+/// Runs two opposite transfers side by side to their end; panics on a stall.
+fn both_ways(sim: &mut Sim, ab: &mut Bulk, ba: &mut Bulk) {
+    let mut rounds = 0;
+    while !(ab.done() && ba.done()) {
+        ab.act(sim);
+        ba.act(sim);
+        sim.step();
+        rounds += 1;
+        assert!(rounds < 5_000_000, "stalled");
+    }
+}
+
 #[test]
 fn established_bidirectional_small_buffers_both_streams_intact() {
     let mut sim = Sim::connected(
@@ -94,14 +106,7 @@ fn established_bidirectional_small_buffers_both_streams_intact() {
     ba.max_write = 7_000;
     ab.max_read = 3_000;
     ba.max_read = 9_000;
-    let mut rounds = 0;
-    while !(ab.done() && ba.done()) {
-        ab.act(&mut sim);
-        ba.act(&mut sim);
-        sim.step();
-        rounds += 1;
-        assert!(rounds < 5_000_000, "stalled");
-    }
+    both_ways(&mut sim, &mut ab, &mut ba);
 }
 
 /// A host that posts Data straight from the application's buffer (`send_through`) and leaves
@@ -115,14 +120,7 @@ fn established_one_copy_paths_carry_both_streams_intact() {
     let mut ba = Bulk::new(1, 8 << 20);
     ab.max_write = 200_000;
     ba.max_read = 5_000;
-    let mut rounds = 0;
-    while !(ab.done() && ba.done()) {
-        ab.act(&mut sim);
-        ba.act(&mut sim);
-        sim.step();
-        rounds += 1;
-        assert!(rounds < 5_000_000, "stalled");
-    }
+    both_ways(&mut sim, &mut ab, &mut ba);
     for side in 0..2 {
         let s = sim.sides[side].conn.stats();
         assert!(
