@@ -12,7 +12,7 @@ static REGISTERED: Once = Once::new();
 
 type RegistryGuard = std::sync::RwLockWriteGuard<
     'static,
-    Option<std::collections::HashMap<i32, std::sync::Arc<crate::offload::Conn>>>,
+    Option<crate::fdhash::FdMap<i32, std::sync::Arc<crate::offload::Conn>>>,
 >;
 
 thread_local! {

@@ -13,6 +13,7 @@
 //! - [`stats`]: per-socket statistics in shared memory (`sdp stat`).
 //! - [`sys`]: raw system calls for the library's own use (never the hooked names).
 
+pub mod fdhash;
 pub mod fdtable;
 pub mod fork;
 pub mod guard;

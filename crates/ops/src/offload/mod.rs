@@ -31,7 +31,7 @@ pub mod stream;
 #[cfg(test)]
 mod sync_tests;
 
-use std::collections::HashMap;
+use crate::fdhash::FdMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -277,7 +277,7 @@ pub fn unlock_all_after_fork() {
     HELD_FOR_FORK.with(|h| drop(h.borrow_mut().take()));
 }
 
-static REGISTRY: RwLock<Option<HashMap<i32, Arc<Conn>>>> = RwLock::new(None);
+static REGISTRY: RwLock<Option<FdMap<i32, Arc<Conn>>>> = RwLock::new(None);
 
 /// The connection an application fd names, if it is offloaded.
 pub fn lookup(fd: i32) -> Option<Arc<Conn>> {
@@ -294,7 +294,7 @@ pub fn any_bound() -> bool {
 /// Records that `fd` names `conn`.
 pub fn bind_fd(fd: i32, conn: &Arc<Conn>) {
     let mut g = REGISTRY.write().unwrap_or_else(|p| p.into_inner());
-    g.get_or_insert_with(HashMap::new)
+    g.get_or_insert_with(FdMap::default)
         .insert(fd, Arc::clone(conn));
     fdtable::update(fd, |m| m.with(Meta::OFFLOADED));
 }
@@ -366,7 +366,10 @@ pub fn note_epoll(epfd: i32, op: i32, fd: i32, ev: Option<libc::epoll_event>) {
             return;
         }
         let mut w = WATCHED.write().unwrap_or_else(|p| p.into_inner());
-        let list = w.get_or_insert_with(HashMap::new).entry(epfd).or_default();
+        let list = w
+            .get_or_insert_with(FdMap::default)
+            .entry(epfd)
+            .or_default();
         list.retain(|c| c.strong_count() > 0);
         if !list.iter().any(mine) {
             list.push(Arc::downgrade(&conn));
@@ -383,7 +386,7 @@ pub fn forget_watched_set(epfd: i32) {
 }
 
 /// Offloaded connections registered in each epoll set, for busy-polling in `epoll_wait`.
-static WATCHED: RwLock<Option<HashMap<i32, Vec<std::sync::Weak<Conn>>>>> = RwLock::new(None);
+static WATCHED: RwLock<Option<FdMap<i32, Vec<std::sync::Weak<Conn>>>>> = RwLock::new(None);
 static ANY_WATCHED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// How `epoll_wait` on a set busy-polls before sleeping.
@@ -477,7 +480,7 @@ pub fn retain_only(keep: &Arc<Conn>) {
 }
 
 /// Takes the registry's lock around fork so the child never inherits it held.
-pub fn fork_prepare() -> std::sync::RwLockWriteGuard<'static, Option<HashMap<i32, Arc<Conn>>>> {
+pub fn fork_prepare() -> std::sync::RwLockWriteGuard<'static, Option<FdMap<i32, Arc<Conn>>>> {
     REGISTRY.write().unwrap_or_else(|p| p.into_inner())
 }
 

@@ -27,7 +27,7 @@
 //!   the rings' in the room left; a ring event with no room asks for its bell again (the kernel
 //!   reports it, in its own turn).
 
-use std::collections::{HashMap, HashSet};
+use crate::fdhash::{FdMap, FdSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -48,7 +48,7 @@ static OFF: AtomicBool = AtomicBool::new(false);
 
 /// The application's registrations of the epoll sets this process made since its last fork.
 /// Its lock is never held while another is taken.
-static SETS: Mutex<Option<HashMap<i32, Mirror>>> = Mutex::new(None);
+static SETS: Mutex<Option<FdMap<i32, Mirror>>> = Mutex::new(None);
 static ANY_SETS: AtomicBool = AtomicBool::new(false);
 
 /// What a set's mirror says of the offloaded connections registered in it.
@@ -56,9 +56,9 @@ struct Look {
     /// Those a round polls, with their data.
     list: Vec<(u64, Weak<Conn>)>,
     /// The same, by address.
-    polled: HashSet<usize>,
+    polled: FdSet<usize>,
     /// Every one registered in the set for EPOLLIN, by address.
-    registered: HashSet<usize>,
+    registered: FdSet<usize>,
     /// The mirror's changes when it was made.
     changes: u64,
 }
@@ -68,15 +68,15 @@ type Polled = Arc<Look>;
 /// The locks a fork holds from `prepare` to `parent` or `child`.
 pub type ForkGuards = (
     MutexGuard<'static, Vec<(i32, Weak<Conn>)>>,
-    MutexGuard<'static, Option<HashMap<i32, Mirror>>>,
+    MutexGuard<'static, Option<FdMap<i32, Mirror>>>,
 );
 
 #[derive(Default)]
 pub struct Mirror {
     /// fd → (events, data), as the application registered them.
-    regs: HashMap<i32, (u32, u64)>,
+    regs: FdMap<i32, (u32, u64)>,
     /// data → how many registrations carry it.
-    uses: HashMap<u64, u32>,
+    uses: FdMap<u64, u32>,
     /// The connections a round polls, with their data; made again after any change.
     polled: Option<Polled>,
     /// Changes so far: a list made from an older state is not kept.
@@ -116,7 +116,7 @@ impl Mirror {
     }
 }
 
-fn sets() -> MutexGuard<'static, Option<HashMap<i32, Mirror>>> {
+fn sets() -> MutexGuard<'static, Option<FdMap<i32, Mirror>>> {
     SETS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -299,7 +299,7 @@ fn look_again(epfd: i32) {
 /// `epoll_create` made `epfd` in this process: mirrored from now on.
 pub fn set_created(epfd: i32) {
     let mut s = sets();
-    s.get_or_insert_with(HashMap::new)
+    s.get_or_insert_with(FdMap::default)
         .insert(epfd, Mirror::default());
     ANY_SETS.store(true, Ordering::SeqCst);
 }
@@ -503,8 +503,8 @@ fn polled(epfd: i32) -> Option<Polled> {
     };
     let mut look = Look {
         list: Vec::new(),
-        polled: HashSet::new(),
-        registered: HashSet::new(),
+        polled: FdSet::default(),
+        registered: FdSet::default(),
         changes,
     };
     for &(fd, events, data, shared) in &regs {
