@@ -585,7 +585,7 @@ static void c_epoll_other_sleepers(void) {
         pthread_join(t, NULL);
         printf("%s: epoll %d data=%llu, sleeper %d IN=%d woke at once=%d\n",
                use_read ? "read" : "poll", n, (unsigned long long)out.data.u64,
-               use_read ? sl.n : sl.n, use_read ? 1 : !!(sl.revents & POLLIN),
+               sl.n, use_read ? 1 : !!(sl.revents & POLLIN),
                sl.woke - sent < 1000);
         if (!use_read) CHECK(read(c1, b, sizeof b) == 1);
     }
