@@ -187,8 +187,7 @@ impl Connection {
         let data = &full[..full.len().min(self.send.free())];
         let mut sent = 0;
         while sent < data.len() && self.send.is_empty() && self.data_may_go(max_len) {
-            let max = (self.send_goal as usize).min(max_len - BSDH_LEN);
-            let n = (data.len() - sent).min(max);
+            let n = (data.len() - sent).min(self.max_payload(max_len));
             let mut hdr = [0u8; BSDH_LEN];
             let t = self.frame_data(n, false, &mut hdr);
             let went = post(&t, &[&hdr, &data[sent..sent + n]]);
@@ -226,9 +225,14 @@ impl Connection {
     /// Frames the next Data message's header into `hdr` (a payload of at most `max_len` minus
     /// the header) and accounts for it; the caller moves the payload's `n` bytes.
     fn data_header(&mut self, max_len: usize, hdr: &mut [u8]) -> (Transmit, usize) {
-        let max = (self.send_goal as usize).min(max_len - BSDH_LEN);
-        let (n, urgent) = self.send.next_chunk(max);
+        let (n, urgent) = self.send.next_chunk(self.max_payload(max_len));
         (self.frame_data(n, urgent, hdr), n)
+    }
+
+    /// The most payload a Data message carries: the peer's buffer goal, within `max_len`
+    /// (the largest message the peer takes) less the header.
+    fn max_payload(&self, max_len: usize) -> usize {
+        (self.send_goal as usize).min(max_len - BSDH_LEN)
     }
 
     /// Frames a Data message of `n` payload bytes into `hdr` and accounts for it.

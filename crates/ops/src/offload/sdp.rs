@@ -158,6 +158,17 @@ struct HeldPayloads {
 }
 
 impl HeldPayloads {
+    /// The payload of completion `c` stays in the ring: the last of the deferred bytes.
+    fn push(&mut self, c: Completion, len: usize) {
+        let at = sdp_proto::wire::BSDH_LEN;
+        self.list.push_back(Held {
+            c,
+            at,
+            left: len - at,
+        });
+        self.bytes += len - at;
+    }
+
     /// Forgets what the engine no longer defers (read, or dropped by SHUT_RD or a reset):
     /// always the front.
     fn release_to(&mut self, deferred: usize) {
@@ -362,13 +373,7 @@ impl SdpShm {
                             },
                         );
                         if let Ok(true) = r {
-                            let left = len - sdp_proto::wire::BSDH_LEN;
-                            self.held.list.push_back(Held {
-                                c,
-                                at: sdp_proto::wire::BSDH_LEN,
-                                left,
-                            });
-                            self.held.bytes += left;
+                            self.held.push(c, len);
                         }
                         if failed {
                             self.reset();
