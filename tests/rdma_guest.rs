@@ -423,6 +423,10 @@ fn pair_stream_across_guests_bcopy_and_zcopy() {
     let hold = "/tmp/stream-check-pair-hold";
     let _ = std::fs::remove_file(hold);
     let prog = built("stream_check");
+    // The decisions of both ends on stderr, which a failure shows: a stall once came from a
+    // setup that went back to TCP (the client's pending deadline passed on a slow host).
+    let conf = "/tmp/stream-check-pair-log.conf";
+    std::fs::write(conf, "log min-level 4 destination stderr\n").expect("conf");
     let check = |side: &str, rows: &[StatRow], bytes: u64, zcopy: u64| {
         let (transport, _) = the_connection(rows, side);
         assert!(
@@ -437,7 +441,8 @@ fn pair_stream_across_guests_bcopy_and_zcopy() {
     };
     if node == 2 {
         let mut srv = command(Mode::Preload, &prog);
-        srv.args(["serve", &addr, &port.to_string(), "--hold", hold, "--fork"]);
+        srv.args(["serve", &addr, &port.to_string(), "--hold", hold, "--fork"])
+            .env("LIBSDP_CONFIG_FILE", conf);
         let mut server = Proc::spawn(srv, "stream_check serve");
         let listener = server.id();
         wait_listening(&mut server, port);
@@ -474,7 +479,8 @@ fn pair_stream_across_guests_bcopy_and_zcopy() {
     }
     let mut cli = command(Mode::Preload, &prog);
     cli.args(["send", &peer, &port.to_string(), &BYTES.to_string()])
-        .args(["--hold", hold]);
+        .args(["--hold", hold])
+        .env("LIBSDP_CONFIG_FILE", conf);
     let mut client = Proc::spawn(cli, "stream_check send");
     let t0 = Instant::now();
     while !std::path::Path::new(hold).exists() {

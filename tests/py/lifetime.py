@@ -4,7 +4,7 @@ while it ran (the SDP run must not have silently fallen back to TCP).
 
 usage: lifetime.py SDP_BINARY CASE
 """
-import json, os, socket, subprocess, sys, threading, time
+import hashlib, json, os, socket, subprocess, sys, threading, time
 
 SDP, CASE = sys.argv[1], sys.argv[2]
 
@@ -382,6 +382,50 @@ elif CASE == "inherited-listener":
         print("the listener's maker keeps it:", keep, "slowest under 0.5 s:", slowest < 0.5,
               "over shm after the first:", shm[1:])
     print("shm:", shm[-1])
+
+elif CASE == "fallback-while-writing":
+    # A client blocked in a large send while its connection is still pending (the SDP
+    # exchange not done, its first 256 KiB taken into the pending buffer), when the server
+    # turns out to speak TCP: a program exec'd on the listener without the preload, which
+    # greets first. The rest of the send must go after the pending bytes over TCP, once each,
+    # and the blocked writer must wake although its fd now names the kernel socket. Small
+    # buffers and a slow reader keep that socket full when the writer looks at it. Until
+    # 2026-11-27 the writer slept for ever (its wait had registered on the old app end only),
+    # or, when it woke, sent the pending bytes a second time.
+    code = ("import hashlib, socket, sys, time\n"
+            "l = socket.socket(fileno=int(sys.argv[1]))\n"
+            "s, _ = l.accept()\n"
+            "time.sleep(0.3)\n"
+            "s.sendall(b'hi\\n')\n"
+            "time.sleep(0.3)\n"
+            "h, n = hashlib.sha256(), 0\n"
+            "while True:\n"
+            "    b = s.recv(4096)\n"
+            "    if not b: break\n"
+            "    h.update(b); n += len(b)\n"
+            "    if n < (1 << 20): time.sleep(0.0005)\n"
+            "s.sendall(b'%d %s\\n' % (n, h.hexdigest().encode()))\n")
+    l = socket.socket()
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    l.bind(("127.0.0.1", 0))
+    l.listen(8)
+    plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    p = subprocess.Popen([sys.executable, "-c", code, str(l.fileno())], pass_fds=[l.fileno()],
+                         env=plain)
+    # A hung writer fails the case here, not at the runner's limit.
+    threading.Timer(30, lambda: (print("the writer hung", flush=True), os._exit(3))).start()
+    payload = os.urandom(2 << 20)
+    c = socket.socket()
+    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    c.connect(l.getsockname())
+    c.sendall(payload)
+    c.shutdown(socket.SHUT_WR)
+    answer = read_to_eof(c, 100).decode().split()
+    want = ["hi", str(len(payload)), hashlib.sha256(payload).hexdigest()]
+    print("fallback while writing: the server got every byte once:", answer == want)
+    print("tcp:", not on_shm())
+    p.wait()
+    os._exit(0)
 
 elif CASE == "relayed-names":
     # A program given a connection as its stdin (fork + exec, posix_spawn) talks to it through

@@ -344,12 +344,28 @@ fn wait_app_end(
 ) -> Result<(), Errno> {
     crate::progress::after_fork_lazy();
     let _sleeping = super::quiet::sleeping();
-    let ts = timeout_ms(fd, opt).map(|ms| libc::timespec {
-        tv_sec: ms / 1000,
-        tv_nsec: (ms % 1000) * 1_000_000,
-    });
+    let deadline = timeout_ms(fd, opt)
+        .map(|ms| std::time::Instant::now() + std::time::Duration::from_millis(ms as u64));
     let sigfd = held.signal_fd();
     loop {
+        // A pending connection that goes back to TCP re-points `fd` from the app end to the
+        // kernel socket under this wait, and the kernel's ppoll registers for wake-ups on its
+        // first pass only: woken once by the library's end of stream on the old app end, it
+        // looks at the socket, and when that cannot take bytes yet it sleeps there for ever,
+        // registered nowhere (as the application's own `poll` would: the preload's readiness
+        // hooks slice for that). So while this connection is pending the wait is made in
+        // slices, and once it is not the call looks again.
+        let sliced = super::any_pending() && is_pending(fd);
+        let left = deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+        let slice = if sliced {
+            Some(left.map_or(PENDING_SLICE, |l| l.min(PENDING_SLICE)))
+        } else {
+            left
+        };
+        let ts = slice.map(|d| libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        });
         let mut p = [
             libc::pollfd {
                 fd,
@@ -387,6 +403,13 @@ fn wait_app_end(
             return Err(e);
         }
         if n == 0 {
+            // A slice ended, not the socket's timeout.
+            if sliced && slice != left {
+                if is_pending(fd) {
+                    continue;
+                }
+                return Ok(()); // gone to TCP or offloaded: the caller looks again
+            }
             return Err(libc::EAGAIN);
         }
         if p[0].revents != 0 {
@@ -396,6 +419,14 @@ fn wait_app_end(
             return Err(libc::EINTR);
         }
     }
+}
+
+/// The slice of a wait on the app end of a pending connection (see [`wait_app_end`]).
+const PENDING_SLICE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Whether `fd` names a connection that is still pending.
+fn is_pending(fd: i32) -> bool {
+    lookup(fd).is_some_and(|c| matches!(c.lock().phase, Phase::Pending { .. }))
 }
 
 fn raise_sigpipe() {
@@ -603,6 +634,15 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
         {
             let mut g = conn.lock();
             let rest = advance(bufs, sent);
+            if matches!(g.phase, Phase::Tcp) && sent > 0 {
+                // The pending connection went back to TCP while this call waited, with `sent`
+                // bytes of it already in the pending buffer (which went ahead on the socket):
+                // the rest goes after them. Before 2026-11-27 this passed the whole call to
+                // the kernel, and the peer got those bytes twice.
+                drop(g);
+                drop(held);
+                return Some(Ok((sent + kernel_send(fd, &rest, flags)) as isize));
+            }
             let r = match &mut g.phase {
                 Phase::Tcp => return None,
                 Phase::Pending { sendbuf, shut_wr } => {
@@ -683,6 +723,27 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
             return Some(if sent > 0 { Ok(sent as isize) } else { Err(e) });
         }
     }
+}
+
+/// The rest of a send that began before its connection went back to TCP, sent on the kernel
+/// socket the fd names now, as the kernel sends (blocking or not, as the socket and `flags`
+/// say). Bytes it took; an error is left for the next call to meet, as the kernel reports
+/// one after a partial send.
+fn kernel_send(fd: i32, bufs: &[&[u8]], flags: i32) -> usize {
+    let iov: Vec<libc::iovec> = bufs
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr() as *mut libc::c_void,
+            iov_len: b.len(),
+        })
+        .collect();
+    // SAFETY: plain data; all zero is an empty message header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+    msg.msg_iovlen = iov.len();
+    // SAFETY: the iovecs name the caller's live buffers; a raw call bypasses our hooks.
+    let n = unsafe { libc::syscall(libc::SYS_sendmsg, fd, &msg as *const libc::msghdr, flags) };
+    n.max(0) as usize
 }
 
 /// What `shutdown` does on an offloaded fd.

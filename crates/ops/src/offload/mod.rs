@@ -90,6 +90,10 @@ pub struct Inner {
     pub stray: Option<u64>,
     /// A non-blocking connect returned EINPROGRESS and connect was not called again since.
     pub connect_in_progress: bool,
+    /// The server's library redirected this pending connection's rdma setup to the process
+    /// that accepted it (a prefork worker): the setup is alive but needs two more round trips,
+    /// so its pending deadline is extended once (`setup::PendingTask`).
+    pub setup_redirected: bool,
     /// The application waits edge-triggered: every arrival rings (see `note_epoll`).
     pub every_arrival: bool,
     /// Listed among the connections whose bell request a poller withdrew (`quiet`): the
@@ -196,6 +200,7 @@ impl Inner {
             watch: None,
             stray: None,
             connect_in_progress: false,
+            setup_redirected: false,
             every_arrival: false,
             quiet_entry: None,
             quiet_set: false,

@@ -875,7 +875,9 @@ impl Task for ConnectTask {
                     });
                     let token = progress::register(fd, libc::EPOLLIN as u32, twin.clone());
                     *twin.token.lock().unwrap_or_else(|p| p.into_inner()) = token;
-                    conn.lock().endpoint = token;
+                    let mut g = conn.lock();
+                    g.endpoint = token;
+                    g.setup_redirected = true;
                     return;
                 }
                 Err(e) => {

@@ -717,7 +717,8 @@ struct PendingTask {
     conn: Weak<Conn>,
     started: Instant,
     /// 0: never seen in the accept queue; 1: seen there (the timer was re-armed); 2: seen
-    /// accepted after that, and given one more `PENDING_TIMEOUT` for the exchange.
+    /// accepted after that, and given one more `PENDING_TIMEOUT` for the exchange; 3: a
+    /// remote server's rdma setup was redirected, and given one more `PENDING_TIMEOUT`.
     queued: std::sync::atomic::AtomicU8,
 }
 
@@ -740,6 +741,11 @@ impl Task for PendingTask {
                         true
                     }
                     Some(true) => self.queued.compare_exchange(1, 2, Relaxed, Relaxed).is_ok(),
+                    // A server on another host, whose library redirected the setup to its
+                    // worker (a slow host may need more than one PENDING_TIMEOUT for that).
+                    None if g.setup_redirected => {
+                        self.queued.compare_exchange(0, 3, Relaxed, Relaxed).is_ok()
+                    }
                     _ => false,
                 };
                 if rearm {
