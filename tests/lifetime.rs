@@ -173,14 +173,17 @@ fn a_program_execd_on_an_inherited_listener_neither_stalls_nor_stays_off_sdp() {
 }
 
 /// A pending connection goes back to TCP (the server is a program without the preload on an
-/// inherited listener) while the client is blocked in a large send that filled the pending
-/// buffer: the writer wakes and the server gets every byte once.
+/// inherited listener) after its client wrote: a blocking client blocked on the full pending
+/// buffer wakes, a non-blocking one with a small send buffer loses nothing, a shutdown made
+/// while pending reaches the server; every byte arrives once.
 #[test]
-fn a_writer_blocked_while_its_connection_goes_back_to_tcp_sends_every_byte_once() {
+fn writes_and_shutdowns_made_while_pending_reach_a_tcp_server_once() {
     let out = run_case_anywhere("fallback-while-writing");
     for line in [
-        "fallback while writing: the server got every byte once: True",
         "tcp: True",
+        "blocked writer: the server got every byte once: True",
+        "non-blocking writer: the server got every byte once: True",
+        "shutdown while pending: the server got every byte once: True",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }

@@ -4,7 +4,7 @@ while it ran (the SDP run must not have silently fallen back to TCP).
 
 usage: lifetime.py SDP_BINARY CASE
 """
-import hashlib, json, os, socket, subprocess, sys, threading, time
+import hashlib, json, os, select, socket, subprocess, sys, threading, time
 
 SDP, CASE = sys.argv[1], sys.argv[2]
 
@@ -384,16 +384,17 @@ elif CASE == "inherited-listener":
     print("shm:", shm[-1])
 
 elif CASE == "fallback-while-writing":
-    # A client blocked in a large send while its connection is still pending (the SDP
-    # exchange not done, its first 256 KiB taken into the pending buffer), when the server
-    # turns out to speak TCP: a program exec'd on the listener without the preload, which
-    # greets first. The rest of the send must go after the pending bytes over TCP, once each,
-    # and the blocked writer must wake although its fd now names the kernel socket. Small
-    # buffers and a slow reader keep that socket full when the writer looks at it. Until
-    # 2026-11-27 the writer slept for ever (its wait had registered on the old app end only),
-    # or, when it woke, sent the pending bytes a second time.
+    # A client writes while its connection is still pending (the SDP exchange not done, the
+    # bytes taken into the pending buffer), and the server turns out to speak TCP: a program
+    # exec'd on the listener without the preload, which greets first. Every byte must reach
+    # the server once and in order, and a shutdown made while pending must reach it as end
+    # of stream. Until 2026-11-27: a writer blocked on the full pending buffer slept for ever
+    # when it then looked at a full TCP socket (its wait had registered on the old app end),
+    # or, woken, sent the pending bytes a second time; a non-blocking client lost what its
+    # send buffer could not take at once; a shutdown made while pending was forgotten.
     code = ("import hashlib, socket, sys, time\n"
             "l = socket.socket(fileno=int(sys.argv[1]))\n"
+            "slow = sys.argv[2] == 'slow'\n"
             "s, _ = l.accept()\n"
             "time.sleep(0.3)\n"
             "s.sendall(b'hi\\n')\n"
@@ -403,28 +404,66 @@ elif CASE == "fallback-while-writing":
             "    b = s.recv(4096)\n"
             "    if not b: break\n"
             "    h.update(b); n += len(b)\n"
-            "    if n < (1 << 20): time.sleep(0.0005)\n"
+            "    if slow and n < (1 << 20): time.sleep(0.0005)\n"
             "s.sendall(b'%d %s\\n' % (n, h.hexdigest().encode()))\n")
-    l = socket.socket()
-    l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    l.bind(("127.0.0.1", 0))
-    l.listen(8)
     plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    p = subprocess.Popen([sys.executable, "-c", code, str(l.fileno())], pass_fds=[l.fileno()],
-                         env=plain)
-    # A hung writer fails the case here, not at the runner's limit.
-    threading.Timer(30, lambda: (print("the writer hung", flush=True), os._exit(3))).start()
+    # A hung client fails the case here, not at the runner's limit.
+    threading.Timer(40, lambda: (print("a client hung", flush=True), os._exit(3))).start()
+
+    def plain_server(slow):
+        l = socket.socket()
+        # Small buffers and a slow reader keep the TCP socket full when the writer looks.
+        l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        l.bind(("127.0.0.1", 0))
+        l.listen(8)
+        p = subprocess.Popen([sys.executable, "-c", code, str(l.fileno()), slow],
+                             pass_fds=[l.fileno()], env=plain)
+        return l, p
+
+    def client(l, sndbuf):
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        c.connect(l.getsockname())
+        return c
+
+    def verdict(what, c, payload, p, greeting=b""):
+        answer = (greeting + read_to_eof(c, 100)).decode().split()
+        want = ["hi", str(len(payload)), hashlib.sha256(payload).hexdigest()]
+        print(what + ": the server got every byte once:", answer == want)
+        p.wait()
+
+    # A blocking client whose large send filled the pending buffer and waits.
+    l, p = plain_server("slow")
+    c = client(l, 4096)
     payload = os.urandom(2 << 20)
-    c = socket.socket()
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    c.connect(l.getsockname())
     c.sendall(payload)
     c.shutdown(socket.SHUT_WR)
-    answer = read_to_eof(c, 100).decode().split()
-    want = ["hi", str(len(payload)), hashlib.sha256(payload).hexdigest()]
-    print("fallback while writing: the server got every byte once:", answer == want)
     print("tcp:", not on_shm())
-    p.wait()
+    verdict("blocked writer", c, payload, p)
+    # A non-blocking client whose 256 KiB went into the pending buffer at once; it waits for
+    # the greeting (the connection is on TCP then) before its shutdown.
+    l, p = plain_server("fast")
+    c = client(l, 16384)
+    c.setblocking(False)
+    payload = os.urandom(256 << 10)
+    off = 0
+    while off < len(payload):
+        try:
+            off += c.send(payload[off:])
+        except BlockingIOError:
+            select.select([], [c], [], 10)
+    select.select([c], [], [], 10)
+    c.setblocking(True)
+    greeting = c.recv(3)
+    c.shutdown(socket.SHUT_WR)
+    verdict("non-blocking writer", c, payload, p, greeting)
+    # A client that sends its request and shuts down while still pending.
+    l, p = plain_server("fast")
+    c = client(l, 16384)
+    payload = os.urandom(1000)
+    c.sendall(payload)
+    c.shutdown(socket.SHUT_WR)
+    verdict("shutdown while pending", c, payload, p)
     os._exit(0)
 
 elif CASE == "relayed-names":

@@ -486,6 +486,10 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
         {
             let mut g = conn.lock();
             let r = match &mut g.phase {
+                // A MSG_WAITALL receive that took bytes before the connection left this
+                // process (released by a close in another thread, or relayed): those bytes
+                // are its result; the kernel would read into the same buffer again.
+                Phase::Tcp if got > 0 => return Some(Ok(got as isize)),
                 Phase::Tcp => return None,
                 Phase::Pending { .. } => Err(libc::EAGAIN),
                 // LINUX: a zero-length receive waits like any other (EAGAIN when non-blocking)
@@ -742,7 +746,16 @@ fn kernel_send(fd: i32, bufs: &[&[u8]], flags: i32) -> usize {
     msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
     msg.msg_iovlen = iov.len();
     // SAFETY: the iovecs name the caller's live buffers; a raw call bypasses our hooks.
-    let n = unsafe { libc::syscall(libc::SYS_sendmsg, fd, &msg as *const libc::msghdr, flags) };
+    // MSG_NOSIGNAL: the call reports the bytes it moved, and a kernel send that returns some
+    // raises no SIGPIPE either.
+    let n = unsafe {
+        libc::syscall(
+            libc::SYS_sendmsg,
+            fd,
+            &msg as *const libc::msghdr,
+            flags | libc::MSG_NOSIGNAL,
+        )
+    };
     n.max(0) as usize
 }
 

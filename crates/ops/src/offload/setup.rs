@@ -1113,14 +1113,26 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
         progress::unregister(t);
     }
     g.clear_pending_watch();
-    let buf = match std::mem::replace(&mut g.phase, Phase::Tcp) {
-        Phase::Pending { sendbuf, .. } => sendbuf,
+    let (buf, shut_wr) = match std::mem::replace(&mut g.phase, Phase::Tcp) {
+        Phase::Pending { sendbuf, shut_wr } => (sendbuf, shut_wr),
         other => {
             g.phase = other;
             return;
         }
     };
     let fds = g.app_fds.clone();
+    // The bytes the application wrote while pending go first, and its half-closes after them,
+    // while the fd numbers still name the app end: a call on them waits for this lock, so no
+    // byte of the application's can overtake them on the socket. (Until 2026-11-27 they went
+    // after the swap: a write woken by the moved epoll registration could go first, and a
+    // shutdown made while pending was forgotten: the server never saw end of stream.)
+    send_pending_bytes(g.shadow, &buf);
+    for (shut, how) in [(shut_wr, libc::SHUT_WR), (g.shut_rd, libc::SHUT_RD)] {
+        if shut {
+            // SAFETY: our own socket.
+            unsafe { libc::syscall(libc::SYS_shutdown, g.shadow, how) };
+        }
+    }
     let app_nonblock = g.app_int >= 0 && fcntl(g.app_int, libc::F_GETFL, 0) & libc::O_NONBLOCK != 0;
     let fl = fcntl(g.shadow, libc::F_GETFL, 0);
     fcntl(
@@ -1176,7 +1188,6 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
             )
         };
     }
-    send_pending_bytes(g.shadow, &buf);
     // Wake any thread blocked on the old app end: it retries and finds TCP.
     g.signal_eof();
     if let Some(r) = &g.row {
@@ -1186,7 +1197,15 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
 }
 
 /// Sends on the kernel socket the bytes an application wrote while its connection was
-/// pending, as far as the socket's blocking mode and SO_SNDTIMEO let it.
+/// pending, every one of them: the application was told they were sent.
+///
+/// The progress thread runs this under the connection's lock, so it must not wait on the
+/// server: the send buffer is first given room for all of them (SO_SNDBUF, then set back to
+/// what it was), and they are queued without waiting, whatever the socket's mode. Only where
+/// the system's limit (`wmem_max`) leaves too little room does the rest wait for the server.
+/// Until 2026-11-27 this sent in the application's mode: a non-blocking socket dropped
+/// what its buffer could not take at once (36 KiB of 256 arrived with SO_SNDBUF 16 KiB), and
+/// a blocking one held the progress thread until the server read.
 ///
 /// LINUX: a connection reset by the server (its listener closed, its process killed) reports
 /// ECONNRESET to the application's next call; sending the buffered bytes now would consume
@@ -1199,29 +1218,99 @@ fn send_pending_bytes(shadow: i32, buf: &[u8]) {
     };
     // SAFETY: one valid pollfd, no wait.
     unsafe { libc::syscall(libc::SYS_poll, &mut pfd as *mut libc::pollfd, 1, 0) };
-    let mut off = if pfd.revents & libc::POLLERR != 0 {
-        buf.len()
-    } else {
-        0
-    };
+    if buf.is_empty() || pfd.revents & libc::POLLERR != 0 {
+        return;
+    }
+    let mut off = send_some(shadow, buf, libc::MSG_DONTWAIT);
+    if off < buf.len() {
+        let was = sndbuf(shadow);
+        // Room for the rest beside what is queued (the kernel doubles what it is given, and
+        // counts its own overhead in it).
+        set_sndbuf(shadow, buf.len() - off + was.max(0) as usize);
+        off += send_some(shadow, &buf[off..], libc::MSG_DONTWAIT);
+        if off < buf.len() {
+            sdp_log!(
+                log::WARN,
+                "fd {shadow}: {} of {} pending bytes wait for the server to read (send buffer limit)",
+                buf.len() - off,
+                buf.len()
+            );
+            let fl = fcntl(shadow, libc::F_GETFL, 0);
+            fcntl(shadow, libc::F_SETFL, (fl & !libc::O_NONBLOCK) as i64);
+            off += send_some(shadow, &buf[off..], 0);
+            fcntl(shadow, libc::F_SETFL, fl as i64);
+            if off < buf.len() {
+                // A timeout the application set (SO_SNDTIMEO), or the connection broke.
+                sdp_log!(
+                    log::ERROR,
+                    "fd {shadow}: {} pending bytes could not be sent",
+                    buf.len() - off
+                );
+            }
+        }
+        set_sndbuf(shadow, (was / 2).max(1) as usize);
+    }
+}
+
+/// `send` of `buf` on `shadow` until done or an error; MSG_NOSIGNAL: a broken connection
+/// surfaces at the application's next call. Bytes sent.
+fn send_some(shadow: i32, buf: &[u8], flags: i32) -> usize {
+    let mut off = 0;
     while off < buf.len() {
-        // SAFETY: a valid slice; MSG_NOSIGNAL: a broken TCP connection surfaces later.
+        // SAFETY: a valid slice.
         let n = unsafe {
             libc::syscall(
                 libc::SYS_sendto,
                 shadow,
                 buf[off..].as_ptr(),
                 buf.len() - off,
-                libc::MSG_NOSIGNAL,
+                libc::MSG_NOSIGNAL | flags,
                 std::ptr::null::<u8>(),
                 0,
             )
         };
+        if n < 0 && sys::errno() == libc::EINTR {
+            continue;
+        }
         if n <= 0 {
             break;
         }
         off += n as usize;
     }
+    off
+}
+
+/// SO_SNDBUF as the kernel reports it (twice what was set).
+fn sndbuf(fd: i32) -> i32 {
+    let mut v: i32 = 0;
+    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
+    // SAFETY: valid pointers for one int.
+    unsafe {
+        libc::syscall(
+            libc::SYS_getsockopt,
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &mut v as *mut i32,
+            &mut len as *mut libc::socklen_t,
+        )
+    };
+    v
+}
+
+fn set_sndbuf(fd: i32, bytes: usize) {
+    let v = bytes.min(i32::MAX as usize) as i32;
+    // SAFETY: setsockopt on our own socket with a value that lives across the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_setsockopt,
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            &v as *const i32,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
 }
 
 /// How long the last close, or the exit, of a pending connection may wait for the kernel to
