@@ -645,6 +645,20 @@ fn sendfile_from_a_file() {
     );
 }
 
+/// A non-blocking sendfile without an offset leaves the file's position after the last byte
+/// sent, and a splice into a full non-blocking pipe leaves the rest in the connection.
+#[test]
+fn non_blocking_sendfile_and_splice_move_each_byte_once() {
+    let out = semantics("io", "nonblocking_copies", 2);
+    assert_lines(
+        &out,
+        &[
+            "non-blocking sendfile: 4194304 received=4194304 sum ok=1 pos=4194304 waited=1",
+            "socket->non-blocking pipe: 1048576 sum ok=1",
+        ],
+    );
+}
+
 #[test]
 fn splice_file_to_socket_and_socket_to_pipe() {
     let out = semantics("io", "splice", 2);

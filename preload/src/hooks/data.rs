@@ -726,6 +726,14 @@ unsafe fn copy_into_offloaded(
             Some(s) => s,
             None => unsafe { real::write(out_fd, buf.as_ptr().cast(), n as usize) },
         };
+        if sent < n && pos.is_none() {
+            // The socket took less than was read (non-blocking, or an error): the file's
+            // position goes back to the first byte not sent, as the kernel's sendfile leaves
+            // it. A pipe cannot give bytes back: those are lost (see docs/SYSCALLS.md).
+            let back = n - sent.max(0);
+            // SAFETY: lseek on the caller's fd; a pipe answers ESPIPE, which changes nothing.
+            unsafe { libc::syscall(libc::SYS_lseek, in_fd, -(back as i64), libc::SEEK_CUR) };
+        }
         if sent <= 0 {
             return if total > 0 { total as ssize_t } else { sent };
         }
@@ -832,7 +840,9 @@ pub unsafe extern "C" fn splice(
         } else {
             0
         };
-        let n = match do_recv(fd_in, &mut [&mut buf[..]], fl) {
+        // Peeked, and taken once the pipe took them: a full pipe (non-blocking) leaves the
+        // rest in the connection, where a receive taking them first lost them.
+        let n = match do_recv(fd_in, &mut [&mut buf[..]], fl | libc::MSG_PEEK) {
             Some(n) => n,
             None => return unsafe { real::splice(fd_in, off_in, fd_out, off_out, len, flags) },
         };
@@ -864,7 +874,13 @@ pub unsafe extern "C" fn splice(
             }
             done += w as usize;
         }
-        return done as ssize_t;
+        if done > 0 {
+            // The bytes the pipe took, which the peek left first in the connection.
+            let mut taken = vec![0u8; done];
+            let _ = do_recv(fd_in, &mut [&mut taken[..]], libc::MSG_DONTWAIT);
+            return done as ssize_t;
+        }
+        return -1; // the pipe's error (EAGAIN when full and non-blocking), in errno
     }
     unsafe { real::splice(fd_in, off_in, fd_out, off_out, len, flags) }
 }

@@ -367,6 +367,74 @@ static void c_splice(void) {
     printf("socket->pipe at eof: %s\n", res(splice(S, NULL, p[1], NULL, 64, 0)));
 }
 
+/* Non-blocking sendfile without an offset, and splice into a non-blocking pipe: a call moves
+ * what the other end takes, and leaves the rest where it was (the file position after the
+ * last byte sent; the bytes the pipe had no room for in the socket). Until 2026-11-27 the
+ * library read more than it could send and lost the difference. */
+static char big[1 << 20];
+
+static void *write_big(void *p) {
+    write_all(C, big, *(size_t *)p);
+    return NULL;
+}
+
+static void c_nonblocking_copies(void) {
+    fresh_pair(&C, &S);
+    size_t len = 4 << 20;
+    unsigned long sum;
+    int f = tmpfile_of(len, &sum);
+    CHECK(lseek(f, 0, SEEK_SET) == 0);
+    CHECK(fcntl(C, F_SETFL, fcntl(C, F_GETFL) | O_NONBLOCK) == 0);
+    struct sink k = {.fd = S, .want = len};
+    pthread_t t = spawn(sink_fn, &k);
+    size_t sent = 0;
+    int short_calls = 0;
+    while (sent < len) {
+        ssize_t n = sendfile(C, f, NULL, len - sent);
+        if (n < 0 && errno == EAGAIN) {
+            short_calls++;
+            CHECK(poll1(C, POLLOUT, 10000) > 0);
+            continue;
+        }
+        CHECK(n > 0);
+        sent += (size_t)n;
+    }
+    pthread_join(t, NULL);
+    printf("non-blocking sendfile: %zu received=%zu sum ok=%d pos=%ld waited=%d\n", sent, k.got,
+           k.sum == sum, (long)lseek(f, 0, SEEK_CUR), short_calls > 0);
+    close(f);
+    CHECK(fcntl(C, F_SETFL, fcntl(C, F_GETFL) & ~O_NONBLOCK) == 0);
+    /* socket -> a non-blocking pipe of 64 KiB, 1 MiB through it */
+    int p[2];
+    CHECK(pipe2(p, O_NONBLOCK) == 0);
+    size_t plen = 1 << 20;
+    unsigned long psum = 0, got_sum = 0;
+    for (size_t i = 0; i < plen; i++) psum += (unsigned char)(big[i] = (char)(i * 7 + 3));
+    pthread_t wt = spawn(write_big, &plen);
+    size_t through = 0;
+    int full = 0;
+    static char out[65536];
+    while (through < plen) {
+        ssize_t n = splice(S, NULL, p[1], NULL, plen - through, SPLICE_F_NONBLOCK);
+        if (n < 0 && errno == EAGAIN) {
+            full++;
+        } else {
+            CHECK(n > 0);
+        }
+        ssize_t r;
+        while ((r = read(p[0], out, sizeof out)) > 0) {
+            for (ssize_t i = 0; i < r; i++) got_sum += (unsigned char)out[i];
+            through += (size_t)r;
+        }
+        if (n < 0) CHECK(poll1(S, POLLIN, 10000) > 0);
+    }
+    pthread_join(wt, NULL);
+    printf("socket->non-blocking pipe: %zu sum ok=%d\n", through, got_sum == psum);
+    sync_point();
+    close(p[0]);
+    close(p[1]);
+}
+
 static void c_shutdown_wr(void) {
     fresh_pair(&C, &S);
     char b[16];
@@ -686,6 +754,7 @@ int main(int argc, char **argv) {
         {"more", c_more},
         {"sendfile", c_sendfile},
         {"splice", c_splice},
+        {"nonblocking_copies", c_nonblocking_copies},
         {"shutdown_wr", c_shutdown_wr},
         {"shutdown_rd", c_shutdown_rd},
         {"shutdown_rdwr", c_shutdown_rdwr},
