@@ -729,7 +729,7 @@ unsafe fn copy_into_offloaded(
         if sent < n && pos.is_none() {
             // The socket took less than was read (non-blocking, or an error): the file's
             // position goes back to the first byte not sent, as the kernel's sendfile leaves
-            // it. A pipe cannot give bytes back: those are lost (see docs/SYSCALLS.md).
+            // it. A pipe cannot give bytes back: those are lost (docs/ARCHITECTURE.md, fd model 6).
             let back = n - sent.max(0);
             // SAFETY: lseek on the caller's fd; a pipe answers ESPIPE, which changes nothing.
             unsafe { libc::syscall(libc::SYS_lseek, in_fd, -(back as i64), libc::SEEK_CUR) };
