@@ -646,7 +646,8 @@ fn sendfile_from_a_file() {
 }
 
 /// A non-blocking sendfile without an offset leaves the file's position after the last byte
-/// sent, and a splice into a full non-blocking pipe leaves the rest in the connection.
+/// sent, a splice into a full non-blocking pipe leaves the rest in the connection, and a
+/// splice from a pipe into a full non-blocking socket leaves the rest in the pipe.
 #[test]
 fn non_blocking_sendfile_and_splice_move_each_byte_once() {
     let out = semantics("io", "nonblocking_copies", 2);
@@ -655,6 +656,7 @@ fn non_blocking_sendfile_and_splice_move_each_byte_once() {
         &[
             "non-blocking sendfile: 4194304 received=4194304 sum ok=1 pos=4194304 waited=1",
             "socket->non-blocking pipe: 1048576 sum ok=1",
+            "pipe->non-blocking socket: 1048576 received=1048576 sum ok=1",
         ],
     );
 }

@@ -706,12 +706,19 @@ unsafe fn copy_into_offloaded(
     let mut buf = vec![0u8; count.min(256 * 1024)];
     let mut pos = offset;
     let mut total = 0usize;
+    // A pipe cannot take back what a non-blocking socket refused: its bytes are looked at
+    // first (`tee`) and taken once sent.
+    let peek_pipe = pos.is_none() && nonblocking(out_fd) && is_pipe(in_fd) == Ok(true);
     while total < count {
         let want = buf.len().min(count - total);
         let n = match pos.as_deref() {
             // SAFETY: buf is writable for `want` bytes.
             Some(&off) => unsafe {
                 libc::syscall(libc::SYS_pread64, in_fd, buf.as_mut_ptr(), want, off) as ssize_t
+            },
+            None if peek_pipe => match pipe_peek(in_fd, &mut buf[..want]) {
+                Some(n) => n,
+                None => return if total > 0 { total as ssize_t } else { -1 },
             },
             None => unsafe { real::read(in_fd, buf.as_mut_ptr().cast(), want) },
         };
@@ -726,13 +733,27 @@ unsafe fn copy_into_offloaded(
             Some(s) => s,
             None => unsafe { real::write(out_fd, buf.as_ptr().cast(), n as usize) },
         };
-        if sent < n && pos.is_none() {
+        if peek_pipe && sent > 0 {
+            // Take from the pipe what the socket took (it is there: `tee` copied it).
+            let mut left = sent as usize;
+            while left > 0 {
+                // SAFETY: buf is writable for `left` bytes (left <= n <= buf.len()).
+                let r = unsafe { real::read(in_fd, buf.as_mut_ptr().cast(), left) };
+                if r <= 0 {
+                    break;
+                }
+                left -= r as usize;
+            }
+        }
+        if sent < n && pos.is_none() && !peek_pipe {
             // The socket took less than was read (non-blocking, or an error): the file's
             // position goes back to the first byte not sent, as the kernel's sendfile leaves
-            // it. A pipe cannot give bytes back: those are lost (docs/ARCHITECTURE.md, fd model 6).
+            // it (a pipe was only looked at when the socket is non-blocking: `peek_pipe`).
             let back = n - sent.max(0);
+            let errno = ops::sys::errno();
             // SAFETY: lseek on the caller's fd; a pipe answers ESPIPE, which changes nothing.
             unsafe { libc::syscall(libc::SYS_lseek, in_fd, -(back as i64), libc::SEEK_CUR) };
+            ops::sys::set_errno(errno);
         }
         if sent <= 0 {
             return if total > 0 { total as ssize_t } else { sent };
@@ -883,6 +904,56 @@ pub unsafe extern "C" fn splice(
         return -1; // the pipe's error (EAGAIN when full and non-blocking), in errno
     }
     unsafe { real::splice(fd_in, off_in, fd_out, off_out, len, flags) }
+}
+
+/// Whether `fd`'s file is non-blocking.
+fn nonblocking(fd: c_int) -> bool {
+    // SAFETY: fcntl on an fd number; a bad fd just fails.
+    let fl = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFL) };
+    fl >= 0 && fl & libc::O_NONBLOCK as libc::c_long != 0
+}
+
+/// Copies the first bytes of the pipe `fd` into `buf` without taking them (`tee` into a
+/// pipe of our own, read back): waits for bytes as a read of `fd` would. `None`: our pipe
+/// could not be made, or `tee` failed (errno set).
+fn pipe_peek(fd: c_int, buf: &mut [u8]) -> Option<ssize_t> {
+    let mut p = [-1 as c_int; 2];
+    // SAFETY: a valid array of two fds.
+    if unsafe { libc::syscall(libc::SYS_pipe2, p.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return None;
+    }
+    let flags = if nonblocking(fd) {
+        libc::SPLICE_F_NONBLOCK
+    } else {
+        0
+    };
+    // SAFETY: tee between two pipes; our pipe's read end is read into `buf` (at most its
+    // length was copied).
+    let r = unsafe {
+        let n = libc::syscall(libc::SYS_tee, fd, p[1], buf.len(), flags) as ssize_t;
+        let mut got = 0isize;
+        while got < n {
+            let k = libc::syscall(
+                libc::SYS_read,
+                p[0],
+                buf.as_mut_ptr().add(got as usize),
+                (n - got) as usize,
+            ) as ssize_t;
+            if k <= 0 {
+                break;
+            }
+            got += k;
+        }
+        if n < 0 { n } else { got }
+    };
+    let errno = ops::sys::errno();
+    // SAFETY: closing our own pipe.
+    unsafe {
+        libc::syscall(libc::SYS_close, p[0]);
+        libc::syscall(libc::SYS_close, p[1]);
+    }
+    ops::sys::set_errno(errno);
+    (r >= 0).then_some(r)
 }
 
 /// Whether `fd` is a pipe (splice needs one end to be).

@@ -378,6 +378,13 @@ static void *write_big(void *p) {
     return NULL;
 }
 
+static int big_pipe = -1;
+
+static void *write_big_to_pipe(void *p) {
+    write_all(big_pipe, big, *(size_t *)p);
+    return NULL;
+}
+
 static void c_nonblocking_copies(void) {
     fresh_pair(&C, &S);
     size_t len = 4 << 20;
@@ -430,9 +437,37 @@ static void c_nonblocking_copies(void) {
     }
     pthread_join(wt, NULL);
     printf("socket->non-blocking pipe: %zu sum ok=%d\n", through, got_sum == psum);
-    sync_point();
     close(p[0]);
     close(p[1]);
+    /* a pipe -> the non-blocking socket, 1 MiB through a slow reader */
+    CHECK(pipe(p) == 0);
+    big_pipe = p[1];
+    pthread_t pt = spawn(write_big_to_pipe, &plen);
+    CHECK(fcntl(C, F_SETFL, fcntl(C, F_GETFL) | O_NONBLOCK) == 0);
+    int small = 16384; /* less than a pipe's 64 KiB: the socket takes part of what is there */
+    CHECK(setsockopt(C, SOL_SOCKET, SO_SNDBUF, &small, sizeof small) == 0);
+    struct sink k2 = {.fd = S, .want = plen};
+    pthread_t t2 = spawn(sink_fn, &k2);
+    size_t spliced = 0;
+    int refused = 0;
+    while (spliced < plen) {
+        ssize_t n = splice(p[0], NULL, C, NULL, plen - spliced, 0);
+        if (n < 0 && errno == EAGAIN) {
+            refused++;
+            CHECK(poll1(C, POLLOUT, 10000) > 0);
+            continue;
+        }
+        CHECK(n > 0);
+        spliced += (size_t)n;
+    }
+    pthread_join(pt, NULL);
+    pthread_join(t2, NULL);
+    printf("pipe->non-blocking socket: %zu received=%zu sum ok=%d\n", spliced, k2.got,
+           k2.sum == psum);
+    CHECK(fcntl(C, F_SETFL, fcntl(C, F_GETFL) & ~O_NONBLOCK) == 0);
+    close(p[0]);
+    close(p[1]);
+    sync_point();
 }
 
 static void c_shutdown_wr(void) {
