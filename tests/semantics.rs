@@ -815,6 +815,22 @@ fn getsockname_getpeername_are_the_tcp_four_tuple() {
     );
 }
 
+/// SO_RCVTIMEO and SO_SNDTIMEO set before `connect`, and SO_RCVTIMEO inherited from the
+/// listener by `accept`, hold on the offloaded connection (they stayed on the shadow socket
+/// until 2026-11-27: the read waited for ever).
+#[test]
+fn timeouts_set_before_connect_or_on_the_listener_hold() {
+    let out = semantics("setup", "timeouts_before_connect", 2);
+    assert_lines(
+        &out,
+        &[
+            "client: SO_RCVTIMEO 300 ms, read -1 EAGAIN after the timeout=1",
+            "server: SO_RCVTIMEO 300 ms, read -1 EAGAIN after the timeout=1",
+            "client: SO_SNDTIMEO 300 ms",
+        ],
+    );
+}
+
 #[test]
 fn getsockopt_and_setsockopt() {
     let out = semantics("setup", "sockopts", 2);

@@ -206,6 +206,42 @@ static void c_sockopts(void) {
     sync_point();
 }
 
+/* Timeouts set before connect, and inherited from the listener by accept, hold on the
+ * connection: a receive with nothing to read ends with EAGAIN after its timeout. */
+static void c_timeouts_before_connect(void) {
+    int l = listener();
+    struct timeval tv = {.tv_sec = 0, .tv_usec = 300000};
+    CHECK(setsockopt(l, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0);
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    CHECK(c >= 0);
+    CHECK(setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) == 0);
+    CHECK(setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) == 0);
+    CHECK(connect(c, (struct sockaddr *)&listen_addr, sizeof listen_addr) == 0);
+    int s = accept(l, NULL, NULL);
+    CHECK(s >= 0);
+    close(l);
+    C = c;
+    S = s;
+    exchange(C, S);
+    int fds[2] = {C, S};
+    for (int i = 0; i < 2; i++) {
+        struct timeval got = {0, 0};
+        socklen_t len = sizeof got;
+        CHECK(getsockopt(fds[i], SOL_SOCKET, SO_RCVTIMEO, &got, &len) == 0);
+        char b[8];
+        double t0 = now_ms();
+        ssize_t n = read(fds[i], b, sizeof b);
+        double took = now_ms() - t0;
+        printf("%s: SO_RCVTIMEO %ld ms, read %s after the timeout=%d\n", i ? "server" : "client",
+               (long)(got.tv_sec * 1000 + got.tv_usec / 1000), res(n), took >= 250 && took < 3000);
+    }
+    struct timeval got = {0, 0};
+    socklen_t len = sizeof got;
+    CHECK(getsockopt(C, SOL_SOCKET, SO_SNDTIMEO, &got, &len) == 0);
+    printf("client: SO_SNDTIMEO %ld ms\n", (long)(got.tv_sec * 1000 + got.tv_usec / 1000));
+    sync_point();
+}
+
 static void c_ioctls(void) {
     fresh_pair(&C, &S);
     int n = -1;
@@ -372,6 +408,7 @@ int main(int argc, char **argv) {
         {"names", c_names},
         {"addresses", c_addresses},
         {"sockopts", c_sockopts},
+        {"timeouts_before_connect", c_timeouts_before_connect},
         {"ioctls", c_ioctls},
         {"fcntl", c_fcntl},
         {"nb_connect", c_nb_connect},

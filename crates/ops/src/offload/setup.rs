@@ -490,6 +490,38 @@ pub(super) fn swap_in(fd: i32, app: i32, nonblock: bool, cloexec: bool) -> Resul
             (fl & !libc::O_NONBLOCK) as i64
         },
     );
+    // Blocking calls block on the app end, so the timeouts set before `connect` (or inherited
+    // from the listener by `accept`) go with it. Until 2026-11-27 they stayed on the shadow:
+    // a receive or send waited for ever, and getsockopt said 0.
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        let mut tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        };
+        let mut len = std::mem::size_of::<libc::timeval>() as libc::socklen_t;
+        // SAFETY: valid pointers for one timeval, on our own fds.
+        unsafe {
+            if libc::syscall(
+                libc::SYS_getsockopt,
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &mut tv as *mut libc::timeval,
+                &mut len as *mut libc::socklen_t,
+            ) == 0
+                && (tv.tv_sec != 0 || tv.tv_usec != 0)
+            {
+                libc::syscall(
+                    libc::SYS_setsockopt,
+                    app,
+                    libc::SOL_SOCKET,
+                    opt,
+                    &tv as *const libc::timeval,
+                    len,
+                );
+            }
+        }
+    }
     // SAFETY: dup3 replaces fd atomically: no instant exists where the number is free.
     let rc = unsafe {
         libc::syscall(
