@@ -71,13 +71,19 @@ extern "C" fn child() {
 /// parent's copy went back to TCP after its timeout, and the parent would wait forever for
 /// replies that went over SDP to the child. Runs before the child's progress thread
 /// re-registers the parent's watches; the child's copy falls back to TCP on its own timer.
+///
+/// The bytes the parent wrote while pending, and a shutdown it made then, are the parent's
+/// to deliver too: the child's copy forgets them, or its own fallback would send them on the
+/// TCP socket both share a second time (and shut it under the parent).
 fn leave_pending_to_parent() {
     for (_, conn) in crate::offload::snapshot() {
         let mut g = conn.lock();
-        if matches!(g.phase, crate::offload::Phase::Pending { .. })
-            && let Some(t) = g.endpoint.take()
-        {
-            crate::progress::unregister(t);
+        if let crate::offload::Phase::Pending { sendbuf, shut_wr } = &mut g.phase {
+            sendbuf.clear();
+            *shut_wr = false;
+            if let Some(t) = g.endpoint.take() {
+                crate::progress::unregister(t);
+            }
         }
     }
 }
