@@ -263,6 +263,22 @@ pub fn int_option(fd: i32, level: i32, name: i32) -> Option<i32> {
     (rc == 0).then_some(v)
 }
 
+/// Sets an int-valued socket option of `fd` (`setsockopt`); whether the call succeeded.
+pub fn set_int_option(fd: i32, level: i32, name: i32, v: i32) -> bool {
+    // SAFETY: `v` lives across the call; the kernel reads one int.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_setsockopt,
+            fd,
+            level,
+            name,
+            &v as *const libc::c_int,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
 /// Closes a descriptor of the library's (and forgets it as one, [`mark_internal`]).
 pub fn close(fd: i32) {
     ib_verbs::sys::internal::unmark(fd);

@@ -962,19 +962,9 @@ pub fn new_pair() -> Result<(i32, i32), Errno> {
     }
     let app = crate::sys::move_high(sv[0]);
     let bell = crate::sys::move_high(sv[1]);
-    let small: libc::c_int = 1;
     for fd in [app, bell] {
-        // SAFETY: setting a buffer size on our own socket; the kernel clamps it to its minimum.
-        unsafe {
-            libc::syscall(
-                libc::SYS_setsockopt,
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                &small as *const _,
-                std::mem::size_of::<libc::c_int>(),
-            )
-        };
+        // The kernel clamps it to its minimum.
+        crate::sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 1);
     }
     Ok((app, bell))
 }

@@ -1255,10 +1255,17 @@ fn send_pending_bytes(shadow: i32, buf: &[u8]) {
     }
     let mut off = send_some(shadow, buf, libc::MSG_DONTWAIT);
     if off < buf.len() {
-        let was = sndbuf(shadow);
+        // As the kernel reports it: twice what was set.
+        let was = sys::int_option(shadow, libc::SOL_SOCKET, libc::SO_SNDBUF).unwrap_or(0);
         // Room for the rest beside what is queued (the kernel doubles what it is given, and
         // counts its own overhead in it).
-        set_sndbuf(shadow, buf.len() - off + was.max(0) as usize);
+        let room = (buf.len() - off).saturating_add(was.max(0) as usize);
+        sys::set_int_option(
+            shadow,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            room.min(i32::MAX as usize) as i32,
+        );
         off += send_some(shadow, &buf[off..], libc::MSG_DONTWAIT);
         if off < buf.len() {
             sdp_log!(
@@ -1280,7 +1287,7 @@ fn send_pending_bytes(shadow: i32, buf: &[u8]) {
                 );
             }
         }
-        set_sndbuf(shadow, (was / 2).max(1) as usize);
+        sys::set_int_option(shadow, libc::SOL_SOCKET, libc::SO_SNDBUF, (was / 2).max(1));
     }
 }
 
@@ -1312,39 +1319,6 @@ fn send_some(shadow: i32, buf: &[u8], flags: i32) -> usize {
     off
 }
 
-/// SO_SNDBUF as the kernel reports it (twice what was set).
-fn sndbuf(fd: i32) -> i32 {
-    let mut v: i32 = 0;
-    let mut len = std::mem::size_of::<i32>() as libc::socklen_t;
-    // SAFETY: valid pointers for one int.
-    unsafe {
-        libc::syscall(
-            libc::SYS_getsockopt,
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            &mut v as *mut i32,
-            &mut len as *mut libc::socklen_t,
-        )
-    };
-    v
-}
-
-fn set_sndbuf(fd: i32, bytes: usize) {
-    let v = bytes.min(i32::MAX as usize) as i32;
-    // SAFETY: setsockopt on our own socket with a value that lives across the call.
-    unsafe {
-        libc::syscall(
-            libc::SYS_setsockopt,
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            &v as *const i32,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-}
-
 /// How long the last close, or the exit, of a pending connection may wait for the kernel to
 /// take the bytes its application wrote (only a server that stopped reading makes it wait).
 const PENDING_HANDOVER_LIMIT: Duration = Duration::from_secs(1);
@@ -1371,16 +1345,9 @@ pub(super) fn hand_pending_to_kernel(g: &mut Inner) {
         tv_sec: PENDING_HANDOVER_LIMIT.as_secs() as libc::time_t,
         tv_usec: 0,
     };
-    // SAFETY: setsockopt on our own socket with values that live across the calls.
+    sys::set_int_option(g.shadow, libc::SOL_SOCKET, libc::SO_SNDBUF, room);
+    // SAFETY: setsockopt on our own socket with a value that lives across the call.
     unsafe {
-        libc::syscall(
-            libc::SYS_setsockopt,
-            g.shadow,
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            &room as *const i32,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        );
         libc::syscall(
             libc::SYS_setsockopt,
             g.shadow,
