@@ -958,6 +958,36 @@ fn exit_right_after_writing_delivers_every_byte() {
     );
 }
 
+/// `fclose` of a stream opened with `fdopen(fd, "w")` on an offloaded socket closes the
+/// connection after its bytes, and frees the number (it was taken for the old connection).
+#[test]
+fn fclose_of_a_stdio_stream_on_the_socket_closes_the_connection() {
+    let out = semantics("lifetime", "fclose", 2);
+    assert_lines(
+        &out,
+        &[
+            "peer read \"through stdio\", then 0",
+            "the next file takes the number: 1",
+            "and writes to the file: 1 size=1",
+        ],
+    );
+}
+
+/// A process that exits with bytes it never read resets its connection (the peer reads
+/// ECONNRESET), and one that exits with its answer in a stdio stream on the socket still
+/// delivers it.
+#[test]
+fn exit_with_unread_bytes_resets_and_exit_flushes_a_stdio_stream() {
+    let out = semantics("lifetime", "exit_unread", 2);
+    assert_lines(
+        &out,
+        &[
+            "read after the peer exited with bytes unread: -1 ECONNRESET",
+            "the exited peer's stdio answer: \"an answer through stdio\", then 0",
+        ],
+    );
+}
+
 #[test]
 fn exec_right_after_writing_delivers_every_byte() {
     let out = semantics("lifetime", "exec_unsent", 2);

@@ -160,6 +160,34 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     unsafe { real::close(fd) }
 }
 
+/// A stdio stream on a socket (`fdopen`) closes its fd with the C library's internal `close`,
+/// which no preload sees: the library would keep the connection (the peer never read end of
+/// stream) and the fd number marked as offloaded, so the program's next file of that number
+/// had its reads and writes taken for the old connection. The stream is flushed first (its
+/// bytes reach the app end, and the library's close sends them), then closed as `close`
+/// closes. Until 2026-11-27 `fclose` of an `fdopen(fd, "w")` stream did that.
+///
+/// # Safety
+/// As `fclose(3)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn fclose(stream: *mut libc::c_void) -> c_int {
+    ops::offload::setup::forget_stream(stream as usize);
+    if !stream.is_null() && ops::offload::any_bound() {
+        // SAFETY: fclose's contract: a valid stream.
+        let fd = unsafe { libc::fileno(stream.cast()) };
+        if fd >= 0 && !internal::contains(fd) && is_tracked(fd) {
+            // SAFETY: as above.
+            unsafe { libc::fflush(stream.cast()) };
+            if ops::offload::lazy::pending() {
+                ops::offload::lazy::flush_fd(fd);
+            }
+            set_gone(fd);
+            switch(|| sw::close(fd));
+        }
+    }
+    unsafe { real::fclose(stream) }
+}
+
 /// `fd` is closed or replaced: an epoll set it named, and its registrations, are forgotten by
 /// the library (`ops::offload::quiet`). One load when no set is mirrored.
 fn set_gone(fd: c_int) {

@@ -337,6 +337,14 @@ pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut libc::c_
         let m = unsafe { std::ffi::CStr::from_ptr(mode) }.to_bytes();
         if m.first() == Some(&b'r') || m.contains(&b'+') {
             crate::guard::switch(|| ops::offload::exec::before_passing(fd));
+        } else {
+            // Written through the C library's internal `write`: flushed before the library's
+            // exit-time delivery (`ops::offload::setup::flush_at_exit`).
+            let f = unsafe { real::fdopen(fd, mode) };
+            if !f.is_null() {
+                crate::guard::switch(|| ops::offload::setup::note_stream(f as usize));
+            }
+            return f;
         }
     }
     unsafe { real::fdopen(fd, mode) }
@@ -362,7 +370,7 @@ pub unsafe extern "C" fn vfork() -> pid_t {
 pub unsafe extern "C" fn _exit(status: c_int) -> ! {
     if ops::state::try_globals().is_some_and(|g| g.active) {
         crate::guard::switch(|| {
-            ops::offload::setup::flush_at_exit();
+            ops::offload::setup::end_of_image();
             ops::stats::remove_own();
         });
     }

@@ -293,6 +293,97 @@ static void c_exit_unsent(void) {
     printf("peer got %zu of %u bytes, all in order: %d, then eof\n", got, UNSENT, same);
 }
 
+/* A process that exits with bytes it never read (its own connection, made after any fork)
+ * resets the connection, as its last close would: the peer's read fails with ECONNRESET.
+ * And one that exits with its answer still in a stdio stream on the socket (fdopen "w", no
+ * fclose): the C library flushes the stream after the atexit handlers, and the peer gets
+ * the answer, then end of stream. Until 2026-11-27 the first peer read end of stream, and
+ * the second lost the answer with the process. */
+static void c_exit_unread(void) {
+    for (int stdio = 0; stdio < 2; stdio++) {
+        int l = listener();
+        int go[2];
+        CHECK(pipe(go) == 0);
+        pid_t k = fork();
+        CHECK(k >= 0);
+        if (k == 0) {
+            close(go[1]);
+            int c = connect_to(&listen_addr);
+            write_all(c, "hi", 2);
+            char b;
+            CHECK(read(go[0], &b, 1) == 1);
+            if (stdio) {
+                FILE *f = fdopen(c, "w");
+                CHECK(f != NULL);
+                fprintf(f, "an answer through stdio\n");
+            } else {
+                int n = 0;
+                while (ioctl(c, FIONREAD, &n) == 0 && n == 0) sleep_ms(5);
+            }
+            exit(0);
+        }
+        close(go[0]);
+        int s = accept(l, NULL, NULL);
+        CHECK(s >= 0);
+        close(l);
+        char b[64];
+        read_all(s, b, 2);
+        if (!stdio) {
+            write_all(s, "0123456789", 10);
+            sync_point();
+        }
+        CHECK(write(go[1], "g", 1) == 1);
+        if (stdio) {
+            size_t got = 0;
+            ssize_t n;
+            while ((n = read(s, b + got, sizeof b - 1 - got)) > 0) got += (size_t)n;
+            b[got] = 0;
+            printf("the exited peer's stdio answer: \"%.*s\", then %s\n", (int)(got ? got - 1 : 0),
+                   b, res(n));
+        } else {
+            printf("read after the peer exited with bytes unread: %s\n", res(read(s, b, sizeof b)));
+        }
+        int st;
+        CHECK(waitpid(k, &st, 0) == k);
+        close(s);
+        close(go[1]);
+    }
+}
+
+/* fclose of a stdio stream opened for writing on the socket: the peer reads what it wrote,
+ * then end of stream, and the number is free for the program's next file. */
+static void c_fclose(void) {
+    fresh_pair(&C, &S);
+    int num = C;
+    FILE *f = fdopen(C, "w");
+    CHECK(f != NULL);
+    fprintf(f, "through stdio\n");
+    sync_point();
+    CHECK(fclose(f) == 0);
+    char b[64];
+    size_t got = 0;
+    ssize_t n;
+    while ((n = read(S, b + got, sizeof b - 1 - got)) > 0) got += (size_t)n;
+    printf("peer read \"%.*s\", then %s\n", (int)(got ? got - 1 : 0), b, res(n));
+    char path[] = "/tmp/sem-fclose-XXXXXX";
+    int t = mkstemp(path);
+    CHECK(t >= 0);
+    /* Lower free numbers are taken first, so that a file gets the socket's old number. */
+    int held[64], nheld = 0;
+    while (t < num && nheld < 64) {
+        held[nheld++] = t;
+        t = open(path, O_RDWR);
+        CHECK(t >= 0);
+    }
+    unlink(path);
+    for (int i = 0; i < nheld; i++) close(held[i]);
+    printf("the next file takes the number: %d\n", t == num);
+    ssize_t w = write(t, "x", 1);
+    printf("and writes to the file: %s size=%ld\n", res(w), (long)lseek(t, 0, SEEK_END));
+    close(t);
+    close(S);
+}
+
 /* Reads what `s` delivers until end of stream, and says it. */
 static void drain_and_say(const char *who, int s) {
     char b[256];
@@ -688,6 +779,8 @@ int main(int argc, char **argv) {
         {"many", c_many},
         {"dup3", c_dup3},
         {"exit_unsent", c_exit_unsent},
+        {"exit_unread", c_exit_unread},
+        {"fclose", c_fclose},
         {"exec_unsent", c_exec_unsent},
         {"gone_before_accept", c_gone_before_accept},
         {"linger0", c_linger0},

@@ -1707,6 +1707,14 @@ pub fn close(fd: i32) {
     if std::mem::take(&mut g.quiet_set) || (g.quiet_entry.is_some() && !g.armed) {
         g.sync();
     }
+    // What the application wrote behind the hooks' back (a stdio stream flushed by `fclose`)
+    // goes ahead of the close, as the kernel has it before the FIN. Not in a process that
+    // shares the connection since a fork: there a sync could take the ring from the process
+    // that uses it.
+    if !g.forked && matches!(&g.phase, Phase::Offloaded(s) if s.is_current()) {
+        g.take_stray_bytes();
+        g.sync();
+    }
     // After a fork another process may hold the connection (a forked server child, the parent
     // that keeps listening): then closing our copy must not touch the rings, whose next message
     // belongs to the holder. The peer learns of the last close from the kernel (its copy of
@@ -1852,16 +1860,86 @@ fn linger(conn: Arc<Conn>) {
 
 static LINGERING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// At normal process exit, and before an exec: the process lingers (bounded) until the bytes
-/// its open and closed connections accepted are delivered (DESIGN §7).
+/// At normal process exit (`atexit`): the C library flushes its stdio streams only after the
+/// atexit handlers, so a stream opened on an offloaded socket (`fdopen(fd, "w")`, never
+/// closed) is flushed first, into the app end (its bytes are stray bytes, taken by
+/// [`end_of_image`]). Only those streams, and only one whose lock is free: `fflush(NULL)`
+/// waits for every stream's lock, and a fork child whose parent had another thread inside
+/// `printf` at the fork hung there (`tests/faults.rs`, `fork_while_...`, 1 run in 6 on a
+/// loaded machine); the C library's own exit-time flush takes no lock.
 pub extern "C" fn flush_at_exit() {
+    unsafe extern "C" {
+        fn ftrylockfile(f: *mut libc::FILE) -> libc::c_int;
+        fn fflush_unlocked(f: *mut libc::FILE) -> libc::c_int;
+        fn funlockfile(f: *mut libc::FILE);
+    }
+    let streams: Vec<usize> = STREAMS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for f in streams {
+        let f = f as *mut libc::FILE;
+        // SAFETY: a stream `fdopen` returned and `fclose` did not end (`note_stream`).
+        unsafe {
+            if ftrylockfile(f) == 0 {
+                fflush_unlocked(f);
+                funlockfile(f);
+            }
+        }
+    }
+    end_of_image();
+}
+
+/// Streams opened for writing on offloaded sockets (`fdopen`), for [`flush_at_exit`].
+static STREAMS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+/// Whether [`STREAMS`] may hold anything (one load for every `fclose` of other streams).
+static ANY_STREAMS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `fdopen` made `stream` on an offloaded socket, for writing.
+pub fn note_stream(stream: usize) {
+    STREAMS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(stream);
+    ANY_STREAMS.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// `fclose` ends `stream` (whatever it was opened on: the list must never keep a freed one).
+pub fn forget_stream(stream: usize) {
+    if ANY_STREAMS.load(std::sync::atomic::Ordering::Acquire) {
+        STREAMS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&s| s != stream);
+    }
+}
+
+/// When the process ends (exit, `_exit`) or its image does (exec), the connections it still
+/// holds end as their last close would (DESIGN §7): one with bytes the application never
+/// read, or with SO_LINGER 0, resets the peer; the others deliver (bounded: the process
+/// lingers up to 2 s) what their application sent, stdio writes the hooks never saw
+/// included. Before 2026-11-27 the first gave the peer a clean end of stream, and the stray
+/// bytes were lost.
+pub fn end_of_image() {
     let deadline = Instant::now() + Duration::from_secs(2);
     for (_, conn) in super::snapshot() {
         let mut g = conn.lock();
-        if let Phase::Offloaded(s) = &mut g.phase
-            && s.is_current()
-        {
-            s.flush(deadline.saturating_duration_since(Instant::now()));
+        let current = matches!(&g.phase, Phase::Offloaded(s) if s.is_current());
+        if current {
+            // As `close`: after a fork another process may hold the connection, and a sync
+            // here could take the ring from the process that uses it.
+            let last = !g.forked;
+            if last {
+                // Stray bytes go into the stream at the next sync.
+                g.take_stray_bytes();
+                g.sync();
+            }
+            let linger0 = last && linger_zero(g.shadow);
+            if let Phase::Offloaded(s) = &mut g.phase {
+                if last && (linger0 || s.unread()) {
+                    s.abort();
+                } else {
+                    s.flush(deadline.saturating_duration_since(Instant::now()));
+                }
+            }
         } else if matches!(g.phase, Phase::Pending { .. }) && !g.forked {
             hand_pending_to_kernel(&mut g);
         }
