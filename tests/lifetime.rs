@@ -175,7 +175,8 @@ fn a_program_execd_on_an_inherited_listener_neither_stalls_nor_stays_off_sdp() {
 /// A pending connection goes back to TCP (the server is a program without the preload on an
 /// inherited listener) after its client wrote: a blocking client blocked on the full pending
 /// buffer wakes, a non-blocking one with a small send buffer loses nothing, a shutdown made
-/// while pending reaches the server; every byte arrives once.
+/// while pending reaches the server; every byte arrives once. And a client that replaces the
+/// fd of such a connection (dup2) ends it.
 #[test]
 fn writes_and_shutdowns_made_while_pending_reach_a_tcp_server_once() {
     let out = run_case_anywhere("fallback-while-writing");
@@ -184,6 +185,7 @@ fn writes_and_shutdowns_made_while_pending_reach_a_tcp_server_once() {
         "blocked writer: the server got every byte once: True",
         "non-blocking writer: the server got every byte once: True",
         "shutdown while pending: the server got every byte once: True",
+        "fd replaced after the fallback: the server read end of stream: True",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }

@@ -284,7 +284,12 @@ pub fn close(fd: i32) {
 
 /// After a successful dup of a tracked fd (or onto one).
 pub fn dup(old: i32, new: i32) {
-    let new_was_offloaded = fdtable::get(new).has(Meta::OFFLOADED);
+    // A connection that went back to TCP (`setup::swap_back`) is no longer OFFLOADED but
+    // still holds its private sockets until its last fd goes, as for `close`: a dup2 over
+    // its fd is that fd's close (before 2026-11-27 the library's copy of the socket stayed,
+    // and the peer never got a FIN).
+    let new_was_offloaded =
+        fdtable::get(new).has(Meta::OFFLOADED) || crate::offload::lookup(new).is_some();
     let old_offloaded = fdtable::get(old).has(Meta::OFFLOADED);
     if new_was_offloaded || old_offloaded {
         crate::offload::setup::on_dup(old, new);
