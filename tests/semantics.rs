@@ -958,6 +958,18 @@ fn exit_right_after_writing_delivers_every_byte() {
     );
 }
 
+/// A `dup2` over a socket registered in an epoll set removes it from the set, as its close
+/// does (the registration stayed on the library's copy of the app end, reporting the old
+/// connection's bytes).
+#[test]
+fn dup2_over_a_socket_in_an_epoll_set_removes_it() {
+    let out = semantics("lifetime", "dup2_epoll", 2);
+    assert_lines(
+        &out,
+        &["before: 1 event(s)", "after a dup2 over it: 0 event(s)"],
+    );
+}
+
 /// `fclose` of a stream opened with `fdopen(fd, "w")` on an offloaded socket closes the
 /// connection after its bytes, and frees the number (it was taken for the old connection).
 #[test]

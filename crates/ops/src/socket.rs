@@ -282,6 +282,18 @@ pub fn close(fd: i32) {
     on_close(fd);
 }
 
+/// Before `dup2`/`dup3` of `old` over `new`: a connection `new` names loses the epoll
+/// registrations made through `new` now, as the kernel drops them with the file it replaces
+/// (after the replacement they could no longer be removed by number: the library's copy of
+/// the app end kept them, reporting the old connection).
+pub fn before_replace(old: i32, new: i32) {
+    if let Some(conn) = crate::offload::lookup(new)
+        && crate::offload::lookup(old).is_none_or(|c| !std::sync::Arc::ptr_eq(&c, &conn))
+    {
+        crate::offload::setup::forget_epoll_of(new);
+    }
+}
+
 /// After a successful dup of a tracked fd (or onto one).
 pub fn dup(old: i32, new: i32) {
     // A connection that went back to TCP (`setup::swap_back`) is no longer OFFLOADED but

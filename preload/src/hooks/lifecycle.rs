@@ -358,6 +358,9 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
     }
     if old != new {
         set_gone(new);
+        if is_tracked(new) {
+            switch(|| sw::before_replace(old, new));
+        }
     }
     after_dup(old, unsafe { real::dup2(old, new) })
 }
@@ -371,6 +374,9 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     }
     if old != new {
         set_gone(new);
+        if is_tracked(new) {
+            switch(|| sw::before_replace(old, new));
+        }
     }
     after_dup(old, unsafe { real::dup3(old, new, flags) })
 }

@@ -384,6 +384,34 @@ static void c_fclose(void) {
     close(S);
 }
 
+/* dup2 over a socket registered in an epoll set: the set forgets it with the file, as
+ * for its close, also while the connection still delivers what the socket queued (it
+ * lingers) and its peer writes more. */
+static void c_dup2_epoll(void) {
+    fresh_pair(&C, &S);
+    int ep = epoll_create1(0);
+    CHECK(ep >= 0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 42};
+    CHECK(epoll_ctl(ep, EPOLL_CTL_ADD, S, &ev) == 0);
+    write_all(C, "read", 4);
+    struct epoll_event out[4];
+    printf("before: %d event(s)\n", epoll_wait(ep, out, 4, 1000));
+    char b[4];
+    read_all(S, b, 4);
+    static char chunk[65536];
+    fill_until_eagain(S, chunk, sizeof chunk);
+    sync_point();
+    int null = open("/dev/null", O_RDWR);
+    CHECK(null >= 0);
+    CHECK(dup2(null, S) == S);
+    close(null);
+    write_all(C, "late", 4);
+    printf("after a dup2 over it: %d event(s)\n", epoll_wait(ep, out, 4, 300));
+    close(S);
+    close(C);
+    close(ep);
+}
+
 /* Reads what `s` delivers until end of stream, and says it. */
 static void drain_and_say(const char *who, int s) {
     char b[256];
@@ -781,6 +809,7 @@ int main(int argc, char **argv) {
         {"exit_unsent", c_exit_unsent},
         {"exit_unread", c_exit_unread},
         {"fclose", c_fclose},
+        {"dup2_epoll", c_dup2_epoll},
         {"exec_unsent", c_exec_unsent},
         {"gone_before_accept", c_gone_before_accept},
         {"linger0", c_linger0},

@@ -1653,9 +1653,9 @@ impl Accepted {
 // ---------------------------------------------------------------------------------------------
 // Lifetime.
 
-/// `close` of an offloaded fd: the connection ends when its last fd in this process goes
-/// (other processes holding it after fork keep it alive, as the kernel does for TCP).
-pub fn close(fd: i32) {
+/// The application's epoll registrations made through `fd`, which is being closed or replaced
+/// (`dup2` over it: before the kernel's, whose replacement the registrations would outlive).
+pub fn forget_epoll_of(fd: i32) {
     if let Some(conn) = super::lookup(fd) {
         // LINUX: closing a socket's last fd removes its epoll registrations. Our private copies
         // keep the app end's file open, so remove the registrations made through this fd: those
@@ -1697,6 +1697,12 @@ pub fn close(fd: i32) {
             }
         }
     }
+}
+
+/// `close` of an offloaded fd: the connection ends when its last fd in this process goes
+/// (other processes holding it after fork keep it alive, as the kernel does for TCP).
+pub fn close(fd: i32) {
+    forget_epoll_of(fd);
     let Some(conn) = super::unbind_fd(fd) else {
         return;
     };
