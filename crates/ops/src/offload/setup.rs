@@ -1713,14 +1713,6 @@ pub fn close(fd: i32) {
     if std::mem::take(&mut g.quiet_set) || (g.quiet_entry.is_some() && !g.armed) {
         g.sync();
     }
-    // What the application wrote behind the hooks' back (a stdio stream flushed by `fclose`)
-    // goes ahead of the close, as the kernel has it before the FIN. Not in a process that
-    // shares the connection since a fork: there a sync could take the ring from the process
-    // that uses it.
-    if !g.forked && matches!(&g.phase, Phase::Offloaded(s) if s.is_current()) {
-        g.take_stray_bytes();
-        g.sync();
-    }
     // After a fork another process may hold the connection (a forked server child, the parent
     // that keeps listening): then closing our copy must not touch the rings, whose next message
     // belongs to the holder. The peer learns of the last close from the kernel (its copy of
@@ -1729,21 +1721,11 @@ pub fn close(fd: i32) {
         Phase::Offloaded(s) => s.is_current(),
         _ => false,
     };
-    // Only the last close resets, and after a fork another process may hold the connection:
-    // then its close never resets (and never takes bytes off the ring, which belong to
-    // whichever process reads next).
-    let last = current && !g.forked;
+    let resets = last_close_resets(&mut g);
     if !g.forked {
         hand_pending_to_kernel(&mut g);
     }
-    let linger0 = last && linger_zero(g.shadow);
-    if last
-        && let Phase::Offloaded(s) = &mut g.phase
-        && (linger0 || s.unread())
-    {
-        // LINUX: SO_LINGER 0, or a close with bytes the application never read, resets the
-        // connection (RST): queued sends are dropped and the peer reports ECONNRESET.
-        s.abort();
+    if resets {
         g.release();
         return;
     }
@@ -1759,6 +1741,30 @@ pub fn close(fd: i32) {
         }
     }
     g.release();
+}
+
+/// The last close of a connection this process serves, or the end of its image: what the
+/// application wrote behind the hooks' back (a stdio stream flushed by `fclose` or at exit)
+/// goes into the stream first, as the kernel has it before the FIN; then, with SO_LINGER 0 or
+/// bytes the application never read, the connection is reset (LINUX: RST; queued sends are
+/// dropped and the peer reports ECONNRESET), and `true` says so. A connection shared since a
+/// fork is left alone (`false`): another process may hold it, its close never resets, and a
+/// sync here could take the ring from the process that uses it.
+fn last_close_resets(g: &mut Inner) -> bool {
+    if g.forked || !matches!(&g.phase, Phase::Offloaded(s) if s.is_current()) {
+        return false;
+    }
+    g.take_stray_bytes();
+    g.sync();
+    let linger0 = linger_zero(g.shadow);
+    let Phase::Offloaded(s) = &mut g.phase else {
+        return false;
+    };
+    let resets = linger0 || s.unread();
+    if resets {
+        s.abort();
+    }
+    resets
 }
 
 /// Whether the application set SO_LINGER with a zero timeout (on the shadow, which keeps the
@@ -1930,21 +1936,10 @@ pub fn end_of_image() {
         let mut g = conn.lock();
         let current = matches!(&g.phase, Phase::Offloaded(s) if s.is_current());
         if current {
-            // As `close`: after a fork another process may hold the connection, and a sync
-            // here could take the ring from the process that uses it.
-            let last = !g.forked;
-            if last {
-                // Stray bytes go into the stream at the next sync.
-                g.take_stray_bytes();
-                g.sync();
-            }
-            let linger0 = last && linger_zero(g.shadow);
-            if let Phase::Offloaded(s) = &mut g.phase {
-                if last && (linger0 || s.unread()) {
-                    s.abort();
-                } else {
-                    s.flush(deadline.saturating_duration_since(Instant::now()));
-                }
+            if !last_close_resets(&mut g)
+                && let Phase::Offloaded(s) = &mut g.phase
+            {
+                s.flush(deadline.saturating_duration_since(Instant::now()));
             }
         } else if matches!(g.phase, Phase::Pending { .. }) && !g.forked {
             hand_pending_to_kernel(&mut g);
