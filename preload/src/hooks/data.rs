@@ -708,7 +708,7 @@ unsafe fn copy_into_offloaded(
     let mut total = 0usize;
     // A pipe cannot take back what a non-blocking socket refused: its bytes are looked at
     // first (`tee`) and taken once sent.
-    let peek_pipe = pos.is_none() && nonblocking(out_fd) && is_pipe(in_fd) == Ok(true);
+    let peek_pipe = pos.is_none() && od::is_nonblocking(out_fd) && is_pipe(in_fd) == Ok(true);
     while total < count {
         let want = buf.len().min(count - total);
         let n = match pos.as_deref() {
@@ -906,13 +906,6 @@ pub unsafe extern "C" fn splice(
     unsafe { real::splice(fd_in, off_in, fd_out, off_out, len, flags) }
 }
 
-/// Whether `fd`'s file is non-blocking.
-fn nonblocking(fd: c_int) -> bool {
-    // SAFETY: fcntl on an fd number; a bad fd just fails.
-    let fl = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFL) };
-    fl >= 0 && fl & libc::O_NONBLOCK as libc::c_long != 0
-}
-
 /// Copies the first bytes of the pipe `fd` into `buf` without taking them (`tee` into a
 /// pipe of our own, read back): waits for bytes as a read of `fd` would. `None`: our pipe
 /// could not be made, or `tee` failed (errno set).
@@ -922,7 +915,7 @@ fn pipe_peek(fd: c_int, buf: &mut [u8]) -> Option<ssize_t> {
     if unsafe { libc::syscall(libc::SYS_pipe2, p.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
         return None;
     }
-    let flags = if nonblocking(fd) {
+    let flags = if od::is_nonblocking(fd) {
         libc::SPLICE_F_NONBLOCK
     } else {
         0

@@ -150,6 +150,12 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
         ops::sys::set_errno(libc::EBADF);
         return -1;
     }
+    forget(fd);
+    unsafe { real::close(fd) }
+}
+
+/// `fd` is about to be closed (`close`, `fclose`): the library lets go of what it names.
+fn forget(fd: c_int) {
     if ops::offload::lazy::pending() {
         ops::offload::lazy::flush_fd(fd);
     }
@@ -157,7 +163,6 @@ pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     if is_tracked(fd) {
         switch(|| sw::close(fd));
     }
-    unsafe { real::close(fd) }
 }
 
 /// A stdio stream on a socket (`fdopen`) closes its fd with the C library's internal `close`,
@@ -178,11 +183,7 @@ pub unsafe extern "C" fn fclose(stream: *mut libc::c_void) -> c_int {
         if fd >= 0 && !internal::contains(fd) && is_tracked(fd) {
             // SAFETY: as above.
             unsafe { libc::fflush(stream.cast()) };
-            if ops::offload::lazy::pending() {
-                ops::offload::lazy::flush_fd(fd);
-            }
-            set_gone(fd);
-            switch(|| sw::close(fd));
+            forget(fd);
         }
     }
     unsafe { real::fclose(stream) }
@@ -349,10 +350,8 @@ pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
     after_dup(fd, unsafe { real::dup(fd) })
 }
 
-/// # Safety
-/// As `dup2(2)`.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+/// `dup2`/`dup3` of `old` over `new` is about to replace what `new` names.
+fn replacing(old: c_int, new: c_int) {
     if ops::offload::lazy::pending() {
         ops::offload::lazy::flush_fd(new);
     }
@@ -362,6 +361,13 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
             switch(|| sw::before_replace(old, new));
         }
     }
+}
+
+/// # Safety
+/// As `dup2(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    replacing(old, new);
     after_dup(old, unsafe { real::dup2(old, new) })
 }
 
@@ -369,15 +375,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 /// As `dup3(2)`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
-    if ops::offload::lazy::pending() {
-        ops::offload::lazy::flush_fd(new);
-    }
-    if old != new {
-        set_gone(new);
-        if is_tracked(new) {
-            switch(|| sw::before_replace(old, new));
-        }
-    }
+    replacing(old, new);
     after_dup(old, unsafe { real::dup3(old, new, flags) })
 }
 

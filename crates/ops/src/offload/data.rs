@@ -27,7 +27,8 @@ pub fn to_c(r: CResult) -> isize {
     }
 }
 
-fn is_nonblocking(fd: i32) -> bool {
+/// Whether `fd`'s file is non-blocking (O_NONBLOCK).
+pub fn is_nonblocking(fd: i32) -> bool {
     // SAFETY: F_GETFL on an fd number; a closed fd just fails.
     let fl = unsafe { libc::syscall(libc::SYS_fcntl, fd, libc::F_GETFL) } as i32;
     fl >= 0 && fl & libc::O_NONBLOCK != 0
