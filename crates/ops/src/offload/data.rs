@@ -677,7 +677,11 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
                     s.send(&rest, oob)
                 }
             };
-            g.sync();
+            let wanted = total - sent;
+            g.sync_after_send(match r {
+                Ok(n) => n < wanted,
+                Err(e) => e == libc::EAGAIN,
+            });
             crate::sdp_log!(crate::log::TRACE, "send fd {fd} total {total}: {r:?}");
             match r {
                 Ok(n) => {

@@ -785,6 +785,21 @@ impl Inner {
         progressed
     }
 
+    /// `sync` after a send the stream refused bytes of (EAGAIN, or a short count): the
+    /// writer now waits for room, an edge-triggered one (nginx) for an EPOLLOUT edge, which
+    /// only a change of the app end from full to not full gives. So the app end is stuffed
+    /// first, whatever `stuffed` says: the peer may have drained our stuffing already (it
+    /// does when it posts receive buffers) while our send queue was still full, and if this
+    /// sync's progress then finds room, it would leave the app end writable as it was, with
+    /// no edge to come. nginx slept until its send timeout that way, about one download in a
+    /// hundred (`a_writer_refused_after_the_peer_drained_its_stuffing_gets_an_edge`).
+    pub fn sync_after_send(&mut self, refused: bool) {
+        if refused && matches!(self.phase, Phase::Offloaded(_)) {
+            self.stuff();
+        }
+        self.sync();
+    }
+
     /// Fills the app end's send direction so that it polls not-writable.
     fn stuff(&mut self) {
         let fill = [0u8; 4096];

@@ -4,6 +4,7 @@
 //! on a stuffed app end after its ZCopy offer had finished).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::stream::{Counters, Errno, OffloadStream};
@@ -25,6 +26,8 @@ enum Found {
 #[derive(Default)]
 struct Scripted {
     room: bool,
+    /// Room the test gives directly (the send queue moved on credits the peer returned).
+    given: Arc<AtomicBool>,
     data: bool,
     /// Shared with the test, which scripts the next arms.
     script: Arc<Mutex<VecDeque<Found>>>,
@@ -76,7 +79,7 @@ impl OffloadStream for Scripted {
         false
     }
     fn send_ready(&self) -> bool {
-        self.room
+        self.room || self.given.load(Ordering::Relaxed)
     }
     fn recv_queued(&self) -> usize {
         0
@@ -130,8 +133,15 @@ impl OffloadStream for Scripted {
 /// A connection on a fresh app end / bell end pair; returns it, the application's fd and
 /// the stream's script.
 fn connection() -> (Inner, i32, Arc<Mutex<VecDeque<Found>>>) {
+    let (inner, app, script, _) = connection_given();
+    (inner, app, script)
+}
+
+/// [`connection`], and the flag that gives the stream room directly.
+fn connection_given() -> (Inner, i32, Arc<Mutex<VecDeque<Found>>>, Arc<AtomicBool>) {
     let s = Scripted::default();
     let script = s.script.clone();
+    let given = s.given.clone();
     let mut sv = [-1; 2];
     // SAFETY: a valid two-int array for socketpair.
     let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, sv.as_mut_ptr()) };
@@ -150,7 +160,31 @@ fn connection() -> (Inner, i32, Arc<Mutex<VecDeque<Found>>>) {
         None,
         1,
     );
-    (inner, sv[0], script)
+    (inner, sv[0], script, given)
+}
+
+/// An epoll set watching `app` for EPOLLOUT, edge-triggered, as nginx watches its sockets.
+fn edge_triggered_writer(app: i32) -> i32 {
+    // SAFETY: plain epoll calls on fds of ours.
+    let ep = unsafe { libc::epoll_create1(0) };
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLOUT | libc::EPOLLET) as u32,
+        u64: 1,
+    };
+    // SAFETY: as above; `ev` is valid for reads.
+    assert_eq!(
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, app, &mut ev) },
+        0
+    );
+    ep
+}
+
+/// Whether the set reports an EPOLLOUT edge now (and takes it).
+fn edge(ep: i32) -> bool {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: `ev` is valid for one event; no wait.
+    let n = unsafe { libc::epoll_wait(ep, &mut ev, 1, 0) };
+    n == 1 && ev.events & libc::EPOLLOUT as u32 != 0
 }
 
 fn polls(fd: i32, events: i16) -> bool {
@@ -211,26 +245,10 @@ fn data_found_while_the_send_side_arms_makes_the_app_end_readable() {
 #[test]
 fn room_found_while_the_receive_side_arms_is_an_edge_for_an_edge_triggered_writer() {
     let (mut inner, app, script) = connection();
-    // SAFETY: plain epoll calls on fds of ours; `ev` is valid for reads and writes.
-    let ready = |ep: i32| unsafe {
-        let mut ev = libc::epoll_event { events: 0, u64: 0 };
-        let n = libc::epoll_wait(ep, &mut ev, 1, 0);
-        n == 1 && ev.events & libc::EPOLLOUT as u32 != 0
-    };
-    // SAFETY: as above.
-    let ep = unsafe { libc::epoll_create1(0) };
-    let mut ev = libc::epoll_event {
-        events: (libc::EPOLLOUT | libc::EPOLLET) as u32,
-        u64: 1,
-    };
-    // SAFETY: as above.
-    assert_eq!(
-        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, app, &mut ev) },
-        0
-    );
-    assert!(ready(ep), "the first edge: writable");
+    let ep = edge_triggered_writer(app);
+    assert!(edge(ep), "the first edge: writable");
     assert!(
-        !ready(ep),
+        !edge(ep),
         "edge-triggered: no second report without a change"
     );
     // The writer's send found no room (EAGAIN); its sync's receive-side arm finds the
@@ -238,9 +256,37 @@ fn room_found_while_the_receive_side_arms_is_an_edge_for_an_edge_triggered_write
     script.lock().unwrap().extend([Found::Room]);
     inner.sync();
     assert!(
-        ready(ep),
+        edge(ep),
         "room came: the edge-triggered writer must get an EPOLLOUT edge"
     );
+    // SAFETY: our own fd.
+    unsafe { libc::close(ep) };
+    close(&inner, app);
+}
+
+/// The peer drains our stuffing when it posts receive buffers, which may be before our send
+/// queue moved: the writer wakes on that edge, its send is refused (the queue is still full),
+/// and the sync after the send finds room (the queue moved meanwhile). The app end was
+/// writable all along since the peer's drain; unless it is stuffed and drained again, the
+/// writer, edge-triggered, never hears of the room. nginx slept until its send timeout
+/// (60 s) so, about once in a hundred downloads.
+#[test]
+fn a_writer_refused_after_the_peer_drained_its_stuffing_gets_an_edge() {
+    let (mut inner, app, _, room) = connection_given();
+    let ep = edge_triggered_writer(app);
+    inner.sync();
+    assert!(inner.stuffed && !edge(ep), "no room: stuffed, no edge");
+    // The peer posted receive buffers and drained our stuffing; the writer takes the edge.
+    super::drain(inner.own_bell);
+    assert!(edge(ep), "the peer's drain: an edge");
+    // Its send is refused; by the sync after it, the queue moved on and there is room.
+    room.store(true, Ordering::Relaxed);
+    inner.sync_after_send(true);
+    assert!(
+        edge(ep),
+        "room after a refused send: the edge-triggered writer must get an EPOLLOUT edge"
+    );
+    assert!(!inner.stuffed && polls(app, libc::POLLOUT));
     // SAFETY: our own fd.
     unsafe { libc::close(ep) };
     close(&inner, app);
