@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -257,6 +257,19 @@ fn run_client(
     min_bytes: u64,
     open: impl Fn() -> bool,
 ) -> Outcome {
+    run_client_holding(ctx, cmd, what, min_bytes, open, || {})
+}
+
+/// [`run_client`] for a client the test itself holds open (a reader that stops draining it):
+/// `release` lets it go once sampling is over, before waiting for it to end.
+fn run_client_holding(
+    ctx: &Ctx,
+    cmd: Command,
+    what: &str,
+    min_bytes: u64,
+    open: impl Fn() -> bool,
+    release: impl FnOnce(),
+) -> Outcome {
     let mut client = Proc::spawn(cmd, what);
     let deadline = Instant::now() + T;
     while ctx.mode == Mode::Preload && client.running() && Instant::now() < deadline {
@@ -265,7 +278,89 @@ fn run_client(
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+    release();
     client.wait(T)
+}
+
+/// A named pipe a client writes a download into, drained into a file by a thread. With
+/// `hold`, the thread stops after `hold` bytes until released: the client then blocks in
+/// its write with the connection open, however fast the transfer would otherwise end.
+struct HeldPipe {
+    path: PathBuf,
+    read: Arc<std::sync::atomic::AtomicU64>,
+    go: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HeldPipe {
+    fn new(path: PathBuf, out: PathBuf, hold: Option<u64>) -> HeldPipe {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0, "mkfifo");
+        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let go = Arc::new(AtomicBool::new(hold.is_none()));
+        let (r, g, p) = (read.clone(), go.clone(), path.clone());
+        let thread = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut src = fs::File::open(&p).expect("open the pipe");
+            let mut dst = fs::File::create(&out).expect("create the download");
+            let mut buf = vec![0u8; 64 * 1024];
+            let limit = hold.unwrap_or(u64::MAX);
+            loop {
+                let done = r.load(Ordering::Acquire);
+                if done >= limit && !g.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                let want = if g.load(Ordering::Acquire) {
+                    buf.len()
+                } else {
+                    buf.len().min((limit - done) as usize)
+                };
+                let n = src.read(&mut buf[..want]).expect("read the pipe");
+                if n == 0 {
+                    break;
+                }
+                dst.write_all(&buf[..n]).expect("write the download");
+                r.fetch_add(n as u64, Ordering::Release);
+            }
+        });
+        HeldPipe {
+            path,
+            read,
+            go,
+            thread: Some(thread),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        self.read.load(Ordering::Acquire)
+    }
+
+    fn release(&self) {
+        self.go.store(true, Ordering::Release);
+    }
+
+    /// Waits for the drain to end. A client that never opened the pipe (it failed first)
+    /// leaves the thread in its open: opening the write side once lets it see the end.
+    fn finish(mut self) {
+        self.release();
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.path);
+        if let Some(t) = self.thread.take()
+            && let Err(e) = t.join()
+        {
+            std::panic::resume_unwind(e);
+        }
+    }
+}
+
+impl Drop for HeldPipe {
+    fn drop(&mut self) {
+        self.go.store(true, Ordering::Release);
+    }
 }
 
 /// What the SDP run left as evidence.
@@ -616,26 +711,35 @@ fn nginx_serves_curl_over_sdp() {
     let (got, ev) = tcp_then_sdp("nginx + curl", &scratch, |ctx| {
         let server = start_nginx(ctx, &root);
         let url = |n: &str| format!("http://{}/{n}", ctx.addr());
-        // One connection (keep-alive) for all files; the rate limit keeps it open long
-        // enough for the statistics sampling to see it.
+        // One connection (keep-alive) for all files. The big one goes through a pipe the
+        // test stops draining after 1 MB in the SDP run: curl then blocks with the
+        // connection open until its statistics are read, however fast the transfer.
+        let big = HeldPipe::new(
+            ctx.dir.join("big.fifo"),
+            ctx.dir.join("big.bin"),
+            (ctx.mode == Mode::Preload).then_some(1_000_000),
+        );
         let mut curl = ctx.cmd("curl");
-        curl.args([
-            "-sS",
-            "--limit-rate",
-            "2M",
-            "-w",
-            "%{http_code} %{size_download}\n",
-        ]);
+        curl.args(["-sS", "-w", "%{http_code} %{size_download}\n"]);
         for (name, _) in &files {
-            curl.arg("-o").arg(ctx.dir.join(name)).arg(url(name));
+            let out = if *name == "big.bin" {
+                big.path.clone()
+            } else {
+                ctx.dir.join(name)
+            };
+            curl.arg("-o").arg(out).arg(url(name));
         }
         curl.arg("-o").arg("/dev/null").arg(url("missing"));
-        let big = ctx.dir.join("big.bin");
-        // Sampled once the big file is under way: curl's row must show most of a megabyte
-        // (a sample may lag what reached the disk by what one look at sdp stat takes).
-        let c = run_client(ctx, curl, "curl", 500_000, || {
-            fs::metadata(&big).is_ok_and(|m| m.len() >= 1_000_000)
-        });
+        // curl's row must show most of a megabyte (it has read 1 MB off the connection).
+        let c = run_client_holding(
+            ctx,
+            curl,
+            "curl",
+            500_000,
+            || big.bytes() >= 1_000_000,
+            || big.release(),
+        );
+        big.finish();
         let sums: Vec<String> = files
             .iter()
             .map(|(n, _)| sha256(&ctx.dir.join(n)))
