@@ -553,6 +553,16 @@ fn drain(fd: i32) -> usize {
     }
 }
 
+/// Wakes whoever waits for the socket `fd` to be writable (an edge-triggered epoll set gets
+/// its EPOLLOUT edge if it polls writable), without touching its queue. LINUX: setting
+/// SO_SNDBUF calls the socket's write-space callback, which for AF_UNIX wakes the waiters of
+/// a writable socket; the size set is the one it has (the kernel doubles what it is given).
+fn kick_writable(fd: i32) {
+    if let Some(v) = crate::sys::int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF) {
+        crate::sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, v / 2);
+    }
+}
+
 /// Waits (briefly: the peer sends it right after deciding to) for a bell byte on `fd` and
 /// drains it. Returns the bytes drained; 0 if none came (the peer died meanwhile).
 fn wait_and_drain(fd: i32) -> usize {
@@ -786,18 +796,21 @@ impl Inner {
     }
 
     /// `sync` after a send the stream refused bytes of (EAGAIN, or a short count): the
-    /// writer now waits for room, an edge-triggered one (nginx) for an EPOLLOUT edge, which
-    /// only a change of the app end from full to not full gives. So the app end is stuffed
-    /// first, whatever `stuffed` says: the peer may have drained our stuffing already (it
-    /// does when it posts receive buffers) while our send queue was still full, and if this
-    /// sync's progress then finds room, it would leave the app end writable as it was, with
-    /// no edge to come. nginx slept until its send timeout that way, about one download in a
-    /// hundred (`a_writer_refused_after_the_peer_drained_its_stuffing_gets_an_edge`).
+    /// writer now waits for room, an edge-triggered one (nginx) for an EPOLLOUT edge. If this
+    /// sync leaves the app end writable, the writer is told so by a write-space wake-up of
+    /// the app end (`kick_writable`). The app end may have been writable all along: the peer
+    /// drains our stuffing when it posts receive buffers, which can come before our send
+    /// queue moved; the writer woke on that edge, its send was refused (the queue was still
+    /// full), and this sync found room (the queue moved meanwhile). Nothing changed on the
+    /// app end then, and nginx slept until its send timeout, about one download in a hundred
+    /// (`a_writer_refused_after_the_peer_drained_its_stuffing_gets_an_edge`). A stuffing
+    /// drained at once would wake it too, but draining the bell end also discards what stdio
+    /// wrote there and the stray-write watch has not taken yet.
     pub fn sync_after_send(&mut self, refused: bool) {
-        if refused && matches!(self.phase, Phase::Offloaded(_)) {
-            self.stuff();
-        }
         self.sync();
+        if refused && !self.stuffed && matches!(self.phase, Phase::Offloaded(_)) {
+            kick_writable(self.app_int);
+        }
     }
 
     /// Fills the app end's send direction so that it polls not-writable.
