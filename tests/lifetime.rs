@@ -68,6 +68,20 @@ fn closed_connections_leave_no_descriptors() {
     assert!(out.contains("fds grew by: 0"), "{out}");
 }
 
+/// A fork child that only waits in an epoll set (its own, made after the fork) watching the
+/// connection leaves the connection to the parent reading from it: its spin's look at the
+/// set's rings used to progress the connection, consuming the parent's messages and claiming
+/// it, and the parent's next receive failed with EIO.
+#[test]
+fn fork_child_waiting_in_an_epoll_set_leaves_the_connection_to_the_parent() {
+    let out = run_case("fork-child-waits-in-epoll");
+    assert!(out.contains("reader error: none"), "{out}");
+    assert!(
+        out.contains("received all: True pattern intact: True"),
+        "{out}"
+    );
+}
+
 /// Short connections between the same two processes run on the ring of the connection before
 /// (`ib_verbs::shm::reuse`): both processes count the rings they took back, and every reply
 /// is whole although the server left bytes unread in the ring of every third, and when four

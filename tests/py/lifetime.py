@@ -615,6 +615,51 @@ elif CASE == "answer-then-exit-unread":
     got = read_to_eof(c, 100)
     print("writer failed:", res in ("ECONNRESET", "EPIPE"), "reader got:", got)
 
+elif CASE == "fork-child-waits-in-epoll":
+    # A forked child that only waits in an epoll set watching the connection must not take
+    # the connection over while the parent reads from it: its epoll_wait's spin looks at the
+    # set's rings, and must not progress a connection another process serves (consuming the
+    # parent's messages and claiming it: the parent then gets EIO).
+    import errno
+    l, c, s = pair()
+    pid = os.fork()
+    if pid == 0:
+        # A set of its own, made after the fork: the library polls the rings of its sets.
+        ep = select.epoll()
+        ep.register(s.fileno(), select.EPOLLIN)
+        end = time.monotonic() + 2
+        while time.monotonic() < end:
+            ep.poll(0.005)
+        os._exit(0)
+    n = 4 << 20
+    got = bytearray()
+    err = "none"
+
+    def reader():
+        global err
+        try:
+            while len(got) < n:
+                d = s.recv(1 << 16)
+                if not d:
+                    break
+                got.extend(d)
+                time.sleep(0.0005)
+        except OSError as e:
+            err = errno.errorcode[e.errno]
+
+    t = threading.Thread(target=reader)
+    t.start()
+    c.settimeout(20)
+    try:
+        c.sendall(b"\xcd" * n)
+    except OSError:
+        pass  # the reader failed; it says so below
+    t.join(20)
+    print("shm:", on_shm())
+    os.waitpid(pid, 0)
+    print("reader error:", err)
+    print("received all:", len(got) == n, "pattern intact:", got.count(0xCD) == len(got))
+
 elif CASE == "short-connections-reuse-rings":
     # One short connection after another between two processes (a client and a forked
     # server): from the second on, each runs on the ring the one before it used, and every

@@ -13,7 +13,8 @@
 //!   again at once. One of the two always sees the other. A polling set's own look asks for
 //!   what it could miss ([`before_look`]).
 //! - **Other processes.** A connection a fork copied (`Inner::forked`) is never quieted, nor is
-//!   a set that existed at a fork (the sets are forgotten, [`forget_sets`]). An exec or a
+//!   a set that existed at a fork (the sets are forgotten, [`forget_sets`]); a round does not
+//!   even progress one that another process serves (`is_current`). An exec or a
 //!   fork in progress ([`HANDOFF`]) quiets nothing, and asks again for every withdrawn bell
 //!   before it goes on (the exec relay and a fork child wait with their own raw calls).
 //! - **Sets.** Only sets this process made (`epoll_create`) since its last fork are mirrored
@@ -573,8 +574,12 @@ pub fn round(epfd: i32, polls: &Polls, kernel: &[u64], room: usize, out: &mut Ro
             continue;
         };
         if g.every_arrival || g.forked || !s.quiet_while_polling() || !s.is_current() {
-            // Rings as it always did: make what came current on the app end.
+            // Rings as it always did: make what came current on the app end. Not for a
+            // connection another process serves (a fork's, in a set made after the fork):
+            // its progress consumed that process's messages and claimed the connection, and
+            // the other process got EIO.
             if let Phase::Offloaded(s) = &mut g.phase
+                && s.is_current()
                 && s.has_work()
             {
                 g.sync();
