@@ -553,14 +553,14 @@ fn drain(fd: i32) -> usize {
     }
 }
 
-/// Wakes whoever waits for the socket `fd` to be writable (an edge-triggered epoll set gets
-/// its EPOLLOUT edge if it polls writable), without touching its queue. LINUX: setting
-/// SO_SNDBUF calls the socket's write-space callback, which for AF_UNIX wakes the waiters of
-/// a writable socket; the size set is the one it has (the kernel doubles what it is given).
-fn kick_writable(fd: i32) {
-    if let Some(v) = crate::sys::int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF) {
-        crate::sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, v / 2);
-    }
+/// Gives an app end or bell end the smallest send buffer (the kernel clamps 1 to its minimum),
+/// so that stuffing it is cheap. LINUX: setting SO_SNDBUF also calls the socket's write-space
+/// callback, which for AF_UNIX wakes the waiters of a writable socket (an edge-triggered epoll
+/// set gets its EPOLLOUT edge): set again to the same size, it is that wake-up alone, without
+/// touching the queue (`Inner::sync_after_send`). The application's SO_SNDBUF goes to the
+/// shadow, never here.
+fn smallest_send_buffer(fd: i32) {
+    crate::sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 1);
 }
 
 /// Waits (briefly: the peer sends it right after deciding to) for a bell byte on `fd` and
@@ -798,7 +798,7 @@ impl Inner {
     /// `sync` after a send the stream refused bytes of (EAGAIN, or a short count): the
     /// writer now waits for room, an edge-triggered one (nginx) for an EPOLLOUT edge. If this
     /// sync leaves the app end writable, the writer is told so by a write-space wake-up of
-    /// the app end (`kick_writable`). The app end may have been writable all along: the peer
+    /// the app end (`smallest_send_buffer`, the size it has). The app end may have been writable all along: the peer
     /// drains our stuffing when it posts receive buffers, which can come before our send
     /// queue moved; the writer woke on that edge, its send was refused (the queue was still
     /// full), and this sync found room (the queue moved meanwhile). Nothing changed on the
@@ -809,7 +809,7 @@ impl Inner {
     pub fn sync_after_send(&mut self, refused: bool) {
         self.sync();
         if refused && !self.stuffed && matches!(self.phase, Phase::Offloaded(_)) {
-            kick_writable(self.app_int);
+            smallest_send_buffer(self.app_int);
         }
     }
 
@@ -991,8 +991,7 @@ pub fn new_pair() -> Result<(i32, i32), Errno> {
     let app = crate::sys::move_high(sv[0]);
     let bell = crate::sys::move_high(sv[1]);
     for fd in [app, bell] {
-        // The kernel clamps it to its minimum.
-        crate::sys::set_int_option(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, 1);
+        smallest_send_buffer(fd);
     }
     Ok((app, bell))
 }

@@ -570,16 +570,18 @@ pub fn round(epfd: i32, polls: &Polls, kernel: &[u64], room: usize, out: &mut Ro
     for (data, w) in look.list.iter() {
         let Some(c) = w.upgrade() else { continue };
         let mut g = c.lock();
+        // A connection another process serves (a fork's, in a set made after the fork) is
+        // left to it: its progress here consumed that process's messages and claimed the
+        // connection, and the other process got EIO.
         let Phase::Offloaded(s) = &g.phase else {
             continue;
         };
-        if g.every_arrival || g.forked || !s.quiet_while_polling() || !s.is_current() {
-            // Rings as it always did: make what came current on the app end. Not for a
-            // connection another process serves (a fork's, in a set made after the fork):
-            // its progress consumed that process's messages and claimed the connection, and
-            // the other process got EIO.
+        if !s.is_current() {
+            continue;
+        }
+        if g.every_arrival || g.forked || !s.quiet_while_polling() {
+            // Rings as it always did: make what came current on the app end.
             if let Phase::Offloaded(s) = &mut g.phase
-                && s.is_current()
                 && s.has_work()
             {
                 g.sync();
