@@ -131,6 +131,8 @@ pub struct ShmConn {
     app_eof_is_peer_end: bool,
     gen_seen: u64,
     claimed_pid: i32,
+    /// The process's fork count ([`super::reuse::forks`]) at our last claim.
+    forks_seen: u64,
     ino: (u64, u64),
     token: Option<u64>,
     scope: u64,
@@ -191,6 +193,10 @@ impl ShmConn {
             app_eof_is_peer_end: true,
             gen_seen: 0,
             claimed_pid: sys::getpid(),
+            forks_seen: {
+                super::reuse::count_forks();
+                super::reuse::forks()
+            },
             ino: p.ino,
             token: p.token,
             scope: p.scope,
@@ -506,6 +512,7 @@ impl ShmConn {
             Ok(_) => {
                 self.gen_seen += 1;
                 self.claimed_pid = sys::getpid();
+                self.forks_seen = super::reuse::forks();
                 Ok(())
             }
             Err(_) => Err(ConnError::Protocol(Violation::Stolen)),
@@ -514,9 +521,18 @@ impl ShmConn {
 
     /// [`claim`](Self::claim) before a change of the side's state (a post, a consumed
     /// message); a stale process's connection dies here with `Stolen`.
+    ///
+    /// A process that forked claims again at its first change after the fork, although its
+    /// own claim still stands: the child holds a copy of the same state, and must find it
+    /// stale (and fail with `Stolen`) instead of using the positions this change moves on.
+    /// Without it the child's claim succeeded, and its sends went into slots the peer had
+    /// already read (lost) or made the peer reset.
     fn claim_for_mutation(&mut self) -> Result<(), ConnError> {
-        if self.claimed_pid == sys::getpid() && self.is_current() {
-            // Our own previous claim still stands: one atomic load on the hot path.
+        if self.claimed_pid == sys::getpid()
+            && self.forks_seen == super::reuse::forks()
+            && self.is_current()
+        {
+            // Our own previous claim still stands: two atomic loads on the hot path.
             return Ok(());
         }
         self.claim().map_err(|e| self.kill(e))

@@ -151,6 +151,13 @@ fn forget_parents(k: &mut Kept) {
 /// Turns reuse on for this process (libsdp does at start; off by default, because a process
 /// that never calls [`sweep`] would keep dead rings until its cap pushed them out).
 pub fn enable() {
+    count_forks();
+    ENABLED.store(true, Ordering::SeqCst);
+}
+
+/// Registers the fork handlers that count forks (once per process; every ring calls it, since
+/// a claim depends on the count too: [`forks`]).
+pub(crate) fn count_forks() {
     static HANDLER: std::sync::Once = std::sync::Once::new();
     HANDLER.call_once(|| {
         // SAFETY: registering a plain function that lives as long as the process.
@@ -159,7 +166,11 @@ pub fn enable() {
         // when it ends.
         unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_parent), Some(fork_child)) };
     });
-    ENABLED.store(true, Ordering::SeqCst);
+}
+
+/// Forks this process made (or, in a child, its parent's count at the fork, plus one).
+pub(crate) fn forks() -> u64 {
+    FORKS.load(Ordering::SeqCst)
 }
 
 /// Whether a connection being set up may later keep its ring; with the fork count it started
