@@ -82,6 +82,17 @@ fn fork_child_waiting_in_an_epoll_set_leaves_the_connection_to_the_parent() {
     );
 }
 
+/// A parent that goes on using a connection after a fork keeps it, and its child's later send
+/// fails with EIO, as documented: the child's send used to succeed on the ring positions it
+/// copied at the fork, and its bytes were lost without an error.
+#[test]
+fn a_child_sending_after_its_parent_used_the_connection_gets_eio() {
+    let out = run_case("parent-uses-then-child");
+    assert!(out.contains("parent's bytes: b'parent'"), "{out}");
+    assert!(out.contains("child's send: EIO"), "{out}");
+    assert!(out.contains("parent's bytes after: b'again'"), "{out}");
+}
+
 /// Short connections between the same two processes run on the ring of the connection before
 /// (`ib_verbs::shm::reuse`): both processes count the rings they took back, and every reply
 /// is whole although the server left bytes unread in the ring of every third, and when four

@@ -660,6 +660,35 @@ elif CASE == "fork-child-waits-in-epoll":
     print("reader error:", err)
     print("received all:", len(got) == n, "pattern intact:", got.count(0xCD) == len(got))
 
+elif CASE == "parent-uses-then-child":
+    # After a fork the parent goes on using the connection, then the child sends on it.
+    # libsdp cannot share a connection between two processes (docs/ARCHITECTURE.md,
+    # "Lifetime"): the child must get EIO, and the parent and the peer must go on as before.
+    # The child's send used to succeed on the positions it copied at the fork: its bytes went
+    # into slots the peer had read already, and were lost without an error.
+    import errno
+    l, c, s = pair()
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.read(r, 1)
+        try:
+            c.sendall(b"child")
+            res = "sent"
+        except OSError as e:
+            res = errno.errorcode[e.errno]
+        os.write(w2, res.encode())
+        os._exit(0)
+    c.sendall(b"parent")
+    print("parent's bytes:", s.recv(64))
+    os.write(w, b"x")
+    print("child's send:", os.read(r2, 64).decode())
+    os.waitpid(pid, 0)
+    c.sendall(b"again")
+    print("parent's bytes after:", s.recv(64))
+    print("shm:", on_shm())
+
 elif CASE == "short-connections-reuse-rings":
     # One short connection after another between two processes (a client and a forked
     # server): from the second on, each runs on the ring the one before it used, and every
