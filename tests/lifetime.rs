@@ -93,6 +93,23 @@ fn a_child_sending_after_its_parent_used_the_connection_gets_eio() {
     assert!(out.contains("parent's bytes after: b'again'"), "{out}");
 }
 
+/// An EPOLLONESHOT registration that fired while its connection was pending stays disarmed
+/// when the connection goes back to TCP and the registration moves to the kernel socket: the
+/// move used to re-arm it (a second worker of a one-shot server would get the fd the first
+/// still serves).
+#[test]
+fn a_fired_oneshot_registration_stays_disarmed_across_the_fallback_to_tcp() {
+    let out = run_case_anywhere("oneshot-across-fallback");
+    for line in [
+        "first event: True",
+        "back on tcp: True",
+        "events while disarmed: []",
+        "re-armed: True b'hi\\n'",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
 /// Short connections between the same two processes run on the ring of the connection before
 /// (`ib_verbs::shm::reuse`): both processes count the rings they took back, and every reply
 /// is whole although the server left bytes unread in the ring of every third, and when four

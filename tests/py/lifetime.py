@@ -689,6 +689,46 @@ elif CASE == "parent-uses-then-child":
     print("parent's bytes after:", s.recv(64))
     print("shm:", on_shm())
 
+elif CASE == "oneshot-across-fallback":
+    # A client waits for its pending connection in an epoll set with EPOLLONESHOT (a server
+    # that hands each event to one worker thread), takes the event and does not re-arm yet;
+    # then the server turns out to speak TCP (a program without the preload, which greets
+    # first) and the connection goes back to TCP, its registration moved to the kernel
+    # socket. It must stay disarmed: the move used to re-arm it, and a second worker would
+    # have got the fd the first one still served.
+    code = ("import socket, sys, time\n"
+            "l = socket.socket(fileno=int(sys.argv[1]))\n"
+            "s, _ = l.accept()\n"
+            "time.sleep(0.3)\n"
+            "s.sendall(b'hi\\n')\n"
+            "while s.recv(4096): pass\n")
+    plain = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    l = socket.socket()
+    l.bind(("127.0.0.1", 0))
+    l.listen(8)
+    p = subprocess.Popen([sys.executable, "-c", code, str(l.fileno())],
+                         pass_fds=[l.fileno()], env=plain)
+    c = socket.socket()
+    c.connect(l.getsockname())
+    ep = select.epoll()
+    ep.register(c.fileno(), select.EPOLLOUT | select.EPOLLONESHOT)
+    print("first event:", ep.poll(5) == [(c.fileno(), select.EPOLLOUT)])
+
+    def on_tcp():
+        out = subprocess.run([SDP, "stat", "--json"], capture_output=True, text=True).stdout
+        rows = [json.loads(x) for x in out.splitlines() if x.strip()]
+        return any(r.get("pid") == os.getpid() and r.get("transport") == "tcp" for r in rows)
+
+    end = time.monotonic() + 10
+    while not on_tcp() and time.monotonic() < end:
+        time.sleep(0.05)
+    print("back on tcp:", on_tcp())
+    print("events while disarmed:", ep.poll(0.5))
+    ep.modify(c.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+    print("re-armed:", ep.poll(5) == [(c.fileno(), select.EPOLLIN)], c.recv(16))
+    c.close()
+    p.wait()
+
 elif CASE == "short-connections-reuse-rings":
     # One short connection after another between two processes (a client and a forked
     # server): from the second on, each runs on the ring the one before it used, and every

@@ -1124,6 +1124,35 @@ fn watch_peer(conn: &Arc<Conn>, peer_bell: i32) -> Option<u64> {
     )
 }
 
+/// The bits of an epoll registration's events that are flags, not events (the kernel keeps
+/// only these when an EPOLLONESHOT registration fires).
+const ONESHOT_FLAGS: u32 =
+    (libc::EPOLLONESHOT | libc::EPOLLET | libc::EPOLLEXCLUSIVE) as u32 | libc::EPOLLWAKEUP as u32;
+
+/// Whether `fd`'s EPOLLONESHOT registration in the set `epfd` fired and waits to be re-armed.
+/// LINUX: `/proc/self/fdinfo/<epfd>` lists each registration as `tfd: <fd> events: <hex>`,
+/// and a fired one-shot registration keeps only its flag bits there. Unreadable or not
+/// listed: armed, as before.
+fn epoll_fired_oneshot(epfd: i32, fd: i32) -> bool {
+    let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")) else {
+        return false;
+    };
+    oneshot_fired_in(&info, fd)
+}
+
+/// [`epoll_fired_oneshot`] on the text of an epoll set's fdinfo.
+fn oneshot_fired_in(info: &str, fd: i32) -> bool {
+    info.lines().any(|l| {
+        let mut w = l.split_whitespace();
+        w.next() == Some("tfd:")
+            && w.next().and_then(|t| t.parse::<i32>().ok()) == Some(fd)
+            && w.next() == Some("events:")
+            && w.next()
+                .and_then(|e| u32::from_str_radix(e, 16).ok())
+                .is_some_and(|e| e & libc::EPOLLONESHOT as u32 != 0 && e & !ONESHOT_FLAGS == 0)
+    })
+}
+
 /// Pending → TCP: every fd number of the connection names the shadow again; the bytes the
 /// application sent meanwhile go out on TCP first.
 pub fn swap_back(conn: &Arc<Conn>) {
@@ -1178,7 +1207,16 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
     );
     // LINUX: an epoll registration belongs to the open file, not the fd number: take the
     // application's registrations off the app end before the swap, and put them on the kernel
-    // socket after it, with the same events and data.
+    // socket after it, with the same events and data. An EPOLLONESHOT registration that fired
+    // and was not re-armed yet stays disarmed: re-armed, a second thread of a server that
+    // hands each event to one worker would get the fd its first is still serving.
+    let disarmed: Vec<bool> = g
+        .epoll
+        .iter()
+        .map(|&(epfd, efd, events, _, _)| {
+            events & libc::EPOLLONESHOT as u32 != 0 && epoll_fired_oneshot(epfd, efd)
+        })
+        .collect();
     for &(epfd, efd, _, _, _) in &g.epoll {
         // SAFETY: removing a registration the application made.
         unsafe {
@@ -1207,7 +1245,15 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
     // Only now, with every fd number re-pointed: a `poll` that stops waiting in slices when
     // no connection is pending must not start its long wait on an app end about to go.
     g.note_phase();
-    for &(epfd, efd, events, data, _) in &g.epoll {
+    for (&(epfd, efd, events, data, _), &disarmed) in g.epoll.iter().zip(&disarmed) {
+        // Disarmed: only the flags. The kernel adds EPOLLERR and EPOLLHUP to every
+        // registration, so a reset can still report once; a fired registration reports
+        // nothing (what no call can ask for).
+        let events = if disarmed {
+            events & ONESHOT_FLAGS
+        } else {
+            events
+        };
         let mut ev = libc::epoll_event { events, u64: data };
         // SAFETY: re-adding the application's registration on the swapped fd.
         unsafe {
@@ -1994,5 +2040,24 @@ pub fn resolve_pending(conn: &Arc<Conn>) {
             break;
         }
         std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[cfg(test)]
+mod oneshot_tests {
+    use super::oneshot_fired_in;
+
+    /// The lines of an epoll set's fdinfo as Linux 6.1 writes them.
+    const INFO: &str = "pos:\t0\nflags:\t02\nmnt_id:\t15\nino:\t1057\n\
+        tfd:        5 events: 40000001 data:                5  pos:0 ino:2a1 sdev:8\n\
+        tfd:        7 events: 40000000 data:                7  pos:0 ino:2a2 sdev:8\n\
+        tfd:       17 events:       19 data:               11  pos:0 ino:2a3 sdev:8\n";
+
+    #[test]
+    fn a_oneshot_registration_that_fired_shows_only_its_flags() {
+        assert!(!oneshot_fired_in(INFO, 5), "armed: EPOLLIN is still there");
+        assert!(oneshot_fired_in(INFO, 7));
+        assert!(!oneshot_fired_in(INFO, 17), "not one-shot");
+        assert!(!oneshot_fired_in(INFO, 1), "not listed");
     }
 }
