@@ -729,6 +729,46 @@ elif CASE == "oneshot-across-fallback":
     c.close()
     p.wait()
 
+elif CASE == "stdio-child":
+    # A fork child writes through stdio on an inherited connection it never used otherwise
+    # (a C server's `dup2(c, 1); printf(...); exit(0)`: the C library's own write, which no
+    # preload sees) and exits. Its bytes must arrive, whether the parent closed its copy
+    # right after the fork (the child's exit used to leave them in the bell end: only the
+    # process serving a connection reads such bytes, and none served it) or kept it (the
+    # parent's watch sends them, and the parent goes on using its copy).
+    import ctypes
+    libc = ctypes.CDLL(None)
+    for mode in ("parent closed", "parent kept"):
+        l, c, s = pair()
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(0.1)
+            libc.dprintf(c.fileno(), b"hello from the child\n")
+            os._exit(0)
+        if mode == "parent closed":
+            c.close()
+        s.settimeout(5)
+        got = b""
+        try:
+            while not got.endswith(b"\n"):
+                d = s.recv(100)
+                if not d:
+                    break
+                got += d
+        except OSError as e:
+            got += repr(e).encode()
+        if mode == "parent closed":
+            print("shm:", on_shm())
+            try:
+                end = s.recv(100)
+            except OSError as e:
+                end = repr(e).encode()
+            print(mode + ": got", got, "then end of stream:", end == b"")
+        else:
+            c.sendall(b"parent")
+            print(mode + ": got", got, "then the parent's:", s.recv(100))
+        os.waitpid(pid, 0)
+
 elif CASE == "short-connections-reuse-rings":
     # One short connection after another between two processes (a client and a forked
     # server): from the second on, each runs on the ring the one before it used, and every

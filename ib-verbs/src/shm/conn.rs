@@ -144,6 +144,9 @@ pub struct ShmConn {
     handed_out: std::sync::atomic::AtomicBool,
 }
 
+/// The bit of an owner generation that says its owner left the side ([`ShmConn::vacate`]).
+const VACANT: u64 = 1 << 63;
+
 impl std::fmt::Debug for ShmConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShmConn")
@@ -501,14 +504,27 @@ impl ShmConn {
     /// positions, and above us the SDP engine). Only one of them may go on: each use bumps a
     /// shared generation, and a process whose last-seen generation is not the current one has
     /// stale state and gets `Err` instead of corrupting the stream.
+    ///
+    /// A side its owner left ([`vacate`](Self::vacate)) at the generation of our copy is ours
+    /// to claim as well.
     pub fn claim(&mut self) -> Result<(), ConnError> {
         let g = self.map.u64_at(Layout::owner_gen(self.side));
-        match g.compare_exchange(
-            self.gen_seen,
-            self.gen_seen + 1,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
+        let claimed = g
+            .compare_exchange(
+                self.gen_seen,
+                self.gen_seen + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .or_else(|_| {
+                g.compare_exchange(
+                    self.gen_seen | VACANT,
+                    self.gen_seen + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+            });
+        match claimed {
             Ok(_) => {
                 self.gen_seen += 1;
                 self.claimed_pid = sys::getpid();
@@ -519,20 +535,39 @@ impl ShmConn {
         }
     }
 
+    /// The process serving this side lets go of it for good (its last copy closed) while
+    /// another process forked from it may still hold the connection: marks the side vacant at
+    /// the current generation, so that a holder whose copy is that generation (nobody used
+    /// the connection since the fork) may claim it without a use of its own first (a fork
+    /// child that only wrote through stdio, and exits: [`vacant_for_me`](Self::vacant_for_me)).
+    pub fn vacate(&mut self) {
+        if self.claimed_by_me() {
+            let _ = self
+                .map
+                .u64_at(Layout::owner_gen(self.side))
+                .compare_exchange(
+                    self.gen_seen,
+                    self.gen_seen | VACANT,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+        }
+    }
+
+    /// Whether the process that served this side left it ([`vacate`](Self::vacate)) with the
+    /// state our copy holds: a [`claim`](Self::claim) would succeed.
+    pub fn vacant_for_me(&self) -> bool {
+        self.map
+            .u64_at(Layout::owner_gen(self.side))
+            .load(Ordering::Acquire)
+            == self.gen_seen | VACANT
+    }
+
     /// [`claim`](Self::claim) before a change of the side's state (a post, a consumed
     /// message); a stale process's connection dies here with `Stolen`.
-    ///
-    /// A process that forked claims again at its first change after the fork, although its
-    /// own claim still stands: the child holds a copy of the same state, and must find it
-    /// stale (and fail with `Stolen`) instead of using the positions this change moves on.
-    /// Without it the child's claim succeeded, and its sends went into slots the peer had
-    /// already read (lost) or made the peer reset.
     fn claim_for_mutation(&mut self) -> Result<(), ConnError> {
-        if self.claimed_pid == sys::getpid()
-            && self.forks_seen == super::reuse::forks()
-            && self.is_current()
-        {
-            // Our own previous claim still stands: two atomic loads on the hot path.
+        if self.claimed_pid == sys::getpid() && self.is_current() {
+            // Our own previous claim still stands: one atomic load on the hot path.
             return Ok(());
         }
         self.claim().map_err(|e| self.kill(e))
@@ -552,6 +587,18 @@ impl ShmConn {
                 m.u64_at(Layout::tx_produced(self.side))
                     .load(Ordering::Acquire),
             )
+    }
+
+    /// [`claimed_by_me`](Self::claimed_by_me), and the claim was made since this process's
+    /// last fork. The application's own use of the connection after a fork claims again
+    /// (`ops` asks before each send and receive): the child holds a copy of the same state,
+    /// and must find it stale (and fail with `Stolen`) instead of using the positions this
+    /// process moves on. Without it a child that used the connection after its parent did
+    /// claimed it successfully, and its sends went into slots the peer had read already
+    /// (lost). The progress a process makes in the background does not claim again: a shell
+    /// waiting for the program it started on the connection must leave it to that program.
+    pub fn claimed_since_fork(&self) -> bool {
+        self.forks_seen == super::reuse::forks() && self.claimed_by_me()
     }
 
     /// Whether the calling process made the last claim and nobody claimed since: it serves

@@ -112,7 +112,8 @@ impl Layout {
 
     /// Side `side`'s owner generation: bumped by the process that acts for that side, so that
     /// a process whose private copy of the side's state went stale (another process, forked
-    /// from the same one, used the connection since) can tell (see `ShmConn::claim`).
+    /// from the same one, used the connection since) can tell (see `ShmConn::claim`). Its top
+    /// bit says that the last owner left the side (`ShmConn::vacate`).
     pub fn owner_gen(side: usize) -> usize {
         16 + side * 8
     }

@@ -952,6 +952,13 @@ impl Inner {
             crate::sys::close(self.flush_timer);
             self.flush_timer = -1;
         }
+        if self.forked
+            && let Phase::Offloaded(s) = &mut self.phase
+        {
+            // A process forked from us may hold the connection still: it may take it over
+            // now without a use of its own first (`setup::adopt_vacant`).
+            s.vacate();
+        }
         self.phase = Phase::Tcp;
         self.note_phase();
         for fd in [self.app_int, self.own_bell, self.shadow] {

@@ -839,6 +839,18 @@ impl OffloadStream for SdpShm {
         SdpShm::stale(self)
     }
 
+    fn vacate(&mut self) {
+        self.conn.vacate();
+    }
+
+    fn vacant_for_me(&self) -> bool {
+        self.conn.vacant_for_me()
+    }
+
+    fn claim_vacant(&mut self) -> bool {
+        self.conn.vacant_for_me() && self.conn.claim().is_ok()
+    }
+
     fn owner_generation(&self) -> u64 {
         self.conn.owner_generation()
     }
@@ -881,16 +893,17 @@ impl SdpShm {
     /// Whether another process forked from this one has used the connection since we last
     /// did: our copy of its state is stale (`ShmConn::claim`).
     fn stale(&self) -> bool {
-        !self.conn.claimed_by_me() && !self.conn.is_current()
+        !self.conn.claimed_by_me() && !self.conn.is_current() && !self.conn.vacant_for_me()
     }
 
-    /// Makes this process the connection's owner before the application's send or receive;
-    /// a stale copy fails with EIO (logged once) instead.
+    /// Makes this process the connection's owner before the application's send or receive
+    /// (again after a fork: `ShmConn::claimed_since_fork`); a stale copy fails with EIO
+    /// (logged once) instead.
     fn own_it(&mut self) -> Result<(), Errno> {
         if let Some(e) = self.dead {
             return Err(e);
         }
-        if !self.conn.claimed_by_me()
+        if !self.conn.claimed_since_fork()
             && let Err(e) = self.conn.claim()
         {
             self.transport_died(e);

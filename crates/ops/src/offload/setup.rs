@@ -1759,6 +1759,7 @@ pub fn close(fd: i32) {
     if std::mem::take(&mut g.quiet_set) || (g.quiet_entry.is_some() && !g.armed) {
         g.sync();
     }
+    adopt_vacant(&mut g);
     // After a fork another process may hold the connection (a forked server child, the parent
     // that keeps listening): then closing our copy must not touch the rings, whose next message
     // belongs to the holder. The peer learns of the last close from the kernel (its copy of
@@ -1811,6 +1812,36 @@ fn last_close_resets(g: &mut Inner) -> bool {
         s.abort();
     }
     resets
+}
+
+/// The last close or the end of the image of a connection inherited across a fork, which
+/// the process that served it left (`ShmConn::vacate`: it closed its last copy or exited)
+/// while this process never used it: what this process wrote behind the hooks' back (a fork
+/// child's `dup2(c, 1); printf(...); exit(0)`) goes out, by this process, which takes the
+/// connection over for it. Until 2026-11-27 those bytes stayed in the bell end, the server's
+/// answer lost: only the serving process reads stray bytes, and none served.
+fn adopt_vacant(g: &mut Inner) {
+    if !g.forked || g.stuffed || g.own_bell < 0 {
+        return;
+    }
+    let Phase::Offloaded(s) = &mut g.phase else {
+        return;
+    };
+    if !s.vacant_for_me() || pending_bytes(g.own_bell) == 0 {
+        return;
+    }
+    if s.claim_vacant() {
+        g.take_stray_bytes();
+        g.sync();
+    }
+}
+
+/// Bytes waiting to be read on a socket (FIONREAD); 0 on error.
+fn pending_bytes(fd: i32) -> i32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::syscall(libc::SYS_ioctl, fd, libc::FIONREAD, &mut n as *mut i32) };
+    if r == 0 { n } else { 0 }
 }
 
 /// Whether the application set SO_LINGER with a zero timeout (on the shadow, which keeps the
@@ -1980,12 +2011,20 @@ pub fn end_of_image() {
     let deadline = Instant::now() + Duration::from_secs(2);
     for (_, conn) in super::snapshot() {
         let mut g = conn.lock();
+        adopt_vacant(&mut g);
         let current = matches!(&g.phase, Phase::Offloaded(s) if s.is_current());
         if current {
             if !last_close_resets(&mut g)
                 && let Phase::Offloaded(s) = &mut g.phase
             {
                 s.flush(deadline.saturating_duration_since(Instant::now()));
+                if g.forked
+                    && let Phase::Offloaded(s) = &mut g.phase
+                {
+                    // The image ends without a close: a process forked from this one may
+                    // hold the connection and take it over (`adopt_vacant`).
+                    s.vacate();
+                }
             }
         } else if matches!(g.phase, Phase::Pending { .. }) && !g.forked {
             hand_pending_to_kernel(&mut g);

@@ -181,6 +181,22 @@ pub trait OffloadStream: Send {
         false
     }
 
+    /// This process served the connection and lets go of it while another process forked
+    /// from it may hold it (`ShmConn::vacate`).
+    fn vacate(&mut self) {}
+
+    /// Whether the process that served the connection let go of it, leaving the state this
+    /// process holds (a fork child that never used it): it may be claimed here.
+    fn vacant_for_me(&self) -> bool {
+        false
+    }
+
+    /// Claims a connection [`vacant_for_me`](Self::vacant_for_me); false if another process
+    /// took it first.
+    fn claim_vacant(&mut self) -> bool {
+        false
+    }
+
     /// Asks for a readiness event on every arrival (the application polls edge-triggered).
     fn set_every_arrival(&mut self, on: bool);
 
