@@ -113,12 +113,15 @@ fn a_fired_oneshot_registration_stays_disarmed_across_the_fallback_to_tcp() {
 /// A fork child that writes through stdio on an inherited connection it never used
 /// otherwise, and exits, delivers its bytes: when its parent closed its copy right after the
 /// fork (the bytes used to stay in the bell end, with nobody serving the connection to read
-/// them: `setup::adopt_vacant`), and when the parent kept it and goes on using it.
+/// them: `setup::adopt_vacant`), also from a `printf` to a socket made its stdout, which the
+/// C library flushes after the library's exit handler, and when the parent kept it and goes on
+/// using it.
 #[test]
 fn a_fork_childs_stdio_bytes_arrive_whether_its_parent_closed_or_kept_the_connection() {
     let out = run_case("stdio-child");
     for line in [
         "parent closed: got b'hello from the child\\n' then end of stream: True",
+        "parent closed, printf: got b'hello from the child\\n' then end of stream: True",
         "parent kept: got b'hello from the child\\n' then the parent's: b'parent'",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");

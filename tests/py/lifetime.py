@@ -738,14 +738,20 @@ elif CASE == "stdio-child":
     # parent's watch sends them, and the parent goes on using its copy).
     import ctypes
     libc = ctypes.CDLL(None)
-    for mode in ("parent closed", "parent kept"):
+    for mode in ("parent closed", "parent closed, printf", "parent kept"):
         l, c, s = pair()
         pid = os.fork()
         if pid == 0:
             time.sleep(0.1)
+            if mode.endswith("printf"):
+                # Buffered in the C library's stdout, which it flushes after the atexit
+                # handlers, and so after the library's own end.
+                os.dup2(c.fileno(), 1)
+                libc.printf(b"hello from the child\n")
+                libc.exit(0)
             libc.dprintf(c.fileno(), b"hello from the child\n")
             os._exit(0)
-        if mode == "parent closed":
+        if mode.startswith("parent closed"):
             c.close()
         s.settimeout(5)
         got = b""
@@ -757,7 +763,7 @@ elif CASE == "stdio-child":
                 got += d
         except OSError as e:
             got += repr(e).encode()
-        if mode == "parent closed":
+        if mode.startswith("parent closed"):
             print("shm:", on_shm())
             try:
                 end = s.recv(100)

@@ -554,13 +554,35 @@ impl ShmConn {
         }
     }
 
-    /// Whether the process that served this side left it ([`vacate`](Self::vacate)) with the
-    /// state our copy holds: a [`claim`](Self::claim) would succeed.
-    pub fn vacant_for_me(&self) -> bool {
+    /// Whether the process that served this side left it ([`vacate`](Self::vacate)) at the
+    /// generation of our copy: a [`claim`](Self::claim) would succeed, as it would have before
+    /// the owner left.
+    pub fn vacated_at_my_generation(&self) -> bool {
         self.map
             .u64_at(Layout::owner_gen(self.side))
             .load(Ordering::Acquire)
             == self.gen_seen | VACANT
+    }
+
+    /// [`vacated_at_my_generation`](Self::vacated_at_my_generation), and with the positions
+    /// our copy holds: this process may take the side over without a call of its
+    /// application's (a fork child's stdio bytes at its exit).
+    pub fn vacant_for_me(&self) -> bool {
+        self.vacated_at_my_generation() && self.positions_match()
+    }
+
+    /// Whether the side's published positions are still those of our copy: the generation
+    /// moves only with a claim, and the process that served the side may have sent or posted
+    /// since a fork without one (its progress in the background, a close's linger), which
+    /// leaves a copy of the same generation stale.
+    fn positions_match(&self) -> bool {
+        let m = &self.map;
+        m.u64_at(Layout::tx_produced(self.side))
+            .load(Ordering::Acquire)
+            == self.tx_produced
+            && m.u64_at(Layout::rx_posted(self.side))
+                .load(Ordering::Acquire)
+                == self.rx_posted
     }
 
     /// [`claim`](Self::claim) before a change of the side's state (a post, a consumed

@@ -370,7 +370,7 @@ pub unsafe extern "C" fn vfork() -> pid_t {
 pub unsafe extern "C" fn _exit(status: c_int) -> ! {
     if ops::state::try_globals().is_some_and(|g| g.active) {
         crate::guard::switch(|| {
-            ops::offload::setup::end_of_image();
+            ops::offload::setup::end_of_image(true);
             ops::stats::remove_own();
         });
     }

@@ -50,7 +50,7 @@ pub fn before_exec() -> Option<String> {
     // delivering from the progress thread, lose the library's memory with the old image: the
     // bytes their application sent and the peer's window did not take yet go now, bounded as
     // at exit. The kernel delivers a TCP socket's after an exec closed it.
-    super::setup::end_of_image();
+    super::setup::end_of_image(false);
     // Every relay socket this exec keeps, relayed just now or before (earlier in this image,
     // or inherited with the environment), is named with its shadow for the new image.
     let entries = super::relayed::for_exec();

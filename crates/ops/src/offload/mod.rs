@@ -953,10 +953,12 @@ impl Inner {
             self.flush_timer = -1;
         }
         if self.forked
+            && !self.stuffed
             && let Phase::Offloaded(s) = &mut self.phase
         {
             // A process forked from us may hold the connection still: it may take it over
-            // now without a use of its own first (`setup::adopt_vacant`).
+            // now without a use of its own first (`setup::adopt_vacant`). Not while our
+            // stuffing fills the bell end: it would take that for the application's bytes.
             s.vacate();
         }
         self.phase = Phase::Tcp;

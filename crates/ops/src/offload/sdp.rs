@@ -893,7 +893,9 @@ impl SdpShm {
     /// Whether another process forked from this one has used the connection since we last
     /// did: our copy of its state is stale (`ShmConn::claim`).
     fn stale(&self) -> bool {
-        !self.conn.claimed_by_me() && !self.conn.is_current() && !self.conn.vacant_for_me()
+        !self.conn.claimed_by_me()
+            && !self.conn.is_current()
+            && !self.conn.vacated_at_my_generation()
     }
 
     /// Makes this process the connection's owner before the application's send or receive

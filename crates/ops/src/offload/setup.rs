@@ -1130,18 +1130,25 @@ const ONESHOT_FLAGS: u32 =
     (libc::EPOLLONESHOT | libc::EPOLLET | libc::EPOLLEXCLUSIVE) as u32 | libc::EPOLLWAKEUP as u32;
 
 /// Whether `fd`'s EPOLLONESHOT registration in the set `epfd` fired and waits to be re-armed.
-/// LINUX: `/proc/self/fdinfo/<epfd>` lists each registration as `tfd: <fd> events: <hex>`,
-/// and a fired one-shot registration keeps only its flag bits there. Unreadable or not
-/// listed: armed, as before.
+/// LINUX: `/proc/self/fdinfo/<epfd>` lists each registration as `tfd: <fd> events: <hex>
+/// data: <hex> pos:<n> ino:<hex> ...`, and a fired one-shot registration keeps only its
+/// flag bits there. The inode tells our registration from one of an older file the number
+/// named (kept open by a duplicate). Unreadable or not listed: armed, as before.
 fn epoll_fired_oneshot(epfd: i32, fd: i32) -> bool {
+    // SAFETY: a plain C struct, all zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is valid for the kernel to write.
+    if unsafe { libc::syscall(libc::SYS_fstat, fd, &mut st as *mut libc::stat) } != 0 {
+        return false;
+    }
     let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{epfd}")) else {
         return false;
     };
-    oneshot_fired_in(&info, fd)
+    oneshot_fired_in(&info, fd, st.st_ino)
 }
 
 /// [`epoll_fired_oneshot`] on the text of an epoll set's fdinfo.
-fn oneshot_fired_in(info: &str, fd: i32) -> bool {
+fn oneshot_fired_in(info: &str, fd: i32, ino: u64) -> bool {
     info.lines().any(|l| {
         let mut w = l.split_whitespace();
         w.next() == Some("tfd:")
@@ -1150,6 +1157,11 @@ fn oneshot_fired_in(info: &str, fd: i32) -> bool {
             && w.next()
                 .and_then(|e| u32::from_str_radix(e, 16).ok())
                 .is_some_and(|e| e & libc::EPOLLONESHOT as u32 != 0 && e & !ONESHOT_FLAGS == 0)
+            && w.any(|f| {
+                f.strip_prefix("ino:")
+                    .and_then(|i| u64::from_str_radix(i, 16).ok())
+                    == Some(ino)
+            })
     })
 }
 
@@ -1210,14 +1222,12 @@ pub fn swap_back_because(g: &mut Inner, reason: Reason) {
     // socket after it, with the same events and data. An EPOLLONESHOT registration that fired
     // and was not re-armed yet stays disarmed: re-armed, a second thread of a server that
     // hands each event to one worker would get the fd its first is still serving.
-    let disarmed: Vec<bool> = g
-        .epoll
-        .iter()
-        .map(|&(epfd, efd, events, _, _)| {
-            events & libc::EPOLLONESHOT as u32 != 0 && epoll_fired_oneshot(epfd, efd)
-        })
-        .collect();
-    for &(epfd, efd, _, _, _) in &g.epoll {
+    // Each read right before its registration's DEL: the application's `epoll_ctl` takes no
+    // lock of ours, and a MOD that re-arms the registration between the read and the DEL is
+    // lost (it comes back disarmed). The window is these two calls.
+    let mut disarmed = Vec::with_capacity(g.epoll.len());
+    for &(epfd, efd, events, _, _) in &g.epoll {
+        disarmed.push(events & libc::EPOLLONESHOT as u32 != 0 && epoll_fired_oneshot(epfd, efd));
         // SAFETY: removing a registration the application made.
         unsafe {
             libc::syscall(
@@ -1768,6 +1778,15 @@ pub fn close(fd: i32) {
         Phase::Offloaded(s) => s.is_current(),
         _ => false,
     };
+    if current && g.forked && !g.stuffed && g.own_bell >= 0 && pending_bytes(g.own_bell) > 0 {
+        // What a process forked from us wrote through stdio and left (it exited before we
+        // let go: `adopt_vacant` found the connection still ours) goes out before our watch
+        // of the bell end goes with the release. Only then: the sync's progress could take
+        // what arrived for the process that serves the connection after us (the child of a
+        // fork-per-connection server).
+        g.take_stray_bytes();
+        g.sync();
+    }
     let resets = last_close_resets(&mut g);
     if !g.forked {
         hand_pending_to_kernel(&mut g);
@@ -1962,7 +1981,20 @@ pub extern "C" fn flush_at_exit() {
         fn fflush_unlocked(f: *mut libc::FILE) -> libc::c_int;
         fn funlockfile(f: *mut libc::FILE);
     }
-    let streams: Vec<usize> = STREAMS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    unsafe extern "C" {
+        static stdout: *mut libc::FILE;
+        static stderr: *mut libc::FILE;
+    }
+    let mut streams: Vec<usize> = STREAMS.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // The standard streams too when they write to a connection (`dup2(c, 1); printf(...);
+    // exit(0)`: the C library flushes them after the atexit handlers, too late).
+    // SAFETY: reading the C library's standard stream pointers.
+    for f in unsafe { [stdout, stderr] } {
+        // SAFETY: a standard stream, live until the C library's own cleanup after us.
+        if !f.is_null() && super::lookup(unsafe { libc::fileno(f) }).is_some() {
+            streams.push(f as usize);
+        }
+    }
     for f in streams {
         let f = f as *mut libc::FILE;
         // SAFETY: a stream `fdopen` returned and `fclose` did not end (`note_stream`).
@@ -1973,7 +2005,7 @@ pub extern "C" fn flush_at_exit() {
             }
         }
     }
-    end_of_image();
+    end_of_image(true);
 }
 
 /// Streams opened for writing on offloaded sockets (`fdopen`), for [`flush_at_exit`].
@@ -2007,7 +2039,10 @@ pub fn forget_stream(stream: usize) {
 /// lingers up to 2 s) what their application sent, stdio writes the hooks never saw
 /// included. Before 2026-11-27 the first gave the peer a clean end of stream, and the stray
 /// bytes were lost.
-pub fn end_of_image() {
+///
+/// `exit`: the process ends (not an exec, which may fail and leave it running): a connection
+/// shared since a fork that it serves is left vacant for the other holders (`adopt_vacant`).
+pub fn end_of_image(exit: bool) {
     let deadline = Instant::now() + Duration::from_secs(2);
     for (_, conn) in super::snapshot() {
         let mut g = conn.lock();
@@ -2018,7 +2053,9 @@ pub fn end_of_image() {
                 && let Phase::Offloaded(s) = &mut g.phase
             {
                 s.flush(deadline.saturating_duration_since(Instant::now()));
-                if g.forked
+                if exit
+                    && g.forked
+                    && !g.stuffed
                     && let Phase::Offloaded(s) = &mut g.phase
                 {
                     // The image ends without a close: a process forked from this one may
@@ -2094,9 +2131,16 @@ mod oneshot_tests {
 
     #[test]
     fn a_oneshot_registration_that_fired_shows_only_its_flags() {
-        assert!(!oneshot_fired_in(INFO, 5), "armed: EPOLLIN is still there");
-        assert!(oneshot_fired_in(INFO, 7));
-        assert!(!oneshot_fired_in(INFO, 17), "not one-shot");
-        assert!(!oneshot_fired_in(INFO, 1), "not listed");
+        assert!(
+            !oneshot_fired_in(INFO, 5, 0x2a1),
+            "armed: EPOLLIN is still there"
+        );
+        assert!(oneshot_fired_in(INFO, 7, 0x2a2));
+        assert!(
+            !oneshot_fired_in(INFO, 7, 0x2a1),
+            "another file the number named"
+        );
+        assert!(!oneshot_fired_in(INFO, 17, 0x2a3), "not one-shot");
+        assert!(!oneshot_fired_in(INFO, 1, 0x2a1), "not listed");
     }
 }
