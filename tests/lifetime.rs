@@ -128,6 +128,21 @@ fn a_fork_childs_stdio_bytes_arrive_whether_its_parent_closed_or_kept_the_connec
     }
 }
 
+/// A receive blocked on a connection that another thread closes, whose fd number a pipe
+/// takes next, fails with EBADF when the peer's bytes come: it used to go on with the number
+/// and read the pipe's bytes.
+#[test]
+fn a_receive_blocked_on_a_socket_another_thread_closes_never_reads_the_next_file() {
+    let out = run_case("closed-under-a-blocked-receive");
+    for line in [
+        "the pipe took the number: True",
+        "blocked receive: ['EBADF'] still blocked: False",
+        "the pipe kept its bytes: b'pipe bytes'",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
 /// Short connections between the same two processes run on the ring of the connection before
 /// (`ib_verbs::shm::reuse`): both processes count the rings they took back, and every reply
 /// is whole although the server left bytes unread in the ring of every third, and when four

@@ -775,6 +775,36 @@ elif CASE == "stdio-child":
             print(mode + ": got", got, "then the parent's:", s.recv(100))
         os.waitpid(pid, 0)
 
+elif CASE == "closed-under-a-blocked-receive":
+    # One thread blocks in a receive on a connection; another closes the socket and opens a
+    # pipe, which takes the same fd number; then the peer sends. The blocked receive must
+    # not read the pipe (whatever the number names now is not its socket): it fails with
+    # EBADF. It used to go on with the fd number, and took the pipe's bytes. (Over TCP it
+    # would go on waiting on the closed socket and get the peer's bytes.)
+    import errno
+    l, c, s = pair()
+    fd = s.detach()
+    result = []
+
+    def reader():
+        try:
+            result.append(os.read(fd, 100))
+        except OSError as e:
+            result.append(errno.errorcode[e.errno])
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    time.sleep(0.3)
+    print("shm:", on_shm())
+    os.close(fd)
+    r, w = os.pipe()
+    print("the pipe took the number:", r == fd)
+    os.write(w, b"pipe bytes")
+    c.sendall(b"peer bytes")
+    t.join(10)
+    print("blocked receive:", result, "still blocked:", t.is_alive())
+    print("the pipe kept its bytes:", os.read(r, 100))
+
 elif CASE == "short-connections-reuse-rings":
     # One short connection after another between two processes (a client and a forked
     # server): from the second on, each runs on the ring the one before it used, and every

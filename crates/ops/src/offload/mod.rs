@@ -124,6 +124,9 @@ pub struct Inner {
     pub role: u8,
     /// The process forked while it held the connection: another process may hold it too.
     pub forked: bool,
+    /// The application closed the connection's last fd in this process (`setup::close`): a
+    /// call blocked on it since must not act on whatever the number names next.
+    pub closed: bool,
     /// This connection counts in [`PENDING_NOW`] (see [`Inner::note_phase`]).
     pending_counted: bool,
 }
@@ -213,6 +216,7 @@ impl Inner {
             self_ref: std::sync::Weak::new(),
             pending_watch: Vec::new(),
             forked: false,
+            closed: false,
             epoll: Vec::new(),
             endpoint: None,
             role,

@@ -1763,6 +1763,7 @@ pub fn close(fd: i32) {
         return;
     };
     let mut g = conn.lock();
+    g.closed = true;
     // A poller's round may have withdrawn the bell request (`quiet`): what comes after the
     // close (data a TCP peer would be reset for, the peer's end) must reach whoever
     // watches the connection now.
