@@ -143,6 +143,20 @@ fn a_receive_blocked_on_a_socket_another_thread_closes_never_reads_the_next_file
     }
 }
 
+/// Eight megabytes written through a stdio stream on an SDP socket arrive whole, to a reader
+/// that keeps up and to one that falls behind (`hooks::stdio`): its bytes used to share the
+/// bell end with the library's stuffing, and hundreds of kilobytes were lost.
+#[test]
+fn a_large_write_through_a_stdio_stream_arrives_whole() {
+    let out = run_case("stdio-stream-big");
+    for line in [
+        "fast reader: got 8388608 of 8388608 intact: True fileno names the socket: [True]",
+        "slow reader: got 8388608 of 8388608 intact: True fileno names the socket: [True]",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
 /// Short connections between the same two processes run on the ring of the connection before
 /// (`ib_verbs::shm::reuse`): both processes count the rings they took back, and every reply
 /// is whole although the server left bytes unread in the ring of every third, and when four

@@ -805,6 +805,57 @@ elif CASE == "closed-under-a-blocked-receive":
     print("blocked receive:", result, "still blocked:", t.is_alive())
     print("the pipe kept its bytes:", os.read(r, 100))
 
+elif CASE == "stdio-stream-big":
+    # Eight megabytes written through a stdio stream (`fdopen(fd, "w")`, `fwrite`, `fclose`)
+    # to a reader that keeps up, then to one that falls behind, must arrive whole. The C
+    # library writes a stream's buffer with its internal `write`, which no preload sees; those
+    # bytes and the library's stuffing (made while the connection is out of credits) shared
+    # the bell end, and hundreds of kilobytes were lost. The stream's fileno must still name
+    # the socket.
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fdopen.restype = ctypes.c_void_p
+    libc.fdopen.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    libc.fileno.argtypes = [ctypes.c_void_p]
+    libc.fwrite.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p]
+    libc.fclose.argtypes = [ctypes.c_void_p]
+    for reader_kind in ("fast", "slow"):
+        l, c, s = pair()
+        n = 8 << 20
+        data = os.urandom(n)
+        fileno_ok = []
+
+        def writer():
+            fd = os.dup(c.fileno())
+            f = libc.fdopen(fd, b"w")
+            fileno_ok.append(libc.fileno(f) == fd)
+            for off in range(0, n, 65536):
+                libc.fwrite(data[off:off + 65536], 1, 65536, f)
+            libc.fclose(f)
+            c.close()
+
+        t = threading.Thread(target=writer)
+        t.start()
+        h, got = hashlib.sha256(), 0
+        s.settimeout(20)
+        try:
+            while True:
+                d = s.recv(4096)
+                if not d:
+                    break
+                h.update(d)
+                got += len(d)
+                if reader_kind == "slow" and got % (256 << 10) < 4096:
+                    time.sleep(0.002)
+                if got == 4096:
+                    print("shm:", on_shm())
+        except OSError as e:
+            print("reader error:", e)
+        t.join(10)
+        print(reader_kind, "reader: got", got, "of", n, "intact:",
+              h.digest() == hashlib.sha256(data).digest(), "fileno names the socket:", fileno_ok)
+        s.close()
+
 elif CASE == "short-connections-reuse-rings":
     # One short connection after another between two processes (a client and a forked
     # server): from the second on, each runs on the ring the one before it used, and every

@@ -23,3 +23,4 @@ pub mod data;
 pub mod lifecycle;
 pub mod process;
 pub mod readiness;
+pub mod stdio;

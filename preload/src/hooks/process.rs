@@ -338,9 +338,11 @@ pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut libc::c_
         if m.first() == Some(&b'r') || m.contains(&b'+') {
             crate::guard::switch(|| ops::offload::exec::before_passing(fd));
         } else {
-            // Written through the C library's internal `write`: flushed before the library's
+            // Written through this library (`stdio`), and flushed before the library's
             // exit-time delivery (`ops::offload::setup::flush_at_exit`).
-            let f = unsafe { real::fdopen(fd, mode) };
+            let f = crate::hooks::stdio::open(fd, mode)
+                .map(|f| f.cast::<libc::c_void>())
+                .unwrap_or_else(|| unsafe { real::fdopen(fd, mode) });
             if !f.is_null() {
                 crate::guard::switch(|| ops::offload::setup::note_stream(f as usize));
             }
