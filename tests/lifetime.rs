@@ -130,7 +130,9 @@ fn a_fork_childs_stdio_bytes_arrive_whether_its_parent_closed_or_kept_the_connec
 
 /// A receive blocked on a connection that another thread closes, whose fd number a pipe
 /// takes next, fails with EBADF when the peer's bytes come: it used to go on with the number
-/// and read the pipe's bytes.
+/// and read the pipe's bytes. A send blocked on a peer that does not read, whose socket another
+/// thread closes, ends with EBADF when the peer reads, and the peer gets every byte written
+/// before the close (the close lingers with them), then end of stream.
 #[test]
 fn a_receive_blocked_on_a_socket_another_thread_closes_never_reads_the_next_file() {
     let out = run_case("closed-under-a-blocked-receive");
@@ -138,6 +140,7 @@ fn a_receive_blocked_on_a_socket_another_thread_closes_never_reads_the_next_file
         "the pipe took the number: True",
         "blocked receive: ['EBADF'] still blocked: False",
         "the pipe kept its bytes: b'pipe bytes'",
+        "blocked send: ['EBADF'] the peer got what was written: True",
     ] {
         assert!(out.contains(line), "missing {line:?} in:\n{out}");
     }

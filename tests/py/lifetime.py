@@ -804,6 +804,31 @@ elif CASE == "closed-under-a-blocked-receive":
     t.join(10)
     print("blocked receive:", result, "still blocked:", t.is_alive())
     print("the pipe kept its bytes:", os.read(r, 100))
+    # A send blocked on a peer that does not read, whose socket another thread closes (the
+    # close lingers with the queued bytes): when the peer reads, the send ends with EBADF
+    # rather than going on, and the peer gets what was written before the close, then end
+    # of stream.
+    l, c, s = pair()
+    fd = c.detach()
+    result, written = [], [0]
+
+    def writer():
+        try:
+            while True:
+                written[0] += os.write(fd, b"x" * (1 << 20))
+        except OSError as e:
+            result.append(errno.errorcode[e.errno])
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    os.close(fd)
+    time.sleep(0.2)
+    s.settimeout(10)
+    got = len(read_to_eof(s, 1 << 16))
+    t.join(5)
+    print("blocked send:", result, "the peer got what was written:", got == written[0] > 0)
+    s.close()
 
 elif CASE == "stdio-stream-big":
     # Eight megabytes written through a stdio stream (`fdopen(fd, "w")`, `fwrite`, `fclose`)

@@ -74,21 +74,17 @@ pub fn open(fd: c_int, mode: *const c_char) -> Option<*mut libc::FILE> {
     Some(f)
 }
 
-/// The stream's buffer, written as the program's own `write` would: whole, or an error.
-/// (The C library marks a cookie stream failed at a short count.)
+/// The stream's buffer, written as the program's own `write` would, whole if it can be; the
+/// count written (the C library marks the stream failed at a short one, and stops at an
+/// error as a plain stream does, EINTR included). Never negative: the C library takes the
+/// count as unsigned, and a -1 made `fwrite` copy from past the end of the caller's buffer.
 unsafe extern "C" fn cookie_write(cookie: *mut c_void, buf: *const c_char, n: size_t) -> ssize_t {
     let fd = cookie as isize as c_int;
     let mut done = 0usize;
     while done < n {
         // SAFETY: `buf` holds `n` bytes (the C library's buffer).
         let r = unsafe { crate::hooks::data::write(fd, buf.add(done).cast(), n - done) };
-        if r < 0 {
-            if ops::sys::errno() == libc::EINTR {
-                continue;
-            }
-            return if done > 0 { done as ssize_t } else { -1 };
-        }
-        if r == 0 {
+        if r <= 0 {
             break;
         }
         done += r as usize;

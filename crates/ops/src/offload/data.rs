@@ -486,16 +486,22 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
     loop {
         {
             let mut g = conn.lock();
-            let closed = g.closed;
+            if g.closed {
+                // Closed by another thread while this call waited (lingering or released):
+                // the number may name another file by now (a socket accepted since), which is
+                // not ours to read or wait on. Over TCP the call would go on waiting on the
+                // closed socket.
+                return Some(if got > 0 {
+                    Ok(got as isize)
+                } else {
+                    Err(libc::EBADF)
+                });
+            }
             let r = match &mut g.phase {
                 // A MSG_WAITALL receive that took bytes before the connection left this
-                // process (released by a close in another thread, or relayed): those bytes
-                // are its result; the kernel would read into the same buffer again.
+                // process (relayed): those bytes are its result; the kernel would read into
+                // the same buffer again.
                 Phase::Tcp if got > 0 => return Some(Ok(got as isize)),
-                // Released by a close in another thread while this call waited: the number
-                // may name another file by now (a socket accepted since), which is not ours
-                // to read. Over TCP the call would go on waiting on the closed socket.
-                Phase::Tcp if closed => return Some(Err(libc::EBADF)),
                 Phase::Tcp => return None,
                 Phase::Pending { .. } => Err(libc::EAGAIN),
                 // LINUX: a zero-length receive waits like any other (EAGAIN when non-blocking)
@@ -644,8 +650,8 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
         {
             let mut g = conn.lock();
             let rest = advance(bufs, sent);
-            if matches!(g.phase, Phase::Tcp) && g.closed {
-                // Released by a close in another thread while this call waited (see `recv`).
+            if g.closed {
+                // Closed by another thread while this call waited (see `recv`).
                 return Some(if sent > 0 {
                     Ok(sent as isize)
                 } else {
