@@ -231,11 +231,35 @@ pub struct Conn {
     inner: Mutex<Inner>,
 }
 
+/// Every connection made in this process (and inherited), for the fork `prepare` handler: a
+/// connection out of the registry may still be locked by a thread (a close that unbound its
+/// fd and flushes, a lingering one, a call that was blocked on it), and a fork child that
+/// inherited its lock held by a thread it does not have waited for it for ever (its progress
+/// thread stuck, its own connections with it: `tests/faults.rs`,
+/// `fork_while_other_threads_send_connect_and_the_progress_thread_serves`, a child hung in
+/// about one run in six). Pruned of dead entries as it grows.
+static LIVE: Mutex<Vec<std::sync::Weak<Conn>>> = Mutex::new(Vec::new());
+
+/// Connections ever listed in [`LIVE`].
+static ADDED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn live() -> MutexGuard<'static, Vec<std::sync::Weak<Conn>>> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Conn {
+    /// A new connection, listed in [`LIVE`].
     pub fn new(inner: Inner) -> Arc<Conn> {
-        Arc::new(Conn {
+        let c = Arc::new(Conn {
             inner: Mutex::new(inner),
-        })
+        });
+        let mut l = live();
+        if l.len() >= 64 && l.len().is_power_of_two() {
+            l.retain(|w| w.strong_count() > 0);
+        }
+        l.push(Arc::downgrade(&c));
+        ADDED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        c
     }
 
     pub fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -247,6 +271,8 @@ impl Conn {
 struct HeldForFork {
     /// INVARIANT: dropped before `conns` (field order), whose `Arc`s keep the mutexes alive.
     _guards: Vec<MutexGuard<'static, Inner>>,
+    /// [`LIVE`]'s lock.
+    _live: MutexGuard<'static, Vec<std::sync::Weak<Conn>>>,
     _conns: Vec<Arc<Conn>>,
 }
 
@@ -257,25 +283,45 @@ thread_local! {
 }
 
 /// Fork `prepare`: takes every connection's lock (in address order, so two forking threads
-/// cannot deadlock), so that the child never inherits a lock another thread held.
+/// cannot deadlock), so that the child never inherits a lock another thread held: those of
+/// the registry and every other live one ([`LIVE`]).
 pub fn lock_all_for_fork() {
-    let mut conns: Vec<Arc<Conn>> = snapshot().into_iter().map(|(_, c)| c).collect();
-    conns.sort_by_key(|c| Arc::as_ptr(c) as usize);
-    conns.dedup_by_key(|c| Arc::as_ptr(c) as usize);
-    let mut guards = Vec::with_capacity(conns.len());
-    for c in &conns {
-        let mut g = c.lock();
-        // Parent and child both hold the connection now: a close can no longer tell whether it
-        // is the last one (see `setup::close`).
-        g.forked = true;
-        // SAFETY: the guard borrows a mutex inside an `Arc` that `HeldForFork::conns` keeps
-        // alive until after the guard is dropped (field order), on this same thread.
-        let g: MutexGuard<'static, Inner> = unsafe { std::mem::transmute(g) };
-        guards.push(g);
-    }
+    let mut conns: Vec<Arc<Conn>> = Vec::new();
+    let mut held: std::collections::HashSet<usize> = std::collections::HashSet::new();
+    let mut guards: Vec<MutexGuard<'static, Inner>> = Vec::new();
+    // The connections' locks first, then LIVE, held across the fork (a child must not inherit
+    // it held by a thread making a connection): a thread that holds a connection's lock may
+    // be making another meanwhile, and must get LIVE. Connections made while we locked are
+    // locked in a further round; after a few rounds LIVE is held whatever came.
+    let mut round = 0;
+    let live = loop {
+        let added = ADDED.load(std::sync::atomic::Ordering::SeqCst);
+        let mut batch: Vec<Arc<Conn>> = snapshot().into_iter().map(|(_, c)| c).collect();
+        batch.extend(live().iter().filter_map(std::sync::Weak::upgrade));
+        batch.sort_by_key(|c| Arc::as_ptr(c) as usize);
+        batch.dedup_by_key(|c| Arc::as_ptr(c) as usize);
+        batch.retain(|c| held.insert(Arc::as_ptr(c) as usize));
+        for c in &batch {
+            let mut g = c.lock();
+            // Parent and child both hold the connection now: a close can no longer tell
+            // whether it is the last one (see `setup::close`).
+            g.forked = true;
+            // SAFETY: the guard borrows a mutex inside an `Arc` that `HeldForFork::conns`
+            // keeps alive until after the guard is dropped (field order), on this same thread.
+            let g: MutexGuard<'static, Inner> = unsafe { std::mem::transmute(g) };
+            guards.push(g);
+        }
+        conns.extend(batch);
+        let l = live();
+        round += 1;
+        if ADDED.load(std::sync::atomic::Ordering::SeqCst) == added || round >= 4 {
+            break l;
+        }
+    };
     HELD_FOR_FORK.with(|h| {
         *h.borrow_mut() = Some(HeldForFork {
             _guards: guards,
+            _live: live,
             _conns: conns,
         })
     });
