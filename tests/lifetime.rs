@@ -41,6 +41,13 @@ fn run_case_anywhere(case: &str) -> String {
     stdout
 }
 
+/// Asserts that `out` holds every one of `lines`.
+fn assert_lines(out: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
 #[test]
 fn idle_fork_child_does_not_take_the_connection() {
     let out = run_case("idle-fork-child");
@@ -100,14 +107,15 @@ fn a_child_sending_after_its_parent_used_the_connection_gets_eio() {
 #[test]
 fn a_fired_oneshot_registration_stays_disarmed_across_the_fallback_to_tcp() {
     let out = run_case_anywhere("oneshot-across-fallback");
-    for line in [
-        "first event: True",
-        "back on tcp: True",
-        "events while disarmed: []",
-        "re-armed: True b'hi\\n'",
-    ] {
-        assert!(out.contains(line), "missing {line:?} in:\n{out}");
-    }
+    assert_lines(
+        &out,
+        &[
+            "first event: True",
+            "back on tcp: True",
+            "events while disarmed: []",
+            "re-armed: True b'hi\\n'",
+        ],
+    );
 }
 
 /// A fork child that writes through stdio on an inherited connection it never used
@@ -119,13 +127,14 @@ fn a_fired_oneshot_registration_stays_disarmed_across_the_fallback_to_tcp() {
 #[test]
 fn a_fork_childs_stdio_bytes_arrive_whether_its_parent_closed_or_kept_the_connection() {
     let out = run_case("stdio-child");
-    for line in [
-        "parent closed: got b'hello from the child\\n' then end of stream: True",
-        "parent closed, printf: got b'hello from the child\\n' then end of stream: True",
-        "parent kept: got b'hello from the child\\n' then the parent's: b'parent'",
-    ] {
-        assert!(out.contains(line), "missing {line:?} in:\n{out}");
-    }
+    assert_lines(
+        &out,
+        &[
+            "parent closed: got b'hello from the child\\n' then end of stream: True",
+            "parent closed, printf: got b'hello from the child\\n' then end of stream: True",
+            "parent kept: got b'hello from the child\\n' then the parent's: b'parent'",
+        ],
+    );
 }
 
 /// A receive blocked on a connection that another thread closes, whose fd number a pipe
@@ -136,14 +145,15 @@ fn a_fork_childs_stdio_bytes_arrive_whether_its_parent_closed_or_kept_the_connec
 #[test]
 fn a_receive_blocked_on_a_socket_another_thread_closes_never_reads_the_next_file() {
     let out = run_case("closed-under-a-blocked-receive");
-    for line in [
-        "the pipe took the number: True",
-        "blocked receive: ['EBADF'] still blocked: False",
-        "the pipe kept its bytes: b'pipe bytes'",
-        "blocked send: ['EBADF'] the peer got what was written: True",
-    ] {
-        assert!(out.contains(line), "missing {line:?} in:\n{out}");
-    }
+    assert_lines(
+        &out,
+        &[
+            "the pipe took the number: True",
+            "blocked receive: ['EBADF'] still blocked: False",
+            "the pipe kept its bytes: b'pipe bytes'",
+            "blocked send: ['EBADF'] the peer got what was written: True",
+        ],
+    );
 }
 
 /// Eight megabytes written through a stdio stream on an SDP socket arrive whole, to a reader
@@ -152,12 +162,13 @@ fn a_receive_blocked_on_a_socket_another_thread_closes_never_reads_the_next_file
 #[test]
 fn a_large_write_through_a_stdio_stream_arrives_whole() {
     let out = run_case("stdio-stream-big");
-    for line in [
-        "fast reader: got 8388608 of 8388608 intact: True fileno names the socket: [True]",
-        "slow reader: got 8388608 of 8388608 intact: True fileno names the socket: [True]",
-    ] {
-        assert!(out.contains(line), "missing {line:?} in:\n{out}");
-    }
+    assert_lines(
+        &out,
+        &[
+            "fast reader: got 8388608 of 8388608 intact: True fileno names the socket: [True]",
+            "slow reader: got 8388608 of 8388608 intact: True fileno names the socket: [True]",
+        ],
+    );
 }
 
 /// Short connections between the same two processes run on the ring of the connection before
@@ -219,14 +230,15 @@ fn a_connection_passed_to_another_process_is_served_there() {
 #[test]
 fn a_python_subprocess_gets_the_socket_as_its_stdin_and_stdout() {
     let out = run_case("subprocess-stdio");
-    for line in [
-        "subprocess rc: 0 client got: b'one\\n'",
-        "posix_spawn status: 0 client got: b'two\\n'",
-        "pass_fds rc: 0 client got: b'three'",
-        "then: [b'', b'', b'']",
-    ] {
-        assert!(out.contains(line), "missing {line:?} in:\n{out}");
-    }
+    assert_lines(
+        &out,
+        &[
+            "subprocess rc: 0 client got: b'one\\n'",
+            "posix_spawn status: 0 client got: b'two\\n'",
+            "pass_fds rc: 0 client got: b'three'",
+            "then: [b'', b'', b'']",
+        ],
+    );
 }
 
 #[test]
@@ -245,23 +257,25 @@ fn a_parent_using_a_connection_after_its_childs_program_did_fails_instead_of_los
 #[test]
 fn a_second_program_on_a_relayed_connection_gets_an_error_not_silent_loss() {
     let out = run_case("second-program-on-a-relayed-connection");
-    for line in [
-        "program 0: b'request0' sent | client got b'answer'",
-        "program 1: b'' BrokenPipeError | client got TimeoutError",
-    ] {
-        assert!(out.contains(line), "missing {line:?} in:\n{out}");
-    }
+    assert_lines(
+        &out,
+        &[
+            "program 0: b'request0' sent | client got b'answer'",
+            "program 1: b'' BrokenPipeError | client got TimeoutError",
+        ],
+    );
 }
 
 #[test]
 fn a_program_execd_on_an_inherited_listener_neither_stalls_nor_stays_off_sdp() {
     let out = run_case("inherited-listener");
-    for line in [
-        "the listener's maker keeps it: True slowest under 0.5 s: True over shm after the first: [False, False]",
-        "the listener's maker keeps it: False slowest under 0.5 s: True over shm after the first: [True, True]",
-    ] {
-        assert!(out.contains(line), "missing {line:?} in:\n{out}");
-    }
+    assert_lines(
+        &out,
+        &[
+            "the listener's maker keeps it: True slowest under 0.5 s: True over shm after the first: [False, False]",
+            "the listener's maker keeps it: False slowest under 0.5 s: True over shm after the first: [True, True]",
+        ],
+    );
 }
 
 /// A pending connection goes back to TCP (the server is a program without the preload on an
@@ -272,27 +286,29 @@ fn a_program_execd_on_an_inherited_listener_neither_stalls_nor_stays_off_sdp() {
 #[test]
 fn writes_and_shutdowns_made_while_pending_reach_a_tcp_server_once() {
     let out = run_case_anywhere("fallback-while-writing");
-    for line in [
-        "tcp: True",
-        "blocked writer: the server got every byte once: True",
-        "non-blocking writer: the server got every byte once: True",
-        "shutdown while pending: the server got every byte once: True",
-        "fd replaced after the fallback: the server read end of stream: True",
-    ] {
-        assert!(out.contains(line), "missing {line:?} in:\n{out}");
-    }
+    assert_lines(
+        &out,
+        &[
+            "tcp: True",
+            "blocked writer: the server got every byte once: True",
+            "non-blocking writer: the server got every byte once: True",
+            "shutdown while pending: the server got every byte once: True",
+            "fd replaced after the fallback: the server read end of stream: True",
+        ],
+    );
 }
 
 #[test]
 fn a_relayed_connection_still_names_its_tcp_addresses() {
     let out = run_case("relayed-names");
-    for line in [
-        "exec'd program sees the TCP names: True",
-        "spawned program sees the TCP names: True",
-        "the sender's socket still names the TCP connection: True",
-    ] {
-        assert!(out.contains(line), "missing {line:?} in:\n{out}");
-    }
+    assert_lines(
+        &out,
+        &[
+            "exec'd program sees the TCP names: True",
+            "spawned program sees the TCP names: True",
+            "the sender's socket still names the TCP connection: True",
+        ],
+    );
 }
 
 #[test]
