@@ -245,6 +245,21 @@ pub fn dup_internal(fd: i32) -> i32 {
     got
 }
 
+/// Whether bytes wait to be read on `fd` (FIONREAD).
+pub fn has_bytes(fd: i32) -> bool {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioctl,
+            fd,
+            libc::FIONREAD,
+            &mut n as *mut libc::c_int,
+        )
+    };
+    n > 0
+}
+
 /// An int-valued socket option of `fd` (`getsockopt`), `None` when the call fails.
 pub fn int_option(fd: i32, level: i32, name: i32) -> Option<i32> {
     let mut v: libc::c_int = 0;

@@ -461,6 +461,18 @@ fn advance<'a>(bufs: &[&'a [u8]], mut n: usize) -> Vec<&'a [u8]> {
     out
 }
 
+/// The result of a receive or send that finds its connection closed by another thread while
+/// it waited (lingering or released): the bytes it moved, or EBADF. The number may name
+/// another file by now (a socket accepted since), which is not the call's to use or wait on.
+/// Over TCP the call would go on waiting on the closed socket.
+fn closed_under_call(moved: usize) -> CResult {
+    if moved > 0 {
+        Ok(moved as isize)
+    } else {
+        Err(libc::EBADF)
+    }
+}
+
 /// `recv` family on an offloaded fd. `None`: the fd is not (or no longer) offloaded — the
 /// caller passes the call to the kernel.
 pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
@@ -487,15 +499,7 @@ pub fn recv(fd: i32, bufs: &mut [&mut [u8]], flags: i32) -> Option<CResult> {
         {
             let mut g = conn.lock();
             if g.closed {
-                // Closed by another thread while this call waited (lingering or released):
-                // the number may name another file by now (a socket accepted since), which is
-                // not ours to read or wait on. Over TCP the call would go on waiting on the
-                // closed socket.
-                return Some(if got > 0 {
-                    Ok(got as isize)
-                } else {
-                    Err(libc::EBADF)
-                });
+                return Some(closed_under_call(got));
             }
             let r = match &mut g.phase {
                 // A MSG_WAITALL receive that took bytes before the connection left this
@@ -651,12 +655,7 @@ pub fn send(fd: i32, bufs: &[&[u8]], flags: i32) -> Option<CResult> {
             let mut g = conn.lock();
             let rest = advance(bufs, sent);
             if g.closed {
-                // Closed by another thread while this call waited (see `recv`).
-                return Some(if sent > 0 {
-                    Ok(sent as isize)
-                } else {
-                    Err(libc::EBADF)
-                });
+                return Some(closed_under_call(sent));
             }
             if matches!(g.phase, Phase::Tcp) && sent > 0 {
                 // The pending connection went back to TCP while this call waited, with `sent`

@@ -190,21 +190,6 @@ fn owner_is_idle(conn: &Arc<Conn>, b: i32) -> bool {
     p.revents == 0 && before.is_some() && generation(conn) == before
 }
 
-/// Whether bytes wait to be read on `fd` (FIONREAD).
-fn has_bytes(fd: i32) -> bool {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    unsafe {
-        libc::syscall(
-            libc::SYS_ioctl,
-            fd,
-            libc::FIONREAD,
-            &mut n as *mut libc::c_int,
-        )
-    };
-    n > 0
-}
-
 fn raw_io(nr: libc::c_long, fd: i32, buf: *mut u8, len: usize, flags: i32) -> isize {
     // SAFETY: buf is valid for len bytes (callers pass their own vectors); no address.
     unsafe {
@@ -284,7 +269,7 @@ fn run_relay(conn: &Arc<Conn>, fds: &[i32], b: i32, a: i32) -> ! {
         }
         if pfd[1].revents & libc::POLLHUP != 0
             && pfd[1].revents & libc::POLLIN != 0
-            && !has_bytes(b)
+            && !sys::has_bytes(b)
         {
             // The program closed the socket without using it.
             sys::close(b);

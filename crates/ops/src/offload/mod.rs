@@ -887,6 +887,25 @@ impl Inner {
         }
     }
 
+    /// This process lets go of a connection it served (its last close, its exit): a process
+    /// forked from it may hold the connection still, and may take it over now without a use
+    /// of its own first (`setup::adopt_vacant`). Not while our stuffing fills the bell end:
+    /// it would take that for the application's bytes.
+    pub fn vacate_if_shared(&mut self) {
+        if self.forked
+            && !self.stuffed
+            && let Phase::Offloaded(s) = &mut self.phase
+        {
+            s.vacate();
+        }
+    }
+
+    /// Whether bytes the application wrote behind our back wait in our bell end (and none of
+    /// our stuffing, which nothing would tell apart from them).
+    pub fn stray_bytes_waiting(&self) -> bool {
+        !self.stuffed && self.own_bell >= 0 && crate::sys::has_bytes(self.own_bell)
+    }
+
     /// Reads bytes the application wrote on the app end behind our back (never our own
     /// stuffing: only while not stuffed) and queues them as data.
     pub fn take_stray_bytes(&mut self) {
@@ -1002,15 +1021,7 @@ impl Inner {
             crate::sys::close(self.flush_timer);
             self.flush_timer = -1;
         }
-        if self.forked
-            && !self.stuffed
-            && let Phase::Offloaded(s) = &mut self.phase
-        {
-            // A process forked from us may hold the connection still: it may take it over
-            // now without a use of its own first (`setup::adopt_vacant`). Not while our
-            // stuffing fills the bell end: it would take that for the application's bytes.
-            s.vacate();
-        }
+        self.vacate_if_shared();
         self.phase = Phase::Tcp;
         self.note_phase();
         for fd in [self.app_int, self.own_bell, self.shadow] {

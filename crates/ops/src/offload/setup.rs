@@ -1779,7 +1779,7 @@ pub fn close(fd: i32) {
         Phase::Offloaded(s) => s.is_current(),
         _ => false,
     };
-    if current && g.forked && !g.stuffed && g.own_bell >= 0 && pending_bytes(g.own_bell) > 0 {
+    if current && g.forked && g.stray_bytes_waiting() {
         // What a process forked from us wrote through stdio and left (it exited before we
         // let go: `adopt_vacant` found the connection still ours) goes out before our watch
         // of the bell end goes with the release. Only then: the sync's progress could take
@@ -1841,27 +1841,18 @@ fn last_close_resets(g: &mut Inner) -> bool {
 /// connection over for it. Until 2026-11-27 those bytes stayed in the bell end, the server's
 /// answer lost: only the serving process reads stray bytes, and none served.
 fn adopt_vacant(g: &mut Inner) {
-    if !g.forked || g.stuffed || g.own_bell < 0 {
+    if !g.forked
+        || !matches!(&g.phase, Phase::Offloaded(s) if s.vacant_for_me())
+        || !g.stray_bytes_waiting()
+    {
         return;
     }
-    let Phase::Offloaded(s) = &mut g.phase else {
-        return;
-    };
-    if !s.vacant_for_me() || pending_bytes(g.own_bell) == 0 {
-        return;
-    }
-    if s.claim_vacant() {
+    if let Phase::Offloaded(s) = &mut g.phase
+        && s.claim_vacant()
+    {
         g.take_stray_bytes();
         g.sync();
     }
-}
-
-/// Bytes waiting to be read on a socket (FIONREAD); 0 on error.
-fn pending_bytes(fd: i32) -> i32 {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    let r = unsafe { libc::syscall(libc::SYS_ioctl, fd, libc::FIONREAD, &mut n as *mut i32) };
-    if r == 0 { n } else { 0 }
 }
 
 /// Whether the application set SO_LINGER with a zero timeout (on the shadow, which keeps the
@@ -2054,14 +2045,9 @@ pub fn end_of_image(exit: bool) {
                 && let Phase::Offloaded(s) = &mut g.phase
             {
                 s.flush(deadline.saturating_duration_since(Instant::now()));
-                if exit
-                    && g.forked
-                    && !g.stuffed
-                    && let Phase::Offloaded(s) = &mut g.phase
-                {
-                    // The image ends without a close: a process forked from this one may
-                    // hold the connection and take it over (`adopt_vacant`).
-                    s.vacate();
+                if exit {
+                    // The image ends without a close.
+                    g.vacate_if_shared();
                 }
             }
         } else if matches!(g.phase, Phase::Pending { .. }) && !g.forked {
